@@ -1,0 +1,3 @@
+from nibble.cli.main import main
+
+raise SystemExit(main())

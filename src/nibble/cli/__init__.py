@@ -1,0 +1,1 @@
+"""The ``nibble`` command. Each module here that defines ``register(subparsers)`` adds one subcommand."""
