@@ -12,9 +12,7 @@ from nibble.nn import QuantLinear
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="run a short demonstration of what nibble does")
-    parser.add_argument(
-        "--size", type=int, default=1024, help="rows and columns of the demo weight (default 1024)"
-    )
+    parser.add_argument("--size", type=int, default=1024, help="rows and columns of the demo weight (default 1024)")
     parser.set_defaults(func=run)
 
 

@@ -39,9 +39,7 @@ def backend_name(device: torch.device) -> str:
     available = _triton_ops() is not None
     if choice == "triton":
         if not available:
-            raise NibbleError(
-                "NIBBLE_KERNELS=triton but the Triton kernels cannot be imported; pip install triton"
-            )
+            raise NibbleError("NIBBLE_KERNELS=triton but the Triton kernels cannot be imported; pip install triton")
         return "triton"
     return "triton" if available and device.type == "cuda" else "torch"
 

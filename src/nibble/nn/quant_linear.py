@@ -40,9 +40,7 @@ class QuantLinear(nn.Module):
     optional dequantized-weight cache is on (``cache_dequantized=True``), which trades memory for speed.
     """
 
-    def __init__(
-        self, qweight: QuantizedWeight, bias: torch.Tensor | None = None, cache_dequantized: bool = False
-    ):
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None, cache_dequantized: bool = False):
         super().__init__()
         if len(qweight.shape) != 2:
             raise NibbleError(f"QuantLinear needs a 2-D weight [out, in], got shape {tuple(qweight.shape)}")
@@ -69,9 +67,7 @@ class QuantLinear(nn.Module):
         """Quantize a dense ``[out, in]`` weight (and keep ``bias`` as it is)."""
         if weight.dim() != 2:
             raise NibbleError(f"QuantLinear needs a 2-D weight [out, in], got shape {tuple(weight.shape)}")
-        qweight = quantize(
-            weight, format, blocksize=blocksize, group_size=group_size, double_quant=double_quant
-        )
+        qweight = quantize(weight, format, blocksize=blocksize, group_size=group_size, double_quant=double_quant)
         return cls(qweight, bias, cache_dequantized)
 
     @property
@@ -94,9 +90,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            raise NibbleError(
-                f"QuantLinear expects inputs with {self.in_features} features, got {x.shape[-1]}"
-            )
+            raise NibbleError(f"QuantLinear expects inputs with {self.in_features} features, got {x.shape[-1]}")
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         lead = x.shape[:-1]

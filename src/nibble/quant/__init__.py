@@ -8,9 +8,7 @@ from nibble.quant.nf4 import NF4Weight
 FORMATS = ("nf4", "int4")
 
 
-def quantize(
-    weight, format: str = "nf4", *, blocksize: int = 64, group_size: int = 128, double_quant: bool = False
-):
+def quantize(weight, format: str = "nf4", *, blocksize: int = 64, group_size: int = 128, double_quant: bool = False):
     """Quantize ``weight`` in the named format (``blocksize``/``double_quant`` for NF4, ``group_size`` for INT4)."""
     from nibble.errors import NibbleError
 

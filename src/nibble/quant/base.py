@@ -58,9 +58,7 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
     if not isinstance(weight, torch.Tensor):
         raise NibbleError(f"{name}: expected a torch.Tensor, got {type(weight).__name__}")
     if weight.dtype not in FLOAT_DTYPES:
-        raise NibbleError(
-            f"{name}: dtype {weight.dtype} cannot be quantized; use float32, float16 or bfloat16"
-        )
+        raise NibbleError(f"{name}: dtype {weight.dtype} cannot be quantized; use float32, float16 or bfloat16")
     if weight.numel() == 0:
         raise NibbleError(f"{name}: tensor is empty")
     if not bool(torch.isfinite(weight).all()):

@@ -26,9 +26,7 @@ class INT4Weight(QuantizedWeight):
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype):
         if packed.dim() != 2 or packed.dtype != torch.uint8:
-            raise NibbleError(
-                f"INT4 packed data must be a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}"
-            )
+            raise NibbleError(f"INT4 packed data must be a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
         out_features, in_features = packed.shape[0], packed.shape[1] * 2
         if group_size not in VALID_GROUP_SIZES:
             raise NibbleError(f"group_size {group_size} is not supported; use one of {VALID_GROUP_SIZES}")
@@ -90,9 +88,7 @@ class INT4Weight(QuantizedWeight):
         if in_features is not None and k != in_features:
             raise NibbleError(f"{source}: '{wkey}' holds {k} input features, expected {in_features}")
         if k % scales.shape[1]:
-            raise NibbleError(
-                f"{source}: '{skey}' has {scales.shape[1]} groups, which do not divide {k} features"
-            )
+            raise NibbleError(f"{source}: '{skey}' has {scales.shape[1]} groups, which do not divide {k} features")
         try:
             return cls(packed.view(torch.uint8), scales, k // scales.shape[1], dtype)
         except NibbleError as exc:

@@ -82,9 +82,7 @@ def dynamic_code(device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32, device=device)
 
 
-def _blockwise_codes(
-    flat: torch.Tensor, blocksize: int, bounds: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _blockwise_codes(flat: torch.Tensor, blocksize: int, bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest-code indices (int32) and fp32 absmax per block of a flat fp32 tensor.
 
     Full blocks scale by the reciprocal of their absmax and a partial last block divides by it:
@@ -180,9 +178,7 @@ class NF4Weight(QuantizedWeight):
 
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> NF4Weight:
         nested = (fn(self.nested_absmax), fn(self.nested_code)) if self.double_quant else (None, None)
-        return NF4Weight(
-            fn(self.packed), fn(self.absmax), self.shape, self.dtype, self.blocksize, *nested, self.offset
-        )
+        return NF4Weight(fn(self.packed), fn(self.absmax), self.shape, self.dtype, self.blocksize, *nested, self.offset)
 
     def block_scales(self) -> torch.Tensor:
         """fp32 absmax per block, undoing double quantization when present."""
@@ -200,9 +196,7 @@ class NF4Weight(QuantizedWeight):
         full = n - n % self.blocksize
         out = torch.empty(n, dtype=dtype, device=self.packed.device)
         if full:
-            out[:full] = (
-                values[:full].view(-1, self.blocksize) * scales[: full // self.blocksize, None]
-            ).view(-1)
+            out[:full] = (values[:full].view(-1, self.blocksize) * scales[: full // self.blocksize, None]).view(-1)
         if full < n:
             out[full:] = values[full:n] * scales[-1]
         return out.view(self.shape)
@@ -243,14 +237,10 @@ class NF4Weight(QuantizedWeight):
             blocksize = int(meta["blocksize"])
             dtype = getattr(torch, meta.get("dtype", "float32"))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise NibbleError(
-                f"{source}: '{meta_key}' is not a valid quant-state JSON object ({exc})"
-            ) from None
+            raise NibbleError(f"{source}: '{meta_key}' is not a valid quant-state JSON object ({exc})") from None
         if meta.get("quant_type", "nf4") != "nf4":
             raise NibbleError(f"{source}: '{prefix}' is {meta.get('quant_type')}, only nf4 is supported")
-        if f"{prefix}.quant_map" in sd and not torch.equal(
-            sd[f"{prefix}.quant_map"].float().cpu(), nf4_code()
-        ):
+        if f"{prefix}.quant_map" in sd and not torch.equal(sd[f"{prefix}.quant_map"].float().cpu(), nf4_code()):
             raise NibbleError(f"{source}: '{prefix}.quant_map' is not the NF4 codebook")
         nested = (None, None, None)
         if "nested_offset" in meta:
@@ -278,9 +268,7 @@ def _validate(w: NF4Weight) -> None:
         raise NibbleError(f"packed data must be {math.ceil(n / 2)} uint8 bytes for shape {tuple(w.shape)}")
     blocks = math.ceil(n / w.blocksize)
     if w.absmax.numel() != blocks:
-        raise NibbleError(
-            f"absmax must hold {blocks} values for shape {tuple(w.shape)}, not {w.absmax.numel()}"
-        )
+        raise NibbleError(f"absmax must hold {blocks} values for shape {tuple(w.shape)}, not {w.absmax.numel()}")
     if w.double_quant:
         if w.absmax.dtype != torch.uint8 or w.offset is None or w.nested_code.numel() != 256:
             raise NibbleError("double-quantized absmax needs uint8 codes, a 256-entry code and an offset")
