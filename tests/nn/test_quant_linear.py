@@ -1,0 +1,116 @@
+"""QuantLinear: dense-equivalent forward, input-only gradients, autocast, caching."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nibble.errors import NibbleError
+from nibble.nn import QuantLinear
+
+FORMATS = [
+    ("nf4", {"blocksize": 64}),
+    ("nf4", {"blocksize": 64, "double_quant": True}),
+    ("int4", {"group_size": 64}),
+]
+
+
+def make_layer(fmt, options, bias=True, out_features=45, in_features=128, **extra):
+    torch.manual_seed(0)
+    weight = torch.randn(out_features, in_features) * 0.1
+    b = torch.randn(out_features) if bias else None
+    return QuantLinear.from_dense(weight, b, format=fmt, **options, **extra)
+
+
+@pytest.mark.parametrize("fmt,options", FORMATS)
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 7)])
+def test_forward_equals_dense_matmul_with_dequantized_weight(fmt, options, lead):
+    layer = make_layer(fmt, options)
+    x = torch.randn(*lead, 128)
+    expected = F.linear(x, layer.dequantize(), layer.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt,options", FORMATS)
+def test_input_gradient_passes_gradcheck(fmt, options):
+    layer = make_layer(fmt, options, out_features=6, in_features=64)
+    x = torch.randn(3, 64, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+
+
+@pytest.mark.parametrize("fmt,options", FORMATS)
+def test_weight_never_gets_a_gradient(fmt, options):
+    layer = make_layer(fmt, options)
+    assert list(layer.parameters()) == []
+    x = torch.randn(4, 128, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    w = layer.dequantize().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    F.linear(x2, w, layer.bias).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_autocast_bf16_computes_in_bf16():
+    layer = make_layer("nf4", {})
+    x = torch.randn(5, 128, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    reference = F.linear(x.bfloat16(), layer.dequantize(torch.bfloat16), layer.bias.bfloat16())
+    torch.testing.assert_close(y, reference)
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_gives_identical_results(dtype):
+    plain = make_layer("nf4", {"double_quant": True})
+    cached = make_layer("nf4", {"double_quant": True}, cache_dequantized=True)
+    outs, grads = [], []
+    for layer in (plain, cached):
+        x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_(True)
+        y = layer(x)
+        y.float().pow(2).sum().backward()
+        outs.append(y)
+        grads.append(x.grad)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+    assert dtype in cached._cache
+    cached.clear_cache()
+    assert not cached._cache
+
+
+def test_module_dtype_cast_keeps_the_4bit_weight_intact():
+    layer = make_layer("nf4", {})
+    before = layer.dequantize()
+    layer.to(torch.bfloat16)
+    assert layer.qweight.absmax.dtype == torch.float32 and layer.qweight.packed.dtype == torch.uint8
+    assert torch.equal(layer.dequantize(), before)
+    assert layer.bias.dtype == torch.bfloat16
+
+
+def test_state_dict_uses_bitsandbytes_layout():
+    sd = make_layer("nf4", {"double_quant": True}).state_dict()
+    assert {"weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "bias"} <= set(sd)
+    assert "weight.quant_state.bitsandbytes__nf4" in sd
+    sd4 = make_layer("int4", {"group_size": 64}, bias=False).state_dict(prefix="model.up_proj.")
+    assert set(sd4) == {"model.up_proj.weight_4bit", "model.up_proj.scales_4bit"}
+
+
+def test_errors():
+    layer = make_layer("nf4", {})
+    with pytest.raises(NibbleError, match="128 features, got 64"):
+        layer(torch.randn(2, 64))
+    with pytest.raises(NibbleError, match="2-D"):
+        QuantLinear.from_dense(torch.randn(64))
+    with pytest.raises(NibbleError, match="unknown quantization format 'fp8'"):
+        QuantLinear.from_dense(torch.randn(4, 64), format="fp8")
+    with pytest.raises(NibbleError, match=r"bias must have shape \(4,\)"):
+        QuantLinear.from_dense(torch.randn(4, 64), torch.randn(5))
+
+
+def test_kernel_choice_is_validated(monkeypatch):
+    layer = make_layer("nf4", {})
+    monkeypatch.setenv("NIBBLE_KERNELS", "cuda-magic")
+    with pytest.raises(NibbleError, match="NIBBLE_KERNELS"):
+        layer(torch.randn(1, 128))
+    monkeypatch.setenv("NIBBLE_KERNELS", "torch")
+    assert layer(torch.randn(1, 128)).shape == (1, 45)
