@@ -1,0 +1,39 @@
+"""``nibble quantize``: write a bitsandbytes-compatible 4-bit NF4 checkpoint that transformers loads unchanged."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from nibble.quant.nf4 import VALID_BLOCKSIZES
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "quantize",
+        help="store a model's block projections in NF4 (bitsandbytes layout)",
+        description="Quantize the seven block projections of a Hugging Face checkpoint to NF4 and write them in "
+        "bitsandbytes' serialized layout, with quantization_config in config.json and the tokenizer files copied.",
+    )
+    parser.add_argument("--model", required=True, help="model directory (config.json + safetensors)")
+    parser.add_argument("--output", required=True, help="directory to create (must not exist or be empty)")
+    parser.add_argument("--format", choices=["nf4"], default="nf4", help="4-bit format (default nf4)")
+    parser.add_argument("--double-quant", action="store_true", help="also quantize the block scales (8-bit)")
+    parser.add_argument(
+        "--blocksize", type=int, choices=VALID_BLOCKSIZES, default=64, help="elements per NF4 block (default 64)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nibble.io.bnb import quantize_checkpoint
+
+    start = time.perf_counter()
+    stats = quantize_checkpoint(args.model, args.output, double_quant=args.double_quant, blocksize=args.blocksize)
+    seconds = time.perf_counter() - start
+    print(
+        f"quantized {stats['quantized']} projections to {args.format}"
+        f"{' with double quantization' if args.double_quant else ''}, kept {stats['kept']} tensors: "
+        f"{stats['bytes_in'] / 1e6:.1f} MB -> {stats['bytes_out'] / 1e6:.1f} MB in {seconds:.1f} s; wrote {args.output}"
+    )
+    return 0

@@ -1,0 +1,277 @@
+"""ModelConfig: the shape of a decoder, read from (and written back to) a Hugging Face ``config.json``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nibble.errors import NibbleError
+
+# model_type -> the class-name prefix transformers uses (Qwen3ForCausalLM, ...).
+ARCHITECTURES = {"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral"}
+ROPE_TYPES = ("default", "linear", "llama3")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclass
+class ModelConfig:
+    """Sizes and family features of a Qwen3 / Qwen2 / Llama / Mistral decoder.
+
+    ``rope_scaling`` is None for plain RoPE, else a dict with ``rope_type`` ("linear" or "llama3") and
+    that type's parameters. ``attention_bias`` puts a bias on q/k/v; ``attention_out_bias`` on o_proj
+    (Llama and Qwen3 use one flag for all four, Qwen2 biases q/k/v only). ``qk_norm`` is Qwen3's per-head
+    RMSNorm on q and k. ``sliding_window`` (Mistral) limits how far back each token attends.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    model_type: str = "llama"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    attention_out_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    num_labels: int | None = None
+    id2label: dict[int, str] | None = None
+    initializer_range: float = 0.02
+    torch_dtype: str | None = None
+    quantization_config: dict[str, Any] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            _positive_int(self, name)
+        _positive_int(self, "num_key_value_heads")
+        _positive_int(self, "head_dim")
+        if self.model_type not in ARCHITECTURES:
+            raise NibbleError(f"model_type '{self.model_type}' is not supported; use one of {sorted(ARCHITECTURES)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise NibbleError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise NibbleError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.num_labels is not None and (not isinstance(self.num_labels, int) or self.num_labels < 1):
+            raise NibbleError(f"num_labels must be a positive integer, got {self.num_labels!r}")
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the query projection's output (heads x head_dim), which may differ from hidden_size."""
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """``eos_token_id`` as a list (empty when unset)."""
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+    @classmethod
+    def from_hf(cls, source: dict[str, Any] | str | Path) -> ModelConfig:
+        """Build from a ``config.json`` dict, a path to one, or a model directory holding one.
+
+        Raises:
+            NibbleError: missing or invalid JSON, an unsupported architecture or feature, a missing or
+                invalid size; the message names the file (or "config.json") and the key.
+        """
+        if isinstance(source, dict):
+            return _from_dict(source, "config.json")
+        path = Path(source)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise NibbleError(f"{path}: no such file (a model directory needs a config.json)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise NibbleError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise NibbleError(f"{path}: must hold a JSON object")
+        return _from_dict(data, str(path))
+
+    def to_hf(self, architecture: str | None = None) -> dict[str, Any]:
+        """A ``config.json`` dict transformers loads: ``*ForCausalLM``, or ``*ForSequenceClassification``
+        when ``num_labels`` is set (``architecture`` overrides). ``quantization_config`` is left out."""
+        prefix = ARCHITECTURES[self.model_type]
+        if architecture is None:
+            architecture = f"{prefix}ForSequenceClassification" if self.num_labels else f"{prefix}ForCausalLM"
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope.update(self.rope_scaling)
+        out: dict[str, Any] = {
+            "architectures": [architecture],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "pad_token_id": self.pad_token_id,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
+        if self.model_type in ("llama", "qwen3"):
+            out["attention_bias"] = self.attention_bias
+        if self.model_type == "llama":
+            out["mlp_bias"] = self.mlp_bias
+        if self.model_type == "mistral":
+            out["sliding_window"] = self.sliding_window
+        if self.torch_dtype:
+            out["dtype"] = self.torch_dtype
+        if self.num_labels:
+            out["num_labels"] = self.num_labels
+            labels = self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
+            out["id2label"] = {str(i): name for i, name in labels.items()}
+            out["label2id"] = {name: i for i, name in labels.items()}
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as plain JSON-serializable values."""
+        return asdict(self)
+
+
+def _positive_int(cfg: ModelConfig, name: str) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise NibbleError(f"config.json: '{name}' must be a positive integer, got {value!r}")
+
+
+def _model_type(data: dict[str, Any], source: str) -> str:
+    model_type = data.get("model_type")
+    if model_type is None:
+        for arch in data.get("architectures") or []:
+            for key, prefix in ARCHITECTURES.items():
+                if isinstance(arch, str) and arch.startswith(prefix + "For"):
+                    return key
+        raise NibbleError(f"{source}: no 'model_type' (expected one of {sorted(ARCHITECTURES)})")
+    if model_type not in ARCHITECTURES:
+        raise NibbleError(
+            f"{source}: model_type '{model_type}' is not supported; nibble loads {', '.join(sorted(ARCHITECTURES))}"
+        )
+    return model_type
+
+
+def _rope(data: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
+    """(theta, scaling) from ``rope_parameters`` (transformers >= 5) or ``rope_theta`` + ``rope_scaling``."""
+    params = data.get("rope_parameters") or data.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise NibbleError(f"{source}: 'rope_parameters' must be an object")
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise NibbleError(f"{source}: per-layer-type 'rope_parameters' are not supported")
+    theta = params.get("rope_theta", data.get("rope_theta", 10000.0))
+    if not isinstance(theta, (int, float)) or theta <= 0:
+        raise NibbleError(f"{source}: 'rope_theta' must be a positive number, got {theta!r}")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise NibbleError(f"{source}: rope_type '{rope_type}' is not supported; use one of {ROPE_TYPES}")
+    partial = params.get("partial_rotary_factor", data.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise NibbleError(f"{source}: 'partial_rotary_factor' {partial} is not supported (only 1.0)")
+    if rope_type == "default":
+        return float(theta), None
+    scaling: dict[str, Any] = {"rope_type": rope_type, "factor": params.get("factor")}
+    if rope_type == "llama3":
+        for key in _LLAMA3_KEYS[1:]:
+            scaling[key] = params.get(key)
+        if scaling["original_max_position_embeddings"] is None:
+            scaling["original_max_position_embeddings"] = data.get("max_position_embeddings")
+    for key, value in scaling.items():
+        if key != "rope_type" and (not isinstance(value, (int, float)) or value <= 0):
+            raise NibbleError(f"{source}: rope scaling '{key}' must be a positive number, got {value!r}")
+    return float(theta), scaling
+
+
+def _from_dict(data: dict[str, Any], source: str) -> ModelConfig:
+    model_type = _model_type(data, source)
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in data:
+            raise NibbleError(f"{source}: missing '{key}'")
+        value = data[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise NibbleError(f"{source}: '{key}' must be a positive integer, got {value!r}")
+    act = data.get("hidden_act", data.get("hidden_activation", "silu"))
+    if act != "silu":
+        raise NibbleError(f"{source}: hidden_act '{act}' is not supported (only silu)")
+    if data.get("use_sliding_window"):
+        raise NibbleError(f"{source}: 'use_sliding_window' true is not supported")
+    heads = data["num_attention_heads"]
+    kv_heads = data.get("num_key_value_heads") or heads
+    head_dim = data.get("head_dim")
+    if head_dim is None:
+        if data["hidden_size"] % heads:
+            raise NibbleError(f"{source}: hidden_size must be a multiple of num_attention_heads when head_dim is unset")
+        head_dim = data["hidden_size"] // heads
+    theta, scaling = _rope(data, source)
+    bias = bool(data.get("attention_bias", False))
+    labels = data.get("id2label")
+    num_labels = data.get("num_labels")
+    archs = data.get("architectures") or []
+    if num_labels is None and any(str(a).endswith("ForSequenceClassification") for a in archs) and labels:
+        num_labels = len(labels)
+    id2label = None
+    if labels and num_labels and len(labels) == num_labels:
+        try:
+            id2label = {int(k): str(v) for k, v in labels.items()}
+        except (AttributeError, ValueError):
+            raise NibbleError(f"{source}: 'id2label' must map integer ids to names") from None
+    try:
+        return ModelConfig(
+            vocab_size=data["vocab_size"],
+            hidden_size=data["hidden_size"],
+            intermediate_size=data["intermediate_size"],
+            num_hidden_layers=data["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            model_type=model_type,
+            rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(data.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+            # Qwen2 always biases q/k/v and never o_proj; Mistral has no biases.
+            attention_bias=model_type == "qwen2" or (bias and model_type != "mistral"),
+            attention_out_bias=bias and model_type in ("llama", "qwen3"),
+            mlp_bias=bool(data.get("mlp_bias", False)) and model_type == "llama",
+            qk_norm=model_type == "qwen3",
+            sliding_window=data.get("sliding_window") if model_type == "mistral" else None,
+            pad_token_id=data.get("pad_token_id"),
+            bos_token_id=data.get("bos_token_id"),
+            eos_token_id=data.get("eos_token_id"),
+            num_labels=num_labels,
+            id2label=id2label,
+            initializer_range=float(data.get("initializer_range", 0.02)),
+            torch_dtype=data.get("dtype", data.get("torch_dtype")),
+            quantization_config=data.get("quantization_config"),
+        )
+    except (TypeError, ValueError) as exc:
+        raise NibbleError(f"{source}: invalid value ({exc})") from None
+    except NibbleError as exc:
+        raise NibbleError(f"{source}: {str(exc).removeprefix('config.json: ')}") from None

@@ -1,0 +1,229 @@
+"""``load_model``: a Hugging Face checkpoint directory -> DecoderModel, streamed tensor by tensor.
+
+The model is built on the meta device (no memory), then each parameter is read from the memory-mapped
+checkpoint straight into its final dtype and device. With ``quantize`` set, each block projection is read
+in fp32, quantized, and the fp32 copy dropped before the next tensor is read, so peak memory stays near
+the final model plus the largest single fp32 tensor. Checkpoints already quantized by bitsandbytes load
+their NF4 bytes unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nibble.errors import NibbleError
+from nibble.io import bnb
+from nibble.io.safetensors import Checkpoint, read_checkpoint
+from nibble.model.config import ModelConfig
+from nibble.model.model import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, TASKS, DecoderModel
+from nibble.nn import QuantLinear
+from nibble.quant import FORMATS, quantize
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Tensors some checkpoints carry that a model never needs.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load_model(
+    path: str | Path,
+    *,
+    task: str = "causal_lm",
+    num_labels: int | None = None,
+    quantize: str | None = None,
+    double_quant: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    blocksize: int = 64,
+    group_size: int = 128,
+    keep_dense: Iterable[int] | None = None,
+    pooling: str = "last",
+) -> DecoderModel:
+    """Load a Qwen3 / Qwen2 / Llama / Mistral checkpoint directory.
+
+    Args:
+        path: directory with config.json and model.safetensors (or a sharded index).
+        task: "causal_lm" (LM head) or "classify" (``score`` head; fresh unless the checkpoint has one).
+        num_labels: classifier outputs; defaults to the checkpoint's own.
+        quantize: None, "nf4" or "int4": store the seven block projections in 4 bits.
+        double_quant, blocksize: NF4 options; group_size: INT4 option.
+        dtype: dtype of embeddings, dense projections and heads (norm weights are always fp32).
+        device: where the model lives.
+        keep_dense: layer indices (negative counts from the end) whose projections stay dense.
+        pooling: "last" or "mean" (classify only).
+
+    Returns:
+        A DecoderModel in eval mode whose parameters all have ``requires_grad=False`` except ``score``.
+
+    Raises:
+        NibbleError: a bad option, a missing directory, an invalid config.json, an unsupported architecture,
+            a missing/garbled/truncated safetensors file, a missing or unexpected tensor or a wrong shape.
+    """
+    if task not in TASKS:
+        raise NibbleError(f"task '{task}' is not supported; use one of {TASKS}")
+    if quantize is not None and quantize not in FORMATS:
+        raise NibbleError(f"quantize '{quantize}' is not supported; use None or one of {FORMATS}")
+    if dtype not in DTYPES:
+        raise NibbleError(f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
+    path = Path(path)
+    if not path.exists():
+        raise NibbleError(f"{path}: no such model directory")
+    if not path.is_dir():
+        raise NibbleError(f"{path}: not a directory (expected a model directory with config.json)")
+    config = ModelConfig.from_hf(path)
+    bnb.check_quantization_config(config.quantization_config, str(path / "config.json"))
+    ckpt = read_checkpoint(path)
+    dense_layers = _layer_set(keep_dense, config.num_hidden_layers)
+    if task == "classify":
+        num_labels = _num_labels(ckpt, config, num_labels)
+        config = replace(config, num_labels=num_labels)
+    with torch.device("meta"):
+        model = DecoderModel(config, task, num_labels, pooling, dtype)
+    _check_unexpected(ckpt, model, config)
+    loader = _Loader(ckpt, dtype, torch.device(device))
+    backbone = model.model
+    backbone.embed_tokens.weight = loader.parameter("model.embed_tokens.weight", backbone.embed_tokens.weight)
+    options = dict(blocksize=blocksize, group_size=group_size, double_quant=double_quant)
+    for i, layer in enumerate(backbone.layers):
+        dense = i in dense_layers
+        fmt = None if dense else quantize
+        for group, names in (("self_attn", ATTENTION_PROJECTIONS), ("mlp", MLP_PROJECTIONS)):
+            parent = getattr(layer, group)
+            for name in names:
+                prefix = f"model.layers.{i}.{group}.{name}"
+                setattr(parent, name, loader.projection(prefix, getattr(parent, name), fmt, dense, options))
+        norms = {"input_layernorm": layer.input_layernorm, "post_attention_layernorm": layer.post_attention_layernorm}
+        if config.qk_norm:
+            norms.update({"self_attn.q_norm": layer.self_attn.q_norm, "self_attn.k_norm": layer.self_attn.k_norm})
+        for name, norm in norms.items():
+            norm.weight = loader.parameter(f"model.layers.{i}.{name}.weight", norm.weight)
+    backbone.norm.weight = loader.parameter("model.norm.weight", backbone.norm.weight)
+    if task == "causal_lm":
+        _load_lm_head(model, loader, config)
+    else:
+        _load_score(model, loader, config)
+    return model.eval()
+
+
+def _layer_set(keep_dense: Iterable[int] | None, num_layers: int) -> set[int]:
+    layers: set[int] = set()
+    for i in keep_dense or ():
+        if not isinstance(i, int) or not -num_layers <= i < num_layers:
+            raise NibbleError(f"keep_dense: layer {i!r} does not exist (the model has {num_layers} layers)")
+        layers.add(i % num_layers)
+    return layers
+
+
+def _num_labels(ckpt: Checkpoint, config: ModelConfig, num_labels: int | None) -> int:
+    if "score.weight" in ckpt:
+        stored = ckpt["score.weight"].shape[0]
+        if num_labels is not None and num_labels != stored:
+            raise NibbleError(
+                f"{ckpt['score.weight'].path}: 'score.weight' has {stored} labels but num_labels={num_labels}; "
+                "pass the checkpoint's count or start from its base model"
+            )
+        return stored
+    num_labels = num_labels or config.num_labels
+    if not isinstance(num_labels, int) or num_labels < 1:
+        raise NibbleError("task 'classify' needs num_labels (a positive integer); the checkpoint has no 'score' head")
+    return num_labels
+
+
+def _load_lm_head(model: DecoderModel, loader: _Loader, config: ModelConfig) -> None:
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        return
+    if "lm_head.weight" not in loader.ckpt and "score.weight" in loader.ckpt:
+        raise NibbleError(
+            f"{loader.ckpt.source}: no 'lm_head.weight': this is a sequence-classification checkpoint; "
+            "load it with task='classify'"
+        )
+    model.lm_head.weight = loader.parameter("lm_head.weight", model.lm_head.weight)
+
+
+def _load_score(model: DecoderModel, loader: _Loader, config: ModelConfig) -> None:
+    if "score.weight" in loader.ckpt:
+        weight = loader.parameter("score.weight", model.score.weight)
+    else:
+        # A fresh head, initialized as transformers initializes one: normal(0, initializer_range).
+        weight = torch.empty(model.score.weight.shape, dtype=loader.dtype, device=loader.device)
+        weight = nn.Parameter(weight.normal_(0.0, config.initializer_range))
+    weight.requires_grad_(True)
+    model.score.weight = weight
+
+
+def _check_unexpected(ckpt: Checkpoint, model: DecoderModel, config: ModelConfig) -> None:
+    """Reject tensors the model has no place for (before any is read), naming the first."""
+    known = set(model.state_dict()) | {"lm_head.weight", "score.weight"}  # the other task's head is skipped
+
+    def expected(key: str) -> bool:
+        base = next((key.removesuffix(s) for s in bnb.AUX_SUFFIXES if key.endswith(s)), key)
+        return base in known or key.endswith(_IGNORED_SUFFIXES)
+
+    unexpected = [key for key in ckpt if not expected(key)]
+    if unexpected:
+        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
+        raise NibbleError(
+            f"{ckpt[unexpected[0]].path}: unexpected tensor '{unexpected[0]}'{more}; config.json describes "
+            f"a {config.model_type} model with {config.num_hidden_layers} layers that has no such tensor"
+        )
+
+
+class _Loader:
+    """Reads checkpoint tensors into parameters and projections."""
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device):
+        self.ckpt = ckpt
+        self.dtype = dtype
+        self.device = device
+
+    def tensor(self, key: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """Tensor ``key`` in ``dtype`` on CPU, checked against ``shape`` (an NF4 one is dequantized)."""
+        if bnb.is_quantized(self.ckpt, key):
+            weight = bnb.read_nf4(self.ckpt, key)
+            self._check_shape(key, tuple(weight.shape), shape)
+            return weight.dequantize(dtype)
+        info = self.ckpt.info(key)
+        self._check_shape(key, info.shape, shape)
+        if not info.is_float:
+            raise NibbleError(f"{info.path}: tensor '{key}' is {info.dtype}, expected a float tensor")
+        return self.ckpt.get_tensor(key, dtype)
+
+    def parameter(self, key: str, like: torch.Tensor) -> nn.Parameter:
+        """A frozen parameter shaped like ``like`` (keeps its dtype: fp32 norms stay fp32)."""
+        return nn.Parameter(self.tensor(key, like.shape, like.dtype).to(self.device), requires_grad=False)
+
+    def projection(
+        self, prefix: str, linear: nn.Linear, fmt: str | None, keep_dense: bool, options: dict
+    ) -> nn.Linear | QuantLinear:
+        """The projection ``prefix``: ``linear`` (on meta) filled as a frozen dense layer, or a QuantLinear."""
+        weight_key = f"{prefix}.weight"
+        bias = None
+        if linear.bias is not None:
+            bias = self.tensor(f"{prefix}.bias", linear.bias.shape, self.dtype)
+        if bnb.is_quantized(self.ckpt, weight_key) and not keep_dense:
+            qweight = bnb.read_nf4(self.ckpt, weight_key)
+            self._check_shape(weight_key, tuple(qweight.shape), linear.weight.shape)
+            return QuantLinear(qweight, bias).to(self.device)
+        if fmt is not None:
+            dense = self.tensor(weight_key, linear.weight.shape, torch.float32)
+            qweight = quantize(dense, fmt, **options)
+            del dense
+            qweight.dtype = self.dtype
+            return QuantLinear(qweight, bias).to(self.device)
+        weight = self.tensor(weight_key, linear.weight.shape, self.dtype)
+        linear.weight = nn.Parameter(weight.to(self.device), requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.to(self.device), requires_grad=False)
+        return linear
+
+    def _check_shape(self, key: str, actual: tuple[int, ...], expected: torch.Size) -> None:
+        if tuple(actual) != tuple(expected):
+            path = self.ckpt[key].path if key in self.ckpt else self.ckpt.source
+            raise NibbleError(
+                f"{path}: tensor '{key}' has shape {list(actual)} but config.json implies {list(expected)}"
+            )

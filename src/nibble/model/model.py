@@ -1,0 +1,322 @@
+"""The decoder: embedding -> N x (RMSNorm -> attention -> residual -> RMSNorm -> SwiGLU -> residual) -> RMSNorm -> head.
+
+One block type serves Qwen3 (QK-norm), Qwen2 (q/k/v bias), Llama and Mistral: family differences are
+fields of :class:`ModelConfig`. Submodule names are Hugging Face's, so dense ``state_dict()`` keys equal
+the checkpoint's. Each of the seven projections is an ``nn.Linear`` or a frozen ``QuantLinear``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from nibble.errors import NibbleError
+from nibble.model.config import ModelConfig
+
+TASKS = ("causal_lm", "classify")
+POOLINGS = ("last", "mean")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight``, computed in fp32 with an fp32 weight whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * h).to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] (fp32), with linear or llama3-style scaling when configured."""
+    dim = config.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
+    scaling = config.rope_scaling
+    if not scaling:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    context = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(config: ModelConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, head_dim] for integer ``positions`` [T], computed in fp32 and cast to ``dtype``."""
+    freqs = positions.float()[:, None] * rope_inv_freq(config, positions.device)[None, :]  # [T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, H, T, D] by position (the half-split convention of Hugging Face checkpoints)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per layer, preallocated for ``max_len`` positions."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new ``k``, ``v`` [B, Hkv, T, D] after the cached ones; return all of them so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise NibbleError(f"KV cache holds {self.max_len} positions; {end} were requested")
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None,
+    query_len: int,
+    past: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, bool]:
+    """``(mask, is_causal)`` for scaled_dot_product_attention.
+
+    ``attention_mask`` [B, past + query_len] marks real tokens with 1. Without padding, a window or a
+    cache offset the mask is None and SDPA's own causal path runs; otherwise a boolean mask
+    [B or 1, 1, T, S] allows causal, in-window, non-pad keys. A query row left with no key at all (a
+    pad query under left padding) may see itself, so its output stays finite.
+    """
+    total = past + query_len
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    windowed = sliding_window is not None and total > sliding_window
+    if attention_mask is None and not windowed and (past == 0 or query_len == 1):
+        return None, past == 0 and query_len > 1
+    q_pos = torch.arange(past, total, device=device)[:, None]  # [T, 1]
+    k_pos = torch.arange(total, device=device)[None, :]  # [1, S]
+    allowed = k_pos <= q_pos  # [T, S]
+    if windowed:
+        allowed = allowed & (k_pos > q_pos - sliding_window)
+    allowed = allowed[None, None]  # [1, 1, T, S]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, None, :]  # [B, 1, T, S]
+        empty = ~allowed.any(dim=-1, keepdim=True)
+        allowed = allowed | (empty & (k_pos == q_pos))
+    return allowed, False
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE, optional q/k/v bias and optional per-head QK RMSNorm."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        h, qd, kvd = config.hidden_size, config.q_dim, config.kv_dim
+        self.q_proj = nn.Linear(h, qd, bias=config.attention_bias, dtype=dtype)
+        self.k_proj = nn.Linear(h, kvd, bias=config.attention_bias, dtype=dtype)
+        self.v_proj = nn.Linear(h, kvd, bias=config.attention_bias, dtype=dtype)
+        self.o_proj = nn.Linear(qd, h, bias=config.attention_out_bias, dtype=dtype)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, Hq, D]
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, past + T, D]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_heads != self.num_kv_heads
+        )  # [B, Hq, T, D]
+        y = y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)  # [B, T, Hq * D]
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias, dtype=dtype)
+        self.up_proj = nn.Linear(h, i, bias=bias, dtype=dtype)
+        self.down_proj = nn.Linear(i, h, bias=bias, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """One transformer block: pre-norm attention and pre-norm SwiGLU, each with a residual."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx, dtype)
+        self.mlp = MLP(config, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embedding, blocks and final norm (Hugging Face's ``model.`` prefix)."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        weight = torch.empty(config.vocab_size, config.hidden_size, dtype=dtype)
+        # Skip the random init on the meta device: normal_ there costs a 1.7 s import of torch._dynamo.
+        if weight.device.type != "meta":
+            nn.init.normal_(weight, std=config.initializer_range)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DecoderModel(nn.Module):
+    """A decoder with an LM head (``task="causal_lm"``) or a classifier head ``score`` (``task="classify"``).
+
+    ``model(input_ids [B, T], attention_mask [B, T] | None)`` returns logits [B, T, vocab] or
+    [B, num_labels]. The classifier pools the final-normed hidden states first (the last real token per
+    row, or the masked mean with ``pooling="mean"``) and then applies ``score``.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        task: str = "causal_lm",
+        num_labels: int | None = None,
+        pooling: str = "last",
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if task not in TASKS:
+            raise NibbleError(f"task '{task}' is not supported; use one of {TASKS}")
+        if pooling not in POOLINGS:
+            raise NibbleError(f"pooling '{pooling}' is not supported; use one of {POOLINGS}")
+        self.config = config
+        self.task = task
+        self.pooling = pooling
+        self.dtype = dtype
+        self.gradient_checkpointing = False
+        self.model = Backbone(config, dtype)
+        if task == "causal_lm":
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+            if config.tie_word_embeddings:
+                self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            num_labels = num_labels or config.num_labels
+            if not num_labels:
+                raise NibbleError("a classify model needs num_labels (none given and none in config.json)")
+            self.score = nn.Linear(config.hidden_size, num_labels, bias=False, dtype=dtype)
+        self.num_labels = num_labels if task == "classify" else None
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states [B, T, hidden] for ``input_ids`` [B, T]."""
+        if input_ids.dim() != 2:
+            raise NibbleError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        t = input_ids.shape[1]
+        past = cache.length if cache is not None else 0
+        x = self.model.embed_tokens(input_ids)  # [B, T, H]
+        positions = torch.arange(past, past + t, device=input_ids.device)
+        cos, sin = rope_cos_sin(self.config, positions, x.dtype)  # [T, D]
+        mask, is_causal = build_attention_mask(attention_mask, t, past, self.config.sliding_window, input_ids.device)
+        recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
+        for layer in self.model.layers:
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, mask, is_causal, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, is_causal, cache)
+        if cache is not None:
+            cache.length += t
+        return self.model.norm(x)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, H] -> [B, H]: the last real token of each row, or the masked mean (``pooling="mean"``)."""
+        if attention_mask is None:
+            return hidden[:, -1] if self.pooling == "last" else hidden.mean(dim=1)
+        mask = attention_mask.to(hidden.device)
+        if self.pooling == "last":
+            positions = torch.arange(hidden.shape[1], device=hidden.device)
+            last = (positions * (mask != 0)).argmax(dim=-1)  # [B]: rightmost real token
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        weights = mask.to(hidden.dtype).unsqueeze(-1)  # [B, T, 1]
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        hidden = self.hidden_states(input_ids, attention_mask, cache)
+        if self.task == "causal_lm":
+            return self.lm_head(hidden)  # [B, T, V]
+        return self.score(self.pool(hidden, attention_mask))  # [B, num_labels]
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache for up to ``max_len`` positions, on this model's device and dtype."""
+        device = self.model.embed_tokens.weight.device
+        return KVCache(self.config, batch_size, max_len, self.dtype, device)

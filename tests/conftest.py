@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints saved to temporary directories (see tests/helpers.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+import helpers
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """A factory: ``hf_checkpoint(model_type="qwen3", num_labels=None, **overrides) -> (path, hf_model)``.
+
+    Each call writes a fresh checkpoint (config.json, safetensors, tokenizer) under ``tmp_path``; tests
+    may modify or break it.
+    """
+    counter = iter(range(1_000_000))
+
+    def make(model_type: str = "qwen3", **kwargs):
+        return helpers.make_hf_checkpoint(tmp_path / f"{model_type}-{next(counter)}", model_type, **kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def shared_checkpoint(tmp_path_factory):
+    """Like ``hf_checkpoint``, but each distinct set of arguments is built once per session and shared.
+
+    Tests must only read these checkpoints and must not modify the returned transformers model.
+    """
+    cache: dict[str, tuple] = {}
+
+    def make(model_type: str = "qwen3", **kwargs):
+        key = f"{model_type}-{sorted(kwargs.items(), key=str)}"
+        if key not in cache:
+            path = tmp_path_factory.mktemp(model_type)
+            cache[key] = helpers.make_hf_checkpoint(path, model_type, **kwargs)
+        return cache[key]
+
+    return make

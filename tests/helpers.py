@@ -1,0 +1,166 @@
+"""Tiny random Hugging Face checkpoints (Qwen3, Qwen2, Llama) and a byte-level tokenizer, for tests.
+
+Every test that needs a model builds one here with transformers and saves it to a temporary directory,
+so nibble is always compared against the real library and never against a downloaded file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Small enough to build in milliseconds; hidden 64 keeps every projection's row length >= the NF4
+# blocksize 64 (bitsandbytes' CPU dequantize is wrong for rows shorter than the blocksize).
+TINY = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
+
+
+def hf_config(model_type: str = "qwen3", **overrides: Any):
+    """A transformers config of ``model_type`` (qwen3, qwen2, llama, mistral) with TINY sizes.
+
+    Qwen3 gets ``head_dim=32`` (so q_dim 128 != hidden 64, as in real Qwen3 models); pad/bos/eos are
+    the ids of :func:`write_tokenizer`'s special tokens. ``overrides`` win over everything.
+    """
+    from transformers import AutoConfig
+
+    kwargs: dict[str, Any] = dict(TINY, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    if model_type == "qwen3":
+        kwargs["head_dim"] = 32
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def make_hf_model(
+    model_type: str = "qwen3",
+    *,
+    num_labels: int | None = None,
+    seed: int = 0,
+    init_std: float | None = 0.1,
+    **overrides: Any,
+):
+    """A random transformers model in fp32, eval mode: ``*ForCausalLM``, or ``*ForSequenceClassification``
+    when ``num_labels`` is given.
+
+    ``init_std`` re-draws every parameter (norm weights included, around 1) with that standard deviation,
+    so differences between implementations show up in the logits instead of hiding under tiny weights.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = hf_config(model_type, **overrides)
+    torch.manual_seed(seed)
+    if num_labels is None:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        config.num_labels = num_labels
+        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    if init_std is not None:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                noise = torch.randn(p.shape, generator=gen) * init_std
+                p.copy_(1.0 + noise if "norm" in name else noise)
+    return model.eval()
+
+
+def save_hf_model(model, path: str | Path, *, max_shard_size: str | None = None, tokenizer: bool = True) -> Path:
+    """Save ``model`` as safetensors (sharded when ``max_shard_size`` is set, e.g. ``"20KB"``) plus a tokenizer."""
+    path = Path(path)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(path, **kwargs)
+    if tokenizer:
+        write_tokenizer(path)
+    return path
+
+
+def make_hf_checkpoint(
+    path: str | Path,
+    model_type: str = "qwen3",
+    *,
+    num_labels: int | None = None,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: bool = True,
+    **overrides: Any,
+):
+    """Build a random model (see :func:`make_hf_model`), save it to ``path`` in ``dtype``; return ``(path, model)``.
+
+    The returned model is fp32; when ``dtype`` is fp16/bf16 its weights are rounded to that dtype first,
+    so it matches what was written.
+    """
+    model = make_hf_model(model_type, num_labels=num_labels, seed=seed, **overrides)
+    if dtype != torch.float32:
+        save_hf_model(copy.deepcopy(model).to(dtype), path, max_shard_size=max_shard_size, tokenizer=tokenizer)
+        with torch.no_grad():  # round the parameters only: buffers such as RoPE frequencies stay fp32
+            for p in model.parameters():
+                p.copy_(p.to(dtype).float())
+    else:
+        save_hf_model(model, path, max_shard_size=max_shard_size, tokenizer=tokenizer)
+    return Path(path), model
+
+
+def write_tokenizer(path: str | Path, chat_template: str | None = None) -> Path:
+    """Write a byte-level tokenizer (256 byte tokens, no merges, then <pad> 256, <bos> 257, <eos> 258).
+
+    Files: tokenizer.json and tokenizer_config.json (loadable by ``AutoTokenizer.from_pretrained``).
+    Every UTF-8 text round-trips; one token per byte.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda ch: _byte_of(ch))
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    for i, tok in enumerate(SPECIAL_TOKENS):
+        vocab[tok] = 256 + i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.save(str(path / "tokenizer.json"))
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "pad_token": "<pad>",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "model_max_length": TINY["max_position_embeddings"],
+    }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+def _byte_of(ch: str) -> int:
+    """The byte that GPT-2's byte-level alphabet maps to character ``ch``."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    if ord(ch) in printable:
+        return ord(ch)
+    others = [b for b in range(256) if b not in printable]
+    return others[ord(ch) - 256]
+
+
+def right_padded_batch(lengths: list[int], vocab: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``input_ids`` [B, max(lengths)] right-padded with PAD_ID, and the matching attention mask."""
+    gen = torch.Generator().manual_seed(seed)
+    t = max(lengths)
+    ids = torch.full((len(lengths), t), PAD_ID, dtype=torch.long)
+    mask = torch.zeros(len(lengths), t, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(0, vocab, (n,), generator=gen)
+        mask[row, :n] = 1
+    return ids, mask
