@@ -1,0 +1,224 @@
+"""What the Triton 4-bit kernels share: weight operands, unpacking, block scales, dtype casts, configs.
+
+Every kernel reads a weight the same way: element ``(n, k)`` of an ``[N, K]`` weight is nibble ``n*K + k``
+of the packed bytes (NF4: even element in the high nibble, value from the 16-entry codebook; INT4: even
+element in the low nibble, value ``q - 8``) times the scale of block ``(n*K + k) // BS``. For INT4 with
+``K % group_size == 0`` that block index is exactly ``scales[n, k // group_size]`` of the ``[N, K/g]``
+scale matrix, so both formats take the same path.
+
+Under ``TRITON_INTERPRET=1`` (CPU tests) two interpreter gaps are bridged inside the kernels, guarded by
+the ``INTERPRET`` constexpr so the GPU code is untouched: its fp32->bf16 cast truncates instead of
+rounding to nearest even, and its ``tl.dot`` multiplies bf16 operands as raw uint16 bits. There bf16 is
+rounded by hand and dot operands are widened to fp32 (exact for bf16 values, accumulated in fp32 like
+tensor cores).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nibble.errors import NibbleError
+from nibble.quant.base import QuantizedWeight
+from nibble.quant.nf4 import NESTED_BLOCKSIZE, nf4_code
+
+# Read once: @triton.jit decides at import time whether kernels run interpreted.
+INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+
+_TL_DTYPES = {
+    torch.float64: tl.float64,
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+}
+
+NESTED = tl.constexpr(NESTED_BLOCKSIZE)
+
+
+def tl_dtype(dtype: torch.dtype) -> tl.dtype:
+    """The Triton dtype of a float torch dtype.
+
+    Raises:
+        NibbleError: a dtype the kernels do not compute in.
+    """
+    if dtype not in _TL_DTYPES:
+        raise NibbleError(f"the Triton 4-bit kernels compute in float64/32/16 or bfloat16, not {dtype}")
+    return _TL_DTYPES[dtype]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulator (and split-reduction buffer) dtype for inputs of ``dtype``: fp32, or fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact products for fp32/fp64 (tf32 would miss the 1e-5 bound)."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def check_device(t: torch.Tensor) -> None:
+    """Triton runs CUDA tensors, and CPU tensors only under the interpreter."""
+    if t.device.type != "cuda" and not INTERPRET:
+        raise NibbleError(
+            f"NIBBLE_KERNELS=triton got {t.device.type} tensors; Triton runs them only with TRITON_INTERPRET=1 "
+            "(slow, for tests); use NIBBLE_KERNELS=torch or move the model to CUDA"
+        )
+
+
+def fused_supported(qweight: QuantizedWeight) -> bool:
+    """Whether the fused kernels read this weight directly (a 2-D weight whose rows start on a byte)."""
+    return len(qweight.shape) == 2 and qweight.shape[1] % 2 == 0
+
+
+def weight_operands(qweight: QuantizedWeight) -> dict[str, object]:
+    """Kernel arguments describing ``qweight``: pointers, the scale offset and the format constexprs."""
+    if qweight.format == "nf4":
+        dq = qweight.double_quant
+        return {
+            "packed_ptr": qweight.packed.contiguous(),
+            "scale_ptr": qweight.absmax.contiguous(),
+            "nested_absmax_ptr": qweight.nested_absmax.contiguous() if dq else None,
+            "nested_code_ptr": qweight.nested_code.float().contiguous() if dq else None,
+            "code_ptr": nf4_code(qweight.device),
+            "offset": float(qweight.offset) if dq else 0.0,
+            "BS": qweight.blocksize,
+            "NF4": True,
+            "DOUBLE_QUANT": dq,
+        }
+    if qweight.format == "int4":
+        return {
+            "packed_ptr": qweight.packed.contiguous(),
+            "scale_ptr": qweight.scales.contiguous(),
+            "nested_absmax_ptr": None,
+            "nested_code_ptr": None,
+            "code_ptr": None,
+            "offset": 0.0,
+            "BS": qweight.group_size,
+            "NF4": False,
+            "DOUBLE_QUANT": False,
+        }
+    raise NibbleError(f"the Triton kernels do not read the '{qweight.format}' format; use NIBBLE_KERNELS=torch")
+
+
+def tile_config(
+    block_m: int, block_n: int, block_k: int, split: int, group_m: int, warps: int, stages: int
+) -> triton.Config:
+    """One tile shape of a GEMM-shaped kernel; ``split`` > 1 spreads its reduction over programs."""
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT": split, "GROUP_M": group_m},
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
+def autotune_configs(gpu: list[triton.Config], interpreted: triton.Config) -> list[triton.Config]:
+    """The GPU search space, or one fixed config under the interpreter so tests never benchmark."""
+    return [interpreted] if INTERPRET else gpu
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for M: a power of two, so every batch size does not retune."""
+    return min(triton.next_power_of_2(max(m, 1)), 16384)
+
+
+@triton.jit
+def round_bf16(x):
+    """fp32 -> the nearest bf16 (ties to even), kept in fp32: the interpreter's own cast truncates."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def to_dtype(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 -> ``DTYPE`` with round-to-nearest-even on GPU and in the interpreter."""
+    if INTERPRET and DTYPE == tl.bfloat16:
+        x = round_bf16(x)
+    return x.to(DTYPE)
+
+
+@triton.jit
+def dot_operand(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 values -> a ``tl.dot`` operand in ``DTYPE`` (fp32 holding bf16 values in the interpreter)."""
+    if INTERPRET and DTYPE == tl.bfloat16:
+        out = round_bf16(x)
+    else:
+        out = x.to(DTYPE)
+    return out
+
+
+@triton.jit
+def widen_operand(x, INTERPRET: tl.constexpr):
+    """A loaded activation as a ``tl.dot`` operand (bf16 widened to fp32 in the interpreter)."""
+    if INTERPRET and x.dtype == tl.bfloat16:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def unpack(byte, code_ptr, NF4: tl.constexpr):
+    """A tile of packed bytes -> the fp32 values of its (even, odd) elements, before scaling."""
+    b = byte.to(tl.int32)
+    if NF4:  # even element in the high nibble; values from the codebook
+        first = tl.load(code_ptr + (b >> 4))
+        second = tl.load(code_ptr + (b & 15))
+    else:  # even element in the low nibble, stored as q + 8
+        first = ((b & 15) - 8).to(tl.float32)
+        second = ((b >> 4) - 8).to(tl.float32)
+    return first, second
+
+
+@triton.jit
+def block_scale(scale_ptr, nested_absmax_ptr, nested_code_ptr, offset, idx, mask, DOUBLE_QUANT: tl.constexpr):
+    """fp32 scales of blocks ``idx`` (undoing double quantization: code[u8] * nested_absmax + offset)."""
+    if DOUBLE_QUANT:
+        q = tl.load(scale_ptr + idx, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + idx // NESTED, mask=mask, other=0.0)
+        scale = tl.load(nested_code_ptr + q) * nested + offset
+    else:
+        scale = tl.load(scale_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    return scale
+
+
+@triton.jit
+def tile_scales(
+    scale_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset,
+    rows,
+    row_mask,
+    k0,
+    cols,
+    col_mask,
+    K,
+    BS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+):
+    """Scales for the weight tile ``rows x [k0, k0 + BLOCK_K)`` whose even columns are ``cols``.
+
+    When blocks start at every row (``ALIGNED``) and a tile never crosses one, each row needs one
+    scale ([BLOCK_N, 1]); otherwise every element looks up its own block ([BLOCK_N, BLOCK_K/2]).
+    """
+    if ALIGNED and BS % BLOCK_K == 0:
+        idx = rows.to(tl.int64) * (K // BS) + k0 // BS
+        scale = block_scale(scale_ptr, nested_absmax_ptr, nested_code_ptr, offset, idx, row_mask, DOUBLE_QUANT)
+        scale = scale[:, None]
+    else:
+        idx = (rows.to(tl.int64)[:, None] * K + cols[None, :]) // BS
+        mask = row_mask[:, None] & col_mask[None, :]
+        scale = block_scale(scale_ptr, nested_absmax_ptr, nested_code_ptr, offset, idx, mask, DOUBLE_QUANT)
+    return scale
+
+
+@triton.jit
+def tile_indices(pid, grid_rows, grid_cols, GROUP: tl.constexpr):
+    """Program id -> (row tile, column tile), walking GROUP row tiles per column so weight tiles stay in L2."""
+    width = GROUP * grid_cols
+    group = pid // width
+    first = group * GROUP
+    size = tl.minimum(grid_rows - first, GROUP)
+    return first + (pid % width) % size, (pid % width) // size
