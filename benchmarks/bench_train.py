@@ -1,0 +1,249 @@
+"""QLoRA classification training on CPU: nibble vs transformers + PEFT + bitsandbytes, in one run.
+
+Both stacks train the same NF4-quantized model (a random Qwen3 built here, or ``--model-dir``) on the
+same batches with the same LoRA rank/targets, the same initial adapter and head (nibble writes its
+initial adapter in PEFT's layout and PEFT loads it), and the same AdamW settings, in fp32.
+
+Speed: the stacks live in one process and take turns, one training step each, so a machine shared
+with other work slows them alike; tokens/s is the median over steps (after 2 warm-up steps) and the
+ratio is the median of the per-step ratios. Memory: each stack also runs a few steps alone in a fresh
+process, whose peak RSS is reported. The final loss (mean of the last 5 steps) shows the stacks train
+the same thing.
+
+    .venv/bin/python benchmarks/bench_train.py                 # ~1-2 minutes on a 2-core CPU
+    .venv/bin/python benchmarks/bench_train.py --model-dir ~/models/SmolLM2-135M --steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+WARMUP = 2
+STACKS = ("nibble", "nibble-nocache", "hf")
+NAMES = {
+    "nibble": "nibble (4-bit cache on)",
+    "nibble-nocache": "nibble (cache off)",
+    "hf": "transformers+PEFT+bnb",
+}
+
+
+def build_model(path: Path, args: argparse.Namespace) -> int:
+    """Save a random Qwen3 (fp32) to ``path``; returns its pad id."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    config = Qwen3Config(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(1, args.hidden // 128),
+        head_dim=64,
+        pad_token_id=args.vocab - 1,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    return args.vocab - 1
+
+
+def make_batches(args: argparse.Namespace, vocab: int, pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded batches of random tokens; a row's label is which of K marker tokens it contains."""
+    gen = torch.Generator().manual_seed(1)
+    n = WARMUP + args.steps
+    ids = torch.full((n, args.batch, args.seq), pad, dtype=torch.long)
+    mask = torch.zeros(n, args.batch, args.seq, dtype=torch.long)
+    labels = torch.randint(0, args.labels, (n, args.batch), generator=gen)
+    for s in range(n):
+        for b in range(args.batch):
+            length = int(torch.randint(args.seq // 2, args.seq + 1, (1,), generator=gen))
+            row = torch.randint(args.labels, vocab - 1, (length,), generator=gen)
+            row[torch.randint(0, length, (3,), generator=gen)] = labels[s, b]
+            ids[s, b, :length] = row
+            mask[s, b, :length] = 1
+    return {"ids": ids, "mask": mask, "labels": labels}
+
+
+def load_stack(stack: str, args: argparse.Namespace, work: Path):
+    """``(forward(ids, mask) -> logits, trainable params, note)`` for one stack."""
+    torch.manual_seed(0)
+    if stack == "hf":
+        from peft import PeftModel
+        from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        base = AutoModelForSequenceClassification.from_pretrained(
+            work / "base", num_labels=args.labels, quantization_config=quant, device_map="cpu", dtype=torch.float32
+        )
+        model = PeftModel.from_pretrained(base, work / "init", is_trainable=True).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        return (lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits), params, "bitsandbytes Linear4bit"
+
+    from nibble.io.peft import adapter_config, save_adapter
+    from nibble.model import load_model
+    from nibble.train.classify import cache_dequantized, prepare_model
+    from nibble.train.config import TrainConfig
+
+    model = load_model(work / "base", task="classify", num_labels=args.labels, quantize="nf4")
+    config = TrainConfig(lora_rank=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, lora_targets=args.targets)
+    prepare_model(model, config)
+    cached, total, used = cache_dequantized(model, 0 if stack == "nibble-nocache" else None, torch.float32)
+    if not (work / "init").exists():
+        peft = adapter_config(
+            base_model=str(work / "base"),
+            targets=args.targets.split(","),
+            rank=args.rank,
+            alpha=2 * args.rank,
+            dropout=0.0,
+            use_rslora=False,
+            task="classify",
+        )
+        save_adapter(model, work / "init", peft)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model.train(), params, f"{cached}/{total} projections cached ({used / 2**20:.0f} MiB)"
+
+
+def step(forward, params, opt, batches, s: int) -> tuple[float, float]:
+    """One AdamW step on batch ``s``; returns ``(loss, tokens/s)``."""
+    start = time.perf_counter()
+    ids, mask = batches["ids"][s], batches["mask"][s]
+    t = int(mask.sum(1).max())
+    loss = F.cross_entropy(forward(ids[:, :t], mask[:, :t]).float(), batches["labels"][s])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item(), int(mask.sum()) / (time.perf_counter() - start)
+
+
+def run_memory_child(args: argparse.Namespace) -> None:
+    """A few steps of one stack alone in this process; prints its peak RSS."""
+    work = Path(args.work)
+    from safetensors.torch import load_file
+
+    forward, params, _ = load_stack(args.side, args, work)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, fused=True)
+    batches = load_file(str(work / "batches.safetensors"))
+    for s in range(WARMUP + 1):
+        step(forward, params, opt, batches, s)
+    print("RSS_MB", peak_rss_self_mb())
+
+
+def peak_rss_self_mb() -> float:
+    """This process's peak RSS: VmHWM (reset by exec, unlike ru_maxrss, which a child inherits)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss(stack: str, args: argparse.Namespace, work: Path) -> float:
+    argv = [sys.executable, __file__, "--side", stack, "--work", str(work)]
+    for key in ("labels", "rank", "lr", "targets", "threads"):
+        argv += [f"--{key}", str(getattr(args, key))]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RSS_MB ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{stack} failed:\n{proc.stderr[-3000:]}")
+    return float(lines[-1].split()[1])
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", help="a real checkpoint (e.g. SmolLM2-135M) instead of the random Qwen3")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=1536)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps (after 2 warm-up steps)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--labels", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--targets", default="q_proj,v_proj")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads for every stack (default 1: stable on a busy machine)"
+    )
+    parser.add_argument("--side", choices=STACKS, help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.side:
+        run_memory_child(args)
+        return
+
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if args.model_dir:
+            (work / "base").symlink_to(Path(args.model_dir).resolve())
+            config = json.loads((work / "base" / "config.json").read_text())
+            vocab, pad = config["vocab_size"], config.get("pad_token_id") or config["eos_token_id"]
+            what = args.model_dir
+        else:
+            pad = build_model(work / "base", args)
+            vocab = args.vocab
+            what = f"random Qwen3 hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}"
+        batches = make_batches(args, vocab, pad)
+        save_file(batches, str(work / "batches.safetensors"))
+        stacks = {}
+        for name in STACKS:  # nibble first: it writes the initial adapter the others start from
+            start = time.perf_counter()
+            forward, params, note = load_stack(name, args, work)
+            opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, fused=True)
+            stacks[name] = dict(forward=forward, params=params, opt=opt, note=note, losses=[], rates=[])
+            stacks[name]["load_s"] = time.perf_counter() - start
+        for s in range(WARMUP + args.steps):
+            for st in stacks.values():
+                loss, rate = step(st["forward"], st["params"], st["opt"], batches, s)
+                st["losses"].append(loss)
+                if s >= WARMUP:
+                    st["rates"].append(rate)
+        rss = {name: peak_rss(name, args, work) for name in STACKS}
+
+    ref = stacks["hf"]
+    print(f"# bench_train: QLoRA (NF4) sequence classification, CPU, {datetime.date.today()}")
+    print(f"# machine: {cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+          f"load average {os.getloadavg()[0]:.1f} at the end; torch {torch.__version__}")  # fmt: skip
+    print(f"# model: {what}; batch {args.batch} x <= {args.seq} tokens, LoRA r={args.rank} on {args.targets}, "
+          f"{args.steps} timed steps, fp32")  # fmt: skip
+    print()
+    print("| stack | tokens/s | vs ref | peak RSS MiB | vs ref | final loss | notes |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for name, st in stacks.items():
+        ratio = statistics.median(a / b for a, b in zip(st["rates"], ref["rates"], strict=True))
+        print(
+            f"| {NAMES[name]} | {statistics.median(st['rates']):.0f} | {ratio:.2f}x | {rss[name]:.0f} | "
+            f"{rss[name] / rss['hf']:.2f}x | {sum(st['losses'][-5:]) / 5:.4f} | {st['note']} |"
+        )
+    diff = max(abs(a - b) for a, b in zip(stacks["nibble"]["losses"], ref["losses"], strict=True))
+    print(f"\nlargest per-step loss difference, nibble vs reference: {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""LoRA adapters in PEFT's on-disk layout, so ``PeftModel.from_pretrained`` loads what nibble trains.
+
+A directory holds ``adapter_config.json`` (the keys PEFT 0.21 writes for a LoRA adapter) and
+``adapter_model.safetensors`` with PEFT's tensor names: ``base_model.model.<module path>.lora_A.weight``
+[r, in], ``...lora_B.weight`` [out, r], and for a classifier ``base_model.model.score.weight`` (the
+head PEFT keeps whole through ``modules_to_save``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nibble.errors import NibbleError
+from nibble.io.safetensors import load_file, save_file_atomic
+from nibble.nn.lora import apply_lora, lora_layers
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+PEFT_VERSION = "0.21.2"
+TASK_TYPES = {"classify": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
+HEADS = {"classify": "score"}
+
+
+def adapter_config(
+    *,
+    base_model: str | None,
+    targets: list[str],
+    rank: int,
+    alpha: float,
+    dropout: float,
+    use_rslora: bool,
+    task: str,
+) -> dict[str, Any]:
+    """The adapter_config.json object, with every key PEFT writes for LoRA (defaults where unused)."""
+    head = HEADS.get(task)
+    return {
+        "alora_invocation_tokens": None,
+        "alpha_pattern": {},
+        "arrow_config": None,
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model,
+        "bias": "none",
+        "corda_config": None,
+        "ensure_weight_tying": False,
+        "eva_config": None,
+        "exclude_modules": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "kasa_config": None,
+        "layer_replication": None,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "loftq_config": {},
+        "lora_alpha": alpha,
+        "lora_bias": False,
+        "lora_dropout": dropout,
+        "lora_ga_config": None,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "modules_to_save": [head] if head else None,
+        "monteclora_config": None,
+        "peft_type": "LORA",
+        "peft_version": PEFT_VERSION,
+        "qalora_group_size": 16,
+        "r": rank,
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": sorted(targets),
+        "target_parameters": None,
+        "task_type": TASK_TYPES[task],
+        "trainable_token_indices": None,
+        "use_bdlora": None,
+        "use_dora": False,
+        "use_qalora": False,
+        "use_rslora": use_rslora,
+        "velora_config": None,
+    }
+
+
+def adapter_tensors(model: nn.Module, task: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's names: every LoRA A/B, plus the classifier head."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path, layer in lora_layers(model).items():
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A.weight.detach()
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B.weight.detach()
+    head = HEADS.get(task)
+    if head is not None:
+        tensors[f"{PREFIX}{head}.weight"] = getattr(model, head).weight.detach()
+    return tensors
+
+
+def save_adapter(model: nn.Module, directory: str | Path, config: dict[str, Any]) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    task = next(t for t, name in TASK_TYPES.items() if name == config["task_type"])
+    save_file_atomic(adapter_tensors(model, task), directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    """adapter_config.json, checked for what nibble can apply (plain LoRA, no per-module patterns)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise NibbleError(f"{path}: missing; --adapter must be a directory written by nibble train or PEFT")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NibbleError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise NibbleError(f"{path}: not a LoRA adapter (peft_type must be LORA)")
+    unsupported = {
+        "use_dora": False,
+        "lora_bias": False,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layer_replication": None,
+        "target_parameters": None,
+        "trainable_token_indices": None,
+    }
+    for key, plain in unsupported.items():
+        if config.get(key) is not None and config[key] != plain:
+            raise NibbleError(f"{path}: '{key}' = {config[key]!r} is not supported; nibble applies plain LoRA")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            raise NibbleError(f"{path}: missing key '{key}'")
+    return config
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, Any]:
+    """Attach the adapter in ``directory`` to ``model`` (LoRA layers + head weights); returns its config.
+
+    Raises:
+        NibbleError: an unsupported config, a target that is not in the model, a missing or unexpected
+            tensor, or a shape that does not fit.
+    """
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise NibbleError(f"{weights}: missing; the adapter directory is incomplete")
+    tensors = load_file(weights)
+    targets = config["target_modules"]
+    if isinstance(targets, str) and targets != "all-linear":
+        pattern = re.compile(targets)
+        targets = [path for path, m in model.named_modules() if pattern.fullmatch(path) and hasattr(m, "in_features")]
+    wrapped = apply_lora(
+        model,
+        targets,
+        rank=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        dropout=0.0,
+        use_rslora=bool(config.get("use_rslora", False)),
+    )
+    expected: dict[str, torch.Tensor] = {}
+    for path in wrapped:
+        layer = lora_layers(model)[path]
+        expected[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A.weight
+        expected[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B.weight
+    for head in config.get("modules_to_save") or []:
+        module = getattr(model, head, None)
+        if isinstance(module, nn.Linear) and f"{PREFIX}{head}.weight" in tensors:
+            expected[f"{PREFIX}{head}.weight"] = module.weight
+    missing = sorted(k for k in expected if k not in tensors)
+    unexpected = sorted(k for k in tensors if k not in expected)
+    if missing or unexpected:
+        what = f"missing tensor '{missing[0]}'" if missing else f"unexpected tensor '{unexpected[0]}'"
+        raise NibbleError(f"{weights}: {what}; the adapter does not fit this model")
+    with torch.no_grad():
+        for key, param in expected.items():
+            if tensors[key].shape != param.shape:
+                raise NibbleError(
+                    f"{weights}: '{key}' has shape {tuple(tensors[key].shape)}, the model needs {tuple(param.shape)}"
+                )
+            param.copy_(tensors[key])
+    return config

@@ -1,0 +1,200 @@
+"""Tokenizer: tokenizer.json run by the ``tokenizers`` library, configured as transformers configures it.
+
+transformers' ``AutoTokenizer`` reads tokenizer.json and keeps its normalizer, pre-tokenizer and
+post-processor (``add_bos_token``/``add_eos_token`` in tokenizer_config.json are ignored when a
+tokenizer.json exists); from tokenizer_config.json it takes the named special tokens and adds those
+missing from the vocabulary as special tokens. Doing the same here gives the same ids for the same text.
+Chat templates render with jinja2 in a sandbox with the globals and filters templates expect.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from nibble.errors import NibbleError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token given as a string or as a serialized AddedToken ``{"content": ...}``."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NibbleError(f"{path}: cannot read as JSON ({exc}); restore the tokenizer file") from None
+    if not isinstance(data, dict):
+        raise NibbleError(f"{path}: expected a JSON object")
+    return data
+
+
+class Tokenizer:
+    """A model directory's tokenizer: encode/decode, special-token ids, and chat-template rendering."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as BackendTokenizer
+
+        self.path = Path(path)
+        tokenizer_file = self.path / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise NibbleError(f"{self.path}: no tokenizer.json; copy the model's tokenizer files into this directory")
+        try:
+            self.backend = BackendTokenizer.from_file(str(tokenizer_file))
+        except Exception as exc:  # the Rust library raises plain Exception subclasses
+            raise NibbleError(f"{tokenizer_file}: not a valid tokenizers file ({exc})") from None
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        config_file = self.path / "tokenizer_config.json"
+        self.config = _read_json(config_file) if config_file.is_file() else {}
+        legacy_file = self.path / "special_tokens_map.json"
+        legacy = _read_json(legacy_file) if legacy_file.is_file() else {}
+        self.special_tokens: dict[str, str] = {}
+        for name in SPECIAL_NAMES:
+            text = _token_text(self.config.get(name, legacy.get(name)))
+            if text is not None:
+                self.special_tokens[name] = text
+
+        extra = self.config.get("extra_special_tokens") or self.config.get("additional_special_tokens") or []
+        extra_texts = [t for t in (_token_text(v) for v in (extra.values() if isinstance(extra, dict) else extra)) if t]
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        missing = [t for t in [*self.special_tokens.values(), *extra_texts] if t not in vocab]
+        if missing:
+            self.backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        self.backend.encode_special_tokens = bool(self.config.get("split_special_tokens", False))
+
+    def token_id(self, name: str) -> int | None:
+        """The id of a named special token (``"pad_token"``, ``"eos_token"``, ...), or None."""
+        text = self.special_tokens.get(name)
+        return None if text is None else self.backend.token_to_id(text)
+
+    @property
+    def pad_id(self) -> int | None:
+        """The padding id: the pad token, else the eos token (as training code commonly does), else None."""
+        pad = self.token_id("pad_token")
+        return pad if pad is not None else self.token_id("eos_token")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_id("eos_token")
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_id("bos_token")
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
+        """Token ids of ``text`` (special tokens as the post-processor adds them), cut to ``max_length``."""
+        return self.encode_batch([text], add_special_tokens, max_length)[0]
+
+    def encode_batch(
+        self, texts: Sequence[str], add_special_tokens: bool = True, max_length: int | None = None
+    ) -> list[list[int]]:
+        """Token ids of many texts; truncation keeps the special tokens and cuts the text (from the right)."""
+        if max_length is not None:
+            self.backend.enable_truncation(max_length)
+        try:
+            encodings = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        finally:
+            self.backend.no_truncation()
+        return [e.ids for e in encodings]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @cached_property
+    def chat_template(self) -> str | None:
+        """The default chat template (chat_template.jinja, chat_template.json, or tokenizer_config.json)."""
+        jinja_file = self.path / "chat_template.jinja"
+        if jinja_file.is_file():
+            return jinja_file.read_text(encoding="utf-8")
+        json_file = self.path / "chat_template.json"
+        template = _read_json(json_file).get("chat_template") if json_file.is_file() else None
+        template = template if template is not None else self.config.get("chat_template")
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        return template if isinstance(template, str) else None
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, **variables: Any
+    ) -> str:
+        """Render ``messages`` with the chat template (the text; tokenize it with ``add_special_tokens=False``)."""
+        template = self.chat_template
+        if template is None:
+            raise NibbleError(f"{self.path}: the tokenizer has no chat_template; use a model with one")
+        context = {**self.special_tokens, **variables}
+        return _compile(template).render(
+            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **context
+        )
+
+    def save(self, directory: str | Path) -> None:
+        """Copy the tokenizer files into ``directory`` (as loaded: the same files give the same ids)."""
+        directory = Path(directory)
+        for name in TOKENIZER_FILES:
+            if (self.path / name).is_file():
+                shutil.copyfile(self.path / name, directory / name)
+
+
+_TEMPLATES: dict[str, Any] = {}
+
+
+def _compile(template: str):
+    """A sandboxed jinja2 template with the helpers chat templates use (cached by source)."""
+    if template not in _TEMPLATES:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str):
+            raise NibbleError(f"chat template: {message}")
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            # jinja's own tojson escapes HTML characters, which templates do not expect
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        class Generation(jinja2.ext.Extension):
+            """``{% generation %}...{% endgeneration %}`` marks assistant text for masking; it renders as is."""
+
+            tags = {"generation"}
+
+            def parse(self, parser):
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+                return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
+        )
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            _TEMPLATES[template] = env.from_string(template)
+        except jinja2.TemplateSyntaxError as exc:
+            raise NibbleError(f"chat template: syntax error on line {exc.lineno}: {exc.message}") from None
+    return _TEMPLATES[template]
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a model directory (tokenizer.json + tokenizer_config.json)."""
+    return Tokenizer(path)

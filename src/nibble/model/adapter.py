@@ -1,0 +1,133 @@
+"""A base model with a LoRA adapter attached, rebuilt the way the adapter was trained.
+
+An adapter directory holds PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``; one written by
+``nibble train`` also holds ``nibble.json`` (how the base was loaded for training: 4-bit format, pooling)
+and, for classifiers, ``label_map.json``. The base is loaded the same way again (a QLoRA adapter on the
+same 4-bit weights it was trained against), so the adapted model computes what training computed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nibble.data.classify import LabelMap
+from nibble.errors import NibbleError
+from nibble.io.peft import PREFIX, TASK_TYPES, WEIGHTS_NAME, load_adapter, read_adapter_config
+from nibble.io.safetensors import SafetensorsFile
+from nibble.model.loading import load_model, resolve_model_dir
+from nibble.model.model import DecoderModel
+
+RUN_INFO = "nibble.json"
+LABEL_MAP = "label_map.json"
+
+
+@dataclass
+class AdapterInfo:
+    """What an adapter directory says about itself.
+
+    ``task`` is "causal_lm" or "classify"; ``run`` is nibble.json ({} for adapters written by PEFT);
+    ``labels`` the label names in id order (classifiers with a label map), else None.
+    """
+
+    directory: Path
+    task: str
+    config: dict[str, Any]
+    run: dict[str, Any]
+    num_labels: int | None = None
+    labels: list[Any] | None = None
+
+    @property
+    def quantize(self) -> str | None:
+        """The 4-bit format of the base the adapter was trained on (None: a dense base)."""
+        return self.run.get("quantize")
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NibbleError(f"{path}: not valid JSON ({exc}); restore it from the training output") from None
+    if not isinstance(data, dict):
+        raise NibbleError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_adapter_info(directory: str | Path) -> AdapterInfo:
+    """Read an adapter directory's config, run info and label map (no weights are loaded).
+
+    Raises:
+        NibbleError: a missing directory or file, an unsupported adapter, or a task type nibble has no head for.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise NibbleError(f"{directory}: no such adapter directory")
+    config = read_adapter_config(directory)
+    tasks = {peft_name: task for task, peft_name in TASK_TYPES.items()}
+    task_type = config.get("task_type") or "CAUSAL_LM"
+    if task_type not in tasks:
+        raise NibbleError(
+            f"{directory / 'adapter_config.json'}: task_type '{task_type}' is not supported; "
+            f"nibble applies {', '.join(sorted(tasks))} adapters"
+        )
+    run = _read_json_object(directory / RUN_INFO) if (directory / RUN_INFO).is_file() else {}
+    info = AdapterInfo(directory, tasks[task_type], config, run)
+    if info.task == "classify":
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise NibbleError(f"{weights}: missing; the adapter directory is incomplete")
+        head = SafetensorsFile(weights).tensors.get(f"{PREFIX}score.weight")
+        if head is None:
+            raise NibbleError(f"{weights}: a SEQ_CLS adapter without '{PREFIX}score.weight'; it has no classifier head")
+        info.num_labels = head.shape[0]
+        if (directory / LABEL_MAP).is_file():
+            labels = LabelMap.load(directory / LABEL_MAP).labels
+            if len(labels) != info.num_labels:
+                raise NibbleError(
+                    f"{directory / LABEL_MAP}: lists {len(labels)} labels but the head has {info.num_labels} outputs"
+                )
+            info.labels = labels
+    return info
+
+
+def load_adapted(
+    model: str | Path, adapter: str | Path, *, dtype: torch.dtype = torch.float32, task: str | None = None
+) -> tuple[DecoderModel, AdapterInfo]:
+    """Load the base ``model`` (directory or .gguf) as the adapter was trained, with the adapter attached.
+
+    Args:
+        model: the base model the adapter was trained on.
+        adapter: the adapter directory.
+        dtype: dtype of the base's dense weights.
+        task: the task the caller needs ("causal_lm" or "classify"); None accepts either.
+
+    Raises:
+        NibbleError: an adapter for another task, or one that does not fit the base (see ``load_adapter``).
+    """
+    info = read_adapter_info(adapter)
+    if task is not None and info.task != task:
+        want = TASK_TYPES[task]
+        raise NibbleError(
+            f"{info.directory}: a {info.config.get('task_type')} adapter, but this needs a {want} adapter "
+            f"(trained with {'--task instruct' if task == 'causal_lm' else '--task classify'})"
+        )
+    run = info.run
+    base = load_model(
+        resolve_model_dir(model),
+        task=info.task,
+        num_labels=info.num_labels,
+        quantize=info.quantize,
+        double_quant=bool(run.get("double_quant", False)),
+        blocksize=int(run.get("blocksize", 64)),
+        group_size=int(run.get("group_size", 128)),
+        dtype=dtype,
+        pooling=run.get("pooling", "last"),
+    )
+    load_adapter(base, info.directory)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base.eval(), info

@@ -1,0 +1,175 @@
+"""LoRA: a trainable low-rank update on top of a frozen dense or 4-bit linear layer.
+
+``y = base(x) + B(A(dropout(x))) * scale`` with ``A`` [r, in] (Kaiming-uniform, a=sqrt(5)), ``B`` [out, r]
+(zeros) and ``scale = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). Submodule names (``base_layer``,
+``lora_A``, ``lora_B``) follow PEFT, so a wrapped model's state-dict keys are PEFT's keys without the
+``base_model.model.`` prefix and the ``.default`` adapter name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from nibble.errors import NibbleError
+from nibble.nn.quant_linear import QuantLinear
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` or ``QuantLinear`` plus a trainable rank-``rank`` update.
+
+    Args:
+        base: the layer to adapt; its parameters are frozen here.
+        rank: r, the inner dimension of the update (>= 1).
+        alpha: the scaling numerator.
+        dropout: dropout probability on the adapter's input (the base sees ``x`` unchanged).
+        use_rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear | QuantLinear,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(base, (nn.Linear, QuantLinear)):
+            raise NibbleError(f"LoRA wraps nn.Linear or QuantLinear layers, not {type(base).__name__}")
+        if rank < 1:
+            raise NibbleError(f"lora_rank must be >= 1, got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise NibbleError(f"lora_dropout must be in [0, 1), got {dropout}")
+        self.base_layer = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.use_rslora = rank, float(alpha), use_rslora
+        self.scaling = self.alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = base.weight.device if isinstance(base, nn.Linear) else base.qweight.device
+        # nn.Linear's own init is kaiming_uniform_(a=sqrt(5)): exactly LoRA's init for A.
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device)
+        nn.init.zeros_(self.lora_B.weight)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        weight_a = self.lora_A.weight
+        if x.dtype != weight_a.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(weight_a.dtype)
+        update = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        return result + update.to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``B @ A * scale`` [out, in] in fp32: what merging adds to the base weight."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight ``W + B A scale`` [out, in] (a 4-bit base is dequantized first)."""
+        if isinstance(self.base_layer, QuantLinear):
+            base = self.base_layer.dequantize(torch.float32)
+        else:
+            base = self.base_layer.weight.float()
+            if self.merged:
+                return base.to(dtype)
+        return (base + self.delta_weight()).to(dtype)
+
+    def merge(self) -> None:
+        """Fold the update into a dense base weight in place (forward then skips the adapter)."""
+        self._check_mergeable()
+        if not self.merged:
+            with torch.no_grad():
+                w = self.base_layer.weight
+                w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (exact up to the base dtype's rounding)."""
+        self._check_mergeable()
+        if self.merged:
+            with torch.no_grad():
+                w = self.base_layer.weight
+                w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+            self.merged = False
+
+    def _check_mergeable(self) -> None:
+        if isinstance(self.base_layer, QuantLinear):
+            raise NibbleError(
+                "cannot merge LoRA into a 4-bit weight in place (requantizing would lose the update); "
+                "use merged_weight() to build a dense layer"
+            )
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def resolve_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
+    """Target module names from a list, a comma-separated string, or ``"all-linear"`` (the seven projections)."""
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else [str(t).strip() for t in targets]
+    names = [n for n in names if n]
+    if not names:
+        raise NibbleError("lora_targets is empty; name modules such as q_proj,v_proj or use all-linear")
+    if "all-linear" in names:
+        if len(names) > 1:
+            raise NibbleError("lora_targets: all-linear already covers every projection; give it alone")
+        return PROJECTIONS
+    return tuple(dict.fromkeys(names))
+
+
+def apply_lora(
+    model: nn.Module,
+    targets: str | Iterable[str] = DEFAULT_TARGETS,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+) -> list[str]:
+    """Replace the linear layers named by ``targets`` with :class:`LoRALinear` wrappers.
+
+    A target matches a module whose path equals it or ends with ``"." + target`` (PEFT's rule), so
+    ``q_proj`` selects every layer's query projection and ``model.layers.0.self_attn.q_proj`` just one.
+    Returns the full paths of the wrapped modules, in model order.
+
+    Raises:
+        NibbleError: a target that matches no linear layer (the message lists the names that exist).
+    """
+    wanted = resolve_targets(targets)
+    found: list[tuple[nn.Module, str, str]] = []
+    matched: set[str] = set()
+    available: set[str] = set()
+    for path, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            raise NibbleError(f"{path} already has a LoRA adapter")
+        for child_name, child in module.named_children():
+            if not isinstance(child, (nn.Linear, QuantLinear)):
+                continue
+            available.add(child_name)
+            full = f"{path}.{child_name}" if path else child_name
+            hits = [t for t in wanted if full == t or full.endswith("." + t)]
+            if hits:
+                matched.update(hits)
+                found.append((module, child_name, full))
+    missing = [t for t in wanted if t not in matched]
+    if missing:
+        raise NibbleError(
+            f"lora_targets: no linear layer named {', '.join(missing)}; this model has {', '.join(sorted(available))}"
+        )
+    for parent, name, _ in found:
+        setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout, use_rslora))
+    return [path for _, _, path in found]
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every :class:`LoRALinear` in ``model`` by its module path."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}

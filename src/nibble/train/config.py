@@ -1,0 +1,216 @@
+"""TrainConfig: every setting of a training run, one dataclass behind both the YAML file and the CLI flags.
+
+A YAML key is a field name; the flag is ``--field-name``. Values resolve as defaults <- YAML <- flags,
+are validated together (errors name the key), and the resolved config is saved with the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from nibble.data.classify import CLASS_WEIGHTS
+from nibble.errors import NibbleError
+
+Method = Literal["qlora", "lora", "full"]
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _help(text: str, **extra: Any) -> Any:
+    return {"help": text, **extra}
+
+
+@dataclass
+class TrainConfig:
+    """A fine-tuning run. ``help`` metadata becomes the flag's help text."""
+
+    model: str | None = field(default=None, metadata=_help("Hugging Face model directory (config.json + weights)"))
+    data: str | None = field(default=None, metadata=_help("training data: .jsonl (one object per line) or .csv"))
+    output: str | None = field(default=None, metadata=_help("output directory of the run"))
+    task: Literal["classify"] = field(default="classify", metadata=_help("what to train"))
+    method: Method = field(
+        default="qlora", metadata=_help("qlora: 4-bit frozen base + LoRA; lora: dense frozen base + LoRA; full")
+    )
+    quant_format: Literal["nf4", "int4"] = field(default="nf4", metadata=_help("4-bit format of the qlora base"))
+    double_quant: bool = field(default=False, metadata=_help("double-quantize the NF4 block scales"))
+    blocksize: int = field(default=64, metadata=_help("NF4 block size"))
+    group_size: int = field(default=128, metadata=_help("INT4 group size"))
+    cache_budget_mb: int | None = field(
+        default=None,
+        metadata=_help(
+            "memory (MiB) for keeping dequantized copies of the frozen 4-bit weights, which skips dequantizing "
+            "them in every step; 'auto' (default) uses up to half of the available memory, 0 caches nothing"
+        ),
+    )
+    max_steps: int | None = field(default=None, metadata=_help("optimizer steps (default: from --epochs)"))
+    epochs: int = field(default=1, metadata=_help("passes over the training data when --max-steps is not set"))
+    batch_size: int = field(default=8, metadata=_help("rows per micro-batch"))
+    eval_batch_size: int | None = field(default=None, metadata=_help("rows per evaluation batch (default 2x batch)"))
+    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
+    lr: float = field(default=2e-4, metadata=_help("peak learning rate"))
+    warmup_ratio: float = field(default=0.03, metadata=_help("fraction of the steps spent warming up linearly"))
+    min_lr_ratio: float = field(default=0.0, metadata=_help("cosine decay ends at lr x this"))
+    weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay"))
+    adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1"))
+    adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2"))
+    adam_eps: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
+    max_grad_norm: float = field(default=1.0, metadata=_help("clip gradients to this global norm (0: no clipping)"))
+    lora_rank: int = field(default=8, metadata=_help("LoRA rank r"))
+    lora_alpha: float = field(default=16.0, metadata=_help("LoRA alpha (scale alpha/r)"))
+    lora_dropout: float = field(default=0.05, metadata=_help("dropout on the LoRA input"))
+    lora_targets: str = field(
+        default="q_proj,v_proj", metadata=_help("comma-separated module names, or all-linear (the 7 projections)")
+    )
+    use_rslora: bool = field(default=False, metadata=_help("rank-stabilized LoRA: scale alpha/sqrt(r)"))
+    train_embeddings: bool = field(default=False, metadata=_help("full: also train the token embeddings"))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("recompute blocks in backward to save memory"))
+    max_seq_len: int = field(default=256, metadata=_help("truncate texts to this many tokens"))
+    pooling: Literal["last", "mean"] = field(default="last", metadata=_help("classifier input: last token or mean"))
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata=_help("compute dtype (bfloat16/float16 autocast; float16 adds a grad scaler)")
+    )
+    seed: int = field(default=42, metadata=_help("seed for initialization, shuffling, dropout and the val split"))
+    log_every: int = field(default=10, metadata=_help("write a metrics line every N steps"))
+    eval_every: int = field(default=50, metadata=_help("evaluate every N steps (0: only at the end)"))
+    save_every: int = field(default=100, metadata=_help("checkpoint every N steps (0: only at the end)"))
+    keep_checkpoints: int = field(default=3, metadata=_help("keep the last K checkpoints"))
+    early_stopping_patience: int = field(
+        default=0, metadata=_help("stop after N evaluations without a lower val loss (0: never)")
+    )
+    resume: str | None = field(
+        default=None, metadata=_help("continue from the latest checkpoint under --output, or from PATH")
+    )
+    overwrite: bool = field(default=False, metadata=_help("replace a previous run in --output"))
+    val_data: str | None = field(default=None, metadata=_help("validation data file (default: split from --data)"))
+    val_split: float = field(default=0.1, metadata=_help("stratified fraction of --data held out for validation"))
+    text_column: str = field(default="text", metadata=_help("field holding the text"))
+    label_column: str = field(default="label", metadata=_help("field holding the label (or list of labels)"))
+    class_weights: Literal["none", "inverse_freq", "sqrt_inverse"] = field(
+        default="none", metadata=_help("weight the loss by class frequency")
+    )
+    oversample: bool = field(default=False, metadata=_help("repeat minority-class rows up to the largest class"))
+
+    def validate(self) -> TrainConfig:
+        """Check every value; raises NibbleError naming the first bad key. Returns self."""
+        for key in ("model", "data", "output"):
+            if not getattr(self, key):
+                raise NibbleError(f"'{key}' is required: pass --{key.replace('_', '-')} or set it in the YAML file")
+        for name, hint in typing.get_type_hints(TrainConfig).items():
+            _check_type(name, getattr(self, name), hint)
+        positive = ("batch_size", "grad_accum", "lora_rank", "max_seq_len", "epochs", "log_every", "keep_checkpoints")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise NibbleError(f"'{key}' must be >= 1, got {getattr(self, key)}")
+        for key in ("max_steps", "eval_batch_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise NibbleError(f"'{key}' must be >= 1, got {getattr(self, key)}")
+        nonneg = ("eval_every", "save_every", "early_stopping_patience", "weight_decay", "max_grad_norm")
+        for key in nonneg:
+            if getattr(self, key) < 0:
+                raise NibbleError(f"'{key}' must be >= 0, got {getattr(self, key)}")
+        if self.cache_budget_mb is not None and self.cache_budget_mb < 0:
+            raise NibbleError(f"'cache_budget_mb' must be >= 0 or auto, got {self.cache_budget_mb}")
+        if not self.lr > 0:
+            raise NibbleError(f"'lr' must be > 0, got {self.lr}")
+        for key in ("warmup_ratio", "min_lr_ratio", "lora_dropout", "val_split"):
+            if not 0 <= getattr(self, key) < 1:
+                raise NibbleError(f"'{key}' must be in [0, 1), got {getattr(self, key)}")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise NibbleError(f"'{key}' must be in [0, 1), got {getattr(self, key)}")
+        if self.adam_eps <= 0 or self.lora_alpha <= 0:
+            raise NibbleError("'adam_eps' and 'lora_alpha' must be > 0")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise NibbleError(f"'class_weights' must be one of {', '.join(CLASS_WEIGHTS)}")
+        from nibble.nn.lora import resolve_targets
+
+        resolve_targets(self.lora_targets)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML (loadable with :func:`load_config`)."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        Path(path).write_text(text, encoding="utf-8")
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """Raise NibbleError when ``value`` does not fit the annotation ``hint`` (None, bool, int, float, str, Literal)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return
+        if typing.get_origin(option) is Literal and value in typing.get_args(option):
+            return
+        if option is bool and isinstance(value, bool):
+            return
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if option is str and isinstance(value, str):
+            return
+    literal = [typing.get_args(o) for o in options if typing.get_origin(o) is Literal]
+    want = (
+        f"one of {', '.join(map(str, literal[0]))}"
+        if literal
+        else " or ".join("null" if o is type(None) else o.__name__ for o in options)
+    )
+    raise NibbleError(f"'{name}' must be {want}, got {value!r}")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The keys of a YAML config file; unknown keys are errors (with a suggestion)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NibbleError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise NibbleError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise NibbleError(f"{path}: expected a mapping of keys to values")
+    known = field_names()
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise NibbleError(f"{path}: unknown key '{key}'{hint}")
+    if isinstance(data.get("lora_targets"), list):
+        data["lora_targets"] = ",".join(map(str, data["lora_targets"]))
+    return data
+
+
+def resolve_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults <- YAML file <- ``overrides`` (the flags given), validated.
+
+    Relative paths inside the YAML file stay relative to the current directory, as flags are.
+    """
+    values: dict[str, Any] = read_yaml(yaml_path) if yaml_path is not None else {}
+    values.update(overrides)
+    try:
+        config = TrainConfig(**values)
+    except TypeError as exc:
+        raise NibbleError(f"bad training config: {exc}") from None
+    return config.validate()

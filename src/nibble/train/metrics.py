@@ -1,0 +1,173 @@
+"""Evaluation metrics, the metrics.jsonl log, and PNG plots of a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nibble.data.classify import LabelMap
+
+
+def classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, multi_label: bool, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean loss of a batch, in fp32.
+
+    Single-label: cross-entropy; with ``weights`` [K] it is ``sum_i w[y_i] * ce_i / sum_i w[y_i]``.
+    Multi-label: binary cross-entropy with logits averaged over rows and labels; ``weights`` [K] is the
+    positive-class weight of each label.
+    """
+    logits = logits.float()
+    if multi_label:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weights)
+    return torch.nn.functional.cross_entropy(logits, labels, weight=weights)
+
+
+def classification_metrics(
+    probs: torch.Tensor, labels: torch.Tensor, label_map: LabelMap, loss: float
+) -> dict[str, Any]:
+    """Loss, accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix.
+
+    ``probs`` is [N, K]; ``labels`` is [N] class ids, or [N, K] multi-hot for multi-label data (a label
+    is predicted when its probability is >= 0.5; accuracy is then the exact-match rate and the confusion
+    matrix holds per-label [[tn, fp], [fn, tp]]).
+    """
+    k = label_map.num_labels
+    if label_map.multi_label:
+        pred = probs >= 0.5
+        truth = labels.bool()
+        tp = (pred & truth).sum(0).double()
+        fp = (pred & ~truth).sum(0).double()
+        fn = (~pred & truth).sum(0).double()
+        tn = (~pred & ~truth).sum(0)
+        accuracy = float((pred == truth).all(1).double().mean())
+        confusion = [[[int(tn[c]), int(fp[c])], [int(fn[c]), int(tp[c])]] for c in range(k)]
+        support = truth.sum(0)
+    else:
+        pred = probs.argmax(1)
+        matrix = torch.zeros(k, k, dtype=torch.long)
+        matrix.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+        tp = matrix.diag().double()
+        fp = matrix.sum(0).double() - tp
+        fn = matrix.sum(1).double() - tp
+        accuracy = float((pred == labels).double().mean())
+        confusion = matrix.tolist()
+        support = matrix.sum(1)
+    precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(tp + fn > 0, tp / (tp + fn).clamp(min=1), torch.zeros_like(tp))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(tp))
+    per_class = {
+        str(label): {
+            "precision": float(precision[c]),
+            "recall": float(recall[c]),
+            "f1": float(f1[c]),
+            "support": int(support[c]),
+        }
+        for c, label in enumerate(label_map.labels)
+    }
+    return {
+        "loss": loss,
+        "accuracy": accuracy,
+        "macro_f1": float(f1.mean()),
+        "examples": int(probs.shape[0]),
+        "per_class": per_class,
+        "confusion_matrix": confusion,
+    }
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """A few lines for the terminal: headline numbers, then precision/recall per class."""
+    lines = [
+        f"loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
+        f"({metrics['examples']} rows)"
+    ]
+    width = max(len(label) for label in metrics["per_class"])
+    for label, m in metrics["per_class"].items():
+        lines.append(
+            f"  {label:<{width}}  precision {m['precision']:.3f}  recall {m['recall']:.3f}  "
+            f"f1 {m['f1']:.3f}  support {m['support']}"
+        )
+    return "\n".join(lines)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per logged step or evaluation, appended and flushed at once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after ``step`` (a resumed run writes them again)."""
+        if self.path.is_file():
+            kept = [r for r in self.records() if r.get("step", 0) <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill mid-write
+        return out
+
+
+def plot_run(records: list[dict[str, Any]], final_eval: dict[str, Any] | None, labels: list, directory: Path):
+    """Write loss.png (train and val loss), accuracy.png (val accuracy) and confusion_matrix.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], marker="o", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(directory / "loss.png", dpi=100)
+    plt.close(fig)
+    if evals:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], marker="o")
+        ax.set_xlabel("step")
+        ax.set_ylabel("val accuracy")
+        ax.set_ylim(0, 1)
+        fig.tight_layout()
+        fig.savefig(directory / "accuracy.png", dpi=100)
+        plt.close(fig)
+    if (
+        final_eval is not None
+        and final_eval["confusion_matrix"]
+        and not isinstance(final_eval["confusion_matrix"][0][0], list)
+    ):
+        matrix = final_eval["confusion_matrix"]
+        size = max(3.0, 0.6 * len(labels) + 2)
+        fig, ax = plt.subplots(figsize=(size, size))
+        ax.imshow(matrix, cmap="Blues")
+        ticks = range(len(labels))
+        ax.set_xticks(ticks, [str(x) for x in labels], rotation=45, ha="right")
+        ax.set_yticks(ticks, [str(x) for x in labels])
+        for i, row in enumerate(matrix):
+            for j, count in enumerate(row):
+                ax.text(j, i, str(count), ha="center", va="center")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        fig.tight_layout()
+        fig.savefig(directory / "confusion_matrix.png", dpi=100)
+        plt.close(fig)

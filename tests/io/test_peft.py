@@ -1,0 +1,91 @@
+"""PEFT adapters: one saved by PEFT loads in nibble with the same logits; nibble writes PEFT's exact layout."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+from safetensors.torch import load_file
+
+from nibble.errors import NibbleError
+from nibble.io.peft import CONFIG_NAME, WEIGHTS_NAME, adapter_config, load_adapter, save_adapter
+from nibble.model import load_model
+
+
+@pytest.fixture
+def peft_adapter(hf_checkpoint, tmp_path):
+    """A tiny Qwen3 classifier, and a PEFT LoRA adapter on it with non-zero B saved to tmp_path/adapter."""
+    path, hf = hf_checkpoint("qwen3", num_labels=3)
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        modules_to_save=["score"],
+        use_rslora=True,
+    )
+    peft_model = get_peft_model(hf, config)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return path, peft_model.eval(), tmp_path / "adapter"
+
+
+def test_peft_adapter_loads_with_equal_logits(peft_adapter):
+    import helpers
+
+    base, peft_model, adapter = peft_adapter
+    ours = load_model(base, task="classify", num_labels=3)
+    config = load_adapter(ours, adapter)
+    assert config["use_rslora"] is True
+    ids, mask = helpers.right_padded_batch([7, 3, 5])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(ours(ids, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_nibble_writes_peft_keys_and_config(peft_adapter, tmp_path):
+    base, _, adapter = peft_adapter
+    ours = load_model(base, task="classify", num_labels=3)
+    load_adapter(ours, adapter)
+    theirs_config = json.loads((adapter / CONFIG_NAME).read_text())
+    config = adapter_config(
+        base_model=str(base),
+        targets=["q_proj", "v_proj", "down_proj"],
+        rank=4,
+        alpha=8,
+        dropout=0.0,
+        use_rslora=True,
+        task="classify",
+    )
+    save_adapter(ours, tmp_path / "ours", config)
+    ours_config = json.loads((tmp_path / "ours" / CONFIG_NAME).read_text())
+    assert set(ours_config) == set(theirs_config)
+    for key in ("r", "lora_alpha", "use_rslora", "task_type", "peft_type", "bias", "target_modules"):
+        assert ours_config[key] == (sorted(theirs_config[key]) if key == "target_modules" else theirs_config[key])
+    theirs_tensors = load_file(adapter / WEIGHTS_NAME)
+    ours_tensors = load_file(tmp_path / "ours" / WEIGHTS_NAME)
+    assert set(ours_tensors) == set(theirs_tensors)
+    assert "base_model.model.score.weight" in ours_tensors
+    for key, value in theirs_tensors.items():
+        assert torch.equal(ours_tensors[key], value), key
+
+
+def test_adapter_errors(peft_adapter, tmp_path):
+    base, _, adapter = peft_adapter
+    with pytest.raises(NibbleError, match="adapter_config.json: missing"):
+        load_adapter(load_model(base, task="classify", num_labels=3), tmp_path)
+    tensors = load_file(adapter / WEIGHTS_NAME)
+    wrong = {k: v for k, v in tensors.items() if "layers.1.self_attn.q_proj.lora_A" not in k}
+    from safetensors.torch import save_file
+
+    save_file(wrong, adapter / WEIGHTS_NAME)
+    with pytest.raises(NibbleError, match=r"missing tensor '.*layers.1.self_attn.q_proj.lora_A.weight'"):
+        load_adapter(load_model(base, task="classify", num_labels=3), adapter)
+    config = json.loads((adapter / CONFIG_NAME).read_text())
+    (adapter / CONFIG_NAME).write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(NibbleError, match="'use_dora' = True is not supported"):
+        load_adapter(load_model(base, task="classify", num_labels=3), adapter)
