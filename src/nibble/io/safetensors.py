@@ -13,7 +13,9 @@ import json
 import math
 import mmap
 import os
+import shutil
 import struct
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +202,23 @@ def save_file_atomic(
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def replace_dir(staging: Path, output: Path) -> None:
+    """Move a finished ``staging`` directory to ``output``, replacing what is there.
+
+    An old ``output`` is renamed aside first and deleted only after the new one is in place, so ``output``
+    is always either the old directory or the complete new one.
+    """
+    if output.is_dir() and any(output.iterdir()):
+        retired = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(output, retired)
+        os.replace(staging, output)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        if output.is_dir():
+            output.rmdir()
+        os.replace(staging, output)
 
 
 def _read_index(index_path: Path) -> Checkpoint:

@@ -1,0 +1,624 @@
+"""GGUF (llama.cpp's single-file format) read into Hugging Face layout: config, float weights, tokenizer.
+
+``open_gguf(path)`` validates a model file and exposes what a loader needs without writing anything:
+``config`` (an HF ``config.json`` dict), ``tensors(dtype)`` (HF-named float tensors, dequantized one at a
+time), ``tokenizer()`` (a ``tokenizers.Tokenizer``), ``tokenizer_config()`` and ``save_tokenizer(dir)``.
+``convert_gguf`` writes all of it as a model directory that transformers and nibble load like any other.
+``GGUFFile`` is the metadata-and-tokenizer part alone, for files without model tensors.
+
+Facts this relies on:
+- GGUF lists dimensions fastest-first, so a tensor's torch shape is its GGUF shape reversed; quantized
+  types are dequantized to fp32 by the ``gguf`` package.
+- llama.cpp's converter reorders the rows of ``attn_q``/``attn_k`` of ``llama`` models so that each head's
+  two rotary halves are interleaved (pairs ``(i, i + d/2)`` become neighbours); converting back undoes it.
+  Qwen2/Qwen3 files are written without that reordering.
+- Llama 3 RoPE scaling is stored as a ``rope_freqs`` tensor of per-frequency divisors rather than as
+  parameters; the parameters are recovered from it and checked by rebuilding the tensor.
+- Tokenizers: ``gpt2`` is byte-level BPE (tokens spelled in the GPT-2 byte alphabet, merges as "a b"),
+  ``llama`` is SentencePiece BPE with byte fallback (merges given, or implied by the token scores).
+  Both are rebuilt the way transformers rebuilds them from a GGUF, so the ids are the same.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from nibble.errors import NibbleError
+from nibble.io.safetensors import replace_dir
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_GGUF_MAGIC = b"GGUF"
+_REQUIRED = object()
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+# GGUF tensor name -> HF name; per-block names are relative to ``model.layers.{i}.``.
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+# Pre-tokenizer splits for ``tokenizer.ggml.pre`` values whose vocabularies were not learned on GPT-2's
+# split; any other value uses GPT-2's (the byte-level pre-tokenizer's built-in regex).
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_TOKENIZER_SPLITS = {
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "falcon3": _LLAMA3_SPLIT,
+    "dbrx": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
+# tokenizer.ggml.token_type values (gguf.TokenType)
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map: printable Latin-1 bytes keep their character, the
+    other 68 bytes take the characters from U+0100 upward in byte order."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    spelled = {b: chr(b) for b in keep}
+    extra = (b for b in range(256) if b not in spelled)
+    spelled.update({b: chr(0x100 + n) for n, b in enumerate(extra)})
+    return spelled
+
+
+class GGUFFile:
+    """A readable GGUF file: its metadata and the tokenizer the metadata describes (no model checks).
+
+    Raises:
+        NibbleError: missing or unreadable file, not a GGUF, truncated or corrupt; later, missing or
+            corrupt metadata. Every message is one line naming the file.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.reader = _open_reader(self.path)
+        self.architecture: str = self.meta("general.architecture")
+
+    def meta(self, key: str, default: Any = _REQUIRED) -> Any:
+        """Metadata value ``key`` (``{arch}`` filled in); a missing key is ``default``, or a NibbleError."""
+        key = key.replace("{arch}", getattr(self, "architecture", ""))
+        field = self.reader.fields.get(key)
+        if field is None:
+            if default is _REQUIRED:
+                raise NibbleError(f"{self.path}: metadata key '{key}' is missing; the file is incomplete")
+            return default
+        try:
+            return field.contents()
+        except (UnicodeDecodeError, IndexError, ValueError) as exc:
+            raise NibbleError(f"{self.path}: metadata key '{key}' is corrupt ({exc})") from None
+
+    # -- tokenizer --------------------------------------------------------------------------------
+
+    def tokenizer(self):
+        """The tokenizer described by the file's ``tokenizer.ggml.*`` metadata, as a ``tokenizers.Tokenizer``."""
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+        from tokenizers.models import BPE
+
+        kind = self.meta("tokenizer.ggml.model")
+        tokens: list[str] = self.meta("tokenizer.ggml.tokens")
+        token_types: list[int] = self.meta("tokenizer.ggml.token_type", [])
+        merges = self.meta("tokenizer.ggml.merges", None)
+        # token types are optional metadata; when present there is one per token
+        if token_types and len(token_types) != len(tokens):
+            raise NibbleError(f"{self.path}: {len(token_types)} token types for {len(tokens)} tokens")
+        control = [t for t, kind_ in zip(tokens, token_types, strict=False) if kind_ == _CONTROL]
+        if kind == "gpt2":
+            if merges is None:
+                raise NibbleError(f"{self.path}: byte-level tokenizer without 'tokenizer.ggml.merges'")
+            alphabet = _byte_alphabet()
+            letters = set(alphabet.values())
+
+            def spell(token: str) -> str:
+                # a token written outside the byte alphabet (a raw added token) is respelled from its UTF-8 bytes
+                return token if set(token) <= letters else "".join(alphabet[b] for b in token.encode("utf-8"))
+
+            vocab = {spell(token): i for i, token in enumerate(tokens)}
+            tokenizer = Tokenizer(BPE(vocab, [_split_merge(self.path, m) for m in merges], fuse_unk=False))
+            split = _PRE_TOKENIZER_SPLITS.get(self.meta("tokenizer.ggml.pre", None))
+            if split is None:
+                tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+            else:
+                tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+                    [
+                        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                    ]
+                )
+            tokenizer.decoder = decoders.ByteLevel()
+            # a control token outside the byte alphabet is no real vocabulary entry (a llama.cpp mislabel)
+            control = [t for t in control if set(t) <= letters]
+        elif kind == "llama":
+            vocab = {token: i for i, token in enumerate(tokens)}
+            if merges is not None:
+                pairs = [_split_merge(self.path, m) for m in merges]
+            else:
+                scores = self.meta("tokenizer.ggml.scores")
+                if len(scores) != len(tokens):
+                    raise NibbleError(f"{self.path}: {len(scores)} token scores for {len(tokens)} tokens")
+                pairs = _merges_from_scores(tokens, scores)
+            tokenizer = Tokenizer(BPE(vocab, pairs, fuse_unk=True, byte_fallback=True))
+            tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+                replacement="\u2581", prepend_scheme="first", split=False
+            )
+            tokenizer.decoder = decoders.Sequence(
+                [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+            )
+        else:
+            raise NibbleError(
+                f"{self.path}: tokenizer model '{kind}' is not supported (gpt2 byte-level BPE and llama "
+                "SentencePiece BPE are)"
+            )
+        tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+        user = [t for t, kind_ in zip(tokens, token_types, strict=False) if kind_ == _USER_DEFINED and t in vocab]
+        tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+
+        config = self.tokenizer_config()
+        bos, eos = config.get("bos_token"), config.get("eos_token")
+        add_bos = config["add_bos_token"] and bos is not None
+        add_eos = config["add_eos_token"] and eos is not None
+
+        def template(sequence: str, type_id: int) -> list[str]:
+            return [*([f"{bos}:{type_id}"] if add_bos else []), f"${sequence}:{type_id}"] + (
+                [f"{eos}:{type_id}"] if add_eos else []
+            )
+
+        specials = {token: tokenizer.token_to_id(token) for token, on in ((bos, add_bos), (eos, add_eos)) if on}
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=template("A", 0), pair=template("A", 0) + template("B", 1), special_tokens=list(specials.items())
+        )
+        return tokenizer
+
+    def tokenizer_config(self) -> dict[str, Any]:
+        """``tokenizer_config.json``: special tokens, whether BOS/EOS are added, the chat template."""
+        tokens: list[str] = self.meta("tokenizer.ggml.tokens")
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+            token_id = self.meta(f"tokenizer.ggml.{key}_token_id", None)
+            if token_id is not None:
+                if not 0 <= int(token_id) < len(tokens):
+                    raise NibbleError(f"{self.path}: {name} token id {token_id} is outside the {len(tokens)} tokens")
+                config[f"{name}_token"] = tokens[int(token_id)]
+        # SentencePiece vocabularies add BOS unless the file says otherwise (as llama.cpp does)
+        config["add_bos_token"] = bool(
+            self.meta("tokenizer.ggml.add_bos_token", self.meta("tokenizer.ggml.model") == "llama")
+        )
+        config["add_eos_token"] = bool(self.meta("tokenizer.ggml.add_eos_token", False))
+        config["clean_up_tokenization_spaces"] = False
+        context = self.meta("{arch}.context_length", None)
+        if context is not None:
+            config["model_max_length"] = int(context)
+        template = self.meta("tokenizer.chat_template", None)
+        if template is not None:
+            config["chat_template"] = template
+        return config
+
+    def save_tokenizer(self, directory: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json into ``directory`` (created if needed)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer().save(str(directory / "tokenizer.json"))
+        text = json.dumps(self.tokenizer_config(), indent=2, ensure_ascii=False) + "\n"
+        (directory / "tokenizer_config.json").write_text(text, encoding="utf-8")
+
+
+class GGUFModel(GGUFFile):
+    """A validated GGUF file of a supported decoder: HF config, HF-named tensors and tokenizer, read on demand.
+
+    Raises:
+        NibbleError: everything :class:`GGUFFile` rejects, an architecture other than llama/qwen2/qwen3,
+            missing metadata, missing/unknown/misshapen tensors, or a tensor type the gguf package cannot
+            dequantize -- all found when the file is opened, before anything is written.
+    """
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        if self.architecture not in ARCHITECTURES:
+            raise NibbleError(
+                f"{self.path}: architecture '{self.architecture}' is not supported; "
+                f"nibble converts {', '.join(ARCHITECTURES)} GGUF files"
+            )
+        self._plan = self._plan_tensors()
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        """The model's HF ``config.json`` as a dict (LlamaConfig / Qwen2Config / Qwen3Config fields)."""
+        arch = self.architecture
+        hidden = int(self.meta("{arch}.embedding_length"))
+        heads = int(self.meta("{arch}.attention.head_count"))
+        kv_heads = int(self.meta("{arch}.attention.head_count_kv", heads))
+        head_dim = int(self.meta("{arch}.attention.key_length", hidden // heads))
+        value_dim = int(self.meta("{arch}.attention.value_length", head_dim))
+        rotary_dim = int(self.meta("{arch}.rope.dimension_count", head_dim))
+        if value_dim != head_dim or rotary_dim != head_dim:
+            raise NibbleError(
+                f"{self.path}: key/value/rotary head sizes {head_dim}/{value_dim}/{rotary_dim} differ, "
+                "which llama/qwen models do not support"
+            )
+        vocab = int(self._tensor("token_embd.weight").shape[1])
+        theta = _decimal(self.meta("{arch}.rope.freq_base", 10000.0))
+        config: dict[str, Any] = {
+            "architectures": [_HF_CLASSES[arch]],
+            "model_type": arch,
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "intermediate_size": int(self.meta("{arch}.feed_forward_length")),
+            "num_hidden_layers": int(self.meta("{arch}.block_count")),
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "head_dim": head_dim,
+            "max_position_embeddings": int(self.meta("{arch}.context_length")),
+            "rms_norm_eps": _decimal(self.meta("{arch}.attention.layer_norm_rms_epsilon")),
+            "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+            "hidden_act": "silu",
+            "tie_word_embeddings": "output.weight" not in self._tensors_by_name,
+            "dtype": "float32",
+        }
+        if arch in ("llama", "qwen3"):
+            config["attention_bias"] = "blk.0.attn_q.bias" in self._tensors_by_name
+        if arch == "llama":
+            config["mlp_bias"] = False
+        if arch == "qwen2":
+            # Qwen2Config has no head_dim: it is always hidden_size / num_attention_heads
+            if head_dim * heads != hidden:
+                raise NibbleError(f"{self.path}: qwen2 heads of size {head_dim} do not tile hidden size {hidden}")
+            del config["head_dim"]
+            config["use_sliding_window"] = False
+        config["rope_parameters"].update(self._rope_scaling(theta, head_dim))
+        for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
+            token_id = self.meta(f"tokenizer.ggml.{key}", None)
+            if token_id is not None:
+                config[f"{name}_token_id"] = int(token_id)
+        return config
+
+    def _rope_scaling(self, theta: float, head_dim: int) -> dict[str, Any]:
+        """RoPE scaling as transformers' ``rope_parameters`` entries (empty for plain RoPE)."""
+        kind = self.meta("{arch}.rope.scaling.type", "none")
+        if "rope_freqs.weight" in self._tensors_by_name:  # llama.cpp's form of Llama 3 (3.1, 3.2, ...) scaling
+            stored = self._tensor("rope_freqs.weight")
+            factors = gguf.quants.dequantize(stored.data, stored.tensor_type).astype(np.float64).reshape(-1)
+            original = int(self.meta("{arch}.rope.scaling.original_context_length", 8192))
+            params = _llama3_rope(factors, theta, head_dim, original)
+            if params is None:
+                raise NibbleError(
+                    f"{self.path}: tensor 'rope_freqs.weight' holds RoPE factors that do not follow Llama 3's "
+                    "scaling rule, which is the only per-frequency scaling nibble converts"
+                )
+            return params
+        if kind == "none":
+            return {}
+        if kind == "linear":
+            return {"rope_type": "linear", "factor": _decimal(self.meta("{arch}.rope.scaling.factor"))}
+        raise NibbleError(f"{self.path}: RoPE scaling type '{kind}' is not supported (none and linear are)")
+
+    # -- tensors ----------------------------------------------------------------------------------
+
+    @cached_property
+    def _tensors_by_name(self) -> dict[str, Any]:
+        return {t.name: t for t in self.reader.tensors}
+
+    def _tensor(self, name: str):
+        tensor = self._tensors_by_name.get(name)
+        if tensor is None:
+            raise NibbleError(f"{self.path}: missing tensor '{name}'; the file is incomplete")
+        return tensor
+
+    def _plan_tensors(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """HF name -> (GGUF name, torch shape) for every tensor, checked against the config."""
+        config = self.config
+        layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+        head_dim = config.get("head_dim", hidden // config["num_attention_heads"])
+        q_rows, kv_rows = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+        inter, vocab = config["intermediate_size"], config["vocab_size"]
+        expected = {
+            "token_embd.weight": (vocab, hidden),
+            "output_norm.weight": (hidden,),
+        }
+        if not config["tie_word_embeddings"]:
+            expected["output.weight"] = (vocab, hidden)
+        block = {
+            "attn_norm.weight": (hidden,),
+            "ffn_norm.weight": (hidden,),
+            "attn_q.weight": (q_rows, hidden),
+            "attn_k.weight": (kv_rows, hidden),
+            "attn_v.weight": (kv_rows, hidden),
+            "attn_output.weight": (hidden, q_rows),
+            "ffn_gate.weight": (inter, hidden),
+            "ffn_up.weight": (inter, hidden),
+            "ffn_down.weight": (hidden, inter),
+        }
+        if self.architecture == "qwen2" or config.get("attention_bias"):
+            block.update({"attn_q.bias": (q_rows,), "attn_k.bias": (kv_rows,), "attn_v.bias": (kv_rows,)})
+        if self.architecture == "llama" and config.get("attention_bias"):
+            block["attn_output.bias"] = (hidden,)
+        if self.architecture == "qwen3":
+            block.update({"attn_q_norm.weight": (head_dim,), "attn_k_norm.weight": (head_dim,)})
+        for i in range(layers):
+            expected.update({f"blk.{i}.{name}": shape for name, shape in block.items()})
+
+        for name in self._tensors_by_name:
+            if name not in expected and name != "rope_freqs.weight":  # read into the config, not a weight
+                raise NibbleError(
+                    f"{self.path}: unexpected tensor '{name}' for a {layers}-layer {self.architecture} model; "
+                    "the file's metadata and tensors disagree or it holds parts nibble does not support"
+                )
+        plan: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for name, shape in expected.items():
+            tensor = self._tensor(name)
+            actual = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+            if actual != shape:
+                raise NibbleError(f"{self.path}: tensor '{name}' has shape {list(actual)}, expected {list(shape)}")
+            _check_dequantizable(self.path, tensor)
+            plan[_hf_name(name)] = (name, shape)
+        return plan
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF name -> torch shape of every tensor the model has, known without reading tensor data."""
+        return {hf: shape for hf, (_, shape) in self._plan.items()}
+
+    def tensor(self, hf_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One tensor by HF name, dequantized to fp32 (then cast to ``dtype``), q/k rows back in HF order."""
+        name, shape = self._plan[hf_name]
+        gguf_tensor = self._tensor(name)
+        values = gguf.quants.dequantize(gguf_tensor.data, gguf_tensor.tensor_type)
+        # F32 data comes back as a view of the read-only file map: copy only then
+        weight = torch.from_numpy(np.require(values, np.float32, ["C", "W"])).reshape(shape)
+        if self.architecture == "llama" and re.fullmatch(r"blk\.\d+\.attn_[qk]\.(weight|bias)", name):
+            heads = self.config["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"]
+            weight = _unpermute_rotary(weight, heads)
+        return weight.to(dtype)
+
+    def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(hf_name, tensor)`` for every tensor, one at a time (drop each before asking for the next)."""
+        for hf_name in self._plan:
+            yield hf_name, self.tensor(hf_name, dtype)
+
+
+def _llama3_factors(theta: float, head_dim: int, params: dict[str, Any]) -> np.ndarray:
+    """The per-frequency divisors llama.cpp stores for Llama 3 RoPE scaling (``rope_freqs``): 1 for short
+    wavelengths, ``factor`` for long ones, and a smooth blend in between."""
+    inv_freq = theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelength = 2 * math.pi / inv_freq
+    ratio = params["original_max_position_embeddings"] / wavelength
+    low, high, factor = params["low_freq_factor"], params["high_freq_factor"], params["factor"]
+    smooth = np.clip((ratio - low) / (high - low), 0.0, 1.0)
+    return 1.0 / ((1.0 - smooth) / factor + smooth)
+
+
+def _llama3_rope(factors: np.ndarray, theta: float, head_dim: int, original: int) -> dict[str, Any] | None:
+    """Recover Llama 3 scaling parameters from stored RoPE factors, or None when they follow another rule.
+
+    The factors depend on the parameters only through ``original / low_freq_factor`` and
+    ``original / high_freq_factor``, so ``original`` (8192 unless the file says) fixes the scale. In the
+    blend band ``1 / factor_i`` is linear in ``original / wavelength_i``; two or more band points give the
+    line, fewer leave Llama 3's own defaults to be checked.
+    """
+    if factors.shape != (head_dim // 2,) or not np.all(factors >= 1.0):
+        return None
+    factor = float(factors.max())
+    if factor == 1.0:
+        return None
+    params = {"rope_type": "llama3", "factor": _decimal(factor), "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    params["original_max_position_embeddings"] = original
+    ratio = original * (theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)) / (2 * math.pi)
+    band = (factors > 1.0 + 1e-6) & (factors < factor * (1 - 1e-6))
+    if band.sum() >= 2:
+        # smooth = (ratio - low) / (high - low), read back from 1 / f = (1 - smooth) / factor + smooth
+        smooth = (1.0 / factors[band] - 1.0 / factor) / (1.0 - 1.0 / factor)
+        slope, intercept = np.polyfit(ratio[band], smooth, 1)
+        low = -intercept / slope
+        params["low_freq_factor"] = float(f"{low:.6g}")
+        params["high_freq_factor"] = float(f"{low + 1.0 / slope:.6g}")
+    rebuilt = _llama3_factors(theta, head_dim, params)
+    return params if np.allclose(rebuilt, factors, rtol=1e-4, atol=0) else None
+
+
+def _decimal(value: float) -> float:
+    """A float32 metadata value as the shortest decimal that rounds to it (1e-06, not 9.99999997e-07):
+    the value the model's own config had before it was stored in 32 bits."""
+    return float(str(np.float32(value)))
+
+
+def _split_merge(path: Path, merge: str) -> tuple[str, str]:
+    left, sep, right = merge.partition(" ")
+    if not sep or not left or not right:
+        raise NibbleError(f"{path}: malformed merge {merge!r} in 'tokenizer.ggml.merges'")
+    return left, right
+
+
+def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """The merges a SentencePiece BPE vocabulary implies: every split of a token into two vocabulary
+    pieces, best token score first, then longer left piece, then longer right piece; ties keep
+    token order, and the splits of one token are ordered by the ids of their pieces."""
+    index = {token: i for i, token in enumerate(tokens)}
+    score = dict(zip(tokens, scores, strict=True))
+    candidates = []
+    for token, token_score in score.items():
+        splits = [(token[:k], token[k:]) for k in range(1, len(token))]
+        splits = sorted(
+            (p for p in splits if p[0] in index and p[1] in index), key=lambda p: (index[p[0]], index[p[1]])
+        )
+        candidates.extend((left, right, token_score) for left, right in splits)
+    candidates.sort(key=lambda c: (-c[2], -len(c[0]), -len(c[1])))
+    return [(left, right) for left, right, _ in candidates]
+
+
+def _hf_name(gguf_name: str) -> str:
+    if gguf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[gguf_name]
+    match = _BLOCK_NAME.fullmatch(gguf_name)
+    assert match is not None  # names were checked against the expected set
+    layer, part, kind = match.groups()
+    return f"model.layers.{layer}.{_BLOCK_TENSORS[part]}.{kind}"
+
+
+def _unpermute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row order: per head, rows ``[a0, b0, a1, b1, ...]`` back to ``[a0, a1, .., b0, b1, ..]``
+    (``a``/``b`` the first/second rotary half)."""
+    rows = weight.shape[0]
+    # [heads * head_dim, ...] -> [heads, head_dim / 2, 2, ...] -> swap the last two row axes
+    grouped = weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:])
+    return grouped.transpose(1, 2).reshape(weight.shape).contiguous()
+
+
+def _check_dequantizable(path: Path, tensor) -> None:
+    """Fail before any output is written when the gguf package cannot dequantize this tensor's type."""
+    first_row = np.ascontiguousarray(tensor.data.reshape(-1, tensor.data.shape[-1])[:1])
+    try:
+        gguf.quants.dequantize(first_row, tensor.tensor_type)
+    except NotImplementedError:
+        raise NibbleError(
+            f"{path}: tensor '{tensor.name}' is stored as {tensor.tensor_type.name}, which the gguf package "
+            "cannot dequantize; convert a file with F32/F16/BF16/Q4_0/Q4_1/Q5_*/Q8_0/K-quant tensors"
+        ) from None
+
+
+def _open_reader(path: Path):
+    """A ``gguf.GGUFReader`` for ``path``, with every failure mode turned into a NibbleError naming it."""
+    if not path.exists():
+        raise NibbleError(f"{path}: no such file")
+    if not path.is_file():
+        raise NibbleError(f"{path}: not a file; pass the path of a .gguf file")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise NibbleError(f"{path}: cannot read ({exc.strerror})") from None
+    if magic != _GGUF_MAGIC:
+        raise NibbleError(f"{path}: not a GGUF file (it does not start with the bytes 'GGUF')")
+    try:
+        # memory-maps the file and views every tensor; data missing from a short file fails the view
+        return gguf.GGUFReader(path)
+    except Exception as exc:  # the reader raises ValueError/IndexError/KeyError/... on malformed bytes
+        raise NibbleError(
+            f"{path}: truncated or corrupt GGUF file ({type(exc).__name__}: {exc}); download it again"
+        ) from None
+
+
+def open_gguf(path: str | Path) -> GGUFModel:
+    """Open and validate a GGUF model file (see :class:`GGUFModel`)."""
+    return GGUFModel(path)
+
+
+def _write_safetensors(
+    path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, produce: Callable[[str], torch.Tensor]
+) -> None:
+    """Write one safetensors file whose tensors are produced one at a time: the header is built from the
+    known shapes first, so peak memory is a single tensor rather than the whole model."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        size = math.prod(shape) * itemsize
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for name, shape in shapes.items():
+            tensor = produce(name)
+            assert tensor.shape == shape and tensor.dtype == dtype
+            f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def convert_gguf(
+    path: str | Path,
+    output: str | Path,
+    dtype: torch.dtype | str = torch.float32,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Convert a GGUF file into an HF model directory: config.json, model.safetensors, tokenizer.json,
+    tokenizer_config.json (with the chat template).
+
+    The directory is built under a temporary name beside ``output`` and renamed into place at the end,
+    so ``output`` is either absent, the old directory (with ``overwrite``) or the complete conversion.
+
+    Args:
+        path: the .gguf file.
+        output: the directory to create; it must not exist (or be empty) unless ``overwrite``.
+        dtype: weight dtype in model.safetensors: float32 (exact), bfloat16 or float16.
+        overwrite: replace an existing ``output`` directory.
+        log: called with one line per step.
+
+    Raises:
+        NibbleError: anything :class:`GGUFModel` rejects, an unknown dtype, or an ``output`` that exists.
+    """
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise NibbleError(f"dtype '{dtype}' is not supported; use one of {', '.join(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise NibbleError(f"dtype {dtype} is not supported; use one of {', '.join(_DTYPES)}")
+    output = Path(output)
+    if output.exists():
+        if not output.is_dir():
+            raise NibbleError(f"{output}: is a file, not a directory; choose another output path")
+        if any(output.iterdir()) and not overwrite:
+            raise NibbleError(f"{output}: already exists; choose another output directory or pass --overwrite")
+
+    model = open_gguf(path)
+    say = log or (lambda line: None)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()  # (not mkdtemp: its mode 0700 would stay on the finished directory)
+    try:
+        config = {**model.config, "dtype": str(dtype).removeprefix("torch.")}
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        shapes = model.tensor_shapes()
+        say(f"writing {len(shapes)} tensors ({sum(math.prod(s) for s in shapes.values()) / 1e6:.1f}M parameters)")
+        _write_safetensors(staging / "model.safetensors", shapes, dtype, lambda name: model.tensor(name, dtype))
+        say("writing the tokenizer")
+        model.save_tokenizer(staging)
+        replace_dir(staging, output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return output
