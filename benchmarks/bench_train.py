@@ -95,8 +95,8 @@ def load_stack(stack: str, args: argparse.Namespace, work: Path):
 
     from nibble.io.peft import adapter_config, save_adapter
     from nibble.model import load_model
-    from nibble.train.classify import cache_dequantized, prepare_model
     from nibble.train.config import TrainConfig
+    from nibble.train.run import cache_dequantized, prepare_model
 
     model = load_model(work / "base", task="classify", num_labels=args.labels, quantize="nf4")
     config = TrainConfig(lora_rank=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, lora_targets=args.targets)

@@ -1,9 +1,7 @@
-"""The nibble command itself: help, version, demo, and one-line errors."""
+"""The nibble command itself: help and one-line errors (``nibble demo`` has its own test, test_demo.py)."""
 
 import subprocess
 import sys
-
-from nibble.cli.main import main
 
 
 def test_help_lists_subcommands():
@@ -12,16 +10,11 @@ def test_help_lists_subcommands():
     assert "demo" in result.stdout
 
 
-def test_demo_runs(capsys):
-    assert main(["demo", "--size", "128"]) == 0
-    out = capsys.readouterr().out
-    assert "nf4:" in out and "int4:" in out
-
-
-def test_user_error_is_one_line_without_traceback():
+def test_user_error_is_one_line_without_traceback(shared_checkpoint):
     # A bad environment setting reaches the CLI as a NibbleError: one line, exit 2.
+    path, _ = shared_checkpoint("qwen3")
     result = subprocess.run(
-        [sys.executable, "-m", "nibble", "demo", "--size", "64"],
+        [sys.executable, "-m", "nibble", "generate", "--model", str(path), "--quantize", "nf4", "--prompt", "hi"],
         capture_output=True,
         text=True,
         env={"NIBBLE_KERNELS": "nonsense", "PATH": ""},

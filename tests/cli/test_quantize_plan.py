@@ -44,7 +44,7 @@ def _tensor(path, name):
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
-        (["quantize", "--model", "{missing}", "--output", "{out}"], "not a model directory"),
+        (["quantize", "--model", "{missing}", "--output", "{out}"], "no such model directory or .gguf file"),
         (["quantize", "--model", "{broken}", "--output", "{out}"], "garbled safetensors header"),
         (["plan", "--model", "{missing}"], "no such file"),
         (["plan", "--model", "{config}", "--lora-targets", "qkv"], "LoRA targets ['qkv']"),

@@ -250,7 +250,7 @@ def bad_data(toy, tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--model", "{root}/missing"], r"missing: not a model directory"),
+        (["--model", "{root}/missing"], r"missing: no such model directory"),
         (["--data", "{tmp}/broken.jsonl"], r"broken.jsonl line 3: not valid JSON"),
         (["--val-data", "{tmp}/val_bad.jsonl"], r"val_bad.jsonl line 2: label 'maybe' is not one of the training"),
         (["--text-column", "body"], r"train.jsonl line 1: no 'body' field"),

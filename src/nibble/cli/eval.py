@@ -10,7 +10,9 @@ from pathlib import Path
 
 def add_inference_flags(parser: argparse.ArgumentParser) -> None:
     """Flags eval and predict share."""
-    parser.add_argument("--model", required=True, help="base model directory (or a full model from nibble train)")
+    parser.add_argument(
+        "--model", required=True, help="base model directory or .gguf file (or a full model from nibble train)"
+    )
     parser.add_argument("--adapter", help="adapter directory written by nibble train (OUT/adapter or OUT/best)")
     parser.add_argument("--data", required=True, help=".jsonl or .csv file")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per batch (default: 16)")
@@ -39,8 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nibble.data.classify import load_classification
-    from nibble.train.classify import autocast, evaluate, load_classifier, pad_id_of
+    from nibble.train.classify import evaluate, load_classifier
     from nibble.train.metrics import format_metrics
+    from nibble.train.run import autocast, pad_id_of
 
     model, tokenizer, label_map, info = load_classifier(args.model, args.adapter)
     data = load_classification(

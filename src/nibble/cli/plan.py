@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(weights, LoRA parameters, gradients, AdamW state, activations with and without checkpointing). "
         "GB = 10^9 bytes, MB = 10^6.",
     )
-    parser.add_argument("--model", required=True, help="model directory or a config.json file")
+    parser.add_argument("--model", required=True, help="model directory, config.json file or .gguf file")
     parser.add_argument("--method", choices=METHODS, default=_DEFAULTS["method"], help="training method")
     parser.add_argument("--format", choices=["nf4", "int4"], default=_DEFAULTS["format"], help="4-bit format (qlora)")
     parser.add_argument("--double-quant", action="store_true", help="NF4 with 8-bit block scales (qlora)")
@@ -40,9 +40,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nibble.model.config import ModelConfig
+    from nibble.model.loading import is_gguf
     from nibble.model.model import PROJECTIONS
 
-    config = ModelConfig.from_hf(args.model)
+    if is_gguf(args.model):
+        from nibble.io.gguf import open_gguf
+
+        config = ModelConfig.from_hf(open_gguf(args.model).config)  # the metadata suffices: nothing is converted
+    else:
+        config = ModelConfig.from_hf(args.model)
     targets = PROJECTIONS if args.lora_targets == "all-linear" else tuple(args.lora_targets.split(","))
     opts = PlanOptions(
         method=args.method,

@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nibble.data.classify import ClassificationData, read_rows, tokenize_rows
-    from nibble.train.classify import autocast, load_classifier, pad_id_of, predict_probs
+    from nibble.train.classify import load_classifier, predict_probs
+    from nibble.train.run import autocast, pad_id_of
 
     model, tokenizer, label_map, info = load_classifier(args.model, args.adapter)
     rows = read_rows(args.data, args.text_column or info.get("text_column", "text"), label_column=None)

@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Quantize the seven block projections of a Hugging Face checkpoint to NF4 and write them in "
         "bitsandbytes' serialized layout, with quantization_config in config.json and the tokenizer files copied.",
     )
-    parser.add_argument("--model", required=True, help="model directory (config.json + safetensors)")
+    parser.add_argument("--model", required=True, help="model directory (config.json + safetensors) or .gguf file")
     parser.add_argument("--output", required=True, help="directory to create (must not exist or be empty)")
     parser.add_argument("--format", choices=["nf4"], default="nf4", help="4-bit format (default nf4)")
     parser.add_argument("--double-quant", action="store_true", help="also quantize the block scales (8-bit)")
@@ -27,9 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nibble.io.bnb import quantize_checkpoint
+    from nibble.model.loading import resolve_model_dir
 
     start = time.perf_counter()
-    stats = quantize_checkpoint(args.model, args.output, double_quant=args.double_quant, blocksize=args.blocksize)
+    stats = quantize_checkpoint(
+        resolve_model_dir(args.model), args.output, double_quant=args.double_quant, blocksize=args.blocksize
+    )
     seconds = time.perf_counter() - start
     print(
         f"quantized {stats['quantized']} projections to {args.format}"

@@ -1,4 +1,5 @@
-"""``nibble train [CONFIG.yaml] --model DIR --data FILE --output DIR [...]``: fine-tune a classifier.
+"""``nibble train [CONFIG.yaml] --model DIR|FILE --data FILE --output DIR [...]``: fine-tune a classifier
+(``--task classify``) or a chat model (``--task instruct``).
 
 Every field of :class:`nibble.train.TrainConfig` is both a YAML key and a flag (``lora_rank`` ->
 ``--lora-rank``); flags given on the command line win over the file.
@@ -50,9 +51,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="fine-tune a model (qlora, lora or full) on a classification data set",
-        description="Fine-tune a decoder as a sequence classifier. Options come from CONFIG.yaml (keys are the "
-        "flag names with underscores) and the flags below; flags win.",
+        help="fine-tune a model (qlora, lora or full) as a classifier or on instructions",
+        description="Fine-tune a decoder as a sequence classifier (--task classify) or on instruction/chat data "
+        "with the loss on the responses (--task instruct). Options come from CONFIG.yaml (keys are the flag names "
+        "with underscores) and the flags below; flags win.",
     )
     parser.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="YAML file with any of the options below")
     add_config_flags(parser)
@@ -61,8 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nibble.train.classify import train_classifier
+    from nibble.train.instruct import train_instruct
 
     overrides = {name: getattr(args, name) for name in field_names() if hasattr(args, name)}
     config = resolve_config(args.config, overrides)
-    train_classifier(config)
+    (train_instruct if config.task == "instruct" else train_classifier)(config)
     return 0

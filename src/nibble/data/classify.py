@@ -12,10 +12,10 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -98,7 +98,7 @@ def read_rows(path: str | Path, text_column: str = "text", label_column: str | N
         raise NibbleError(f"{path}: no such data file; check the path")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
-        records = _jsonl_records(path)
+        records = jsonl_records(path)
     elif suffix in (".csv", ".tsv"):
         records = _csv_records(path, "\t" if suffix == ".tsv" else ",")
     else:
@@ -142,7 +142,12 @@ def read_rows(path: str | Path, text_column: str = "text", label_column: str | N
     return rows
 
 
-def _jsonl_records(path: Path):
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line of a JSON Lines file.
+
+    Raises:
+        NibbleError: a line that is not JSON or not an object, or a file that is not UTF-8; names the line.
+    """
     with open(path, encoding="utf-8") as f:
         try:
             for line_no, line in enumerate(f, 1):
@@ -153,7 +158,7 @@ def _jsonl_records(path: Path):
                 except json.JSONDecodeError as exc:
                     raise NibbleError(f"{path} line {line_no}: not valid JSON ({exc.msg}); fix or remove it") from None
                 if not isinstance(record, dict):
-                    raise NibbleError(f"{path} line {line_no}: expected a JSON object with the text and label fields")
+                    raise NibbleError(f"{path} line {line_no}: expected a JSON object (one example per line)")
                 yield line_no, record
         except UnicodeDecodeError as exc:
             raise NibbleError(f"{path}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
@@ -295,6 +300,12 @@ class ClassificationData:
             [self.lines[i] for i in indices] if self.lines else [],
         )
 
+    def collate(self, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+        """The padded batch of the examples at ``indices`` (see :func:`collate`)."""
+        lm = self.label_map
+        targets = [self.targets[i] for i in indices] if self.targets else None
+        return collate([self.ids[i] for i in indices], targets, pad_id, lm.num_labels, lm.multi_label)
+
     def class_counts(self) -> list[int]:
         """Rows per class (for multi-label: rows that carry each label)."""
         counts = Counter(t for target in self.targets for t in (target if isinstance(target, list) else [target]))
@@ -360,19 +371,30 @@ def collate(
     return batch
 
 
+class Dataset(Protocol):
+    """Examples that batch themselves: classification or instruction data."""
+
+    def __len__(self) -> int: ...
+
+    def collate(self, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]: ...
+
+
 class BatchStream:
     """An endless, resumable stream of training batches over seeded per-epoch shuffles.
 
     Epoch ``e`` visits a permutation drawn from ``(seed, e)`` (no sorting by length), optionally with
-    minority classes oversampled to the size of the largest class. The whole state is the number of
-    batches already taken (``position``), so a resumed run continues with the very next batch.
+    minority classes oversampled to the size of the largest class (classification data only; any
+    :class:`Dataset` streams otherwise). The whole state is the number of batches already taken
+    (``position``), so a resumed run continues with the very next batch.
     """
 
-    def __init__(self, data: ClassificationData, batch_size: int, pad_id: int, seed: int, oversample: bool = False):
+    def __init__(self, data: Dataset, batch_size: int, pad_id: int, seed: int, oversample: bool = False):
         if batch_size < 1:
             raise NibbleError(f"batch_size must be >= 1, got {batch_size}")
         self.data, self.batch_size, self.pad_id, self.seed = data, batch_size, pad_id, seed
         self.by_class: dict[int, list[int]] | None = None
+        if oversample and not isinstance(data, ClassificationData):
+            raise NibbleError("oversample needs classification data (it balances the classes)")
         if oversample and not data.label_map.multi_label:
             self.by_class = {}
             for i, t in enumerate(data.targets):
@@ -403,9 +425,7 @@ class BatchStream:
             self._order = (epoch, self.epoch_order(epoch))
         chosen = self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
         self.position += 1
-        lm = self.data.label_map
-        ids = [self.data.ids[i] for i in chosen]
-        return collate(ids, [self.data.targets[i] for i in chosen], self.pad_id, lm.num_labels, lm.multi_label)
+        return self.data.collate(chosen, self.pad_id)
 
     @property
     def epoch(self) -> float:
@@ -427,13 +447,11 @@ class BatchStream:
         self.position = int(state["position"])
 
 
-def iter_batches(data: ClassificationData, batch_size: int, pad_id: int):
+def iter_batches(data: Dataset, batch_size: int, pad_id: int) -> Iterator[tuple[range, dict[str, torch.Tensor]]]:
     """Batches in file order (for evaluation and prediction), with their row indices."""
-    lm = data.label_map
     for start in range(0, len(data), batch_size):
         chunk = range(start, min(start + batch_size, len(data)))
-        targets = [data.targets[i] for i in chunk] if data.targets else None
-        yield chunk, collate([data.ids[i] for i in chunk], targets, pad_id, lm.num_labels, lm.multi_label)
+        yield chunk, data.collate(chunk, pad_id)
 
 
 def load_classification(

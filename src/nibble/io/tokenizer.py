@@ -163,6 +163,7 @@ def _compile(template: str):
     """A sandboxed jinja2 template with the helpers chat templates use (cached by source)."""
     if template not in _TEMPLATES:
         import jinja2
+        import jinja2.ext
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str):

@@ -47,7 +47,8 @@ class AdapterInfo:
         return self.run.get("quantize")
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding one object (nibble.json and the like); errors name the file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -74,7 +75,7 @@ def read_adapter_info(directory: str | Path) -> AdapterInfo:
             f"{directory / 'adapter_config.json'}: task_type '{task_type}' is not supported; "
             f"nibble applies {', '.join(sorted(tasks))} adapters"
         )
-    run = _read_json_object(directory / RUN_INFO) if (directory / RUN_INFO).is_file() else {}
+    run = read_json_object(directory / RUN_INFO) if (directory / RUN_INFO).is_file() else {}
     info = AdapterInfo(directory, tasks[task_type], config, run)
     if info.task == "classify":
         weights = directory / WEIGHTS_NAME

@@ -1,13 +1,22 @@
-"""Token-by-token generation with a KV cache: greedy, or sampled with temperature / top-k / top-p."""
+"""Token-by-token generation with a KV cache: greedy, or sampled with temperature / top-k / top-p.
+
+:func:`generate` works on token ids; :func:`generate_text` on text (chat template, streaming text out),
+with :func:`load_generator` to build the model (and adapter) and tokenizer from paths.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from nibble.errors import NibbleError
 from nibble.model.model import DecoderModel
+
+if TYPE_CHECKING:
+    from nibble.io.tokenizer import Tokenizer
 
 
 def sample_next(
@@ -79,3 +88,130 @@ def generate(
             break
         ids = torch.tensor([[token]], dtype=torch.long, device=device)
     return out
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str, *, chat: bool | None = None, system: str | None = None) -> list[int]:
+    """Token ids of ``prompt``: a user turn rendered with the chat template (plus the assistant's opening) when
+    ``chat`` (default: when the tokenizer has a template), else the plain text with the tokenizer's own
+    special tokens.
+
+    Raises:
+        NibbleError: ``chat=True`` for a tokenizer without a chat template, or an empty prompt.
+    """
+    use_chat = tokenizer.chat_template is not None if chat is None else chat
+    if use_chat:
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        text = tokenizer.apply_chat_template([*messages, {"role": "user", "content": prompt}], True)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    else:
+        if system is not None:
+            raise NibbleError("a system message needs the chat template; drop --system or --no-chat")
+        ids = tokenizer.encode(prompt)
+    if not ids:
+        raise NibbleError("the prompt is empty; give some text")
+    return ids
+
+
+class TextStream:
+    """Turns token ids into text as they arrive: ``push(id)`` returns the text that became final.
+
+    The whole sequence is decoded each time (special tokens skipped) and only the new tail is returned.
+    A character split over byte tokens decodes as U+FFFD until its last byte arrives, and an unfinished
+    character has at most three bytes, so up to three trailing U+FFFD are held back.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        pending = min(3, len(text) - len(text.rstrip("\ufffd")))
+        return self._take(text[: len(text) - pending])
+
+    def flush(self) -> str:
+        """Whatever is left (an unfinished character included)."""
+        return self._take(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def _take(self, text: str) -> str:
+        piece = text[self.emitted :]
+        self.emitted = max(self.emitted, len(text))
+        return piece
+
+
+def stop_ids(model: DecoderModel, tokenizer: Tokenizer) -> list[int]:
+    """The tokens that end generation: the model config's eos ids and the tokenizer's eos token."""
+    ids = list(model.config.eos_token_ids)
+    if tokenizer.eos_id is not None and tokenizer.eos_id not in ids:
+        ids.append(tokenizer.eos_id)
+    return ids
+
+
+def generate_text(
+    model: DecoderModel,
+    tokenizer: Tokenizer,
+    prompt: str,
+    *,
+    chat: bool | None = None,
+    system: str | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> str:
+    """Answer ``prompt`` (see :func:`prompt_ids`) and return the new text; ``on_text`` receives it piece by piece.
+
+    Greedy at temperature 0; otherwise sampled (``seed`` makes it reproducible). Stops at an end-of-sequence
+    token (see :func:`stop_ids`), which is not part of the text.
+    """
+    ids = prompt_ids(tokenizer, prompt, chat=chat, system=system)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    stream = TextStream(tokenizer)
+
+    def emit(token: int) -> None:
+        piece = stream.push(token)
+        if piece and on_text is not None:
+            on_text(piece)
+
+    generate(model, ids, max_new_tokens, temperature, top_k, top_p, stop_ids(model, tokenizer), generator, emit)
+    rest = stream.flush()
+    if rest and on_text is not None:
+        on_text(rest)
+    return tokenizer.decode(stream.ids, skip_special_tokens=True)
+
+
+def load_generator(
+    model: str | Path, adapter: str | Path | None = None, *, quantize: str | None = None
+) -> tuple[DecoderModel, Tokenizer]:
+    """A causal LM and its tokenizer from a model directory or .gguf file, optionally with a LoRA adapter.
+
+    With ``adapter`` the base is loaded as the adapter was trained (a QLoRA adapter on its 4-bit base,
+    whose weights are then kept dequantized while memory allows, for speed); ``quantize`` ("nf4" or
+    "int4") stores a base without adapter in 4 bits. The tokenizer is the adapter's when it has one
+    (it carries the chat template training used), else the model's.
+
+    Raises:
+        NibbleError: a bad path, an adapter that is not a CAUSAL_LM adapter or does not fit the base.
+    """
+    from nibble.io.tokenizer import load_tokenizer
+    from nibble.model.adapter import load_adapted
+    from nibble.model.loading import load_model, resolve_model_dir
+
+    model_dir = resolve_model_dir(model)
+    if adapter is None:
+        lm = load_model(model_dir, quantize=quantize)
+        source = model_dir
+    else:
+        if quantize is not None:
+            raise NibbleError("--quantize applies to a base without adapter; an adapter's base loads as it was trained")
+        lm, info = load_adapted(model_dir, adapter, task="causal_lm")
+        if info.quantize is not None:
+            from nibble.train.run import cache_dequantized
+
+            cache_dequantized(lm, None, torch.float32)
+        source = info.directory if (info.directory / "tokenizer.json").is_file() else model_dir
+    return lm, load_tokenizer(source)

@@ -4,11 +4,13 @@ The model is built on the meta device (no memory), then each parameter is read f
 checkpoint straight into its final dtype and device. With ``quantize`` set, each block projection is read
 in fp32, quantized, and the fp32 copy dropped before the next tensor is read, so peak memory stays near
 the final model plus the largest single fp32 tensor. Checkpoints already quantized by bitsandbytes load
-their NF4 bytes unchanged.
+their NF4 bytes unchanged. A ``.gguf`` file is converted once into an HF directory in the cache (see
+:func:`resolve_model_dir`) and loaded from there.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +29,49 @@ from nibble.quant import FORMATS, quantize
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tensors some checkpoints carry that a model never needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path: str | Path) -> bool:
+    """Whether ``path`` is a file that starts with the GGUF magic bytes."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == _GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The HF model directory behind ``path``: ``path`` itself, or for a ``.gguf`` file its conversion.
+
+    A GGUF file is converted (float32, exact dequantized values) once into
+    ``<cache>/converted/<name>-<key>`` (``$NIBBLE_CACHE`` or ``~/.cache/nibble``; the key hashes the
+    file's absolute path, size and mtime); later calls find it there, and a changed file is converted
+    again. The conversion appears under that name only when complete, so an interrupted one is redone.
+
+    Raises:
+        NibbleError: a missing path, or a GGUF file that cannot be converted (see ``nibble.io.gguf``).
+    """
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if not path.exists():
+        raise NibbleError(f"{path}: no such model directory or .gguf file")
+    if not is_gguf(path):
+        raise NibbleError(f"{path}: not a directory (expected a model directory with config.json, or a .gguf file)")
+    from nibble.io.fetch import cache_dir
+    from nibble.io.gguf import convert_gguf
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "converted" / f"{path.stem}-{key}"
+    if not (target / "config.json").is_file():
+        # overwrite: a concurrent conversion of the same file may have finished first; both are identical
+        convert_gguf(path, target, dtype=torch.float32, overwrite=True)
+    return target
 
 
 def load_model(
@@ -46,7 +91,7 @@ def load_model(
     """Load a Qwen3 / Qwen2 / Llama / Mistral checkpoint directory.
 
     Args:
-        path: directory with config.json and model.safetensors (or a sharded index).
+        path: directory with config.json and model.safetensors (or a sharded index), or a .gguf file.
         task: "causal_lm" (LM head) or "classify" (``score`` head; fresh unless the checkpoint has one).
         num_labels: classifier outputs; defaults to the checkpoint's own.
         quantize: None, "nf4" or "int4": store the seven block projections in 4 bits.
@@ -69,11 +114,7 @@ def load_model(
         raise NibbleError(f"quantize '{quantize}' is not supported; use None or one of {FORMATS}")
     if dtype not in DTYPES:
         raise NibbleError(f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
-    path = Path(path)
-    if not path.exists():
-        raise NibbleError(f"{path}: no such model directory")
-    if not path.is_dir():
-        raise NibbleError(f"{path}: not a directory (expected a model directory with config.json)")
+    path = resolve_model_dir(path)
     config = ModelConfig.from_hf(path)
     bnb.check_quantization_config(config.quantization_config, str(path / "config.json"))
     ckpt = read_checkpoint(path)

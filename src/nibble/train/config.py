@@ -31,10 +31,21 @@ def _help(text: str, **extra: Any) -> Any:
 class TrainConfig:
     """A fine-tuning run. ``help`` metadata becomes the flag's help text."""
 
-    model: str | None = field(default=None, metadata=_help("Hugging Face model directory (config.json + weights)"))
-    data: str | None = field(default=None, metadata=_help("training data: .jsonl (one object per line) or .csv"))
+    model: str | None = field(
+        default=None, metadata=_help("Hugging Face model directory (config.json + weights) or a .gguf file")
+    )
+    data: str | None = field(
+        default=None,
+        metadata=_help(
+            "training data: .jsonl (one object per line) or .csv; instruct: .jsonl rows with instruction/response "
+            "(and optional system) or a messages list"
+        ),
+    )
     output: str | None = field(default=None, metadata=_help("output directory of the run"))
-    task: Literal["classify"] = field(default="classify", metadata=_help("what to train"))
+    task: Literal["classify", "instruct"] = field(
+        default="classify",
+        metadata=_help("classify: a sequence classifier; instruct: a chat model, loss on the responses only"),
+    )
     method: Method = field(
         default="qlora", metadata=_help("qlora: 4-bit frozen base + LoRA; lora: dense frozen base + LoRA; full")
     )
@@ -72,6 +83,9 @@ class TrainConfig:
     train_embeddings: bool = field(default=False, metadata=_help("full: also train the token embeddings"))
     gradient_checkpointing: bool = field(default=False, metadata=_help("recompute blocks in backward to save memory"))
     max_seq_len: int = field(default=256, metadata=_help("truncate texts to this many tokens"))
+    packing: bool = field(
+        default=False, metadata=_help("instruct: concatenate examples into full max-seq-len sequences")
+    )
     pooling: Literal["last", "mean"] = field(default="last", metadata=_help("classifier input: last token or mean"))
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32", metadata=_help("compute dtype (bfloat16/float16 autocast; float16 adds a grad scaler)")
@@ -83,6 +97,9 @@ class TrainConfig:
     keep_checkpoints: int = field(default=3, metadata=_help("keep the last K checkpoints"))
     early_stopping_patience: int = field(
         default=0, metadata=_help("stop after N evaluations without a lower val loss (0: never)")
+    )
+    eval_at_start: bool = field(
+        default=False, metadata=_help("also evaluate before the first step (a baseline in metrics and plots)")
     )
     resume: str | None = field(
         default=None, metadata=_help("continue from the latest checkpoint under --output, or from PATH")
@@ -129,6 +146,10 @@ class TrainConfig:
             raise NibbleError("'adam_eps' and 'lora_alpha' must be > 0")
         if self.class_weights not in CLASS_WEIGHTS:
             raise NibbleError(f"'class_weights' must be one of {', '.join(CLASS_WEIGHTS)}")
+        if self.task == "instruct" and (self.class_weights != "none" or self.oversample):
+            raise NibbleError("'class_weights' and 'oversample' apply to task classify only; drop them for instruct")
+        if self.task == "classify" and self.packing:
+            raise NibbleError("'packing' applies to task instruct only; drop it for classify")
         from nibble.nn.lora import resolve_targets
 
         resolve_targets(self.lora_targets)

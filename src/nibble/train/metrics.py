@@ -78,12 +78,17 @@ def classification_metrics(
     }
 
 
+_HEADLINE = (("loss", "loss"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("perplexity", "perplexity"))
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    """The headline numbers a run has (loss, accuracy, macro-F1, perplexity) on one line."""
+    return "  ".join(f"{name} {metrics[key]:.4f}" for key, name in _HEADLINE if key in metrics)
+
+
 def format_metrics(metrics: dict[str, Any]) -> str:
     """A few lines for the terminal: headline numbers, then precision/recall per class."""
-    lines = [
-        f"loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
-        f"({metrics['examples']} rows)"
-    ]
+    lines = [f"{headline(metrics)}  ({metrics['examples']} rows)"]
     width = max(len(label) for label in metrics["per_class"])
     for label, m in metrics["per_class"].items():
         lines.append(
@@ -122,7 +127,8 @@ class MetricsLog:
 
 
 def plot_run(records: list[dict[str, Any]], final_eval: dict[str, Any] | None, labels: list, directory: Path):
-    """Write loss.png (train and val loss), accuracy.png (val accuracy) and confusion_matrix.png."""
+    """Write loss.png (train and val loss), and what the evaluations hold: accuracy.png (val accuracy),
+    perplexity.png (val perplexity), confusion_matrix.png (single-label classifiers)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,18 +148,22 @@ def plot_run(records: list[dict[str, Any]], final_eval: dict[str, Any] | None, l
     fig.tight_layout()
     fig.savefig(directory / "loss.png", dpi=100)
     plt.close(fig)
-    if evals:
+    for key, name in (("accuracy", "val accuracy"), ("perplexity", "val perplexity")):
+        points = [(r["step"], r[key]) for r in evals if key in r]
+        if not points:
+            continue
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], marker="o")
+        ax.plot(*zip(*points, strict=True), marker="o")
         ax.set_xlabel("step")
-        ax.set_ylabel("val accuracy")
-        ax.set_ylim(0, 1)
+        ax.set_ylabel(name)
+        if key == "accuracy":
+            ax.set_ylim(0, 1)
         fig.tight_layout()
-        fig.savefig(directory / "accuracy.png", dpi=100)
+        fig.savefig(directory / f"{key}.png", dpi=100)
         plt.close(fig)
     if (
         final_eval is not None
-        and final_eval["confusion_matrix"]
+        and final_eval.get("confusion_matrix")
         and not isinstance(final_eval["confusion_matrix"][0][0], list)
     ):
         matrix = final_eval["confusion_matrix"]

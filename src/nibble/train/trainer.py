@@ -27,7 +27,7 @@ from nibble.train.checkpoint import (
     set_rng_state,
 )
 from nibble.train.config import TrainConfig
-from nibble.train.metrics import MetricsLog
+from nibble.train.metrics import MetricsLog, headline
 from nibble.train.optim import WarmupCosine, build_optimizer
 
 
@@ -52,9 +52,10 @@ class Trainer:
         config: the run's settings.
         out: the output directory (``checkpoints/``, ``metrics.jsonl``).
         total_steps: optimizer steps of the whole run.
-        loss_fn: ``(logits, labels) -> scalar loss``.
+        loss_fn: ``(outputs, labels) -> scalar loss``.
         evaluate: ``model -> metrics dict with "loss"``, or None when there is no validation data.
         on_best: called with the step after an evaluation that lowered the val loss.
+        forward: ``(model, batch) -> outputs`` (inside autocast); default ``model(input_ids, attention_mask)``.
     """
 
     def __init__(
@@ -67,8 +68,10 @@ class Trainer:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
         on_best: Callable[[int], None] | None = None,
+        forward: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
     ):
         self.model, self.stream, self.config, self.out = model, stream, config, out
+        self.forward = forward or (lambda m, batch: m(batch["input_ids"], batch["attention_mask"]))
         self.total_steps, self.loss_fn, self.evaluate, self.on_best = total_steps, loss_fn, evaluate, on_best
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named_params:
@@ -156,10 +159,7 @@ class Trainer:
             **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))},
         }
         self.log.write(record)
-        tqdm.write(
-            f"eval step {p.step}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
-            f"macro-F1 {metrics['macro_f1']:.4f}"
-        )
+        tqdm.write(f"eval step {p.step}: {headline(metrics)}")
         if p.best_val_loss is None or metrics["loss"] < p.best_val_loss:
             p.best_val_loss, p.best_step, p.evals_without_improvement = metrics["loss"], p.step, 0
             if self.on_best is not None:
@@ -180,14 +180,17 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=p.step, desc="train", disable=None, dynamic_ncols=True)
         window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
         evaluated_at = saved_at = -1
+        if cfg.eval_at_start and p.step == 0:
+            self._evaluate()
+            evaluated_at = 0
         while p.step < self.total_steps and not p.stopped_early:
             lr = self.schedule.apply(self.optimizer, cfg.lr, p.step)
             step_loss = 0.0
             for _ in range(cfg.grad_accum):
                 batch = self.stream.next_batch()
                 with self.autocast():
-                    logits = self.model(batch["input_ids"], batch["attention_mask"])
-                loss = self.loss_fn(logits, batch["labels"])
+                    outputs = self.forward(self.model, batch)
+                loss = self.loss_fn(outputs, batch["labels"])
                 value = loss.item()
                 if not math.isfinite(value):
                     bar.close()

@@ -1,0 +1,80 @@
+"""``nibble generate --model DIR|FILE [--adapter DIR] --prompt TEXT [...]``: stream a model's answer to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate text from a prompt (optionally with a LoRA adapter), streamed to stdout",
+        description="Continue a prompt with a causal LM and print the new text as it is generated. The prompt is "
+        "rendered with the model's chat template as a user message unless --no-chat (or the model has none). "
+        "Greedy at temperature 0 (the default); generation stops at the end-of-sequence token. Timing goes to stderr.",
+    )
+    parser.add_argument("--model", required=True, metavar="DIR|FILE", help="model directory or .gguf file")
+    parser.add_argument("--adapter", metavar="DIR", help="LoRA adapter (PEFT layout, task CAUSAL_LM) to apply")
+    parser.add_argument("--prompt", required=True, help="the text to answer or continue")
+    parser.add_argument("--system", help="a system message (chat template only)")
+    parser.add_argument("--no-chat", action="store_true", help="feed the prompt as plain text, no chat template")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=128, help="at most this many new tokens")
+    parser.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default 0)")
+    parser.add_argument("--top-k", type=_positive_int, help="sample from the k most likely tokens only")
+    parser.add_argument("--top-p", type=_probability, help="sample from the smallest set holding this much mass")
+    parser.add_argument("--seed", type=int, help="seed for sampling (default: unseeded)")
+    parser.add_argument("--quantize", choices=["nf4", "int4"], help="store the base in 4 bits (no adapter only)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nibble.model.generate import generate_text, load_generator
+
+    model, tokenizer = load_generator(args.model, args.adapter, quantize=args.quantize)
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    start = time.perf_counter()
+    generate_text(
+        model,
+        tokenizer,
+        args.prompt,
+        chat=False if args.no_chat else None,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        on_text=write,
+    )
+    seconds = time.perf_counter() - start
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(f"[generated in {seconds:.1f} s]", file=sys.stderr)
+    return 0

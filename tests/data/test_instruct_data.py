@@ -1,0 +1,122 @@
+"""Instruction data: the rendered ids equal transformers' chat tokenization, only assistant turns are targets,
+ChatML stands in for a missing template, packing keeps labels, and every bad row is one line naming it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+import helpers
+from gguf_files import CHATML
+from nibble.data.instruct import (
+    IGNORE_INDEX,
+    InstructData,
+    conversation,
+    encode_conversation,
+    load_instruct,
+    pack,
+    use_chat_template,
+)
+from nibble.errors import NibbleError
+from nibble.io.tokenizer import load_tokenizer
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Colour of the sky?"},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "And grass?"},
+    {"role": "assistant", "content": "Green, mostly."},
+]
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    return helpers.write_tokenizer(tmp_path_factory.mktemp("chat"), chat_template=CHATML)
+
+
+def targets(tokenizer, ids, labels) -> str:
+    assert all(lab in (tok, IGNORE_INDEX) for tok, lab in zip(ids, labels, strict=True))
+    return tokenizer.decode([lab for lab in labels if lab != IGNORE_INDEX])
+
+
+def test_ids_are_transformers_chat_tokens_and_only_assistant_turns_are_targets(chat_dir):
+    tokenizer = load_tokenizer(chat_dir)
+    ids, labels = encode_conversation(tokenizer, CHAT)
+    reference = AutoTokenizer.from_pretrained(chat_dir)
+    text = reference.apply_chat_template(CHAT, tokenize=False)
+    assert ids == reference(text, add_special_tokens=False).input_ids
+    assert targets(tokenizer, ids, labels) == "Blue.<|im_end|>\nGreen, mostly.<|im_end|>\n"
+    first = text.index("Blue.")
+    assert tokenizer.decode([t for t, lab in zip(ids, labels, strict=True) if lab == IGNORE_INDEX]) == (
+        text[:first] + text[first + len("Blue.<|im_end|>\n") : text.index("Green")]
+    )
+
+
+def test_instruction_rows_and_the_chatml_fallback_end_turns_with_eos(tmp_path):
+    tokenizer = load_tokenizer(helpers.write_tokenizer(tmp_path))
+    assert tokenizer.chat_template is None and use_chat_template(tokenizer)
+    assert not use_chat_template(tokenizer)
+    messages = conversation({"instruction": "Add 2 and 2.", "response": "4", "system": "Math."}, "f.jsonl", 3)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    ids, labels = encode_conversation(tokenizer, messages)
+    assert tokenizer.decode(ids) == (
+        "<|im_start|>system\nMath.<eos>\n<|im_start|>user\nAdd 2 and 2.<eos>\n<|im_start|>assistant\n4<eos>\n"
+    )
+    assert targets(tokenizer, ids, labels) == "4<eos>\n"
+
+
+def test_load_truncates_or_packs(chat_dir, tmp_path):
+    tokenizer = load_tokenizer(chat_dir)
+    rows = [{"instruction": "x" * n, "response": "y" * 5} for n in (3, 8, 1)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    full = load_instruct(path, tokenizer, max_seq_len=1000)
+    assert full.lines == [1, 2, 3] and full.target_tokens() == 3 * 16  # "yyyyy<|im_end|>\n", one token per byte
+    cut = load_instruct(path, tokenizer, max_seq_len=60)  # the prompts take 51 to 58 tokens
+    assert [len(ids) for ids in cut.ids] == [60, 60, 60] and cut.ids[0] == full.ids[0][:60]
+    packed = load_instruct(path, tokenizer, max_seq_len=50, packing=True)
+    assert [len(ids) for ids in packed.ids[:-1]] == [50] * (len(packed) - 1)
+    assert sum(packed.ids, []) == sum(full.ids, []) and sum(packed.labels, []) == sum(full.labels, [])
+    with pytest.raises(NibbleError, match=r"rows.jsonl line 2: no response token within max_seq_len 55"):
+        load_instruct(path, tokenizer, max_seq_len=55)
+
+
+def test_pack_records_the_line_each_sequence_starts_in():
+    data = InstructData([[1, 2, 3], [4, 5], [6, 7, 8, 9]], [[1, 2, 3], [4, 5], [6, 7, 8, 9]], [10, 20, 30])
+    packed = pack(data, 4)
+    assert packed.ids == [[1, 2, 3, 4], [5, 6, 7, 8], [9]] and packed.lines == [10, 20, 30]
+    batch = packed.collate([0, 2], pad_id=0)
+    assert batch["labels"].tolist() == [[1, 2, 3, 4], [9, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"text": "hi"}, r"line 2: expected 'instruction' and 'response' fields or a 'messages' list \(fields: text\)"),
+        ({"instruction": "hi", "response": 3}, r"line 2: 'response' must be a string, got int"),
+        ({"messages": []}, r"line 2: 'messages' must be a non-empty list"),
+        ({"messages": [{"role": "user"}]}, r"line 2: message 0 must be an object with string 'role' and 'content'"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, r"line 2: no message with role 'assistant'"),
+    ],
+)
+def test_bad_rows_name_the_line(chat_dir, tmp_path, row, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"instruction": "a", "response": "b"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(NibbleError, match=message):
+        load_instruct(path, load_tokenizer(chat_dir))
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(tmp_path):
+    # renders only the last assistant turn in full: earlier turns change once later ones follow
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}[old]{% else %}"
+        "<{{ m['role'] }}>{{ m['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    tokenizer = load_tokenizer(helpers.write_tokenizer(tmp_path, chat_template=template))
+    with pytest.raises(NibbleError, match="does not render this conversation turn by turn"):
+        encode_conversation(tokenizer, CHAT, "f.jsonl line 1")
+    ids, labels = encode_conversation(tokenizer, CHAT[:3])
+    assert targets(tokenizer, ids, labels) == "Blue."
