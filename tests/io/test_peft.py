@@ -76,7 +76,7 @@ def test_nibble_writes_peft_keys_and_config(peft_adapter, tmp_path):
 
 def test_adapter_errors(peft_adapter, tmp_path):
     base, _, adapter = peft_adapter
-    with pytest.raises(NibbleError, match="adapter_config.json: missing"):
+    with pytest.raises(NibbleError, match="adapter_config.json: no such file"):
         load_adapter(load_model(base, task="classify", num_labels=3), tmp_path)
     tensors = load_file(adapter / WEIGHTS_NAME)
     wrong = {k: v for k, v in tensors.items() if "layers.1.self_attn.q_proj.lora_A" not in k}

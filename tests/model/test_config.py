@@ -108,7 +108,7 @@ def test_missing_key_missing_file_and_bad_json(tmp_path):
     with pytest.raises(NibbleError, match="no such file"):
         ModelConfig.from_hf(tmp_path)
     (tmp_path / "config.json").write_text("[1, 2]")
-    with pytest.raises(NibbleError, match="must hold a JSON object"):
+    with pytest.raises(NibbleError, match="expected a JSON object"):
         ModelConfig.from_hf(tmp_path / "config.json")
     del data["model_type"]
     data["intermediate_size"] = 128

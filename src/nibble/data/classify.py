@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from nibble.errors import NibbleError
+from nibble.io import read_json_object
 
 Label = int | str
 CLASS_WEIGHTS = ("none", "inverse_freq", "sqrt_inverse")
@@ -69,13 +70,7 @@ class LabelMap:
 
     @classmethod
     def load(cls, path: str | Path) -> LabelMap:
-        path = Path(path)
-        if not path.is_file():
-            raise NibbleError(f"{path}: missing; the adapter or model directory needs its label map")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise NibbleError(f"{path}: not valid JSON ({exc})") from None
+        data = read_json_object(path, "the adapter or model directory needs its label map")
         return cls.from_json(data, str(path))
 
 

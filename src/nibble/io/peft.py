@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from nibble.errors import NibbleError
+from nibble.io import read_json_object
 from nibble.io.safetensors import load_file, save_file_atomic
 from nibble.nn.lora import apply_lora, lora_layers
 
@@ -109,13 +110,8 @@ def save_adapter(model: nn.Module, directory: str | Path, config: dict[str, Any]
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     """adapter_config.json, checked for what nibble can apply (plain LoRA, no per-module patterns)."""
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise NibbleError(f"{path}: missing; --adapter must be a directory written by nibble train or PEFT")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NibbleError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+    config = read_json_object(path, "--adapter must be a directory written by nibble train or PEFT")
+    if config.get("peft_type") != "LORA":
         raise NibbleError(f"{path}: not a LoRA adapter (peft_type must be LORA)")
     unsupported = {
         "use_dora": False,

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from nibble.errors import NibbleError
+from nibble.io import read_json_object
 
+_RESTORE = "restore the tokenizer files from the original model"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -34,16 +36,6 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NibbleError(f"{path}: cannot read as JSON ({exc}); restore the tokenizer file") from None
-    if not isinstance(data, dict):
-        raise NibbleError(f"{path}: expected a JSON object")
-    return data
 
 
 class Tokenizer:
@@ -64,9 +56,9 @@ class Tokenizer:
         self.backend.no_truncation()
         self.backend.no_padding()
         config_file = self.path / "tokenizer_config.json"
-        self.config = _read_json(config_file) if config_file.is_file() else {}
+        self.config = read_json_object(config_file, _RESTORE) if config_file.is_file() else {}
         legacy_file = self.path / "special_tokens_map.json"
-        legacy = _read_json(legacy_file) if legacy_file.is_file() else {}
+        legacy = read_json_object(legacy_file, _RESTORE) if legacy_file.is_file() else {}
         self.special_tokens: dict[str, str] = {}
         for name in SPECIAL_NAMES:
             text = _token_text(self.config.get(name, legacy.get(name)))
@@ -129,7 +121,7 @@ class Tokenizer:
         if jinja_file.is_file():
             return jinja_file.read_text(encoding="utf-8")
         json_file = self.path / "chat_template.json"
-        template = _read_json(json_file).get("chat_template") if json_file.is_file() else None
+        template = read_json_object(json_file, _RESTORE).get("chat_template") if json_file.is_file() else None
         template = template if template is not None else self.config.get("chat_template")
         if isinstance(template, list):
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

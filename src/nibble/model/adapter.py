@@ -8,7 +8,6 @@ same 4-bit weights it was trained against), so the adapted model computes what t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 
 from nibble.data.classify import LabelMap
 from nibble.errors import NibbleError
+from nibble.io import read_json_object
 from nibble.io.peft import PREFIX, TASK_TYPES, WEIGHTS_NAME, load_adapter, read_adapter_config
 from nibble.io.safetensors import SafetensorsFile
 from nibble.model.loading import load_model, resolve_model_dir
@@ -24,6 +24,7 @@ from nibble.model.model import DecoderModel
 
 RUN_INFO = "nibble.json"
 LABEL_MAP = "label_map.json"
+_RESTORE = "restore it from the training output"
 
 
 @dataclass
@@ -47,17 +48,6 @@ class AdapterInfo:
         return self.run.get("quantize")
 
 
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON file holding one object (nibble.json and the like); errors name the file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NibbleError(f"{path}: not valid JSON ({exc}); restore it from the training output") from None
-    if not isinstance(data, dict):
-        raise NibbleError(f"{path}: expected a JSON object")
-    return data
-
-
 def read_adapter_info(directory: str | Path) -> AdapterInfo:
     """Read an adapter directory's config, run info and label map (no weights are loaded).
 
@@ -75,7 +65,7 @@ def read_adapter_info(directory: str | Path) -> AdapterInfo:
             f"{directory / 'adapter_config.json'}: task_type '{task_type}' is not supported; "
             f"nibble applies {', '.join(sorted(tasks))} adapters"
         )
-    run = read_json_object(directory / RUN_INFO) if (directory / RUN_INFO).is_file() else {}
+    run = read_json_object(directory / RUN_INFO, _RESTORE) if (directory / RUN_INFO).is_file() else {}
     info = AdapterInfo(directory, tasks[task_type], config, run)
     if info.task == "classify":
         weights = directory / WEIGHTS_NAME

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nibble.errors import NibbleError
+from nibble.io import read_json_object
 
 # model_type -> the class-name prefix transformers uses (Qwen3ForCausalLM, ...).
 ARCHITECTURES = {"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral"}
@@ -98,14 +98,7 @@ class ModelConfig:
         path = Path(source)
         if path.is_dir():
             path = path / "config.json"
-        if not path.is_file():
-            raise NibbleError(f"{path}: no such file (a model directory needs a config.json)")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise NibbleError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise NibbleError(f"{path}: must hold a JSON object")
+        data = read_json_object(path, "a model directory needs a valid config.json")
         return _from_dict(data, str(path))
 
     def to_hf(self, architecture: str | None = None) -> dict[str, Any]:

@@ -22,8 +22,9 @@ from nibble.data.classify import (
     stratified_split,
 )
 from nibble.errors import NibbleError
+from nibble.io import read_json_object
 from nibble.io.tokenizer import load_tokenizer
-from nibble.model.adapter import LABEL_MAP, RUN_INFO, read_json_object
+from nibble.model.adapter import LABEL_MAP, RUN_INFO
 from nibble.model.loading import resolve_model_dir
 from nibble.train.config import TrainConfig
 from nibble.train.metrics import classification_loss, classification_metrics, format_metrics
@@ -117,7 +118,7 @@ def load_classifier(model_dir: str | Path, adapter_dir: str | Path | None = None
         source = model_dir
         if not (source / RUN_INFO).is_file():
             raise NibbleError(f"{source}: no {RUN_INFO}; pass --adapter, or a model directory written by nibble train")
-        run = read_json_object(source / RUN_INFO)
+        run = read_json_object(source / RUN_INFO, "restore it from the training output")
         label_map = LabelMap.load(source / LABEL_MAP)
         model = load_model(
             model_dir, task="classify", num_labels=label_map.num_labels, pooling=run.get("pooling", "last")
