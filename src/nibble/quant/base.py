@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -12,7 +13,7 @@ from nibble.errors import NibbleError
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class QuantizedWeight:
+class QuantizedWeight(ABC):
     """A frozen weight stored in 4 bits, plus what is needed to restore it.
 
     Subclasses (``NF4Weight``, ``INT4Weight``) hold tensors only; ``format`` names the layout.
@@ -23,16 +24,17 @@ class QuantizedWeight:
     shape: torch.Size
     dtype: torch.dtype
 
+    @abstractmethod
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        raise NotImplementedError
+        """The dense weight in ``dtype`` and its original shape."""
 
+    @abstractmethod
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors this weight is made of, by attribute name."""
-        raise NotImplementedError
 
+    @abstractmethod
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedWeight:
         """A copy with ``fn`` applied to every tensor (used to move between devices)."""
-        raise NotImplementedError
 
     def memory_bytes(self) -> int:
         """Bytes held by all tensors of this weight."""
