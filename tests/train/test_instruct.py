@@ -34,15 +34,6 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and pytest-xdist workers already share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("instruct")

@@ -18,7 +18,7 @@ from torch import nn
 
 from nibble.errors import NibbleError
 from nibble.io import read_json_object
-from nibble.io.safetensors import load_file, save_file_atomic
+from nibble.io.safetensors import copy_into, load_file, save_file_atomic
 from nibble.nn.lora import apply_lora, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
@@ -160,24 +160,14 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, Any]:
         use_rslora=bool(config.get("use_rslora", False)),
     )
     expected: dict[str, torch.Tensor] = {}
+    layers = lora_layers(model)
     for path in wrapped:
-        layer = lora_layers(model)[path]
+        layer = layers[path]
         expected[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A.weight
         expected[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B.weight
     for head in config.get("modules_to_save") or []:
         module = getattr(model, head, None)
         if isinstance(module, nn.Linear) and f"{PREFIX}{head}.weight" in tensors:
             expected[f"{PREFIX}{head}.weight"] = module.weight
-    missing = sorted(k for k in expected if k not in tensors)
-    unexpected = sorted(k for k in tensors if k not in expected)
-    if missing or unexpected:
-        what = f"missing tensor '{missing[0]}'" if missing else f"unexpected tensor '{unexpected[0]}'"
-        raise NibbleError(f"{weights}: {what}; the adapter does not fit this model")
-    with torch.no_grad():
-        for key, param in expected.items():
-            if tensors[key].shape != param.shape:
-                raise NibbleError(
-                    f"{weights}: '{key}' has shape {tuple(tensors[key].shape)}, the model needs {tuple(param.shape)}"
-                )
-            param.copy_(tensors[key])
+    copy_into(expected, tensors, str(weights), "the adapter does not fit this model")
     return config

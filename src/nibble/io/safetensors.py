@@ -204,6 +204,27 @@ def save_file_atomic(
     return path
 
 
+def copy_into(targets: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], source: str, fix: str) -> None:
+    """Copy ``tensors`` into ``targets`` (parameters, by name): the names and shapes must match exactly.
+
+    Raises:
+        NibbleError: a missing or unexpected tensor (followed by ``fix``), or a shape mismatch, naming ``source``.
+    """
+    missing = sorted(set(targets) - set(tensors))
+    unexpected = sorted(set(tensors) - set(targets))
+    if missing:
+        raise NibbleError(f"{source}: missing tensor '{missing[0]}'; {fix}")
+    if unexpected:
+        raise NibbleError(f"{source}: unexpected tensor '{unexpected[0]}'; {fix}")
+    with torch.no_grad():
+        for name, target in targets.items():
+            if tensors[name].shape != target.shape:
+                raise NibbleError(
+                    f"{source}: '{name}' has shape {tuple(tensors[name].shape)}, the model needs {tuple(target.shape)}"
+                )
+            target.copy_(tensors[name])
+
+
 def replace_dir(staging: Path, output: Path) -> None:
     """Move a finished ``staging`` directory to ``output``, replacing what is there.
 

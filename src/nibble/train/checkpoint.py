@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from nibble.errors import NibbleError
-from nibble.io.safetensors import load_file, save_file_atomic
+from nibble.io.safetensors import copy_into, load_file, save_file_atomic
 
 _STEP_DIR = re.compile(r"step-(\d+)")
 STATE_FILE = "state.json"
@@ -177,15 +177,4 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
 def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy checkpointed values into the model's trainable parameters (exact names and shapes required)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(set(params) - set(tensors))
-    unexpected = sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        what = f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'"
-        raise NibbleError(f"{source}: trainable weights do not fit this model ({what}); resume with the same config")
-    with torch.no_grad():
-        for name, p in params.items():
-            if tensors[name].shape != p.shape:
-                raise NibbleError(
-                    f"{source}: '{name}' has shape {tuple(tensors[name].shape)}, the model has {tuple(p.shape)}"
-                )
-            p.copy_(tensors[name])
+    copy_into(params, tensors, source, "the trainable weights do not fit this model; resume with the same config")
