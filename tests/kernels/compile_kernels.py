@@ -42,8 +42,8 @@ def build(fn, arch: int, fmt: str, pointers: dict, ints: list[str], constexprs: 
 
 def matmul_like(module, arch: int, fmt: str, dtype: str, small: bool, bias: bool) -> None:
     """First autotune config of the small-M (split, atomic) or large-M family of a GEMM-shaped kernel."""
-    configs = module._SMALL_M_CONFIGS if small else module._LARGE_M_CONFIGS
-    fn = (module._small_m if small else module._large_m).fn
+    autotuner = module._small_m if small else module._large_m
+    fn = autotuner.fn
     x_name = fn.arg_names[0]
     out_name = next(n for n in fn.arg_names if n in ("y_ptr", "dx_ptr"))
     acc = "fp64" if dtype == "fp64" else "fp32"
@@ -59,7 +59,7 @@ def matmul_like(module, arch: int, fmt: str, dtype: str, small: bool, bias: bool
         "ATOMIC": small,
         "INTERPRET": False,
     }
-    build(fn, arch, fmt, pointers, ints, constexprs, configs[0])
+    build(fn, arch, fmt, pointers, ints, constexprs, autotuner.configs[0])
 
 
 def main(arch: int) -> None:

@@ -5,7 +5,7 @@ import torch
 
 from nibble.errors import NibbleError
 from nibble.kernels import reference, triton_common, triton_dequant
-from nibble.quant import nf4, quantize
+from nibble.quant import int4, nf4
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -21,17 +21,17 @@ def test_dequantize_is_bit_exact(make_weight, name, dtype):
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_nf4_odd_element_count_and_partial_last_block(double_quant):
+def test_nf4_odd_element_count_and_partial_last_block(device, double_quant):
     # 5 x 13 = 65 elements: the last byte holds one element and the last block only 1 of 64
     weight = torch.randn(5, 13, generator=torch.Generator().manual_seed(3))
-    qweight = nf4.quantize(weight, blocksize=64, double_quant=double_quant)
+    qweight = nf4.quantize(weight, blocksize=64, double_quant=double_quant).to(device)
     assert torch.equal(triton_dequant.dequantize(qweight, torch.float32), qweight.dequantize(torch.float32))
 
 
-def test_bf16_rounds_to_nearest_even():
+def test_bf16_rounds_to_nearest_even(device):
     # values whose bf16 rounding differs from truncation: catches a cast that chops mantissa bits
     weight = torch.tensor([[1.0, 1.01171875, -1.01171875, 0.5]]).repeat(1, 16)
-    qweight = quantize(weight, "int4", group_size=64)
+    qweight = int4.quantize(weight, group_size=64).to(device)
     out = triton_dequant.dequantize(qweight, torch.bfloat16)
     fp32 = qweight.dequantize(torch.float32)
     assert torch.equal(out, fp32.to(torch.bfloat16))
@@ -44,8 +44,8 @@ def test_integer_dtype_is_rejected(make_weight):
         triton_dequant.dequantize(qweight, torch.int32)
 
 
-def test_cpu_tensors_need_the_interpreter(make_weight, monkeypatch):
-    qweight, _ = make_weight("nf4")
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    qweight = nf4.quantize(torch.randn(4, 64))  # on CPU, whatever the test device
     monkeypatch.setattr(triton_common, "INTERPRET", False)
     with pytest.raises(NibbleError, match="TRITON_INTERPRET=1"):
         triton_dequant.dequantize(qweight, torch.float32)

@@ -2,12 +2,15 @@
 
 ``NIBBLE_KERNELS`` chooses: ``auto`` (default: Triton for CUDA tensors when it imports, else torch),
 ``torch`` (always the reference) or ``triton`` (always Triton; with ``TRITON_INTERPRET=1`` this runs
-on CPU tensors, which is how the kernels are tested without a GPU).
+on CPU tensors, which is how the kernels are tested without a GPU). It is read once, at the first
+matmul; ``set_backend`` and ``use_backend`` override it from code.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from types import ModuleType
 
@@ -29,11 +32,50 @@ def _triton_ops() -> ModuleType | None:
     return triton_ops
 
 
+# The validated choice: set in code, or read from NIBBLE_KERNELS at first use; None = not read yet.
+_choice: str | None = None
+
+
+def _validated(name: str, source: str) -> str:
+    choice = name.strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise NibbleError(f"{source}{choice!r} is not valid; use one of {', '.join(BACKENDS)}")
+    return choice
+
+
+def set_backend(name: str | None) -> None:
+    """Choose the kernels from code: ``"auto"``, ``"torch"`` or ``"triton"``; ``None`` goes back to ``NIBBLE_KERNELS``.
+
+    Raises:
+        NibbleError: a name not in ``BACKENDS``.
+    """
+    global _choice
+    _choice = None if name is None else _validated(name, "kernel backend ")
+
+
+@contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """``set_backend(name)`` inside the block; the previous choice is restored on exit."""
+    global _choice
+    previous = _choice
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _choice = previous
+
+
+def _chosen() -> str:
+    """The choice set in code, else ``NIBBLE_KERNELS`` (read on first use; an invalid value raises NibbleError)."""
+    global _choice
+    if _choice is None:
+        _choice = _validated(os.environ.get("NIBBLE_KERNELS", "auto"), "NIBBLE_KERNELS=")
+    return _choice
+
+
 def backend_name(device: torch.device) -> str:
     """Which implementation runs for tensors on ``device``: ``"torch"`` or ``"triton"``."""
-    choice = os.environ.get("NIBBLE_KERNELS", "auto").strip().lower() or "auto"
-    if choice not in BACKENDS:
-        raise NibbleError(f"NIBBLE_KERNELS={choice!r} is not valid; use one of {', '.join(BACKENDS)}")
+    choice = _chosen()
     if choice == "torch":
         return "torch"
     available = _triton_ops() is not None

@@ -1,4 +1,4 @@
-"""What the Triton 4-bit kernels share: weight operands, unpacking, block scales, dtype casts, configs.
+"""What the Triton 4-bit kernels share: weight operands, unpacking, block scales, dtype casts, configs, launching.
 
 Every kernel reads a weight the same way: element ``(n, k)`` of an ``[N, K]`` weight is nibble ``n*K + k``
 of the packed bytes (NF4: even element in the high nibble, value from the 16-entry codebook; INT4: even
@@ -15,9 +15,12 @@ tensor cores).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 
 from nibble.errors import NibbleError
 from nibble.quant.base import QuantizedWeight
@@ -120,6 +123,100 @@ def autotune_configs(gpu: list[triton.Config], interpreted: triton.Config) -> li
 def m_bucket(m: int) -> int:
     """Autotune key for M: a power of two, so every batch size does not retune."""
     return min(triton.next_power_of_2(max(m, 1)), 16384)
+
+
+# Largest M served by the small-M (decode) configs of the GEMM-shaped kernels.
+SMALL_M = 16
+
+# Small-M search space of every GEMM-shaped kernel (measured on the GPU at first use; under the interpreter one
+# fixed config): M is one tile, so the reduction is split over SPLIT programs that add into a zeroed buffer.
+SMALL_M_CONFIGS = autotune_configs(
+    [
+        tile_config(16, bn, bk, split, 1, 4, 4)
+        for bn, bk in ((32, 64), (64, 64), (128, 64), (64, 128))
+        for split in (1, 2, 4, 8)
+    ],
+    tile_config(16, 32, 64, 2, 1, 1, 1),
+)
+
+
+def autotuned(
+    kernel: triton.JITFunction, large_m_configs: list[triton.Config], out: str
+) -> tuple[Autotuner, Autotuner]:
+    """The small-M and large-M autotuned forms of a GEMM-shaped kernel whose output pointer is named ``out``.
+
+    The small-M form adds split partial sums atomically into ``out``, so the autotuner zeroes it between trials.
+    """
+    key = ["M_BUCKET", "N", "K"]
+    small = triton.autotune(SMALL_M_CONFIGS, key=key, reset_to_zero=[out])(kernel)
+    return small, triton.autotune(large_m_configs, key=key)(kernel)
+
+
+def launch_gemm(
+    kernels: tuple[Autotuner, Autotuner],
+    a: torch.Tensor,
+    qweight: QuantizedWeight,
+    *,
+    op: str,
+    operand: str,
+    width: int,
+    out_width: int,
+    grid: Callable[[int, int, int, dict], tuple[int, int]],
+    dense: Callable[[], torch.Tensor],
+    operands: Callable[[torch.Tensor], dict[str, object]],
+) -> torch.Tensor:
+    """Run a GEMM-shaped 4-bit kernel over ``a [M, width]`` and return its ``[M, out_width]`` result in ``a.dtype``.
+
+    Args:
+        kernels: the (small-M, large-M) autotuned kernel (see ``autotuned``).
+        a: the activation operand; ``op`` and ``operand`` name the function and it in the shape error.
+        qweight: the ``[N, K]`` weight, passed as ``N``, ``K`` and its ``weight_operands``.
+        grid: ``grid(M, N, K, meta) -> (programs over output tiles, SPLIT)``.
+        dense: the result through a dense weight, for weights the fused kernels do not read (odd K).
+        operands: the kernel's own pointer and stride arguments, given the output buffer.
+
+    Small M (``SMALL_M``) runs the split-reduction kernel, which adds atomically into a zeroed buffer in the
+    accumulator dtype (fp32, fp64 for fp64); larger M stores ``a.dtype`` tiles directly.
+
+    Raises:
+        NibbleError: CPU tensors outside the interpreter, a dtype the kernels lack, or ``a`` not ``[M, width]``.
+    """
+    check_device(a)
+    dtype = tl_dtype(a.dtype)
+    if a.dim() != 2 or a.shape[1] != width:
+        raise NibbleError(
+            f"{op} expects {operand} of shape [M, {width}] for a weight {tuple(qweight.shape)}, got {tuple(a.shape)}"
+        )
+    if not fused_supported(qweight):
+        # rows that start mid-byte (odd K): dense weight from the dequantize kernel instead
+        return dense()
+    m = a.shape[0]
+    if m == 0:
+        return a.new_empty((0, out_width))
+    n, k = qweight.shape
+    args = weight_operands(qweight)
+    small = m <= SMALL_M
+    out = (
+        torch.zeros((m, out_width), dtype=acc_dtype(a.dtype), device=a.device) if small else a.new_empty((m, out_width))
+    )
+    kernel = kernels[0] if small else kernels[1]
+    kernel[lambda meta: grid(m, n, k, meta)](
+        M=m,
+        N=n,
+        K=k,
+        M_BUCKET=m_bucket(m),
+        ALIGNED=k % args["BS"] == 0,
+        DTYPE=dtype,
+        ACC_DTYPE=tl_dtype(acc_dtype(a.dtype)),
+        PRECISION=dot_precision(a.dtype),
+        ATOMIC=small,
+        INTERPRET=INTERPRET,
+        # keeps double-quantized scales (code * absmax + offset) bit-identical to the reference's two roundings
+        enable_fp_fusion=False,
+        **operands(out),
+        **args,
+    )
+    return out.to(a.dtype)
 
 
 @triton.jit

@@ -18,41 +18,23 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from nibble.errors import NibbleError
 from nibble.kernels.triton_common import (
-    INTERPRET,
-    acc_dtype,
     autotune_configs,
-    check_device,
+    autotuned,
     dot_operand,
-    dot_precision,
-    fused_supported,
-    m_bucket,
+    launch_gemm,
     tile_config,
     tile_indices,
     tile_scales,
-    tl_dtype,
     to_dtype,
     unpack,
-    weight_operands,
     widen_operand,
 )
 from nibble.kernels.triton_dequant import dequantize
 from nibble.quant.base import QuantizedWeight
 
-# Largest M served by the split-K (decode) configs.
-SMALL_M = 16
-
-# Search spaces for the autotuner (which measures them on the GPU at first use); under the interpreter one
-# fixed config each.
-_SMALL_M_CONFIGS = autotune_configs(
-    [
-        tile_config(16, bn, bk, split, 1, 4, 4)
-        for bn, bk in ((32, 64), (64, 64), (128, 64), (64, 128))
-        for split in (1, 2, 4, 8)
-    ],
-    tile_config(16, 32, 64, 2, 1, 1, 1),
-)
+# Large-M search space for the autotuner (small M: triton_common.SMALL_M_CONFIGS); under the interpreter one
+# fixed config.
 _LARGE_M_CONFIGS = autotune_configs(
     [
         tile_config(128, 128, 64, 1, 8, 8, 3),
@@ -152,8 +134,12 @@ def _matmul_kernel(
         tl.store(y_ptrs, to_dtype(acc, DTYPE, INTERPRET), mask=y_mask)
 
 
-_small_m = triton.autotune(_SMALL_M_CONFIGS, key=["M_BUCKET", "N", "K"], reset_to_zero=["y_ptr"])(_matmul_kernel)
-_large_m = triton.autotune(_LARGE_M_CONFIGS, key=["M_BUCKET", "N", "K"])(_matmul_kernel)
+_small_m, _large_m = autotuned(_matmul_kernel, _LARGE_M_CONFIGS, out="y_ptr")
+
+
+def _grid(m: int, n: int, k: int, meta: dict) -> tuple[int, int]:
+    """Y tiles (walked in GROUP_M order) x slices of the split K loop."""
+    return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"]
 
 
 def matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -162,46 +148,23 @@ def matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None 
     Raises:
         NibbleError: CPU tensors outside the interpreter, a dtype the kernels lack, or mismatched shapes.
     """
-    check_device(x)
-    dtype = tl_dtype(x.dtype)
-    n, k = qweight.shape[0], qweight.shape[-1]
-    if x.dim() != 2 or x.shape[1] != k:
-        raise NibbleError(
-            f"matmul expects x of shape [M, {k}] for a weight {tuple(qweight.shape)}, got {tuple(x.shape)}"
-        )
-    if not fused_supported(qweight):
-        # rows that start mid-byte (odd K): dense weight from the dequantize kernel instead
-        return F.linear(x, dequantize(qweight, x.dtype), None if bias is None else bias.to(x.dtype))
-    m = x.shape[0]
-    if m == 0:
-        return x.new_empty((0, n))
-    args = weight_operands(qweight)
-    small = m <= SMALL_M
-    y = torch.zeros((m, n), dtype=acc_dtype(x.dtype), device=x.device) if small else x.new_empty((m, n))
-    kernel = _small_m if small else _large_m
-
-    def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"]
-
-    kernel[grid](
-        x_ptr=x,
-        bias_ptr=None if bias is None else bias.to(x.dtype).contiguous(),  # rounded as the reference rounds it
-        y_ptr=y,
-        M=m,
-        N=n,
-        K=k,
-        stride_xm=x.stride(0),
-        stride_xk=x.stride(1),
-        stride_ym=y.stride(0),
-        M_BUCKET=m_bucket(m),
-        ALIGNED=k % args["BS"] == 0,
-        DTYPE=dtype,
-        ACC_DTYPE=tl_dtype(acc_dtype(x.dtype)),
-        PRECISION=dot_precision(x.dtype),
-        ATOMIC=small,
-        INTERPRET=INTERPRET,
-        # keeps double-quantized scales (code * absmax + offset) bit-identical to the reference's two roundings
-        enable_fp_fusion=False,
-        **args,
+    bias = None if bias is None else bias.to(x.dtype)  # rounded as the reference rounds it
+    return launch_gemm(
+        (_small_m, _large_m),
+        x,
+        qweight,
+        op="matmul",
+        operand="x",
+        width=qweight.shape[-1],
+        out_width=qweight.shape[0],
+        grid=_grid,
+        dense=lambda: F.linear(x, dequantize(qweight, x.dtype), bias),
+        operands=lambda y: {
+            "x_ptr": x,
+            "bias_ptr": None if bias is None else bias.contiguous(),
+            "y_ptr": y,
+            "stride_xm": x.stride(0),
+            "stride_xk": x.stride(1),
+            "stride_ym": y.stride(0),
+        },
     )
-    return y.to(x.dtype)

@@ -16,41 +16,23 @@ import torch
 import triton
 import triton.language as tl
 
-from nibble.errors import NibbleError
 from nibble.kernels.triton_common import (
-    INTERPRET,
-    acc_dtype,
     autotune_configs,
-    check_device,
+    autotuned,
     dot_operand,
-    dot_precision,
-    fused_supported,
-    m_bucket,
+    launch_gemm,
     tile_config,
     tile_indices,
     tile_scales,
-    tl_dtype,
     to_dtype,
     unpack,
-    weight_operands,
     widen_operand,
 )
 from nibble.kernels.triton_dequant import dequantize
 from nibble.quant.base import QuantizedWeight
 
-# Largest M served by the split-N configs.
-SMALL_M = 16
-
-# Search spaces for the autotuner (which measures them on the GPU at first use); under the interpreter one
-# fixed config each.
-_SMALL_M_CONFIGS = autotune_configs(
-    [
-        tile_config(16, bn, bk, split, 1, 4, 4)
-        for bn, bk in ((32, 64), (64, 64), (128, 64), (64, 128))
-        for split in (1, 2, 4, 8)
-    ],
-    tile_config(16, 32, 64, 2, 1, 1, 1),
-)
+# Large-M search space for the autotuner (small M: triton_common.SMALL_M_CONFIGS); under the interpreter one
+# fixed config.
 _LARGE_M_CONFIGS = autotune_configs(
     [
         tile_config(128, 64, 128, 1, 8, 8, 3),
@@ -147,8 +129,12 @@ def _grad_input_kernel(
         tl.store(dx_even + 1, to_dtype(acc_odd, DTYPE, INTERPRET), mask=dx_mask)
 
 
-_small_m = triton.autotune(_SMALL_M_CONFIGS, key=["M_BUCKET", "N", "K"], reset_to_zero=["dx_ptr"])(_grad_input_kernel)
-_large_m = triton.autotune(_LARGE_M_CONFIGS, key=["M_BUCKET", "N", "K"])(_grad_input_kernel)
+_small_m, _large_m = autotuned(_grad_input_kernel, _LARGE_M_CONFIGS, out="dx_ptr")
+
+
+def _grid(m: int, n: int, k: int, meta: dict) -> tuple[int, int]:
+    """dX tiles (walked in GROUP_M order) x slices of the split N loop."""
+    return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), meta["SPLIT"]
 
 
 def matmul_grad_input(grad_y: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor:
@@ -157,46 +143,21 @@ def matmul_grad_input(grad_y: torch.Tensor, qweight: QuantizedWeight) -> torch.T
     Raises:
         NibbleError: CPU tensors outside the interpreter, a dtype the kernels lack, or mismatched shapes.
     """
-    check_device(grad_y)
-    dtype = tl_dtype(grad_y.dtype)
-    n, k = qweight.shape[0], qweight.shape[-1]
-    if grad_y.dim() != 2 or grad_y.shape[1] != n:
-        raise NibbleError(
-            f"matmul_grad_input expects grad_y of shape [M, {n}] for a weight {tuple(qweight.shape)}, "
-            f"got {tuple(grad_y.shape)}"
-        )
-    if not fused_supported(qweight):
-        # rows that start mid-byte (odd K): dense weight from the dequantize kernel instead
-        return grad_y @ dequantize(qweight, grad_y.dtype)
-    m = grad_y.shape[0]
-    if m == 0:
-        return grad_y.new_empty((0, k))
-    args = weight_operands(qweight)
-    small = m <= SMALL_M
-    dx = torch.zeros((m, k), dtype=acc_dtype(grad_y.dtype), device=grad_y.device) if small else grad_y.new_empty((m, k))
-    kernel = _small_m if small else _large_m
-
-    def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), meta["SPLIT"]
-
-    kernel[grid](
-        dy_ptr=grad_y,
-        dx_ptr=dx,
-        M=m,
-        N=n,
-        K=k,
-        stride_dym=grad_y.stride(0),
-        stride_dyn=grad_y.stride(1),
-        stride_dxm=dx.stride(0),
-        M_BUCKET=m_bucket(m),
-        ALIGNED=k % args["BS"] == 0,
-        DTYPE=dtype,
-        ACC_DTYPE=tl_dtype(acc_dtype(grad_y.dtype)),
-        PRECISION=dot_precision(grad_y.dtype),
-        ATOMIC=small,
-        INTERPRET=INTERPRET,
-        # keeps double-quantized scales (code * absmax + offset) bit-identical to the reference's two roundings
-        enable_fp_fusion=False,
-        **args,
+    return launch_gemm(
+        (_small_m, _large_m),
+        grad_y,
+        qweight,
+        op="matmul_grad_input",
+        operand="grad_y",
+        width=qweight.shape[0],
+        out_width=qweight.shape[-1],
+        grid=_grid,
+        dense=lambda: grad_y @ dequantize(qweight, grad_y.dtype),
+        operands=lambda dx: {
+            "dy_ptr": grad_y,
+            "dx_ptr": dx,
+            "stride_dym": grad_y.stride(0),
+            "stride_dyn": grad_y.stride(1),
+            "stride_dxm": dx.stride(0),
+        },
     )
-    return dx.to(grad_y.dtype)
