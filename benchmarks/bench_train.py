@@ -95,13 +95,15 @@ def load_stack(stack: str, args: argparse.Namespace, work: Path):
 
     from nibble.io.peft import adapter_config, save_adapter
     from nibble.model import load_model
+    from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
     from nibble.train.config import TrainConfig
-    from nibble.train.run import cache_dequantized, prepare_model
+    from nibble.train.run import prepare_model
 
     model = load_model(work / "base", task="classify", num_labels=args.labels, quantize="nf4")
     config = TrainConfig(lora_rank=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, lora_targets=args.targets)
     prepare_model(model, config)
-    cached, total, used = cache_dequantized(model, 0 if stack == "nibble-nocache" else None, torch.float32)
+    budget = 0 if stack == "nibble-nocache" else cache_budget_bytes(None)
+    cached, total, used = cache_dense_weights(model, budget, torch.float32)
     if not (work / "init").exists():
         peft = adapter_config(
             base_model=str(work / "base"),

@@ -48,7 +48,7 @@ def _tensor(path, name):
         (["quantize", "--model", "{broken}", "--output", "{out}"], "garbled safetensors header"),
         (["plan", "--model", "{missing}"], "no such file"),
         (["plan", "--model", "{config}", "--lora-targets", "qkv"], "LoRA targets ['qkv']"),
-        (["plan", "--model", "{config}", "--seq-len", "0"], "seq-len must be at least 1"),
+        (["plan", "--model", "{config}", "--max-seq-len", "0"], "'max_seq_len' must be >= 1"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, fragment):
@@ -79,18 +79,18 @@ def test_plan_prints_the_qwen3_4b_table(tmp_path, capsys):
     assert rows["all weights"][:3] == ["4.02B", "16.09", "GB"]
     run = {line.rsplit("  ", 1)[0].strip(): line for line in lines}
     assert "2.04 GB" in run["block projections, frozen [nf4]                  3.63B"]
-    for label in ("LoRA r=16", "AdamW state", "activations, no checkpointing", "activations, with checkpointing"):
+    for label in ("LoRA r=8", "AdamW state", "activations, no checkpointing", "activations, with checkpointing"):
         assert any(line.startswith(label) for line in lines), label
 
 
 def test_plan_methods_and_options(shared_checkpoint, capsys):
     path, _ = shared_checkpoint("qwen3")
     for argv in (["--method", "full", "--task", "classify"], ["--method", "lora", "--lora-targets", "all-linear"],
-                 ["--format", "int4", "--group-size", "64", "--dtype", "bfloat16"]):  # fmt: skip
+                 ["--quant-format", "int4", "--group-size", "64", "--dtype", "bfloat16"]):  # fmt: skip
         assert main(["plan", "--model", str(path / "config.json"), *argv]) == 0
     out = capsys.readouterr().out
     assert "block projections, trainable [float32]" in out and "score head, trainable" in out
-    assert "LoRA r=16 on q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" in out
+    assert "LoRA r=8 on q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" in out
     int4_row = next(line for line in out.splitlines() if line.startswith("block projections, frozen [int4]"))
     assert int4_row.split()[-3:] == ["98.30K", "52.22", "KB"]  # 49152 packed bytes + 3072 fp16 scales
 

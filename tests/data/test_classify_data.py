@@ -157,7 +157,7 @@ def test_stream_resumes_at_its_position():
 
 def test_oversampling_balances_classes_each_epoch():
     data = make_data([0] * 12 + [1] * 3 + [2] * 1)
-    stream = BatchStream(data, 4, 0, seed=0, oversample=True)
+    stream = BatchStream(data, 4, 0, seed=0, groups=data.targets)
     order = stream.epoch_order(0)
     assert stream.epoch_size == len(order) == 36
     assert Counter(data.targets[i] for i in order) == {0: 12, 1: 12, 2: 12}

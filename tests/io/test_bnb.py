@@ -11,8 +11,11 @@ import torch
 import nibble
 from helpers import right_padded_batch
 from nibble.errors import NibbleError
-from nibble.io.bnb import quantize_checkpoint
+from nibble.model.quantize import quantize_checkpoint
 from nibble.nn import QuantLinear
+from nibble.quant import QuantSpec
+
+NF4 = QuantSpec("nf4")
 
 SKIP = ["lm_head", "down_proj"]
 
@@ -60,11 +63,10 @@ def test_transformers_bitsandbytes_checkpoint_loads_with_its_bytes(shared_checkp
     with torch.no_grad():
         ours, expected = model(ids, mask), ref(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(ours[mask.bool()], expected[mask.bool()], atol=1e-4, rtol=0)
-    # keep_dense turns stored NF4 back into dense weights; quantize= leaves the stored bytes alone.
-    dense0 = nibble.load_model(tmp_path / "bnb", keep_dense=[0], quantize="int4", group_size=64)
-    assert type(dense0.model.layers[0].self_attn.q_proj) is torch.nn.Linear
-    assert dense0.model.layers[1].self_attn.q_proj.format == "nf4"
-    assert dense0.model.layers[1].mlp.down_proj.format == "int4"
+    # quantize= leaves the stored bytes alone and applies to the projections stored dense.
+    mixed = nibble.load_model(tmp_path / "bnb", quantize=QuantSpec("int4", group_size=64))
+    assert mixed.model.layers[1].self_attn.q_proj.format == "nf4"
+    assert mixed.model.layers[1].mlp.down_proj.format == "int4"
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -74,7 +76,7 @@ def test_nibble_quantize_output_loads_in_transformers_byte_identical(shared_chec
 
     path, hf = shared_checkpoint("qwen3", dtype=torch.bfloat16)
     out = tmp_path / "q"
-    stats = quantize_checkpoint(path, out, double_quant=double_quant)
+    stats = quantize_checkpoint(path, out, QuantSpec("nf4", double_quant=double_quant))
     assert stats["quantized"] == 14
     assert {p.name for p in out.iterdir()} >= {"tokenizer.json", "tokenizer_config.json", "generation_config.json"}
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -95,7 +97,7 @@ def test_nibble_quantize_output_loads_in_transformers_byte_identical(shared_chec
     ids, _ = right_padded_batch([7])
     with torch.no_grad():
         a = nibble.load_model(out)(ids)
-        b = nibble.load_model(path, quantize="nf4", double_quant=double_quant)(ids)
+        b = nibble.load_model(path, quantize=QuantSpec("nf4", double_quant=double_quant))(ids)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
@@ -123,11 +125,11 @@ def test_unsupported_quantization_configs(hf_checkpoint, qc, fragment):
 
 def test_quantize_refuses_quantized_input_and_non_empty_output(shared_checkpoint, tmp_path):
     path, _ = shared_checkpoint("qwen3")
-    quantize_checkpoint(path, tmp_path / "once")
+    quantize_checkpoint(path, tmp_path / "once", NF4)
     with pytest.raises(NibbleError, match="already quantized"):
-        quantize_checkpoint(tmp_path / "once", tmp_path / "twice")
+        quantize_checkpoint(tmp_path / "once", tmp_path / "twice", NF4)
     with pytest.raises(NibbleError, match="not an empty directory"):
-        quantize_checkpoint(path, tmp_path / "once")
+        quantize_checkpoint(path, tmp_path / "once", NF4)
     (tmp_path / "empty").mkdir()
-    quantize_checkpoint(path, tmp_path / "empty")  # an empty directory is fine
+    quantize_checkpoint(path, tmp_path / "empty", NF4)  # an empty directory is fine
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "once"]  # no temporary left behind

@@ -11,8 +11,7 @@ import nibble
 from gguf_files import tiny_model, write_gguf
 from nibble.cli.main import main
 from nibble.errors import NibbleError
-from nibble.io.gguf import convert_gguf
-from nibble.model import loading
+from nibble.io.gguf import convert_gguf, is_gguf
 from nibble.model.loading import resolve_model_dir
 
 
@@ -53,4 +52,4 @@ def test_other_files_are_one_clear_line(tmp_path):
         nibble.load_model(tmp_path / "weights.bin")
     with pytest.raises(NibbleError, match="no such model directory or .gguf file"):
         nibble.load_model(tmp_path / "missing.gguf")
-    assert not loading.is_gguf(tmp_path) and not loading.is_gguf(tmp_path / "weights.bin")
+    assert not is_gguf(tmp_path) and not is_gguf(tmp_path / "weights.bin")

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import nibble
 from helpers import right_padded_batch
 from nibble.errors import NibbleError
+from nibble.quant import QuantSpec
 
 
 def assert_one_line(exc: pytest.ExceptionInfo, *fragments: str) -> None:
@@ -134,10 +135,9 @@ def test_bad_options_are_rejected(shared_checkpoint):
     path, _ = shared_checkpoint("qwen3")
     cases = [
         ({"task": "seq2seq"}, "task 'seq2seq'"),
-        ({"quantize": "fp8"}, "quantize 'fp8'"),
+        ({"quantize": "fp8"}, "format 'fp8'"),
         ({"dtype": torch.int8}, "dtype torch.int8"),
-        ({"keep_dense": [2]}, "keep_dense: layer 2"),
-        ({"quantize": "int4", "group_size": 128}, "not divisible by group_size 128"),
+        ({"quantize": QuantSpec("int4", group_size=128)}, "not divisible by group_size 128"),
         ({"pooling": "max", "task": "classify", "num_labels": 2}, "pooling 'max'"),
     ]
     for kwargs, fragment in cases:

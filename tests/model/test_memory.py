@@ -9,6 +9,7 @@ from nibble.errors import NibbleError
 from nibble.model import ModelConfig
 from nibble.model.memory import PlanOptions, format_rows, plan_rows, projections_bytes, weight_bytes
 from nibble.nn import QuantLinear
+from nibble.quant import QuantSpec
 
 QWEN3_4B = dict(
     model_type="qwen3",
@@ -24,15 +25,14 @@ QWEN3_4B = dict(
 
 
 @pytest.mark.parametrize(
-    ("fmt", "kwargs"),
-    [("nf4", {}), ("nf4+dq", {"double_quant": True}), ("int4", {"group_size": 64}), ("nf4", {"blocksize": 256})],
+    "spec",
+    [QuantSpec("nf4"), QuantSpec("nf4", double_quant=True), QuantSpec("int4", group_size=64), QuantSpec(blocksize=256)],
 )
-def test_projection_bytes_equal_a_loaded_model(shared_checkpoint, fmt, kwargs):
+def test_projection_bytes_equal_a_loaded_model(shared_checkpoint, spec):
     path, _ = shared_checkpoint("qwen3")
-    model = nibble.load_model(path, quantize=fmt.removesuffix("+dq"), **kwargs)
+    model = nibble.load_model(path, quantize=spec)
     held = sum(m.qweight.memory_bytes() for m in model.modules() if isinstance(m, QuantLinear))
-    blocksize, group_size = kwargs.get("blocksize", 64), kwargs.get("group_size", 128)
-    assert projections_bytes(model.config, fmt, blocksize, group_size) == held
+    assert projections_bytes(model.config, spec) == held
 
 
 def test_dense_rows_equal_a_loaded_model(shared_checkpoint):
@@ -49,11 +49,11 @@ def test_dense_rows_equal_a_loaded_model(shared_checkpoint):
 def test_qwen3_4b_shape_gives_the_known_sizes():
     config = ModelConfig(**QWEN3_4B)
     assert projections_bytes(config, "fp32") == 3_633_315_840 * 4  # 14.5 GB
-    assert 2.0e9 < projections_bytes(config, "nf4") < 2.1e9
+    assert 2.0e9 < projections_bytes(config, QuantSpec("nf4")) < 2.1e9
     rows = {name: sizes for name, _, sizes in format_rows(config)}
     assert 16.0e9 < rows["all weights"]["fp32"] < 16.2e9
     plan = {name: size for name, _, size in plan_rows(config, PlanOptions())}
-    assert plan["block projections, frozen [nf4]"] == projections_bytes(config, "nf4")
+    assert plan["block projections, frozen [nf4]"] == projections_bytes(config, QuantSpec("nf4"))
     lora = 16 * (4096 + 2560 + 1024 + 2560) * 36  # r * (in + out) for q_proj and v_proj, every layer
     assert plan["LoRA r=16 on q_proj,v_proj [fp32]"] == 4 * lora
     assert plan["AdamW state (2 x fp32)"] == 8 * lora
@@ -61,9 +61,9 @@ def test_qwen3_4b_shape_gives_the_known_sizes():
 
 
 def test_int4_needs_divisible_group_and_options_are_checked():
-    assert weight_bytes(8, 256, "int4", group_size=128) == 8 * 128 + 8 * 2 * 2
+    assert weight_bytes(8, 256, QuantSpec("int4", group_size=128)) == 8 * 128 + 8 * 2 * 2
     with pytest.raises(NibbleError, match="not divisible by INT4 group_size 128"):
-        weight_bytes(8, 96, "int4")
+        weight_bytes(8, 96, QuantSpec("int4"))
     with pytest.raises(NibbleError, match="LoRA targets"):
         PlanOptions(lora_targets=("qkv",))
     with pytest.raises(NibbleError, match="method 'dpo'"):

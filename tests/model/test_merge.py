@@ -15,6 +15,7 @@ from nibble.cli.main import main
 from nibble.errors import NibbleError
 from nibble.model.adapter import load_adapted
 from nibble.model.merge import merge_adapter
+from nibble.quant import QuantSpec
 from peft_adapters import save_peft_adapter
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -72,10 +73,11 @@ def test_merged_classifier_equals_peft_with_its_head_and_labels(shared_checkpoin
 def test_qlora_adapter_merges_into_the_dequantized_base(shared_checkpoint, tmp_path):
     base, hf = shared_checkpoint("qwen3")
     peft_model = save_peft_adapter(hf, tmp_path / "adapter", targets=ALL)
+    # written in the form nibble.json had before 'quant' held the format as one object; still read
     run = {"task": "causal_lm", "method": "qlora", "quantize": "nf4", "double_quant": True, "blocksize": 64}
     (tmp_path / "adapter" / "nibble.json").write_text(json.dumps(run))
     ours, info = load_adapted(base, tmp_path / "adapter")
-    assert info.quantize == "nf4"
+    assert info.quant == QuantSpec("nf4", double_quant=True)
     out, _ = merge_adapter(base, tmp_path / "adapter", tmp_path / "f32", shard_bytes=60_000)
     assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) > 0
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 2
@@ -87,7 +89,8 @@ def test_qlora_adapter_merges_into_the_dequantized_base(shared_checkpoint, tmp_p
         dense = peft_model(input_ids=ids, attention_mask=mask).logits[mask.bool()]
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
     assert (got - dense).abs().max() > 1e-2  # the 4-bit base, not the original weights, was merged
-    assert json.loads((out / "nibble.json").read_text())["quantize"] is None
+    written = json.loads((out / "nibble.json").read_text())
+    assert written["quant"] is None and written["merged_from"] == str(tmp_path / "adapter")
 
     bf16, _ = merge_adapter(base, tmp_path / "adapter", tmp_path / "bf16", dtype="bfloat16")
     assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"

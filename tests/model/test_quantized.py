@@ -10,19 +10,19 @@ import torch
 import nibble
 from helpers import right_padded_batch
 from nibble.nn import QuantLinear
-from nibble.quant import int4
+from nibble.quant import QuantSpec, int4
 
 PROJ_SUFFIX = "_proj"
 
 
-def bnb_roundtrip(hf, blocksize: int, double_quant: bool, skip_layers=()):
+def bnb_roundtrip(hf, blocksize: int, double_quant: bool):
     """A copy of ``hf`` whose block projections hold bitsandbytes' dequantize_4bit(quantize_4bit(w))."""
     import bitsandbytes.functional as bnbf
 
     ref = copy.deepcopy(hf)
     with torch.no_grad():
         for name, module in ref.named_modules():
-            if name.endswith(PROJ_SUFFIX) and int(name.split(".")[2]) not in skip_layers:
+            if name.endswith(PROJ_SUFFIX):
                 packed, state = bnbf.quantize_4bit(
                     module.weight.data, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant
                 )
@@ -37,7 +37,7 @@ def bnb_roundtrip(hf, blocksize: int, double_quant: bool, skip_layers=()):
 def test_nf4_logits_equal_bitsandbytes_dequantized_reference(shared_checkpoint, family, double_quant, blocksize):
     path, hf = shared_checkpoint(family)
     ref = bnb_roundtrip(hf, blocksize, double_quant)
-    model = nibble.load_model(path, quantize="nf4", double_quant=double_quant, blocksize=blocksize)
+    model = nibble.load_model(path, quantize=QuantSpec("nf4", blocksize=blocksize, double_quant=double_quant))
     ids, mask = right_padded_batch([9, 5])
     with torch.no_grad():
         ours, theirs = model(ids, mask), ref(input_ids=ids, attention_mask=mask).logits
@@ -49,12 +49,11 @@ def test_nf4_logits_equal_bitsandbytes_dequantized_reference(shared_checkpoint, 
     assert isinstance(q, QuantLinear) and q.qweight.double_quant == double_quant and q.qweight.blocksize == blocksize
 
 
-def test_nf4_classifier_with_dense_first_and_last_blocks(shared_checkpoint):
+def test_nf4_classifier_equals_bitsandbytes_dequantized_reference(shared_checkpoint):
     path, hf = shared_checkpoint("qwen3", num_labels=3, num_hidden_layers=3)
-    ref = bnb_roundtrip(hf, 64, False, skip_layers=(0, 2))
-    model = nibble.load_model(path, task="classify", quantize="nf4", keep_dense=[0, -1])
-    kinds = [type(layer.self_attn.q_proj) for layer in model.model.layers]
-    assert kinds == [torch.nn.Linear, QuantLinear, torch.nn.Linear]
+    ref = bnb_roundtrip(hf, 64, False)
+    model = nibble.load_model(path, task="classify", quantize="nf4")
+    assert all(isinstance(layer.self_attn.q_proj, QuantLinear) for layer in model.model.layers)
     ids, mask = right_padded_batch([9, 5, 1])
     with torch.no_grad():
         torch.testing.assert_close(model(ids, mask), ref(input_ids=ids, attention_mask=mask).logits, atol=1e-4, rtol=0)
@@ -67,7 +66,7 @@ def test_int4_logits_equal_reference_with_int4_weights(shared_checkpoint):
         for name, module in ref.named_modules():
             if name.endswith(PROJ_SUFFIX):
                 module.weight.copy_(int4.quantize(module.weight.data, group_size=64).dequantize())
-    model = nibble.load_model(path, quantize="int4", group_size=64)
+    model = nibble.load_model(path, quantize=QuantSpec("int4", group_size=64))
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.format == "int4" and layer.bias is not None  # Qwen2's q bias rides along
     ids, mask = right_padded_batch([7, 3])

@@ -10,6 +10,7 @@ from torch import nn
 from nibble.errors import NibbleError
 from nibble.nn import LoRALinear, QuantLinear, apply_lora
 from nibble.nn.lora import PROJECTIONS, lora_layers
+from nibble.quant import QuantSpec
 
 
 class Block(nn.Module):
@@ -80,7 +81,7 @@ def test_forward_and_gradients_equal_peft(rank, alpha, rslora, bias, dropout):
 def test_quantized_base_equals_peft_on_dequantized_weight(fmt):
     torch.manual_seed(0)
     weight = torch.randn(96, 128) * 0.1
-    qbase = QuantLinear.from_dense(weight, format=fmt, group_size=64)
+    qbase = QuantLinear.from_dense(weight, spec=QuantSpec(fmt, group_size=64))
     ours = LoRALinear(qbase, 8, 16.0)
     with torch.no_grad():
         ours.lora_B.weight.normal_()
@@ -119,30 +120,15 @@ def test_autocast_bf16_keeps_fp32_adapter_weights():
     assert ours.lora_A.weight.dtype == torch.float32 and ours.lora_A.weight.grad.dtype == torch.float32
 
 
-def test_merge_and_unmerge_dense():
+@pytest.mark.parametrize("quantized", [False, True])
+def test_merged_weight_computes_what_the_adapted_layer_computes(quantized):
     torch.manual_seed(0)
-    ours = LoRALinear(nn.Linear(64, 48), 4, 8.0)
+    base = QuantLinear.from_dense(torch.randn(48, 64) * 0.1) if quantized else nn.Linear(64, 48, bias=False)
+    ours = LoRALinear(base, 4, 8.0)
     with torch.no_grad():
         ours.lora_B.weight.normal_()
-    original = ours.base_layer.weight.detach().clone()
-    x = torch.randn(6, 64)
-    before = ours(x)
-    ours.merge()
-    assert ours.merged
-    torch.testing.assert_close(ours(x), before, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours.merged_weight(), original + ours.delta_weight())
-    ours.unmerge()
-    torch.testing.assert_close(ours.base_layer.weight, original, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(ours(x), before, rtol=1e-6, atol=1e-6)
-
-
-def test_quantized_base_merges_only_into_a_new_dense_weight():
-    torch.manual_seed(0)
-    ours = LoRALinear(QuantLinear.from_dense(torch.randn(64, 64) * 0.1), 4, 8.0)
-    with torch.no_grad():
-        ours.lora_B.weight.normal_()
-    with pytest.raises(NibbleError, match="4-bit"):
-        ours.merge()
+    dense = base.dequantize() if quantized else base.weight.detach()
+    torch.testing.assert_close(ours.merged_weight(), dense + ours.delta_weight(), rtol=0, atol=0)
     x = torch.randn(2, 64)
     torch.testing.assert_close(x @ ours.merged_weight().T, ours(x), rtol=1e-5, atol=1e-5)
 

@@ -4,8 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nibble import kernels
 from nibble.errors import NibbleError
 from nibble.nn import QuantLinear
+from nibble.nn.quant_linear import cache_dense_weights
+from nibble.quant import QuantSpec
 
 FORMATS = [
     ("nf4", {"blocksize": 64}),
@@ -18,7 +21,7 @@ def make_layer(fmt, options, bias=True, out_features=45, in_features=128, **extr
     torch.manual_seed(0)
     weight = torch.randn(out_features, in_features) * 0.1
     b = torch.randn(out_features) if bias else None
-    return QuantLinear.from_dense(weight, b, format=fmt, **options, **extra)
+    return QuantLinear.from_dense(weight, b, QuantSpec(fmt, **options), **extra)
 
 
 @pytest.mark.parametrize("fmt,options", FORMATS)
@@ -102,15 +105,33 @@ def test_errors():
     with pytest.raises(NibbleError, match="2-D"):
         QuantLinear.from_dense(torch.randn(64))
     with pytest.raises(NibbleError, match="unknown quantization format 'fp8'"):
-        QuantLinear.from_dense(torch.randn(4, 64), format="fp8")
+        QuantLinear.from_dense(torch.randn(4, 64), spec="fp8")
     with pytest.raises(NibbleError, match=r"bias must have shape \(4,\)"):
         QuantLinear.from_dense(torch.randn(4, 64), torch.randn(5))
 
 
 def test_kernel_choice_is_validated(monkeypatch):
     layer = make_layer("nf4", {})
-    monkeypatch.setenv("NIBBLE_KERNELS", "cuda-magic")
-    with pytest.raises(NibbleError, match="NIBBLE_KERNELS"):
-        layer(torch.randn(1, 128))
-    monkeypatch.setenv("NIBBLE_KERNELS", "torch")
-    assert layer(torch.randn(1, 128)).shape == (1, 45)
+    with pytest.raises(NibbleError, match="kernel backend 'cuda-magic' is not valid"):
+        kernels.set_backend("cuda-magic")
+    with kernels.use_backend(None):  # forget the choice: NIBBLE_KERNELS is read afresh at the next matmul
+        monkeypatch.setenv("NIBBLE_KERNELS", "cuda-magic")
+        with pytest.raises(NibbleError, match="NIBBLE_KERNELS='cuda-magic' is not valid"):
+            layer(torch.randn(1, 128))
+        monkeypatch.setenv("NIBBLE_KERNELS", "torch")  # an invalid value is not kept
+        assert layer(torch.randn(1, 128)).shape == (1, 45)
+    with kernels.use_backend("torch"):
+        assert layer(torch.randn(1, 128)).shape == (1, 45)
+
+
+def test_dense_copies_fill_the_budget_in_model_order():
+    model = torch.nn.Sequential(*(make_layer("nf4", {}, out_features=16) for _ in range(3)))
+    one = 16 * 128 * 4  # bytes of one fp32 copy
+    assert cache_dense_weights(model, 2 * one + one // 2, torch.float32) == (2, 3, 2 * one)
+    assert [layer.cache_dequantized for layer in model] == [True, True, False]
+    x = torch.randn(2, 128)
+    expected = [F.linear(x, layer.dequantize(), layer.bias) for layer in model]
+    assert all(torch.equal(layer(x), want) for layer, want in zip(model, expected, strict=True))
+    assert [bool(layer._cache) for layer in model] == [True, True, False]
+    assert cache_dense_weights(model, 0, torch.float32) == (0, 3, 0)
+    assert not any(layer.cache_dequantized or layer._cache for layer in model)  # copies are dropped

@@ -51,9 +51,9 @@ def test_layout_low_nibble_first_offset_binary():
 def test_state_dict_round_trip(dtype):
     w = torch.randn(12, 256).to(dtype)
     q = int4.quantize(w, group_size=128)
-    sd = q.state_dict("model.layers.0.mlp.up_proj")
+    sd = q.state_dict("model.layers.0.mlp.up_proj.weight")
     assert set(sd) == {"model.layers.0.mlp.up_proj.weight_4bit", "model.layers.0.mlp.up_proj.scales_4bit"}
-    back = int4.INT4Weight.from_state_dict(sd, "model.layers.0.mlp.up_proj", in_features=256, dtype=dtype)
+    back = int4.INT4Weight.from_state_dict(sd, "model.layers.0.mlp.up_proj.weight", in_features=256, dtype=dtype)
     assert back.group_size == 128
     assert torch.equal(back.dequantize(dtype), q.dequantize(dtype))
 
@@ -67,8 +67,8 @@ def test_errors_are_clear():
         int4.quantize(torch.full((2, 64), float("nan")), group_size=64)
     with pytest.raises(NibbleError, match="group_size 48"):
         int4.quantize(torch.randn(2, 96), group_size=48)
-    sd = int4.quantize(torch.randn(4, 128), group_size=64).state_dict("p")
+    sd = int4.quantize(torch.randn(4, 128), group_size=64).state_dict("p.weight")
     with pytest.raises(NibbleError, match="w.safetensors.*p.scales_4bit"):
-        int4.INT4Weight.from_state_dict({"p.weight_4bit": sd["p.weight_4bit"]}, "p", source="w.safetensors")
+        int4.INT4Weight.from_state_dict({"p.weight_4bit": sd["p.weight_4bit"]}, "p.weight", source="w.safetensors")
     with pytest.raises(NibbleError, match="expected 256"):
-        int4.INT4Weight.from_state_dict(sd, "p", in_features=256)
+        int4.INT4Weight.from_state_dict(sd, "p.weight", in_features=256)

@@ -122,7 +122,7 @@ def test_qlora_with_packing_on_a_gguf_base_then_generate(tmp_path, monkeypatch, 
     args += ["--packing", "--max-seq-len", 32, "--max-steps", 3, "--batch-size", 2, "--val-split", 0, "--lr", 1e-2]
     assert main([str(a) for a in args]) == 0
     assert "packed sequences" in capsys.readouterr().out
-    assert json.loads((tmp_path / "o" / "adapter" / "nibble.json").read_text())["quantize"] == "nf4"
+    assert json.loads((tmp_path / "o" / "adapter" / "nibble.json").read_text())["quant"]["format"] == "nf4"
     adapter = load_file(tmp_path / "o" / "adapter" / "adapter_model.safetensors")
     assert all(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # trained
     generate = ["generate", "--model", gguf, "--adapter", tmp_path / "o" / "adapter", "--prompt", "Say hello."]

@@ -15,11 +15,10 @@ from nibble.train.checkpoint import (
     load_optimizer_state,
     load_trainable,
     prune_checkpoints,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from nibble.train.optim import WarmupCosine, build_optimizer
+from nibble.train.rng import rng_state, set_rng_state
 
 
 def test_warmup_then_cosine_to_the_floor():

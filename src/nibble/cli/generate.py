@@ -6,6 +6,9 @@ import argparse
 import sys
 import time
 
+from nibble.cli._common import add_cache_budget_flag
+from nibble.quant.spec import FORMATS
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -46,14 +49,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-k", type=_positive_int, help="sample from the k most likely tokens only")
     parser.add_argument("--top-p", type=_probability, help="sample from the smallest set holding this much mass")
     parser.add_argument("--seed", type=int, help="seed for sampling (default: unseeded)")
-    parser.add_argument("--quantize", choices=["nf4", "int4"], help="store the base in 4 bits (no adapter only)")
+    parser.add_argument("--quantize", choices=FORMATS, help="store the base in 4 bits (no adapter only)")
+    add_cache_budget_flag(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from nibble.model.generate import generate_text, load_generator
 
-    model, tokenizer = load_generator(args.model, args.adapter, quantize=args.quantize)
+    model, tokenizer = load_generator(
+        args.model, args.adapter, quantize=args.quantize, cache_budget_mb=args.cache_budget_mb
+    )
 
     def write(piece: str) -> None:
         sys.stdout.write(piece)

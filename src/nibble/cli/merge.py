@@ -32,12 +32,12 @@ def run(args: argparse.Namespace) -> int:
     output, info = merge_adapter(args.model, args.adapter, args.output, dtype=args.dtype, overwrite=args.overwrite)
     targets = info.config.get("target_modules")
     targets = ",".join(targets) if isinstance(targets, list) else targets
-    base = f"{info.quantize}-dequantized" if info.quantize else "dense"
+    base = f"{info.quant.format}-dequantized" if info.quant else "dense"
     print(
         f"merged a rank-{info.config['r']} {info.config.get('task_type')} adapter on {targets} into the {base} base; "
         f"wrote {output} ({args.dtype}) in {time.perf_counter() - start:.1f} s"
     )
-    if info.task == "classify" and info.run.get("pooling") == "mean":
+    if info.task == "classify" and info.run.pooling == "mean":
         print(
             "note: the classifier pools the mean of the tokens; nibble loads it that way (nibble.json), but "
             "transformers' *ForSequenceClassification reads the last token only"

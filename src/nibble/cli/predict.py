@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from nibble.cli.eval import add_inference_flags, write_atomic
+from nibble.cli._common import add_inference_flags
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,16 +21,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nibble.data.classify import ClassificationData, read_rows, tokenize_rows
+    from nibble.devices import autocast
+    from nibble.io.files import write_text_atomic
     from nibble.train.classify import load_classifier, predict_probs
-    from nibble.train.run import autocast, pad_id_of
 
-    model, tokenizer, label_map, info = load_classifier(args.model, args.adapter)
-    rows = read_rows(args.data, args.text_column or info.get("text_column", "text"), label_column=None)
-    ids = tokenize_rows(rows, tokenizer, args.max_seq_len or info.get("max_seq_len", 256), args.data)
+    model, tokenizer, label_map, info = load_classifier(args.model, args.adapter, args.cache_budget_mb)
+    rows = read_rows(args.data, args.text_column or info.text_column, label_column=None)
+    ids = tokenize_rows(rows, tokenizer, args.max_seq_len or info.max_seq_len or 256, args.data)
     data = ClassificationData(ids, [], label_map, [r.line for r in rows])
     device = next(model.parameters()).device
-    with autocast(device, info.get("dtype", "float32")):
-        probs = predict_probs(model, data, args.batch_size, pad_id_of(tokenizer, Path(args.model)))
+    with autocast(device, info.torch_dtype):
+        probs = predict_probs(model, data, args.batch_size, tokenizer.pad_id)
     lines = []
     for p in probs.tolist():
         if label_map.multi_label:
@@ -39,6 +39,6 @@ def run(args: argparse.Namespace) -> int:
         else:
             label = label_map.labels[max(range(len(p)), key=p.__getitem__)]
         lines.append(json.dumps({"label": label, "probs": p}, ensure_ascii=False))
-    write_atomic(Path(args.output), "".join(line + "\n" for line in lines))
+    write_text_atomic(args.output, "".join(line + "\n" for line in lines))
     print(f"wrote {len(lines)} predictions to {args.output}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from nibble.quant.nf4 import VALID_BLOCKSIZES
+from nibble.quant.spec import NF4_BLOCKSIZES, QuantSpec
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,19 +20,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--format", choices=["nf4"], default="nf4", help="4-bit format (default nf4)")
     parser.add_argument("--double-quant", action="store_true", help="also quantize the block scales (8-bit)")
     parser.add_argument(
-        "--blocksize", type=int, choices=VALID_BLOCKSIZES, default=64, help="elements per NF4 block (default 64)"
+        "--blocksize",
+        type=int,
+        choices=NF4_BLOCKSIZES,
+        default=QuantSpec().blocksize,
+        help=f"elements per NF4 block (default {QuantSpec().blocksize})",
     )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from nibble.io.bnb import quantize_checkpoint
     from nibble.model.loading import resolve_model_dir
+    from nibble.model.quantize import quantize_checkpoint
 
     start = time.perf_counter()
-    stats = quantize_checkpoint(
-        resolve_model_dir(args.model), args.output, double_quant=args.double_quant, blocksize=args.blocksize
-    )
+    spec = QuantSpec(args.format, blocksize=args.blocksize, double_quant=args.double_quant)
+    stats = quantize_checkpoint(resolve_model_dir(args.model), args.output, spec)
     seconds = time.perf_counter() - start
     print(
         f"quantized {stats['quantized']} projections to {args.format}"

@@ -8,44 +8,9 @@ Every field of :class:`nibble.train.TrainConfig` is both a YAML key and a flag (
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import types
-import typing
-from typing import Literal
 
-from nibble.train.config import TrainConfig, field_names, resolve_config
-
-
-def _budget(text: str) -> int | None:
-    if text.strip().lower() == "auto":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of MiB, got {text!r}") from None
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, typed from its annotation; absent flags leave the YAML value."""
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = "auto" if f.name == "cache_budget_mb" else f.default
-        text = f"{f.metadata.get('help', '')} (default: {default})"
-        hint = hints[f.name]
-        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-        kind = next(a for a in typing.get_args(hint) if a is not type(None)) if union else hint
-        common = dict(default=argparse.SUPPRESS, help=text, dest=f.name)
-        if f.name == "resume":
-            parser.add_argument(flag, nargs="?", const="latest", metavar="PATH", **common)
-        elif f.name == "cache_budget_mb":
-            parser.add_argument(flag, type=_budget, metavar="MIB|auto", **common)
-        elif kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
-        elif typing.get_origin(kind) is Literal:
-            parser.add_argument(flag, choices=typing.get_args(kind), **common)
-        else:
-            parser.add_argument(flag, type=kind, metavar=f.name.upper(), **common)
+from nibble.cli._common import add_config_flags, config_overrides
+from nibble.train.config import resolve_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,7 +30,6 @@ def run(args: argparse.Namespace) -> int:
     from nibble.train.classify import train_classifier
     from nibble.train.instruct import train_instruct
 
-    overrides = {name: getattr(args, name) for name in field_names() if hasattr(args, name)}
-    config = resolve_config(args.config, overrides)
+    config = resolve_config(args.config, config_overrides(args))
     (train_instruct if config.task == "instruct" else train_classifier)(config)
     return 0

@@ -1,4 +1,4 @@
-"""Classification data: JSONL/CSV rows -> label map -> token ids -> padded batches.
+"""Classification data: rows with a text and a label -> label map -> token ids -> padded batches.
 
 A row holds a text column and a label column. Labels are integers (used as class ids, 0..max) or
 strings (mapped to ids in sorted order); a list of labels makes the row multi-label (trained with
@@ -7,25 +7,20 @@ BCE). Every problem with a row is reported with the file and line number.
 
 from __future__ import annotations
 
-import csv
 import json
-import math
-import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
-import numpy as np
 import torch
 
+from nibble.data.batching import pad_batch
+from nibble.data.records import read_records
 from nibble.errors import NibbleError
-from nibble.io import read_json_object
+from nibble.io.runinfo import Label, LabelMap, is_label
 
-Label = int | str
 CLASS_WEIGHTS = ("none", "inverse_freq", "sqrt_inverse")
-_INT_TEXT = re.compile(r"-?\d+")
 
 
 @dataclass
@@ -35,47 +30,6 @@ class Row:
     text: str
     label: Label | list[Label]
     line: int
-
-
-@dataclass
-class LabelMap:
-    """The labels in id order and whether rows carry several labels each."""
-
-    labels: list[Label]
-    multi_label: bool = False
-
-    def __post_init__(self) -> None:
-        self._ids = {label: i for i, label in enumerate(self.labels)}
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.labels)
-
-    def id_of(self, label: Label) -> int | None:
-        return self._ids.get(label)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"labels": self.labels, "multi_label": self.multi_label}
-
-    @classmethod
-    def from_json(cls, data: Any, source: str) -> LabelMap:
-        labels = data.get("labels") if isinstance(data, dict) else None
-        ok = isinstance(labels, list) and len(labels) >= 1
-        if not ok or not all(_is_label(x) for x in labels) or len({type(x) for x in labels}) != 1:
-            raise NibbleError(f"{source}: 'labels' must be a non-empty list of integers or strings")
-        return cls(list(labels), bool(data.get("multi_label", False)))
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-    @classmethod
-    def load(cls, path: str | Path) -> LabelMap:
-        data = read_json_object(path, "the adapter or model directory needs its label map")
-        return cls.from_json(data, str(path))
-
-
-def _is_label(value: Any) -> bool:
-    return (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or isinstance(value, str)
 
 
 def read_rows(path: str | Path, text_column: str = "text", label_column: str | None = "label") -> list[Row]:
@@ -89,15 +43,7 @@ def read_rows(path: str | Path, text_column: str = "text", label_column: str | N
             string, or a list of those; the message names the file and line.
     """
     path = Path(path)
-    if not path.is_file():
-        raise NibbleError(f"{path}: no such data file; check the path")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        records = jsonl_records(path)
-    elif suffix in (".csv", ".tsv"):
-        records = _csv_records(path, "\t" if suffix == ".tsv" else ",")
-    else:
-        raise NibbleError(f"{path}: unknown data format '{suffix}'; use .jsonl (one JSON object per line) or .csv")
+    records = read_records(path)
     rows: list[Row] = []
     column = label_column
     for line, record in records:
@@ -120,11 +66,11 @@ def read_rows(path: str | Path, text_column: str = "text", label_column: str | N
                 )
             label = record[column]
             if isinstance(label, list):
-                if not label or not all(_is_label(x) for x in label):
+                if not label or not all(is_label(x) for x in label):
                     raise NibbleError(
                         f"{path} line {line}: '{column}' must be a non-empty list of integers >= 0 or strings"
                     )
-            elif not _is_label(label):
+            elif not is_label(label):
                 raise NibbleError(
                     f"{path} line {line}: '{column}' must be an integer >= 0, a string, or a list of those; "
                     f"got {json.dumps(label)}"
@@ -135,64 +81,6 @@ def read_rows(path: str | Path, text_column: str = "text", label_column: str | N
     if column is not None:
         _check_consistent(rows, path, column)
     return rows
-
-
-def jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, object)`` for each non-blank line of a JSON Lines file.
-
-    Raises:
-        NibbleError: a line that is not JSON or not an object, or a file that is not UTF-8; names the line.
-    """
-    with open(path, encoding="utf-8") as f:
-        try:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise NibbleError(f"{path} line {line_no}: not valid JSON ({exc.msg}); fix or remove it") from None
-                if not isinstance(record, dict):
-                    raise NibbleError(f"{path} line {line_no}: expected a JSON object (one example per line)")
-                yield line_no, record
-        except UnicodeDecodeError as exc:
-            raise NibbleError(f"{path}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
-
-
-def _csv_records(path: Path, delimiter: str):
-    """CSV rows as dicts; integer-looking labels become ints and ``[...]`` cells JSON lists."""
-    with open(path, encoding="utf-8", newline="") as f:
-        try:
-            reader = csv.reader(f, delimiter=delimiter)
-            header = next(reader, None)
-            if header is None:
-                return
-            line_no = reader.line_num + 1
-            for cells in reader:
-                if cells:
-                    if len(cells) != len(header):
-                        raise NibbleError(
-                            f"{path} line {line_no}: {len(cells)} cells but the header has {len(header)}; "
-                            "quote cells that contain the delimiter"
-                        )
-                    yield line_no, {k: _csv_value(v, path, line_no) for k, v in zip(header, cells, strict=True)}
-                line_no = reader.line_num + 1
-        except csv.Error as exc:
-            raise NibbleError(f"{path} line {reader.line_num}: bad CSV ({exc})") from None
-        except UnicodeDecodeError as exc:
-            raise NibbleError(f"{path}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
-
-
-def _csv_value(cell: str, path: Path, line: int) -> Any:
-    stripped = cell.strip()
-    if _INT_TEXT.fullmatch(stripped):
-        return int(stripped)
-    if stripped.startswith("["):
-        try:
-            return json.loads(stripped)
-        except json.JSONDecodeError:
-            raise NibbleError(f"{path} line {line}: cell {stripped!r} starts with '[' but is not a JSON list") from None
-    return cell
 
 
 def _check_consistent(rows: list[Row], path: Path, column: str) -> None:
@@ -252,27 +140,6 @@ def encode_labels(rows: Sequence[Row], label_map: LabelMap, source: str | Path) 
             ids.append(i)
         out.append(sorted(set(ids)) if label_map.multi_label else ids[0])
     return out
-
-
-def stratified_split(targets: Sequence[int | list[int]], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices ``(train, val)``: about ``fraction`` of each class (or label set) goes to val, seeded.
-
-    A class with a single row keeps it in train. Both lists are in ascending order.
-    """
-    if fraction <= 0:
-        return list(range(len(targets))), []
-    groups: dict[Any, list[int]] = {}
-    for i, t in enumerate(targets):
-        groups.setdefault(tuple(t) if isinstance(t, list) else t, []).append(i)
-    rng = np.random.default_rng([seed, len(targets)])
-    val: list[int] = []
-    for key in sorted(groups, key=repr):
-        members = groups[key]
-        n_val = min(round(fraction * len(members)), len(members) - 1)
-        if n_val > 0:
-            val.extend(members[j] for j in rng.permutation(len(members))[:n_val])
-    chosen = set(val)
-    return [i for i in range(len(targets)) if i not in chosen], sorted(val)
 
 
 @dataclass
@@ -344,17 +211,9 @@ def collate(
     num_labels: int,
     multi_label: bool,
 ) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest row: ``input_ids``/``attention_mask`` [B, T] and ``labels``.
-
-    ``labels`` is [B] (long) for single-label data and a multi-hot [B, num_labels] (fp32) for multi-label.
-    """
-    t = max(len(seq) for seq in ids)
-    input_ids = torch.full((len(ids), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), t), dtype=torch.long)
-    for row, seq in enumerate(ids):
-        input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": mask}
+    """A padded batch (see :func:`nibble.data.batching.pad_batch`) plus ``labels``: [B] class ids (long) for
+    single-label data, a multi-hot [B, num_labels] (fp32) for multi-label data."""
+    batch = pad_batch(ids, pad_id)
     if targets is not None:
         if multi_label:
             labels = torch.zeros((len(ids), num_labels), dtype=torch.float32)
@@ -364,89 +223,6 @@ def collate(
             labels = torch.as_tensor(targets, dtype=torch.long)
         batch["labels"] = labels
     return batch
-
-
-class Dataset(Protocol):
-    """Examples that batch themselves: classification or instruction data."""
-
-    def __len__(self) -> int: ...
-
-    def collate(self, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]: ...
-
-
-class BatchStream:
-    """An endless, resumable stream of training batches over seeded per-epoch shuffles.
-
-    Epoch ``e`` visits a permutation drawn from ``(seed, e)`` (no sorting by length), optionally with
-    minority classes oversampled to the size of the largest class (classification data only; any
-    :class:`Dataset` streams otherwise). The whole state is the number of batches already taken
-    (``position``), so a resumed run continues with the very next batch.
-    """
-
-    def __init__(self, data: Dataset, batch_size: int, pad_id: int, seed: int, oversample: bool = False):
-        if batch_size < 1:
-            raise NibbleError(f"batch_size must be >= 1, got {batch_size}")
-        self.data, self.batch_size, self.pad_id, self.seed = data, batch_size, pad_id, seed
-        self.by_class: dict[int, list[int]] | None = None
-        if oversample and not isinstance(data, ClassificationData):
-            raise NibbleError("oversample needs classification data (it balances the classes)")
-        if oversample and not data.label_map.multi_label:
-            self.by_class = {}
-            for i, t in enumerate(data.targets):
-                self.by_class.setdefault(int(t), []).append(i)  # type: ignore[arg-type]
-        largest = max((len(v) for v in self.by_class.values()), default=0) if self.by_class else 0
-        self.epoch_size = largest * len(self.by_class) if self.by_class else len(data)
-        self.batches_per_epoch = math.ceil(self.epoch_size / batch_size)
-        self.position = 0
-        self._order: tuple[int, np.ndarray] | None = None
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The example indices epoch ``epoch`` visits, in order."""
-        rng = np.random.default_rng([self.seed, epoch])
-        indices = np.arange(len(self.data))
-        if self.by_class:
-            largest = max(len(v) for v in self.by_class.values())
-            extra = [
-                np.asarray(members)[rng.integers(0, len(members), largest - len(members))]
-                for _, members in sorted(self.by_class.items())
-            ]
-            indices = np.concatenate([indices, *extra])
-        return indices[rng.permutation(len(indices))]
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        """The batch at ``position`` (then advance); the last batch of an epoch may be smaller."""
-        epoch, index = divmod(self.position, self.batches_per_epoch)
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, self.epoch_order(epoch))
-        chosen = self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
-        self.position += 1
-        return self.data.collate(chosen, self.pad_id)
-
-    @property
-    def epoch(self) -> float:
-        """Epochs completed so far, fractional."""
-        return self.position / self.batches_per_epoch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"position": self.position, "seed": self.seed, "examples": len(self.data), "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict[str, int], source: str) -> None:
-        """Continue from a saved position; the data, seed and batch size must be the ones it was saved with."""
-        mine = self.state_dict()
-        for key in ("examples", "seed", "batch_size"):
-            if state.get(key) != mine[key]:
-                raise NibbleError(
-                    f"{source}: the checkpoint was taken with {key} {state.get(key)}, this run has {mine[key]}; "
-                    "resume with the same data, seed and batch size"
-                )
-        self.position = int(state["position"])
-
-
-def iter_batches(data: Dataset, batch_size: int, pad_id: int) -> Iterator[tuple[range, dict[str, torch.Tensor]]]:
-    """Batches in file order (for evaluation and prediction), with their row indices."""
-    for start in range(0, len(data), batch_size):
-        chunk = range(start, min(start + batch_size, len(data)))
-        yield chunk, data.collate(chunk, pad_id)
 
 
 def load_classification(

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from nibble.data.classify import jsonl_records
+from nibble.data.batching import pad_batch, pad_sequences
+from nibble.data.records import jsonl_records
 from nibble.errors import NibbleError
 from nibble.io.tokenizer import Tokenizer
 
@@ -198,13 +199,5 @@ def load_instruct(
 
 
 def collate_lm(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: ``input_ids``/``attention_mask``/``labels`` [B, T] (labels padded with IGNORE_INDEX)."""
-    t = max(len(seq) for seq in ids)
-    input_ids = torch.full((len(ids), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), t), dtype=torch.long)
-    targets = torch.full((len(ids), t), IGNORE_INDEX, dtype=torch.long)
-    for row, (seq, lab) in enumerate(zip(ids, labels, strict=True)):
-        input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-        targets[row, : len(lab)] = torch.as_tensor(lab, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": targets}
+    """A padded batch (see :func:`nibble.data.batching.pad_batch`) plus ``labels`` [B, T] padded with IGNORE_INDEX."""
+    return {**pad_batch(ids, pad_id), "labels": pad_sequences(labels, IGNORE_INDEX)}

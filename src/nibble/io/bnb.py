@@ -1,25 +1,20 @@
-"""bitsandbytes 4-bit checkpoints: read the NF4 weights of one (bytes as they are) and write one.
+"""bitsandbytes 4-bit checkpoints: find and read the NF4 weights of one (bytes as they are), describe one.
 
 The serialized layout of a quantized Linear (``weight``, ``weight.absmax``, ``weight.quant_map``,
 ``weight.nested_absmax``, ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``) is
-described in shared/design.md and implemented by :class:`nibble.quant.NF4Weight`; this module finds
-those tensors in a checkpoint and writes the ``quantization_config`` that tells transformers about them.
+implemented by :class:`nibble.quant.NF4Weight`; this module finds those tensors in a checkpoint and says
+what the ``quantization_config`` that tells transformers about them holds. Writing a whole quantized
+checkpoint is :func:`nibble.model.quantize.quantize_checkpoint`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
-from pathlib import Path
 from typing import Any
 
-import torch
-
 from nibble.errors import NibbleError
-from nibble.io.safetensors import DTYPES, INDEX_NAME, Checkpoint, read_checkpoint, save_file_atomic
-from nibble.quant import NF4Weight, nf4
+from nibble.io.safetensors import Checkpoint
+from nibble.quant import NF4Weight
 
 NF4_STATE = ".quant_state.bitsandbytes__nf4"
 FP4_STATE = ".quant_state.bitsandbytes__fp4"
@@ -79,78 +74,3 @@ def quantization_config(double_quant: bool, compute_dtype: str = "float32") -> d
         "llm_int8_has_fp16_weight": False,
         "llm_int8_enable_fp32_cpu_offload": False,
     }
-
-
-def quantize_checkpoint(
-    model_dir: str | Path, output_dir: str | Path, *, double_quant: bool = False, blocksize: int = 64
-) -> dict[str, int]:
-    """Write ``output_dir``: the checkpoint of ``model_dir`` with every block projection in NF4.
-
-    The weights go to one ``model.safetensors`` in bitsandbytes' layout, ``config.json`` gains a
-    ``quantization_config``, and every other file (tokenizer, generation config, chat template) is copied.
-    Projections are read and quantized one at a time. Everything is written into a temporary sibling
-    directory that is renamed to ``output_dir`` at the end, so a crash never leaves a partial checkpoint.
-    Returns counts: ``quantized``, ``kept`` tensors and ``bytes_in`` / ``bytes_out`` of weights.
-
-    Raises:
-        NibbleError: unreadable input, an input that is already quantized, or an output that exists
-            and is not empty.
-    """
-    model_dir, output_dir = Path(model_dir), Path(output_dir)
-    config_path = model_dir / "config.json"
-    if not model_dir.is_dir():
-        raise NibbleError(f"{model_dir}: not a model directory")
-    if not config_path.is_file():
-        raise NibbleError(f"{config_path}: no such file (a model directory needs a config.json)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise NibbleError(f"{config_path}: not valid JSON ({exc})") from None
-    if config.get("quantization_config"):
-        raise NibbleError(f"{config_path}: the checkpoint is already quantized (it has a quantization_config)")
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise NibbleError(f"{output_dir}: already exists and is not an empty directory; choose another --output")
-    from nibble.model.config import ModelConfig
-
-    ModelConfig.from_hf(config_path)  # rejects architectures nibble cannot load before any work is done
-    ckpt = read_checkpoint(model_dir)
-    tensors: dict[str, torch.Tensor] = {}
-    stats = {"quantized": 0, "kept": 0, "bytes_in": 0, "bytes_out": 0}
-    for name, info in ckpt.items():
-        stats["bytes_in"] += info.end - info.start
-        if PROJECTION_WEIGHT.match(name) and info.is_float and len(info.shape) == 2:
-            qweight = nf4.quantize(ckpt.get_tensor(name, torch.float32), blocksize, double_quant)
-            qweight.dtype = DTYPES[info.dtype]  # the dtype bitsandbytes dequantizes back to
-            tensors.update(qweight.state_dict(name))
-            stats["quantized"] += 1
-            stats["bytes_out"] += qweight.memory_bytes()
-        else:
-            tensors[name] = ckpt.get_tensor(name)
-            stats["kept"] += 1
-            stats["bytes_out"] += info.end - info.start
-    if not stats["quantized"]:
-        raise NibbleError(f"{model_dir}: no block projection weights (model.layers.N.*_proj.weight) to quantize")
-    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
-    config["quantization_config"] = quantization_config(double_quant, dtype if isinstance(dtype, str) else "float32")
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        save_file_atomic(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        del tensors
-        for src in sorted(model_dir.iterdir()):
-            if src.is_file() and not _is_weight_file(src) and src.name != "config.json":
-                shutil.copy2(src, tmp / src.name)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        if output_dir.is_dir():
-            output_dir.rmdir()
-        os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return stats
-
-
-def _is_weight_file(path: Path) -> bool:
-    return path.suffix in (".safetensors", ".bin", ".pt", ".pth") or path.name == INDEX_NAME

@@ -25,8 +25,6 @@ import json
 import math
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
@@ -37,7 +35,7 @@ import numpy as np
 import torch
 
 from nibble.errors import NibbleError
-from nibble.io.safetensors import replace_dir
+from nibble.io.files import staged_dir
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -512,6 +510,18 @@ def _check_dequantizable(path: Path, tensor) -> None:
         ) from None
 
 
+def is_gguf(path: str | Path) -> bool:
+    """Whether ``path`` is a file that starts with the GGUF magic bytes."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == _GGUF_MAGIC
+    except OSError:
+        return False
+
+
 def _open_reader(path: Path):
     """A ``gguf.GGUFReader`` for ``path``, with every failure mode turned into a NibbleError naming it."""
     if not path.exists():
@@ -598,18 +608,14 @@ def convert_gguf(
     if dtype not in _SAFETENSORS_DTYPES:
         raise NibbleError(f"dtype {dtype} is not supported; use one of {', '.join(_DTYPES)}")
     output = Path(output)
-    if output.exists():
-        if not output.is_dir():
-            raise NibbleError(f"{output}: is a file, not a directory; choose another output path")
-        if any(output.iterdir()) and not overwrite:
-            raise NibbleError(f"{output}: already exists; choose another output directory or pass --overwrite")
+    if output.exists() and not output.is_dir():
+        raise NibbleError(f"{output}: is a file, not a directory; choose another output path")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise NibbleError(f"{output}: already exists; choose another output directory or pass --overwrite")
 
     model = open_gguf(path)
     say = log or (lambda line: None)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()  # (not mkdtemp: its mode 0700 would stay on the finished directory)
-    try:
+    with staged_dir(output, overwrite=overwrite) as staging:
         config = {**model.config, "dtype": str(dtype).removeprefix("torch.")}
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         shapes = model.tensor_shapes()
@@ -617,8 +623,4 @@ def convert_gguf(
         _write_safetensors(staging / "model.safetensors", shapes, dtype, lambda name: model.tensor(name, dtype))
         say("writing the tokenizer")
         model.save_tokenizer(staging)
-        replace_dir(staging, output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return output

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from nibble.errors import NibbleError
-from nibble.io import read_json_object
+from nibble.io.files import read_json_object
 from nibble.io.safetensors import copy_into, load_file, save_file_atomic
 from nibble.nn.lora import apply_lora, lora_layers
 

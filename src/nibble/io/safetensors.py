@@ -13,9 +13,7 @@ import json
 import math
 import mmap
 import os
-import shutil
 import struct
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 import torch
 
 from nibble.errors import NibbleError
+from nibble.io.files import read_json_object
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -120,11 +119,6 @@ class Checkpoint(Mapping[str, TensorInfo]):
         for f in self.files:
             for name, info in f.tensors.items():
                 yield name, _read_tensor(info, dtype)
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        """The ``__metadata__`` of the first file (sharded checkpoints repeat it in every shard)."""
-        return self.files[0].metadata if self.files else {}
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -225,31 +219,11 @@ def copy_into(targets: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.T
             target.copy_(tensors[name])
 
 
-def replace_dir(staging: Path, output: Path) -> None:
-    """Move a finished ``staging`` directory to ``output``, replacing what is there.
-
-    An old ``output`` is renamed aside first and deleted only after the new one is in place, so ``output``
-    is always either the old directory or the complete new one.
-    """
-    if output.is_dir() and any(output.iterdir()):
-        retired = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(output, retired)
-        os.replace(staging, output)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        if output.is_dir():
-            output.rmdir()
-        os.replace(staging, output)
-
-
 def _read_index(index_path: Path) -> Checkpoint:
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map must map tensor names to file names")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise NibbleError(f"{index_path}: not a valid safetensors index ({type(exc).__name__}: {exc})") from None
+    index = read_json_object(index_path, "not a valid safetensors index; save the model again")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise NibbleError(f"{index_path}: not a valid safetensors index ('weight_map' must map tensor names to files)")
     files: dict[str, SafetensorsFile] = {}
     for shard in sorted(set(weight_map.values())):
         shard_path = index_path.parent / shard

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nibble.errors import NibbleError
-from nibble.io import read_json_object
+from nibble.io.files import read_json_object
 
 _RESTORE = "restore the tokenizer files from the original model"
 TOKENIZER_FILES = (
@@ -79,10 +79,17 @@ class Tokenizer:
         return None if text is None else self.backend.token_to_id(text)
 
     @property
-    def pad_id(self) -> int | None:
-        """The padding id: the pad token, else the eos token (as training code commonly does), else None."""
-        pad = self.token_id("pad_token")
-        return pad if pad is not None else self.token_id("eos_token")
+    def pad_id(self) -> int:
+        """The id batches are padded with: the pad token, else the eos token (as training code commonly
+        does), else ``pad_token_id`` of a config.json beside the tokenizer, else 0. Padded positions are
+        masked, so the choice never changes a result; it only has to be a valid id."""
+        for name in ("pad_token", "eos_token"):
+            token = self.token_id(name)
+            if token is not None:
+                return token
+        config = self.path / "config.json"
+        pad = read_json_object(config, _RESTORE).get("pad_token_id") if config.is_file() else None
+        return pad if isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < len(self) else 0
 
     @property
     def eos_id(self) -> int | None:

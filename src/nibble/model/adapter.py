@@ -14,38 +14,34 @@ from typing import Any
 
 import torch
 
-from nibble.data.classify import LabelMap
 from nibble.errors import NibbleError
-from nibble.io import read_json_object
 from nibble.io.peft import PREFIX, TASK_TYPES, WEIGHTS_NAME, load_adapter, read_adapter_config
+from nibble.io.runinfo import LABEL_MAP, RUN_INFO, LabelMap, RunInfo
 from nibble.io.safetensors import SafetensorsFile
 from nibble.model.loading import load_model, resolve_model_dir
 from nibble.model.model import DecoderModel
-
-RUN_INFO = "nibble.json"
-LABEL_MAP = "label_map.json"
-_RESTORE = "restore it from the training output"
+from nibble.quant import QuantSpec
 
 
 @dataclass
 class AdapterInfo:
     """What an adapter directory says about itself.
 
-    ``task`` is "causal_lm" or "classify"; ``run`` is nibble.json ({} for adapters written by PEFT);
+    ``task`` is "causal_lm" or "classify"; ``run`` is nibble.json (empty for adapters written by PEFT);
     ``labels`` the label names in id order (classifiers with a label map), else None.
     """
 
     directory: Path
     task: str
     config: dict[str, Any]
-    run: dict[str, Any]
+    run: RunInfo
     num_labels: int | None = None
     labels: list[Any] | None = None
 
     @property
-    def quantize(self) -> str | None:
+    def quant(self) -> QuantSpec | None:
         """The 4-bit format of the base the adapter was trained on (None: a dense base)."""
-        return self.run.get("quantize")
+        return self.run.quant
 
 
 def read_adapter_info(directory: str | Path) -> AdapterInfo:
@@ -65,8 +61,7 @@ def read_adapter_info(directory: str | Path) -> AdapterInfo:
             f"{directory / 'adapter_config.json'}: task_type '{task_type}' is not supported; "
             f"nibble applies {', '.join(sorted(tasks))} adapters"
         )
-    run = read_json_object(directory / RUN_INFO, _RESTORE) if (directory / RUN_INFO).is_file() else {}
-    info = AdapterInfo(directory, tasks[task_type], config, run)
+    info = AdapterInfo(directory, tasks[task_type], config, RunInfo.load(directory / RUN_INFO))
     if info.task == "classify":
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():
@@ -106,17 +101,13 @@ def load_adapted(
             f"{info.directory}: a {info.config.get('task_type')} adapter, but this needs a {want} adapter "
             f"(trained with {'--task instruct' if task == 'causal_lm' else '--task classify'})"
         )
-    run = info.run
     base = load_model(
         resolve_model_dir(model),
         task=info.task,
         num_labels=info.num_labels,
-        quantize=info.quantize,
-        double_quant=bool(run.get("double_quant", False)),
-        blocksize=int(run.get("blocksize", 64)),
-        group_size=int(run.get("group_size", 128)),
+        quantize=info.quant,
         dtype=dtype,
-        pooling=run.get("pooling", "last"),
+        pooling=info.run.pooling,
     )
     load_adapter(base, info.directory)
     for p in base.parameters():

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from nibble.errors import NibbleError
-from nibble.io import read_json_object
+from nibble.io.files import read_json_object
 
 # model_type -> the class-name prefix transformers uses (Qwen3ForCausalLM, ...).
 ARCHITECTURES = {"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral"}

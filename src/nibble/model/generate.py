@@ -14,6 +14,8 @@ import torch
 
 from nibble.errors import NibbleError
 from nibble.model.model import DecoderModel
+from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
+from nibble.quant import QuantSpec
 
 if TYPE_CHECKING:
     from nibble.io.tokenizer import Tokenizer
@@ -185,14 +187,18 @@ def generate_text(
 
 
 def load_generator(
-    model: str | Path, adapter: str | Path | None = None, *, quantize: str | None = None
+    model: str | Path,
+    adapter: str | Path | None = None,
+    *,
+    quantize: QuantSpec | str | None = None,
+    cache_budget_mb: int | None = None,
 ) -> tuple[DecoderModel, Tokenizer]:
     """A causal LM and its tokenizer from a model directory or .gguf file, optionally with a LoRA adapter.
 
-    With ``adapter`` the base is loaded as the adapter was trained (a QLoRA adapter on its 4-bit base,
-    whose weights are then kept dequantized while memory allows, for speed); ``quantize`` ("nf4" or
-    "int4") stores a base without adapter in 4 bits. The tokenizer is the adapter's when it has one
-    (it carries the chat template training used), else the model's.
+    With ``adapter`` the base is loaded as the adapter was trained (a QLoRA adapter on its 4-bit base);
+    ``quantize`` stores a base without adapter in 4 bits. Frozen 4-bit weights keep dense copies within
+    ``cache_budget_mb`` MiB (None: half the available memory; 0: none), which makes each token faster. The
+    tokenizer is the adapter's when it has one (it carries the chat template training used), else the model's.
 
     Raises:
         NibbleError: a bad path, an adapter that is not a CAUSAL_LM adapter or does not fit the base.
@@ -209,9 +215,6 @@ def load_generator(
         if quantize is not None:
             raise NibbleError("--quantize applies to a base without adapter; an adapter's base loads as it was trained")
         lm, info = load_adapted(model_dir, adapter, task="causal_lm")
-        if info.quantize is not None:
-            from nibble.train.run import cache_dequantized
-
-            cache_dequantized(lm, None, torch.float32)
         source = info.directory if (info.directory / "tokenizer.json").is_file() else model_dir
+    cache_dense_weights(lm, cache_budget_bytes(cache_budget_mb), torch.float32)
     return lm, load_tokenizer(source)

@@ -11,7 +11,6 @@ their NF4 bytes unchanged. A ``.gguf`` file is converted once into an HF directo
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,26 +21,14 @@ from nibble.errors import NibbleError
 from nibble.io import bnb
 from nibble.io.safetensors import Checkpoint, read_checkpoint
 from nibble.model.config import ModelConfig
-from nibble.model.model import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, TASKS, DecoderModel
+from nibble.model.model import TASKS, DecoderModel
 from nibble.nn import QuantLinear
-from nibble.quant import FORMATS, quantize
+from nibble.nn.lora import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
+from nibble.quant import QuantSpec, quantize
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tensors some checkpoints carry that a model never needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-_GGUF_MAGIC = b"GGUF"
-
-
-def is_gguf(path: str | Path) -> bool:
-    """Whether ``path`` is a file that starts with the GGUF magic bytes."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == _GGUF_MAGIC
-    except OSError:
-        return False
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -60,10 +47,11 @@ def resolve_model_dir(path: str | Path) -> Path:
         return path
     if not path.exists():
         raise NibbleError(f"{path}: no such model directory or .gguf file")
+    from nibble.io.fetch import cache_dir
+    from nibble.io.gguf import convert_gguf, is_gguf
+
     if not is_gguf(path):
         raise NibbleError(f"{path}: not a directory (expected a model directory with config.json, or a .gguf file)")
-    from nibble.io.fetch import cache_dir
-    from nibble.io.gguf import convert_gguf
 
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -79,13 +67,9 @@ def load_model(
     *,
     task: str = "causal_lm",
     num_labels: int | None = None,
-    quantize: str | None = None,
-    double_quant: bool = False,
+    quantize: QuantSpec | str | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-    blocksize: int = 64,
-    group_size: int = 128,
-    keep_dense: Iterable[int] | None = None,
     pooling: str = "last",
 ) -> DecoderModel:
     """Load a Qwen3 / Qwen2 / Llama / Mistral checkpoint directory.
@@ -94,11 +78,10 @@ def load_model(
         path: directory with config.json and model.safetensors (or a sharded index), or a .gguf file.
         task: "causal_lm" (LM head) or "classify" (``score`` head; fresh unless the checkpoint has one).
         num_labels: classifier outputs; defaults to the checkpoint's own.
-        quantize: None, "nf4" or "int4": store the seven block projections in 4 bits.
-        double_quant, blocksize: NF4 options; group_size: INT4 option.
+        quantize: None, or how to store the seven block projections in 4 bits (a QuantSpec, or a format
+            name, "nf4" or "int4", with its default parameters).
         dtype: dtype of embeddings, dense projections and heads (norm weights are always fp32).
         device: where the model lives.
-        keep_dense: layer indices (negative counts from the end) whose projections stay dense.
         pooling: "last" or "mean" (classify only).
 
     Returns:
@@ -110,15 +93,13 @@ def load_model(
     """
     if task not in TASKS:
         raise NibbleError(f"task '{task}' is not supported; use one of {TASKS}")
-    if quantize is not None and quantize not in FORMATS:
-        raise NibbleError(f"quantize '{quantize}' is not supported; use None or one of {FORMATS}")
+    spec = None if quantize is None else QuantSpec.of(quantize)
     if dtype not in DTYPES:
         raise NibbleError(f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
     path = resolve_model_dir(path)
     config = ModelConfig.from_hf(path)
     bnb.check_quantization_config(config.quantization_config, str(path / "config.json"))
     ckpt = read_checkpoint(path)
-    dense_layers = _layer_set(keep_dense, config.num_hidden_layers)
     if task == "classify":
         num_labels = _num_labels(ckpt, config, num_labels)
         config = replace(config, num_labels=num_labels)
@@ -128,15 +109,12 @@ def load_model(
     loader = _Loader(ckpt, dtype, torch.device(device))
     backbone = model.model
     backbone.embed_tokens.weight = loader.parameter("model.embed_tokens.weight", backbone.embed_tokens.weight)
-    options = dict(blocksize=blocksize, group_size=group_size, double_quant=double_quant)
     for i, layer in enumerate(backbone.layers):
-        dense = i in dense_layers
-        fmt = None if dense else quantize
         for group, names in (("self_attn", ATTENTION_PROJECTIONS), ("mlp", MLP_PROJECTIONS)):
             parent = getattr(layer, group)
             for name in names:
                 prefix = f"model.layers.{i}.{group}.{name}"
-                setattr(parent, name, loader.projection(prefix, getattr(parent, name), fmt, dense, options))
+                setattr(parent, name, loader.projection(prefix, getattr(parent, name), spec))
         norms = {"input_layernorm": layer.input_layernorm, "post_attention_layernorm": layer.post_attention_layernorm}
         if config.qk_norm:
             norms.update({"self_attn.q_norm": layer.self_attn.q_norm, "self_attn.k_norm": layer.self_attn.k_norm})
@@ -148,15 +126,6 @@ def load_model(
     else:
         _load_score(model, loader, config)
     return model.eval()
-
-
-def _layer_set(keep_dense: Iterable[int] | None, num_layers: int) -> set[int]:
-    layers: set[int] = set()
-    for i in keep_dense or ():
-        if not isinstance(i, int) or not -num_layers <= i < num_layers:
-            raise NibbleError(f"keep_dense: layer {i!r} does not exist (the model has {num_layers} layers)")
-        layers.add(i % num_layers)
-    return layers
 
 
 def _num_labels(ckpt: Checkpoint, config: ModelConfig, num_labels: int | None) -> int:
@@ -238,21 +207,20 @@ class _Loader:
         """A frozen parameter shaped like ``like`` (keeps its dtype: fp32 norms stay fp32)."""
         return nn.Parameter(self.tensor(key, like.shape, like.dtype).to(self.device), requires_grad=False)
 
-    def projection(
-        self, prefix: str, linear: nn.Linear, fmt: str | None, keep_dense: bool, options: dict
-    ) -> nn.Linear | QuantLinear:
-        """The projection ``prefix``: ``linear`` (on meta) filled as a frozen dense layer, or a QuantLinear."""
+    def projection(self, prefix: str, linear: nn.Linear, spec: QuantSpec | None) -> nn.Linear | QuantLinear:
+        """The projection ``prefix``: a QuantLinear (stored NF4 bytes as they are, else quantized as ``spec``
+        says), or ``linear`` (on meta) filled as a frozen dense layer when ``spec`` is None."""
         weight_key = f"{prefix}.weight"
         bias = None
         if linear.bias is not None:
             bias = self.tensor(f"{prefix}.bias", linear.bias.shape, self.dtype)
-        if bnb.is_quantized(self.ckpt, weight_key) and not keep_dense:
+        if bnb.is_quantized(self.ckpt, weight_key):
             qweight = bnb.read_nf4(self.ckpt, weight_key)
             self._check_shape(weight_key, tuple(qweight.shape), linear.weight.shape)
             return QuantLinear(qweight, bias).to(self.device)
-        if fmt is not None:
+        if spec is not None:
             dense = self.tensor(weight_key, linear.weight.shape, torch.float32)
-            qweight = quantize(dense, fmt, **options)
+            qweight = quantize(dense, spec)
             del dense
             qweight.dtype = self.dtype
             return QuantLinear(qweight, bias).to(self.device)

@@ -7,13 +7,14 @@ estimate of what autograd keeps for backward, documented in :func:`activation_by
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from nibble.errors import NibbleError
 from nibble.model.config import ModelConfig
-from nibble.model.model import PROJECTIONS
+from nibble.nn.lora import PROJECTIONS
+from nibble.quant import QuantSpec
 from nibble.quant.nf4 import NESTED_BLOCKSIZE
 
 METHODS = ("qlora", "lora", "full")
@@ -35,49 +36,60 @@ def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     }
 
 
-def weight_bytes(out_features: int, in_features: int, fmt: str, blocksize: int = 64, group_size: int = 128) -> int:
-    """Bytes of one ``[out, in]`` weight in ``fmt`` (one of WEIGHT_FORMATS), as nibble stores it.
+def weight_bytes(out_features: int, in_features: int, fmt: str | QuantSpec) -> int:
+    """Bytes of one ``[out, in]`` weight stored dense (``"fp32"``, ``"bf16"``) or in 4 bits as a QuantSpec says.
 
     Raises:
-        NibbleError: an unknown format, or INT4 with ``in_features`` not divisible by ``group_size``.
+        NibbleError: an unknown dense format, or INT4 with ``in_features`` not divisible by the group size.
     """
     n = out_features * in_features
     if fmt == "fp32":
         return 4 * n
     if fmt == "bf16":
         return 2 * n
-    if fmt in ("nf4", "nf4+dq"):
-        blocks = math.ceil(n / blocksize)
-        if fmt == "nf4":
+    if not isinstance(fmt, QuantSpec):
+        raise NibbleError(f"unknown weight format '{fmt}'; use one of {WEIGHT_FORMATS}")
+    if fmt.format == "nf4":
+        blocks = math.ceil(n / fmt.blocksize)
+        if not fmt.double_quant:
             return math.ceil(n / 2) + 4 * blocks
         # uint8 code per block, fp32 absmax per 256 blocks, and the 256-entry fp32 code table.
         return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + 4 * 256
-    if fmt == "int4":
-        if in_features % group_size:
-            raise NibbleError(
-                f"in_features {in_features} is not divisible by INT4 group_size {group_size}; pick a group size "
-                "that divides it"
-            )
-        return n // 2 + 2 * out_features * (in_features // group_size)
-    raise NibbleError(f"unknown weight format '{fmt}'; use one of {WEIGHT_FORMATS}")
+    if in_features % fmt.group_size:
+        raise NibbleError(
+            f"in_features {in_features} is not divisible by INT4 group_size {fmt.group_size}; pick a group size "
+            "that divides it"
+        )
+    return n // 2 + 2 * out_features * (in_features // fmt.group_size)
 
 
-def format_rows(config: ModelConfig, blocksize: int = 64, group_size: int = 128) -> list[tuple[str, int, dict]]:
+def column_formats(spec: QuantSpec) -> dict[str, str | QuantSpec]:
+    """The formats of a weight-size table (WEIGHT_FORMATS), the 4-bit ones with ``spec``'s block and group sizes."""
+    return {
+        "fp32": "fp32",
+        "bf16": "bf16",
+        "nf4": replace(spec, format="nf4", double_quant=False),
+        "nf4+dq": replace(spec, format="nf4", double_quant=True),
+        "int4": replace(spec, format="int4"),
+    }
+
+
+def format_rows(config: ModelConfig, spec: QuantSpec | None = None) -> list[tuple[str, int, dict]]:
     """``(component, params, {format: bytes or None})``: embeddings, norms, block projections, all weights.
 
     Only block projections have 4-bit sizes (nothing else is ever quantized); INT4 is None too when the
-    group size does not divide a projection's input features.
+    group size does not divide a projection's input features. ``spec`` gives the 4-bit block and group sizes.
     """
     h, layers = config.hidden_size, config.num_hidden_layers
     embed = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
     proj = sum(o * i for o, i in projection_shapes(config).values()) * layers
     norms = layers * (2 * h + 2 * config.head_dim * config.qk_norm) + h
     projections: dict[str, int | None] = {}
-    for fmt in WEIGHT_FORMATS:
+    for name, fmt in column_formats(spec or QuantSpec()).items():
         try:
-            projections[fmt] = projections_bytes(config, fmt, blocksize, group_size)
+            projections[name] = projections_bytes(config, fmt)
         except NibbleError:
-            projections[fmt] = None
+            projections[name] = None
     dense = {"fp32": 4, "bf16": 2}
     tied = " (tied)" if config.tie_word_embeddings else ""
     return [
@@ -92,9 +104,9 @@ def format_rows(config: ModelConfig, blocksize: int = 64, group_size: int = 128)
     ]
 
 
-def projections_bytes(config: ModelConfig, fmt: str, blocksize: int = 64, group_size: int = 128) -> int:
-    """Bytes of all block projection weights (biases not included) in ``fmt``."""
-    per_layer = sum(weight_bytes(o, i, fmt, blocksize, group_size) for o, i in projection_shapes(config).values())
+def projections_bytes(config: ModelConfig, fmt: str | QuantSpec) -> int:
+    """Bytes of all block projection weights (biases not included) stored as ``fmt`` (see :func:`weight_bytes`)."""
+    per_layer = sum(weight_bytes(o, i, fmt) for o, i in projection_shapes(config).values())
     return per_layer * config.num_hidden_layers
 
 
@@ -103,10 +115,7 @@ class PlanOptions:
     """What a training run would look like; ``dtype`` is the dtype of dense weights and activations."""
 
     method: str = "qlora"
-    format: str = "nf4"
-    double_quant: bool = False
-    blocksize: int = 64
-    group_size: int = 128
+    quant: QuantSpec = field(default_factory=QuantSpec)
     task: str = "causal_lm"
     num_labels: int = 2
     seq_len: int = 512
@@ -118,8 +127,6 @@ class PlanOptions:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise NibbleError(f"method '{self.method}' is not supported; use one of {METHODS}")
-        if self.format not in ("nf4", "int4"):
-            raise NibbleError(f"format '{self.format}' is not supported; use nf4 or int4")
         if self.dtype not in DTYPE_NAMES:
             raise NibbleError(f"dtype '{self.dtype}' is not supported; use one of {sorted(DTYPE_NAMES)}")
         for name in ("seq_len", "batch_size", "lora_rank", "num_labels"):
@@ -165,9 +172,8 @@ def plan_rows(config: ModelConfig, opts: PlanOptions) -> list[tuple[str, int, in
     if opts.task == "causal_lm" and not tied:
         rows.append((f"lm_head [{opts.dtype}]", embed, embed * e))
     if opts.method == "qlora":
-        fmt = "nf4+dq" if opts.format == "nf4" and opts.double_quant else opts.format
-        size = projections_bytes(config, fmt, opts.blocksize, opts.group_size)
-        rows.append((f"block projections, frozen [{fmt}]", proj_params, size))
+        size = projections_bytes(config, opts.quant)
+        rows.append((f"block projections, frozen [{opts.quant.name}]", proj_params, size))
     else:
         state = "trainable" if opts.method == "full" else "frozen"
         rows.append((f"block projections, {state} [{opts.dtype}]", proj_params, proj_params * e))

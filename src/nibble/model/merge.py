@@ -8,10 +8,8 @@ Tensors are produced one shard at a time, so peak memory is the (possibly 4-bit)
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -19,9 +17,11 @@ from pathlib import Path
 import torch
 
 from nibble.errors import NibbleError
-from nibble.io.safetensors import INDEX_NAME, SINGLE_NAME, replace_dir, save_file_atomic
+from nibble.io.files import staged_dir, write_json
+from nibble.io.runinfo import LABEL_MAP, RUN_INFO
+from nibble.io.safetensors import INDEX_NAME, SINGLE_NAME, save_file_atomic
 from nibble.io.tokenizer import TOKENIZER_FILES
-from nibble.model.adapter import LABEL_MAP, RUN_INFO, AdapterInfo, load_adapted
+from nibble.model.adapter import AdapterInfo, load_adapted
 from nibble.model.loading import resolve_model_dir
 from nibble.model.model import DecoderModel
 from nibble.nn import LoRALinear, QuantLinear
@@ -100,14 +100,14 @@ def write_checkpoint(
     if len(shards) > 1:
         total = sum(math.prod(shape) * itemsize for shape, _ in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        write_json(directory / INDEX_NAME, index)
     config = replace(model.config, torch_dtype=str(dtype).removeprefix("torch."), quantization_config=None)
     if model.task == "classify":
         names = labels or [f"LABEL_{i}" for i in range(model.num_labels)]
         config = replace(config, num_labels=model.num_labels, id2label=dict(enumerate(map(str, names))))
     else:
         config = replace(config, num_labels=None, id2label=None)
-    (directory / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n", encoding="utf-8")
+    write_json(directory / "config.json", config.to_hf())
 
 
 def merge_adapter(
@@ -140,10 +140,7 @@ def merge_adapter(
         raise NibbleError(f"{output}: already exists; choose another --output or pass --overwrite")
     model_dir = resolve_model_dir(model)
     adapted, info = load_adapted(model_dir, adapter)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
+    with staged_dir(output, overwrite=overwrite) as staging:
         write_checkpoint(adapted, staging, dtype, shard_bytes, info.labels)
         tokenizer_source = info.directory if (info.directory / "tokenizer.json").is_file() else model_dir
         for name in _COPIED:
@@ -152,11 +149,6 @@ def merge_adapter(
                 shutil.copyfile(source, staging / name)
         if info.task == "classify" and (info.directory / LABEL_MAP).is_file():
             shutil.copyfile(info.directory / LABEL_MAP, staging / LABEL_MAP)
-        if info.run:
-            run = {**info.run, "quantize": None, "merged_from": str(info.directory)}
-            (staging / RUN_INFO).write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
-        replace_dir(staging, output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        if (info.directory / RUN_INFO).is_file():
+            replace(info.run, quant=None, merged_from=str(info.directory)).save(staging / RUN_INFO)
     return output, info

@@ -19,9 +19,6 @@ from nibble.model.config import ModelConfig
 
 TASKS = ("causal_lm", "classify")
 POOLINGS = ("last", "mean")
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 
 
 class RMSNorm(nn.Module):

@@ -17,7 +17,10 @@ from torch import nn
 from nibble.errors import NibbleError
 from nibble.nn.quant_linear import QuantLinear
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The seven projections of a decoder block (Hugging Face names): what LoRA targets and 4-bit formats store.
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 
 
@@ -59,12 +62,9 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device)
         nn.init.zeros_(self.lora_B.weight)
-        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.merged:
-            return result
         weight_a = self.lora_A.weight
         if x.dtype != weight_a.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(weight_a.dtype)
@@ -81,37 +81,10 @@ class LoRALinear(nn.Module):
             base = self.base_layer.dequantize(torch.float32)
         else:
             base = self.base_layer.weight.float()
-            if self.merged:
-                return base.to(dtype)
         return (base + self.delta_weight()).to(dtype)
 
-    def merge(self) -> None:
-        """Fold the update into a dense base weight in place (forward then skips the adapter)."""
-        self._check_mergeable()
-        if not self.merged:
-            with torch.no_grad():
-                w = self.base_layer.weight
-                w.copy_((w.float() + self.delta_weight()).to(w.dtype))
-            self.merged = True
-
-    def unmerge(self) -> None:
-        """Undo :meth:`merge` (exact up to the base dtype's rounding)."""
-        self._check_mergeable()
-        if self.merged:
-            with torch.no_grad():
-                w = self.base_layer.weight
-                w.copy_((w.float() - self.delta_weight()).to(w.dtype))
-            self.merged = False
-
-    def _check_mergeable(self) -> None:
-        if isinstance(self.base_layer, QuantLinear):
-            raise NibbleError(
-                "cannot merge LoRA into a 4-bit weight in place (requantizing would lose the update); "
-                "use merged_weight() to build a dense layer"
-            )
-
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"
 
 
 def resolve_targets(targets: str | Iterable[str]) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""QuantLinear: a frozen linear layer whose weight is stored in 4 bits."""
+"""QuantLinear: a frozen linear layer whose weight is stored in 4 bits, and the policy for its dense copies."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nibble import kernels
+from nibble.devices import memory_available_bytes
 from nibble.errors import NibbleError
-from nibble.quant import QuantizedWeight, quantize
+from nibble.quant import QuantizedWeight, QuantSpec, quantize
 
 
 class _QuantMatmul(torch.autograd.Function):
@@ -57,18 +58,14 @@ class QuantLinear(nn.Module):
         cls,
         weight: torch.Tensor,
         bias: torch.Tensor | None = None,
-        format: str = "nf4",
+        spec: QuantSpec | str = "nf4",
         *,
-        blocksize: int = 64,
-        group_size: int = 128,
-        double_quant: bool = False,
         cache_dequantized: bool = False,
     ) -> QuantLinear:
-        """Quantize a dense ``[out, in]`` weight (and keep ``bias`` as it is)."""
+        """Quantize a dense ``[out, in]`` weight as ``spec`` says (and keep ``bias`` as it is)."""
         if weight.dim() != 2:
             raise NibbleError(f"QuantLinear needs a 2-D weight [out, in], got shape {tuple(weight.shape)}")
-        qweight = quantize(weight, format, blocksize=blocksize, group_size=group_size, double_quant=double_quant)
-        return cls(qweight, bias, cache_dequantized)
+        return cls(quantize(weight, spec), bias, cache_dequantized)
 
     @property
     def format(self) -> str:
@@ -109,13 +106,39 @@ class QuantLinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.qweight.format == "nf4":
-            destination.update(self.qweight.state_dict(prefix + "weight"))
-        else:
-            destination.update(self.qweight.state_dict(prefix.rstrip(".")))
+        destination.update(self.qweight.state_dict(prefix + "weight"))
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
             f"bias={self.bias is not None}, cache_dequantized={self.cache_dequantized}"
         )
+
+
+def cache_budget_bytes(budget_mb: int | None) -> int:
+    """Bytes for dense copies of frozen 4-bit weights: ``budget_mb`` MiB, or half the available memory for None."""
+    if budget_mb is not None:
+        return budget_mb * 2**20
+    available = memory_available_bytes()
+    return available // 2 if available is not None else 0
+
+
+def cache_dense_weights(model: nn.Module, budget_bytes: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """Keep dense ``dtype`` copies of the frozen 4-bit weights of ``model``, in model order, while they fit.
+
+    A frozen weight never changes, so a dense copy turns every forward and backward through its layer into a
+    plain dense matmul instead of dequantize + matmul, at the cost of the copy's memory. Layers past the
+    budget drop any copy they hold. Returns ``(layers with a copy, 4-bit layers, bytes of the copies)``.
+    """
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    element = torch.empty(0, dtype=dtype).element_size()
+    used = cached = 0
+    for layer in layers:
+        size = layer.in_features * layer.out_features * element
+        layer.cache_dequantized = used + size <= budget_bytes
+        if layer.cache_dequantized:
+            used += size
+            cached += 1
+        else:
+            layer.clear_cache()
+    return cached, len(layers), used

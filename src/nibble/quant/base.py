@@ -33,6 +33,10 @@ class QuantizedWeight(ABC):
         """The tensors this weight is made of, by attribute name."""
 
     @abstractmethod
+    def state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
+        """The tensors to store for the weight whose state-dict key is ``prefix`` (e.g. ``q_proj.weight``)."""
+
+    @abstractmethod
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedWeight:
         """A copy with ``fn`` applied to every tensor (used to move between devices)."""
 

@@ -15,8 +15,7 @@ import torch
 
 from nibble.errors import NibbleError
 from nibble.quant.base import QuantizedWeight, check_weight
-
-VALID_GROUP_SIZES = (32, 64, 128, 256)
+from nibble.quant.spec import INT4_GROUP_SIZES as VALID_GROUP_SIZES
 
 
 class INT4Weight(QuantizedWeight):
@@ -63,21 +62,22 @@ class INT4Weight(QuantizedWeight):
         groups = self.codes().view(out_features, -1, self.group_size).float()
         return (groups * self.scales.float().unsqueeze(-1)).view(self.shape).to(dtype)
 
-    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Tensors named ``{prefix}.weight_4bit`` and ``{prefix}.scales_4bit``."""
-        return {f"{prefix}.weight_4bit": self.packed, f"{prefix}.scales_4bit": self.scales}
+    def state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
+        """The tensors of the weight under the key ``prefix`` (``x.weight``): ``x.weight_4bit``, ``x.scales_4bit``."""
+        wkey, skey = _keys(prefix)
+        return {wkey: self.packed, skey: self.scales}
 
     @classmethod
     def from_state_dict(
         cls,
         sd: dict[str, torch.Tensor],
-        prefix: str,
+        prefix: str = "weight",
+        source: str = "state dict",
         in_features: int | None = None,
         dtype: torch.dtype = torch.float32,
-        source: str = "state dict",
     ) -> INT4Weight:
-        """Read ``{prefix}.weight_4bit`` / ``{prefix}.scales_4bit``; the group size follows from the shapes."""
-        wkey, skey = f"{prefix}.weight_4bit", f"{prefix}.scales_4bit"
+        """Read the tensors :meth:`state_dict` writes for key ``prefix``; the group size follows from the shapes."""
+        wkey, skey = _keys(prefix)
         for key in (wkey, skey):
             if key not in sd:
                 raise NibbleError(f"{source}: missing tensor '{key}' of an INT4 weight")
@@ -93,6 +93,12 @@ class INT4Weight(QuantizedWeight):
             return cls(packed.view(torch.uint8), scales, k // scales.shape[1], dtype)
         except NibbleError as exc:
             raise NibbleError(f"{source}: '{prefix}': {exc}") from None
+
+
+def _keys(prefix: str) -> tuple[str, str]:
+    """The packed and scale tensor names of the weight stored under ``prefix`` (``x.weight`` or ``weight``)."""
+    module = prefix.removesuffix("weight") if prefix.endswith("weight") else prefix + "."
+    return f"{module}weight_4bit", f"{module}scales_4bit"
 
 
 def quantize(weight: torch.Tensor, group_size: int = 128) -> INT4Weight:

@@ -20,6 +20,7 @@ import torch
 
 from nibble.errors import NibbleError
 from nibble.quant.base import QuantizedWeight, check_weight
+from nibble.quant.spec import NF4_BLOCKSIZES as VALID_BLOCKSIZES
 
 NF4_CODE = (
     -1.0,
@@ -40,7 +41,6 @@ NF4_CODE = (
     1.0,
 )
 NESTED_BLOCKSIZE = 256
-VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _GRID = 65536
 # Elements quantized per step: keeps temporaries in cache and bounds extra memory to a few MB.
 _CHUNK = 1 << 18

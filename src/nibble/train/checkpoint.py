@@ -12,51 +12,21 @@ It is written under a temporary name and renamed, so a directory named ``step-N`
 from __future__ import annotations
 
 import json
-import os
-import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from nibble.errors import NibbleError
+from nibble.io.files import read_json_object, remove_stale_staging, staged_dir
 from nibble.io.safetensors import copy_into, load_file, save_file_atomic
+from nibble.train.rng import rng_state
 
 _STEP_DIR = re.compile(r"step-(\d+)")
 STATE_FILE = "state.json"
-
-
-def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The torch, numpy and python global RNG states: tensors and JSON scalars."""
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = state
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
-    version, internal, gauss_next = random.getstate()
-    tensors["python"] = torch.tensor(internal, dtype=torch.int64)
-    scalars = {
-        "numpy": {"name": name, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": {"version": version, "gauss_next": gauss_next},
-    }
-    return tensors, scalars
-
-
-def set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    n = scalars["numpy"]
-    keys = tensors["numpy"].numpy().astype(np.uint32)
-    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = scalars["python"]
-    random.setstate((p["version"], tuple(int(x) for x in tensors["python"].tolist()), p["gauss_next"]))
 
 
 def optimizer_state(
@@ -113,23 +83,17 @@ def save_checkpoint(
     state: dict[str, Any],
     config_yaml: str,
 ) -> Path:
-    """Write ``directory/step-{step}`` atomically (temp dir, then rename); returns its path."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write ``directory/step-{step}`` atomically (a staged directory, renamed when complete); returns its path."""
     final = directory / f"step-{step}"
-    tmp = directory / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file_atomic({k: v.detach() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-    opt_tensors, groups = optimizer_state(optimizer, param_names)
-    save_file_atomic(opt_tensors, tmp / "optimizer.safetensors")
-    rng_tensors, rng_scalars = rng_state()
-    save_file_atomic(rng_tensors, tmp / "rng.safetensors")
-    full_state = {**state, "step": step, "optimizer_groups": groups, "rng": rng_scalars}
-    (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1), encoding="utf-8")
-    (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with staged_dir(final, overwrite=True) as tmp:
+        save_file_atomic({k: v.detach() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        opt_tensors, groups = optimizer_state(optimizer, param_names)
+        save_file_atomic(opt_tensors, tmp / "optimizer.safetensors")
+        rng_tensors, rng_scalars = rng_state()
+        save_file_atomic(rng_tensors, tmp / "rng.safetensors")
+        full_state = {**state, "step": step, "optimizer_groups": groups, "rng": rng_scalars}
+        (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1), encoding="utf-8")
+        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
     return final
 
 
@@ -147,8 +111,7 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 def prune_checkpoints(directory: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints, and leftovers of interrupted writes."""
-    for p in directory.glob(".tmp-step-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    remove_stale_staging(directory)
     for _, path in list_checkpoints(directory)[:-keep] if keep > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -161,10 +124,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
     """
     if not (path / STATE_FILE).is_file():
         raise NibbleError(f"{path}: not a checkpoint (no {STATE_FILE}); give a checkpoints/step-N directory")
-    try:
-        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise NibbleError(f"{path / STATE_FILE}: unreadable ({exc}); resume from an older checkpoint") from None
+    state = read_json_object(path / STATE_FILE, "resume from an older checkpoint")
     files = {}
     for name in ("trainable", "optimizer", "rng"):
         file = path / f"{name}.safetensors"

@@ -13,22 +13,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from nibble.data.classify import (
-    ClassificationData,
-    LabelMap,
-    class_weights,
-    iter_batches,
-    load_classification,
-    stratified_split,
-)
+from nibble.data.batching import iter_batches
+from nibble.data.classify import ClassificationData, class_weights, load_classification
+from nibble.data.records import stratified_split
 from nibble.errors import NibbleError
-from nibble.io import read_json_object
-from nibble.io.tokenizer import load_tokenizer
-from nibble.model.adapter import LABEL_MAP, RUN_INFO
+from nibble.io.runinfo import LABEL_MAP, RUN_INFO, LabelMap, RunInfo
+from nibble.io.tokenizer import Tokenizer, load_tokenizer
 from nibble.model.loading import resolve_model_dir
+from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
 from nibble.train.config import TrainConfig
 from nibble.train.metrics import classification_loss, classification_metrics, format_metrics
-from nibble.train.run import TaskRun, pad_id_of, run_training
+from nibble.train.run import TaskRun, run_training
 
 
 def predict_probs(model: nn.Module, data: ClassificationData, batch_size: int, pad_id: int) -> torch.Tensor:
@@ -63,7 +58,7 @@ def train_classifier(config: TrainConfig) -> dict[str, Any]:
     if not (model_dir / "config.json").is_file():
         raise NibbleError(f"{model_dir}: not a model directory (no config.json); check --model")
     tokenizer = load_tokenizer(model_dir)
-    pad_id = pad_id_of(tokenizer, model_dir)
+    pad_id = tokenizer.pad_id
     kwargs = dict(text_column=config.text_column, label_column=config.label_column, max_seq_len=config.max_seq_len)
     data = load_classification(config.data, tokenizer, **kwargs)
     val: ClassificationData | None = None
@@ -86,17 +81,23 @@ def train_classifier(config: TrainConfig) -> dict[str, Any]:
         f"{len(data)} rows, {len(val) if val else 0} val rows, {label_map.num_labels} labels"
         f"{' (multi-label)' if label_map.multi_label else ''}"
     )
-    task = TaskRun(data, val, loss_fn, run_eval, summary, label_map=label_map, report=format_metrics)
-    return run_training(config, model_dir, tokenizer, pad_id, task)
+    groups = data.targets if config.oversample and not label_map.multi_label else None
+    task = TaskRun(
+        data, val, loss_fn, run_eval, summary, label_map=label_map, report=format_metrics, sample_groups=groups
+    )
+    return run_training(config, model_dir, tokenizer, task)
 
 
-def load_classifier(model_dir: str | Path, adapter_dir: str | Path | None = None):
+def load_classifier(
+    model_dir: str | Path, adapter_dir: str | Path | None = None, cache_budget_mb: int | None = None
+) -> tuple[nn.Module, Tokenizer, LabelMap, RunInfo]:
     """A trained classifier for eval/predict: ``(model, tokenizer, label_map, run info)``.
 
     With ``adapter_dir`` the base in ``model_dir`` is rebuilt as it was trained (same 4-bit format, see
     :func:`nibble.model.adapter.load_adapted`) and the adapter attached; without it, ``model_dir`` is a
     full fine-tuned model written by nibble train. An adapter without a label map (one written by PEFT)
-    gets the labels 0..K-1.
+    gets the labels 0..K-1. Frozen 4-bit weights keep dense copies within ``cache_budget_mb`` MiB (None:
+    half the available memory).
     """
     from nibble.model import load_model
     from nibble.model.adapter import load_adapted, read_adapter_info
@@ -104,13 +105,7 @@ def load_classifier(model_dir: str | Path, adapter_dir: str | Path | None = None
     model_dir = resolve_model_dir(model_dir)
     if adapter_dir is not None:
         info = read_adapter_info(adapter_dir)
-        dtype = info.run.get("dtype", "float32")
-        model, info = load_adapted(
-            model_dir,
-            adapter_dir,
-            dtype=torch.float32 if dtype == "float32" else getattr(torch, dtype),
-            task="classify",
-        )
+        model, info = load_adapted(model_dir, adapter_dir, dtype=info.run.torch_dtype, task="classify")
         run, source = info.run, info.directory
         label_map = LabelMap.load(source / LABEL_MAP) if (source / LABEL_MAP).is_file() else None
         label_map = label_map or LabelMap(list(range(info.num_labels)))
@@ -118,10 +113,9 @@ def load_classifier(model_dir: str | Path, adapter_dir: str | Path | None = None
         source = model_dir
         if not (source / RUN_INFO).is_file():
             raise NibbleError(f"{source}: no {RUN_INFO}; pass --adapter, or a model directory written by nibble train")
-        run = read_json_object(source / RUN_INFO, "restore it from the training output")
+        run = RunInfo.load(source / RUN_INFO)
         label_map = LabelMap.load(source / LABEL_MAP)
-        model = load_model(
-            model_dir, task="classify", num_labels=label_map.num_labels, pooling=run.get("pooling", "last")
-        )
+        model = load_model(model_dir, task="classify", num_labels=label_map.num_labels, pooling=run.pooling)
+    cache_dense_weights(model, cache_budget_bytes(cache_budget_mb), run.torch_dtype)
     tokenizer = load_tokenizer(source if (source / "tokenizer.json").is_file() else model_dir)
     return model.eval(), tokenizer, label_map, run

@@ -18,6 +18,9 @@ import yaml
 
 from nibble.data.classify import CLASS_WEIGHTS
 from nibble.errors import NibbleError
+from nibble.quant import QuantSpec
+
+_QUANT = QuantSpec()  # the default 4-bit format
 
 Method = Literal["qlora", "lora", "full"]
 DTYPES = ("float32", "bfloat16", "float16")
@@ -49,10 +52,12 @@ class TrainConfig:
     method: Method = field(
         default="qlora", metadata=_help("qlora: 4-bit frozen base + LoRA; lora: dense frozen base + LoRA; full")
     )
-    quant_format: Literal["nf4", "int4"] = field(default="nf4", metadata=_help("4-bit format of the qlora base"))
-    double_quant: bool = field(default=False, metadata=_help("double-quantize the NF4 block scales"))
-    blocksize: int = field(default=64, metadata=_help("NF4 block size"))
-    group_size: int = field(default=128, metadata=_help("INT4 group size"))
+    quant_format: Literal["nf4", "int4"] = field(
+        default=_QUANT.format, metadata=_help("4-bit format of the qlora base")
+    )
+    double_quant: bool = field(default=_QUANT.double_quant, metadata=_help("double-quantize the NF4 block scales"))
+    blocksize: int = field(default=_QUANT.blocksize, metadata=_help("NF4 block size"))
+    group_size: int = field(default=_QUANT.group_size, metadata=_help("INT4 group size"))
     cache_budget_mb: int | None = field(
         default=None,
         metadata=_help(
@@ -114,9 +119,10 @@ class TrainConfig:
     )
     oversample: bool = field(default=False, metadata=_help("repeat minority-class rows up to the largest class"))
 
-    def validate(self) -> TrainConfig:
-        """Check every value; raises NibbleError naming the first bad key. Returns self."""
-        for key in ("model", "data", "output"):
+    def validate(self, required: tuple[str, ...] = ("model", "data", "output")) -> TrainConfig:
+        """Check every value (and that the ``required`` paths are set); raises NibbleError naming the first bad
+        key. Returns self."""
+        for key in required:
             if not getattr(self, key):
                 raise NibbleError(f"'{key}' is required: pass --{key.replace('_', '-')} or set it in the YAML file")
         for name, hint in typing.get_type_hints(TrainConfig).items():
@@ -153,7 +159,13 @@ class TrainConfig:
         from nibble.nn.lora import resolve_targets
 
         resolve_targets(self.lora_targets)
+        self.quant_spec  # noqa: B018  (validates the 4-bit format's parameters)
         return self
+
+    @property
+    def quant_spec(self) -> QuantSpec:
+        """The 4-bit format of the frozen base, as one value."""
+        return QuantSpec(self.quant_format, self.blocksize, self.group_size, self.double_quant)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -223,8 +235,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def resolve_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults <- YAML file <- ``overrides`` (the flags given), validated.
+def resolve_config(
+    yaml_path: str | Path | None,
+    overrides: dict[str, Any],
+    required: tuple[str, ...] = ("model", "data", "output"),
+) -> TrainConfig:
+    """Defaults <- YAML file <- ``overrides`` (the flags given), validated (see :meth:`TrainConfig.validate`).
 
     Relative paths inside the YAML file stay relative to the current directory, as flags are.
     """
@@ -234,4 +250,4 @@ def resolve_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> T
         config = TrainConfig(**values)
     except TypeError as exc:
         raise NibbleError(f"bad training config: {exc}") from None
-    return config.validate()
+    return config.validate(required)

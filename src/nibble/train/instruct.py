@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nibble.data.classify import iter_batches, stratified_split
+from nibble.data.batching import iter_batches
 from nibble.data.instruct import CHATML, IGNORE_INDEX, InstructData, fit_length, read_instruct, use_chat_template
+from nibble.data.records import stratified_split
 from nibble.errors import NibbleError
 from nibble.io.tokenizer import load_tokenizer
 from nibble.model.loading import resolve_model_dir
 from nibble.train.config import TrainConfig
 from nibble.train.metrics import headline
-from nibble.train.run import TaskRun, pad_id_of, run_training
+from nibble.train.run import TaskRun, run_training
 
 
 def lm_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -63,7 +64,7 @@ def train_instruct(config: TrainConfig) -> dict[str, Any]:
     chatml = use_chat_template(tokenizer)
     if chatml:
         print(f"{model_dir}: the tokenizer has no chat template; rendering conversations as ChatML", flush=True)
-    pad_id = pad_id_of(tokenizer, model_dir)
+    pad_id = tokenizer.pad_id
     rows = read_instruct(config.data, tokenizer)
     val: InstructData | None = None
     if config.val_data:
@@ -87,4 +88,4 @@ def train_instruct(config: TrainConfig) -> dict[str, Any]:
     )
     template = CHATML if chatml else None
     task = TaskRun(data, val, lm_loss, run_eval, summary, forward=lm_forward, chat_template=template, report=report)
-    return run_training(config, model_dir, tokenizer, pad_id, task)
+    return run_training(config, model_dir, tokenizer, task)

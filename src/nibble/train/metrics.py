@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from nibble.data.classify import LabelMap
+from nibble.io.runinfo import LabelMap
 
 
 def classification_loss(

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,8 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from nibble.data.classify import BatchStream
+from nibble.data.batching import BatchStream
+from nibble.devices import autocast
 from nibble.errors import NibbleError
 from nibble.train.checkpoint import (
     list_checkpoints,
@@ -24,11 +24,11 @@ from nibble.train.checkpoint import (
     load_trainable,
     prune_checkpoints,
     save_checkpoint,
-    set_rng_state,
 )
 from nibble.train.config import TrainConfig
 from nibble.train.metrics import MetricsLog, headline
 from nibble.train.optim import WarmupCosine, build_optimizer
+from nibble.train.rng import set_rng_state
 
 
 @dataclass
@@ -41,6 +41,37 @@ class Progress:
     best_step: int | None = None
     evals_without_improvement: int = 0
     stopped_early: bool = False
+
+
+@dataclass
+class _Window:
+    """The steps since the last log line: their losses and gradient norms stay on the device (no host sync)
+    until :meth:`sync` reads them all at once."""
+
+    first_step: int
+    start: float
+    losses: list[torch.Tensor | float] = field(default_factory=list)
+    grad_norms: list[torch.Tensor | float] = field(default_factory=list)
+    lr: float = 0.0
+    tokens: int = 0
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, tokens: int) -> None:
+        self.losses.append(loss)
+        self.grad_norms.append(grad_norm)
+        self.lr = lr
+        self.tokens += tokens
+
+    def sync(self) -> list[tuple[int, float, float]]:
+        """``(step, loss, grad norm)`` of every step so far, as host numbers (one transfer for the new ones)."""
+        fresh = [i for i, v in enumerate(self.losses) if isinstance(v, torch.Tensor)]
+        if fresh:
+            stacked = torch.stack([torch.stack([self.losses[i], self.grad_norms[i]]).float() for i in fresh])
+            for i, (loss, norm) in zip(fresh, stacked.tolist(), strict=True):
+                self.losses[i], self.grad_norms[i] = loss, norm
+        return [
+            (self.first_step + i, loss, norm)
+            for i, (loss, norm) in enumerate(zip(self.losses, self.grad_norms, strict=True))
+        ]
 
 
 class Trainer:
@@ -74,6 +105,7 @@ class Trainer:
         self.forward = forward or (lambda m, batch: m(batch["input_ids"], batch["attention_mask"]))
         self.total_steps, self.loss_fn, self.evaluate, self.on_best = total_steps, loss_fn, evaluate, on_best
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._params = [param for _, param in self.named_params]
         if not self.named_params:
             raise NibbleError("nothing to train: no parameter requires a gradient")
         self.optimizer = build_optimizer(
@@ -86,7 +118,6 @@ class Trainer:
         self.device = next(p.device for _, p in self.named_params)
         fp16 = config.dtype == "float16"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
-        self.autocast_dtype = None if config.dtype == "float32" else config.torch_dtype
         self.progress = Progress()
         self.log = MetricsLog(out / "metrics.jsonl")
         self.checkpoints = out / "checkpoints"
@@ -94,9 +125,7 @@ class Trainer:
         self.last_eval: dict[str, Any] | None = None
 
     def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device, self.config.torch_dtype)
 
     def resume(self, path: Path) -> None:
         """Restore weights, optimizer, data position, progress and RNG from a checkpoint directory."""
@@ -171,68 +200,93 @@ class Trainer:
                 p.stopped_early = True
                 tqdm.write(f"early stop at step {p.step}: val loss has not improved for {patience} evaluations")
 
+    def step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimizer step over ``grad_accum`` micro-batches. Returns its mean loss and gradient norm as
+        device tensors (reading them would wait for the device) and the number of real tokens it saw."""
+        cfg = self.config
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        for _ in range(cfg.grad_accum):
+            batch = self.stream.next_batch()
+            tokens += int(batch["attention_mask"].sum())
+            with self.autocast():
+                outputs = self.forward(self.model, batch)
+            loss = self.loss_fn(outputs, batch["labels"])
+            self.scaler.scale(loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float() / cfg.grad_accum
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=True)
+        self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, grad_norm, tokens
+
+    def _check(self, window: _Window, bar: tqdm) -> list[tuple[int, float, float]]:
+        """Sync the window with the host; stop at its first non-finite loss (or gradient norm, without a grad
+        scaler, which handles overflow itself) before anything is saved or evaluated after it."""
+        values = window.sync()
+        for step, loss, norm in values:
+            bad = ("training loss", loss) if not math.isfinite(loss) else None
+            if bad is None and not math.isfinite(norm) and not self.scaler.is_enabled():
+                bad = ("gradient norm", norm)
+            if bad is not None:
+                bar.close()
+                self.progress.step = step - 1
+                raise self._not_finite(*bad)
+        return values
+
+    def _log(self, window: _Window, bar: tqdm) -> None:
+        values = self._check(window, bar)
+        elapsed = max(time.perf_counter() - window.start, 1e-9)
+        p = self.progress
+        p.tokens += window.tokens
+        record = {
+            "kind": "train",
+            "step": p.step,
+            "loss": sum(loss for _, loss, _ in values) / len(values),
+            "lr": window.lr,
+            "grad_norm": values[-1][2],
+            "epoch": round(self.stream.epoch, 4),
+            "tokens_per_s": window.tokens / elapsed,
+        }
+        self.log.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{window.lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+
     def train(self) -> Progress:
-        """Run until ``total_steps`` (or an early stop); checkpoints as configured and at the end."""
+        """Run until ``total_steps`` (or an early stop); checkpoints as configured and at the end.
+
+        The host reads the device once per log window (and before an evaluation or a checkpoint, which must
+        not follow a non-finite step), never per step.
+        """
         cfg, p = self.config, self.progress
         self.out.mkdir(parents=True, exist_ok=True)
         self.model.train()
-        params = [param for _, param in self.named_params]
         bar = tqdm(total=self.total_steps, initial=p.step, desc="train", disable=None, dynamic_ncols=True)
-        window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+        window = _Window(p.step + 1, time.perf_counter())
         evaluated_at = saved_at = -1
         if cfg.eval_at_start and p.step == 0:
             self._evaluate()
             evaluated_at = 0
         while p.step < self.total_steps and not p.stopped_early:
             lr = self.schedule.apply(self.optimizer, cfg.lr, p.step)
-            step_loss = 0.0
-            for _ in range(cfg.grad_accum):
-                batch = self.stream.next_batch()
-                with self.autocast():
-                    outputs = self.forward(self.model, batch)
-                loss = self.loss_fn(outputs, batch["labels"])
-                value = loss.item()
-                if not math.isfinite(value):
-                    bar.close()
-                    raise self._not_finite("training loss", value)
-                self.scaler.scale(loss / cfg.grad_accum).backward()
-                step_loss += value / cfg.grad_accum
-                window_tokens += int(batch["attention_mask"].sum())
-            self.scaler.unscale_(self.optimizer)
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
-            if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
-                bar.close()
-                raise self._not_finite("gradient norm", grad_norm)
-            self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
+            loss, grad_norm, tokens = self.step()
             p.step += 1
-            window_loss += step_loss
-            window_steps += 1
+            window.add(loss, grad_norm, lr, tokens)
             bar.update(1)
             if p.step % cfg.log_every == 0 or p.step == self.total_steps:
-                elapsed = max(time.perf_counter() - window_start, 1e-9)
-                p.tokens += window_tokens
-                record = {
-                    "kind": "train",
-                    "step": p.step,
-                    "loss": window_loss / window_steps,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "epoch": round(self.stream.epoch, 4),
-                    "tokens_per_s": window_tokens / elapsed,
-                }
-                self.log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-                window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+                self._log(window, bar)
+                window = _Window(p.step + 1, time.perf_counter())
             if cfg.eval_every and p.step % cfg.eval_every == 0:
+                self._check(window, bar)
                 self._evaluate()
                 evaluated_at = p.step
             if cfg.save_every and p.step % cfg.save_every == 0:
+                self._check(window, bar)
                 self.save()
                 saved_at = p.step
         bar.close()
+        self._check(window, bar)
         if evaluated_at != p.step:
             self._evaluate()
         if saved_at != p.step:

@@ -1,0 +1,108 @@
+"""Batches: one padding routine for every task, file-order batches for evaluation, and the resumable
+stream of shuffled training batches."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from nibble.errors import NibbleError
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    """Right-pad integer sequences with ``value`` to the longest: a long tensor [B, T]."""
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        out[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+    return out
+
+
+def pad_batch(ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` [B, T] right-padded with ``pad_id`` and the ``attention_mask`` [B, T] marking real tokens."""
+    lengths = torch.tensor([len(seq) for seq in ids])
+    input_ids = pad_sequences(ids, pad_id)
+    mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+class Dataset(Protocol):
+    """Examples that batch themselves: classification or instruction data."""
+
+    def __len__(self) -> int: ...
+
+    def collate(self, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]: ...
+
+
+def iter_batches(data: Dataset, batch_size: int, pad_id: int) -> Iterator[tuple[range, dict[str, torch.Tensor]]]:
+    """Batches in file order (for evaluation and prediction), with their row indices."""
+    for start in range(0, len(data), batch_size):
+        chunk = range(start, min(start + batch_size, len(data)))
+        yield chunk, data.collate(chunk, pad_id)
+
+
+class BatchStream:
+    """An endless, resumable stream of training batches over seeded per-epoch shuffles.
+
+    Epoch ``e`` visits a permutation drawn from ``(seed, e)`` (no sorting by length), optionally with the
+    examples of minority groups repeated up to the size of the largest (``groups``: one group id per
+    example, e.g. its class). The whole state is the number of batches already taken (``position``), so a
+    resumed run continues with the very next batch.
+    """
+
+    def __init__(self, data: Dataset, batch_size: int, pad_id: int, seed: int, groups: Sequence[int] | None = None):
+        if batch_size < 1:
+            raise NibbleError(f"batch_size must be >= 1, got {batch_size}")
+        self.data, self.batch_size, self.pad_id, self.seed = data, batch_size, pad_id, seed
+        self.by_group: dict[int, list[int]] = {}
+        for i, g in enumerate(groups or ()):
+            self.by_group.setdefault(int(g), []).append(i)
+        largest = max((len(v) for v in self.by_group.values()), default=0)
+        self.epoch_size = largest * len(self.by_group) if self.by_group else len(data)
+        self.batches_per_epoch = math.ceil(self.epoch_size / batch_size)
+        self.position = 0
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The example indices epoch ``epoch`` visits, in order."""
+        rng = np.random.default_rng([self.seed, epoch])
+        indices = np.arange(len(self.data))
+        if self.by_group:
+            largest = max(len(v) for v in self.by_group.values())
+            extra = [
+                np.asarray(members)[rng.integers(0, len(members), largest - len(members))]
+                for _, members in sorted(self.by_group.items())
+            ]
+            indices = np.concatenate([indices, *extra])
+        return indices[rng.permutation(len(indices))]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The batch at ``position`` (then advance); the last batch of an epoch may be smaller."""
+        epoch, index = divmod(self.position, self.batches_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, self.epoch_order(epoch))
+        chosen = self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
+        self.position += 1
+        return self.data.collate(chosen, self.pad_id)
+
+    @property
+    def epoch(self) -> float:
+        """Epochs completed so far, fractional."""
+        return self.position / self.batches_per_epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position, "seed": self.seed, "examples": len(self.data), "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, int], source: str) -> None:
+        """Continue from a saved position; the data, seed and batch size must be the ones it was saved with."""
+        mine = self.state_dict()
+        for key in ("examples", "seed", "batch_size"):
+            if state.get(key) != mine[key]:
+                raise NibbleError(
+                    f"{source}: the checkpoint was taken with {key} {state.get(key)}, this run has {mine[key]}; "
+                    "resume with the same data, seed and batch size"
+                )
+        self.position = int(state["position"])

@@ -1,0 +1,95 @@
+"""The atomic-write helpers: a staged directory appears only complete, and nothing half-written is left."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from nibble.errors import NibbleError
+from nibble.io.files import read_json_object, remove_stale_staging, staged_dir, write_text_atomic
+
+
+def litter(parent):
+    return [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_the_target_appears_only_when_the_block_completes(tmp_path):
+    target = tmp_path / "out"
+    with staged_dir(target) as tmp:
+        (tmp / "a.txt").write_text("a")
+        assert not target.exists()
+        (tmp / "b.txt").write_text("b")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt", "b.txt"]
+    assert litter(tmp_path) == []
+
+
+def test_a_failure_leaves_no_target_and_no_litter(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        with staged_dir(target) as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("disk on fire")
+    assert not target.exists() and litter(tmp_path) == []
+
+
+def test_a_failure_while_overwriting_keeps_the_old_directory(tmp_path):
+    target = tmp_path / "out"
+    with staged_dir(target) as tmp:
+        (tmp / "v").write_text("1")
+    with pytest.raises(RuntimeError):
+        with staged_dir(target, overwrite=True) as tmp:
+            (tmp / "v").write_text("2")
+            raise RuntimeError
+    assert (target / "v").read_text() == "1" and litter(tmp_path) == []
+
+
+def test_an_existing_target_needs_overwrite(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep").write_text("x")
+    with pytest.raises(NibbleError, match="out: already exists"):
+        with staged_dir(target):
+            pass
+    assert (target / "keep").read_text() == "x" and litter(tmp_path) == []
+    (tmp_path / "empty").mkdir()
+    with staged_dir(tmp_path / "empty") as tmp:  # an empty directory is no run to protect
+        (tmp / "new").write_text("y")
+    assert (tmp_path / "empty" / "new").read_text() == "y"
+
+
+def test_overwrite_replaces_without_a_moment_where_the_target_is_missing(tmp_path):
+    target = tmp_path / "out"
+    with staged_dir(target) as tmp:
+        (tmp / "v").write_text("0")
+    missing: list[int] = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if not target.is_dir():
+                missing.append(1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for version in range(1, 40):
+            with staged_dir(target, overwrite=True) as tmp:
+                (tmp / "v").write_text(str(version))
+    finally:
+        stop.set()
+        watcher.join()
+    assert (target / "v").read_text() == "39" and [p.name for p in target.iterdir()] == ["v"]
+    assert missing == [] and litter(tmp_path) == []
+
+
+def test_write_text_atomic_and_stale_staging_cleanup(tmp_path):
+    path = write_text_atomic(tmp_path / "sub" / "report.json", '{"a": 1}\n')
+    assert read_json_object(path, "fix it") == {"a": 1}
+    (tmp_path / "sub" / ".report.json.tmp-12345678").write_text("half")
+    (tmp_path / "sub" / ".run.tmp-abcdef12").mkdir()
+    (tmp_path / "sub" / ".run.old-abcdef12").mkdir()
+    remove_stale_staging(tmp_path / "sub")
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["report.json"]
+    with pytest.raises(NibbleError, match="not valid JSON.*fix it"):
+        read_json_object(write_text_atomic(tmp_path / "bad.json", "{]"), "fix it")
