@@ -73,20 +73,26 @@ def test_load_truncates_or_packs(chat_dir, tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     full = load_instruct(path, tokenizer, max_seq_len=1000)
-    assert full.lines == [1, 2, 3] and full.target_tokens() == 3 * 16  # "yyyyy<|im_end|>\n", one token per byte
+    assert full.lines.tolist() == [1, 2, 3] and full.target_tokens() == 3 * 16  # "yyyyy<|im_end|>\n", a token a byte
     cut = load_instruct(path, tokenizer, max_seq_len=60)  # the prompts take 51 to 58 tokens
-    assert [len(ids) for ids in cut.ids] == [60, 60, 60] and cut.ids[0] == full.ids[0][:60]
+    assert [len(ids) for ids in cut.ids] == [60, 60, 60] and cut.ids[0].tolist() == full.ids[0][:60].tolist()
+    assert cut.target_tokens() == sum(60 - int(f) for f in full.first_target)  # every response runs past 60
     packed = load_instruct(path, tokenizer, max_seq_len=50, packing=True)
-    assert [len(ids) for ids in packed.ids[:-1]] == [50] * (len(packed) - 1)
-    assert sum(packed.ids, []) == sum(full.ids, []) and sum(packed.labels, []) == sum(full.labels, [])
+    assert [len(ids) for ids in packed.ids][:-1] == [50] * (len(packed) - 1)
+    assert sum(packed.ids.tolist(), []) == sum(full.ids.tolist(), [])
+    assert sum((packed.labels(i).tolist() for i in range(len(packed))), []) == sum(
+        (full.labels(i).tolist() for i in range(len(full))), []
+    )
+    starts = [packed.labels(i)[0] for i in range(len(packed))]  # a piece's first token predicts nothing
+    assert packed.target_tokens() == full.target_tokens() - sum(t != IGNORE_INDEX for t in starts)
     with pytest.raises(NibbleError, match=r"rows.jsonl line 2: no response token within max_seq_len 55"):
         load_instruct(path, tokenizer, max_seq_len=55)
 
 
 def test_pack_records_the_line_each_sequence_starts_in():
-    data = InstructData([[1, 2, 3], [4, 5], [6, 7, 8, 9]], [[1, 2, 3], [4, 5], [6, 7, 8, 9]], [10, 20, 30])
+    data = InstructData.from_lists([[1, 2, 3], [4, 5], [6, 7, 8, 9]], [[1, 2, 3], [4, 5], [6, 7, 8, 9]], [10, 20, 30])
     packed = pack(data, 4)
-    assert packed.ids == [[1, 2, 3, 4], [5, 6, 7, 8], [9]] and packed.lines == [10, 20, 30]
+    assert packed.ids.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9]] and packed.lines.tolist() == [10, 20, 30]
     batch = packed.collate([0, 2], pad_id=0)
     assert batch["labels"].tolist() == [[1, 2, 3, 4], [9, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
@@ -95,7 +101,7 @@ def test_pack_records_the_line_each_sequence_starts_in():
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ({"text": "hi"}, r"line 2: expected 'instruction' and 'response' fields or a 'messages' list \(fields: text\)"),
+        ({"text": "hi"}, r"line 2: no instruction schema matches the fields \(text\); expected 'messages', "),
         ({"instruction": "hi", "response": 3}, r"line 2: 'response' must be a string, got int"),
         ({"messages": []}, r"line 2: 'messages' must be a non-empty list"),
         ({"messages": [{"role": "user"}]}, r"line 2: message 0 must be an object with string 'role' and 'content'"),
