@@ -27,7 +27,9 @@ from nibble.errors import NibbleError
 from nibble.io.runinfo import Label, LabelMap, is_label
 
 CLASS_WEIGHTS = ("none", "inverse_freq", "sqrt_inverse")
-_TOKENIZE_ROWS = 512  # rows tokenized per batch while caching
+# Rows tokenized per batch while caching: at most this many rows or characters, since the tokenizer's output
+# (offsets, masks, overflow) takes about 100 bytes per token before truncation.
+_TOKENIZE_ROWS, _TOKENIZE_CHARS = 512, 1 << 16
 CACHE_COLUMNS = {"ids": Column("uint32"), "lines": Column("int64", ragged=False), "targets": Column("int32")}
 
 
@@ -55,36 +57,38 @@ def iter_rows(path: str | Path, text_column: str = "text", label_column: str | N
     column = label_column
     first: Row | None = None
     for line, record in read_records(path):
-        where = place(path, line)
         if column == "label" and first is None and "label" not in record and "labels" in record:
             column = "labels"
         if text_column not in record:
             fields = ", ".join(map(str, record)) or "none"
             raise NibbleError(
-                f"{where}: no '{text_column}' field (fields: {fields}); set --text-column to the text field"
+                f"{place(path, line)}: no '{text_column}' field (fields: {fields}); set --text-column to the text field"
             )
         text = record[text_column]
         if not isinstance(text, str):
-            raise NibbleError(f"{where}: '{text_column}' must be a string, got {type(text).__name__}")
+            raise NibbleError(f"{place(path, line)}: '{text_column}' must be a string, got {type(text).__name__}")
         label: Label | list[Label] = -1
         if column is not None:
             if column not in record:
                 fields = ", ".join(map(str, record))
                 raise NibbleError(
-                    f"{where}: no '{column}' field (fields: {fields}); set --label-column to the label field"
+                    f"{place(path, line)}: no '{column}' field (fields: {fields}); "
+                    "set --label-column to the label field"
                 )
             label = record[column]
             if isinstance(label, list):
                 if not label or not all(is_label(x) for x in label):
-                    raise NibbleError(f"{where}: '{column}' must be a non-empty list of integers >= 0 or strings")
+                    raise NibbleError(
+                        f"{place(path, line)}: '{column}' must be a non-empty list of integers >= 0 or strings"
+                    )
             elif not is_label(label):
                 raise NibbleError(
-                    f"{where}: '{column}' must be an integer >= 0, a string, or a list of those; "
+                    f"{place(path, line)}: '{column}' must be an integer >= 0, a string, or a list of those; "
                     f"got {json.dumps(label)}"
                 )
         row = Row(text, label, line)
         if column is not None and first is not None:
-            _check_consistent(first, row, where, column)
+            _check_consistent(first, row, path, column)
         first = first or row
         yield row
     if first is None:
@@ -96,11 +100,11 @@ def read_rows(path: str | Path, text_column: str = "text", label_column: str | N
     return list(iter_rows(path, text_column, label_column))
 
 
-def _check_consistent(first: Row, row: Row, where: str, column: str) -> None:
+def _check_consistent(first: Row, row: Row, path: Path, column: str) -> None:
     if isinstance(row.label, list) != isinstance(first.label, list):
-        raise NibbleError(f"{where}: '{column}' mixes single labels and lists; use lists on every row")
+        raise NibbleError(f"{place(path, row.line)}: '{column}' mixes single labels and lists; use lists on every row")
     if _kind(row.label) != _kind(first.label):
-        raise NibbleError(f"{where}: '{column}' mixes integer and string labels; use one kind")
+        raise NibbleError(f"{place(path, row.line)}: '{column}' mixes integer and string labels; use one kind")
 
 
 def _kind(label: Label | list[Label]) -> type:
@@ -258,19 +262,22 @@ def load_classification(
         first: dict[Label, int] = {}  # label -> its number, in the order labels first appear
         multi = False
         batch: list[Row] = []
+        chars = 0
 
         def flush() -> None:
             for row, ids in zip(batch, tokenize_rows(batch, tokenizer, max_seq_len, path), strict=True):
                 labels = row.label if isinstance(row.label, list) else [row.label]
-                targets = sorted({first.setdefault(label, len(first)) for label in labels})
+                targets = sorted({first.setdefault(label, len(first)) for label in labels}) if label_column else []
                 writer.append(ids=ids, lines=row.line, targets=targets)
             batch.clear()
 
         for row in iter_rows(path, text_column, label_column):
             multi = isinstance(row.label, list)
             batch.append(row)
-            if len(batch) == _TOKENIZE_ROWS:
+            chars += len(row.text)
+            if len(batch) == _TOKENIZE_ROWS or chars >= _TOKENIZE_CHARS:
                 flush()
+                chars = 0
         flush()
         return {"labels": list(first), "multi_label": multi}
 
@@ -296,9 +303,9 @@ def _map_targets(
         NibbleError: a label ``label_map`` does not hold; names the first row that carries one.
     """
     ids = np.array([-1 if label_map.id_of(label) is None else label_map.id_of(label) for label in seen], np.int64)
-    numbers = np.asarray(cached.values, dtype=np.int64)
+    numbers = cached.values
     mapped = ids[numbers]
-    if (mapped < 0).any():
+    if mapped.min(initial=0) < 0:
         position = int(np.argmax(mapped < 0))
         row = int(np.searchsorted(cached.offsets, position, side="right")) - 1
         known = ", ".join(map(str, label_map.labels))

@@ -174,6 +174,7 @@ def conversation(
             wrong type, or no assistant turn; names the line.
     """
     where = place(source, line)
+    record = {k: v for k, v in record.items() if v is not None}  # a null cell (Parquet, datasets) is no field
     fields = ", ".join(map(str, record)) or "none"
     if columns:
         missing = [c for c in columns.values() if c not in record]

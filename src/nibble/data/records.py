@@ -58,8 +58,7 @@ def read_records(path: str | Path) -> Iterator[Record]:
 
 def place(path: str | Path, number: int) -> str:
     """Where a record came from, for messages: ``"data.jsonl line 3"`` or ``"data.parquet row 3"``."""
-    path = Path(path)
-    lines = not path.is_dir() and path.suffix.lower() in (*JSONL_SUFFIXES, *CSV_SUFFIXES)
+    lines = Path(path).suffix.lower() in (*JSONL_SUFFIXES, *CSV_SUFFIXES)
     return f"{path} {'line' if lines else 'row'} {number}"
 
 

@@ -34,7 +34,7 @@ from nibble.io.files import read_json_object, staged_dir
 
 CACHE_FORMAT = 1
 TOKENIZER_IDENTITY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-_FLUSH_VALUES = 1 << 20  # buffered values per column before a write: bounded memory, few system calls
+_FLUSH_VALUES = 1 << 16  # buffered values per column before a write: bounded memory, few system calls
 _GATHER_VALUES = 1 << 22  # values read at once when summing over many rows
 _STALE_STAGING_S = 24 * 3600  # a build staged longer ago than this was killed
 
