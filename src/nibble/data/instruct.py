@@ -89,8 +89,8 @@ def resolve_chat_template(spec: str) -> str:
 def default_system_prompt(tokenizer: Tokenizer) -> str | None:
     """The system message the chat template adds to a conversation that has none, or None.
 
-    The template renders a conversation with a marker system message and once without: when the second
-    rendering holds a system block where the first holds the marker, that block's content is returned.
+    A short conversation is rendered twice, with a marker system message and without one; when the second
+    rendering holds a block where the first holds the marker, that block's content is returned.
     """
     probe_system, probe_user = "nibble-probe-system-7f3a", "nibble-probe-user-7f3a"
     turns = [{"role": "user", "content": probe_user}, {"role": "assistant", "content": "ok"}]
