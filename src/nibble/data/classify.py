@@ -167,7 +167,12 @@ class ClassificationData:
     def collate(self, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
         """The padded batch of the examples at ``indices`` (see :func:`collate`)."""
         lm = self.label_map
-        targets = None if self.targets is None else [self.targets[i] for i in indices]
+        if self.targets is None:
+            targets = None
+        elif isinstance(self.targets, Ragged):
+            targets = [self.targets[i] for i in indices]
+        else:
+            targets = self.targets[np.asarray(indices, dtype=np.int64)]
         return collate([self.ids[i] for i in indices], targets, pad_id, lm.num_labels, lm.multi_label)
 
     def split_keys(self) -> np.ndarray | list[tuple[int, ...]]:

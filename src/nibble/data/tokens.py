@@ -322,6 +322,8 @@ def cached_tokens(
     with staged_dir(directory, overwrite=True) as tmp:
         writer = CacheWriter(tmp, columns)
         writer.finish({"key": key, **build(writer)})
+        if source_identity(source) != identity:
+            raise NibbleError(f"{source}: changed while it was being read; run again once it is complete")
     size = sum(f.stat().st_size for f in directory.iterdir())
     print(
         f"tokens: {writer.rows:,} rows of {source.name} tokenized in {time.perf_counter() - started:.1f} s, "
