@@ -16,6 +16,14 @@ import helpers  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory):
+    """Token caches of the data files tests write go to a temporary directory (CLI subprocesses inherit it)."""
+    path = tmp_path_factory.mktemp("token-cache")
+    os.environ["NIBBLE_TOKEN_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture
 def hf_checkpoint(tmp_path):
     """A factory: ``hf_checkpoint(model_type="qwen3", num_labels=None, **overrides) -> (path, hf_model)``.

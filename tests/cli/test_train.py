@@ -117,7 +117,7 @@ def test_adapter_reloads_in_peft_with_equal_probabilities(toy, tmp_path, method,
     preds = predictions(toy, out, toy.base, "--adapter", adapter)
     texts = [json.loads(line)["text"] for line in toy.val.read_text().splitlines()]
     expected = hf_probs(toy.base, adapter, texts, 3, dequantize)
-    torch.testing.assert_close(torch.tensor([p["probs"] for p in preds]), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor([list(p["probs"].values()) for p in preds]), expected, rtol=1e-5, atol=1e-6)
     assert {p["label"] for p in preds} <= {"neg", "pos", "zero"}
 
     # The loss falls on this learnable task, and the run leaves its reports behind.
@@ -148,7 +148,7 @@ def test_full_fine_tuning_writes_a_checkpoint_transformers_loads(toy, tmp_path):
     preds = predictions(toy, out, model_dir)
     texts = [json.loads(line)["text"] for line in toy.val.read_text().splitlines()]
     expected = hf_probs(model_dir, None, texts, 3)
-    torch.testing.assert_close(torch.tensor([p["probs"] for p in preds]), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor([list(p["probs"].values()) for p in preds]), expected, rtol=1e-5, atol=1e-6)
     config = json.loads((model_dir / "config.json").read_text())
     assert config["architectures"] == ["Qwen3ForSequenceClassification"] and config["id2label"]["1"] == "pos"
 
@@ -169,7 +169,7 @@ def test_multi_label_trains_with_bce(toy, tmp_path):
     assert main(["predict", "--model", str(toy.base), "--adapter", str(out / "adapter"), "--data", str(val),
                  "--output", str(pred_path)]) == 0  # fmt: skip
     preds = [json.loads(line) for line in pred_path.read_text().splitlines()]
-    probs = torch.tensor([p["probs"] for p in preds], dtype=torch.float64)
+    probs = torch.tensor([list(p["probs"].values()) for p in preds], dtype=torch.float64)
     truth = torch.tensor([[lab in json.loads(r)["labels"] for lab in WORDS] for r in val.read_text().splitlines()])
     bce = -(truth * probs.log() + (~truth) * (1 - probs).log()).mean()
     assert report["loss"] == pytest.approx(float(bce), rel=1e-4)  # the val loss is BCE over labels

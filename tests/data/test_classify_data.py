@@ -37,8 +37,8 @@ def test_string_labels_map_in_sorted_order_and_round_trip(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "b", "label": "pos"}, {"text": "a", "label": "neg"}, ""])
     data = load_classification(path, tokenizer, max_seq_len=8)
     assert data.label_map.labels == ["neg", "pos"] and not data.label_map.multi_label
-    assert data.targets == [1, 0]
-    assert data.ids == [[ord("b")], [ord("a")]]
+    assert data.targets.tolist() == [1, 0]
+    assert data.ids.tolist() == [[ord("b")], [ord("a")]]
     data.label_map.save(tmp_path / "labels.json")
     assert LabelMap.load(tmp_path / "labels.json") == data.label_map
 
@@ -47,23 +47,23 @@ def test_int_labels_are_ids_and_csv_reads_like_jsonl(tmp_path, tokenizer):
     (tmp_path / "d.csv").write_text('sentence,y\n"hello, world",2\nbye,0\n"multi\nline",1\n')
     data = load_classification(tmp_path / "d.csv", tokenizer, text_column="sentence", label_column="y")
     assert data.label_map.labels == [0, 1, 2]
-    assert data.targets == [2, 0, 1]
-    assert data.ids[0] == list(b"hello, world")
-    assert data.lines == [2, 3, 4]
+    assert data.targets.tolist() == [2, 0, 1]
+    assert data.ids[0].tolist() == list(b"hello, world")
+    assert data.lines.tolist() == [2, 3, 4]
 
 
 def test_multi_label_rows(tmp_path, tokenizer):
     rows = [{"text": "x", "labels": ["b", "a"]}, {"text": "y", "labels": ["c"]}]
     data = load_classification(write_jsonl(tmp_path / "m.jsonl", rows), tokenizer)
     assert data.label_map.multi_label and data.label_map.labels == ["a", "b", "c"]
-    assert data.targets == [[0, 1], [2]]
-    batch = collate(data.ids, data.targets, 0, 3, True)
+    assert data.targets.tolist() == [[0, 1], [2]]
+    batch = collate(list(data.ids), list(data.targets), 0, 3, True)
     assert torch.equal(batch["labels"], torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
 
 
 def test_truncation_keeps_the_first_tokens(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "abcdefgh", "label": 0}, {"text": "xy", "label": 1}])
-    assert load_classification(path, tokenizer, max_seq_len=3).ids == [list(b"abc"), list(b"xy")]
+    assert load_classification(path, tokenizer, max_seq_len=3).ids.tolist() == [list(b"abc"), list(b"xy")]
 
 
 @pytest.mark.parametrize(
@@ -101,9 +101,9 @@ def test_unknown_label_in_validation_data_names_the_line(tmp_path, tokenizer):
 def test_missing_file_and_unknown_format(tmp_path):
     with pytest.raises(NibbleError, match="no such data file"):
         read_rows(tmp_path / "nope.jsonl")
-    (tmp_path / "d.parquet").write_text("x")
-    with pytest.raises(NibbleError, match="unknown data format"):
-        read_rows(tmp_path / "d.parquet")
+    (tmp_path / "d.xlsx").write_text("x")
+    with pytest.raises(NibbleError, match="unknown data format '.xlsx'; use .jsonl, .csv/.tsv, .parquet"):
+        read_rows(tmp_path / "d.xlsx")
     (tmp_path / "bad.csv").write_text("text,label\na,1,extra\n")
     with pytest.raises(NibbleError, match=r"bad.csv line 2: 3 cells"):
         read_rows(tmp_path / "bad.csv")
@@ -111,12 +111,12 @@ def test_missing_file_and_unknown_format(tmp_path):
 
 def test_stratified_split_keeps_class_proportions_and_is_seeded():
     targets = [0] * 50 + [1] * 30 + [2] * 20 + [3]
-    train, val = stratified_split(targets, 0.2, seed=7)
+    train, val = (part.tolist() for part in stratified_split(targets, 0.2, seed=7))
     assert sorted(train + val) == list(range(len(targets)))
     assert Counter(targets[i] for i in val) == {0: 10, 1: 6, 2: 4}
-    assert (train, val) == stratified_split(targets, 0.2, seed=7)
-    assert val != stratified_split(targets, 0.2, seed=8)[1]
-    assert stratified_split(targets, 0.0, seed=7) == (list(range(len(targets))), [])
+    assert val == stratified_split(np.array(targets), 0.2, seed=7)[1].tolist()  # an array splits the same
+    assert val != stratified_split(targets, 0.2, seed=8)[1].tolist()
+    assert [p.tolist() for p in stratified_split(targets, 0.0, seed=7)] == [list(range(len(targets))), []]
 
 
 def make_data(targets, multi=False):
@@ -135,7 +135,7 @@ def test_batches_pad_dynamically_and_cover_each_epoch_once():
         assert batch["input_ids"].shape[1] == lengths.max()
         assert torch.all(batch["input_ids"][batch["attention_mask"] == 0] == 99)
         seen += [tuple(row[:n].tolist()) for row, n in zip(batch["input_ids"], lengths, strict=True)]
-    assert sorted(seen) == sorted(tuple(x) for x in data.ids)
+    assert sorted(seen) == sorted(tuple(x) for x in data.ids.tolist())
     assert not np.array_equal(stream.epoch_order(0), stream.epoch_order(1))
 
 

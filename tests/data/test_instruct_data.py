@@ -11,12 +11,16 @@ from transformers import AutoTokenizer
 import helpers
 from gguf_files import CHATML
 from nibble.data.instruct import (
+    BUILTIN_TEMPLATES,
     IGNORE_INDEX,
     InstructData,
     conversation,
+    default_system_prompt,
     encode_conversation,
     load_instruct,
     pack,
+    parse_columns,
+    resolve_chat_template,
     use_chat_template,
 )
 from nibble.errors import NibbleError
@@ -73,20 +77,26 @@ def test_load_truncates_or_packs(chat_dir, tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     full = load_instruct(path, tokenizer, max_seq_len=1000)
-    assert full.lines == [1, 2, 3] and full.target_tokens() == 3 * 16  # "yyyyy<|im_end|>\n", one token per byte
+    assert full.lines.tolist() == [1, 2, 3] and full.target_tokens() == 3 * 16  # "yyyyy<|im_end|>\n", a token a byte
     cut = load_instruct(path, tokenizer, max_seq_len=60)  # the prompts take 51 to 58 tokens
-    assert [len(ids) for ids in cut.ids] == [60, 60, 60] and cut.ids[0] == full.ids[0][:60]
+    assert [len(ids) for ids in cut.ids] == [60, 60, 60] and cut.ids[0].tolist() == full.ids[0][:60].tolist()
+    assert cut.target_tokens() == sum(60 - int(f) for f in full.first_target)  # every response runs past 60
     packed = load_instruct(path, tokenizer, max_seq_len=50, packing=True)
-    assert [len(ids) for ids in packed.ids[:-1]] == [50] * (len(packed) - 1)
-    assert sum(packed.ids, []) == sum(full.ids, []) and sum(packed.labels, []) == sum(full.labels, [])
+    assert [len(ids) for ids in packed.ids][:-1] == [50] * (len(packed) - 1)
+    assert sum(packed.ids.tolist(), []) == sum(full.ids.tolist(), [])
+    assert sum((packed.labels(i).tolist() for i in range(len(packed))), []) == sum(
+        (full.labels(i).tolist() for i in range(len(full))), []
+    )
+    starts = [packed.labels(i)[0] for i in range(len(packed))]  # a piece's first token predicts nothing
+    assert packed.target_tokens() == full.target_tokens() - sum(t != IGNORE_INDEX for t in starts)
     with pytest.raises(NibbleError, match=r"rows.jsonl line 2: no response token within max_seq_len 55"):
         load_instruct(path, tokenizer, max_seq_len=55)
 
 
 def test_pack_records_the_line_each_sequence_starts_in():
-    data = InstructData([[1, 2, 3], [4, 5], [6, 7, 8, 9]], [[1, 2, 3], [4, 5], [6, 7, 8, 9]], [10, 20, 30])
+    data = InstructData.from_lists([[1, 2, 3], [4, 5], [6, 7, 8, 9]], [[1, 2, 3], [4, 5], [6, 7, 8, 9]], [10, 20, 30])
     packed = pack(data, 4)
-    assert packed.ids == [[1, 2, 3, 4], [5, 6, 7, 8], [9]] and packed.lines == [10, 20, 30]
+    assert packed.ids.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9]] and packed.lines.tolist() == [10, 20, 30]
     batch = packed.collate([0, 2], pad_id=0)
     assert batch["labels"].tolist() == [[1, 2, 3, 4], [9, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
@@ -95,7 +105,7 @@ def test_pack_records_the_line_each_sequence_starts_in():
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ({"text": "hi"}, r"line 2: expected 'instruction' and 'response' fields or a 'messages' list \(fields: text\)"),
+        ({"text": "hi"}, r"line 2: no instruction schema matches the fields \(text\); expected 'messages', "),
         ({"instruction": "hi", "response": 3}, r"line 2: 'response' must be a string, got int"),
         ({"messages": []}, r"line 2: 'messages' must be a non-empty list"),
         ({"messages": [{"role": "user"}]}, r"line 2: message 0 must be an object with string 'role' and 'content'"),
@@ -120,3 +130,112 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tmp_path):
         encode_conversation(tokenizer, CHAT, "f.jsonl line 1")
     ids, labels = encode_conversation(tokenizer, CHAT[:3])
     assert targets(tokenizer, ids, labels) == "Blue."
+
+
+S, Q, A = (
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Sky?"},
+    {"role": "assistant", "content": "Blue."},
+)
+
+
+@pytest.mark.parametrize(
+    ("row", "columns", "expected"),
+    [
+        ({"messages": [S, Q, A]}, None, [S, Q, A]),
+        (
+            {
+                "conversations": [
+                    {"from": "system", "value": "Be brief."},
+                    {"from": "human", "value": "Sky?"},
+                    {"from": "gpt", "value": "Blue."},
+                ]
+            },
+            None,
+            [S, Q, A],
+        ),  # fmt: skip
+        ({"instruction": "Sky?", "input": "", "output": "Blue.", "system": "Be brief."}, None, [S, Q, A]),
+        ({"instruction": "Sky?", "input": None, "output": "Blue."}, None, [Q, A]),  # a null cell is no field
+        (
+            {"instruction": "Colour?", "input": "The sky.", "output": "Blue."},
+            None,
+            [{"role": "user", "content": "Colour?\n\nThe sky."}, A],
+        ),
+        ({"instruction": "Sky?", "response": "Blue.", "system": "Be brief."}, None, [S, Q, A]),
+        ({"prompt": "Sky?", "completion": "Blue."}, None, [Q, A]),
+        ({"prompt": [S, Q], "completion": [A]}, None, [S, Q, A]),
+        ({"q": "Sky?", "a": "Blue.", "sys": "Be brief."}, "prompt=q, response=a, system=sys", [S, Q, A]),
+        (
+            {"q": "Colour?", "ctx": "The sky.", "a": "Blue."},
+            "prompt=q,input=ctx,response=a",
+            [{"role": "user", "content": "Colour?\n\nThe sky."}, A],
+        ),  # fmt: skip
+        ({"chat": [Q, A], "messages": "ignored"}, "messages=chat", [Q, A]),
+    ],
+)
+def test_every_schema_reads_as_the_same_messages(row, columns, expected):
+    assert conversation(row, "f.jsonl", 1, parse_columns(columns)) == expected
+
+
+@pytest.mark.parametrize(
+    ("row", "columns", "message"),
+    [
+        ({"question": "Sky?", "answer": "Blue."}, None,
+         r"f.jsonl line 4: no instruction schema matches the fields \(question, answer\); expected 'messages', "
+         r"'conversations' \(ShareGPT\).* or map the columns with --columns prompt=COL,response=COL"),
+        ({"question": "Sky?"}, "prompt=question,response=answer", r"line 4: no column 'answer' \(fields: question\)"),
+        ({"conversations": [{"from": "bot", "value": "hi"}]}, None, r"line 4: message 0 is from 'bot'; ShareGPT turns"),
+        ({"prompt": "Sky?", "completion": 3}, None, r"line 4: 'completion' must be a string, got int"),
+    ],
+)  # fmt: skip
+def test_rows_no_schema_fits_name_their_fields(row, columns, message):
+    with pytest.raises(NibbleError, match=message):
+        conversation(row, "f.jsonl", 4, parse_columns(columns))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("prompt", r"'prompt' is not ROLE=COLUMN"),
+        ("query=q,response=a", r"unknown role 'query'; roles are prompt, response, system, input, messages"),
+        ("prompt=a,prompt=b,response=c", r"role 'prompt' is mapped twice"),
+        ("prompt=q", r"map both 'prompt' and 'response' \(or 'messages'\)"),
+        ("messages=chat,system=s", r"'messages' names the whole conversation"),
+    ],
+)
+def test_bad_column_mappings_are_one_line(spec, message):
+    with pytest.raises(NibbleError, match=f"columns: {message}"):
+        parse_columns(spec)
+
+
+QWEN_STYLE = (
+    "{% if messages[0]['role'] == 'system' %}{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{% for m in messages %}{% if not (m['role'] == 'system' and loop.first) %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SYSTEM_IN_FIRST_TURN = (  # a Llama 2 style template: the system text joins the first user turn
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ '[INST] <<SYS>>\n' + m['content'] + '\n<</SYS>>\n\n' }}"
+    "{% elif m['role'] == 'user' %}{{ ('' if loop.index0 > 0 and messages[0]['role'] == 'system' and loop.index0 == 1 "
+    "else '[INST] ') + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' </s>' }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("template", "injected"),
+    [(QWEN_STYLE, "You are a helpful assistant."), (CHATML, None), (SYSTEM_IN_FIRST_TURN, None)],
+)
+def test_a_default_system_prompt_is_found_by_rendering(tmp_path, template, injected):
+    tokenizer = load_tokenizer(helpers.write_tokenizer(tmp_path, chat_template=template))
+    assert default_system_prompt(tokenizer) == injected
+
+
+def test_chat_templates_by_name_or_file(tmp_path):
+    assert resolve_chat_template("chatml") == BUILTIN_TEMPLATES["chatml"]
+    (tmp_path / "t.jinja").write_text(QWEN_STYLE)
+    assert resolve_chat_template(str(tmp_path / "t.jinja")) == QWEN_STYLE
+    with pytest.raises(
+        NibbleError, match=r"--chat-template vicuna: no such file and not a built-in template \(chatml\)"
+    ):
+        resolve_chat_template("vicuna")

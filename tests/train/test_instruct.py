@@ -50,7 +50,7 @@ def test_loss_is_the_cross_entropy_of_response_tokens_only(chat_model):
     model = load_model(chat_model.base)
     tokenizer = load_tokenizer(chat_model.base)
     encoded = [encode_conversation(tokenizer, c) for c in CONVERSATIONS]
-    batch = InstructData([e[0] for e in encoded], [e[1] for e in encoded]).collate([0, 1], helpers.PAD_ID)
+    batch = InstructData.from_lists([e[0] for e in encoded], [e[1] for e in encoded]).collate([0, 1], helpers.PAD_ID)
     ids, labels = batch["input_ids"], batch["labels"]
     with torch.no_grad():
         ours = lm_loss(lm_forward(model, batch), labels)

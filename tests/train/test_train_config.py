@@ -90,3 +90,16 @@ def test_yaml_values_are_type_checked(tmp_path):
     path.write_text("model: m\ndata: d\noutput: o\nmethod: prefix\n")
     with pytest.raises(NibbleError, match="'method' must be one of qlora, lora, full"):
         resolve_config(path, {})
+
+
+@pytest.mark.parametrize(
+    "columns",
+    ["columns: prompt=q,response=a", "columns: {prompt: q, response: a}", "columns: [prompt=q, response=a]"],
+)
+def test_columns_in_yaml_as_text_mapping_or_list(tmp_path, columns):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: m\ndata: d\noutput: o\ntask: instruct\n{columns}\n")
+    assert resolve_config(path, {}).columns == "prompt=q,response=a"
+    path.write_text(f"model: m\ndata: d\noutput: o\n{columns}\n")
+    with pytest.raises(NibbleError, match="'columns' applies to task instruct only"):
+        resolve_config(path, {})

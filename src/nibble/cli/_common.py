@@ -74,8 +74,10 @@ def add_inference_flags(parser: argparse.ArgumentParser) -> None:
         "--model", required=True, help="base model directory or .gguf file (or a full model from nibble train)"
     )
     parser.add_argument("--adapter", help="adapter directory written by nibble train (OUT/adapter or OUT/best)")
-    parser.add_argument("--data", required=True, help=".jsonl or .csv file")
+    parser.add_argument(
+        "--data", required=True, help=".jsonl, .csv/.tsv, .parquet or .arrow file, or a datasets save_to_disk directory"
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="rows per batch (default: 16)")
-    parser.add_argument("--text-column", help="field holding the text (default: as in training)")
+    parser.add_argument("--text-column", help="classify: field holding the text (default: as in training)")
     parser.add_argument("--max-seq-len", type=int, help="truncate texts to this many tokens (default: as in training)")
     add_cache_budget_flag(parser)

@@ -57,9 +57,10 @@ class BatchStream:
         if batch_size < 1:
             raise NibbleError(f"batch_size must be >= 1, got {batch_size}")
         self.data, self.batch_size, self.pad_id, self.seed = data, batch_size, pad_id, seed
-        self.by_group: dict[int, list[int]] = {}
-        for i, g in enumerate(groups or ()):
-            self.by_group.setdefault(int(g), []).append(i)
+        group_of = np.asarray(groups if groups is not None else [], dtype=np.int64)
+        keys, counts = np.unique(group_of, return_counts=True)
+        members = np.split(np.argsort(group_of, kind="stable"), np.cumsum(counts)[:-1])  # each group's rows, ascending
+        self.by_group: dict[int, np.ndarray] = dict(zip(keys.tolist(), members, strict=True)) if len(keys) else {}
         largest = max((len(v) for v in self.by_group.values()), default=0)
         self.epoch_size = largest * len(self.by_group) if self.by_group else len(data)
         self.batches_per_epoch = math.ceil(self.epoch_size / batch_size)
@@ -73,7 +74,7 @@ class BatchStream:
         if self.by_group:
             largest = max(len(v) for v in self.by_group.values())
             extra = [
-                np.asarray(members)[rng.integers(0, len(members), largest - len(members))]
+                members[rng.integers(0, len(members), largest - len(members))]
                 for _, members in sorted(self.by_group.items())
             ]
             indices = np.concatenate([indices, *extra])

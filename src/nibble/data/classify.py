@@ -2,25 +2,35 @@
 
 A row holds a text column and a label column. Labels are integers (used as class ids, 0..max) or
 strings (mapped to ids in sorted order); a list of labels makes the row multi-label (trained with
-BCE). Every problem with a row is reported with the file and line number.
+BCE). Every problem with a row is reported with the file and line (or row) number.
+
+Rows are read and tokenized as a stream into a token cache on disk (:mod:`nibble.data.tokens`) together with
+each row's labels, numbered in the order they first appear; the label map is built from the distinct labels
+alone. A :class:`ClassificationData` reads token ids from the memory-mapped cache, so memory does not grow
+with the file (a few bytes per row for targets and indices).
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nibble.data.batching import pad_batch
-from nibble.data.records import read_records
+from nibble.data.records import place, read_records
+from nibble.data.tokens import Column, Ragged, cached_tokens
 from nibble.errors import NibbleError
 from nibble.io.runinfo import Label, LabelMap, is_label
 
 CLASS_WEIGHTS = ("none", "inverse_freq", "sqrt_inverse")
+# Rows tokenized per batch while caching: at most this many rows or characters, since the tokenizer's output
+# (offsets, masks, overflow) takes about 100 bytes per token before truncation.
+_TOKENIZE_ROWS, _TOKENIZE_CHARS = 512, 1 << 16
+CACHE_COLUMNS = {"ids": Column("uint32"), "lines": Column("int64", ragged=False), "targets": Column("int32")}
 
 
 @dataclass
@@ -32,68 +42,69 @@ class Row:
     line: int
 
 
-def read_rows(path: str | Path, text_column: str = "text", label_column: str | None = "label") -> list[Row]:
-    """Rows of a ``.jsonl``/``.json`` (one object per line) or ``.csv`` file.
+def iter_rows(path: str | Path, text_column: str = "text", label_column: str | None = "label") -> Iterator[Row]:
+    """Rows of a data file (any format :func:`nibble.data.records.read_records` reads), one at a time.
 
     ``label_column=None`` reads texts only (for prediction). With the default ``"label"``, a file whose
-    rows have ``labels`` and no ``label`` is read from ``labels``.
+    rows have ``labels`` and no ``label`` is read from ``labels``. Every row's labels must be of the kind of
+    the first row's (single or lists; integers or strings).
 
     Raises:
-        NibbleError: missing file, unreadable line, missing column, or a label that is not an integer, a
-            string, or a list of those; the message names the file and line.
+        NibbleError: missing file, unreadable line, missing column, a label that is not an integer, a
+            string, or a list of those, labels of mixed kinds, or no rows; the message names the file and line.
     """
     path = Path(path)
-    records = read_records(path)
-    rows: list[Row] = []
     column = label_column
-    for line, record in records:
-        if column == "label" and not rows and "label" not in record and "labels" in record:
+    first: Row | None = None
+    for line, record in read_records(path):
+        if column == "label" and first is None and "label" not in record and "labels" in record:
             column = "labels"
         if text_column not in record:
             fields = ", ".join(map(str, record)) or "none"
             raise NibbleError(
-                f"{path} line {line}: no '{text_column}' field (fields: {fields}); set --text-column to the text field"
+                f"{place(path, line)}: no '{text_column}' field (fields: {fields}); set --text-column to the text field"
             )
         text = record[text_column]
         if not isinstance(text, str):
-            raise NibbleError(f"{path} line {line}: '{text_column}' must be a string, got {type(text).__name__}")
+            raise NibbleError(f"{place(path, line)}: '{text_column}' must be a string, got {type(text).__name__}")
         label: Label | list[Label] = -1
         if column is not None:
             if column not in record:
                 fields = ", ".join(map(str, record))
                 raise NibbleError(
-                    f"{path} line {line}: no '{column}' field (fields: {fields}); set --label-column to the label field"
+                    f"{place(path, line)}: no '{column}' field (fields: {fields}); "
+                    "set --label-column to the label field"
                 )
             label = record[column]
             if isinstance(label, list):
                 if not label or not all(is_label(x) for x in label):
                     raise NibbleError(
-                        f"{path} line {line}: '{column}' must be a non-empty list of integers >= 0 or strings"
+                        f"{place(path, line)}: '{column}' must be a non-empty list of integers >= 0 or strings"
                     )
             elif not is_label(label):
                 raise NibbleError(
-                    f"{path} line {line}: '{column}' must be an integer >= 0, a string, or a list of those; "
+                    f"{place(path, line)}: '{column}' must be an integer >= 0, a string, or a list of those; "
                     f"got {json.dumps(label)}"
                 )
-        rows.append(Row(text, label, line))
-    if not rows:
+        row = Row(text, label, line)
+        if column is not None and first is not None:
+            _check_consistent(first, row, path, column)
+        first = first or row
+        yield row
+    if first is None:
         raise NibbleError(f"{path}: holds no rows; add data or fix the path")
-    if column is not None:
-        _check_consistent(rows, path, column)
-    return rows
 
 
-def _check_consistent(rows: list[Row], path: Path, column: str) -> None:
-    first = rows[0]
-    multi = isinstance(first.label, list)
-    kind = _kind(first.label)
-    for row in rows:
-        if isinstance(row.label, list) != multi:
-            raise NibbleError(
-                f"{path} line {row.line}: '{column}' mixes single labels and lists; use lists on every row"
-            )
-        if _kind(row.label) != kind:
-            raise NibbleError(f"{path} line {row.line}: '{column}' mixes integer and string labels; use one kind")
+def read_rows(path: str | Path, text_column: str = "text", label_column: str | None = "label") -> list[Row]:
+    """All rows of :func:`iter_rows` in a list (for data that fits in memory)."""
+    return list(iter_rows(path, text_column, label_column))
+
+
+def _check_consistent(first: Row, row: Row, path: Path, column: str) -> None:
+    if isinstance(row.label, list) != isinstance(first.label, list):
+        raise NibbleError(f"{place(path, row.line)}: '{column}' mixes single labels and lists; use lists on every row")
+    if _kind(row.label) != _kind(first.label):
+        raise NibbleError(f"{place(path, row.line)}: '{column}' mixes integer and string labels; use one kind")
 
 
 def _kind(label: Label | list[Label]) -> type:
@@ -102,76 +113,78 @@ def _kind(label: Label | list[Label]) -> type:
     return kinds.pop() if len(kinds) == 1 else object
 
 
-def build_label_map(rows: Sequence[Row], source: str | Path) -> LabelMap:
-    """Labels of the training rows: strings in sorted order, integers as ids 0..max.
+def build_label_map(labels: Iterable[Label], multi_label: bool, source: str | Path) -> LabelMap:
+    """The label map of the distinct training labels: strings in sorted order, integers as ids 0..max.
 
     Raises:
         NibbleError: fewer than two distinct labels (nothing to learn).
     """
-    multi = isinstance(rows[0].label, list)
-    seen: set[Label] = set()
-    for row in rows:
-        seen.update(row.label if isinstance(row.label, list) else [row.label])
+    seen = set(labels)
     if isinstance(next(iter(seen)), int):
-        labels: list[Label] = list(range(max(seen) + 1))  # type: ignore[arg-type]
+        ordered: list[Label] = list(range(max(seen) + 1))  # type: ignore[arg-type]
     else:
-        labels = sorted(seen)  # type: ignore[type-var]
-    if len(labels) < 2:
-        raise NibbleError(f"{source}: every row has the label {labels[0]!r}; a classifier needs at least two labels")
-    return LabelMap(labels, multi)
-
-
-def encode_labels(rows: Sequence[Row], label_map: LabelMap, source: str | Path) -> list[int | list[int]]:
-    """Class ids (or lists of ids for multi-label rows); unknown labels are errors naming the line."""
-    out: list[int | list[int]] = []
-    for row in rows:
-        if isinstance(row.label, list) != label_map.multi_label:
-            want = "lists of labels" if label_map.multi_label else "single labels"
-            raise NibbleError(f"{source} line {row.line}: the training data has {want}; this row does not")
-        ids = []
-        for label in row.label if isinstance(row.label, list) else [row.label]:
-            i = label_map.id_of(label)
-            if i is None:
-                known = ", ".join(map(str, label_map.labels))
-                raise NibbleError(
-                    f"{source} line {row.line}: label {label!r} is not one of the training labels ({known}); "
-                    "fix the row or add the label to the training data"
-                )
-            ids.append(i)
-        out.append(sorted(set(ids)) if label_map.multi_label else ids[0])
-    return out
+        ordered = sorted(seen)  # type: ignore[type-var]
+    if len(ordered) < 2:
+        raise NibbleError(f"{source}: every row has the label {ordered[0]!r}; a classifier needs at least two labels")
+    return LabelMap(ordered, multi_label)
 
 
 @dataclass
 class ClassificationData:
-    """Tokenized examples: ``ids[i]`` (list of token ids) and ``targets[i]`` (class id or list of ids)."""
+    """Tokenized examples: ``ids[i]`` (token ids), ``targets`` (class ids [N], or a :class:`Ragged` of id lists
+    for multi-label data, each ascending; None for unlabelled rows) and the source line of each row.
 
-    ids: list[list[int]]
-    targets: list[int | list[int]]
+    Lists are accepted for every field (small data built in memory).
+    """
+
+    ids: Ragged
+    targets: np.ndarray | Ragged | None
     label_map: LabelMap
-    lines: list[int] = field(default_factory=list)
+    lines: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ids, Ragged):
+            self.ids = Ragged.from_lists(self.ids)
+        if self.targets is not None and not isinstance(self.targets, (np.ndarray, Ragged)):
+            multi = self.label_map.multi_label
+            self.targets = Ragged.from_lists(self.targets) if multi else np.asarray(self.targets, dtype=np.int64)
+        if self.lines is None:
+            self.lines = np.arange(1, len(self.ids) + 1)
+        self.lines = np.asarray(self.lines, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def subset(self, indices: Sequence[int]) -> ClassificationData:
-        return ClassificationData(
-            [self.ids[i] for i in indices],
-            [self.targets[i] for i in indices],
-            self.label_map,
-            [self.lines[i] for i in indices] if self.lines else [],
+    def subset(self, indices: Sequence[int] | np.ndarray) -> ClassificationData:
+        indices = np.asarray(indices, dtype=np.int64)
+        targets = (
+            None
+            if self.targets is None
+            else (self.targets.subset(indices) if isinstance(self.targets, Ragged) else self.targets[indices])
         )
+        return ClassificationData(self.ids.subset(indices), targets, self.label_map, self.lines[indices])
 
     def collate(self, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
         """The padded batch of the examples at ``indices`` (see :func:`collate`)."""
         lm = self.label_map
-        targets = [self.targets[i] for i in indices] if self.targets else None
+        if self.targets is None:
+            targets = None
+        elif isinstance(self.targets, Ragged):
+            targets = [self.targets[i] for i in indices]
+        else:
+            targets = self.targets[np.asarray(indices, dtype=np.int64)]
         return collate([self.ids[i] for i in indices], targets, pad_id, lm.num_labels, lm.multi_label)
+
+    def split_keys(self) -> np.ndarray | list[tuple[int, ...]]:
+        """What a stratified split groups rows by: the class id, or the tuple of ids of a multi-label row."""
+        if isinstance(self.targets, Ragged):
+            return [tuple(t.tolist()) for t in self.targets]
+        return self.targets if self.targets is not None else np.zeros(len(self), dtype=np.int64)
 
     def class_counts(self) -> list[int]:
         """Rows per class (for multi-label: rows that carry each label)."""
-        counts = Counter(t for target in self.targets for t in (target if isinstance(target, list) else [target]))
-        return [counts.get(i, 0) for i in range(self.label_map.num_labels)]
+        flat = self.targets.concat() if isinstance(self.targets, Ragged) else self.targets
+        return np.bincount(flat, minlength=self.label_map.num_labels).tolist()
 
 
 def tokenize_rows(rows: Sequence[Row], tokenizer, max_seq_len: int, source: str | Path) -> list[list[int]]:
@@ -179,7 +192,7 @@ def tokenize_rows(rows: Sequence[Row], tokenizer, max_seq_len: int, source: str 
     ids = tokenizer.encode_batch([r.text for r in rows], max_length=max_seq_len)
     for row, seq in zip(rows, ids, strict=True):
         if not seq:
-            raise NibbleError(f"{source} line {row.line}: the text is empty; remove the row or give it text")
+            raise NibbleError(f"{place(source, row.line)}: the text is empty; remove the row or give it text")
     return ids
 
 
@@ -218,7 +231,7 @@ def collate(
         if multi_label:
             labels = torch.zeros((len(ids), num_labels), dtype=torch.float32)
             for row, target in enumerate(targets):
-                labels[row, target] = 1.0
+                labels[row, torch.as_tensor(target, dtype=torch.long)] = 1.0
         else:
             labels = torch.as_tensor(targets, dtype=torch.long)
         batch["labels"] = labels
@@ -230,13 +243,82 @@ def load_classification(
     tokenizer,
     *,
     text_column: str = "text",
-    label_column: str = "label",
+    label_column: str | None = "label",
     max_seq_len: int = 512,
     label_map: LabelMap | None = None,
 ) -> ClassificationData:
-    """Read, label and tokenize a data file; the label map is built from it unless one is given."""
-    rows = read_rows(path, text_column, label_column)
-    label_map = label_map if label_map is not None else build_label_map(rows, path)
-    targets = encode_labels(rows, label_map, path)
-    ids = tokenize_rows(rows, tokenizer, max_seq_len, path)
-    return ClassificationData(ids, targets, label_map, [r.line for r in rows])
+    """Read, label and tokenize a data file through its token cache; the label map is built from the file's
+    labels unless one is given. ``label_column=None`` reads texts only (``targets`` is None; pass the model's
+    ``label_map``).
+
+    Raises:
+        NibbleError: a bad row (see :func:`iter_rows`), an empty text, fewer than two labels, or (with a given
+            ``label_map``) a label the map does not hold or rows of the other kind (single vs lists).
+    """
+    settings = {
+        "task": "classify",
+        "text_column": text_column,
+        "label_column": label_column,
+        "max_seq_len": max_seq_len,
+    }
+    columns = CACHE_COLUMNS if label_column is not None else {k: v for k, v in CACHE_COLUMNS.items() if k != "targets"}
+
+    def build(writer) -> dict:
+        first: dict[Label, int] = {}  # label -> its number, in the order labels first appear
+        multi = False
+        batch: list[Row] = []
+        chars = 0
+
+        def flush() -> None:
+            for row, ids in zip(batch, tokenize_rows(batch, tokenizer, max_seq_len, path), strict=True):
+                labels = row.label if isinstance(row.label, list) else [row.label]
+                targets = sorted({first.setdefault(label, len(first)) for label in labels}) if label_column else []
+                writer.append(ids=ids, lines=row.line, targets=targets)
+            batch.clear()
+
+        for row in iter_rows(path, text_column, label_column):
+            multi = isinstance(row.label, list)
+            batch.append(row)
+            chars += len(row.text)
+            if len(batch) == _TOKENIZE_ROWS or chars >= _TOKENIZE_CHARS:
+                flush()
+                chars = 0
+        flush()
+        return {"labels": list(first), "multi_label": multi}
+
+    cache = cached_tokens(path, tokenizer.path, settings, columns, build)
+    lines = cache.column("lines")
+    if label_column is None:
+        return ClassificationData(cache.ragged("ids"), None, label_map or LabelMap([]), lines)
+    seen, multi = cache.meta["labels"], cache.meta["multi_label"]
+    label_map = label_map if label_map is not None else build_label_map(seen, multi, path)
+    if multi != label_map.multi_label:
+        want = "lists of labels" if label_map.multi_label else "single labels"
+        raise NibbleError(f"{place(path, int(lines[0]))}: the training data has {want}; this row does not")
+    targets = _map_targets(cache.ragged("targets"), seen, label_map, lines, path)
+    return ClassificationData(cache.ragged("ids"), targets, label_map, lines)
+
+
+def _map_targets(
+    cached: Ragged, seen: list[Label], label_map: LabelMap, lines: np.ndarray, source: str | Path
+) -> np.ndarray | Ragged:
+    """The cached label numbers as class ids of ``label_map``: [N] ids, or a Ragged of ascending ids (multi-label).
+
+    Raises:
+        NibbleError: a label ``label_map`` does not hold; names the first row that carries one.
+    """
+    ids = np.array([-1 if label_map.id_of(label) is None else label_map.id_of(label) for label in seen], np.int64)
+    numbers = cached.values
+    mapped = ids[numbers]
+    if mapped.min(initial=0) < 0:
+        position = int(np.argmax(mapped < 0))
+        row = int(np.searchsorted(cached.offsets, position, side="right")) - 1
+        known = ", ".join(map(str, label_map.labels))
+        raise NibbleError(
+            f"{place(source, int(lines[row]))}: label {seen[numbers[position]]!r} is not one of the training labels "
+            f"({known}); fix the row or add the label to the training data"
+        )
+    if not label_map.multi_label:
+        return mapped  # one label per row
+    rows = np.repeat(np.arange(len(cached)), np.diff(cached.offsets))
+    return Ragged(mapped[np.lexsort((mapped, rows))], cached.offsets)

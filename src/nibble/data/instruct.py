@@ -1,26 +1,37 @@
-"""Instruction data: JSONL conversations -> chat-template token ids with the loss on response tokens only.
+"""Instruction data: conversations -> chat-template token ids with the loss on response tokens only.
 
-A row is ``{"instruction": ..., "response": ..., "system": ...?}`` or ``{"messages": [{"role", "content"}, ...]}``.
+A row is one of these schemas (checked in this order):
+
+- ``{"messages": [{"role", "content"}, ...]}`` (OpenAI/TRL chat);
+- ``{"conversations": [{"from", "value"}, ...]}`` (ShareGPT; ``human`` -> user, ``gpt`` -> assistant);
+- ``{"instruction", "output", "input"?}`` (Alpaca; a non-empty input follows the instruction after a blank line);
+- ``{"instruction", "response"}``;
+- ``{"prompt", "completion"}`` (strings, or TRL's conversational lists of messages);
+
+each with an optional ``system`` string; or any columns named by a mapping (:func:`parse_columns`).
 Each conversation is rendered with the tokenizer's chat template (ChatML when it has none) and tokenized
 as transformers tokenizes a rendered chat (no extra special tokens). The tokens of every assistant turn,
 its end-of-turn markup included, are the targets; everything else (system, user, the assistant's
-opening) is masked with ``IGNORE_INDEX``. ``labels`` are aligned with ``ids`` (not shifted): the loss
-at position t predicts ``labels[t + 1]``.
+opening) is masked. ``labels`` are aligned with ``ids`` (not shifted): the loss at position t predicts
+``labels[t + 1]``; a masked position holds ``IGNORE_INDEX``.
+
+Conversations are rendered and tokenized once, as a stream, into a token cache on disk (ids and a response
+mask per conversation, full length; see :mod:`nibble.data.tokens`); truncation and packing are views over it.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from itertools import accumulate, chain
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from nibble.data.batching import pad_batch, pad_sequences
-from nibble.data.records import jsonl_records
+from nibble.data.records import place, read_records
+from nibble.data.tokens import Column, Packed, Ragged, cached_tokens
 from nibble.errors import NibbleError
 from nibble.io.tokenizer import Tokenizer
 
@@ -32,6 +43,21 @@ CHATML = (
     "(eos_token or '<|im_end|>') + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+BUILTIN_TEMPLATES = {"chatml": CHATML}
+# The roles a column mapping may name: the parts of a single-turn row, or a whole list of messages.
+ROLES = ("prompt", "response", "system", "input", "messages")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+NO_TARGET = int(np.iinfo(np.int32).max)  # first_target of a sequence without a target after position 0
+CACHE_COLUMNS = {
+    "ids": Column("uint32"),
+    "mask": Column("uint8"),
+    "lines": Column("int64", ragged=False),
+    "first_target": Column("int32", ragged=False),
+}
+_SCHEMAS = (
+    "'messages', 'conversations' (ShareGPT), 'instruction'+'output' (Alpaca), 'instruction'+'response' or "
+    "'prompt'+'completion'"
+)
 
 
 def use_chat_template(tokenizer: Tokenizer) -> bool:
@@ -42,62 +68,206 @@ def use_chat_template(tokenizer: Tokenizer) -> bool:
     return True
 
 
+def resolve_chat_template(spec: str) -> str:
+    """The template a ``--chat-template`` value names: a built-in name (see ``BUILTIN_TEMPLATES``) or a file.
+
+    Raises:
+        NibbleError: neither a built-in name nor a readable UTF-8 file.
+    """
+    if spec in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[spec]
+    path = Path(spec)
+    if not path.is_file():
+        names = ", ".join(BUILTIN_TEMPLATES)
+        raise NibbleError(f"--chat-template {spec}: no such file and not a built-in template ({names})")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NibbleError(f"{path}: cannot read the chat template ({exc}); save it as UTF-8 text") from None
+
+
+def default_system_prompt(tokenizer: Tokenizer) -> str | None:
+    """The system message the chat template adds to a conversation that has none, or None.
+
+    A short conversation is rendered twice, with a marker system message and without one; when the second
+    rendering holds a block where the first holds the marker, that block's content is returned.
+    """
+    probe_system, probe_user = "nibble-probe-system-7f3a", "nibble-probe-user-7f3a"
+    turns = [{"role": "user", "content": probe_user}, {"role": "assistant", "content": "ok"}]
+    try:
+        with_system = tokenizer.apply_chat_template([{"role": "system", "content": probe_system}, *turns])
+        without = tokenizer.apply_chat_template(turns)
+    except NibbleError:  # e.g. a template that refuses system messages
+        return None
+    if probe_system not in with_system:
+        return None
+    before, after = with_system.split(probe_system, 1)
+    between = after[: after.index(probe_user)] if probe_user in after else None
+    if between is None or not without.startswith(before) or probe_user not in without:
+        return None
+    rest = without[len(before) :]
+    end = rest.find(between + probe_user)
+    injected = rest[:end].strip() if end > 0 else ""
+    return injected or None
+
+
+def parse_columns(spec: str | None) -> dict[str, str]:
+    """A column mapping ``"prompt=question,response=answer"`` as ``{role: column}`` (see ``ROLES``).
+
+    Raises:
+        NibbleError: a malformed entry, an unknown or repeated role, or a mapping that names neither
+            ``messages`` nor both ``prompt`` and ``response``.
+    """
+    if not spec:
+        return {}
+    mapping: dict[str, str] = {}
+    for entry in spec.split(","):
+        role, sep, column = (part.strip() for part in entry.partition("="))
+        if not sep or not role or not column:
+            raise NibbleError(f"columns: '{entry.strip()}' is not ROLE=COLUMN; e.g. prompt=question,response=answer")
+        if role not in ROLES:
+            raise NibbleError(f"columns: unknown role '{role}'; roles are {', '.join(ROLES)}")
+        if role in mapping:
+            raise NibbleError(f"columns: role '{role}' is mapped twice")
+        mapping[role] = column
+    if "messages" in mapping and len(mapping) > 1:
+        raise NibbleError("columns: 'messages' names the whole conversation; map no other role with it")
+    if "messages" not in mapping and not {"prompt", "response"} <= set(mapping):
+        raise NibbleError(
+            "columns: map both 'prompt' and 'response' (or 'messages'), e.g. prompt=question,response=answer"
+        )
+    return mapping
+
+
+def _text(record: dict[str, Any], key: str, where: str) -> str:
+    value = record[key]
+    if not isinstance(value, str):
+        raise NibbleError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _messages(value: Any, key: str, where: str) -> list[dict[str, str]]:
+    """A list of ``{"role", "content"}`` messages, or ShareGPT's ``{"from", "value"}`` turns, as role/content."""
+    if not isinstance(value, list) or not value:
+        raise NibbleError(f"{where}: '{key}' must be a non-empty list of {{'role', 'content'}} objects")
+    out = []
+    for i, m in enumerate(value):
+        if isinstance(m, dict) and "from" in m and "role" not in m:
+            role = SHAREGPT_ROLES.get(m["from"]) if isinstance(m["from"], str) else None
+            if role is None:
+                known = ", ".join(SHAREGPT_ROLES)
+                raise NibbleError(f"{where}: message {i} is from {m['from']!r}; ShareGPT turns are from {known}")
+            m = {"role": role, "content": m.get("value")}
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise NibbleError(f"{where}: message {i} must be an object with string 'role' and 'content'")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def conversation(
+    record: dict[str, Any], source: str | Path, line: int, columns: dict[str, str] | None = None
+) -> list[dict[str, str]]:
+    """The messages of one row (see the module docstring for the schemas), through ``columns`` when given.
+
+    Raises:
+        NibbleError: no schema matches (naming the row's fields), a mapped column is missing, a field of the
+            wrong type, or no assistant turn; names the line.
+    """
+    where = place(source, line)
+    record = {k: v for k, v in record.items() if v is not None}  # a null cell (Parquet, datasets) is no field
+    fields = ", ".join(map(str, record)) or "none"
+    if columns:
+        missing = [c for c in columns.values() if c not in record]
+        if missing:
+            raise NibbleError(f"{where}: no column '{missing[0]}' (fields: {fields}); fix --columns")
+        if "messages" in columns:
+            messages = _messages(record[columns["messages"]], columns["messages"], where)
+        else:
+            parts = {role: _text(record, column, where) for role, column in columns.items()}
+            messages = _single_turn(parts.get("system"), parts["prompt"], parts.get("input"), parts["response"])
+    elif "messages" in record:
+        messages = _messages(record["messages"], "messages", where)
+    elif "conversations" in record:
+        messages = _messages(record["conversations"], "conversations", where)
+    elif "prompt" in record and "completion" in record and isinstance(record["prompt"], list):
+        messages = _messages(record["prompt"], "prompt", where) + _messages(record["completion"], "completion", where)
+    else:
+        for prompt, response in (("instruction", "output"), ("instruction", "response"), ("prompt", "completion")):
+            if prompt in record and response in record:
+                present = [k for k in ("system", "input") if k in record and (k == "system" or prompt == "instruction")]
+                parts = {k: _text(record, k, where) for k in (prompt, response, *present)}
+                messages = _single_turn(parts.get("system"), parts[prompt], parts.get("input"), parts[response])
+                break
+        else:
+            raise NibbleError(
+                f"{where}: no instruction schema matches the fields ({fields}); expected {_SCHEMAS}, "
+                "or map the columns with --columns prompt=COL,response=COL"
+            )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise NibbleError(f"{where}: no message with role 'assistant'; there is nothing to learn from this row")
+    return messages
+
+
+def _single_turn(system: str | None, prompt: str, extra: str | None, response: str) -> list[dict[str, str]]:
+    user = f"{prompt}\n\n{extra}" if extra else prompt
+    return [
+        *([{"role": "system", "content": system}] if system else []),
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": response},
+    ]
+
+
 @dataclass
 class InstructData:
-    """Tokenized examples: ``ids[i]`` and the aligned ``labels[i]`` (``IGNORE_INDEX`` where no loss)."""
+    """Token sequences ``ids`` and the aligned response ``mask`` (1 where the token is a target), the source
+    line of each sequence (its first token's, when packed), and, before packing, the position of each
+    sequence's first target after position 0 (``NO_TARGET`` when none) for length checks."""
 
-    ids: list[list[int]]
-    labels: list[list[int]]
-    lines: list[int] = field(default_factory=list)
+    ids: Ragged | Packed
+    mask: Ragged | Packed
+    lines: np.ndarray
+    first_target: np.ndarray | None = None
+
+    @classmethod
+    def from_lists(
+        cls, ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], lines: Sequence[int] | None = None
+    ) -> InstructData:
+        """Sequences held in memory: ``labels[i]`` is ``ids[i]`` with ``IGNORE_INDEX`` where there is no loss."""
+        masks = [[int(t != IGNORE_INDEX) for t in row] for row in labels]
+        return cls(
+            Ragged.from_lists(ids),
+            Ragged.from_lists(masks, np.uint8),
+            np.asarray(lines if lines is not None else range(1, len(ids) + 1), dtype=np.int64),
+            np.array([first_target(m) for m in masks], dtype=np.int64),
+        )
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def subset(self, indices: Sequence[int]) -> InstructData:
+    def labels(self, i: int) -> np.ndarray:
+        """The labels of sequence ``i``: its ids where the mask is set, else ``IGNORE_INDEX``."""
+        return np.where(self.mask[i] != 0, self.ids[i], IGNORE_INDEX)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> InstructData:
+        if not isinstance(self.ids, Ragged) or not isinstance(self.mask, Ragged) or self.first_target is None:
+            raise NibbleError("packed instruction data cannot be subset; split before packing")
+        indices = np.asarray(indices, dtype=np.int64)
         return InstructData(
-            [self.ids[i] for i in indices],
-            [self.labels[i] for i in indices],
-            [self.lines[i] for i in indices] if self.lines else [],
+            self.ids.subset(indices), self.mask.subset(indices), self.lines[indices], self.first_target[indices]
         )
 
     def collate(self, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
         """The padded batch of the examples at ``indices`` (see :func:`collate_lm`)."""
-        return collate_lm([self.ids[i] for i in indices], [self.labels[i] for i in indices], pad_id)
+        return collate_lm([self.ids[i] for i in indices], [self.labels(i) for i in indices], pad_id)
 
     def target_tokens(self) -> int:
         """Tokens that carry a loss: each labelled token after the first position of its sequence."""
-        return sum(sum(t != IGNORE_INDEX for t in labels[1:]) for labels in self.labels)
+        return self.mask.total(skip_first=True)
 
 
-def conversation(record: dict[str, Any], source: str | Path, line: int) -> list[dict[str, str]]:
-    """The messages of one row (instruction/response/system fields, or a ``messages`` list).
-
-    Raises:
-        NibbleError: neither form, a field that is not a string, or no assistant turn; names the line.
-    """
-    where = f"{source} line {line}"
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise NibbleError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise NibbleError(f"{where}: message {i} must be an object with string 'role' and 'content'")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise NibbleError(f"{where}: no message with role 'assistant'; there is nothing to learn from this row")
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
-    if "instruction" in record and "response" in record:
-        for key in ("instruction", "response", "system"):
-            if key in record and not isinstance(record[key], str):
-                raise NibbleError(f"{where}: '{key}' must be a string, got {type(record[key]).__name__}")
-        system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-        return [
-            *system,
-            {"role": "user", "content": record["instruction"]},
-            {"role": "assistant", "content": record["response"]},
-        ]
-    fields = ", ".join(map(str, record)) or "none"
-    raise NibbleError(f"{where}: expected 'instruction' and 'response' fields or a 'messages' list (fields: {fields})")
+def first_target(mask: Sequence[int]) -> int:
+    """The first position >= 1 whose mask is set, or ``NO_TARGET``."""
+    return next((i for i in range(1, len(mask)) if mask[i]), NO_TARGET)
 
 
 def encode_conversation(
@@ -140,62 +310,65 @@ def pack(data: InstructData, max_seq_len: int) -> InstructData:
     Examples then share a sequence (and attend to the ones before them in it); each keeps its own labels.
     ``lines`` holds the source line of each sequence's first token.
     """
-    flat_ids = list(chain.from_iterable(data.ids))
-    flat_labels = list(chain.from_iterable(data.labels))
-    starts = list(accumulate((len(x) for x in data.ids[:-1]), initial=0))  # offset of each example
-    chunks = range(0, len(flat_ids), max_seq_len)
-    return InstructData(
-        [flat_ids[c : c + max_seq_len] for c in chunks],
-        [flat_labels[c : c + max_seq_len] for c in chunks],
-        [data.lines[bisect_right(starts, c) - 1] for c in chunks] if data.lines else [],
-    )
+    if not isinstance(data.ids, Ragged) or not isinstance(data.mask, Ragged):
+        raise NibbleError("instruction data is packed already")
+    ids = Packed(data.ids, max_seq_len)
+    return InstructData(ids, Packed(data.mask, max_seq_len), data.lines[ids.first_rows()])
 
 
-def read_instruct(path: str | Path, tokenizer: Tokenizer) -> InstructData:
-    """Read, render and tokenize an instruction file (see the module docstring), at full length.
+def read_instruct(path: str | Path, tokenizer: Tokenizer, columns: str | None = None) -> InstructData:
+    """Read, render and tokenize an instruction file (see the module docstring) at full length, through its
+    token cache; ``columns`` maps other column names (see :func:`parse_columns`).
 
     Raises:
         NibbleError: a missing or unreadable file, or a bad row; the message names the file and line.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise NibbleError(f"{path}: no such data file; check the path")
-    if path.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
-        raise NibbleError(f"{path}: instruction data must be JSON Lines (.jsonl), one conversation per line")
-    data = InstructData([], [], [])
-    for line, record in jsonl_records(path):
-        ids, labels = encode_conversation(tokenizer, conversation(record, path, line), f"{path} line {line}")
-        data.ids.append(ids)
-        data.labels.append(labels)
-        data.lines.append(line)
-    if not data.ids:
-        raise NibbleError(f"{path}: holds no rows; add data or fix the path")
-    return data
+    mapping = parse_columns(columns)
+    settings = {"task": "instruct", "chat_template": tokenizer.chat_template, "columns": mapping}
+
+    def build(writer) -> dict:
+        for line, record in read_records(path):
+            where = place(path, line)
+            ids, labels = encode_conversation(tokenizer, conversation(record, path, line, mapping), where)
+            mask = [int(t != IGNORE_INDEX) for t in labels]
+            writer.append(ids=ids, mask=mask, lines=line, first_target=first_target(mask))
+        if writer.rows == 0:
+            raise NibbleError(f"{path}: holds no rows; add data or fix the path")
+        return {}
+
+    cache = cached_tokens(path, tokenizer.path, settings, CACHE_COLUMNS, build)
+    return InstructData(cache.ragged("ids"), cache.ragged("mask"), cache.column("lines"), cache.column("first_target"))
 
 
 def fit_length(data: InstructData, max_seq_len: int, packing: bool, source: str | Path) -> InstructData:
     """Sequences of at most ``max_seq_len`` tokens: packed (see :func:`pack`), or each example cut to length.
 
     Raises:
-        NibbleError: (without packing) an example with no response token left within ``max_seq_len``.
+        NibbleError: (without packing) an example with no response token within ``max_seq_len``.
     """
     if packing:
         return pack(data, max_seq_len)
-    cut = InstructData([ids[:max_seq_len] for ids in data.ids], [lab[:max_seq_len] for lab in data.labels], data.lines)
-    for labels, line in zip(cut.labels, cut.lines, strict=True):
-        if all(t == IGNORE_INDEX for t in labels[1:]):
-            raise NibbleError(
-                f"{source} line {line}: no response token within max_seq_len {max_seq_len}; raise --max-seq-len, "
-                "shorten the prompt, or use --packing"
-            )
-    return cut
+    if not isinstance(data.ids, Ragged) or not isinstance(data.mask, Ragged) or data.first_target is None:
+        raise NibbleError("instruction data is packed already")
+    too_long = np.flatnonzero(np.asarray(data.first_target) >= max_seq_len)
+    if len(too_long):
+        raise NibbleError(
+            f"{place(source, int(data.lines[too_long[0]]))}: no response token within max_seq_len {max_seq_len}; "
+            "raise --max-seq-len, shorten the prompt, or use --packing"
+        )
+    return InstructData(data.ids.cut(max_seq_len), data.mask.cut(max_seq_len), data.lines, data.first_target)
 
 
 def load_instruct(
-    path: str | Path, tokenizer: Tokenizer, *, max_seq_len: int = 512, packing: bool = False
+    path: str | Path,
+    tokenizer: Tokenizer,
+    *,
+    max_seq_len: int = 512,
+    packing: bool = False,
+    columns: str | None = None,
 ) -> InstructData:
     """:func:`read_instruct` then :func:`fit_length`."""
-    return fit_length(read_instruct(path, tokenizer), max_seq_len, packing, path)
+    return fit_length(read_instruct(path, tokenizer, columns), max_seq_len, packing, path)
 
 
 def collate_lm(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:

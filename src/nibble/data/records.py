@@ -1,4 +1,9 @@
-"""Records from data files: JSON Lines and CSV/TSV rows as ``(line number, dict)``, and seeded splits."""
+"""Records from data files as ``(line or row number, dict)``: JSON Lines, CSV/TSV, Parquet, Arrow, and Hugging Face
+``datasets`` directories written by ``save_to_disk``; and seeded splits.
+
+Parquet and Arrow files are read with ``pyarrow``, ``datasets`` directories with ``datasets``; both are optional
+(``pip install nibble[data]``) and read in batches, so a file larger than memory streams through.
+"""
 
 from __future__ import annotations
 
@@ -15,18 +20,28 @@ from nibble.errors import NibbleError
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CSV_SUFFIXES = (".csv", ".tsv")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
+FORMATS = ".jsonl, .csv/.tsv, .parquet, .arrow, or a directory written by datasets' save_to_disk"
+_BATCH_ROWS = 1024  # rows per batch read from Parquet/Arrow/datasets: bounded memory, amortized conversion
 _INT_TEXT = re.compile(r"-?\d+")
 
 Record = tuple[int, dict[str, Any]]
 
 
 def read_records(path: str | Path) -> Iterator[Record]:
-    """``(line number, object)`` for every row of a ``.jsonl``/``.json``/``.ndjson`` or ``.csv``/``.tsv`` file.
+    """``(number, object)`` for every row of a data file or ``datasets`` directory (see the module docstring).
+
+    The number is the line for ``.jsonl``/``.json``/``.ndjson`` and ``.csv``/``.tsv`` files and the 1-based row
+    otherwise (:func:`place` words it). Rows are read lazily.
 
     Raises:
-        NibbleError: a missing file, an unknown suffix, or a row that cannot be read (naming the line).
+        NibbleError: a missing path, an unknown format, a missing optional package, or a row that cannot be
+            read (naming the line).
     """
     path = Path(path)
+    if path.is_dir():
+        return dataset_dir_records(path)
     if not path.is_file():
         raise NibbleError(f"{path}: no such data file; check the path")
     suffix = path.suffix.lower()
@@ -34,7 +49,89 @@ def read_records(path: str | Path) -> Iterator[Record]:
         return jsonl_records(path)
     if suffix in CSV_SUFFIXES:
         return csv_records(path, "\t" if suffix == ".tsv" else ",")
-    raise NibbleError(f"{path}: unknown data format '{suffix}'; use .jsonl (one JSON object per line) or .csv")
+    if suffix in PARQUET_SUFFIXES:
+        return parquet_records(path)
+    if suffix in ARROW_SUFFIXES:
+        return arrow_records(path)
+    raise NibbleError(f"{path}: unknown data format '{suffix}'; use {FORMATS}")
+
+
+def place(path: str | Path, number: int) -> str:
+    """Where a record came from, for messages: ``"data.jsonl line 3"`` or ``"data.parquet row 3"``."""
+    lines = Path(path).suffix.lower() in (*JSONL_SUFFIXES, *CSV_SUFFIXES)
+    return f"{path} {'line' if lines else 'row'} {number}"
+
+
+def _optional(module: str, package: str, path: Path):
+    """Import an optional dependency, or explain in one line how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise NibbleError(
+            f"{path}: reading this format needs the '{package}' package; pip install {package} (or nibble[data])"
+        ) from None
+
+
+def _batch_records(batches: Iterator[Any]) -> Iterator[Record]:
+    """Rows of pyarrow record batches (or tables) as ``(1-based row, dict)``."""
+    number = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row
+
+
+def parquet_records(path: Path) -> Iterator[Record]:
+    """``(row, object)`` for each row of a Parquet file, read a batch at a time (needs ``pyarrow``)."""
+    parquet = _optional("pyarrow.parquet", "pyarrow", path)
+    try:
+        reader = parquet.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError subclasses for every kind of bad file
+        raise NibbleError(f"{path}: not a readable Parquet file ({exc}); check the file") from None
+    yield from _batch_records(reader.iter_batches(batch_size=_BATCH_ROWS))
+
+
+def arrow_records(path: Path) -> Iterator[Record]:
+    """``(row, object)`` for each row of an Arrow IPC file (the random-access or the stream format, which is
+    what ``datasets`` writes), memory-mapped (needs ``pyarrow``)."""
+    pa = _optional("pyarrow", "pyarrow", path)
+    try:
+        source = pa.memory_map(str(path))
+        is_file_format = source.read(6) == b"ARROW1"
+        source.seek(0)
+        if is_file_format:
+            reader = pa.ipc.open_file(source)
+            batches: Iterator[Any] = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        else:
+            batches = iter(pa.ipc.open_stream(source))
+    except Exception as exc:  # ArrowInvalid and OSError subclasses
+        raise NibbleError(f"{path}: not a readable Arrow file ({exc}); check the file") from None
+    yield from _batch_records(batches)
+
+
+def dataset_dir_records(path: Path) -> Iterator[Record]:
+    """``(row, object)`` for each row of a directory written by ``datasets.Dataset.save_to_disk`` (needs
+    ``datasets``); a ``DatasetDict`` directory must be narrowed to one of its splits.
+
+    Raises:
+        NibbleError: a directory ``datasets`` did not write, or a DatasetDict (naming its splits).
+    """
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+        raise NibbleError(
+            f"{path}: a DatasetDict with splits {', '.join(splits) or 'none'}; pass one split's directory, "
+            f"e.g. {path / (splits[0] if splits else 'train')}"
+        )
+    if not (path / "state.json").is_file():
+        raise NibbleError(f"{path}: a directory, but not one written by datasets' save_to_disk; use {FORMATS}")
+    datasets = _optional("datasets", "datasets", path)
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as exc:  # datasets raises FileNotFoundError, ValueError, pyarrow errors
+        raise NibbleError(f"{path}: datasets cannot load this directory ({exc}); save it again") from None
+    yield from _batch_records(dataset.with_format("arrow").iter(batch_size=_BATCH_ROWS))
 
 
 def jsonl_records(path: Path) -> Iterator[Record]:
@@ -95,21 +192,35 @@ def _csv_value(cell: str, path: Path, line: int) -> Any:
     return cell
 
 
-def stratified_split(targets: Sequence[Any], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def stratified_split(targets: Sequence[Any] | np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(train, val)``: about ``fraction`` of each target value (a class, a label set, or one value
-    for all rows) goes to val, seeded. A value with a single row keeps it in train. Both lists ascend.
+    for all rows) goes to val, seeded. A value with a single row keeps it in train. Both arrays ascend.
+
+    ``targets`` may be an integer array (memory stays a few bytes per row) or any sequence of hashable
+    values (lists count as tuples).
     """
+    n = len(targets)
     if fraction <= 0:
-        return list(range(len(targets))), []
-    groups: dict[Any, list[int]] = {}
-    for i, t in enumerate(targets):
-        groups.setdefault(tuple(t) if isinstance(t, list) else t, []).append(i)
-    rng = np.random.default_rng([seed, len(targets)])
-    val: list[int] = []
-    for key in sorted(groups, key=repr):
-        members = groups[key]
+        return np.arange(n), np.arange(0)
+    if isinstance(targets, np.ndarray):
+        unique, group_of = np.unique(targets, return_inverse=True)
+        keys: list[Any] = unique.tolist()
+    else:
+        ids: dict[Any, int] = {}
+        group_of = np.fromiter(
+            (ids.setdefault(tuple(t) if isinstance(t, list) else t, len(ids)) for t in targets), np.int64, n
+        )
+        keys = list(ids)
+    by_group = np.argsort(group_of, kind="stable")  # each group's rows, ascending
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(group_of, minlength=len(keys)))])
+    rng = np.random.default_rng([seed, n])
+    val: list[np.ndarray] = []
+    for g in sorted(range(len(keys)), key=lambda g: repr(keys[g])):
+        members = by_group[bounds[g] : bounds[g + 1]]
         n_val = min(round(fraction * len(members)), len(members) - 1)
         if n_val > 0:
-            val.extend(members[j] for j in rng.permutation(len(members))[:n_val])
-    chosen = set(val)
-    return [i for i in range(len(targets)) if i not in chosen], sorted(val)
+            val.append(members[rng.permutation(len(members))[:n_val]])
+    chosen = np.zeros(n, dtype=bool)
+    if val:
+        chosen[np.concatenate(val)] = True
+    return np.flatnonzero(~chosen), np.flatnonzero(chosen)

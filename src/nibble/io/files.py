@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from nibble.errors import NibbleError
 
@@ -43,18 +43,29 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` to a temporary name beside ``path``, fsync, then rename it onto ``path``."""
+    with open_atomic(path) as f:
+        f.write(text)
+    return Path(path)
+
+
+@contextmanager
+def open_atomic(path: str | Path, newline: str | None = None) -> Iterator[TextIO]:
+    """A UTF-8 text file to write in pieces that appears at ``path`` only when the block succeeds.
+
+    ``with open_atomic(out) as f:`` -- write to ``f`` (a temporary sibling); on normal exit it is flushed,
+    fsynced and renamed onto ``out``; if the block raises, it is deleted and ``out`` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "w", encoding="utf-8", newline=newline) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
 
 
 def _occupied(path: Path) -> bool:

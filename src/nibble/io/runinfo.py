@@ -74,6 +74,7 @@ class RunInfo:
     max_seq_len: int | None = None
     text_column: str = "text"
     label_column: str = "label"
+    columns: str | None = None
     merged_from: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

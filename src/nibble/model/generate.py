@@ -192,13 +192,15 @@ def load_generator(
     *,
     quantize: QuantSpec | str | None = None,
     cache_budget_mb: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[DecoderModel, Tokenizer]:
     """A causal LM and its tokenizer from a model directory or .gguf file, optionally with a LoRA adapter.
 
     With ``adapter`` the base is loaded as the adapter was trained (a QLoRA adapter on its 4-bit base);
     ``quantize`` stores a base without adapter in 4 bits. Frozen 4-bit weights keep dense copies within
-    ``cache_budget_mb`` MiB (None: half the available memory; 0: none), which makes each token faster. The
-    tokenizer is the adapter's when it has one (it carries the chat template training used), else the model's.
+    ``cache_budget_mb`` MiB (None: half the available memory; 0: none), which makes each token faster. ``dtype``
+    is that of the dense weights (and of the cached copies). The tokenizer is the adapter's when it has one (it
+    carries the chat template training used), else the model's.
 
     Raises:
         NibbleError: a bad path, an adapter that is not a CAUSAL_LM adapter or does not fit the base.
@@ -209,12 +211,12 @@ def load_generator(
 
     model_dir = resolve_model_dir(model)
     if adapter is None:
-        lm = load_model(model_dir, quantize=quantize)
+        lm = load_model(model_dir, quantize=quantize, dtype=dtype)
         source = model_dir
     else:
         if quantize is not None:
             raise NibbleError("--quantize applies to a base without adapter; an adapter's base loads as it was trained")
-        lm, info = load_adapted(model_dir, adapter, task="causal_lm")
+        lm, info = load_adapted(model_dir, adapter, dtype=dtype, task="causal_lm")
         source = info.directory if (info.directory / "tokenizer.json").is_file() else model_dir
-    cache_dense_weights(lm, cache_budget_bytes(cache_budget_mb), torch.float32)
+    cache_dense_weights(lm, cache_budget_bytes(cache_budget_mb), dtype)
     return lm, load_tokenizer(source)

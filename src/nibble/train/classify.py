@@ -7,6 +7,7 @@ checked before the output directory is touched.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,14 @@ from nibble.train.metrics import classification_loss, classification_metrics, fo
 from nibble.train.run import TaskRun, run_training
 
 
-def predict_probs(model: nn.Module, data: ClassificationData, batch_size: int, pad_id: int) -> torch.Tensor:
-    """Class probabilities [N, K] in row order (softmax, or sigmoid for multi-label)."""
-    out = []
+def iter_probs(
+    model: nn.Module, data: ClassificationData, batch_size: int, pad_id: int
+) -> Iterator[tuple[range, torch.Tensor]]:
+    """Class probabilities batch by batch, in row order: ``(rows, [B, K])`` (softmax, or sigmoid for multi-label)."""
     with torch.no_grad():
-        for _, batch in iter_batches(data, batch_size, pad_id):
+        for chunk, batch in iter_batches(data, batch_size, pad_id):
             logits = model(batch["input_ids"], batch["attention_mask"]).float()
-            out.append(logits.sigmoid() if data.label_map.multi_label else logits.softmax(-1))
-    return torch.cat(out)
+            yield chunk, logits.sigmoid() if data.label_map.multi_label else logits.softmax(-1)
 
 
 def evaluate(
@@ -65,8 +66,8 @@ def train_classifier(config: TrainConfig) -> dict[str, Any]:
     if config.val_data:
         val = load_classification(config.val_data, tokenizer, label_map=data.label_map, **kwargs)
     elif config.val_split > 0:
-        train_idx, val_idx = stratified_split(data.targets, config.val_split, config.seed)
-        data, val = data.subset(train_idx), (data.subset(val_idx) if val_idx else None)
+        train_idx, val_idx = stratified_split(data.split_keys(), config.val_split, config.seed)
+        data, val = data.subset(train_idx), (data.subset(val_idx) if len(val_idx) else None)
     label_map = data.label_map
     weights = class_weights(data, config.class_weights)
     eval_batch = config.eval_batch_size or 2 * config.batch_size

@@ -40,8 +40,9 @@ class TrainConfig:
     data: str | None = field(
         default=None,
         metadata=_help(
-            "training data: .jsonl (one object per line) or .csv; instruct: .jsonl rows with instruction/response "
-            "(and optional system) or a messages list"
+            "training data: .jsonl, .csv/.tsv, .parquet, .arrow, or a directory saved by datasets' save_to_disk; "
+            "instruct rows: messages, conversations (ShareGPT), instruction/output[/input] (Alpaca), "
+            "instruction/response or prompt/completion, each with an optional system (or see --columns)"
         ),
     )
     output: str | None = field(default=None, metadata=_help("output directory of the run"))
@@ -90,6 +91,17 @@ class TrainConfig:
     max_seq_len: int = field(default=256, metadata=_help("truncate texts to this many tokens"))
     packing: bool = field(
         default=False, metadata=_help("instruct: concatenate examples into full max-seq-len sequences")
+    )
+    columns: str | None = field(
+        default=None,
+        metadata=_help(
+            "instruct: read other column names as ROLE=COLUMN pairs, e.g. prompt=question,response=answer "
+            "(roles: prompt, response, system, input, messages); in YAML also a mapping or a list"
+        ),
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata=_help("instruct: a Jinja chat template file, or a built-in name (chatml), instead of the model's"),
     )
     pooling: Literal["last", "mean"] = field(default="last", metadata=_help("classifier input: last token or mean"))
     dtype: Literal["float32", "bfloat16", "float16"] = field(
@@ -154,8 +166,12 @@ class TrainConfig:
             raise NibbleError(f"'class_weights' must be one of {', '.join(CLASS_WEIGHTS)}")
         if self.task == "instruct" and (self.class_weights != "none" or self.oversample):
             raise NibbleError("'class_weights' and 'oversample' apply to task classify only; drop them for instruct")
-        if self.task == "classify" and self.packing:
-            raise NibbleError("'packing' applies to task instruct only; drop it for classify")
+        for key in ("packing", "columns", "chat_template"):
+            if self.task == "classify" and getattr(self, key):
+                raise NibbleError(f"'{key}' applies to task instruct only; drop it for classify")
+        from nibble.data.instruct import parse_columns
+
+        parse_columns(self.columns)
         from nibble.nn.lora import resolve_targets
 
         resolve_targets(self.lora_targets)
@@ -232,6 +248,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             raise NibbleError(f"{path}: unknown key '{key}'{hint}")
     if isinstance(data.get("lora_targets"), list):
         data["lora_targets"] = ",".join(map(str, data["lora_targets"]))
+    if isinstance(data.get("columns"), dict):
+        data["columns"] = ",".join(f"{role}={column}" for role, column in data["columns"].items())
+    elif isinstance(data.get("columns"), list):
+        data["columns"] = ",".join(map(str, data["columns"]))
     return data
 
 

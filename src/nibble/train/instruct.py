@@ -8,17 +8,28 @@ one, so no [batch, seq, vocab] logits are ever built. Evaluation reports that lo
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nibble.data.batching import iter_batches
-from nibble.data.instruct import CHATML, IGNORE_INDEX, InstructData, fit_length, read_instruct, use_chat_template
+from nibble.data.instruct import (
+    CHATML,
+    IGNORE_INDEX,
+    InstructData,
+    default_system_prompt,
+    fit_length,
+    read_instruct,
+    resolve_chat_template,
+    use_chat_template,
+)
 from nibble.data.records import stratified_split
 from nibble.errors import NibbleError
-from nibble.io.tokenizer import load_tokenizer
+from nibble.io.tokenizer import Tokenizer, load_tokenizer
 from nibble.model.loading import resolve_model_dir
 from nibble.train.config import TrainConfig
 from nibble.train.metrics import headline
@@ -55,23 +66,51 @@ def evaluate_lm(model: nn.Module, data: InstructData, batch_size: int, pad_id: i
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count, "examples": len(data)}
 
 
+def set_chat_template(tokenizer: Tokenizer, override: str | None, model_dir: Path) -> str | None:
+    """Give ``tokenizer`` the template ``override`` names (a file or a built-in name), or ChatML when it has
+    none, and say so; also say when the template adds a default system message to conversations without one.
+    Returns the template to save with the adapter (None: the tokenizer's own, which its files carry).
+    """
+    saved = None
+    if override is not None:
+        saved = tokenizer.chat_template = resolve_chat_template(override)
+        print(f"chat template: {override} (instead of the model's)", flush=True)
+    elif use_chat_template(tokenizer):
+        saved = CHATML
+        print(f"{model_dir}: the tokenizer has no chat template; rendering conversations as ChatML", flush=True)
+    system = default_system_prompt(tokenizer)
+    if system is not None:
+        shown = system if len(system) <= 80 else system[:77] + "..."
+        print(
+            f"chat template: conversations without a system message get the template's default one ({shown!r}); "
+            "give rows a system message or pass --chat-template to change it",
+            flush=True,
+        )
+    return saved
+
+
+def lm_report(metrics: dict[str, Any]) -> str:
+    """One line: the response loss, its perplexity, and what it covers."""
+    return f"{headline(metrics)}  ({metrics['tokens']} response tokens in {metrics['examples']} sequences)"
+
+
 def train_instruct(config: TrainConfig) -> dict[str, Any]:
     """Run ``nibble train --task instruct``; returns the final evaluation (or {} without validation data)."""
     model_dir = resolve_model_dir(config.model)
     if not (model_dir / "config.json").is_file():
         raise NibbleError(f"{model_dir}: not a model directory (no config.json); check --model")
     tokenizer = load_tokenizer(model_dir)
-    chatml = use_chat_template(tokenizer)
-    if chatml:
-        print(f"{model_dir}: the tokenizer has no chat template; rendering conversations as ChatML", flush=True)
+    template = set_chat_template(tokenizer, config.chat_template, model_dir)
     pad_id = tokenizer.pad_id
-    rows = read_instruct(config.data, tokenizer)
+    rows = read_instruct(config.data, tokenizer, config.columns)
     val: InstructData | None = None
     if config.val_data:
-        val = fit_length(read_instruct(config.val_data, tokenizer), config.max_seq_len, False, config.val_data)
+        val_rows = read_instruct(config.val_data, tokenizer, config.columns)
+        val = fit_length(val_rows, config.max_seq_len, False, config.val_data)
     elif config.val_split > 0:
-        train_idx, val_idx = stratified_split([0] * len(rows), config.val_split, config.seed)
-        rows, val = rows.subset(train_idx), (rows.subset(val_idx) if val_idx else None)
+        everything = np.zeros(len(rows), dtype=np.int64)  # one group: a seeded random fraction
+        train_idx, val_idx = stratified_split(everything, config.val_split, config.seed)
+        rows, val = rows.subset(train_idx), (rows.subset(val_idx) if len(val_idx) else None)
         val = fit_length(val, config.max_seq_len, False, config.data) if val else None
     data = fit_length(rows, config.max_seq_len, config.packing, config.data)
     eval_batch = config.eval_batch_size or 2 * config.batch_size
@@ -79,13 +118,9 @@ def train_instruct(config: TrainConfig) -> dict[str, Any]:
     def run_eval(m: nn.Module) -> dict[str, Any]:
         return evaluate_lm(m, val, eval_batch, pad_id)
 
-    def report(metrics: dict[str, Any]) -> str:
-        return f"{headline(metrics)}  ({metrics['tokens']} response tokens in {metrics['examples']} sequences)"
-
     summary = (
         f"{len(data)} {'packed ' if config.packing else ''}sequences with {data.target_tokens():,} response tokens, "
         f"{len(val) if val else 0} val sequences"
     )
-    template = CHATML if chatml else None
-    task = TaskRun(data, val, lm_loss, run_eval, summary, forward=lm_forward, chat_template=template, report=report)
+    task = TaskRun(data, val, lm_loss, run_eval, summary, forward=lm_forward, chat_template=template, report=lm_report)
     return run_training(config, model_dir, tokenizer, task)

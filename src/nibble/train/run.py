@@ -103,6 +103,7 @@ def run_info(config: TrainConfig) -> RunInfo:
         max_seq_len=config.max_seq_len,
         text_column=config.text_column,
         label_column=config.label_column,
+        columns=config.columns,
     )
 
 

@@ -1,0 +1,119 @@
+"""The token cache: built once and reused while the file, tokenizer and settings are unchanged, rebuilt (and the
+stale copy removed) when the file changes, never left half-written; and its ragged/packed views equal the same
+operations on Python lists."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+
+import helpers
+from nibble.data import tokens
+from nibble.data.classify import load_classification
+from nibble.data.tokens import CacheWriter, Column, Packed, Ragged, TokenCache
+from nibble.errors import NibbleError
+from nibble.io.tokenizer import load_tokenizer
+
+
+@pytest.fixture
+def cache_root(tmp_path, monkeypatch):
+    root = tmp_path / "tokens"
+    monkeypatch.setenv("NIBBLE_TOKEN_CACHE", str(root))
+    return root
+
+
+@pytest.fixture
+def tokenizer(tmp_path):
+    return load_tokenizer(helpers.write_tokenizer(tmp_path / "tok"))
+
+
+def write_rows(path, n, seed=0):
+    rng = random.Random(seed)
+    rows = [{"text": "x" * rng.randint(1, 12), "label": "ab"[i % 2]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def entries(root):
+    return sorted(p.name for p in root.iterdir())
+
+
+def test_reused_while_unchanged_rebuilt_when_the_file_changes(tmp_path, cache_root, tokenizer, capsys):
+    data = write_rows(tmp_path / "d.jsonl", 20)
+    first = load_classification(data, tokenizer, max_seq_len=8)
+    assert "tokens: 20 rows of d.jsonl tokenized" in capsys.readouterr().out
+    [built] = entries(cache_root)
+    stamp = (cache_root / built / "ids.bin").stat().st_mtime_ns
+    again = load_classification(data, tokenizer, max_seq_len=8)
+    assert f"tokens: reusing {cache_root / built}" in capsys.readouterr().out
+    assert (cache_root / built / "ids.bin").stat().st_mtime_ns == stamp
+    assert again.ids.tolist() == first.ids.tolist() and again.targets.tolist() == first.targets.tolist()
+
+    load_classification(data, tokenizer, max_seq_len=4)  # another setting: a second cache beside the first
+    assert len(entries(cache_root)) == 2
+    write_rows(data, 21, seed=1)  # the file changes: both caches of its old version go
+    os.utime(data, ns=(stamp + 10**9, stamp + 10**9))
+    changed = load_classification(data, tokenizer, max_seq_len=8)
+    assert len(changed) == 21 and len(entries(cache_root)) == 1 and built not in entries(cache_root)
+
+
+def test_a_changed_tokenizer_is_another_cache(tmp_path, cache_root, tokenizer):
+    data = write_rows(tmp_path / "d.jsonl", 5)
+    load_classification(data, tokenizer, max_seq_len=8)
+    config = tokenizer.path / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "split_special_tokens": True}))
+    load_classification(data, load_tokenizer(tokenizer.path), max_seq_len=8)
+    assert len(entries(cache_root)) == 2
+
+
+def test_a_failed_build_leaves_nothing(tmp_path, cache_root, tokenizer):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a", "label": "x"}\n{"text": "", "label": "y"}\n')
+    with pytest.raises(NibbleError, match="d.jsonl line 2: the text is empty"):
+        load_classification(data, tokenizer)
+    assert entries(cache_root) == []
+
+
+def test_writer_columns_equal_the_rows_across_flushes(tmp_path, monkeypatch):
+    monkeypatch.setattr(tokens, "_FLUSH_VALUES", 7)  # many flushes, mid-row included
+    rng = random.Random(3)
+    rows = [[rng.randrange(2**32) for _ in range(rng.randint(0, 9))] for _ in range(50)]
+    columns = {"ids": Column("uint32"), "lines": Column("int64", ragged=False)}
+    writer = CacheWriter(tmp_path, columns)
+    for i, row in enumerate(rows):
+        writer.append(ids=row, lines=10 * i)
+    writer.finish({"note": "x"})
+    cache = TokenCache(tmp_path)
+    assert cache.rows == 50 and cache.meta["note"] == "x"
+    assert cache.ragged("ids").tolist() == rows
+    assert cache.column("lines").tolist() == [10 * i for i in range(50)]
+
+
+def test_ragged_and_packed_views_match_lists():
+    rng = random.Random(0)
+    rows = [[rng.randrange(100) for _ in range(rng.randint(1, 9))] for _ in range(40)]
+    ragged = Ragged.from_lists(rows)
+    pick = [5, 3, 3, 39, 0, 17]
+    view = ragged.subset(pick).cut(4)
+    expected = [rows[i][:4] for i in pick]
+    assert view.tolist() == expected and view.lengths().tolist() == [len(r) for r in expected]
+    assert view.total() == sum(map(sum, expected)) and view.total(skip_first=True) == sum(sum(r[1:]) for r in expected)
+    assert view.concat().tolist() == sum(expected, [])
+    assert view.subset([1, 0]).tolist() == [expected[1], expected[0]]
+
+    flat = sum(rows, [])
+    packed = Packed(ragged.subset(range(3, 40)), 6)
+    flat = sum(rows[3:], [])
+    assert packed.tolist() == [flat[i : i + 6] for i in range(0, len(flat), 6)]
+    assert packed.lengths().tolist() == [len(p) for p in packed.tolist()]
+    starts = np.cumsum([0] + [len(r) for r in rows[3:]])
+    assert packed.first_rows().tolist() == [
+        int(np.searchsorted(starts, i, "right")) - 1 for i in range(0, len(flat), 6)
+    ]
+    assert packed.total(skip_first=True) == sum(sum(p[1:]) for p in packed.tolist())
+    with pytest.raises(IndexError):
+        packed[len(packed)]
