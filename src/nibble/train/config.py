@@ -103,6 +103,13 @@ class TrainConfig:
     early_stopping_patience: int = field(
         default=0, metadata=_help("stop after N evaluations without a lower val loss (0: never)")
     )
+    report_to: str = field(
+        default="none",
+        metadata=_help(
+            "also send the metrics to tensorboard (OUT/tensorboard) and/or wandb (OUT/wandb; WANDB_PROJECT and "
+            "WANDB_MODE apply), comma-separated, or none; metrics.jsonl is always written"
+        ),
+    )
     eval_at_start: bool = field(
         default=False, metadata=_help("also evaluate before the first step (a baseline in metrics and plots)")
     )
@@ -157,8 +164,10 @@ class TrainConfig:
         if self.task == "classify" and self.packing:
             raise NibbleError("'packing' applies to task instruct only; drop it for classify")
         from nibble.nn.lora import resolve_targets
+        from nibble.train.report import report_targets
 
         resolve_targets(self.lora_targets)
+        report_targets(self.report_to)
         self.quant_spec  # noqa: B018  (validates the 4-bit format's parameters)
         return self
 

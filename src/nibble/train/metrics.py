@@ -99,10 +99,12 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per logged step or evaluation, appended and flushed at once."""
+    """``metrics.jsonl``: one JSON object per logged step or evaluation, appended and flushed at once, and
+    handed to each of ``mirrors`` (objects with ``write(record)``: TensorBoard, W&B; see nibble.train.report)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, mirrors: list | None = None):
         self.path = path
+        self.mirrors = mirrors or []
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after ``step`` (a resumed run writes them again)."""
@@ -113,6 +115,8 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        for mirror in self.mirrors:
+            mirror.write(record)
 
     def records(self) -> list[dict[str, Any]]:
         if not self.path.is_file():

@@ -33,10 +33,22 @@ from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
 from nibble.train.config import TrainConfig
 from nibble.train.metrics import MetricsLog, headline, plot_run
 from nibble.train.optim import WarmupCosine
+from nibble.train.report import open_reporters, report_targets
 from nibble.train.rng import seed_everything
 from nibble.train.trainer import Progress, Trainer, latest_checkpoint, read_progress
 
-RUN_OUTPUTS = ("adapter", "model", "best", "checkpoints", "plots", "metrics.jsonl", "eval_report.json", "config.yaml")
+RUN_OUTPUTS = (
+    "adapter",
+    "model",
+    "best",
+    "checkpoints",
+    "plots",
+    "metrics.jsonl",
+    "eval_report.json",
+    "config.yaml",
+    "tensorboard",
+    "wandb",
+)
 # The model head each training task puts on the decoder.
 MODEL_TASKS = {"classify": "classify", "instruct": "causal_lm"}
 
@@ -288,6 +300,7 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
     if resume_from is not None:
         trainer.resume(resume_from)
         print(f"resumed from {resume_from} at step {trainer.progress.step}", flush=True)
+    trainer.log.mirrors = open_reporters(report_targets(config.report_to), out, config.to_dict(), trainer.progress.step)
     n_train = sum(p.numel() for _, p in trainer.named_params)
     n_all = sum(p.numel() for p in model.parameters()) + sum(
         m.qweight.numel for m in model.modules() if isinstance(m, QuantLinear)
@@ -296,7 +309,11 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
         f"train: {task.summary}; {config.method}, {n_train:,} of {n_all:,} weights trainable; {total_steps} steps",
         flush=True,
     )
-    progress = trainer.train()
+    try:
+        progress = trainer.train()
+    finally:
+        for mirror in trainer.log.mirrors:
+            mirror.close()
 
     export(model, config, tokenizer, final_dir, task, model_dir, progress.step)
     report: dict[str, Any] = {}
