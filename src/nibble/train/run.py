@@ -321,6 +321,7 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
         report = {"step": progress.step, **trainer.last_eval}
         write_text_atomic(out / "eval_report.json", json.dumps(report, indent=2) + "\n")
         print(task.report(report), flush=True)
-    plot_run(trainer.log.records(), report or None, task.label_map.labels if task.label_map else [], out / "plots")
+    labels = task.label_map.labels if task.label_map else []
+    plot_run(trainer.log.records(), report or None, labels, out / "plots", name=out.resolve().name)
     print(f"done: {final_dir}", flush=True)
     return _result(out, final_dir, progress, trainer.last_checkpoint)
