@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from nibble.errors import NibbleError
-from nibble.train.config import TrainConfig, resolve_config
+from nibble.train.config import TrainConfig, check_keys, resolve_config
 from nibble.train.run import TrainResult
 
 
@@ -32,13 +32,11 @@ def train(config: TrainConfig | Mapping[str, Any] | str | Path, **overrides: Any
     from nibble.train.classify import train_classifier
     from nibble.train.instruct import train_instruct
 
+    check_keys(overrides, "train()")
     if isinstance(config, TrainConfig):
-        try:
-            config = dataclasses.replace(config, **overrides)
-        except TypeError as exc:
-            raise NibbleError(f"bad training config: {exc}") from None
-        config.validate()
+        config = dataclasses.replace(config, **overrides).validate()
     elif isinstance(config, Mapping):
+        check_keys(config, "config")
         config = resolve_config(None, {**config, **overrides})
     elif isinstance(config, (str, Path)):
         config = resolve_config(config, overrides)

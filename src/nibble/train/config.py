@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -220,6 +221,16 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
     raise NibbleError(f"'{name}' must be {want}, got {value!r}")
 
 
+def check_keys(data: Mapping[str, Any], source: str) -> None:
+    """Raise NibbleError, naming ``source`` and suggesting a close field name, for a key TrainConfig lacks."""
+    known = field_names()
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise NibbleError(f"{source}: unknown key '{key}'{hint}")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The keys of a YAML config file; unknown keys are errors (with a suggestion)."""
     path = Path(path)
@@ -233,12 +244,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise NibbleError(f"{path}: expected a mapping of keys to values")
-    known = field_names()
-    for key in data:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise NibbleError(f"{path}: unknown key '{key}'{hint}")
+    check_keys(data, str(path))
     if isinstance(data.get("lora_targets"), list):
         data["lora_targets"] = ",".join(map(str, data["lora_targets"]))
     return data
