@@ -19,7 +19,7 @@ def test_auto_peft_model_loads_an_adapter_trained_on_a_gguf_file(tmp_path, monke
     monkeypatch.setenv("NIBBLE_CACHE", str(tmp_path / "cache"))
     gguf = write_gguf(tmp_path / "tiny.gguf", tiny_model("qwen3"))
     rows = [{"instruction": f"Say {w}.", "response": f"{w} {w}"} for w in ("red", "blue", "green")] * 2
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    helpers.write_jsonl(tmp_path / "d.jsonl", rows)
     out = tmp_path / "run"
     args = ["train", "--task", "instruct", "--model", gguf, "--data", tmp_path / "d.jsonl", "--output", out]
     args += ["--method", "lora", "--max-steps", 2, "--batch-size", 2, "--val-split", 0, "--lr", 1e-2]

@@ -46,7 +46,7 @@ def test_metrics_reach_tensorboard_and_an_offline_wandb_run(tmp_path, monkeypatc
     monkeypatch.setenv("WANDB_SILENT", "true")
     path, _ = helpers.make_hf_checkpoint(tmp_path / "m", "qwen3")
     rows = [{"text": w, "label": w[0]} for w in ("apple", "berry", "avocado", "banana")] * 5
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    helpers.write_jsonl(tmp_path / "d.jsonl", rows)
     out = tmp_path / "run"
     args = ["train", "--model", path, "--data", tmp_path / "d.jsonl", "--output", out, "--log-every", 1]
     args += ["--eval-every", 2, "--save-every", 2, "--val-split", 0.2, "--report-to", "tensorboard,wandb"]

@@ -27,22 +27,14 @@ def rows(n: int, seed: int, flip: bool = False):
     return out
 
 
-def write_rows(path: Path, items) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in items))
-    return path
-
-
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
+    """A tiny Qwen3, training and val rows, and the val rows with opposite labels ("flipped": the val loss
+    rises as training fits the training rows)."""
     root = tmp_path_factory.mktemp("resume")
-    base, _ = helpers.make_hf_checkpoint(root / "base", "qwen3")
-    return SimpleNamespace(
-        base=base,
-        train=write_rows(root / "train.jsonl", rows(48, seed=0)),
-        val=write_rows(root / "val.jsonl", rows(12, seed=1)),
-        # the same words with the opposite labels: the val loss rises as training fits the train set
-        flipped=write_rows(root / "flipped.jsonl", rows(12, seed=1, flip=True)),
-    )
+    data = {"train": rows(48, seed=0), "val": rows(12, seed=1), "flipped": rows(12, seed=1, flip=True)}
+    files = {name: helpers.write_jsonl(root / f"{name}.jsonl", items) for name, items in data.items()}
+    return SimpleNamespace(base=helpers.make_hf_checkpoint(root / "base", "qwen3")[0], **files)
 
 
 def args(toy, out, *extra):

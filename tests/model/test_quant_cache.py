@@ -3,8 +3,6 @@ weights), a changed or damaged source entry is quantized again, and eval/predict
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -85,8 +83,7 @@ def test_predict_after_train_reuses_the_4bit_base(tmp_path, monkeypatch):
     monkeypatch.setenv("NIBBLE_CACHE", str(tmp_path / "cache"))
     path, _ = helpers.make_hf_checkpoint(tmp_path / "m", "qwen3")
     rows = [{"text": w, "label": w[0]} for w in ("apple", "berry", "avocado", "banana")] * 4
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = helpers.write_jsonl(tmp_path / "d.jsonl", rows)
     out = tmp_path / "run"
     args = ["train", "--model", path, "--data", data, "--output", out, "--max-steps", 2, "--val-split", 0]
     assert main([str(a) for a in [*args, "--double-quant"]]) == 0

@@ -22,7 +22,7 @@ def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
     base, _ = helpers.make_hf_checkpoint(root / "base", "qwen3")
     rows = [{"text": w, "label": w[0]} for w in ("apple", "berry", "avocado", "banana", "apricot")] * 4
-    (root / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    helpers.write_jsonl(root / "d.jsonl", rows)
     return {"model": str(base), "data": str(root / "d.jsonl"), "max_steps": 3, "eval_every": 2, "log_every": 1}
 
 
