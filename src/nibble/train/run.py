@@ -204,7 +204,8 @@ class TrainResult:
 
 def _result(out: Path, final: Path, progress: Progress, checkpoint: Path | None) -> TrainResult:
     report_file = out / "eval_report.json"
-    report = read_json_object(report_file, "") if report_file.is_file() else {}
+    fix = "restore it, or delete it (metrics.jsonl holds the final evaluation's scores too)"
+    report = read_json_object(report_file, fix) if report_file.is_file() else {}
     best = out / "best" if (out / "best").is_dir() else None
     return TrainResult(out, final, best, checkpoint, report, progress.step, progress.stopped_early)
 

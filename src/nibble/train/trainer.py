@@ -19,7 +19,6 @@ from tqdm import tqdm
 from nibble.data.batching import BatchStream
 from nibble.devices import autocast
 from nibble.errors import NibbleError
-from nibble.io.files import read_json_object
 from nibble.train.checkpoint import (
     STATE_FILE,
     list_checkpoints,
@@ -27,6 +26,7 @@ from nibble.train.checkpoint import (
     load_optimizer_state,
     load_trainable,
     prune_checkpoints,
+    read_state,
     save_checkpoint,
 )
 from nibble.train.config import TrainConfig
@@ -66,7 +66,7 @@ def read_progress(checkpoint: Path) -> tuple[Progress, int | None]:
     Raises:
         NibbleError: no state.json, or one without a valid ``progress`` object.
     """
-    state = read_json_object(checkpoint / STATE_FILE, "resume from an older checkpoint")
+    state = read_state(checkpoint)
     try:
         progress = Progress(**state["progress"])
     except (KeyError, TypeError) as exc:
