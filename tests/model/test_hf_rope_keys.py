@@ -12,7 +12,7 @@ import pytest
 
 from gguf_files import tiny_model, write_gguf
 from helpers import hf_config
-from nibble.io.gguf import open_gguf
+from nibble.cli.main import main
 from nibble.model import ModelConfig
 
 LEGACY = ("rope_theta", "rope_scaling")
@@ -57,7 +57,7 @@ def test_model_config_writes_rope_for_transformers_4_and_5(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["default", "linear"])
-def test_gguf_conversion_writes_rope_for_transformers_4_and_5(tmp_path, kind):
-    model = tiny_model("qwen2", rope_parameters=dict(ROPES[kind]))
-    config = open_gguf(write_gguf(tmp_path / "m.gguf", model)).config
-    check_keys(tmp_path, config, ROPES[kind])
+def test_nibble_convert_writes_rope_for_transformers_4_and_5(tmp_path, kind):
+    gguf = write_gguf(tmp_path / "m.gguf", tiny_model("qwen2", rope_parameters=dict(ROPES[kind])))
+    assert main(["convert", "--gguf", str(gguf), "--output", str(tmp_path / "hf")]) == 0
+    check_keys(tmp_path, json.loads((tmp_path / "hf" / "config.json").read_text()), ROPES[kind])
