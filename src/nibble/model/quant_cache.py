@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from nibble.errors import NibbleError
+from nibble.io.fetch import cache_dir
 from nibble.io.safetensors import Checkpoint, SafetensorsFile, save_file_atomic
 from nibble.quant import INT4Weight, NF4Weight, QuantizedWeight, QuantSpec
 
@@ -42,8 +43,6 @@ class QuantCache:
     """The cache entry of one model directory in one 4-bit format."""
 
     def __init__(self, model_dir: Path, ckpt: Checkpoint, spec: QuantSpec):
-        from nibble.io.fetch import cache_dir
-
         self.spec = spec
         key = json.dumps([str(model_dir.resolve()), spec.to_json(), _VERSION])
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -78,7 +77,9 @@ class QuantCache:
             print(f"note: cannot keep the 4-bit weights in {self.path.parent} ({exc.strerror})", file=sys.stderr)
 
 
-def _weight(tensors: dict[str, torch.Tensor], key: str, spec: QuantSpec, dtype: torch.dtype, source: str):
+def _weight(
+    tensors: dict[str, torch.Tensor], key: str, spec: QuantSpec, dtype: torch.dtype, source: str
+) -> QuantizedWeight:
     if spec.format == "int4":
         return INT4Weight.from_state_dict(tensors, key, source, dtype=dtype)
     weight = NF4Weight.from_state_dict(tensors, key, source)
