@@ -8,10 +8,16 @@ import os
 # start) avoids oversubscription, which made some tests 4x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import helpers  # noqa: E402
+from nibble.io.fetch import cache_dir  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -22,6 +28,24 @@ def token_cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("token-cache")
     os.environ["NIBBLE_TOKEN_CACHE"] = str(path)
     return path
+
+
+def _private_cache() -> Path:
+    """A fresh cache directory for this test process (and the CLI processes it starts), so that GGUF
+    conversions and 4-bit bases of temporary test models never pile up in the user's cache; the user's
+    downloaded .gguf files and their conversions are linked in, so tests of the real model find them."""
+    user, private = cache_dir(), Path(tempfile.mkdtemp(prefix="nibble-test-cache-"))
+    atexit.register(shutil.rmtree, private, ignore_errors=True)
+    (private / "converted").mkdir()
+    if user.is_dir():
+        for gguf in user.glob("*.gguf"):
+            (private / gguf.name).symlink_to(gguf)
+        for converted in user.glob("converted/*"):
+            (private / "converted" / converted.name).symlink_to(converted)
+    return private
+
+
+os.environ["NIBBLE_CACHE"] = str(_private_cache())
 
 
 @pytest.fixture

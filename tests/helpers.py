@@ -164,3 +164,10 @@ def right_padded_batch(lengths: list[int], vocab: int = 256, seed: int = 0) -> t
         ids[row, :n] = torch.randint(0, vocab, (n,), generator=gen)
         mask[row, :n] = 1
     return ids, mask
+
+
+def write_jsonl(path: str | Path, rows) -> Path:
+    """``rows`` (JSON-serializable objects) as a .jsonl file, one per line."""
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from nibble.io.fetch import SMOLLM2, fetch_smollm2
     from nibble.model.generate import generate_text, load_generator
     from nibble.model.loading import resolve_model_dir
-    from nibble.train.classify import train_classifier
+    from nibble.train.api import train as train_run
     from nibble.train.config import TrainConfig
     from nibble.train.metrics import MetricsLog
 
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     ).validate()
     _say(f"[3/4] QLoRA: 4-bit NF4 base, rank-{config.lora_rank} LoRA on all 7 projections, classifier head")
     train_start = time.perf_counter()
-    after = train_classifier(config)
+    after = train_run(config).report
     train_seconds = time.perf_counter() - train_start
     before = next(r for r in MetricsLog(run_dir / "metrics.jsonl").records() if r.get("kind") == "eval")
     classes = len(after["per_class"])

@@ -27,9 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nibble.train.classify import train_classifier
-    from nibble.train.instruct import train_instruct
+    from nibble.train.api import train
 
-    config = resolve_config(args.config, config_overrides(args))
-    (train_instruct if config.task == "instruct" else train_classifier)(config)
+    train(resolve_config(args.config, config_overrides(args)))
     return 0

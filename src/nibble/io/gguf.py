@@ -36,6 +36,7 @@ import torch
 
 from nibble.errors import NibbleError
 from nibble.io.files import staged_dir
+from nibble.io.rope import rope_config_keys
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -286,7 +287,6 @@ class GGUFModel(GGUFFile):
             "head_dim": head_dim,
             "max_position_embeddings": int(self.meta("{arch}.context_length")),
             "rms_norm_eps": _decimal(self.meta("{arch}.attention.layer_norm_rms_epsilon")),
-            "rope_parameters": {"rope_type": "default", "rope_theta": theta},
             "hidden_act": "silu",
             "tie_word_embeddings": "output.weight" not in self._tensors_by_name,
             "dtype": "float32",
@@ -301,7 +301,7 @@ class GGUFModel(GGUFFile):
                 raise NibbleError(f"{self.path}: qwen2 heads of size {head_dim} do not tile hidden size {hidden}")
             del config["head_dim"]
             config["use_sliding_window"] = False
-        config["rope_parameters"].update(self._rope_scaling(theta, head_dim))
+        config.update(rope_config_keys(theta, self._rope_scaling(theta, head_dim) or None))
         for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
             token_id = self.meta(f"tokenizer.ggml.{key}", None)
             if token_id is not None:
@@ -309,7 +309,7 @@ class GGUFModel(GGUFFile):
         return config
 
     def _rope_scaling(self, theta: float, head_dim: int) -> dict[str, Any]:
-        """RoPE scaling as transformers' ``rope_parameters`` entries (empty for plain RoPE)."""
+        """RoPE scaling as transformers' ``rope_scaling`` object (empty for plain RoPE)."""
         kind = self.meta("{arch}.rope.scaling.type", "none")
         if "rope_freqs.weight" in self._tensors_by_name:  # llama.cpp's form of Llama 3 (3.1, 3.2, ...) scaling
             stored = self._tensor("rope_freqs.weight")

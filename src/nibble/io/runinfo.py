@@ -64,7 +64,9 @@ class LabelMap:
 @dataclass
 class RunInfo:
     """``nibble.json``: what eval, predict, generate and merge need to rebuild a trained model the way training
-    built it. ``quant`` is the 4-bit format of the frozen base (None: a dense base)."""
+    built it. ``quant`` is the 4-bit format of the frozen base (None: a dense base); ``base_model`` the model
+    the run started from as the user named it (a directory or a .gguf file; adapter_config.json names the
+    loadable HF directory instead); ``step`` the optimizer step the weights come from."""
 
     task: str | None = None
     method: str | None = None
@@ -76,6 +78,8 @@ class RunInfo:
     label_column: str = "label"
     columns: str | None = None
     merged_from: str | None = None
+    base_model: str | None = None
+    step: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any
 
 from nibble.errors import NibbleError
 from nibble.io.files import read_json_object
+from nibble.io.rope import rope_config_keys
 
 # model_type -> the class-name prefix transformers uses (Qwen3ForCausalLM, ...).
 ARCHITECTURES = {"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral"}
@@ -102,14 +103,12 @@ class ModelConfig:
         return _from_dict(data, str(path))
 
     def to_hf(self, architecture: str | None = None) -> dict[str, Any]:
-        """A ``config.json`` dict transformers loads: ``*ForCausalLM``, or ``*ForSequenceClassification``
-        when ``num_labels`` is set (``architecture`` overrides). ``quantization_config`` is left out."""
+        """A ``config.json`` dict transformers (4.x and 5.x) loads: ``*ForCausalLM``, or
+        ``*ForSequenceClassification`` when ``num_labels`` is set (``architecture`` overrides).
+        ``quantization_config`` is left out."""
         prefix = ARCHITECTURES[self.model_type]
         if architecture is None:
             architecture = f"{prefix}ForSequenceClassification" if self.num_labels else f"{prefix}ForCausalLM"
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling:
-            rope.update(self.rope_scaling)
         out: dict[str, Any] = {
             "architectures": [architecture],
             "model_type": self.model_type,
@@ -122,7 +121,7 @@ class ModelConfig:
             "head_dim": self.head_dim,
             "hidden_act": "silu",
             "rms_norm_eps": self.rms_norm_eps,
-            "rope_parameters": rope,
+            **rope_config_keys(self.rope_theta, self.rope_scaling),
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "initializer_range": self.initializer_range,

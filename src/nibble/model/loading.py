@@ -3,9 +3,10 @@
 The model is built on the meta device (no memory), then each parameter is read from the memory-mapped
 checkpoint straight into its final dtype and device. With ``quantize`` set, each block projection is read
 in fp32, quantized, and the fp32 copy dropped before the next tensor is read, so peak memory stays near
-the final model plus the largest single fp32 tensor. Checkpoints already quantized by bitsandbytes load
-their NF4 bytes unchanged. A ``.gguf`` file is converted once into an HF directory in the cache (see
-:func:`resolve_model_dir`) and loaded from there.
+the final model plus the largest single fp32 tensor; the quantized projections are kept on disk, and later
+loads of the same files in the same format read them instead (see :mod:`nibble.model.quant_cache`).
+Checkpoints already quantized by bitsandbytes load their NF4 bytes unchanged. A ``.gguf`` file is converted
+once into an HF directory in the cache (see :func:`resolve_model_dir`) and loaded from there.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from nibble.io import bnb
 from nibble.io.safetensors import Checkpoint, read_checkpoint
 from nibble.model.config import ModelConfig
 from nibble.model.model import TASKS, DecoderModel
+from nibble.model.quant_cache import QuantCache
 from nibble.nn import QuantLinear
 from nibble.nn.lora import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
-from nibble.quant import QuantSpec, quantize
+from nibble.quant import QuantizedWeight, QuantSpec, quantize
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tensors some checkpoints carry that a model never needs.
@@ -107,6 +109,7 @@ def load_model(
         model = DecoderModel(config, task, num_labels, pooling, dtype)
     _check_unexpected(ckpt, model, config)
     loader = _Loader(ckpt, dtype, torch.device(device))
+    cache = _quant_cache(path, ckpt, spec, loader)
     backbone = model.model
     backbone.embed_tokens.weight = loader.parameter("model.embed_tokens.weight", backbone.embed_tokens.weight)
     for i, layer in enumerate(backbone.layers):
@@ -125,7 +128,19 @@ def load_model(
         _load_lm_head(model, loader, config)
     else:
         _load_score(model, loader, config)
+    if cache is not None:
+        cache.store((f"{name}.weight", m.qweight) for name, m in model.named_modules() if isinstance(m, QuantLinear))
     return model.eval()
+
+
+def _quant_cache(path: Path, ckpt: Checkpoint, spec: QuantSpec | None, loader: _Loader) -> QuantCache | None:
+    """Hand ``loader`` the projections quantized by an earlier load of ``path`` as ``spec`` says (see
+    :mod:`nibble.model.quant_cache`); returns the cache entry to fill when there were none, else None."""
+    if spec is None or bnb.is_quantized(ckpt, "model.layers.0.self_attn.q_proj.weight"):
+        return None
+    cache = QuantCache(path, ckpt, spec)
+    loader.quantized = cache.load(loader.dtype)
+    return None if loader.quantized else cache
 
 
 def _num_labels(ckpt: Checkpoint, config: ModelConfig, num_labels: int | None) -> int:
@@ -190,6 +205,7 @@ class _Loader:
         self.ckpt = ckpt
         self.dtype = dtype
         self.device = device
+        self.quantized: dict[str, QuantizedWeight] = {}  # projections quantized earlier, by weight key
 
     def tensor(self, key: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """Tensor ``key`` in ``dtype`` on CPU, checked against ``shape`` (an NF4 one is dequantized)."""
@@ -219,9 +235,10 @@ class _Loader:
             self._check_shape(weight_key, tuple(qweight.shape), linear.weight.shape)
             return QuantLinear(qweight, bias).to(self.device)
         if spec is not None:
-            dense = self.tensor(weight_key, linear.weight.shape, torch.float32)
-            qweight = quantize(dense, spec)
-            del dense
+            qweight = self.quantized.pop(weight_key, None)
+            if qweight is None:
+                qweight = quantize(self.tensor(weight_key, linear.weight.shape, torch.float32), spec)
+            self._check_shape(weight_key, tuple(qweight.shape), linear.weight.shape)
             qweight.dtype = self.dtype
             return QuantLinear(qweight, bias).to(self.device)
         weight = self.tensor(weight_key, linear.weight.shape, self.dtype)

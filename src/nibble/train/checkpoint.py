@@ -116,15 +116,24 @@ def prune_checkpoints(directory: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """The state.json object of the checkpoint directory ``path``.
+
+    Raises:
+        NibbleError: ``path`` is no checkpoint, or its state.json cannot be read.
+    """
+    if not (path / STATE_FILE).is_file():
+        raise NibbleError(f"{path}: not a checkpoint (no {STATE_FILE}); give a checkpoints/step-N directory")
+    return read_json_object(path / STATE_FILE, "resume from an older checkpoint")
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any], dict]:
     """``(trainable, optimizer tensors, state, rng tensors)`` of a checkpoint directory.
 
     Raises:
         NibbleError: a missing directory or file, or a state.json that cannot be read.
     """
-    if not (path / STATE_FILE).is_file():
-        raise NibbleError(f"{path}: not a checkpoint (no {STATE_FILE}); give a checkpoints/step-N directory")
-    state = read_json_object(path / STATE_FILE, "resume from an older checkpoint")
+    state = read_state(path)
     files = {}
     for name in ("trainable", "optimizer", "rng"):
         file = path / f"{name}.safetensors"

@@ -24,7 +24,7 @@ from nibble.model.loading import resolve_model_dir
 from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
 from nibble.train.config import TrainConfig
 from nibble.train.metrics import classification_loss, classification_metrics, format_metrics
-from nibble.train.run import TaskRun, run_training
+from nibble.train.run import TaskRun, TrainResult, run_training
 
 
 def iter_probs(
@@ -53,8 +53,8 @@ def evaluate(
     return classification_metrics(torch.cat(probs), torch.cat(labels), lm, total / len(data))
 
 
-def train_classifier(config: TrainConfig) -> dict[str, Any]:
-    """Run ``nibble train --task classify``; returns the final evaluation (or {} without validation data)."""
+def train_classifier(config: TrainConfig) -> TrainResult:
+    """Run ``nibble train --task classify`` (see :func:`nibble.train.run.run_training`)."""
     model_dir = resolve_model_dir(config.model)
     if not (model_dir / "config.json").is_file():
         raise NibbleError(f"{model_dir}: not a model directory (no config.json); check --model")

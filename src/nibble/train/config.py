@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -115,6 +116,13 @@ class TrainConfig:
     early_stopping_patience: int = field(
         default=0, metadata=_help("stop after N evaluations without a lower val loss (0: never)")
     )
+    report_to: str = field(
+        default="none",
+        metadata=_help(
+            "also send the metrics to tensorboard (OUT/tensorboard) and/or wandb (OUT/wandb; WANDB_PROJECT and "
+            "WANDB_MODE apply), comma-separated, or none; metrics.jsonl is always written"
+        ),
+    )
     eval_at_start: bool = field(
         default=False, metadata=_help("also evaluate before the first step (a baseline in metrics and plots)")
     )
@@ -173,8 +181,10 @@ class TrainConfig:
 
         parse_columns(self.columns)
         from nibble.nn.lora import resolve_targets
+        from nibble.train.report import report_targets
 
         resolve_targets(self.lora_targets)
+        report_targets(self.report_to)
         self.quant_spec  # noqa: B018  (validates the 4-bit format's parameters)
         return self
 
@@ -227,6 +237,16 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
     raise NibbleError(f"'{name}' must be {want}, got {value!r}")
 
 
+def check_keys(data: Mapping[str, Any], source: str) -> None:
+    """Raise NibbleError, naming ``source`` and suggesting a close field name, for a key TrainConfig lacks."""
+    known = field_names()
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise NibbleError(f"{source}: unknown key '{key}'{hint}")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The keys of a YAML config file; unknown keys are errors (with a suggestion)."""
     path = Path(path)
@@ -240,12 +260,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise NibbleError(f"{path}: expected a mapping of keys to values")
-    known = field_names()
-    for key in data:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise NibbleError(f"{path}: unknown key '{key}'{hint}")
+    check_keys(data, str(path))
     if isinstance(data.get("lora_targets"), list):
         data["lora_targets"] = ",".join(map(str, data["lora_targets"]))
     if isinstance(data.get("columns"), dict):

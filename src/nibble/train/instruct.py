@@ -33,7 +33,7 @@ from nibble.io.tokenizer import Tokenizer, load_tokenizer
 from nibble.model.loading import resolve_model_dir
 from nibble.train.config import TrainConfig
 from nibble.train.metrics import headline
-from nibble.train.run import TaskRun, run_training
+from nibble.train.run import TaskRun, TrainResult, run_training
 
 
 def lm_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -94,8 +94,8 @@ def lm_report(metrics: dict[str, Any]) -> str:
     return f"{headline(metrics)}  ({metrics['tokens']} response tokens in {metrics['examples']} sequences)"
 
 
-def train_instruct(config: TrainConfig) -> dict[str, Any]:
-    """Run ``nibble train --task instruct``; returns the final evaluation (or {} without validation data)."""
+def train_instruct(config: TrainConfig) -> TrainResult:
+    """Run ``nibble train --task instruct`` (see :func:`nibble.train.run.run_training`)."""
     model_dir = resolve_model_dir(config.model)
     if not (model_dir / "config.json").is_file():
         raise NibbleError(f"{model_dir}: not a model directory (no config.json); check --model")

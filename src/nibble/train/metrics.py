@@ -99,10 +99,12 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per logged step or evaluation, appended and flushed at once."""
+    """``metrics.jsonl``: one JSON object per logged step or evaluation, appended and flushed at once, and
+    handed to each of ``mirrors`` (objects with ``write(record)``: TensorBoard, W&B; see nibble.train.report)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, mirrors: list | None = None):
         self.path = path
+        self.mirrors = mirrors or []
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after ``step`` (a resumed run writes them again)."""
@@ -113,6 +115,8 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        for mirror in self.mirrors:
+            mirror.write(record)
 
     def records(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
@@ -126,58 +130,93 @@ class MetricsLog:
         return out
 
 
-def plot_run(records: list[dict[str, Any]], final_eval: dict[str, Any] | None, labels: list, directory: Path):
-    """Write loss.png (train and val loss), and what the evaluations hold: accuracy.png (val accuracy),
-    perplexity.png (val perplexity), confusion_matrix.png (single-label classifiers)."""
+def plot_run(
+    records: list[dict[str, Any]],
+    final_eval: dict[str, Any] | None,
+    labels: list,
+    directory: Path,
+    name: str | None = None,
+) -> None:
+    """Write the plots of a run into ``directory``, each titled with the run's ``name``: loss.png (train and val
+    loss, with the learning rate and the gradient norm in panels below), and what the evaluations hold:
+    accuracy.png (val accuracy), perplexity.png (val perplexity), confusion_matrix.png (single-label)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     directory.mkdir(parents=True, exist_ok=True)
-    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+    prefix = f"{name}: " if name else ""
+    figures = {"loss": training_figure(records, f"{prefix}training")}
     evals = [r for r in records if r.get("kind") == "eval"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss")
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], marker="o", label="val loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(directory / "loss.png", dpi=100)
-    plt.close(fig)
-    for key, name in (("accuracy", "val accuracy"), ("perplexity", "val perplexity")):
+    for key, label in (("accuracy", "val accuracy"), ("perplexity", "val perplexity")):
         points = [(r["step"], r[key]) for r in evals if key in r]
         if not points:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(*zip(*points, strict=True), marker="o")
-        ax.set_xlabel("step")
-        ax.set_ylabel(name)
+        ax.set(xlabel="step", ylabel=label, title=f"{prefix}{label}")
         if key == "accuracy":
             ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        figures[key] = fig
+    matrix = (final_eval or {}).get("confusion_matrix")
+    if matrix and not isinstance(matrix[0][0], list):
+        at = f" at step {final_eval['step']}" if "step" in final_eval else ""
+        figures["confusion_matrix"] = confusion_figure(matrix, labels, f"{prefix}confusion matrix{at}")
+    for key, fig in figures.items():
         fig.tight_layout()
         fig.savefig(directory / f"{key}.png", dpi=100)
         plt.close(fig)
-    if (
-        final_eval is not None
-        and final_eval.get("confusion_matrix")
-        and not isinstance(final_eval["confusion_matrix"][0][0], list)
-    ):
-        matrix = final_eval["confusion_matrix"]
-        size = max(3.0, 0.6 * len(labels) + 2)
-        fig, ax = plt.subplots(figsize=(size, size))
-        ax.imshow(matrix, cmap="Blues")
-        ticks = range(len(labels))
-        ax.set_xticks(ticks, [str(x) for x in labels], rotation=45, ha="right")
-        ax.set_yticks(ticks, [str(x) for x in labels])
-        for i, row in enumerate(matrix):
-            for j, count in enumerate(row):
-                ax.text(j, i, str(count), ha="center", va="center")
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        fig.tight_layout()
-        fig.savefig(directory / "confusion_matrix.png", dpi=100)
-        plt.close(fig)
+
+
+def training_figure(records: list[dict[str, Any]], title: str):
+    """Three panels over the optimizer step: train and val loss; learning rate; gradient norm (before clipping)."""
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    fig, (loss, lr, norm) = plt.subplots(3, 1, figsize=(7, 7), sharex=True, height_ratios=(2, 1, 1))
+    fig.suptitle(title)
+    if train:
+        loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if evals:
+        loss.plot([r["step"] for r in evals], [r["loss"] for r in evals], marker="o", label="val loss")
+    loss.set_ylabel("loss")
+    loss.legend()
+    for ax, key, label in ((lr, "lr", "learning rate"), (norm, "grad_norm", "gradient norm")):
+        points = [(r["step"], r[key]) for r in train if key in r]
+        if points:
+            ax.plot(*zip(*points, strict=True))
+        ax.set_ylabel(label)
+    norm.set_xlabel("step")
+    for ax in (loss, lr, norm):
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def confusion_figure(matrix: list[list[int]], labels: list, title: str):
+    """The confusion matrix (rows: true label, columns: predicted), each count written in black or white,
+    whichever contrasts more with its cell's colour."""
+    import matplotlib.pyplot as plt
+
+    size = max(3.5, 0.6 * len(labels) + 2.5)
+    fig, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(matrix, cmap="Blues")
+    ticks = range(len(labels))
+    ax.set_xticks(ticks, [str(x) for x in labels], rotation=45, ha="right")
+    ax.set_yticks(ticks, [str(x) for x in labels])
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            cell = image.cmap(image.norm(count))
+            ax.text(j, i, str(count), ha="center", va="center", color=_text_colour(cell))
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    return fig
+
+
+def _text_colour(rgba: tuple[float, ...]) -> str:
+    """Black or white, whichever contrasts more with ``rgba`` (WCAG 2 relative luminance: black text wins above
+    0.179, where both contrast ratios are equal)."""
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    return "black" if luminance > 0.179 else "white"

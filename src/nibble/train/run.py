@@ -22,7 +22,7 @@ from torch import nn
 
 from nibble.data.batching import BatchStream, Dataset
 from nibble.errors import NibbleError
-from nibble.io.files import remove_stale_staging, staged_dir, write_text_atomic
+from nibble.io.files import read_json_object, remove_stale_staging, staged_dir, write_text_atomic
 from nibble.io.peft import adapter_config, save_adapter
 from nibble.io.runinfo import LABEL_MAP, RUN_INFO, LabelMap, RunInfo
 from nibble.io.tokenizer import Tokenizer
@@ -31,11 +31,24 @@ from nibble.nn import QuantLinear, apply_lora
 from nibble.nn.lora import resolve_targets
 from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
 from nibble.train.config import TrainConfig
-from nibble.train.metrics import headline, plot_run
+from nibble.train.metrics import MetricsLog, headline, plot_run
+from nibble.train.optim import WarmupCosine
+from nibble.train.report import open_reporters, report_targets
 from nibble.train.rng import seed_everything
-from nibble.train.trainer import Trainer, latest_checkpoint
+from nibble.train.trainer import Progress, Trainer, latest_checkpoint, read_progress
 
-RUN_OUTPUTS = ("adapter", "model", "best", "checkpoints", "plots", "metrics.jsonl", "eval_report.json", "config.yaml")
+RUN_OUTPUTS = (
+    "adapter",
+    "model",
+    "best",
+    "checkpoints",
+    "plots",
+    "metrics.jsonl",
+    "eval_report.json",
+    "config.yaml",
+    "tensorboard",
+    "wandb",
+)
 # The model head each training task puts on the decoder.
 MODEL_TASKS = {"classify": "classify", "instruct": "causal_lm"}
 
@@ -92,8 +105,9 @@ def _clear_previous_run(out: Path) -> None:
             target.unlink()
 
 
-def run_info(config: TrainConfig) -> RunInfo:
-    """How the model was trained: what eval/predict/generate/merge need to rebuild it the same way."""
+def run_info(config: TrainConfig, step: int | None = None) -> RunInfo:
+    """How the model was trained: what eval/predict/generate/merge need to rebuild it the same way, the model
+    the run started from, and the optimizer step the weights come from."""
     return RunInfo(
         task=config.task,
         method=config.method,
@@ -104,6 +118,8 @@ def run_info(config: TrainConfig) -> RunInfo:
         text_column=config.text_column,
         label_column=config.label_column,
         columns=config.columns,
+        base_model=str(Path(config.model).resolve()) if config.model else None,
+        step=step,
     )
 
 
@@ -130,14 +146,19 @@ class TaskRun:
     sample_groups: Sequence[int] | None = None
 
 
-def export(model: nn.Module, config: TrainConfig, tokenizer: Tokenizer, final: Path, task: TaskRun) -> Path:
-    """Write the adapter (LoRA methods) or the whole model (full) to ``final``, which appears only when complete."""
+def export(
+    model: nn.Module, config: TrainConfig, tokenizer: Tokenizer, final: Path, task: TaskRun, model_dir: Path, step: int
+) -> Path:
+    """Write the adapter (LoRA methods) or the whole model (full) at ``step`` to ``final``, which appears only
+    when complete. The adapter names ``model_dir`` (the HF directory the base was loaded from: the one given,
+    or a .gguf file's conversion) as its base, so PEFT's ``AutoPeftModel*`` can load it; nibble.json keeps the
+    model as the user named it."""
     with staged_dir(final, overwrite=True) as tmp:
         if config.method == "full":
             write_checkpoint(model, tmp, torch.float32, labels=task.label_map.labels if task.label_map else None)
         else:
             peft_config = adapter_config(
-                base_model=config.model,
+                base_model=str(model_dir.resolve()),
                 targets=list(resolve_targets(config.lora_targets)),
                 rank=config.lora_rank,
                 alpha=config.lora_alpha,
@@ -148,20 +169,107 @@ def export(model: nn.Module, config: TrainConfig, tokenizer: Tokenizer, final: P
             save_adapter(model, tmp, peft_config)
         if task.label_map is not None:
             task.label_map.save(tmp / LABEL_MAP)
-        run_info(config).save(tmp / RUN_INFO)
+        run_info(config, step).save(tmp / RUN_INFO)
         tokenizer.save(tmp)
         if task.chat_template is not None:
             (tmp / "chat_template.jinja").write_text(task.chat_template, encoding="utf-8")
     return final
 
 
-def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, task: TaskRun) -> dict:
-    """Load the model for ``config.method``, train it on ``task``, export; returns the final evaluation
-    (``{}`` without validation data)."""
+@dataclass
+class TrainResult:
+    """What a training run left behind (the value :func:`nibble.train` returns).
+
+    ``final`` is ``OUT/adapter`` (LoRA methods) or ``OUT/model`` (full); ``best`` the export at the lowest
+    val loss (None without validation data); ``checkpoint`` the last resumable checkpoint; ``report`` the
+    final evaluation (``{}`` without validation data); ``step`` the optimizer steps trained in all.
+    """
+
+    output: Path
+    final: Path
+    best: Path | None
+    checkpoint: Path | None
+    report: dict[str, Any]
+    step: int
+    stopped_early: bool
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.output / "metrics.jsonl"
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        """Every record of metrics.jsonl: ``kind`` "train" (per log window) or "eval", with its ``step``."""
+        return MetricsLog(self.metrics_file).records()
+
+
+def _result(out: Path, final: Path, progress: Progress, checkpoint: Path | None) -> TrainResult:
+    report_file = out / "eval_report.json"
+    fix = "restore it, or delete it (metrics.jsonl holds the final evaluation's scores too)"
+    report = read_json_object(report_file, fix) if report_file.is_file() else {}
+    best = out / "best" if (out / "best").is_dir() else None
+    return TrainResult(out, final, best, checkpoint, report, progress.step, progress.stopped_early)
+
+
+def _finished_already(out: Path, final: Path, checkpoint: Path, total_steps: int, config: TrainConfig) -> bool:
+    """Whether resuming from ``checkpoint`` has nothing to do: the run there is finished for ``total_steps``
+    and its export is from that step. Prints what resuming will do."""
+    progress, schedule_steps = read_progress(checkpoint)
+    lifted = progress.apply_patience(config.early_stopping_patience)
+    if progress.finished(total_steps):
+        exported = RunInfo.load(final / RUN_INFO).step if (final / RUN_INFO).is_file() else None
+        if exported != progress.step:
+            print(f"resume: {checkpoint} ends the run; exporting it", flush=True)
+            return False
+        if progress.stopped_early:
+            print(
+                f"{out}: the run stopped early at step {progress.step} (val loss not lower for "
+                f"{progress.evals_without_improvement} evaluations; best at step {progress.best_step}); nothing to "
+                "do. A larger --early-stopping-patience (or 0) with --resume trains on",
+                flush=True,
+            )
+        else:
+            print(
+                f"{out}: the run is finished at step {progress.step} of {total_steps}; nothing to do. "
+                "A larger --max-steps with --resume trains on",
+                flush=True,
+            )
+        return True
+    if lifted:
+        print(
+            f"resume: the early stop at step {progress.step} no longer holds with --early-stopping-patience "
+            f"{config.early_stopping_patience}; training on",
+            flush=True,
+        )
+    if schedule_steps is not None and schedule_steps != total_steps:
+        schedule = WarmupCosine(total_steps, config.warmup_ratio, config.min_lr_ratio)
+        print(
+            f"resume: extending the run from {schedule_steps} to {total_steps} steps; the warmup+cosine schedule "
+            f"is recomputed for {total_steps} steps, so step {progress.step + 1} trains at lr "
+            f"{config.lr * schedule.factor(progress.step):.3g}",
+            flush=True,
+        )
+    return False
+
+
+def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, task: TaskRun) -> TrainResult:
+    """Load the model for ``config.method``, train it on ``task``, export.
+
+    Resuming a run that is already finished (its last step reached, or stopped early with a patience that
+    still holds) changes nothing on disk. Resuming with a larger ``max_steps`` (or ``epochs``) trains the
+    extra steps; the learning rate of every step from then on is the one a run of the new length has at that
+    step (the warmup + cosine schedule is recomputed for the new length).
+    """
     from nibble.model import load_model
 
     out = Path(config.output)
     resume_from = check_output(out, config)
+    stream = BatchStream(task.train, config.batch_size, tokenizer.pad_id, config.seed, task.sample_groups)
+    total_steps = config.max_steps or config.epochs * math.ceil(stream.batches_per_epoch / config.grad_accum)
+    final_dir = out / ("model" if config.method == "full" else "adapter")
+    if resume_from is not None and _finished_already(out, final_dir, resume_from, total_steps, config):
+        return _result(out, final_dir, read_progress(resume_from)[0], resume_from)
+
     seed_everything(config.seed)
     quant = config.quant_spec if config.method == "qlora" else None
     base_dtype = torch.float32 if config.method == "full" or config.dtype == "float32" else config.torch_dtype
@@ -186,18 +294,15 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.yaml")
 
-    stream = BatchStream(task.train, config.batch_size, tokenizer.pad_id, config.seed, task.sample_groups)
-    steps_per_epoch = math.ceil(stream.batches_per_epoch / config.grad_accum)
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
-
     def on_best(step: int) -> None:
-        export(model, config, tokenizer, out / "best", task)
+        export(model, config, tokenizer, out / "best", task, model_dir, step)
 
     evaluate = task.evaluate if task.val is not None else None
     trainer = Trainer(model, stream, config, out, total_steps, task.loss_fn, evaluate, on_best, task.forward)
     if resume_from is not None:
         trainer.resume(resume_from)
         print(f"resumed from {resume_from} at step {trainer.progress.step}", flush=True)
+    trainer.log.mirrors = open_reporters(report_targets(config.report_to), out, config.to_dict(), trainer.progress.step)
     n_train = sum(p.numel() for _, p in trainer.named_params)
     n_all = sum(p.numel() for p in model.parameters()) + sum(
         m.qweight.numel for m in model.modules() if isinstance(m, QuantLinear)
@@ -206,15 +311,19 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
         f"train: {task.summary}; {config.method}, {n_train:,} of {n_all:,} weights trainable; {total_steps} steps",
         flush=True,
     )
-    trainer.train()
+    try:
+        progress = trainer.train()
+    finally:
+        for mirror in trainer.log.mirrors:
+            mirror.close()
 
-    final_dir = out / ("model" if config.method == "full" else "adapter")
-    export(model, config, tokenizer, final_dir, task)
+    export(model, config, tokenizer, final_dir, task, model_dir, progress.step)
     report: dict[str, Any] = {}
     if trainer.last_eval is not None:
-        report = {"step": trainer.progress.step, **trainer.last_eval}
+        report = {"step": progress.step, **trainer.last_eval}
         write_text_atomic(out / "eval_report.json", json.dumps(report, indent=2) + "\n")
         print(task.report(report), flush=True)
-    plot_run(trainer.log.records(), report or None, task.label_map.labels if task.label_map else [], out / "plots")
+    labels = task.label_map.labels if task.label_map else []
+    plot_run(trainer.log.records(), report or None, labels, out / "plots", name=out.resolve().name)
     print(f"done: {final_dir}", flush=True)
-    return report
+    return _result(out, final_dir, progress, trainer.last_checkpoint)

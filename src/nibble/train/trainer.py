@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,13 @@ from nibble.data.batching import BatchStream
 from nibble.devices import autocast
 from nibble.errors import NibbleError
 from nibble.train.checkpoint import (
+    STATE_FILE,
     list_checkpoints,
     load_checkpoint,
     load_optimizer_state,
     load_trainable,
     prune_checkpoints,
+    read_state,
     save_checkpoint,
 )
 from nibble.train.config import TrainConfig
@@ -42,6 +46,36 @@ class Progress:
     evals_without_improvement: int = 0
     stopped_early: bool = False
 
+    def finished(self, total_steps: int) -> bool:
+        """Whether a run of ``total_steps`` steps has nothing left to train: it reached them or stopped early."""
+        return self.stopped_early or self.step >= total_steps
+
+    def apply_patience(self, patience: int) -> bool:
+        """Decide a resumed run's early stop again with ``patience`` (0: never stop): it stays stopped while
+        its evaluations without improvement reach the patience. Returns True when a stop is lifted."""
+        if self.stopped_early and not (patience and self.evals_without_improvement >= patience):
+            self.stopped_early = False
+            return True
+        return False
+
+
+def read_progress(checkpoint: Path) -> tuple[Progress, int | None]:
+    """A checkpoint's progress and the length of the schedule it was trained on (None when not recorded),
+    read from its state.json alone (no tensors).
+
+    Raises:
+        NibbleError: no state.json, or one without a valid ``progress`` object.
+    """
+    state = read_state(checkpoint)
+    try:
+        progress = Progress(**state["progress"])
+    except (KeyError, TypeError) as exc:
+        raise NibbleError(
+            f"{checkpoint / STATE_FILE}: no valid 'progress' ({exc!r}); resume from another checkpoint"
+        ) from None
+    scheduler = state.get("scheduler")
+    return progress, scheduler.get("total_steps") if isinstance(scheduler, dict) else None
+
 
 @dataclass
 class _Window:
@@ -54,6 +88,15 @@ class _Window:
     grad_norms: list[torch.Tensor | float] = field(default_factory=list)
     lr: float = 0.0
     tokens: int = 0
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the time spent inside (an evaluation, a checkpoint) out of the window's tokens/s."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - began
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, tokens: int) -> None:
         self.losses.append(loss)
@@ -135,6 +178,7 @@ class Trainer:
             load_optimizer_state(self.optimizer, self.param_names, opt_tensors, state["optimizer_groups"], str(path))
             self.stream.load_state_dict(state["data"], str(path))
             self.progress = Progress(**state["progress"])
+            self.progress.apply_patience(self.config.early_stopping_patience)
             if state.get("scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(state["scaler"])
             set_rng_state(rng, state["rng"])
@@ -173,14 +217,19 @@ class Trainer:
             "lower --lr or --max-grad-norm, or train in float32/bfloat16"
         )
 
-    def _evaluate(self) -> None:
-        if self.evaluate is None:
-            return
+    def _measure(self) -> dict[str, Any]:
+        """Evaluate the model (left in eval mode); sets ``last_eval``."""
         self.model.eval()
         with torch.no_grad(), self.autocast():
-            metrics = self.evaluate(self.model)
+            self.last_eval = self.evaluate(self.model)
+        return self.last_eval
+
+    def _evaluate(self) -> None:
+        """Evaluate, record the metrics and decide the best checkpoint and the early stop."""
+        if self.evaluate is None:
+            return
+        metrics = self._measure()
         self.model.train()
-        self.last_eval = metrics
         p = self.progress
         record = {
             "kind": "eval",
@@ -196,7 +245,8 @@ class Trainer:
         else:
             p.evals_without_improvement += 1
             patience = self.config.early_stopping_patience
-            if patience and p.evals_without_improvement >= patience:
+            # (at the last step there is nothing left to stop: the run stays extendable with a larger max_steps)
+            if patience and p.evals_without_improvement >= patience and p.step < self.total_steps:
                 p.stopped_early = True
                 tqdm.write(f"early stop at step {p.step}: val loss has not improved for {patience} evaluations")
 
@@ -236,9 +286,14 @@ class Trainer:
                 raise self._not_finite(*bad)
         return values
 
-    def _log(self, window: _Window, bar: tqdm) -> None:
+    def _log(self, window: _Window, bar: tqdm, session: tuple[float, int]) -> None:
+        """Write the window's metrics line; without a progress bar (stderr is not a terminal) also print it.
+
+        ``session`` is when and at which step this process began training, for the elapsed time and the ETA
+        (loading and resuming come before it, so they count in neither, nor in tokens/s).
+        """
         values = self._check(window, bar)
-        elapsed = max(time.perf_counter() - window.start, 1e-9)
+        now = time.perf_counter()
         p = self.progress
         p.tokens += window.tokens
         record = {
@@ -248,43 +303,63 @@ class Trainer:
             "lr": window.lr,
             "grad_norm": values[-1][2],
             "epoch": round(self.stream.epoch, 4),
-            "tokens_per_s": window.tokens / elapsed,
+            "tokens_per_s": window.tokens / max(now - window.start, 1e-9),
         }
         self.log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{window.lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if bar.disable:
+            elapsed = now - session[0]
+            eta = elapsed / max(p.step - session[1], 1) * (self.total_steps - p.step)
+            print(
+                f"step {p.step}/{self.total_steps}  loss {record['loss']:.4f}  lr {window.lr:.2e}  "
+                f"tokens/s {record['tokens_per_s']:,.0f}  elapsed {_clock(elapsed)}  eta {_clock(eta)}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def train(self) -> Progress:
         """Run until ``total_steps`` (or an early stop); checkpoints as configured and at the end.
 
-        The host reads the device once per log window (and before an evaluation or a checkpoint, which must
-        not follow a non-finite step), never per step.
+        A run resumed at its end (its last step, or an early stop that still holds) trains, records and saves
+        nothing; it is only evaluated, for the report. The host reads the device once per log window (and
+        before an evaluation or a checkpoint, which must not follow a non-finite step), never per step.
+        Progress shows as a bar on a terminal, else as one line per log window on stderr.
         """
         cfg, p = self.config, self.progress
+        if p.finished(self.total_steps):
+            if self.evaluate is not None:
+                self._measure()
+            return p
         self.out.mkdir(parents=True, exist_ok=True)
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=p.step, desc="train", disable=None, dynamic_ncols=True)
-        window = _Window(p.step + 1, time.perf_counter())
         evaluated_at = saved_at = -1
         if cfg.eval_at_start and p.step == 0:
             self._evaluate()
             evaluated_at = 0
-        while p.step < self.total_steps and not p.stopped_early:
+        session = (time.perf_counter(), p.step)
+        window = _Window(p.step + 1, session[0])
+        while not p.finished(self.total_steps):
             lr = self.schedule.apply(self.optimizer, cfg.lr, p.step)
             loss, grad_norm, tokens = self.step()
             p.step += 1
             window.add(loss, grad_norm, lr, tokens)
             bar.update(1)
             if p.step % cfg.log_every == 0 or p.step == self.total_steps:
-                self._log(window, bar)
+                self._log(window, bar, session)
                 window = _Window(p.step + 1, time.perf_counter())
             if cfg.eval_every and p.step % cfg.eval_every == 0:
                 self._check(window, bar)
-                self._evaluate()
+                with window.paused():
+                    self._evaluate()
                 evaluated_at = p.step
             if cfg.save_every and p.step % cfg.save_every == 0:
                 self._check(window, bar)
-                self.save()
+                with window.paused():
+                    self.save()
                 saved_at = p.step
+        if window.losses:  # steps since the last line, when an early stop ended the run between lines
+            self._log(window, bar, session)
         bar.close()
         self._check(window, bar)
         if evaluated_at != p.step:
@@ -292,6 +367,12 @@ class Trainer:
         if saved_at != p.step:
             self.save()
         return p
+
+
+def _clock(seconds: float) -> str:
+    """``h:mm:ss``."""
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def latest_checkpoint(out: Path) -> Path | None:

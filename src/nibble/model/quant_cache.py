@@ -1,0 +1,87 @@
+"""The 4-bit base on disk: a model's block projections quantized once per source and format, then reused.
+
+Quantizing every projection of a model takes most of a 4-bit load (seconds to minutes on a CPU), and eval,
+predict, generate and merge would each pay it again. :func:`load_model` therefore keeps the quantized
+projections in ``<cache>/quantized/<model dir name>-<key>.safetensors`` (``<cache>`` is
+:func:`nibble.io.fetch.cache_dir`, where GGUF conversions also go). The key hashes the model directory's
+absolute path and the :class:`QuantSpec`; the file's metadata records each source file's path, size and
+modification time, so a changed source is quantized again and its entry replaced. Entries are written to a
+temporary name and renamed (a crash never leaves a partial one), and the tensors are the quantizer's own
+bytes: a load from the cache gives bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from nibble.errors import NibbleError
+from nibble.io.fetch import cache_dir
+from nibble.io.safetensors import Checkpoint, SafetensorsFile, save_file_atomic
+from nibble.quant import INT4Weight, NF4Weight, QuantizedWeight, QuantSpec
+
+_META_KEY = "nibble.quantized"
+_KEYS = "nibble.weights"
+_VERSION = 1  # bump when quantization or the stored layout changes: older entries are then made again
+
+
+def _sources(ckpt: Checkpoint) -> list[list]:
+    """``[path, size, mtime_ns]`` of each file the checkpoint's tensors come from."""
+    out = []
+    for f in ckpt.files:
+        stat = f.path.stat()
+        out.append([str(f.path.resolve()), stat.st_size, stat.st_mtime_ns])
+    return out
+
+
+class QuantCache:
+    """The cache entry of one model directory in one 4-bit format."""
+
+    def __init__(self, model_dir: Path, ckpt: Checkpoint, spec: QuantSpec):
+        self.spec = spec
+        key = json.dumps([str(model_dir.resolve()), spec.to_json(), _VERSION])
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        self.path = cache_dir() / "quantized" / f"{model_dir.resolve().name}-{spec.name}-{digest}.safetensors"
+        self.stamp = json.dumps({"version": _VERSION, "spec": spec.to_json(), "sources": _sources(ckpt)})
+
+    def load(self, dtype: torch.dtype) -> dict[str, QuantizedWeight]:
+        """The cached weights by state-dict key (``model.layers.0.self_attn.q_proj.weight``) with compute dtype
+        ``dtype``; empty when there is no entry for these sources (or an unreadable one, which is made again)."""
+        if not self.path.is_file():
+            return {}
+        try:
+            stored = SafetensorsFile(self.path)
+            metadata = stored.metadata or {}
+            if metadata.get(_META_KEY) != self.stamp:
+                return {}
+            tensors = {name: stored.read(name) for name in stored.tensors}
+            return {key: _weight(tensors, key, self.spec, dtype, str(self.path)) for key in json.loads(metadata[_KEYS])}
+        except (NibbleError, KeyError, ValueError):
+            return {}
+
+    def store(self, weights: Iterable[tuple[str, QuantizedWeight]]) -> None:
+        """Write the entry (atomically); a cache that cannot be written is reported on stderr and skipped."""
+        tensors: dict[str, torch.Tensor] = {}
+        keys = []
+        for key, weight in weights:
+            tensors.update(weight.state_dict(key))
+            keys.append(key)
+        try:
+            save_file_atomic(tensors, self.path, metadata={_META_KEY: self.stamp, _KEYS: json.dumps(keys)})
+        except OSError as exc:
+            print(f"note: cannot keep the 4-bit weights in {self.path.parent} ({exc.strerror})", file=sys.stderr)
+
+
+def _weight(
+    tensors: dict[str, torch.Tensor], key: str, spec: QuantSpec, dtype: torch.dtype, source: str
+) -> QuantizedWeight:
+    if spec.format == "int4":
+        return INT4Weight.from_state_dict(tensors, key, source, dtype=dtype)
+    weight = NF4Weight.from_state_dict(tensors, key, source)
+    weight.dtype = dtype
+    return weight

@@ -1,0 +1,110 @@
+"""``nibble train --resume`` of a run that already ended: a finished run stays untouched, a larger --max-steps
+trains exactly the extra steps on a re-stretched schedule, and an early-stopped run stays stopped."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import helpers
+from nibble.cli.main import main
+from nibble.train.optim import WarmupCosine
+
+WORDS = {"neg": ["bad", "awful", "poor"], "pos": ["good", "great", "nice"]}
+
+
+def rows(n: int, seed: int, flip: bool = False):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label = rng.choice(sorted(WORDS))
+        text = " ".join(rng.choice(WORDS[label]) for _ in range(3))
+        out.append({"text": text, "label": {"neg": "pos", "pos": "neg"}[label] if flip else label})
+    return out
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A tiny Qwen3, training and val rows, and the val rows with opposite labels ("flipped": the val loss
+    rises as training fits the training rows)."""
+    root = tmp_path_factory.mktemp("resume")
+    data = {"train": rows(48, seed=0), "val": rows(12, seed=1), "flipped": rows(12, seed=1, flip=True)}
+    files = {name: helpers.write_jsonl(root / f"{name}.jsonl", items) for name, items in data.items()}
+    return SimpleNamespace(base=helpers.make_hf_checkpoint(root / "base", "qwen3")[0], **files)
+
+
+def args(toy, out, *extra):
+    base = ["train", "--model", toy.base, "--data", toy.train, "--val-data", toy.val, "--output", out]
+    base += ["--batch-size", 8, "--lr", 3e-3, "--warmup-ratio", 0.25, "--min-lr-ratio", 0.1, "--log-every", 1]
+    base += ["--eval-every", 2, "--save-every", 2, "--early-stopping-patience", 1]
+    return [str(a) for a in [*base, *extra]]
+
+
+def snapshot(out: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``out`` with its bytes and modification time."""
+    return {str(p.relative_to(out)): (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+
+
+def records(out: Path, kind: str):
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def state(out: Path, step: int):
+    return json.loads((out / "checkpoints" / f"step-{step}" / "state.json").read_text())
+
+
+def test_resuming_a_finished_run_changes_nothing_and_a_larger_max_steps_trains_the_extra_steps(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(args(toy, out, "--max-steps", 8)) == 0
+    assert state(out, 8)["progress"]["stopped_early"] is False  # the val loss fell at every evaluation
+    before = snapshot(out)
+    # stderr is no terminal here: one plain progress line per log window instead of a bar
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in progress] == [f"{s}/8" for s in range(1, 9)], progress
+    assert all(" loss " in line and " tokens/s " in line and " eta " in line for line in progress)
+
+    assert main(args(toy, out, "--max-steps", 8, "--resume")) == 0
+    said = capsys.readouterr()
+    assert "early stop" not in said.out + said.err
+    assert f"{out}: the run is finished at step 8 of 8; nothing to do" in said.out, said.out
+    assert snapshot(out) == before  # not one byte, not one timestamp
+
+    assert main(args(toy, out, "--max-steps", 12, "--resume")) == 0
+    said = capsys.readouterr()
+    assert "extending the run from 8 to 12 steps" in said.out, said.out
+    assert said.err.splitlines()[0].startswith("step 9/12  loss ")
+    assert [r["step"] for r in records(out, "train")] == list(range(1, 13))
+    assert [r["step"] for r in records(out, "eval")] == [2, 4, 6, 8, 10, 12]
+    assert state(out, 12)["progress"]["step"] == 12 and state(out, 12)["scheduler"]["total_steps"] == 12
+    assert (out / "checkpoints" / "step-8" / "state.json").read_bytes() == before["checkpoints/step-8/state.json"][0]
+    # Steps 1-8 kept the 8-step schedule; steps 9-12 follow the schedule of a 12-step run (warmup already past).
+    lrs = {r["step"]: r["lr"] for r in records(out, "train")}
+    old, new = WarmupCosine(8, 0.25, 0.1), WarmupCosine(12, 0.25, 0.1)
+    assert [lrs[s] for s in range(1, 9)] == pytest.approx([3e-3 * old.factor(s - 1) for s in range(1, 9)])
+    assert [lrs[s] for s in range(9, 13)] == pytest.approx([3e-3 * new.factor(s - 1) for s in range(9, 13)])
+    assert json.loads((out / "adapter" / "nibble.json").read_text())["step"] == 12
+    assert json.loads((out / "eval_report.json").read_text())["step"] == 12
+
+
+def test_an_early_stopped_run_stays_stopped_unless_the_patience_grows(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    stopping = ["--val-data", toy.flipped, "--eval-every", 1, "--lr", 1e-2, "--warmup-ratio", 0]
+    assert main(args(toy, out, "--max-steps", 10, *stopping)) == 0
+    assert "early stop at step 2" in capsys.readouterr().out
+    assert state(out, 2)["progress"]["stopped_early"] is True
+    before = snapshot(out)
+
+    assert main(args(toy, out, "--max-steps", 20, *stopping, "--resume")) == 0
+    said = capsys.readouterr().out
+    assert "stopped early at step 2" in said and "nothing to do" in said, said
+    assert snapshot(out) == before
+
+    # A larger patience lifts the stop: training goes on until that patience runs out too.
+    assert main(args(toy, out, "--max-steps", 20, *stopping, "--early-stopping-patience", 2, "--resume")) == 0
+    assert "early stop at step 3" in capsys.readouterr().out
+    assert [r["step"] for r in records(out, "train")] == [1, 2, 3]

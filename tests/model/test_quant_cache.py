@@ -1,0 +1,94 @@
+"""The 4-bit base kept on disk: a second load reads the quantized projections instead of quantizing (bit-identical
+weights), a changed or damaged source entry is quantized again, and eval/predict after training reuse it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import helpers
+import nibble.model.loading as loading
+from nibble.cli.main import main
+from nibble.io.safetensors import load_file
+from nibble.model import load_model
+from nibble.nn import QuantLinear
+from nibble.quant import QuantSpec, quantize
+
+SPECS = [QuantSpec("nf4"), QuantSpec("nf4", blocksize=128, double_quant=True), QuantSpec("int4", group_size=64)]
+
+
+def quantized(model) -> dict[str, dict[str, torch.Tensor]]:
+    """Every QuantLinear's tensors (and its compute dtype) by module name."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            out[name] = {**m.qweight.tensors(), "dtype": torch.tensor([], dtype=m.qweight.dtype)}
+    return out
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        for key, tensor in a[name].items():
+            other = b[name][key]
+            assert tensor.dtype == other.dtype and torch.equal(tensor, other), (name, key)
+
+
+def no_quantizing(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("quantized again")
+
+    monkeypatch.setattr(loading, "quantize", refuse)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name + str(s.blocksize))
+def test_a_second_load_reads_bit_identical_weights_from_the_cache(tmp_path, monkeypatch, spec):
+    monkeypatch.setenv("NIBBLE_CACHE", str(tmp_path / "cache"))
+    path, _ = helpers.make_hf_checkpoint(tmp_path / "m", "qwen3")
+    first = quantized(load_model(path, quantize=spec))
+    entries = list((tmp_path / "cache" / "quantized").iterdir())
+    assert len(entries) == 1 and entries[0].suffix == ".safetensors"
+
+    no_quantizing(monkeypatch)
+    again = load_model(path, quantize=spec, dtype=torch.bfloat16)
+    second = quantized(again)
+    assert all(w["dtype"].dtype == torch.bfloat16 for w in second.values())
+    for w in (*first.values(), *second.values()):
+        del w["dtype"]
+    assert_identical(first, second)
+    ids, mask = helpers.right_padded_batch([6, 4])
+    with torch.no_grad():  # and the model works from them
+        assert torch.isfinite(again(ids, mask).float()).all()
+
+
+def test_a_changed_source_or_a_damaged_entry_is_quantized_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("NIBBLE_CACHE", str(tmp_path / "cache"))
+    path, _ = helpers.make_hf_checkpoint(tmp_path / "m", "llama")
+    load_model(path, quantize="nf4")
+    helpers.make_hf_checkpoint(path, "llama", seed=1)  # new weights, same file names and sizes
+    changed = quantized(load_model(path, quantize="nf4"))
+    weights = load_file(path / "model.safetensors")
+    for name, tensors in changed.items():
+        fresh = quantize(weights[f"{name}.weight"], "nf4").tensors()
+        assert all(torch.equal(tensors[k], fresh[k]) for k in fresh), name
+    (entry,) = (tmp_path / "cache" / "quantized").iterdir()  # the old entry was replaced, not kept beside it
+
+    entry.write_bytes(entry.read_bytes()[:1000])  # truncated: read as no entry, made again
+    assert_identical(quantized(load_model(path, quantize="nf4")), changed)
+    no_quantizing(monkeypatch)
+    assert_identical(quantized(load_model(path, quantize="nf4")), changed)
+
+
+def test_predict_after_train_reuses_the_4bit_base(tmp_path, monkeypatch):
+    monkeypatch.setenv("NIBBLE_CACHE", str(tmp_path / "cache"))
+    path, _ = helpers.make_hf_checkpoint(tmp_path / "m", "qwen3")
+    rows = [{"text": w, "label": w[0]} for w in ("apple", "berry", "avocado", "banana")] * 4
+    data = helpers.write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "run"
+    args = ["train", "--model", path, "--data", data, "--output", out, "--max-steps", 2, "--val-split", 0]
+    assert main([str(a) for a in [*args, "--double-quant"]]) == 0
+    no_quantizing(monkeypatch)
+    predict = ["predict", "--model", path, "--adapter", out / "adapter", "--data", data]
+    predict += ["--output", tmp_path / "p.jsonl"]
+    assert main([str(a) for a in predict]) == 0
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == len(rows)
