@@ -64,7 +64,8 @@ class LabelMap:
 @dataclass
 class RunInfo:
     """``nibble.json``: what eval, predict, generate and merge need to rebuild a trained model the way training
-    built it. ``quant`` is the 4-bit format of the frozen base (None: a dense base)."""
+    built it. ``quant`` is the 4-bit format of the frozen base (None: a dense base); with the ``gguf`` format,
+    ``gguf_base`` names the .gguf file whose blocks it was (``{"file": name, "bytes": size}``)."""
 
     task: str | None = None
     method: str | None = None
@@ -75,6 +76,7 @@ class RunInfo:
     text_column: str = "text"
     label_column: str = "label"
     merged_from: str | None = None
+    gguf_base: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
