@@ -118,7 +118,7 @@ def stored(hf_name: str, weight: torch.Tensor) -> tuple[Q, np.ndarray]:
     return qtype, gguf.quants.dequantize(gguf.quants.quantize(array, qtype), qtype).reshape(array.shape)
 
 
-def write_gguf(path: Path, model, *, arch: str | None = None, pre: str = "smollm", skip: str | None = None) -> Path:
+def write_gguf(path: Path, model, *, arch: str | None = None, pre: str = "gpt-2", skip: str | None = None) -> Path:
     """Write ``model`` (a transformers CausalLM) as a GGUF file as llama.cpp would, with the test tokenizer."""
     config = model.config
     arch = arch or config.model_type
@@ -184,3 +184,19 @@ def tiny_model(model_type: str, **overrides):
     return helpers.make_hf_model(
         model_type, vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides
     )
+
+
+def save_tiny(path: Path, model) -> Path:
+    """Save a :func:`tiny_model` as an HF directory with the test BPE tokenizer and a ChatML template."""
+    path = Path(path)
+    model.save_pretrained(path)
+    byte_level_bpe().save(str(path / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": CHATML,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return path
