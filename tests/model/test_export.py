@@ -18,7 +18,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gguf_files import CHATML, CORPUS, byte_level_bpe, save_tiny, tiny_model
+import helpers
+from gguf_files import (
+    CHATML,
+    CORPUS,
+    LLAMA3_ROPE,
+    byte_level_bpe,
+    gguf_name,
+    save_tiny,
+    tiny_model,
+    write_sentencepiece_gguf,
+)
 from nibble.cli.main import main
 from nibble.errors import NibbleError
 from nibble.io.gguf import GGUFFile, unpermute_rotary
@@ -30,16 +40,12 @@ from nibble.model.generate import generate
 from nibble.nn import apply_lora
 from nibble.train.gguf_export import export_gguf, report_path
 
-LLAMA3_ROPE = dict(
-    rope_type="llama3",
-    rope_theta=500000.0,
-    factor=8.0,
-    low_freq_factor=1.0,
-    high_freq_factor=4.0,
-    original_max_position_embeddings=64,
-)
 VARIANTS = {
-    "llama": dict(model_type="llama", tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
+    "llama": dict(
+        model_type="llama",
+        tie_word_embeddings=True,
+        rope_parameters={**LLAMA3_ROPE, "original_max_position_embeddings": 64},  # scaled within 256 positions
+    ),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=False),
     # transformers reads no head size from a qwen3 GGUF and takes Qwen3's 128
     "qwen3": dict(
@@ -92,32 +98,6 @@ def read_back(path: Path, config) -> dict[str, torch.Tensor]:
     return out
 
 
-HF_TO_GGUF = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-
-
-def gguf_key(hf_name: str) -> str:
-    globals_ = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-    if hf_name in globals_:
-        return globals_[hf_name]
-    if hf_name == "lm_head.weight":
-        return "output.weight"
-    _, _, layer, rest = hf_name.split(".", 3)
-    module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{HF_TO_GGUF[module]}.{kind}"
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_f16_export_reads_back_in_both_readers(sources, variant, tmp_path):
     source, hf = sources(variant)
@@ -126,7 +106,7 @@ def test_f16_export_reads_back_in_both_readers(sources, variant, tmp_path):
     assert report["architecture"] == variant
     # the gguf package's reader: every weight is the source's rounded to f16 (norms and biases stay f32)
     tensors = read_back(out, hf.config)
-    expected = {gguf_key(n): w for n, w in hf.state_dict().items()}
+    expected = {gguf_name(n): w for n, w in hf.state_dict().items()}
     if hf.config.tie_word_embeddings:
         del expected["output.weight"]
     rope = "rope_freqs.weight" in tensors
@@ -167,6 +147,28 @@ def test_tokenizer_and_chat_template_survive(sources, tmp_path):
     assert (ours.meta("tokenizer.ggml.bos_token_id"), ours.meta("tokenizer.ggml.eos_token_id")) == (1, 2)
     assert ours.meta("tokenizer.ggml.padding_token_id") == 0
     assert ours.meta("tokenizer.ggml.pre") == "gpt-2" and ours.meta("tokenizer.ggml.add_bos_token") is False
+
+
+def test_sentencepiece_tokenizer_survives(tmp_path):
+    """A llama-type vocabulary (SentencePiece BPE with byte fallback): tokens, scores that order the merges as
+    tokenizer.json does, byte and control token types, BOS added."""
+    source = tmp_path / "spm"
+    tokenizer_file = write_sentencepiece_gguf(tmp_path / "tokenizer.gguf", with_merges=False)
+    GGUFFile(tokenizer_file).save_tokenizer(source)
+    original = load_tokenizer(source)
+    helpers.make_hf_model("llama", vocab_size=len(original), bos_token_id=1, eos_token_id=2).save_pretrained(source)
+    out = tmp_path / "export" / "m.gguf"
+    export_gguf(source, out, quant="f16", eval_tokens=0, log=lambda line: None)
+    ours = GGUFFile(out)
+    assert ours.meta("tokenizer.ggml.model") == "llama" and ours.meta("tokenizer.ggml.add_bos_token") is True
+    types = ours.meta("tokenizer.ggml.token_type")
+    assert types[:4] == [2, 3, 3, 6] and types.count(6) == 256  # <unk>, <s>, </s>, then the byte tokens
+    theirs = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
+    backend = ours.tokenizer()
+    for text in [*TEXTS, *CORPUS[:5], " x", "  y"]:
+        want = original.encode(text)
+        assert backend.encode(text).ids == want, text
+        assert theirs(text).input_ids == want, text
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,6 @@ import argparse
 import time
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     from nibble.model.export import QUANTS
 
@@ -47,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--eval-tokens",
-        type=_non_negative,
+        type=int,
         default=2048,
         help="score about this many tokens of it (default 2048; 0 skips the perplexity)",
     )

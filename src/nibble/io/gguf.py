@@ -25,7 +25,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ import torch
 
 from nibble.errors import NibbleError
 from nibble.io.files import read_json_object, staged_dir, write_json
-from nibble.io.safetensors import TensorInfo
+from nibble.io.safetensors import Checkpoint, TensorInfo
 from nibble.quant.gguf import NATIVE_TYPES, GGUFWeight
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
@@ -466,36 +466,27 @@ class GGUFModel(GGUFFile):
             yield hf_name, self.tensor(hf_name, dtype)
 
 
-class GGUFCheckpoint(Mapping[str, TensorInfo]):
+class GGUFCheckpoint(Checkpoint):
     """A GGUF model's tensors under their HF names, read the way a safetensors ``Checkpoint`` is read: each
     as fp32 (dequantized), or a 2-D weight in its own blocks with :meth:`quantized`."""
 
     def __init__(self, model: GGUFModel):
+        super().__init__([], model.path)
         self.model = model
-        self.source = model.path
         self._infos = {
             name: TensorInfo(name, "F32", shape, 0, 0, model.path) for name, shape in model.tensor_shapes().items()
         }
-
-    def __getitem__(self, name: str) -> TensorInfo:
-        return self._infos[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._infos)
-
-    def __len__(self) -> int:
-        return len(self._infos)
-
-    def info(self, name: str) -> TensorInfo:
-        if name not in self._infos:
-            raise NibbleError(f"{self.source}: missing tensor '{name}'")
-        return self._infos[name]
 
     def get_tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         self.info(name)
         return self.model.tensor(name, dtype or torch.float32)
 
+    def items_stream(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self._infos:
+            yield name, self.get_tensor(name, dtype)
+
     def quantized(self, name: str) -> GGUFWeight:
+        """The 2-D weight ``name`` in the file's own blocks (see :meth:`GGUFModel.quantized`)."""
         self.info(name)
         return self.model.quantized(name)
 

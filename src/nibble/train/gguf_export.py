@@ -134,6 +134,8 @@ def export_gguf(
             the model and adapter rejects.
     """
     output = Path(output)
+    if eval_tokens < 0:
+        raise NibbleError(f"--eval-tokens must be >= 0, got {eval_tokens}")
     if output.exists() and not overwrite:
         raise NibbleError(f"{output}: already exists; choose another --output or pass --overwrite")
     info = read_adapter_info(adapter) if adapter is not None else None
