@@ -30,6 +30,8 @@ from gguf_files import (
     write_sentencepiece_gguf,
 )
 from nibble.cli.main import main
+from nibble.data.instruct import read_instruct
+from nibble.data.records import stratified_split
 from nibble.errors import NibbleError
 from nibble.io.gguf import GGUFFile, unpermute_rotary
 from nibble.io.gguf_write import GGUFTensor, write_gguf
@@ -38,7 +40,7 @@ from nibble.io.tokenizer import load_tokenizer
 from nibble.model import load_model
 from nibble.model.generate import generate
 from nibble.nn import apply_lora
-from nibble.train.gguf_export import export_gguf, report_path
+from nibble.train.gguf_export import eval_texts, export_gguf, report_path
 
 VARIANTS = {
     "llama": dict(
@@ -321,3 +323,24 @@ def test_write_is_atomic(tmp_path):
     with pytest.raises(NibbleError, match="boom"):
         write_gguf(tmp_path / "x.gguf", "llama", {"general.name": "x"}, tensors)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_report_text_prefers_given_data_then_the_runs_validation_rows(sources, tmp_path):
+    source, _ = sources("qwen2")
+    tokenizer = load_tokenizer(source)
+    rows = [{"instruction": f"Say {w}.", "response": f"{w}!"} for w in ["a", "b", "c", "d", "e", "f", "g", "h"]]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"task: instruct\ndata: {data}\nval_split: 0.25\nseed: 3\n")
+    texts, where = eval_texts(tokenizer, None, run / "adapter", 10_000)
+    everything = read_instruct(data, tokenizer)
+    _, val = stratified_split([0] * len(rows), 0.25, 3)
+    assert "validation split" in where and texts.ids == everything.subset(val).ids
+    plain = tmp_path / "notes.txt"
+    plain.write_text("plain words " * 400)
+    texts, where = eval_texts(tokenizer, plain, run / "adapter", 300)
+    assert where == str(plain) and texts.labels == texts.ids and 300 <= texts.target_tokens() < 300 + 512
+    texts, where = eval_texts(tokenizer, None, None, 10_000)
+    assert where.startswith("nibble's sample text") and texts.target_tokens() > 1000

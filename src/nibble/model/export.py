@@ -62,7 +62,7 @@ _FILE_TYPES = {
     "BF16": gguf.LlamaFileType.MOSTLY_BF16,
     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K,
-    "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+    "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_S,
     "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
     "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
 }
