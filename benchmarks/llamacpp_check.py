@@ -15,8 +15,8 @@ With SmolLM2-135M-Instruct (the demo's Q4_1 GGUF) it
 4. trains nothing, but writes a random LoRA adapter for the original file (as ``--quant-format gguf`` would
    train it), exports it with ``--adapter-only`` and compares llama.cpp's logits with the adapter applied at
    run time against nibble's adapted model on the same file;
-5. quantizes random weights with ggml's own ``ggml_quantize_chunk`` and with nibble (Q4_K, Q6_K through
-   nibble's quantizers; Q8_0, Q4_0, Q4_1, Q5_0 through the gguf package) and compares the bytes.
+5. quantizes random weights and the model's own ffn_down weights with ggml's ``ggml_quantize_chunk`` and
+   with nibble (Q4_K, Q6_K: nibble's quantizers; Q8_0, Q4_0, Q4_1, Q5_0: the gguf package), comparing bytes.
 
 The llama.cpp side runs in the other interpreter (a subprocess fed JSON); this script runs in nibble's.
 """
@@ -173,9 +173,15 @@ def main() -> None:
     )
     ours_adapted, _ = load_adapted(source, adapter_dir)
 
+    # random rows (with an all-zero, an all-positive and an all-negative super-block) and the model's own
+    # ffn_down weights of four layers (rows of 1536 values)
     rng = np.random.default_rng(0)
-    weights = (rng.standard_normal((64, 1024)) * 0.05).astype(np.float32)
+    weights = (rng.standard_normal((256, 1536)) * 0.05).astype(np.float32)
     weights[3, :256] = 0.0
+    weights[5, :256] = np.abs(weights[5, :256])
+    weights[7, :512] = -np.abs(weights[7, :512])
+    real = [model.model.layers[i].mlp.down_proj.weight.detach().numpy() for i in range(4)]
+    weights = np.concatenate([weights, *real]) if real[0].shape[1] % 256 == 0 else weights
     np.save(out / "weights.npy", weights)
     job = {
         "strings": STRINGS,
@@ -235,7 +241,7 @@ def main() -> None:
         ours = quantize_blocks(torch.from_numpy(weights), name).numpy().reshape(-1)
         where = "nibble" if name.endswith("_K") else "gguf package"
         differ = int((ours != ggml).sum()) if ours.shape == ggml.shape else "size"
-        print(f"| {name} | {differ == 0} ({differ} differ) | {where} |")
+        print(f"| {name} | {differ == 0} ({differ} of {ggml.size} differ; {weights.shape[0]} rows) | {where} |")
 
 
 if __name__ == "__main__":

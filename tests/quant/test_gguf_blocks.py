@@ -1,10 +1,13 @@
-"""GGUF block types against the ``gguf`` package: torch dequantize bit-exact, and the K-quant quantizers' bytes.
+"""GGUF block types against the ``gguf`` package and llama.cpp: torch dequantize bit-exact, quantizers' bytes.
 
 The gguf package dequantizes every type here in numpy (llama.cpp's formulas) and quantizes all but the
-K-quants; its values are the oracle, compared as raw fp32 bits.
+K-quants; its values are the oracle, compared as raw fp32 bits. The K-quant quantizers are checked against
+the bytes llama.cpp itself wrote for a fixed input.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import gguf
 import numpy as np
@@ -89,6 +92,32 @@ def test_k_quants_round_trip(kind, bound):
     assert float(err.pow(2).mean().sqrt() / w[normal].pow(2).mean().sqrt()) < bound
     assert torch.equal(back[1, :256], torch.zeros(256))  # an all-zero super-block stays exactly zero
     assert abs(float(back[0, 7]) - 1.5) < 1.5 * bound  # the outlier keeps its value
+
+
+# sha256 of the bytes llama.cpp's own quantizer (ggml_quantize_chunk, no importance matrix; llama-cpp-python
+# 0.3.36 built from source) writes for golden_weights(); benchmarks/llamacpp_check.py repeats the comparison
+# on more data, the model's weights included.
+LLAMA_CPP_DIGESTS = {
+    "Q4_K": "b1246a3ef0e7a9d06c52f0a50c6fccf2690dd9a4b07f1f6790c7d8252f8c7138",
+    "Q6_K": "2c4765cc041a8e9081679f160d779890901b664f8e6c61b0d1792a8d29961d2c",
+}
+
+
+def golden_weights() -> torch.Tensor:
+    """16 x 1536 values from numpy's frozen legacy generator, with an all-zero, an all-positive and an
+    all-negative super-block and an outlier."""
+    x = (np.random.RandomState(5).standard_normal((16, 1536)) * 0.05).astype(np.float32)
+    x[1, :256] = 0.0
+    x[2, 256:512] = np.abs(x[2, 256:512])
+    x[3, :512] = -np.abs(x[3, :512])
+    x[4, 7] = 1.5
+    return torch.from_numpy(x)
+
+
+@pytest.mark.parametrize("kind", list(LLAMA_CPP_DIGESTS))
+def test_k_quants_write_llama_cpps_bytes(kind):
+    digest = hashlib.sha256(quantize_blocks(golden_weights(), kind).numpy().tobytes()).hexdigest()
+    assert digest == LLAMA_CPP_DIGESTS[kind]
 
 
 def test_k_quants_beat_their_32_block_neighbours():

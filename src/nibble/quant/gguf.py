@@ -263,6 +263,12 @@ def _seq_sum(terms: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def _div(num: float, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` rounded once, as C divides (torch computes ``float / tensor`` as ``num * (1 / den)``, which
+    rounds twice)."""
+    return torch.div(torch.tensor(num, dtype=torch.float32, device=den.device), den)
+
+
 def _safe(den: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     """``den`` where ``ok``, else 1 (a denominator whose quotient is discarded)."""
     return torch.where(ok, den, torch.ones_like(den))
@@ -278,15 +284,15 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
     flat = hi == lo
     sum_w = _seq_sum(w)
     sum_x = _seq_sum(w * x)
-    iscale = float(_F32(nmax)) / _safe(hi - lo, ~flat)
-    scale = 1 / iscale
+    iscale = _div(float(_F32(nmax)), _safe(hi - lo, ~flat))
+    scale = _div(1.0, iscale)
     levels = _round(iscale * (x - lo)).clamp_(0, nmax)
     diff = scale * levels + lo - x
     best = _seq_sum(w * (diff * diff))
     for step in range(nstep + 1):
         numerator = float(_F32(rmin) + _F32(rdelta) * _F32(step) + _F32(nmax))
         span = hi - lo  # lo follows the best fit so far, as the reference's min does
-        trial = _round(numerator / _safe(span, span != 0) * (x - lo)).clamp_(0, nmax)
+        trial = _round(_div(numerator, _safe(span, span != 0)) * (x - lo)).clamp_(0, nmax)
         wl = w * trial
         sum_l, sum_l2, sum_xl = _seq_sum(wl), _seq_sum(wl * trial), _seq_sum(wl * x)
         det = sum_w * sum_l2 - sum_l * sum_l
@@ -312,14 +318,17 @@ def _quantize_q4_k(x: torch.Tensor) -> torch.Tensor:
     """Super-blocks ``[n, 256]`` (fp32) -> Q4_K bytes ``[n, 144]``."""
     n = x.shape[0]
     sub = x.reshape(n * 8, 32).T.contiguous()  # [32, 8n]
-    av = torch.sqrt(_seq_sum(sub * sub) / 32)
+    # torch's fp32 sqrt can be an ulp off; the fp64 root rounded to fp32 is the correctly rounded sqrtf
+    av = torch.sqrt((_seq_sum(sub * sub) / 32).double()).float()
     levels, scales, mins = _make_qkx2(sub, av + sub.abs(), 15, -1.0, 0.1, 20)
     scales, mins = scales.view(n, 8), mins.view(n, 8)
     levels = levels.T.reshape(n, 8, 32)
     # running maxima that start at 0, as the reference keeps them
-    max_scale, max_min = scales.amax(dim=1).clamp(min=0.0), mins.amax(dim=1).clamp(min=0.0)
-    inv_scale = torch.where(max_scale > 0, 63 / _safe(max_scale, max_scale > 0), 0.0)
-    inv_min = torch.where(max_min > 0, 63 / _safe(max_min, max_min > 0), 0.0)
+    max_scale, max_min = scales.amax(dim=1), mins.amax(dim=1)
+    max_scale = torch.where(max_scale > 0, max_scale, 0.0)  # +0 (not -0) when no value is above it
+    max_min = torch.where(max_min > 0, max_min, 0.0)
+    inv_scale = torch.where(max_scale > 0, _div(63.0, _safe(max_scale, max_scale > 0)), 0.0)
+    inv_min = torch.where(max_min > 0, _div(63.0, _safe(max_min, max_min > 0)), 0.0)
     # stored as uint8_t (modulo 256), then capped at 63
     ls = (_round(inv_scale[:, None] * scales).to(torch.int32) & 255).clamp(max=63).to(torch.uint8)
     lm = (_round(inv_min[:, None] * mins).to(torch.int32) & 255).clamp(max=63).to(torch.uint8)
@@ -358,11 +367,11 @@ def _make_qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
         wl = weights * levels
         return levels, _seq_sum(weights * x * levels), _seq_sum(wl * levels)
 
-    levels, sumlx, suml2 = attempt(float(_F32(-nmax)) / top)
+    levels, sumlx, suml2 = attempt(_div(float(_F32(-nmax)), top))
     scale = torch.where(suml2 != 0, sumlx / _safe(suml2, suml2 != 0), 0.0)
     best = scale * sumlx
     for step in [*range(-9, 0), *range(1, 10)]:
-        trial, sumlx, suml2 = attempt(float(-(_F32(nmax) + _F32(0.1) * _F32(step))) / top)
+        trial, sumlx, suml2 = attempt(_div(float(-(_F32(nmax) + _F32(0.1) * _F32(step))), top))
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         this_scale = sumlx / _safe(suml2, better)
         levels = torch.where(better, trial, levels)
@@ -381,8 +390,8 @@ def _quantize_q6_k(x: torch.Tensor) -> torch.Tensor:
     pick = scales.abs().argmax(dim=1, keepdim=True)  # the first scale of largest magnitude, with its sign
     max_scale = scales.gather(1, pick).squeeze(1)
     empty = scales.abs().gather(1, pick).squeeze(1) < 1e-15
-    iscale = -128 / _safe(max_scale, ~empty)
-    d = (1 / iscale).half()
+    iscale = _div(-128.0, _safe(max_scale, ~empty))
+    d = _div(1.0, iscale).half()
     q_scales = _round(iscale[:, None] * scales).clamp_(max=127).to(torch.int8)
     dl = d.float()[:, None] * q_scales.float()  # [n, 16]
     requant = _round(x.view(n, 16, 16) / _safe(dl, dl != 0)[..., None]).clamp_(-32, 31) + 32
