@@ -98,7 +98,7 @@ def test_qlora_on_a_k_quant_file_then_export_the_adapter_for_it(k_quant_file, tm
     adapter = run / "adapter"
     argv = ["export", "--model", str(k_quant_file), "--adapter", str(adapter), "--adapter-only", "--output", str(lora)]
     assert main(argv + ["--quant", "f32"]) == 0
-    assert "apply it on the .gguf file it was trained on" in capsys.readouterr().out
+    assert "apply it to the very .gguf file it was trained on" in capsys.readouterr().out
     merged = tmp_path / "merged.gguf"
     export_gguf(k_quant_file, merged, quant="f32", adapter=adapter, eval_tokens=0, log=lambda line: None)
 

@@ -150,9 +150,12 @@ def export_gguf(
             raise NibbleError("--adapter-only needs --adapter DIR")
         check_gguf_base(info, model)
         result = export_adapter(_base_config(model), info, output, quant, overwrite=overwrite)
-        base = "the .gguf file it was trained on" if info.quant and info.quant.format == "gguf" else "a GGUF export"
+        if info.quant is not None and info.quant.format == "gguf":
+            base = "the very .gguf file it was trained on"
+        else:
+            base = f"a GGUF export of its base (nibble export --model {model} --output BASE.gguf)"
         report.update(_describe(result), lora={"rank": info.config["r"], "alpha": info.config["lora_alpha"]})
-        report["notes"] = [f"apply it on {base} of the base model: llama-cli -m BASE.gguf --lora {output.name}"]
+        report["notes"] = [f"apply it to {base}: llama-cli -m BASE.gguf --lora {output.name}"]
         _save_report(output, report, log)
         return report
 
