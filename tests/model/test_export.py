@@ -328,6 +328,10 @@ def test_write_is_atomic(tmp_path):
 def test_report_text_prefers_given_data_then_the_runs_validation_rows(sources, tmp_path):
     source, _ = sources("qwen2")
     tokenizer = load_tokenizer(source)
+
+    def batch(data) -> dict[str, torch.Tensor]:
+        return data.collate(range(len(data)), 0)
+
     rows = [{"instruction": f"Say {w}.", "response": f"{w}!"} for w in ["a", "b", "c", "d", "e", "f", "g", "h"]]
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -335,12 +339,17 @@ def test_report_text_prefers_given_data_then_the_runs_validation_rows(sources, t
     (run / "adapter").mkdir(parents=True)
     (run / "config.yaml").write_text(f"task: instruct\ndata: {data}\nval_split: 0.25\nseed: 3\n")
     texts, where = eval_texts(tokenizer, None, run / "adapter", 10_000)
-    everything = read_instruct(data, tokenizer)
     _, val = stratified_split([0] * len(rows), 0.25, 3)
-    assert "validation split" in where and texts.ids == everything.subset(val).ids
+    assert "validation split" in where and len(texts) == len(val) == 2
+    want = batch(read_instruct(data, tokenizer).subset(val))
+    assert all(torch.equal(batch(texts)[key], want[key]) for key in want)
     plain = tmp_path / "notes.txt"
     plain.write_text("plain words " * 400)
     texts, where = eval_texts(tokenizer, plain, run / "adapter", 300)
-    assert where == str(plain) and texts.labels == texts.ids and 300 <= texts.target_tokens() < 300 + 512
+    got = batch(texts)
+    assert where == str(plain) and torch.equal(
+        got["labels"], got["input_ids"].masked_fill(got["attention_mask"] == 0, -100)
+    )
+    assert 300 <= int(got["attention_mask"].sum()) < 300 + 512
     texts, where = eval_texts(tokenizer, None, None, 10_000)
-    assert where.startswith("nibble's sample text") and texts.target_tokens() > 1000
+    assert where.startswith("nibble's sample text") and int(batch(texts)["attention_mask"].sum()) > 1000

@@ -8,6 +8,7 @@ the gguf package's reader for the files written.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -26,16 +27,20 @@ from nibble.train.gguf_export import export_gguf
 
 
 @pytest.fixture(scope="module")
-def k_quant_file(tmp_path_factory):
-    """A two-layer Llama written by ``nibble export --quant q4_k``: Q4_K projections, a Q6_K head, and llama.cpp's
-    q/k row order."""
-    root = tmp_path_factory.mktemp("kquant")
+def k_source(tmp_path_factory):
+    """A two-layer Llama with rows of 256 values, as an HF directory."""
     model = tiny_model(
         "llama", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, init_std=0.05
     )
-    source = save_tiny(root / "source", model)
-    path = root / "tiny-q4_k.gguf"
-    export_gguf(source, path, quant="q4_k", eval_tokens=0, log=lambda line: None)
+    return save_tiny(tmp_path_factory.mktemp("kquant") / "source", model)
+
+
+@pytest.fixture(scope="module")
+def k_quant_file(k_source):
+    """That Llama written by ``nibble export --quant q4_k``: Q4_K projections, a Q6_K head, and llama.cpp's q/k
+    row order."""
+    path = k_source.parent / "tiny-q4_k.gguf"
+    export_gguf(k_source, path, quant="q4_k", eval_tokens=0, log=lambda line: None)
     return path
 
 
@@ -45,13 +50,16 @@ def logits(model, seed: int = 0) -> torch.Tensor:
         return model(ids)
 
 
-@pytest.mark.parametrize("variant", ["k-quants", "llama", "qwen2"])
-def test_native_base_computes_what_the_dense_file_computes(k_quant_file, variant, tmp_path, monkeypatch):
+@pytest.mark.parametrize("variant", ["q4_k", "q6_k", "llama", "qwen2"])
+def test_native_base_computes_what_the_dense_file_computes(k_source, k_quant_file, variant, tmp_path, monkeypatch):
     """The blocks kept as they are give exactly the dense model's logits (the same values, dequantized in torch
     instead of by the gguf package), and hold the file's own bytes."""
     monkeypatch.setenv("NIBBLE_CACHE", str(tmp_path / "cache"))
-    if variant == "k-quants":
+    if variant == "q4_k":
         path = k_quant_file
+    elif variant == "q6_k":
+        path = export_gguf(k_source, tmp_path / "q6_k.gguf", quant="q6_k", eval_tokens=0, log=lambda line: None)
+        path = Path(path["file"])
     else:  # Q8_0 / Q4_0 / Q4_1 / Q5_1 / F16 / BF16 projections (see gguf_files), q/k/v biases for qwen2
         path = write_gguf(tmp_path / f"{variant}.gguf", tiny_model(variant))
     native = load_model(path, quantize="gguf")
@@ -60,8 +68,8 @@ def test_native_base_computes_what_the_dense_file_computes(k_quant_file, variant
     layers = [m for m in native.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 7 * native.config.num_hidden_layers
     assert sum(m.qweight.memory_bytes() for m in layers) == open_gguf(path).projection_bytes()
-    if variant == "k-quants":
-        assert native.model.layers[0].self_attn.q_proj.qweight.ggml_type == "Q4_K"
+    if variant in ("q4_k", "q6_k"):
+        assert native.model.layers[0].self_attn.q_proj.qweight.ggml_type == variant.upper()
     # a directory converted from the file finds its blocks too
     again = load_model(resolve_model_dir(path), quantize="gguf")
     torch.testing.assert_close(logits(again), logits(native), rtol=0, atol=0)

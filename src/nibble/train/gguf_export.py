@@ -12,14 +12,15 @@ the same seeded split of ``data``), or the sample text shipped with nibble.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nibble.data.instruct import InstructData, read_instruct
+from nibble.data.batching import Dataset
+from nibble.data.instruct import IGNORE_INDEX, collate_lm, read_instruct
 from nibble.data.records import stratified_split
 from nibble.errors import NibbleError
 from nibble.io.files import write_text_atomic
@@ -39,23 +40,36 @@ EVAL_SEQ_LEN = 512
 EVAL_BATCH = 4
 
 
-def _plain_text(tokenizer: Tokenizer, text: str) -> InstructData:
-    """A text as consecutive windows of ``EVAL_SEQ_LEN`` tokens, every token a target."""
-    ids = tokenizer.encode(text)
-    chunks = [ids[i : i + EVAL_SEQ_LEN] for i in range(0, len(ids), EVAL_SEQ_LEN)]
-    chunks = [c for c in chunks if len(c) > 1]
-    return InstructData(chunks, [list(c) for c in chunks], [])
+class TextWindows:
+    """A plain text as consecutive windows of ``EVAL_SEQ_LEN`` tokens, every token a target (a ``Dataset``)."""
+
+    def __init__(self, windows: Sequence[Sequence[int]]):
+        self.windows = [list(w) for w in windows if len(w) > 1]
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer, text: str) -> TextWindows:
+        ids = tokenizer.encode(text)
+        return cls([ids[i : i + EVAL_SEQ_LEN] for i in range(0, len(ids), EVAL_SEQ_LEN)])
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def subset(self, indices: Sequence[int]) -> TextWindows:
+        return TextWindows([self.windows[i] for i in indices])
+
+    def collate(self, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+        rows = [self.windows[i] for i in indices]
+        return collate_lm(rows, rows, pad_id)
 
 
-def _run_validation(adapter: Path, tokenizer: Tokenizer) -> tuple[InstructData, str] | None:
+def _run_validation(adapter: Path, tokenizer: Tokenizer) -> tuple[Dataset, str] | None:
     """The validation rows of the instruct run ``adapter`` came from (its ``config.yaml``), if still readable."""
     config_file = adapter.parent / "config.yaml"
     if not config_file.is_file():
         return None
-    values = read_yaml(config_file)
     try:
-        config = TrainConfig(**values)
-    except TypeError:
+        config = TrainConfig(**read_yaml(config_file))
+    except (TypeError, NibbleError):
         return None
     if config.task != "instruct":
         return None
@@ -64,15 +78,16 @@ def _run_validation(adapter: Path, tokenizer: Tokenizer) -> tuple[InstructData, 
     if config.data and Path(config.data).is_file() and config.val_split > 0:
         rows = read_instruct(config.data, tokenizer)
         _, val = stratified_split([0] * len(rows), config.val_split, config.seed)
-        if val:
+        if len(val):
             return rows.subset(val), f"{config.data} (the run's {config.val_split:g} validation split)"
     return None
 
 
 def eval_texts(
     tokenizer: Tokenizer, eval_data: str | Path | None, adapter: Path | None, max_tokens: int
-) -> tuple[InstructData, str]:
-    """The held-out text the report scores (see the module doc), cut to about ``max_tokens`` target tokens.
+) -> tuple[Dataset, str]:
+    """The held-out text the report scores (see the module doc): its first examples holding about
+    ``max_tokens`` target tokens, and where it came from.
 
     Raises:
         NibbleError: an ``eval_data`` file that is missing or malformed.
@@ -83,27 +98,21 @@ def eval_texts(
         if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
             found = read_instruct(path, tokenizer), str(path)
         elif path.is_file():
-            found = _plain_text(tokenizer, path.read_text(encoding="utf-8")), str(path)
+            found = TextWindows.of(tokenizer, path.read_text(encoding="utf-8")), str(path)
         else:
             raise NibbleError(f"{path}: no such file; --eval-data takes instruction .jsonl or a plain text file")
     if found is None and adapter is not None:
         found = _run_validation(adapter, tokenizer)
     if found is None:
         text = resources.files("nibble.data").joinpath(SAMPLE_TEXT).read_text(encoding="utf-8")
-        found = _plain_text(tokenizer, text), f"nibble's sample text ({SAMPLE_TEXT})"
+        found = TextWindows.of(tokenizer, text), f"nibble's sample text ({SAMPLE_TEXT})"
     data, source = found
-    data = InstructData([ids[:EVAL_SEQ_LEN] for ids in data.ids], [lab[:EVAL_SEQ_LEN] for lab in data.labels], [])
-    keep, total = [], 0
-    for i, labels in enumerate(data.labels):
-        if total >= max_tokens:
-            break
-        keep.append(i)
-        total += sum(t != -100 for t in labels[1:])
-    return data.subset(keep), source
-
-
-def _perplexity(model: torch.nn.Module, data: InstructData, pad_id: int) -> float:
-    return float(evaluate_lm(model, data, EVAL_BATCH, pad_id)["perplexity"])
+    keep, total = 0, 0
+    while keep < len(data) and total < max_tokens:
+        labels = data.collate([keep], 0)["labels"]
+        total += int((labels[:, 1:] != IGNORE_INDEX).sum())
+        keep += 1
+    return data.subset(range(keep)), source
 
 
 def _base_config(model: str | Path) -> ModelConfig:
@@ -173,20 +182,20 @@ def export_gguf(
     log(f"export: writing {output} ({quant})")
     result = export_model(merged, tokenizer, output, quant, name=name, overwrite=overwrite)
     report.update(_describe(result))
-    if eval_tokens > 0 and texts.ids:
+    if eval_tokens > 0 and len(texts):
         log(f"export: perplexity of the float merged model on {source}")
-        float_ppl = _perplexity(merged, texts, tokenizer.pad_id)
+        float_eval = evaluate_lm(merged, texts, EVAL_BATCH, tokenizer.pad_id)
         del merged
         log("export: perplexity of the exported file, read back in its own blocks")
         exported = load_model(output, quantize=QuantSpec("gguf"))
         cache_dense_weights(exported, budget, torch.float32)
-        export_ppl = _perplexity(exported, texts, tokenizer.pad_id)
+        export_eval = evaluate_lm(exported, texts, EVAL_BATCH, tokenizer.pad_id)
         report["perplexity"] = {
             "text": source,
-            "tokens": texts.target_tokens(),
-            "float": float_ppl,
-            "exported": export_ppl,
-            "change": export_ppl / float_ppl - 1.0,
+            "tokens": float_eval["tokens"],
+            "float": float_eval["perplexity"],
+            "exported": export_eval["perplexity"],
+            "change": export_eval["perplexity"] / float_eval["perplexity"] - 1.0,
         }
     _save_report(output, report, log)
     return report
