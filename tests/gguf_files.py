@@ -23,6 +23,16 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Llama 3 RoPE scaling (llama.cpp stores it as a rope_freqs tensor)
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=1024,
+)
+
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
     "a stitch in time saves nine; the early bird catches the worm",
@@ -118,7 +128,7 @@ def stored(hf_name: str, weight: torch.Tensor) -> tuple[Q, np.ndarray]:
     return qtype, gguf.quants.dequantize(gguf.quants.quantize(array, qtype), qtype).reshape(array.shape)
 
 
-def write_gguf(path: Path, model, *, arch: str | None = None, pre: str = "smollm", skip: str | None = None) -> Path:
+def write_gguf(path: Path, model, *, arch: str | None = None, pre: str = "gpt-2", skip: str | None = None) -> Path:
     """Write ``model`` (a transformers CausalLM) as a GGUF file as llama.cpp would, with the test tokenizer."""
     config = model.config
     arch = arch or config.model_type
@@ -184,3 +194,50 @@ def tiny_model(model_type: str, **overrides):
     return helpers.make_hf_model(
         model_type, vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides
     )
+
+
+def save_tiny(path: Path, model) -> Path:
+    """Save a :func:`tiny_model` as an HF directory with the test BPE tokenizer and a ChatML template."""
+    path = Path(path)
+    model.save_pretrained(path)
+    byte_level_bpe().save(str(path / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": CHATML,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+def write_sentencepiece_gguf(path: Path, with_merges: bool) -> Path:
+    """A llama-type (SentencePiece BPE, byte fallback) vocabulary: <unk> <s> </s>, 256 byte tokens, pieces."""
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=200, show_progress=False)
+    trained.train_from_iterator(CORPUS, trainer)
+    pieces = sorted(trained.get_vocab().items(), key=lambda kv: kv[1])
+    specials = ["<unk>", "<s>", "</s>"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tokens = specials + byte_tokens + [p for p, _ in pieces]
+    # SentencePiece scores: higher is merged earlier; later pieces score lower
+    scores = [0.0] * (3 + 256) + [-float(i // 4) for i in range(len(pieces))]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * len(pieces)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    if with_merges:
+        writer.add_token_merges([" ".join(m) for m in json.loads(trained.to_str())["model"]["merges"]])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -47,10 +47,13 @@ def run(args: argparse.Namespace) -> int:
     from nibble.train.run import MODEL_TASKS
 
     config = resolve_config(args.config, config_overrides(args), required=("model",))
+    gguf_bytes = None
     if is_gguf(config.model):
         from nibble.io.gguf import open_gguf
 
-        model = ModelConfig.from_hf(open_gguf(config.model).config)  # the metadata suffices: nothing is converted
+        source = open_gguf(config.model)
+        model = ModelConfig.from_hf(source.config)  # the metadata suffices: nothing is converted
+        gguf_bytes = source.projection_bytes()
     else:
         model = ModelConfig.from_hf(config.model)
     opts = PlanOptions(
@@ -63,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         lora_rank=config.lora_rank,
         lora_targets=resolve_targets(config.lora_targets),
         dtype=config.dtype,
+        gguf_projection_bytes=gguf_bytes,
     )
     c = model
     print(

@@ -35,12 +35,16 @@ import numpy as np
 import torch
 
 from nibble.errors import NibbleError
-from nibble.io.files import staged_dir
+from nibble.io.files import read_json_object, staged_dir, write_json
 from nibble.io.rope import rope_config_keys
+from nibble.io.safetensors import Checkpoint, TensorInfo
+from nibble.quant.gguf import NATIVE_TYPES, GGUFWeight
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _GGUF_MAGIC = b"GGUF"
+# Written into a converted directory: the GGUF file it came from (for bases that keep the file's own blocks).
+SOURCE_NAME = "gguf_source.json"
 _REQUIRED = object()
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -65,26 +69,29 @@ _BLOCK_TENSORS = {
     "ffn_down": "mlp.down_proj",
 }
 _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_PROJECTION = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
 
 # Pre-tokenizer splits for ``tokenizer.ggml.pre`` values whose vocabularies were not learned on GPT-2's
 # split; any other value uses GPT-2's (the byte-level pre-tokenizer's built-in regex).
-_LLAMA3_SPLIT = (
+LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_QWEN2_SPLIT = (
+QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# ``tokenizer.ggml.pre`` values that split every digit off before GPT-2's split (llama.cpp's "\p{N}" rule).
+DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "codeshell")
 _PRE_TOKENIZER_SPLITS = {
-    "llama3": _LLAMA3_SPLIT,
-    "llama-v3": _LLAMA3_SPLIT,
-    "llama-bpe": _LLAMA3_SPLIT,
-    "smaug-bpe": _LLAMA3_SPLIT,
-    "falcon3": _LLAMA3_SPLIT,
-    "dbrx": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT,
-    "deepseek-r1-qwen": _QWEN2_SPLIT,
+    "llama3": LLAMA3_SPLIT,
+    "llama-v3": LLAMA3_SPLIT,
+    "llama-bpe": LLAMA3_SPLIT,
+    "smaug-bpe": LLAMA3_SPLIT,
+    "falcon3": LLAMA3_SPLIT,
+    "dbrx": LLAMA3_SPLIT,
+    "qwen2": QWEN2_SPLIT,
+    "deepseek-r1-qwen": QWEN2_SPLIT,
 }
 # tokenizer.ggml.token_type values (gguf.TokenType)
 _CONTROL, _USER_DEFINED = 3, 4
@@ -153,8 +160,16 @@ class GGUFFile:
 
             vocab = {spell(token): i for i, token in enumerate(tokens)}
             tokenizer = Tokenizer(BPE(vocab, [_split_merge(self.path, m) for m in merges], fuse_unk=False))
-            split = _PRE_TOKENIZER_SPLITS.get(self.meta("tokenizer.ggml.pre", None))
-            if split is None:
+            pre = self.meta("tokenizer.ggml.pre", None)
+            split = _PRE_TOKENIZER_SPLITS.get(pre)
+            if pre in DIGIT_SPLIT_PRE:
+                tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+                    [
+                        pre_tokenizers.Digits(individual_digits=True),
+                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+                    ]
+                )
+            elif split is None:
                 tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
             else:
                 tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -400,10 +415,50 @@ class GGUFModel(GGUFFile):
         values = gguf.quants.dequantize(gguf_tensor.data, gguf_tensor.tensor_type)
         # F32 data comes back as a view of the read-only file map: copy only then
         weight = torch.from_numpy(np.require(values, np.float32, ["C", "W"])).reshape(shape)
-        if self.architecture == "llama" and re.fullmatch(r"blk\.\d+\.attn_[qk]\.(weight|bias)", name):
-            heads = self.config["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"]
-            weight = _unpermute_rotary(weight, heads)
+        if self._permuted(name):
+            weight = unpermute_rotary(weight, self._rotary_heads(name))
         return weight.to(dtype)
+
+    def quantized(self, hf_name: str) -> GGUFWeight:
+        """A 2-D weight by HF name in the file's own block type (q/k rows back in HF order; no value changes).
+
+        Raises:
+            NibbleError: a tensor stored in a type nibble does not keep as it is (see ``NATIVE_TYPES``).
+        """
+        name, shape = self._plan[hf_name]
+        gguf_tensor = self._tensor(name)
+        kind = gguf_tensor.tensor_type.name
+        if kind not in NATIVE_TYPES:
+            raise NibbleError(
+                f"{self.path}: tensor '{name}' is {kind}, which a GGUF-native base cannot keep (it keeps "
+                f"{', '.join(NATIVE_TYPES)}); use --quant-format nf4 or int4 for this file"
+            )
+        data = np.ascontiguousarray(gguf_tensor.data).view(np.uint8).reshape(shape[0], -1)
+        weight = GGUFWeight(torch.from_numpy(data.copy()), kind, shape[1])
+        if self._permuted(name):
+            rows = torch.arange(shape[0]).unsqueeze(1)
+            weight = weight.select_rows(unpermute_rotary(rows, self._rotary_heads(name))[:, 0])
+        return weight
+
+    def projection_bytes(self) -> int:
+        """Bytes the file stores the seven block projections' weights in (what a GGUF-native base holds)."""
+        names = [n for n, (g, _) in self._plan.items() if _PROJECTION.fullmatch(g)]
+        return sum(int(self._tensor(self._plan[n][0]).n_bytes) for n in names)
+
+    def tensor_type(self, hf_name: str) -> str:
+        """The ggml type name (``Q4_K``, ``F32``, ...) the file stores tensor ``hf_name`` in."""
+        return self._tensor(self._plan[hf_name][0]).tensor_type.name
+
+    def _permuted(self, name: str) -> bool:
+        """Whether llama.cpp stores this tensor's rows in its rotary order (llama q/k weights and biases)."""
+        return self.architecture == "llama" and re.fullmatch(r"blk\.\d+\.attn_[qk]\.(weight|bias)", name) is not None
+
+    def _rotary_heads(self, name: str) -> int:
+        return self.config["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"]
+
+    def checkpoint(self) -> GGUFCheckpoint:
+        """The tensors as a checkpoint :func:`nibble.model.load_model` reads (see :class:`GGUFCheckpoint`)."""
+        return GGUFCheckpoint(self)
 
     def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
         """``(hf_name, tensor)`` for every tensor, one at a time (drop each before asking for the next)."""
@@ -411,7 +466,32 @@ class GGUFModel(GGUFFile):
             yield hf_name, self.tensor(hf_name, dtype)
 
 
-def _llama3_factors(theta: float, head_dim: int, params: dict[str, Any]) -> np.ndarray:
+class GGUFCheckpoint(Checkpoint):
+    """A GGUF model's tensors under their HF names, read the way a safetensors ``Checkpoint`` is read: each
+    as fp32 (dequantized), or a 2-D weight in its own blocks with :meth:`quantized`."""
+
+    def __init__(self, model: GGUFModel):
+        super().__init__([], model.path)
+        self.model = model
+        self._infos = {
+            name: TensorInfo(name, "F32", shape, 0, 0, model.path) for name, shape in model.tensor_shapes().items()
+        }
+
+    def get_tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        self.info(name)
+        return self.model.tensor(name, dtype or torch.float32)
+
+    def items_stream(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self._infos:
+            yield name, self.get_tensor(name, dtype)
+
+    def quantized(self, name: str) -> GGUFWeight:
+        """The 2-D weight ``name`` in the file's own blocks (see :meth:`GGUFModel.quantized`)."""
+        self.info(name)
+        return self.model.quantized(name)
+
+
+def llama3_rope_factors(theta: float, head_dim: int, params: dict[str, Any]) -> np.ndarray:
     """The per-frequency divisors llama.cpp stores for Llama 3 RoPE scaling (``rope_freqs``): 1 for short
     wavelengths, ``factor`` for long ones, and a smooth blend in between."""
     inv_freq = theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
@@ -446,7 +526,7 @@ def _llama3_rope(factors: np.ndarray, theta: float, head_dim: int, original: int
         low = -intercept / slope
         params["low_freq_factor"] = float(f"{low:.6g}")
         params["high_freq_factor"] = float(f"{low + 1.0 / slope:.6g}")
-    rebuilt = _llama3_factors(theta, head_dim, params)
+    rebuilt = llama3_rope_factors(theta, head_dim, params)
     return params if np.allclose(rebuilt, factors, rtol=1e-4, atol=0) else None
 
 
@@ -480,6 +560,23 @@ def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[st
     return [(left, right) for left, right, _ in candidates]
 
 
+def gguf_name(hf_name: str) -> str:
+    """The GGUF name of an HF tensor name (``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``).
+
+    Raises:
+        NibbleError: a tensor llama.cpp's decoders have no place for.
+    """
+    for gguf_key, hf_key in _GLOBAL_TENSORS.items():
+        if hf_name == hf_key:
+            return gguf_key
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_name)
+    parts = {hf: g for g, hf in _BLOCK_TENSORS.items()}
+    if match is None or match.group(2) not in parts:
+        raise NibbleError(f"tensor '{hf_name}' has no GGUF name (llama.cpp's llama/qwen2/qwen3 models have none)")
+    layer, part, kind = match.groups()
+    return f"blk.{layer}.{parts[part]}.{kind}"
+
+
 def _hf_name(gguf_name: str) -> str:
     if gguf_name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[gguf_name]
@@ -489,12 +586,21 @@ def _hf_name(gguf_name: str) -> str:
     return f"model.layers.{layer}.{_BLOCK_TENSORS[part]}.{kind}"
 
 
-def _unpermute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+def unpermute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row order: per head, rows ``[a0, b0, a1, b1, ...]`` back to ``[a0, a1, .., b0, b1, ..]``
     (``a``/``b`` the first/second rotary half)."""
     rows = weight.shape[0]
     # [heads * head_dim, ...] -> [heads, head_dim / 2, 2, ...] -> swap the last two row axes
     grouped = weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:])
+    return grouped.transpose(1, 2).reshape(weight.shape).contiguous()
+
+
+def permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's q/k row order from HF's (the inverse of :func:`unpermute_rotary`): per head, the two rotary
+    halves interleaved row by row."""
+    rows = weight.shape[0]
+    # [heads * head_dim, ...] -> [heads, 2, head_dim / 2, ...] -> swap the two row axes
+    grouped = weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:])
     return grouped.transpose(1, 2).reshape(weight.shape).contiguous()
 
 
@@ -549,6 +655,48 @@ def open_gguf(path: str | Path) -> GGUFModel:
     return GGUFModel(path)
 
 
+def _source_record(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def native_model(path: str | Path) -> GGUFModel:
+    """The GGUF file whose own blocks a GGUF-native base keeps (see :func:`gguf_source`), opened.
+
+    Raises:
+        NibbleError: anything :func:`gguf_source` or :func:`open_gguf` rejects.
+    """
+    return open_gguf(gguf_source(path))
+
+
+def gguf_source(path: str | Path) -> Path:
+    """``path`` itself (a file), or the .gguf file the directory ``path`` was converted from (recorded in its
+    ``gguf_source.json``), checked to be unchanged since.
+
+    Raises:
+        NibbleError: a directory that was not converted from a GGUF file, or a source file that is gone or
+            changed.
+    """
+    path = Path(path)
+    if path.is_dir():
+        marker = path / SOURCE_NAME
+        if not marker.is_file():
+            raise NibbleError(
+                f"{path}: not converted from a .gguf file, so it has no GGUF blocks to keep; pass the .gguf file "
+                "as --model, or use --quant-format nf4 or int4"
+            )
+        record = read_json_object(marker, "convert the .gguf file again")
+        source = Path(str(record.get("path", "")))
+        if not source.is_file():
+            raise NibbleError(f"{marker}: the GGUF file it was converted from, {source}, is gone; pass it as --model")
+        if _source_record(source) != record:
+            raise NibbleError(
+                f"{source}: changed since {path} was converted from it; pass the .gguf file itself as --model"
+            )
+        path = source
+    return path
+
+
 def _write_safetensors(
     path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, produce: Callable[[str], torch.Tensor]
 ) -> None:
@@ -586,7 +734,7 @@ def convert_gguf(
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Convert a GGUF file into an HF model directory: config.json, model.safetensors, tokenizer.json,
-    tokenizer_config.json (with the chat template).
+    tokenizer_config.json (with the chat template), and ``gguf_source.json`` naming the file it came from.
 
     The directory is built under a temporary name beside ``output`` and renamed into place at the end,
     so ``output`` is either absent, the old directory (with ``overwrite``) or the complete conversion.
@@ -623,4 +771,5 @@ def convert_gguf(
         _write_safetensors(staging / "model.safetensors", shapes, dtype, lambda name: model.tensor(name, dtype))
         say("writing the tokenizer")
         model.save_tokenizer(staging)
+        write_json(staging / SOURCE_NAME, _source_record(model.path))
     return output

@@ -64,8 +64,9 @@ class LabelMap:
 @dataclass
 class RunInfo:
     """``nibble.json``: what eval, predict, generate and merge need to rebuild a trained model the way training
-    built it. ``quant`` is the 4-bit format of the frozen base (None: a dense base); ``base_model`` the model
-    the run started from as the user named it (a directory or a .gguf file; adapter_config.json names the
+    built it. ``quant`` is the 4-bit format of the frozen base (None: a dense base); with the ``gguf`` format,
+    ``gguf_base`` names the .gguf file whose blocks it was (``{"file": name, "bytes": size}``); ``base_model`` the
+    model the run started from as the user named it (a directory or a .gguf file; adapter_config.json names the
     loadable HF directory instead); ``step`` the optimizer step the weights come from."""
 
     task: str | None = None
@@ -80,6 +81,7 @@ class RunInfo:
     merged_from: str | None = None
     base_model: str | None = None
     step: int | None = None
+    gguf_base: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from nibble.kernels import reference
 from nibble.quant.base import QuantizedWeight
 
 BACKENDS = ("auto", "torch", "triton")
+# The formats the Triton kernels read; others (GGUF block types) always take the torch reference.
+TRITON_FORMATS = ("nf4", "int4")
 
 
 @cache
@@ -86,20 +88,22 @@ def backend_name(device: torch.device) -> str:
     return "triton" if available and device.type == "cuda" else "torch"
 
 
-def _ops(device: torch.device) -> ModuleType:
-    return _triton_ops() if backend_name(device) == "triton" else reference
+def _ops(device: torch.device, qweight: QuantizedWeight) -> ModuleType:
+    if qweight.format in TRITON_FORMATS and backend_name(device) == "triton":
+        return _triton_ops()
+    return reference
 
 
 def dequantize(qweight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense ``[N, K]`` weight in ``dtype``."""
-    return _ops(qweight.device).dequantize(qweight, dtype)
+    return _ops(qweight.device, qweight).dequantize(qweight, dtype)
 
 
 def matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ dequant(W)[N, K]^T (+ bias) -> [M, N]``, in ``x.dtype``."""
-    return _ops(x.device).matmul(x, qweight, bias)
+    return _ops(x.device, qweight).matmul(x, qweight, bias)
 
 
 def matmul_grad_input(grad_y: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor:
     """``grad_y [M, N] @ dequant(W)[N, K] -> [M, K]``, in ``grad_y.dtype``."""
-    return _ops(grad_y.device).matmul_grad_input(grad_y, qweight)
+    return _ops(grad_y.device, qweight).matmul_grad_input(grad_y, qweight)

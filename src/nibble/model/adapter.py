@@ -101,6 +101,7 @@ def load_adapted(
             f"{info.directory}: a {info.config.get('task_type')} adapter, but this needs a {want} adapter "
             f"(trained with {'--task instruct' if task == 'causal_lm' else '--task classify'})"
         )
+    check_gguf_base(info, model)
     base = load_model(
         resolve_model_dir(model),
         task=info.task,
@@ -113,3 +114,23 @@ def load_adapted(
     for p in base.parameters():
         p.requires_grad_(False)
     return base.eval(), info
+
+
+def check_gguf_base(info: AdapterInfo, model: str | Path) -> None:
+    """An adapter trained on a GGUF file's own blocks applies to that file only (compared by size).
+
+    Raises:
+        NibbleError: ``model`` is another file than the one ``info``'s nibble.json names.
+    """
+    from nibble.io.gguf import gguf_source
+
+    if info.quant is None or info.quant.format != "gguf" or not info.run.gguf_base:
+        return
+    trained = info.run.gguf_base
+    source = gguf_source(resolve_model_dir(model))
+    size = source.stat().st_size
+    if trained.get("bytes") != size:
+        raise NibbleError(
+            f"{info.directory / RUN_INFO}: the adapter was trained on the blocks of {trained.get('file')} "
+            f"({trained.get('bytes')} bytes), but --model is {source} ({size} bytes); pass that .gguf file"
+        )

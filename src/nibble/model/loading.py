@@ -50,7 +50,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     if not path.exists():
         raise NibbleError(f"{path}: no such model directory or .gguf file")
     from nibble.io.fetch import cache_dir
-    from nibble.io.gguf import convert_gguf, is_gguf
+    from nibble.io.gguf import SOURCE_NAME, convert_gguf, is_gguf
 
     if not is_gguf(path):
         raise NibbleError(f"{path}: not a directory (expected a model directory with config.json, or a .gguf file)")
@@ -58,7 +58,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir() / "converted" / f"{path.stem}-{key}"
-    if not (target / "config.json").is_file():
+    if not (target / SOURCE_NAME).is_file():  # a conversion by a nibble that did not record its source is redone
         # overwrite: a concurrent conversion of the same file may have finished first; both are identical
         convert_gguf(path, target, dtype=torch.float32, overwrite=True)
     return target
@@ -81,7 +81,8 @@ def load_model(
         task: "causal_lm" (LM head) or "classify" (``score`` head; fresh unless the checkpoint has one).
         num_labels: classifier outputs; defaults to the checkpoint's own.
         quantize: None, or how to store the seven block projections in 4 bits (a QuantSpec, or a format
-            name, "nf4" or "int4", with its default parameters).
+            name, "nf4" or "int4", with its default parameters); "gguf" keeps the blocks of a .gguf ``path``
+            (or of the file a converted directory came from) as they are.
         dtype: dtype of embeddings, dense projections and heads (norm weights are always fp32).
         device: where the model lives.
         pooling: "last" or "mean" (classify only).
@@ -98,10 +99,18 @@ def load_model(
     spec = None if quantize is None else QuantSpec.of(quantize)
     if dtype not in DTYPES:
         raise NibbleError(f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
-    path = resolve_model_dir(path)
-    config = ModelConfig.from_hf(path)
-    bnb.check_quantization_config(config.quantization_config, str(path / "config.json"))
-    ckpt = read_checkpoint(path)
+    if spec is not None and spec.format == "gguf":
+        from nibble.io.gguf import native_model
+
+        # the .gguf file read as it is: its projections keep their own blocks, the rest is dequantized
+        gguf_model = native_model(path)
+        config = ModelConfig.from_hf(gguf_model.config)
+        ckpt = gguf_model.checkpoint()
+    else:
+        path = resolve_model_dir(path)
+        config = ModelConfig.from_hf(path)
+        bnb.check_quantization_config(config.quantization_config, str(path / "config.json"))
+        ckpt = read_checkpoint(path)
     if task == "classify":
         num_labels = _num_labels(ckpt, config, num_labels)
         config = replace(config, num_labels=num_labels)
@@ -233,6 +242,10 @@ class _Loader:
         if bnb.is_quantized(self.ckpt, weight_key):
             qweight = bnb.read_nf4(self.ckpt, weight_key)
             self._check_shape(weight_key, tuple(qweight.shape), linear.weight.shape)
+            return QuantLinear(qweight, bias).to(self.device)
+        if spec is not None and spec.format == "gguf":
+            qweight = self.ckpt.quantized(weight_key)
+            qweight.dtype = self.dtype
             return QuantLinear(qweight, bias).to(self.device)
         if spec is not None:
             qweight = self.quantized.pop(weight_key, None)

@@ -47,7 +47,7 @@ def weight_bytes(out_features: int, in_features: int, fmt: str | QuantSpec) -> i
         return 4 * n
     if fmt == "bf16":
         return 2 * n
-    if not isinstance(fmt, QuantSpec):
+    if not isinstance(fmt, QuantSpec) or fmt.format == "gguf":
         raise NibbleError(f"unknown weight format '{fmt}'; use one of {WEIGHT_FORMATS}")
     if fmt.format == "nf4":
         blocks = math.ceil(n / fmt.blocksize)
@@ -123,6 +123,8 @@ class PlanOptions:
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     dtype: str = "float32"
+    # bytes of the block projections as a .gguf file stores them (the ``gguf`` format keeps them so)
+    gguf_projection_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -172,7 +174,12 @@ def plan_rows(config: ModelConfig, opts: PlanOptions) -> list[tuple[str, int, in
     if opts.task == "causal_lm" and not tied:
         rows.append((f"lm_head [{opts.dtype}]", embed, embed * e))
     if opts.method == "qlora":
-        size = projections_bytes(config, opts.quant)
+        if opts.quant.format == "gguf":
+            if opts.gguf_projection_bytes is None:
+                raise NibbleError("a gguf base keeps the blocks of a .gguf file; plan it with that file as --model")
+            size = opts.gguf_projection_bytes
+        else:
+            size = projections_bytes(config, opts.quant)
         rows.append((f"block projections, frozen [{opts.quant.name}]", proj_params, size))
     else:
         state = "trainable" if opts.method == "full" else "frozen"

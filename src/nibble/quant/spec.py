@@ -7,7 +7,7 @@ from typing import Any
 
 from nibble.errors import NibbleError
 
-FORMATS = ("nf4", "int4")
+FORMATS = ("nf4", "int4", "gguf")
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
@@ -17,8 +17,9 @@ class QuantSpec:
     """How frozen weights are stored in 4 bits.
 
     ``format`` is ``"nf4"`` (bitsandbytes' NormalFloat, ``blocksize`` elements per fp32 absmax,
-    optionally ``double_quant``-ized scales) or ``"int4"`` (symmetric, one fp16 scale per ``group_size``
-    input features). The parameters of the other format are carried but unused.
+    optionally ``double_quant``-ized scales), ``"int4"`` (symmetric, one fp16 scale per ``group_size``
+    input features) or ``"gguf"`` (the blocks a .gguf file already stores, kept as they are: it names no
+    quantizer, only where the base comes from). The parameters of the other formats are carried but unused.
 
     Raises:
         NibbleError: an unknown format, block size or group size, naming the value.

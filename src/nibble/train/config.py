@@ -54,8 +54,12 @@ class TrainConfig:
     method: Method = field(
         default="qlora", metadata=_help("qlora: 4-bit frozen base + LoRA; lora: dense frozen base + LoRA; full")
     )
-    quant_format: Literal["nf4", "int4"] = field(
-        default=_QUANT.format, metadata=_help("4-bit format of the qlora base")
+    quant_format: Literal["nf4", "int4", "gguf"] = field(
+        default=_QUANT.format,
+        metadata=_help(
+            "format of the qlora base: nf4, int4, or gguf (a .gguf --model keeps its own blocks: Q4_0, Q4_1, Q5_0, "
+            "Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16, F32 -- the weights llama.cpp runs)"
+        ),
     )
     double_quant: bool = field(default=_QUANT.double_quant, metadata=_help("double-quantize the NF4 block scales"))
     blocksize: int = field(default=_QUANT.blocksize, metadata=_help("NF4 block size"))
@@ -185,6 +189,11 @@ class TrainConfig:
 
         resolve_targets(self.lora_targets)
         report_targets(self.report_to)
+        if self.quant_format == "gguf" and self.method != "qlora":
+            raise NibbleError(
+                "'quant_format' gguf keeps a .gguf file's blocks as the frozen base of method qlora; "
+                "use --method qlora, or drop --quant-format gguf"
+            )
         self.quant_spec  # noqa: B018  (validates the 4-bit format's parameters)
         return self
 

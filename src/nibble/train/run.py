@@ -23,6 +23,7 @@ from torch import nn
 from nibble.data.batching import BatchStream, Dataset
 from nibble.errors import NibbleError
 from nibble.io.files import read_json_object, remove_stale_staging, staged_dir, write_text_atomic
+from nibble.io.gguf import gguf_source
 from nibble.io.peft import adapter_config, save_adapter
 from nibble.io.runinfo import LABEL_MAP, RUN_INFO, LabelMap, RunInfo
 from nibble.io.tokenizer import Tokenizer
@@ -108,10 +109,16 @@ def _clear_previous_run(out: Path) -> None:
 def run_info(config: TrainConfig, step: int | None = None) -> RunInfo:
     """How the model was trained: what eval/predict/generate/merge need to rebuild it the same way, the model
     the run started from, and the optimizer step the weights come from."""
+    quant = config.quant_spec if config.method == "qlora" else None
+    gguf_base = None
+    if quant is not None and quant.format == "gguf":
+        source = gguf_source(config.model)
+        gguf_base = {"file": source.name, "bytes": source.stat().st_size}
     return RunInfo(
         task=config.task,
         method=config.method,
-        quant=config.quant_spec if config.method == "qlora" else None,
+        quant=quant,
+        gguf_base=gguf_base,
         dtype=config.dtype,
         pooling=config.pooling,
         max_seq_len=config.max_seq_len,
