@@ -18,12 +18,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nibble.data.classify import load_classification
-    from nibble.devices import autocast
+    from nibble.devices import autocast, describe, resolve_device
     from nibble.io.files import write_text_atomic
     from nibble.train.classify import evaluate, load_classifier
     from nibble.train.metrics import format_metrics
 
-    model, tokenizer, label_map, info = load_classifier(args.model, args.adapter, args.cache_budget_mb)
+    device = resolve_device(args.device)
+    model, tokenizer, label_map, info = load_classifier(args.model, args.adapter, args.cache_budget_mb, device)
+    print(describe(device, info.torch_dtype), flush=True)
     data = load_classification(
         args.data,
         tokenizer,
@@ -32,7 +34,6 @@ def run(args: argparse.Namespace) -> int:
         max_seq_len=args.max_seq_len or info.max_seq_len or 256,
         label_map=label_map,
     )
-    device = next(model.parameters()).device
     with autocast(device, info.torch_dtype):
         metrics = evaluate(model, data, args.batch_size, tokenizer.pad_id)
     print(format_metrics(metrics))

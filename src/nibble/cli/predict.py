@@ -21,15 +21,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nibble.data.classify import ClassificationData, read_rows, tokenize_rows
-    from nibble.devices import autocast
+    from nibble.devices import autocast, describe, resolve_device
     from nibble.io.files import write_text_atomic
     from nibble.train.classify import load_classifier, predict_probs
 
-    model, tokenizer, label_map, info = load_classifier(args.model, args.adapter, args.cache_budget_mb)
+    device = resolve_device(args.device)
+    model, tokenizer, label_map, info = load_classifier(args.model, args.adapter, args.cache_budget_mb, device)
+    print(describe(device, info.torch_dtype), flush=True)
     rows = read_rows(args.data, args.text_column or info.text_column, label_column=None)
     ids = tokenize_rows(rows, tokenizer, args.max_seq_len or info.max_seq_len or 256, args.data)
     data = ClassificationData(ids, [], label_map, [r.line for r in rows])
-    device = next(model.parameters()).device
     with autocast(device, info.torch_dtype):
         probs = predict_probs(model, data, args.batch_size, tokenizer.pad_id)
     lines = []

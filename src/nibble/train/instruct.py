@@ -17,6 +17,7 @@ from torch import nn
 from nibble.data.batching import iter_batches
 from nibble.data.instruct import CHATML, IGNORE_INDEX, InstructData, fit_length, read_instruct, use_chat_template
 from nibble.data.records import stratified_split
+from nibble.devices import to_device
 from nibble.errors import NibbleError
 from nibble.io.tokenizer import load_tokenizer
 from nibble.model.loading import resolve_model_dir
@@ -45,13 +46,16 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean")
 
 
 def evaluate_lm(model: nn.Module, data: InstructData, batch_size: int, pad_id: int) -> dict[str, Any]:
-    """Mean response-token loss, its perplexity, and the counts it covers."""
-    total, count = 0.0, 0
+    """Mean response-token loss, its perplexity, and the counts it covers (the loss sums on the model's device
+    and is read once)."""
+    device = next(model.parameters()).device
+    total, count = torch.zeros((), device=device), 0
     with torch.no_grad():
         for _, batch in iter_batches(data, batch_size, pad_id):
-            total += float(lm_loss(lm_forward(model, batch), batch["labels"], reduction="sum"))
             count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    loss = total / max(count, 1)
+            batch = to_device(batch, device)
+            total += lm_loss(lm_forward(model, batch), batch["labels"], reduction="sum")
+    loss = float(total) / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count, "examples": len(data)}
 
 
@@ -74,10 +78,9 @@ def train_instruct(config: TrainConfig) -> dict[str, Any]:
         rows, val = rows.subset(train_idx), (rows.subset(val_idx) if val_idx else None)
         val = fit_length(val, config.max_seq_len, False, config.data) if val else None
     data = fit_length(rows, config.max_seq_len, config.packing, config.data)
-    eval_batch = config.eval_batch_size or 2 * config.batch_size
 
-    def run_eval(m: nn.Module) -> dict[str, Any]:
-        return evaluate_lm(m, val, eval_batch, pad_id)
+    def run_eval(m: nn.Module, batch_size: int) -> dict[str, Any]:
+        return evaluate_lm(m, val, batch_size, pad_id)
 
     def report(metrics: dict[str, Any]) -> str:
         return f"{headline(metrics)}  ({metrics['tokens']} response tokens in {metrics['examples']} sequences)"

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nibble.data.batching import BatchStream
-from nibble.devices import autocast
+from nibble.devices import MemoryMeter, autocast, resolve_dtype, to_device
 from nibble.errors import NibbleError
 from nibble.train.checkpoint import (
     list_checkpoints,
@@ -87,6 +87,7 @@ class Trainer:
         evaluate: ``model -> metrics dict with "loss"``, or None when there is no validation data.
         on_best: called with the step after an evaluation that lowered the val loss.
         forward: ``(model, batch) -> outputs`` (inside autocast); default ``model(input_ids, attention_mask)``.
+        meter: the run's memory meter; its peaks go into every train record of metrics.jsonl.
     """
 
     def __init__(
@@ -100,10 +101,12 @@ class Trainer:
         evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
         on_best: Callable[[int], None] | None = None,
         forward: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+        meter: MemoryMeter | None = None,
     ):
         self.model, self.stream, self.config, self.out = model, stream, config, out
         self.forward = forward or (lambda m, batch: m(batch["input_ids"], batch["attention_mask"]))
         self.total_steps, self.loss_fn, self.evaluate, self.on_best = total_steps, loss_fn, evaluate, on_best
+        self.meter = meter
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._params = [param for _, param in self.named_params]
         if not self.named_params:
@@ -116,8 +119,8 @@ class Trainer:
         self.param_names = {i: by_id[id(p)] for i, p in enumerate(ordered)}
         self.schedule = WarmupCosine(total_steps, config.warmup_ratio, config.min_lr_ratio)
         self.device = next(p.device for _, p in self.named_params)
-        fp16 = config.dtype == "float16"
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.progress = Progress()
         self.log = MetricsLog(out / "metrics.jsonl")
         self.checkpoints = out / "checkpoints"
@@ -125,7 +128,7 @@ class Trainer:
         self.last_eval: dict[str, Any] | None = None
 
     def autocast(self):
-        return autocast(self.device, self.config.torch_dtype)
+        return autocast(self.device, self.dtype)
 
     def resume(self, path: Path) -> None:
         """Restore weights, optimizer, data position, progress and RNG from a checkpoint directory."""
@@ -208,7 +211,8 @@ class Trainer:
         tokens = 0
         for _ in range(cfg.grad_accum):
             batch = self.stream.next_batch()
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["attention_mask"].sum())  # counted on the host, before the batch moves
+            batch = to_device(batch, self.device)
             with self.autocast():
                 outputs = self.forward(self.model, batch)
             loss = self.loss_fn(outputs, batch["labels"])
@@ -250,6 +254,11 @@ class Trainer:
             "epoch": round(self.stream.epoch, 4),
             "tokens_per_s": window.tokens / elapsed,
         }
+        if self.meter is not None:
+            peaks = self.meter.read()
+            record["peak_rss_bytes"] = peaks["peak_rss_bytes"]
+            if peaks["peak_device_bytes"] is not None:
+                record["peak_device_bytes"] = peaks["peak_device_bytes"]
         self.log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{window.lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
 
