@@ -20,7 +20,14 @@ import helpers
 from nibble.cli.main import main
 from nibble.errors import NibbleError
 from nibble.model.config import ModelConfig
-from nibble.model.memory import METHODS_BY_PREFERENCE, PlanOptions, RunPlan, choose_plan, estimate_bytes
+from nibble.model.memory import (
+    METHODS_BY_PREFERENCE,
+    PlanOptions,
+    RunPlan,
+    choose_plan,
+    estimate_bytes,
+    plan_candidates,
+)
 from nibble.train.config import TrainConfig
 from nibble.train.run import fit_to_memory
 
@@ -59,16 +66,17 @@ def small(tmp_path_factory):
 
 def test_a_smaller_budget_moves_the_choice_from_full_to_lora_to_qlora(small):
     _, config, _, _, budgets = small
-    chosen = {name: choose_plan(config, OPTS, budget, 8) for name, budget in budgets.items()}
+    chosen = {name: choose_plan(plan_candidates(config, OPTS, b, 8), b) for name, b in budgets.items()}
     assert {name: plan.method for name, plan in chosen.items()} == {"full": "full", "lora": "lora", "qlora": "qlora"}
     for plan in chosen.values():
         assert plan.estimate_bytes <= plan.budget_bytes and plan.batch_size * plan.grad_accum == 8
     assert chosen["full"] == RunPlan("full", 8, 1, False, chosen["full"].estimate_bytes, budgets["full"])
     # Within a method: a smaller budget takes a smaller micro-batch first, checkpointing only when none fits.
-    lora = [choose_plan(config, OPTS, budgets["lora"] - cut, 8, ("lora",)) for cut in (0, 2**20, 4 * 2**20)]
+    lora_budgets = [budgets["lora"] - cut for cut in (0, 2**20, 4 * 2**20)]
+    lora = [choose_plan(plan_candidates(config, OPTS, b, 8, ("lora",)), b) for b in lora_budgets]
     assert [p.batch_size for p in lora] == sorted((p.batch_size for p in lora), reverse=True)
     with pytest.raises(NibbleError, match=r"no run fits the memory budget of 0\.010 GB: the smallest, qlora"):
-        choose_plan(config, OPTS, 10**7, 8, METHODS_BY_PREFERENCE)
+        choose_plan(plan_candidates(config, OPTS, 10**7, 8, METHODS_BY_PREFERENCE), 10**7)
 
 
 def test_nibble_plan_prints_the_choice_and_its_candidates(small, capsys):

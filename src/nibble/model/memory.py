@@ -383,21 +383,13 @@ def plan_candidates(
     return out
 
 
-def choose_plan(
-    config: ModelConfig,
-    opts: PlanOptions,
-    budget: int,
-    effective_batch: int,
-    methods: tuple[str, ...] = METHODS_BY_PREFERENCE,
-    checkpointing: tuple[bool, ...] = (False, True),
-) -> RunPlan:
-    """The first run of :func:`plan_candidates` that fits: methods in the order given (by default full, then
-    lora, then qlora), gradient checkpointing only when no micro-batch fits without it.
+def choose_plan(candidates: list[RunPlan | tuple[str, bool, int]], budget: int) -> RunPlan:
+    """The first of :func:`plan_candidates` (in the budget ``budget``) that fits: with the default order, full, then
+    lora, then qlora, each without gradient checkpointing before with it.
 
     Raises:
         NibbleError: nothing fits (the message gives the smallest estimate and what to change).
     """
-    candidates = plan_candidates(config, opts, budget, effective_batch, methods, checkpointing)
     for candidate in candidates:
         if isinstance(candidate, RunPlan):
             return candidate

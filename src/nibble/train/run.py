@@ -28,7 +28,14 @@ from nibble.io.peft import adapter_config, save_adapter
 from nibble.io.runinfo import LABEL_MAP, RUN_INFO, LabelMap, RunInfo
 from nibble.io.tokenizer import Tokenizer
 from nibble.model.config import ModelConfig
-from nibble.model.memory import METHODS_BY_PREFERENCE, PlanOptions, RunPlan, choose_plan, estimate_bytes
+from nibble.model.memory import (
+    METHODS_BY_PREFERENCE,
+    PlanOptions,
+    RunPlan,
+    choose_plan,
+    estimate_bytes,
+    plan_candidates,
+)
 from nibble.model.merge import write_checkpoint
 from nibble.nn import QuantLinear, apply_lora
 from nibble.nn.lora import resolve_targets
@@ -235,7 +242,8 @@ def fit_to_memory(
             budget,
         )
         return config, plan, f"{source}; the choices of {saved}"
-    plan = choose_plan(model, plan_options(config, num_labels, device), budget, *plan_space(config))
+    candidates = plan_candidates(model, plan_options(config, num_labels, device), budget, *plan_space(config))
+    plan = choose_plan(candidates, budget)
     planned = dict(method=plan.method, batch_size=plan.batch_size, grad_accum=plan.grad_accum)
     return replace(config, gradient_checkpointing=plan.checkpointing, **planned), plan, source
 

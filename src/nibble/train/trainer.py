@@ -220,7 +220,8 @@ class Trainer:
             loss_sum += loss.detach().float() / cfg.grad_accum
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=True)
+        # foreach=None: the foreach kernels where the device has them (CPU, CUDA, XPU), per tensor elsewhere (MPS).
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=None)
         self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
