@@ -174,7 +174,8 @@ def describe(device: torch.device, dtype: torch.dtype | None = None, asked: str 
     elif device.type == "cpu":
         _, total = device_memory(device)
         size = f", {total / 2**30:.1f} GiB" if total else ""
-        what = f"cpu ({torch.get_num_threads()} threads{size})"
+        threads = torch.get_num_threads()
+        what = f"cpu ({threads} thread{'s' if threads != 1 else ''}{size})"
     else:
         what = str(device)
     if dtype is None:
