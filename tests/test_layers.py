@@ -2,8 +2,9 @@
 
 Every module of src/nibble is parsed with ``ast``; every import, at module level or inside a function,
 must point to its own package or to a layer below. The base layer is the two top-level modules every
-layer may use, ``nibble.errors`` and ``nibble.devices``; ``nibble/__init__.py`` (the package's lazy public
-face) and ``nibble/__main__.py`` (``python -m nibble``) sit above the CLI.
+layer may use, ``nibble.errors`` and ``nibble.devices`` (which raises NibbleError, so it sits just above
+errors); ``nibble/__init__.py`` (the package's lazy public face) and ``nibble/__main__.py`` (``python -m
+nibble``) sit above the CLI.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "nibble"
 ORDER = ["errors", "quant", "kernels", "nn", "io", "data|model", "train", "cli"]
 RANK = {name: rank for rank, names in enumerate(ORDER) for name in names.split("|")}
-RANK.update({"devices": RANK["errors"], "__init__": len(ORDER), "__main__": len(ORDER)})
+RANK.update({"devices": RANK["errors"] + 0.5, "__init__": len(ORDER), "__main__": len(ORDER)})
 
 
 def layer_of(module: str) -> str | None:

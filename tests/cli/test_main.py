@@ -11,7 +11,7 @@ def test_help_lists_subcommands():
 
 
 def test_user_error_is_one_line_without_traceback(shared_checkpoint):
-    # A bad environment setting reaches the CLI as a NibbleError: one line, exit 2.
+    # A bad environment setting reaches the CLI as a NibbleError: one line after the device line, exit 2.
     path, _ = shared_checkpoint("qwen3")
     result = subprocess.run(
         [sys.executable, "-m", "nibble", "generate", "--model", str(path), "--quantize", "nf4", "--prompt", "hi"],
@@ -20,6 +20,6 @@ def test_user_error_is_one_line_without_traceback(shared_checkpoint):
         env={"NIBBLE_KERNELS": "nonsense", "PATH": ""},
     )
     assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0
-    assert result.stderr.startswith("error: NIBBLE_KERNELS")
+    device_line, error = result.stderr.strip().split("\n")
+    assert device_line.startswith("device cpu") and error.startswith("error: NIBBLE_KERNELS")
     assert "Traceback" not in result.stderr

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+import torch
 
 import nibble
+from nibble.cli.main import main
 from nibble.errors import NibbleError
 from nibble.model import ModelConfig
-from nibble.model.memory import PlanOptions, format_rows, plan_rows, projections_bytes, weight_bytes
+from nibble.model.memory import PlanOptions, dense_copies, format_rows, plan_rows, projections_bytes, weight_bytes
 from nibble.nn import QuantLinear
+from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
 from nibble.quant import QuantSpec
 
 QWEN3_4B = dict(
@@ -68,3 +73,17 @@ def test_int4_needs_divisible_group_and_options_are_checked():
         PlanOptions(lora_targets=("qkv",))
     with pytest.raises(NibbleError, match="method 'dpo'"):
         PlanOptions(method="dpo")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_plan_counts_the_dense_copies_a_run_makes(shared_checkpoint, capsys, dtype):
+    path, _ = shared_checkpoint("qwen3", num_hidden_layers=4)
+    model = nibble.load_model(path, quantize="nf4", dtype=dtype)
+    made = cache_dense_weights(model, cache_budget_bytes(model, dtype), dtype)
+    name = str(dtype).removeprefix("torch.")
+    opts = PlanOptions(method="qlora", dtype=name, device="cpu")
+    assert dense_copies(model.config, opts) == made and 0 < made[0] < made[1]
+    assert dense_copies(model.config, replace(opts, device="cuda")) == (0, made[1], 0)  # none by default on GPUs
+    assert dense_copies(model.config, opts, limit=made[2] // 2)[0] < made[0]  # a planned run's budget bounds them
+    assert main(["plan", "--model", str(path), "--dtype", name, "--device", "cpu"]) == 0
+    assert f"dense copies of {made[0]}/{made[1]} frozen 4-bit weights [{name}]" in capsys.readouterr().out

@@ -6,8 +6,14 @@ import torch.nn.functional as F
 
 from nibble import kernels
 from nibble.errors import NibbleError
-from nibble.nn import QuantLinear
-from nibble.nn.quant_linear import cache_dense_weights
+from nibble.nn import QuantLinear, quant_linear
+from nibble.nn.quant_linear import (
+    DEQUANTIZE_WORKSPACE,
+    auto_cache_budget,
+    cache_budget_bytes,
+    cache_dense_weights,
+    frozen_weights,
+)
 from nibble.quant import QuantSpec
 
 FORMATS = [
@@ -135,3 +141,25 @@ def test_dense_copies_fill_the_budget_in_model_order():
     assert [bool(layer._cache) for layer in model] == [True, True, False]
     assert cache_dense_weights(model, 0, torch.float32) == (0, 3, 0)
     assert not any(layer.cache_dequantized or layer._cache for layer in model)  # copies are dropped
+
+
+def test_the_default_budget_keeps_a_4bit_base_within_the_dense_one_on_cpu_and_is_zero_on_gpus(monkeypatch):
+    formats = ("nf4", "int4", "nf4", "nf4", "nf4", "nf4")
+    model = torch.nn.Sequential(*(make_layer(name, {}, out_features=64) for name in formats))
+    weights = frozen_weights(model)
+    assert [(w.out_features, w.in_features, w.format) for w in weights] == [(64, 128, f) for f in formats]
+    assert [w.packed_bytes for w in weights] == [layer.qweight.memory_bytes() for layer in model]
+    one = 64 * 128 * 4  # one fp32 copy
+    dense = len(formats) * one
+    packed = sum(w.packed_bytes for w in weights)
+    workspace = 64 * 128 * DEQUANTIZE_WORKSPACE["int4"]  # the largest: INT4's
+    budget = cache_budget_bytes(model, torch.float32)
+    assert budget == auto_cache_budget(weights, torch.float32, torch.device("cpu")) == dense - packed - workspace
+    cached, _, used = cache_dense_weights(model, budget, torch.float32)
+    assert packed + used + workspace <= dense and cached == budget // one >= 1  # one more would exceed the dense base
+    assert auto_cache_budget(weights, torch.bfloat16, torch.device("cpu")) == max(dense // 2 - packed - workspace, 0)
+    for accelerator in ("cuda", "xpu", "mps"):  # the 4-bit saving is the point there, and the kernels are fused
+        assert auto_cache_budget(weights, torch.bfloat16, torch.device(accelerator)) == 0
+    assert cache_budget_bytes(model, torch.float32, budget_mb=3) == 3 * 2**20  # an explicit budget is kept
+    monkeypatch.setattr(quant_linear, "memory_available_bytes", lambda: 2 * one)  # little memory left
+    assert cache_budget_bytes(model, torch.float32) == one  # half of what is available

@@ -88,7 +88,7 @@ def test_yaml_values_are_type_checked(tmp_path):
     with pytest.raises(NibbleError, match="'batch_size' must be int, got 'eight'"):
         resolve_config(path, {})
     path.write_text("model: m\ndata: d\noutput: o\nmethod: prefix\n")
-    with pytest.raises(NibbleError, match="'method' must be one of qlora, lora, full"):
+    with pytest.raises(NibbleError, match="'method' must be one of auto, qlora, lora, full"):
         resolve_config(path, {})
 
 

@@ -57,15 +57,23 @@ def config_overrides(args: argparse.Namespace) -> dict[str, object]:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
 
 
+def _field_help(name: str) -> str:
+    """The help text of TrainConfig field ``name``: flags other commands share with train say the same."""
+    return next(f.metadata["help"] for f in dataclasses.fields(TrainConfig) if f.name == name)
+
+
 def add_cache_budget_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-budget-mb",
         type=cache_budget,
         default=None,
         metavar="MIB|auto",
-        help="memory (MiB) for dense copies of frozen 4-bit weights, which makes each step faster; "
-        "auto (default) uses up to half of the available memory, 0 keeps none",
+        help=f"{_field_help('cache_budget_mb')} (default: auto)",
     )
+
+
+def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", metavar="DEVICE", help=f"{_field_help('device')} (default: auto)")
 
 
 def add_inference_flags(parser: argparse.ArgumentParser) -> None:
@@ -81,3 +89,4 @@ def add_inference_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-column", help="classify: field holding the text (default: as in training)")
     parser.add_argument("--max-seq-len", type=int, help="truncate texts to this many tokens (default: as in training)")
     add_cache_budget_flag(parser)
+    add_device_flag(parser)

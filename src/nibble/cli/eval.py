@@ -66,11 +66,13 @@ def run(args: argparse.Namespace) -> int:
 
 def evaluate_classifier(args: argparse.Namespace) -> dict[str, Any]:
     from nibble.data.classify import load_classification
-    from nibble.devices import autocast
+    from nibble.devices import autocast, describe, resolve_device
     from nibble.train.classify import evaluate, load_classifier
     from nibble.train.metrics import format_metrics
 
-    model, tokenizer, label_map, info = load_classifier(args.model, args.adapter, args.cache_budget_mb)
+    device = resolve_device(args.device)
+    model, tokenizer, label_map, info = load_classifier(args.model, args.adapter, args.cache_budget_mb, device)
+    print(describe(device, info.torch_dtype), flush=True)
     data = load_classification(
         args.data,
         tokenizer,
@@ -79,7 +81,6 @@ def evaluate_classifier(args: argparse.Namespace) -> dict[str, Any]:
         max_seq_len=args.max_seq_len or info.max_seq_len or 256,
         label_map=label_map,
     )
-    device = next(model.parameters()).device
     with autocast(device, info.torch_dtype):
         metrics = evaluate(model, data, args.batch_size, tokenizer.pad_id)
     print(format_metrics(metrics))
@@ -90,7 +91,7 @@ def evaluate_instruct(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from nibble.data.instruct import load_instruct
-    from nibble.devices import autocast
+    from nibble.devices import autocast, describe, resolve_device
     from nibble.io.runinfo import RUN_INFO, RunInfo
     from nibble.model.adapter import read_adapter_info
     from nibble.model.generate import load_generator
@@ -101,7 +102,11 @@ def evaluate_instruct(args: argparse.Namespace) -> dict[str, Any]:
     info = read_adapter_info(args.adapter).run if args.adapter else RunInfo.load(model_dir / RUN_INFO)
     # As training built it: an adapter's base in the run's dtype; a fully fine-tuned model in fp32 (autocast).
     dtype = info.torch_dtype if args.adapter else torch.float32
-    model, tokenizer = load_generator(model_dir, args.adapter, cache_budget_mb=args.cache_budget_mb, dtype=dtype)
+    device = resolve_device(args.device)
+    model, tokenizer = load_generator(
+        model_dir, args.adapter, cache_budget_mb=args.cache_budget_mb, dtype=dtype, device=device
+    )
+    print(describe(device, info.torch_dtype), flush=True)
     set_chat_template(tokenizer, args.chat_template, model_dir)
     data = load_instruct(
         args.data,
@@ -109,7 +114,6 @@ def evaluate_instruct(args: argparse.Namespace) -> dict[str, Any]:
         max_seq_len=args.max_seq_len or info.max_seq_len or 256,
         columns=args.columns or info.columns,
     )
-    device = next(model.parameters()).device
     with autocast(device, info.torch_dtype):
         metrics = evaluate_lm(model, data, args.batch_size, tokenizer.pad_id)
     print(lm_report(metrics))

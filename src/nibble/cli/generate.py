@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from nibble.cli._common import add_cache_budget_flag
+from nibble.cli._common import add_cache_budget_flag, add_device_flag
 from nibble.quant.spec import FORMATS
 
 
@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="generate text from a prompt (optionally with a LoRA adapter), streamed to stdout",
         description="Continue a prompt with a causal LM and print the new text as it is generated. The prompt is "
         "rendered with the model's chat template as a user message unless --no-chat (or the model has none). "
-        "Greedy at temperature 0 (the default); generation stops at the end-of-sequence token. Timing goes to stderr.",
+        "Greedy at temperature 0 (the default); generation stops at the end-of-sequence token. The device line and "
+        "the timing go to stderr.",
     )
     parser.add_argument("--model", required=True, metavar="DIR|FILE", help="model directory or .gguf file")
     parser.add_argument("--adapter", metavar="DIR", help="LoRA adapter (PEFT layout, task CAUSAL_LM) to apply")
@@ -50,16 +51,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-p", type=_probability, help="sample from the smallest set holding this much mass")
     parser.add_argument("--seed", type=int, help="seed for sampling (default: unseeded)")
     parser.add_argument("--quantize", choices=FORMATS, help="store the base in 4 bits (no adapter only)")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="dtype of the weights and activations (default auto: bfloat16 where the device computes it natively, "
+        "float16 on older CUDA GPUs, else float32)",
+    )
     add_cache_budget_flag(parser)
+    add_device_flag(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from nibble.devices import describe, resolve_device, resolve_dtype
     from nibble.model.generate import generate_text, load_generator
 
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     model, tokenizer = load_generator(
-        args.model, args.adapter, quantize=args.quantize, cache_budget_mb=args.cache_budget_mb
+        args.model,
+        args.adapter,
+        quantize=args.quantize,
+        cache_budget_mb=args.cache_budget_mb,
+        device=device,
+        dtype=dtype,
     )
+    print(describe(device, dtype, args.dtype), file=sys.stderr, flush=True)
 
     def write(piece: str) -> None:
         sys.stdout.write(piece)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from nibble.cli._common import add_device_flag
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -22,14 +24,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dtype", choices=["float32", "bfloat16"], default="float32", help="weight dtype (default float32)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    add_device_flag(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from nibble.devices import describe, resolve_device
     from nibble.model.merge import merge_adapter
 
     start = time.perf_counter()
-    output, info = merge_adapter(args.model, args.adapter, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    device = resolve_device(args.device)
+    print(describe(device), flush=True)
+    output, info = merge_adapter(
+        args.model, args.adapter, args.output, dtype=args.dtype, overwrite=args.overwrite, device=device
+    )
     targets = info.config.get("target_modules")
     targets = ",".join(targets) if isinstance(targets, list) else targets
     base = f"{info.quant.format}-dequantized" if info.quant else "dense"

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from nibble.data.classify import load_classification
     from nibble.data.records import place, read_records
-    from nibble.devices import autocast
+    from nibble.devices import autocast, describe, resolve_device
     from nibble.errors import NibbleError
     from nibble.io.files import open_atomic
     from nibble.train.classify import iter_probs, load_classifier
@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
     as_csv = output.suffix.lower() == ".csv"
     if not as_csv and output.suffix.lower() not in JSONL_OUTPUT:
         raise NibbleError(f"--output {output}: write predictions to a .jsonl or a .csv file")
-    model, tokenizer, label_map, info = load_classifier(args.model, args.adapter, args.cache_budget_mb)
+    device = resolve_device(args.device)
+    model, tokenizer, label_map, info = load_classifier(args.model, args.adapter, args.cache_budget_mb, device)
+    print(describe(device, info.torch_dtype), flush=True)
     data = load_classification(
         args.data,
         tokenizer,
@@ -61,7 +63,6 @@ def run(args: argparse.Namespace) -> int:
         raise NibbleError(f"{place(args.data, first[0])}: no '{id_column}' column (fields: {fields}); fix --id-column")
     id_key = id_column or "row"
     names = [str(label) for label in label_map.labels]
-    device = next(model.parameters()).device
     with open_atomic(output, newline="" if as_csv else None) as f, autocast(device, info.torch_dtype):
         writer = csv.writer(f) if as_csv else None
         if writer is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from nibble.cli._common import add_device_flag
 from nibble.quant.spec import NF4_BLOCKSIZES, QuantSpec
 
 
@@ -26,16 +27,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=QuantSpec().blocksize,
         help=f"elements per NF4 block (default {QuantSpec().blocksize})",
     )
+    add_device_flag(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from nibble.devices import describe, resolve_device
     from nibble.model.loading import resolve_model_dir
     from nibble.model.quantize import quantize_checkpoint
 
     start = time.perf_counter()
+    device = resolve_device(args.device)
+    print(describe(device), flush=True)
     spec = QuantSpec(args.format, blocksize=args.blocksize, double_quant=args.double_quant)
-    stats = quantize_checkpoint(resolve_model_dir(args.model), args.output, spec)
+    stats = quantize_checkpoint(resolve_model_dir(args.model), args.output, spec, device)
     seconds = time.perf_counter() - start
     print(
         f"quantized {stats['quantized']} projections to {args.format}"

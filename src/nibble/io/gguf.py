@@ -477,9 +477,12 @@ class GGUFCheckpoint(Checkpoint):
             name: TensorInfo(name, "F32", shape, 0, 0, model.path) for name, shape in model.tensor_shapes().items()
         }
 
-    def get_tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def get_tensor(
+        self, name: str, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ) -> torch.Tensor:
         self.info(name)
-        return self.model.tensor(name, dtype or torch.float32)
+        tensor = self.model.tensor(name, dtype or torch.float32)
+        return tensor if device is None else tensor.to(device)
 
     def items_stream(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._infos:

@@ -110,9 +110,17 @@ class Checkpoint(Mapping[str, TensorInfo]):
             raise NibbleError(f"{self.source}: missing tensor '{name}'")
         return self._infos[name]
 
-    def get_tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Read tensor ``name`` (float tensors converted to ``dtype`` when given) into a new CPU tensor."""
-        return _read_tensor(self.info(name), dtype)
+    def get_tensor(
+        self, name: str, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """Read tensor ``name`` (float tensors converted to ``dtype`` when given) into a new tensor on ``device``
+        (the CPU by default). Off the CPU the tensor crosses as stored (a bf16 tensor moves half the bytes of its
+        fp32 conversion) and is converted there, so the host holds one stored tensor at a time."""
+        info = self.info(name)
+        if device is None or device.type == "cpu":
+            return _read_tensor(info, dtype)
+        tensor = _read_tensor(info, None).to(device)
+        return tensor.to(dtype) if dtype is not None and info.is_float else tensor
 
     def items_stream(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor in file order, one at a time (the caller drops each before the next is read)."""

@@ -81,7 +81,12 @@ def read_adapter_info(directory: str | Path) -> AdapterInfo:
 
 
 def load_adapted(
-    model: str | Path, adapter: str | Path, *, dtype: torch.dtype = torch.float32, task: str | None = None
+    model: str | Path,
+    adapter: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    task: str | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[DecoderModel, AdapterInfo]:
     """Load the base ``model`` (directory or .gguf) as the adapter was trained, with the adapter attached.
 
@@ -90,6 +95,7 @@ def load_adapted(
         adapter: the adapter directory.
         dtype: dtype of the base's dense weights.
         task: the task the caller needs ("causal_lm" or "classify"); None accepts either.
+        device: where the model lives (see :func:`nibble.model.loading.load_model`).
 
     Raises:
         NibbleError: an adapter for another task, or one that does not fit the base (see ``load_adapter``).
@@ -108,6 +114,7 @@ def load_adapted(
         num_labels=info.num_labels,
         quantize=info.quant,
         dtype=dtype,
+        device=device,
         pooling=info.run.pooling,
     )
     load_adapter(base, info.directory)

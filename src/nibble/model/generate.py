@@ -28,7 +28,8 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> int:
-    """Pick one token from ``logits`` [V]: argmax at temperature 0, else sample the filtered softmax."""
+    """Pick one token from ``logits`` [V]: argmax at temperature 0, else sample the filtered softmax (on the
+    ``generator``'s device, so a seed picks the same tokens whatever device computed the logits)."""
     if temperature <= 0:
         return int(logits.argmax())
     logits = logits.float() / temperature
@@ -42,6 +43,8 @@ def sample_next(
         drop = cumulative - sorted_logits.softmax(-1) >= top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = logits.softmax(-1)
+    if generator is not None:
+        probs = probs.to(generator.device)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
@@ -192,15 +195,16 @@ def load_generator(
     *,
     quantize: QuantSpec | str | None = None,
     cache_budget_mb: int | None = None,
+    device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[DecoderModel, Tokenizer]:
     """A causal LM and its tokenizer from a model directory or .gguf file, optionally with a LoRA adapter.
 
     With ``adapter`` the base is loaded as the adapter was trained (a QLoRA adapter on its 4-bit base);
-    ``quantize`` stores a base without adapter in 4 bits. Frozen 4-bit weights keep dense copies within
-    ``cache_budget_mb`` MiB (None: half the available memory; 0: none), which makes each token faster. ``dtype``
-    is that of the dense weights (and of the cached copies). The tokenizer is the adapter's when it has one (it
-    carries the chat template training used), else the model's.
+    ``quantize`` stores a base without adapter in 4 bits. The model lives on ``device`` and computes in ``dtype``.
+    Frozen 4-bit weights keep dense copies within ``cache_budget_mb`` MiB (None: the device's default, see
+    :func:`nibble.nn.quant_linear.cache_budget_bytes`; 0: none), which makes each token faster. The tokenizer is
+    the adapter's when it has one (it carries the chat template training used), else the model's.
 
     Raises:
         NibbleError: a bad path, an adapter that is not a CAUSAL_LM adapter or does not fit the base.
@@ -211,12 +215,12 @@ def load_generator(
 
     model_dir = resolve_model_dir(model)
     if adapter is None:
-        lm = load_model(model_dir, quantize=quantize, dtype=dtype)
+        lm = load_model(model_dir, quantize=quantize, dtype=dtype, device=device)
         source = model_dir
     else:
         if quantize is not None:
             raise NibbleError("--quantize applies to a base without adapter; an adapter's base loads as it was trained")
-        lm, info = load_adapted(model_dir, adapter, dtype=dtype, task="causal_lm")
+        lm, info = load_adapted(model_dir, adapter, task="causal_lm", dtype=dtype, device=device)
         source = info.directory if (info.directory / "tokenizer.json").is_file() else model_dir
-    cache_dense_weights(lm, cache_budget_bytes(cache_budget_mb), dtype)
+    cache_dense_weights(lm, cache_budget_bytes(lm, dtype, cache_budget_mb), dtype)
     return lm, load_tokenizer(source)

@@ -1,9 +1,10 @@
 """``load_model``: a Hugging Face checkpoint directory -> DecoderModel, streamed tensor by tensor.
 
-The model is built on the meta device (no memory), then each parameter is read from the memory-mapped
-checkpoint straight into its final dtype and device. With ``quantize`` set, each block projection is read
-in fp32, quantized, and the fp32 copy dropped before the next tensor is read, so peak memory stays near
-the final model plus the largest single fp32 tensor; the quantized projections are kept on disk, and later
+The model is built on the meta device (no memory), then each tensor is read from the memory-mapped
+checkpoint as stored, moved to the model's device and converted there. With ``quantize`` set, each block
+projection is quantized on that device and its full-precision copy dropped before the next tensor is read,
+so the full-precision model never exists anywhere: host memory holds one tensor at a time, and the device
+the final model plus the largest single fp32 tensor. The quantized projections are kept on disk, and later
 loads of the same files in the same format read them instead (see :mod:`nibble.model.quant_cache`).
 Checkpoints already quantized by bitsandbytes load their NF4 bytes unchanged. A ``.gguf`` file is converted
 once into an HF directory in the cache (see :func:`resolve_model_dir`) and loaded from there.
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nibble.devices import resolve_device
 from nibble.errors import NibbleError
 from nibble.io import bnb
 from nibble.io.safetensors import Checkpoint, read_checkpoint
@@ -84,21 +86,24 @@ def load_model(
             name, "nf4" or "int4", with its default parameters); "gguf" keeps the blocks of a .gguf ``path``
             (or of the file a converted directory came from) as they are.
         dtype: dtype of embeddings, dense projections and heads (norm weights are always fp32).
-        device: where the model lives.
+        device: where the model lives: ``"auto"`` (CUDA, then XPU, then MPS, else CPU), ``"cpu"``, ``"cuda"``,
+            ``"cuda:N"``, ``"mps"``, ``"xpu"`` or a torch.device.
         pooling: "last" or "mean" (classify only).
 
     Returns:
         A DecoderModel in eval mode whose parameters all have ``requires_grad=False`` except ``score``.
 
     Raises:
-        NibbleError: a bad option, a missing directory, an invalid config.json, an unsupported architecture,
-            a missing/garbled/truncated safetensors file, a missing or unexpected tensor or a wrong shape.
+        NibbleError: a bad option, a device this machine does not have, a missing directory, an invalid
+            config.json, an unsupported architecture, a missing/garbled/truncated safetensors file, a missing or
+            unexpected tensor or a wrong shape.
     """
     if task not in TASKS:
         raise NibbleError(f"task '{task}' is not supported; use one of {TASKS}")
     spec = None if quantize is None else QuantSpec.of(quantize)
     if dtype not in DTYPES:
         raise NibbleError(f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
+    device = resolve_device(device)
     if spec is not None and spec.format == "gguf":
         from nibble.io.gguf import native_model
 
@@ -117,7 +122,7 @@ def load_model(
     with torch.device("meta"):
         model = DecoderModel(config, task, num_labels, pooling, dtype)
     _check_unexpected(ckpt, model, config)
-    loader = _Loader(ckpt, dtype, torch.device(device))
+    loader = _Loader(ckpt, dtype, device)
     cache = _quant_cache(path, ckpt, spec, loader)
     backbone = model.model
     backbone.embed_tokens.weight = loader.parameter("model.embed_tokens.weight", backbone.embed_tokens.weight)
@@ -208,7 +213,7 @@ def _check_unexpected(ckpt: Checkpoint, model: DecoderModel, config: ModelConfig
 
 
 class _Loader:
-    """Reads checkpoint tensors into parameters and projections."""
+    """Reads checkpoint tensors into parameters and projections on ``device``, one tensor at a time."""
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device):
         self.ckpt = ckpt
@@ -217,20 +222,20 @@ class _Loader:
         self.quantized: dict[str, QuantizedWeight] = {}  # projections quantized earlier, by weight key
 
     def tensor(self, key: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        """Tensor ``key`` in ``dtype`` on CPU, checked against ``shape`` (an NF4 one is dequantized)."""
+        """Tensor ``key`` in ``dtype`` on the device, checked against ``shape`` (an NF4 one is dequantized)."""
         if bnb.is_quantized(self.ckpt, key):
-            weight = bnb.read_nf4(self.ckpt, key)
+            weight = bnb.read_nf4(self.ckpt, key).to(self.device)
             self._check_shape(key, tuple(weight.shape), shape)
             return weight.dequantize(dtype)
         info = self.ckpt.info(key)
         self._check_shape(key, info.shape, shape)
         if not info.is_float:
             raise NibbleError(f"{info.path}: tensor '{key}' is {info.dtype}, expected a float tensor")
-        return self.ckpt.get_tensor(key, dtype)
+        return self.ckpt.get_tensor(key, dtype, self.device)
 
     def parameter(self, key: str, like: torch.Tensor) -> nn.Parameter:
         """A frozen parameter shaped like ``like`` (keeps its dtype: fp32 norms stay fp32)."""
-        return nn.Parameter(self.tensor(key, like.shape, like.dtype).to(self.device), requires_grad=False)
+        return nn.Parameter(self.tensor(key, like.shape, like.dtype), requires_grad=False)
 
     def projection(self, prefix: str, linear: nn.Linear, spec: QuantSpec | None) -> nn.Linear | QuantLinear:
         """The projection ``prefix``: a QuantLinear (stored NF4 bytes as they are, else quantized as ``spec``
@@ -242,22 +247,26 @@ class _Loader:
         if bnb.is_quantized(self.ckpt, weight_key):
             qweight = bnb.read_nf4(self.ckpt, weight_key)
             self._check_shape(weight_key, tuple(qweight.shape), linear.weight.shape)
-            return QuantLinear(qweight, bias).to(self.device)
+            return QuantLinear(qweight.to(self.device), bias)
         if spec is not None and spec.format == "gguf":
             qweight = self.ckpt.quantized(weight_key)
             qweight.dtype = self.dtype
-            return QuantLinear(qweight, bias).to(self.device)
+            return QuantLinear(qweight.to(self.device), bias)
         if spec is not None:
             qweight = self.quantized.pop(weight_key, None)
             if qweight is None:
-                qweight = quantize(self.tensor(weight_key, linear.weight.shape, torch.float32), spec)
+                dense = self.tensor(weight_key, linear.weight.shape, torch.float32)
+                qweight = quantize(dense, spec)  # on the device, by the torch reference
+                del dense
+            else:
+                qweight = qweight.to(self.device)
             self._check_shape(weight_key, tuple(qweight.shape), linear.weight.shape)
             qweight.dtype = self.dtype
-            return QuantLinear(qweight, bias).to(self.device)
+            return QuantLinear(qweight, bias)
         weight = self.tensor(weight_key, linear.weight.shape, self.dtype)
-        linear.weight = nn.Parameter(weight.to(self.device), requires_grad=False)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
         if bias is not None:
-            linear.bias = nn.Parameter(bias.to(self.device), requires_grad=False)
+            linear.bias = nn.Parameter(bias, requires_grad=False)
         return linear
 
     def _check_shape(self, key: str, actual: tuple[int, ...], expected: torch.Size) -> None:

@@ -118,12 +118,14 @@ def merge_adapter(
     dtype: torch.dtype | str = torch.float32,
     overwrite: bool = False,
     shard_bytes: int = SHARD_BYTES,
+    device: torch.device | str = "cpu",
 ) -> tuple[Path, AdapterInfo]:
     """Write ``output``: ``model`` (directory or .gguf) with ``adapter`` merged in, as a plain HF checkpoint.
 
     The directory holds config.json (``*ForCausalLM``, or ``*ForSequenceClassification`` with the label
     names for a classify adapter), the weights in ``dtype`` (float32 or bfloat16), the tokenizer files and
     generation config, and for classifiers the label map; it is built under a temporary name and renamed.
+    The base is loaded and merged on ``device``; each shard is copied to the host as it is written.
 
     Raises:
         NibbleError: a bad dtype, an ``output`` that exists (without ``overwrite``), or anything
@@ -139,7 +141,7 @@ def merge_adapter(
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise NibbleError(f"{output}: already exists; choose another --output or pass --overwrite")
     model_dir = resolve_model_dir(model)
-    adapted, info = load_adapted(model_dir, adapter)
+    adapted, info = load_adapted(model_dir, adapter, device=device)
     with staged_dir(output, overwrite=overwrite) as staging:
         write_checkpoint(adapted, staging, dtype, shard_bytes, info.labels)
         tokenizer_source = info.directory if (info.directory / "tokenizer.json").is_file() else model_dir

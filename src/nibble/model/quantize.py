@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from nibble.devices import resolve_device
 from nibble.errors import NibbleError
 from nibble.io import bnb
 from nibble.io.files import read_json_object, staged_dir
@@ -16,18 +17,22 @@ from nibble.model.config import ModelConfig
 from nibble.quant import QuantSpec, quantize
 
 
-def quantize_checkpoint(model_dir: str | Path, output_dir: str | Path, spec: QuantSpec) -> dict[str, int]:
+def quantize_checkpoint(
+    model_dir: str | Path, output_dir: str | Path, spec: QuantSpec, device: torch.device | str = "cpu"
+) -> dict[str, int]:
     """Write ``output_dir``: the checkpoint of ``model_dir`` with every block projection in NF4 (``spec``).
 
     The weights go to one ``model.safetensors`` in bitsandbytes' layout, ``config.json`` gains a
     ``quantization_config``, and every other file (tokenizer, generation config, chat template) is copied.
-    Projections are read and quantized one at a time; the directory appears only when complete.
+    Projections are read and quantized one at a time, on ``device`` (any torch device, see
+    :func:`nibble.devices.resolve_device`); the directory appears only when complete.
     Returns counts: ``quantized``, ``kept`` tensors and ``bytes_in`` / ``bytes_out`` of weights.
 
     Raises:
-        NibbleError: a spec that is not NF4, unreadable input, an input that is already quantized, or an
-            output that exists and is not empty.
+        NibbleError: a device this machine does not have, a spec that is not NF4, unreadable input, an input
+            that is already quantized, or an output that exists and is not empty.
     """
+    device = resolve_device(device)
     if spec.format != "nf4":
         raise NibbleError(f"checkpoints are written in bitsandbytes' NF4 layout; format '{spec.format}' has none")
     model_dir, output_dir = Path(model_dir), Path(output_dir)
@@ -46,7 +51,7 @@ def quantize_checkpoint(model_dir: str | Path, output_dir: str | Path, spec: Qua
     for name, info in ckpt.items():
         stats["bytes_in"] += info.end - info.start
         if bnb.PROJECTION_WEIGHT.match(name) and info.is_float and len(info.shape) == 2:
-            qweight = quantize(ckpt.get_tensor(name, torch.float32), spec)
+            qweight = quantize(ckpt.get_tensor(name, torch.float32, device), spec).to("cpu")
             qweight.dtype = DTYPES[info.dtype]  # the dtype bitsandbytes dequantizes back to
             tensors.update(qweight.state_dict(name))
             stats["quantized"] += 1

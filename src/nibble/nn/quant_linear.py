@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -115,30 +118,94 @@ class QuantLinear(nn.Module):
         )
 
 
-def cache_budget_bytes(budget_mb: int | None) -> int:
-    """Bytes for dense copies of frozen 4-bit weights: ``budget_mb`` MiB, or half the available memory for None."""
+# Peak bytes per weight element that the torch reference's dequantize + matmul (forward and grad-input) adds
+# while it runs, measured with VmHWM on a 4096x4096 weight (fp32 and bf16 compute): NF4 5-6 (int32 byte-pair
+# indices and fp32 values, then the cast), INT4 8-10 (int8 codes, fp32 groups and their scaled product); GGUF
+# blocks, the worst type (2048x2048, fp32): Q5_1 16, Q4_0 13, Q6_K 10, Q8_0 9, Q4_K 4.
+DEQUANTIZE_WORKSPACE = {"nf4": 6, "int4": 10, "gguf": 16}
+
+
+@dataclass(frozen=True)
+class FrozenWeight:
+    """What the dense-copy policy needs to know of one frozen 4-bit layer."""
+
+    out_features: int
+    in_features: int
+    packed_bytes: int  # the 4-bit weight with its scales
+    format: str
+
+    def dense_bytes(self, dtype: torch.dtype) -> int:
+        return self.out_features * self.in_features * dtype.itemsize
+
+    def workspace_bytes(self) -> int:
+        return self.out_features * self.in_features * DEQUANTIZE_WORKSPACE[self.format]
+
+
+def frozen_weights(model: nn.Module) -> list[FrozenWeight]:
+    """The frozen 4-bit layers of ``model`` in model order."""
+    return [
+        FrozenWeight(m.out_features, m.in_features, m.qweight.memory_bytes(), m.format)
+        for m in model.modules()
+        if isinstance(m, QuantLinear)
+    ]
+
+
+def auto_cache_budget(weights: Sequence[FrozenWeight], dtype: torch.dtype, device: torch.device) -> int:
+    """The default budget for dense ``dtype`` copies of the frozen 4-bit ``weights`` on ``device``.
+
+    Accelerators: 0 (the 4-bit memory saving is the point, and the fused kernels make the copies needless).
+    CPU: what the same weights stored dense in ``dtype`` would take (the ``lora`` method) minus what they take in
+    4 bits and minus the dequantize workspace of the largest one (which a layer without a copy needs in every
+    step), so that a 4-bit base with its copies never needs more memory than the dense base; and at most half
+    the available memory.
+    """
+    if device.type != "cpu" or not weights:
+        return 0
+    dense = sum(w.dense_bytes(dtype) for w in weights)
+    packed = sum(w.packed_bytes for w in weights)
+    budget = dense - packed - max(w.workspace_bytes() for w in weights)
+    available = memory_available_bytes()
+    if available is not None:
+        budget = min(budget, available // 2)
+    return max(budget, 0)
+
+
+def plan_copies(weights: Sequence[FrozenWeight], budget_bytes: int, dtype: torch.dtype) -> list[bool]:
+    """Which weights get a dense copy within ``budget_bytes``: each in model order that still fits."""
+    chosen, used = [], 0
+    for w in weights:
+        size = w.dense_bytes(dtype)
+        chosen.append(used + size <= budget_bytes)
+        used += size if chosen[-1] else 0
+    return chosen
+
+
+def cache_budget_bytes(model: nn.Module, dtype: torch.dtype, budget_mb: int | None = None) -> int:
+    """Bytes for dense ``dtype`` copies of ``model``'s frozen 4-bit weights: ``budget_mb`` MiB when given, else
+    :func:`auto_cache_budget` on the device the weights live on."""
     if budget_mb is not None:
         return budget_mb * 2**20
-    available = memory_available_bytes()
-    return available // 2 if available is not None else 0
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not layers:
+        return 0
+    return auto_cache_budget(frozen_weights(model), dtype, layers[0].qweight.device)
 
 
 def cache_dense_weights(model: nn.Module, budget_bytes: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """Keep dense ``dtype`` copies of the frozen 4-bit weights of ``model``, in model order, while they fit.
+    """Keep dense ``dtype`` copies of the frozen 4-bit weights of ``model`` that fit ``budget_bytes`` (see
+    :func:`plan_copies`).
 
     A frozen weight never changes, so a dense copy turns every forward and backward through its layer into a
     plain dense matmul instead of dequantize + matmul, at the cost of the copy's memory. Layers past the
     budget drop any copy they hold. Returns ``(layers with a copy, 4-bit layers, bytes of the copies)``.
     """
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    element = torch.empty(0, dtype=dtype).element_size()
-    used = cached = 0
-    for layer in layers:
-        size = layer.in_features * layer.out_features * element
-        layer.cache_dequantized = used + size <= budget_bytes
-        if layer.cache_dequantized:
-            used += size
-            cached += 1
+    chosen = plan_copies(frozen_weights(model), budget_bytes, dtype)
+    used = 0
+    for layer, keep in zip(layers, chosen, strict=True):
+        layer.cache_dequantized = keep
+        if keep:
+            used += layer.in_features * layer.out_features * dtype.itemsize
         else:
             layer.clear_cache()
-    return cached, len(layers), used
+    return sum(chosen), len(layers), used

@@ -17,6 +17,7 @@ from torch import nn
 from nibble.data.batching import iter_batches
 from nibble.data.classify import ClassificationData, class_weights, load_classification
 from nibble.data.records import stratified_split
+from nibble.devices import to_device
 from nibble.errors import NibbleError
 from nibble.io.runinfo import LABEL_MAP, RUN_INFO, LabelMap, RunInfo
 from nibble.io.tokenizer import Tokenizer, load_tokenizer
@@ -30,27 +31,34 @@ from nibble.train.run import TaskRun, TrainResult, run_training
 def iter_probs(
     model: nn.Module, data: ClassificationData, batch_size: int, pad_id: int
 ) -> Iterator[tuple[range, torch.Tensor]]:
-    """Class probabilities batch by batch, in row order: ``(rows, [B, K])`` (softmax, or sigmoid for multi-label)."""
+    """Class probabilities batch by batch, in row order: ``(rows, [B, K])`` on the host (softmax, or sigmoid for
+    multi-label)."""
+    device = next(model.parameters()).device
     with torch.no_grad():
         for chunk, batch in iter_batches(data, batch_size, pad_id):
+            batch = to_device(batch, device)
             logits = model(batch["input_ids"], batch["attention_mask"]).float()
-            yield chunk, logits.sigmoid() if data.label_map.multi_label else logits.softmax(-1)
+            yield chunk, (logits.sigmoid() if data.label_map.multi_label else logits.softmax(-1)).cpu()
 
 
 def evaluate(
     model: nn.Module, data: ClassificationData, batch_size: int, pad_id: int, weights: torch.Tensor | None = None
 ) -> dict[str, Any]:
-    """Metrics of ``model`` on labelled ``data`` (see :func:`classification_metrics`)."""
+    """Metrics of ``model`` on labelled ``data`` (see :func:`classification_metrics`). The batches go to the
+    model's device; the loss sums there and is read once at the end."""
     lm = data.label_map
-    total = 0.0
+    device = next(model.parameters()).device
+    weights = None if weights is None else weights.to(device)
+    total = torch.zeros((), device=device)
     probs, labels = [], []
     with torch.no_grad():
         for chunk, batch in iter_batches(data, batch_size, pad_id):
-            logits = model(batch["input_ids"], batch["attention_mask"]).float()
-            total += float(classification_loss(logits, batch["labels"], lm.multi_label, weights)) * len(chunk)
-            probs.append(logits.sigmoid() if lm.multi_label else logits.softmax(-1))
             labels.append(batch["labels"])
-    return classification_metrics(torch.cat(probs), torch.cat(labels), lm, total / len(data))
+            batch = to_device(batch, device)
+            logits = model(batch["input_ids"], batch["attention_mask"]).float()
+            total += classification_loss(logits, batch["labels"], lm.multi_label, weights) * len(chunk)
+            probs.append(logits.sigmoid() if lm.multi_label else logits.softmax(-1))
+    return classification_metrics(torch.cat(probs).cpu(), torch.cat(labels), lm, float(total) / len(data))
 
 
 def train_classifier(config: TrainConfig) -> TrainResult:
@@ -70,13 +78,15 @@ def train_classifier(config: TrainConfig) -> TrainResult:
         data, val = data.subset(train_idx), (data.subset(val_idx) if len(val_idx) else None)
     label_map = data.label_map
     weights = class_weights(data, config.class_weights)
-    eval_batch = config.eval_batch_size or 2 * config.batch_size
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        nonlocal weights
+        if weights is not None and weights.device != logits.device:
+            weights = weights.to(logits.device)  # once, at the first step: the run's device
         return classification_loss(logits, labels, label_map.multi_label, weights)
 
-    def run_eval(m: nn.Module) -> dict[str, Any]:
-        return evaluate(m, val, eval_batch, pad_id, weights)
+    def run_eval(m: nn.Module, batch_size: int) -> dict[str, Any]:
+        return evaluate(m, val, batch_size, pad_id, weights)
 
     summary = (
         f"{len(data)} rows, {len(val) if val else 0} val rows, {label_map.num_labels} labels"
@@ -90,15 +100,18 @@ def train_classifier(config: TrainConfig) -> TrainResult:
 
 
 def load_classifier(
-    model_dir: str | Path, adapter_dir: str | Path | None = None, cache_budget_mb: int | None = None
+    model_dir: str | Path,
+    adapter_dir: str | Path | None = None,
+    cache_budget_mb: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[nn.Module, Tokenizer, LabelMap, RunInfo]:
     """A trained classifier for eval/predict: ``(model, tokenizer, label_map, run info)``.
 
     With ``adapter_dir`` the base in ``model_dir`` is rebuilt as it was trained (same 4-bit format, see
     :func:`nibble.model.adapter.load_adapted`) and the adapter attached; without it, ``model_dir`` is a
     full fine-tuned model written by nibble train. An adapter without a label map (one written by PEFT)
-    gets the labels 0..K-1. Frozen 4-bit weights keep dense copies within ``cache_budget_mb`` MiB (None:
-    half the available memory).
+    gets the labels 0..K-1. The model lives on ``device``. Frozen 4-bit weights keep dense copies within
+    ``cache_budget_mb`` MiB (None: the device's default, see :func:`nibble.nn.quant_linear.cache_budget_bytes`).
     """
     from nibble.model import load_model
     from nibble.model.adapter import load_adapted, read_adapter_info
@@ -106,7 +119,7 @@ def load_classifier(
     model_dir = resolve_model_dir(model_dir)
     if adapter_dir is not None:
         info = read_adapter_info(adapter_dir)
-        model, info = load_adapted(model_dir, adapter_dir, dtype=info.run.torch_dtype, task="classify")
+        model, info = load_adapted(model_dir, adapter_dir, dtype=info.run.torch_dtype, task="classify", device=device)
         run, source = info.run, info.directory
         label_map = LabelMap.load(source / LABEL_MAP) if (source / LABEL_MAP).is_file() else None
         label_map = label_map or LabelMap(list(range(info.num_labels)))
@@ -116,7 +129,9 @@ def load_classifier(
             raise NibbleError(f"{source}: no {RUN_INFO}; pass --adapter, or a model directory written by nibble train")
         run = RunInfo.load(source / RUN_INFO)
         label_map = LabelMap.load(source / LABEL_MAP)
-        model = load_model(model_dir, task="classify", num_labels=label_map.num_labels, pooling=run.pooling)
-    cache_dense_weights(model, cache_budget_bytes(cache_budget_mb), run.torch_dtype)
+        model = load_model(
+            model_dir, task="classify", num_labels=label_map.num_labels, pooling=run.pooling, device=device
+        )
+    cache_dense_weights(model, cache_budget_bytes(model, run.torch_dtype, cache_budget_mb), run.torch_dtype)
     tokenizer = load_tokenizer(source if (source / "tokenizer.json").is_file() else model_dir)
     return model.eval(), tokenizer, label_map, run

@@ -18,13 +18,13 @@ from typing import Any, Literal
 import yaml
 
 from nibble.data.classify import CLASS_WEIGHTS
+from nibble.devices import DTYPES, parse_bytes, resolve_device
 from nibble.errors import NibbleError
 from nibble.quant import QuantSpec
 
 _QUANT = QuantSpec()  # the default 4-bit format
 
-Method = Literal["qlora", "lora", "full"]
-DTYPES = ("float32", "bfloat16", "float16")
+Method = Literal["auto", "qlora", "lora", "full"]
 
 
 def _help(text: str, **extra: Any) -> Any:
@@ -52,7 +52,22 @@ class TrainConfig:
         metadata=_help("classify: a sequence classifier; instruct: a chat model, loss on the responses only"),
     )
     method: Method = field(
-        default="qlora", metadata=_help("qlora: 4-bit frozen base + LoRA; lora: dense frozen base + LoRA; full")
+        default="qlora",
+        metadata=_help(
+            "qlora: 4-bit frozen base + LoRA; lora: dense frozen base + LoRA; full; auto: the first of full, lora, "
+            "qlora that fits the memory (see --memory-budget)"
+        ),
+    )
+    device: str = field(
+        default="auto",
+        metadata=_help("auto|cpu|cuda|cuda:N|mps|xpu: where to compute (auto: CUDA, then XPU, then MPS, else CPU)"),
+    )
+    memory_budget: str | None = field(
+        default=None,
+        metadata=_help(
+            "memory the run may use, e.g. 12GB or 800MB (default: the device's free memory); with --method auto or "
+            "a budget, the method, micro-batch, accumulation steps and gradient checkpointing are chosen to fit it"
+        ),
     )
     quant_format: Literal["nf4", "int4", "gguf"] = field(
         default=_QUANT.format,
@@ -67,8 +82,9 @@ class TrainConfig:
     cache_budget_mb: int | None = field(
         default=None,
         metadata=_help(
-            "memory (MiB) for keeping dequantized copies of the frozen 4-bit weights, which skips dequantizing "
-            "them in every step; 'auto' (default) uses up to half of the available memory, 0 caches nothing"
+            "memory (MiB) for dense copies of the frozen 4-bit weights, which skips dequantizing them in every step; "
+            "'auto' (default): none on GPUs, on CPU at most what a dense base would take more than the 4-bit one "
+            "(so qlora never needs more memory than lora); 0 keeps none"
         ),
     )
     max_steps: int | None = field(default=None, metadata=_help("optimizer steps (default: from --epochs)"))
@@ -109,8 +125,12 @@ class TrainConfig:
         metadata=_help("instruct: a Jinja chat template file, or a built-in name (chatml), instead of the model's"),
     )
     pooling: Literal["last", "mean"] = field(default="last", metadata=_help("classifier input: last token or mean"))
-    dtype: Literal["float32", "bfloat16", "float16"] = field(
-        default="float32", metadata=_help("compute dtype (bfloat16/float16 autocast; float16 adds a grad scaler)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata=_help(
+            "compute dtype (bfloat16/float16 autocast; float16 adds a grad scaler); auto: bfloat16 where the device "
+            "computes it natively (recent GPUs, CPUs with AMX or AVX512-BF16), float16 on older CUDA GPUs, else float32"
+        ),
     )
     seed: int = field(default=42, metadata=_help("seed for initialization, shuffling, dropout and the val split"))
     log_every: int = field(default=10, metadata=_help("write a metrics line every N steps"))
@@ -162,6 +182,9 @@ class TrainConfig:
         for key in nonneg:
             if getattr(self, key) < 0:
                 raise NibbleError(f"'{key}' must be >= 0, got {getattr(self, key)}")
+        resolve_device(self.device)
+        if self.memory_budget is not None:
+            parse_bytes(self.memory_budget, "memory_budget")
         if self.cache_budget_mb is not None and self.cache_budget_mb < 0:
             raise NibbleError(f"'cache_budget_mb' must be >= 0 or auto, got {self.cache_budget_mb}")
         if not self.lr > 0:
@@ -212,9 +235,8 @@ class TrainConfig:
 
     @property
     def torch_dtype(self):
-        import torch
-
-        return getattr(torch, self.dtype)
+        """The compute dtype, once ``dtype`` is resolved (not ``auto``; see :func:`nibble.devices.resolve_dtype`)."""
+        return DTYPES[self.dtype]
 
 
 def field_names() -> list[str]:

@@ -176,8 +176,7 @@ def export_gguf(
         merged = load_model(model_dir)
         tokenizer = load_tokenizer(model_dir)
     texts, source = eval_texts(tokenizer, eval_data, info.directory if info else None, eval_tokens)
-    budget = cache_budget_bytes(None)
-    cache_dense_weights(merged, budget, torch.float32)
+    cache_dense_weights(merged, cache_budget_bytes(merged, torch.float32), torch.float32)
     name = info.directory.parent.name if info is not None else Path(model).stem
     log(f"export: writing {output} ({quant})")
     result = export_model(merged, tokenizer, output, quant, name=name, overwrite=overwrite)
@@ -188,7 +187,7 @@ def export_gguf(
         del merged
         log("export: perplexity of the exported file, read back in its own blocks")
         exported = load_model(output, quantize=QuantSpec("gguf"))
-        cache_dense_weights(exported, budget, torch.float32)
+        cache_dense_weights(exported, cache_budget_bytes(exported, torch.float32), torch.float32)
         export_eval = evaluate_lm(exported, texts, EVAL_BATCH, tokenizer.pad_id)
         report["perplexity"] = {
             "text": source,

@@ -28,6 +28,7 @@ from nibble.data.instruct import (
     use_chat_template,
 )
 from nibble.data.records import stratified_split
+from nibble.devices import to_device
 from nibble.errors import NibbleError
 from nibble.io.tokenizer import Tokenizer, load_tokenizer
 from nibble.model.loading import resolve_model_dir
@@ -56,13 +57,16 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean")
 
 
 def evaluate_lm(model: nn.Module, data: InstructData, batch_size: int, pad_id: int) -> dict[str, Any]:
-    """Mean response-token loss, its perplexity, and the counts it covers."""
-    total, count = 0.0, 0
+    """Mean response-token loss, its perplexity, and the counts it covers (the loss sums on the model's device
+    and is read once)."""
+    device = next(model.parameters()).device
+    total, count = torch.zeros((), device=device), 0
     with torch.no_grad():
         for _, batch in iter_batches(data, batch_size, pad_id):
-            total += float(lm_loss(lm_forward(model, batch), batch["labels"], reduction="sum"))
             count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    loss = total / max(count, 1)
+            batch = to_device(batch, device)
+            total += lm_loss(lm_forward(model, batch), batch["labels"], reduction="sum")
+    loss = float(total) / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count, "examples": len(data)}
 
 
@@ -113,10 +117,9 @@ def train_instruct(config: TrainConfig) -> TrainResult:
         rows, val = rows.subset(train_idx), (rows.subset(val_idx) if len(val_idx) else None)
         val = fit_length(val, config.max_seq_len, False, config.data) if val else None
     data = fit_length(rows, config.max_seq_len, config.packing, config.data)
-    eval_batch = config.eval_batch_size or 2 * config.batch_size
 
-    def run_eval(m: nn.Module) -> dict[str, Any]:
-        return evaluate_lm(m, val, eval_batch, pad_id)
+    def run_eval(m: nn.Module, batch_size: int) -> dict[str, Any]:
+        return evaluate_lm(m, val, batch_size, pad_id)
 
     summary = (
         f"{len(data)} {'packed ' if config.packing else ''}sequences with {data.target_tokens():,} response tokens, "

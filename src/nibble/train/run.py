@@ -13,7 +13,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +21,27 @@ import torch
 from torch import nn
 
 from nibble.data.batching import BatchStream, Dataset
+from nibble.devices import MemoryMeter, describe, device_memory, dtype_name, parse_bytes, resolve_device, resolve_dtype
 from nibble.errors import NibbleError
 from nibble.io.files import read_json_object, remove_stale_staging, staged_dir, write_text_atomic
-from nibble.io.gguf import gguf_source
+from nibble.io.gguf import gguf_source, native_model
 from nibble.io.peft import adapter_config, save_adapter
 from nibble.io.runinfo import LABEL_MAP, RUN_INFO, LabelMap, RunInfo
 from nibble.io.tokenizer import Tokenizer
+from nibble.model.config import ModelConfig
+from nibble.model.memory import (
+    METHODS_BY_PREFERENCE,
+    PlanOptions,
+    RunPlan,
+    choose_plan,
+    estimate_bytes,
+    plan_candidates,
+)
 from nibble.model.merge import write_checkpoint
 from nibble.nn import QuantLinear, apply_lora
 from nibble.nn.lora import resolve_targets
 from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
-from nibble.train.config import TrainConfig
+from nibble.train.config import TrainConfig, read_yaml
 from nibble.train.metrics import MetricsLog, headline, plot_run
 from nibble.train.optim import WarmupCosine
 from nibble.train.report import open_reporters, report_targets
@@ -135,7 +145,8 @@ class TaskRun:
     """What a task pipeline hands :func:`run_training`.
 
     ``loss_fn(outputs, labels)`` scores ``forward(model, batch)`` (default: the model's logits);
-    ``evaluate(model)`` returns metrics with ``"loss"``; ``summary`` describes the data on the start
+    ``evaluate(model, batch_size)`` returns metrics with ``"loss"`` (the batch size is the run's, decided once the
+    micro-batch is: ``eval_batch_size`` or twice the micro-batch); ``summary`` describes the data on the start
     line; ``label_map`` (classifiers) and ``chat_template`` (a template the tokenizer did not have) are
     saved with every export; ``report`` formats the final evaluation; ``sample_groups`` (one group per
     training example) makes the batch stream repeat minority groups up to the largest.
@@ -144,7 +155,7 @@ class TaskRun:
     train: Dataset
     val: Dataset | None
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    evaluate: Callable[[nn.Module], dict[str, Any]] | None
+    evaluate: Callable[[nn.Module, int], dict[str, Any]] | None
     summary: str
     forward: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None
     label_map: LabelMap | None = None
@@ -259,18 +270,119 @@ def _finished_already(out: Path, final: Path, checkpoint: Path, total_steps: int
     return False
 
 
-def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, task: TaskRun) -> TrainResult:
-    """Load the model for ``config.method``, train it on ``task``, export.
+def plan_options(config: TrainConfig, num_labels: int | None, device: torch.device) -> PlanOptions:
+    """The memory planner's view of a config whose dtype is resolved (``method`` auto is planned as qlora); a
+    ``gguf`` base is sized by the blocks its file stores."""
+    gguf_bytes = native_model(config.model).projection_bytes() if config.quant_spec.format == "gguf" else None
+    return PlanOptions(
+        method="qlora" if config.method == "auto" else config.method,
+        quant=config.quant_spec,
+        task=MODEL_TASKS[config.task],
+        num_labels=num_labels or 2,
+        seq_len=config.max_seq_len,
+        batch_size=config.batch_size,
+        lora_rank=config.lora_rank,
+        lora_targets=resolve_targets(config.lora_targets),
+        lora_dropout=config.lora_dropout,
+        dtype=config.dtype,
+        checkpointing=config.gradient_checkpointing,
+        train_embeddings=config.train_embeddings,
+        device=device.type,
+        cache_budget=None if config.cache_budget_mb is None else config.cache_budget_mb * 2**20,
+        gguf_projection_bytes=gguf_bytes,
+    )
 
-    Resuming a run that is already finished (its last step reached, or stopped early with a patience that
-    still holds) changes nothing on disk. Resuming with a larger ``max_steps`` (or ``epochs``) trains the
-    extra steps; the learning rate of every step from then on is the one a run of the new length has at that
-    step (the warmup + cosine schedule is recomputed for the new length).
+
+# The share of a device's free memory a run plans to fill when no --memory-budget is given: the rest absorbs
+# what the estimate leaves out (allocator fragmentation, library workspaces).
+FREE_MEMORY_SHARE = 0.9
+
+
+def memory_budget(config: TrainConfig, device: torch.device) -> tuple[int, str]:
+    """The bytes a run may use and where that number comes from: ``memory_budget``, else a share of the device's
+    free memory.
+
+    Raises:
+        NibbleError: no budget given and the device's free memory is unknown.
+    """
+    if config.memory_budget is not None:
+        return parse_bytes(config.memory_budget, "memory_budget"), f"--memory-budget {config.memory_budget}"
+    free, _ = device_memory(device)
+    if free is None:
+        raise NibbleError(f"the free memory of {device} is unknown; pass --memory-budget (e.g. 12GB)")
+    return int(free * FREE_MEMORY_SHARE), f"{FREE_MEMORY_SHARE:.0%} of the free memory of {device}"
+
+
+def plan_space(config: TrainConfig) -> tuple[int, tuple[str, ...], tuple[bool, ...]]:
+    """What a planned run chooses among: ``(batch, methods, checkpointing settings)``. The batch (micro-batch x
+    accumulation steps) is the one the config asks for; every method for ``auto``; checkpointing only if the
+    config does not already ask for it."""
+    methods = METHODS_BY_PREFERENCE if config.method == "auto" else (config.method,)
+    checkpointing = (True,) if config.gradient_checkpointing else (False, True)
+    return config.batch_size * config.grad_accum, methods, checkpointing
+
+
+def fit_to_memory(
+    config: TrainConfig, model: ModelConfig, num_labels: int | None, device: torch.device
+) -> tuple[TrainConfig, RunPlan | None, str]:
+    """With ``method`` auto or a ``memory_budget``: the config with method, micro-batch, accumulation steps and
+    gradient checkpointing chosen to fit (see :func:`nibble.model.memory.choose_plan`; the requested batch size
+    times accumulation steps is kept), the plan and where its budget comes from. Otherwise the config unchanged.
+
+    Resuming a planned run takes the choices from its ``config.yaml`` (the free memory may differ now, and the
+    data position in a checkpoint only fits the same micro-batch).
+    """
+    if config.method != "auto" and config.memory_budget is None:
+        return config, None, ""
+    budget, source = memory_budget(config, device)
+    saved = Path(config.output or ".") / "config.yaml"
+    if config.resume and config.output and saved.is_file():
+        previous = read_yaml(saved)
+        keys = ("method", "batch_size", "grad_accum", "gradient_checkpointing")
+        config = replace(config, **{k: previous[k] for k in keys if k in previous})
+        opts = plan_options(config, num_labels, device)
+        plan = RunPlan(
+            config.method,
+            config.batch_size,
+            config.grad_accum,
+            config.gradient_checkpointing,
+            estimate_bytes(model, opts, cache_limit=0),
+            budget,
+        )
+        return config, plan, f"{source}; the choices of {saved}"
+    candidates = plan_candidates(model, plan_options(config, num_labels, device), budget, *plan_space(config))
+    plan = choose_plan(candidates, budget)
+    planned = dict(method=plan.method, batch_size=plan.batch_size, grad_accum=plan.grad_accum)
+    return replace(config, gradient_checkpointing=plan.checkpointing, **planned), plan, source
+
+
+def _gb(size: int | None) -> str:
+    return "-" if size is None else f"{size / 1e9:.3f} GB"
+
+
+def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, task: TaskRun) -> TrainResult:
+    """Load the model for ``config.method`` on ``config.device``, train it on ``task``, export.
+
+    ``dtype`` auto, ``method`` auto and a ``memory_budget`` are resolved first (and printed); the resolved values
+    are what ``config.yaml`` and the exported ``nibble.json`` record. Resuming a run that is already finished
+    (its last step reached, or stopped early with a patience that still holds) changes nothing on disk.
+    Resuming with a larger ``max_steps`` (or ``epochs``) trains the extra steps; the learning rate of every step
+    from then on is the one a run of the new length has at that step (the warmup + cosine schedule is
+    recomputed for the new length).
     """
     from nibble.model import load_model
 
     out = Path(config.output)
     resume_from = check_output(out, config)
+    device = resolve_device(config.device)
+    asked = config.dtype
+    config = replace(config, dtype=dtype_name(resolve_dtype(config.dtype, device)))
+    print(describe(device, config.torch_dtype, asked), flush=True)
+    num_labels = task.label_map.num_labels if task.label_map else None
+    model_config = ModelConfig.from_hf(model_dir)
+    config, plan, source = fit_to_memory(config, model_config, num_labels, device)
+    if plan is not None:
+        print(f"plan: {plan.describe()} ({source})", flush=True)
     stream = BatchStream(task.train, config.batch_size, tokenizer.pad_id, config.seed, task.sample_groups)
     total_steps = config.max_steps or config.epochs * math.ceil(stream.batches_per_epoch / config.grad_accum)
     final_dir = out / ("model" if config.method == "full" else "adapter")
@@ -278,22 +390,34 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
         return _result(out, final_dir, read_progress(resume_from)[0], resume_from)
 
     seed_everything(config.seed)
+    # The first optimizer imports torch._dynamo: about 150 MB of code in the RSS (measured on CPU), the same for
+    # every model. Imported before the meter starts, it stays out of the memory the run is measured to use.
+    import torch._dynamo  # noqa: F401
+
+    meter = MemoryMeter(device)
     quant = config.quant_spec if config.method == "qlora" else None
-    base_dtype = torch.float32 if config.method == "full" or config.dtype == "float32" else config.torch_dtype
+    dtype = config.torch_dtype
+    base_dtype = torch.float32 if config.method == "full" else dtype
     model = load_model(
         model_dir,
         task=MODEL_TASKS[config.task],
-        num_labels=task.label_map.num_labels if task.label_map else None,
+        num_labels=num_labels,
         quantize=quant,
         dtype=base_dtype,
+        device=device,
         pooling=config.pooling,
     )
     prepare_model(model, config)
     model.gradient_checkpointing = config.gradient_checkpointing
+    cache_budget = 0
     if quant is not None:
-        budget = cache_budget_bytes(config.cache_budget_mb)
-        cached, total_q, used = cache_dense_weights(model, budget, config.torch_dtype)
+        cache_budget = cache_budget_bytes(model, dtype, config.cache_budget_mb)
+        if plan is not None:  # the copies fill at most what the planned run leaves of the budget
+            cache_budget = max(min(cache_budget, plan.budget_bytes - plan.estimate_bytes), 0)
+        cached, total_q, used = cache_dense_weights(model, cache_budget, dtype)
         print(f"cache: {cached}/{total_q} frozen 4-bit projections kept dequantized ({used / 2**20:.1f} MiB)")
+    opts = replace(plan_options(config, num_labels, device), cache_budget=cache_budget)
+    estimate = estimate_bytes(model_config, opts)
 
     if not config.resume:
         _clear_previous_run(out)
@@ -304,8 +428,14 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
     def on_best(step: int) -> None:
         export(model, config, tokenizer, out / "best", task, model_dir, step)
 
-    evaluate = task.evaluate if task.val is not None else None
-    trainer = Trainer(model, stream, config, out, total_steps, task.loss_fn, evaluate, on_best, task.forward)
+    evaluate = None
+    if task.evaluate is not None and task.val is not None:
+        eval_batch = config.eval_batch_size or 2 * config.batch_size
+
+        def evaluate(m: nn.Module) -> dict[str, Any]:
+            return task.evaluate(m, eval_batch)
+
+    trainer = Trainer(model, stream, config, out, total_steps, task.loss_fn, evaluate, on_best, task.forward, meter)
     if resume_from is not None:
         trainer.resume(resume_from)
         print(f"resumed from {resume_from} at step {trainer.progress.step}", flush=True)
@@ -323,14 +453,26 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
     finally:
         for mirror in trainer.log.mirrors:
             mirror.close()
+    memory = {
+        "device": str(device),
+        **meter.read(),
+        "estimate_bytes": estimate,
+        "budget_bytes": plan.budget_bytes if plan is not None else None,
+    }
 
     export(model, config, tokenizer, final_dir, task, model_dir, progress.step)
     report: dict[str, Any] = {}
     if trainer.last_eval is not None:
-        report = {"step": progress.step, **trainer.last_eval}
+        report = {"step": progress.step, **trainer.last_eval, "memory": memory}
         write_text_atomic(out / "eval_report.json", json.dumps(report, indent=2) + "\n")
         print(task.report(report), flush=True)
     labels = task.label_map.labels if task.label_map else []
     plot_run(trainer.log.records(), report or None, labels, out / "plots", name=out.resolve().name)
-    print(f"done: {final_dir}", flush=True)
+    device_peak = "" if memory["peak_device_bytes"] is None else f", device peak {_gb(memory['peak_device_bytes'])}"
+    print(
+        f"done: {final_dir}; memory used on {device}: {_gb(memory['used_bytes'])} (estimate {_gb(estimate)}"
+        f"{', budget ' + _gb(plan.budget_bytes) if plan is not None else ''}){device_peak}, "
+        f"peak RSS {_gb(memory['peak_rss_bytes'])}",
+        flush=True,
+    )
     return _result(out, final_dir, progress, trainer.last_checkpoint)

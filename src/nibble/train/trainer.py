@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nibble.data.batching import BatchStream
-from nibble.devices import autocast
+from nibble.devices import MemoryMeter, autocast, resolve_dtype, to_device
 from nibble.errors import NibbleError
 from nibble.train.checkpoint import (
     STATE_FILE,
@@ -130,6 +130,7 @@ class Trainer:
         evaluate: ``model -> metrics dict with "loss"``, or None when there is no validation data.
         on_best: called with the step after an evaluation that lowered the val loss.
         forward: ``(model, batch) -> outputs`` (inside autocast); default ``model(input_ids, attention_mask)``.
+        meter: the run's memory meter; its peaks go into every train record of metrics.jsonl.
     """
 
     def __init__(
@@ -143,10 +144,12 @@ class Trainer:
         evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
         on_best: Callable[[int], None] | None = None,
         forward: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+        meter: MemoryMeter | None = None,
     ):
         self.model, self.stream, self.config, self.out = model, stream, config, out
         self.forward = forward or (lambda m, batch: m(batch["input_ids"], batch["attention_mask"]))
         self.total_steps, self.loss_fn, self.evaluate, self.on_best = total_steps, loss_fn, evaluate, on_best
+        self.meter = meter
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._params = [param for _, param in self.named_params]
         if not self.named_params:
@@ -159,8 +162,8 @@ class Trainer:
         self.param_names = {i: by_id[id(p)] for i, p in enumerate(ordered)}
         self.schedule = WarmupCosine(total_steps, config.warmup_ratio, config.min_lr_ratio)
         self.device = next(p.device for _, p in self.named_params)
-        fp16 = config.dtype == "float16"
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.progress = Progress()
         self.log = MetricsLog(out / "metrics.jsonl")
         self.checkpoints = out / "checkpoints"
@@ -168,7 +171,7 @@ class Trainer:
         self.last_eval: dict[str, Any] | None = None
 
     def autocast(self):
-        return autocast(self.device, self.config.torch_dtype)
+        return autocast(self.device, self.dtype)
 
     def resume(self, path: Path) -> None:
         """Restore weights, optimizer, data position, progress and RNG from a checkpoint directory."""
@@ -258,7 +261,8 @@ class Trainer:
         tokens = 0
         for _ in range(cfg.grad_accum):
             batch = self.stream.next_batch()
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["attention_mask"].sum())  # counted on the host, before the batch moves
+            batch = to_device(batch, self.device)
             with self.autocast():
                 outputs = self.forward(self.model, batch)
             loss = self.loss_fn(outputs, batch["labels"])
@@ -266,7 +270,8 @@ class Trainer:
             loss_sum += loss.detach().float() / cfg.grad_accum
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=True)
+        # foreach=None: the foreach kernels where the device has them (CPU, CUDA, XPU), per tensor elsewhere (MPS).
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=None)
         self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -305,6 +310,11 @@ class Trainer:
             "epoch": round(self.stream.epoch, 4),
             "tokens_per_s": window.tokens / max(now - window.start, 1e-9),
         }
+        if self.meter is not None:
+            peaks = self.meter.read()
+            record["peak_rss_bytes"] = peaks["peak_rss_bytes"]
+            if peaks["peak_device_bytes"] is not None:
+                record["peak_device_bytes"] = peaks["peak_device_bytes"]
         self.log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{window.lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         if bar.disable:
