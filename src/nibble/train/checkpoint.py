@@ -82,15 +82,17 @@ def save_checkpoint(
     param_names: dict[int, str],
     state: dict[str, Any],
     config_yaml: str,
+    rank_rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``directory/step-{step}`` atomically (a staged directory, renamed when complete); returns its path."""
+    """Write ``directory/step-{step}`` atomically (a staged directory, renamed when complete); returns its path.
+    ``rank_rng`` (see :func:`nibble.train.rng.rank_rng_states`) joins this process's generators in rng.safetensors."""
     final = directory / f"step-{step}"
     with staged_dir(final, overwrite=True) as tmp:
         save_file_atomic({k: v.detach() for k, v in trainable.items()}, tmp / "trainable.safetensors")
         opt_tensors, groups = optimizer_state(optimizer, param_names)
         save_file_atomic(opt_tensors, tmp / "optimizer.safetensors")
         rng_tensors, rng_scalars = rng_state()
-        save_file_atomic(rng_tensors, tmp / "rng.safetensors")
+        save_file_atomic({**rng_tensors, **(rank_rng or {})}, tmp / "rng.safetensors")
         full_state = {**state, "step": step, "optimizer_groups": groups, "rng": rng_scalars}
         (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1), encoding="utf-8")
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")

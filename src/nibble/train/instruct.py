@@ -33,6 +33,7 @@ from nibble.errors import NibbleError
 from nibble.io.tokenizer import Tokenizer, load_tokenizer
 from nibble.model.loading import resolve_model_dir
 from nibble.train.config import TrainConfig
+from nibble.train.distributed import all_sum, current, shard_range
 from nibble.train.metrics import headline
 from nibble.train.run import TaskRun, TrainResult, run_training
 
@@ -56,16 +57,25 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean")
     return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
 
+def target_count(batch: dict[str, torch.Tensor]) -> int:
+    """The target tokens of a batch: what :func:`lm_loss` averages over."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 def evaluate_lm(model: nn.Module, data: InstructData, batch_size: int, pad_id: int) -> dict[str, Any]:
     """Mean response-token loss, its perplexity, and the counts it covers (the loss sums on the model's device
-    and is read once)."""
+    and is read once). Under torchrun each rank scores its share of the examples and the sums are reduced."""
     device = next(model.parameters()).device
     total, count = torch.zeros((), device=device), 0
+    rows = shard_range(len(data))
+    mine = data if len(rows) == len(data) else data.subset(np.asarray(rows, dtype=np.int64))
     with torch.no_grad():
-        for _, batch in iter_batches(data, batch_size, pad_id):
-            count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        for _, batch in iter_batches(mine, batch_size, pad_id):
+            count += target_count(batch)
             batch = to_device(batch, device)
             total += lm_loss(lm_forward(model, batch), batch["labels"], reduction="sum")
+    if current().active:
+        total, count = all_sum(total), int(all_sum(torch.tensor(count, device=device)))
     loss = float(total) / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count, "examples": len(data)}
 
@@ -125,5 +135,15 @@ def train_instruct(config: TrainConfig) -> TrainResult:
         f"{len(data)} {'packed ' if config.packing else ''}sequences with {data.target_tokens():,} response tokens, "
         f"{len(val) if val else 0} val sequences"
     )
-    task = TaskRun(data, val, lm_loss, run_eval, summary, forward=lm_forward, chat_template=template, report=lm_report)
+    task = TaskRun(
+        data,
+        val,
+        lm_loss,
+        run_eval,
+        summary,
+        forward=lm_forward,
+        chat_template=template,
+        report=lm_report,
+        loss_units=target_count,
+    )
     return run_training(config, model_dir, tokenizer, task)

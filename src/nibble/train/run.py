@@ -41,6 +41,8 @@ from nibble.model.merge import write_checkpoint
 from nibble.nn import QuantLinear, apply_lora
 from nibble.nn.lora import resolve_targets
 from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
+from nibble.train import distributed
+from nibble.train.checkpoint import read_state
 from nibble.train.config import TrainConfig, read_yaml
 from nibble.train.metrics import MetricsLog, headline, plot_run
 from nibble.train.optim import WarmupCosine
@@ -149,7 +151,8 @@ class TaskRun:
     micro-batch is: ``eval_batch_size`` or twice the micro-batch); ``summary`` describes the data on the start
     line; ``label_map`` (classifiers) and ``chat_template`` (a template the tokenizer did not have) are
     saved with every export; ``report`` formats the final evaluation; ``sample_groups`` (one group per
-    training example) makes the batch stream repeat minority groups up to the largest.
+    training example) makes the batch stream repeat minority groups up to the largest; ``loss_units(batch)`` is
+    what ``loss_fn`` averages over (default: the rows), to weigh the ranks of a torchrun run.
     """
 
     train: Dataset
@@ -162,6 +165,7 @@ class TaskRun:
     chat_template: str | None = None
     report: Callable[[dict[str, Any]], str] = headline
     sample_groups: Sequence[int] | None = None
+    loss_units: Callable[[dict[str, torch.Tensor]], float] | None = None
 
 
 def export(
@@ -369,12 +373,57 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
     Resuming with a larger ``max_steps`` (or ``epochs``) trains the extra steps; the learning rate of every step
     from then on is the one a run of the new length has at that step (the warmup + cosine schedule is
     recomputed for the new length).
+
+    Under ``torchrun`` every rank runs this (see :mod:`nibble.train.distributed`): the ranks must agree on the
+    config, each computes on its own device, and only rank 0 prints and writes the output directory.
     """
+    part = distributed.from_environment()
+    device = resolve_device(distributed.rank_device(config.device, part))
+    distributed.start(part, device, config.dist_backend)
+    try:
+        distributed.check_same_config(config.to_dict())
+        return _run(config, model_dir, tokenizer, task, device, part)
+    finally:
+        distributed.stop()
+
+
+def global_micro_batch(config: TrainConfig, resume_from: Path | None, part: distributed.Parallel) -> TrainConfig:
+    """The config with the per-rank ``batch_size`` a resumed run needs to keep the global micro-batch (per-rank
+    batch x ranks) its checkpoint was trained with, whatever the number of ranks now (an elastic resume).
+
+    Raises:
+        NibbleError: the checkpoint's global micro-batch does not split evenly over this many ranks.
+    """
+    if resume_from is None:
+        return config
+    saved = read_state(resume_from).get("data", {}).get("batch_size")
+    if not isinstance(saved, int) or saved == config.batch_size * part.world:
+        return config
+    if saved % part.world:
+        raise NibbleError(
+            f"{resume_from}: trained with {saved} rows per global micro-batch, which {part.world} ranks cannot "
+            f"share evenly; resume on a number of ranks that divides {saved}, with --batch-size {saved} // ranks"
+        )
+    print(
+        f"resume: {resume_from} was trained with {saved} rows per global micro-batch; each of the {part.world} "
+        f"ranks now takes --batch-size {saved // part.world}",
+        flush=True,
+    )
+    return replace(config, batch_size=saved // part.world)
+
+
+def _run(
+    config: TrainConfig,
+    model_dir: Path,
+    tokenizer: Tokenizer,
+    task: TaskRun,
+    device: torch.device,
+    part: distributed.Parallel,
+) -> TrainResult:
     from nibble.model import load_model
 
     out = Path(config.output)
     resume_from = check_output(out, config)
-    device = resolve_device(config.device)
     asked = config.dtype
     config = replace(config, dtype=dtype_name(resolve_dtype(config.dtype, device)))
     print(describe(device, config.torch_dtype, asked), flush=True)
@@ -383,7 +432,15 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
     config, plan, source = fit_to_memory(config, model_config, num_labels, device)
     if plan is not None:
         print(f"plan: {plan.describe()} ({source})", flush=True)
-    stream = BatchStream(task.train, config.batch_size, tokenizer.pad_id, config.seed, task.sample_groups)
+    config = global_micro_batch(config, resume_from, part)
+    stream = BatchStream(
+        task.train,
+        config.batch_size * part.world,
+        tokenizer.pad_id,
+        config.seed,
+        task.sample_groups,
+        part=(part.rank, part.world),
+    )
     total_steps = config.max_steps or config.epochs * math.ceil(stream.batches_per_epoch / config.grad_accum)
     final_dir = out / ("model" if config.method == "full" else "adapter")
     if resume_from is not None and _finished_already(out, final_dir, resume_from, total_steps, config):
@@ -408,6 +465,8 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
         pooling=config.pooling,
     )
     prepare_model(model, config)
+    if part.rank:  # its own dropout masks (DDP gives every rank rank 0's initial trainable weights)
+        torch.manual_seed(config.seed + part.rank)
     model.gradient_checkpointing = config.gradient_checkpointing
     cache_budget = 0
     if quant is not None:
@@ -419,11 +478,13 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
     opts = replace(plan_options(config, num_labels, device), cache_budget=cache_budget)
     estimate = estimate_bytes(model_config, opts)
 
-    if not config.resume:
-        _clear_previous_run(out)
-    remove_stale_staging(out)  # an export cut short by a kill
-    out.mkdir(parents=True, exist_ok=True)
-    config.save(out / "config.yaml")
+    with distributed.main_first() as main:
+        if main:
+            if not config.resume:
+                _clear_previous_run(out)
+            remove_stale_staging(out)  # an export cut short by a kill
+            out.mkdir(parents=True, exist_ok=True)
+            config.save(out / "config.yaml")
 
     def on_best(step: int) -> None:
         export(model, config, tokenizer, out / "best", task, model_dir, step)
@@ -435,11 +496,15 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
         def evaluate(m: nn.Module) -> dict[str, Any]:
             return task.evaluate(m, eval_batch)
 
-    trainer = Trainer(model, stream, config, out, total_steps, task.loss_fn, evaluate, on_best, task.forward, meter)
+    trainer = Trainer(
+        model, stream, config, out, total_steps, task.loss_fn, evaluate, on_best, task.forward, meter, task.loss_units
+    )
     if resume_from is not None:
         trainer.resume(resume_from)
         print(f"resumed from {resume_from} at step {trainer.progress.step}", flush=True)
-    trainer.log.mirrors = open_reporters(report_targets(config.report_to), out, config.to_dict(), trainer.progress.step)
+    if part.is_main:
+        reporters = open_reporters(report_targets(config.report_to), out, config.to_dict(), trainer.progress.step)
+        trainer.log.mirrors = reporters
     n_train = sum(p.numel() for _, p in trainer.named_params)
     n_all = sum(p.numel() for p in model.parameters()) + sum(
         m.qweight.numel for m in model.modules() if isinstance(m, QuantLinear)
@@ -460,6 +525,8 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
         "budget_bytes": plan.budget_bytes if plan is not None else None,
     }
 
+    if not part.is_main:
+        return TrainResult(out, final_dir, None, trainer.last_checkpoint, {}, progress.step, progress.stopped_early)
     export(model, config, tokenizer, final_dir, task, model_dir, progress.step)
     report: dict[str, Any] = {}
     if trainer.last_eval is not None:

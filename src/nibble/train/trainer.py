@@ -30,9 +30,10 @@ from nibble.train.checkpoint import (
     save_checkpoint,
 )
 from nibble.train.config import TrainConfig
+from nibble.train.distributed import DataParallel, all_sum, barrier, current
 from nibble.train.metrics import MetricsLog, headline
 from nibble.train.optim import WarmupCosine, build_optimizer
-from nibble.train.rng import set_rng_state
+from nibble.train.rng import rank_rng_states, set_rng_state
 
 
 @dataclass
@@ -131,6 +132,11 @@ class Trainer:
         on_best: called with the step after an evaluation that lowered the val loss.
         forward: ``(model, batch) -> outputs`` (inside autocast); default ``model(input_ids, attention_mask)``.
         meter: the run's memory meter; its peaks go into every train record of metrics.jsonl.
+        loss_units: ``batch -> what the loss averages over`` (default: its rows); under torchrun each rank's
+            loss counts by its share of the global batch's units, so the step equals a one-process step.
+
+    Under torchrun (see :mod:`nibble.train.distributed`) every rank runs the same loop on its slice of each
+    batch (``stream`` is built with the rank's ``part``); only rank 0 logs, prints and writes checkpoints.
     """
 
     def __init__(
@@ -145,11 +151,14 @@ class Trainer:
         on_best: Callable[[int], None] | None = None,
         forward: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
         meter: MemoryMeter | None = None,
+        loss_units: Callable[[dict[str, torch.Tensor]], float] | None = None,
     ):
         self.model, self.stream, self.config, self.out = model, stream, config, out
         self.forward = forward or (lambda m, batch: m(batch["input_ids"], batch["attention_mask"]))
         self.total_steps, self.loss_fn, self.evaluate, self.on_best = total_steps, loss_fn, evaluate, on_best
         self.meter = meter
+        self.loss_units = loss_units or (lambda batch: batch["input_ids"].shape[0])
+        self.parallel = current()
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._params = [param for _, param in self.named_params]
         if not self.named_params:
@@ -169,6 +178,7 @@ class Trainer:
         self.checkpoints = out / "checkpoints"
         self.last_checkpoint: Path | None = None
         self.last_eval: dict[str, Any] | None = None
+        self.data_parallel = DataParallel(model, self.forward) if self.parallel.active else None
 
     def autocast(self):
         return autocast(self.device, self.dtype)
@@ -184,12 +194,13 @@ class Trainer:
             self.progress.apply_patience(self.config.early_stopping_patience)
             if state.get("scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(state["scaler"])
-            set_rng_state(rng, state["rng"])
+            set_rng_state(rng, state["rng"], self.parallel.rank)
         except (KeyError, TypeError, ValueError) as exc:
             raise NibbleError(
                 f"{path}: incomplete checkpoint state ({exc!r}); resume from another checkpoint"
             ) from None
-        self.log.truncate_after(self.progress.step)
+        if self.parallel.is_main:
+            self.log.truncate_after(self.progress.step)
         self.last_checkpoint = path
 
     def save(self) -> Path:
@@ -199,16 +210,21 @@ class Trainer:
             "scheduler": {"name": "warmup_cosine", "step": self.progress.step, **self.schedule.state_dict()},
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
         }
-        path = save_checkpoint(
-            self.checkpoints,
-            self.progress.step,
-            {n: p for n, p in self.named_params},
-            self.optimizer,
-            self.param_names,
-            state,
-            yaml.safe_dump(self.config.to_dict(), sort_keys=False),
-        )
-        prune_checkpoints(self.checkpoints, self.config.keep_checkpoints)
+        path = self.checkpoints / f"step-{self.progress.step}"
+        ranks_rng = rank_rng_states()  # every rank's generators (collective), written by rank 0
+        if self.parallel.is_main:
+            save_checkpoint(
+                self.checkpoints,
+                self.progress.step,
+                {n: p for n, p in self.named_params},
+                self.optimizer,
+                self.param_names,
+                state,
+                yaml.safe_dump(self.config.to_dict(), sort_keys=False),
+                ranks_rng,
+            )
+            prune_checkpoints(self.checkpoints, self.config.keep_checkpoints)
+        barrier()  # the checkpoint is complete for every rank before any goes on
         self.last_checkpoint = path
         return path
 
@@ -239,11 +255,12 @@ class Trainer:
             "step": p.step,
             **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))},
         }
-        self.log.write(record)
-        tqdm.write(f"eval step {p.step}: {headline(metrics)}")
+        if self.parallel.is_main:
+            self.log.write(record)
+            tqdm.write(f"eval step {p.step}: {headline(metrics)}")
         if p.best_val_loss is None or metrics["loss"] < p.best_val_loss:
             p.best_val_loss, p.best_step, p.evals_without_improvement = metrics["loss"], p.step, 0
-            if self.on_best is not None:
+            if self.on_best is not None and self.parallel.is_main:
                 self.on_best(p.step)
         else:
             p.evals_without_improvement += 1
@@ -251,7 +268,8 @@ class Trainer:
             # (at the last step there is nothing left to stop: the run stays extendable with a larger max_steps)
             if patience and p.evals_without_improvement >= patience and p.step < self.total_steps:
                 p.stopped_early = True
-                tqdm.write(f"early stop at step {p.step}: val loss has not improved for {patience} evaluations")
+                if self.parallel.is_main:
+                    tqdm.write(f"early stop at step {p.step}: val loss has not improved for {patience} evaluations")
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One optimizer step over ``grad_accum`` micro-batches. Returns its mean loss and gradient norm as
@@ -259,15 +277,28 @@ class Trainer:
         cfg = self.config
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             batch = self.stream.next_batch()
             tokens += int(batch["attention_mask"].sum())  # counted on the host, before the batch moves
+            share = self._share(batch)
             batch = to_device(batch, self.device)
-            with self.autocast():
-                outputs = self.forward(self.model, batch)
-            loss = self.loss_fn(outputs, batch["labels"])
-            self.scaler.scale(loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach().float() / cfg.grad_accum
+            if self.data_parallel is None:
+                with self.autocast():
+                    outputs = self.forward(self.model, batch)
+                loss = self.loss_fn(outputs, batch["labels"])
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach().float() / cfg.grad_accum
+                continue
+            with self.data_parallel.no_sync(micro < cfg.grad_accum - 1):
+                with self.autocast():
+                    outputs = self.data_parallel(batch)
+                loss = self.loss_fn(outputs, batch["labels"])
+                # DDP averages the ranks' gradients: x world undoes that, the share weighs each rank's mean
+                self.scaler.scale(loss * (share * self.parallel.world / cfg.grad_accum)).backward()
+            loss_sum += loss.detach().float() * share / cfg.grad_accum
+        if self.parallel.active:
+            summed = all_sum(torch.stack([loss_sum, torch.tensor(float(tokens), device=self.device)]))
+            loss_sum, tokens = summed[0], int(summed[1])
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         # foreach=None: the foreach kernels where the device has them (CPU, CUDA, XPU), per tensor elsewhere (MPS).
@@ -276,6 +307,15 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, grad_norm, tokens
+
+    def _share(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This rank's share of the units (rows, target tokens) the loss of the global micro-batch averages over
+        (1 in a single process)."""
+        if not self.parallel.active:
+            return torch.ones((), device=self.device)
+        mine = 0.0 if self.stream.stand_in else float(self.loss_units(batch))
+        total = all_sum(torch.tensor(mine, dtype=torch.float64, device=self.device))
+        return (mine / total.clamp_min(1e-30)).float()
 
     def _check(self, window: _Window, bar: tqdm) -> list[tuple[int, float, float]]:
         """Sync the window with the host; stop at its first non-finite loss (or gradient norm, without a grad
@@ -315,6 +355,8 @@ class Trainer:
             record["peak_rss_bytes"] = peaks["peak_rss_bytes"]
             if peaks["peak_device_bytes"] is not None:
                 record["peak_device_bytes"] = peaks["peak_device_bytes"]
+        if not self.parallel.is_main:
+            return
         self.log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{window.lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         if bar.disable:
@@ -342,7 +384,8 @@ class Trainer:
             return p
         self.out.mkdir(parents=True, exist_ok=True)
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=p.step, desc="train", disable=None, dynamic_ncols=True)
+        quiet = None if self.parallel.is_main else True
+        bar = tqdm(total=self.total_steps, initial=p.step, desc="train", disable=quiet, dynamic_ncols=True)
         evaluated_at = saved_at = -1
         if cfg.eval_at_start and p.step == 0:
             self._evaluate()
