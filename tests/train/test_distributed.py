@@ -116,6 +116,31 @@ def test_two_ranks_of_four_train_as_one_process_of_eight_and_resume_on_one(toy, 
         torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0)
 
 
+def test_full_fine_tuning_shards_with_fsdp2_and_trains_as_one_process(toy, tmp_path):
+    one, two, elastic = tmp_path / "one", tmp_path / "two", tmp_path / "elastic"
+    full = ["--method", "full", "--lr", 1e-4]
+    ok(single(train_args(toy, one, 8, *full)))
+    ok(torchrun(2, train_args(toy, two, 4, *full)))
+    want, got = records(one, "train"), records(two, "train")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    assert all(abs(a["loss"] - b["loss"]) < 1e-6 for a, b in zip(want, got, strict=True)), (want, got)
+    assert all(abs(a["loss"] - b["loss"]) < 1e-6 for a, b in zip(records(one, "eval"), records(two, "eval")))
+    theirs = load_file(one / "model" / "model.safetensors")
+    ours = load_file(two / "model" / "model.safetensors")  # consolidated from the shards
+    assert theirs.keys() == ours.keys()
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0)
+    # a sharded checkpoint: one safetensors file per rank, and no whole-model copy
+    step = two / "checkpoints" / "step-3"
+    assert len(list((step / "shards").glob("*.safetensors"))) == 2 and not (step / "trainable.safetensors").exists()
+
+    # read back by one process (torch.distributed.checkpoint reshards), it ends where the 1-process run did
+    ok(single(train_args(toy, elastic, 4, *full, "--resume", step)))
+    ours = load_file(elastic / "model" / "model.safetensors")
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0)
+
+
 def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
     """The process id of rank ``rank`` among the workers torchrun started (read from their environments)."""
     for proc in Path("/proc").iterdir():

@@ -7,6 +7,11 @@
 - ``state.json``: step, data position, optimizer groups, scheduler, grad scaler, early stopping and
   the scalar parts of the RNG states; ``config.yaml``: the run's config.
 It is written under a temporary name and renamed, so a directory named ``step-N`` is always complete.
+
+Under torchrun, rank 0 writes it and every rank's generator states join ``rng.safetensors``. With FSDP2
+(sharded parameters) the weights and optimizer tensors go instead to ``shards/``, one safetensors file per rank
+written by ``torch.distributed.checkpoint``, which also reads them back on any number of ranks; the directory is
+renamed only after every rank finished its part.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +29,12 @@ from torch import nn
 from nibble.errors import NibbleError
 from nibble.io.files import read_json_object, remove_stale_staging, staged_dir
 from nibble.io.safetensors import copy_into, load_file, save_file_atomic
+from nibble.train.distributed import barrier, broadcast_text, current, is_sharded
 from nibble.train.rng import rng_state
 
 _STEP_DIR = re.compile(r"step-(\d+)")
 STATE_FILE = "state.json"
+SHARDS = "shards"
 
 
 def optimizer_state(
@@ -85,18 +93,73 @@ def save_checkpoint(
     rank_rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``directory/step-{step}`` atomically (a staged directory, renamed when complete); returns its path.
-    ``rank_rng`` (see :func:`nibble.train.rng.rank_rng_states`) joins this process's generators in rng.safetensors."""
+    ``rank_rng`` (see :func:`nibble.train.rng.rank_rng_states`) joins this process's generators in rng.safetensors.
+    Under torchrun every rank calls it; rank 0 writes, and with sharded (FSDP2) weights each rank its shard."""
     final = directory / f"step-{step}"
-    with staged_dir(final, overwrite=True) as tmp:
-        save_file_atomic({k: v.detach() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+    main = current().is_main
+    sharded = is_sharded(list(trainable.values()))
+    with staged_dir(final, overwrite=True) if main else nullcontext() as staging:
         opt_tensors, groups = optimizer_state(optimizer, param_names)
-        save_file_atomic(opt_tensors, tmp / "optimizer.safetensors")
+        if sharded:
+            import torch.distributed.checkpoint as dcp
+
+            tmp = Path(broadcast_text(str(staging)))
+            tensors = {**_prefixed("trainable.", trainable), **_prefixed("optimizer.", opt_tensors)}
+            dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True))
+            barrier()  # every rank's shard is on disk
+        if not main:
+            return final
+        tmp = staging
+        if not sharded:
+            save_file_atomic({k: v.detach() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+            save_file_atomic(opt_tensors, tmp / "optimizer.safetensors")
         rng_tensors, rng_scalars = rng_state()
         save_file_atomic({**rng_tensors, **(rank_rng or {})}, tmp / "rng.safetensors")
         full_state = {**state, "step": step, "optimizer_groups": groups, "rng": rng_scalars}
         (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1), encoding="utf-8")
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
     return final
+
+
+def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {prefix + name: value.detach() for name, value in tensors.items()}
+
+
+def load_sharded(
+    path: Path, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, names: dict[int, str]
+) -> dict[str, torch.Tensor]:
+    """Read ``path/shards`` into ``trainable`` (sharded or whole tensors, in place) and into the optimizer's state
+    tensors, created first by a step that changes nothing; returns those state tensors by name (for
+    :func:`load_optimizer_state`). Every rank calls it, on any number of ranks.
+
+    Raises:
+        NibbleError: the shards do not hold what this run trains.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    _create_state(optimizer)
+    opt_tensors, _ = optimizer_state(optimizer, names)
+    targets = {**_prefixed("trainable.", trainable), **_prefixed("optimizer.", opt_tensors)}
+    try:
+        dcp.load(targets, storage_reader=dcp.HuggingFaceStorageReader(str(path / SHARDS)))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NibbleError(f"{path / SHARDS}: does not fit this run ({first}); resume with the same config") from None
+    return opt_tensors
+
+
+def _create_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter its optimizer state (AdamW creates it lazily): one step with zero gradients at lr 0,
+    which moves no weight; the state it creates is overwritten by the checkpoint's."""
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
 
 
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
@@ -130,19 +193,21 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any], dict]:
-    """``(trainable, optimizer tensors, state, rng tensors)`` of a checkpoint directory.
+    """``(trainable, optimizer tensors, state, rng tensors)`` of a checkpoint directory (the first two empty for a
+    sharded one: see :func:`load_sharded`).
 
     Raises:
         NibbleError: a missing directory or file, or a state.json that cannot be read.
     """
     state = read_state(path)
     files = {}
-    for name in ("trainable", "optimizer", "rng"):
+    sharded = (path / SHARDS).is_dir()
+    for name in ("rng",) if sharded else ("trainable", "optimizer", "rng"):
         file = path / f"{name}.safetensors"
         if not file.is_file():
             raise NibbleError(f"{file}: missing; resume from an older checkpoint")
         files[name] = load_file(file)
-    return files["trainable"], files["optimizer"], state, files["rng"]
+    return files.get("trainable", {}), files.get("optimizer", {}), state, files["rng"]
 
 
 def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -25,7 +24,7 @@ from nibble.io.tokenizer import Tokenizer, load_tokenizer
 from nibble.model.loading import resolve_model_dir
 from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
 from nibble.train.config import TrainConfig
-from nibble.train.distributed import all_sum, gather_rows, shard_range
+from nibble.train.distributed import all_sum, eval_batches, gather_rows
 from nibble.train.metrics import classification_loss, classification_metrics, format_metrics
 from nibble.train.run import TaskRun, TrainResult, run_training
 
@@ -54,13 +53,14 @@ def evaluate(
     weights = None if weights is None else weights.to(device)
     total = torch.zeros((), device=device)
     probs, labels = [], []
-    rows = shard_range(len(data))
-    mine = data if len(rows) == len(data) else data.subset(np.asarray(rows, dtype=np.int64))
     with torch.no_grad():
-        for chunk, batch in iter_batches(mine, batch_size, pad_id):
-            labels.append(batch["labels"])
+        for chunk, batch in eval_batches(data, batch_size, pad_id):
+            host_labels = batch["labels"]
             batch = to_device(batch, device)
             logits = model(batch["input_ids"], batch["attention_mask"]).float()
+            if not chunk:  # a stand-in batch: this rank's rows ran out
+                continue
+            labels.append(host_labels)
             total += classification_loss(logits, batch["labels"], lm.multi_label, weights) * len(chunk)
             probs.append(logits.sigmoid() if lm.multi_label else logits.softmax(-1))
     if not probs:  # a rank without rows (fewer rows than ranks)

@@ -11,6 +11,7 @@ are those of a one-process run with the global batch.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -19,10 +20,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from nibble.data.batching import Dataset, iter_batches
 from nibble.errors import NibbleError
 
 BACKENDS = ("auto", "gloo", "nccl")
@@ -181,7 +184,7 @@ def check_same_config(config: dict[str, Any]) -> None:
     """
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
-    mine = torch.frombuffer(bytearray(json.dumps(config, sort_keys=True, default=str).encode()), dtype=torch.uint8)
+    mine = torch.tensor(list(json.dumps(config, sort_keys=True, default=str).encode()), dtype=torch.uint8)
     configs = [json.loads(bytes(part.tolist()).decode()) for part in gather_parts(mine)]
     for rank, other in enumerate(configs[1:], start=1):
         for key in sorted(set(configs[0]) | set(other)):
@@ -237,3 +240,76 @@ def main_first() -> Iterator[bool]:
         yield part.is_main
     finally:
         barrier()
+
+
+def broadcast_text(text: str) -> str:
+    """Rank 0's ``text`` on every rank (the others' argument is ignored)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return text
+    mine = text.encode() if dist.get_rank() == 0 else b""
+    return bytes(gather_parts(torch.tensor(list(mine), dtype=torch.uint8))[0].tolist()).decode()
+
+
+def shard_model(model: nn.Module) -> None:
+    """FSDP2 over every rank: each decoder block is its own unit, the root holds the rest (embeddings, final norm,
+    head). Parameters, gradients and the optimizer state built on them are sharded; the gradients reduce in fp32.
+
+    Parameters are gathered in their stored precision (fp32 master weights) and compute runs under the run's
+    autocast, as in a single process, so a sharded run takes the same steps as one process with the global batch.
+    ``hidden_states`` counts as a forward of the root (the instruct loss calls it, then the head), and the root
+    keeps its parameters gathered after a forward so the head can run after it.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+    register_fsdp_forward_method(model, "hidden_states")
+
+
+def is_sharded(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> bool:
+    """Whether any of ``tensors`` is a DTensor (a parameter sharded by FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(t, DTensor) for t in tensors)
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a tensor that may be a DTensor (a collective for DTensors: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Inside, an FSDP2-sharded ``model`` holds its whole parameters on every rank (for an export by rank 0);
+    resharded on the way out. Nothing happens for a model that is not sharded. Every rank must enter."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        barrier()
+        for unit in units:
+            unit.reshard()
+
+
+def eval_batches(data: Dataset, batch_size: int, pad_id: int) -> Iterator[tuple[range, dict[str, torch.Tensor] | None]]:
+    """This rank's share of ``data`` in file-order batches (see :func:`nibble.data.batching.iter_batches`); under
+    torchrun every rank yields the same number of batches, so a sharded model's collectives line up: a rank
+    whose rows ran out gets a stand-in batch (the data's first row) with an empty range, to run and ignore."""
+    part = current()
+    rows = shard_range(len(data))
+    mine = data if len(rows) == len(data) else data.subset(np.asarray(rows, dtype=np.int64))
+    count = 0
+    for chunk, batch in iter_batches(mine, batch_size, pad_id):
+        count += 1
+        yield chunk, batch
+    most = math.ceil(math.ceil(len(data) / part.world) / batch_size)  # rank 0 holds the most rows
+    for _ in range(most - count):
+        yield range(0), data.collate([0], pad_id)

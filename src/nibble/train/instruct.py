@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nibble.data.batching import iter_batches
 from nibble.data.instruct import (
     CHATML,
     IGNORE_INDEX,
@@ -33,7 +32,7 @@ from nibble.errors import NibbleError
 from nibble.io.tokenizer import Tokenizer, load_tokenizer
 from nibble.model.loading import resolve_model_dir
 from nibble.train.config import TrainConfig
-from nibble.train.distributed import all_sum, current, shard_range
+from nibble.train.distributed import all_sum, current, eval_batches
 from nibble.train.metrics import headline
 from nibble.train.run import TaskRun, TrainResult, run_training
 
@@ -67,13 +66,14 @@ def evaluate_lm(model: nn.Module, data: InstructData, batch_size: int, pad_id: i
     and is read once). Under torchrun each rank scores its share of the examples and the sums are reduced."""
     device = next(model.parameters()).device
     total, count = torch.zeros((), device=device), 0
-    rows = shard_range(len(data))
-    mine = data if len(rows) == len(data) else data.subset(np.asarray(rows, dtype=np.int64))
     with torch.no_grad():
-        for _, batch in iter_batches(mine, batch_size, pad_id):
-            count += target_count(batch)
+        for chunk, batch in eval_batches(data, batch_size, pad_id):
+            targets = target_count(batch)  # counted on the host, before the batch moves
             batch = to_device(batch, device)
-            total += lm_loss(lm_forward(model, batch), batch["labels"], reduction="sum")
+            loss = lm_loss(lm_forward(model, batch), batch["labels"], reduction="sum")
+            if chunk:  # (not a stand-in batch: this rank's rows ran out)
+                total += loss
+                count += targets
     if current().active:
         total, count = all_sum(total), int(all_sum(torch.tensor(count, device=device)))
     loss = float(total) / max(count, 1)

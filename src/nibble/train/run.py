@@ -465,6 +465,8 @@ def _run(
         pooling=config.pooling,
     )
     prepare_model(model, config)
+    if part.active and config.method == "full":
+        distributed.shard_model(model)  # FSDP2; the LoRA methods replicate the model (DDP, in the Trainer)
     if part.rank:  # its own dropout masks (DDP gives every rank rank 0's initial trainable weights)
         torch.manual_seed(config.seed + part.rank)
     model.gradient_checkpointing = config.gradient_checkpointing
@@ -487,7 +489,9 @@ def _run(
             config.save(out / "config.yaml")
 
     def on_best(step: int) -> None:
-        export(model, config, tokenizer, out / "best", task, model_dir, step)
+        with distributed.gathered(model):
+            if part.is_main:
+                export(model, config, tokenizer, out / "best", task, model_dir, step)
 
     evaluate = None
     if task.evaluate is not None and task.val is not None:
@@ -525,9 +529,11 @@ def _run(
         "budget_bytes": plan.budget_bytes if plan is not None else None,
     }
 
+    with distributed.gathered(model):  # a sharded model's consolidated export
+        if part.is_main:
+            export(model, config, tokenizer, final_dir, task, model_dir, progress.step)
     if not part.is_main:
         return TrainResult(out, final_dir, None, trainer.last_checkpoint, {}, progress.step, progress.stopped_early)
-    export(model, config, tokenizer, final_dir, task, model_dir, progress.step)
     report: dict[str, Any] = {}
     if trainer.last_eval is not None:
         report = {"step": progress.step, **trainer.last_eval, "memory": memory}

@@ -6,7 +6,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,17 +20,19 @@ from nibble.data.batching import BatchStream
 from nibble.devices import MemoryMeter, autocast, resolve_dtype, to_device
 from nibble.errors import NibbleError
 from nibble.train.checkpoint import (
+    SHARDS,
     STATE_FILE,
     list_checkpoints,
     load_checkpoint,
     load_optimizer_state,
+    load_sharded,
     load_trainable,
     prune_checkpoints,
     read_state,
     save_checkpoint,
 )
 from nibble.train.config import TrainConfig
-from nibble.train.distributed import DataParallel, all_sum, barrier, current
+from nibble.train.distributed import DataParallel, all_sum, barrier, current, full_value, is_sharded
 from nibble.train.metrics import MetricsLog, headline
 from nibble.train.optim import WarmupCosine, build_optimizer
 from nibble.train.rng import rank_rng_states, set_rng_state
@@ -129,7 +131,7 @@ class Trainer:
         total_steps: optimizer steps of the whole run.
         loss_fn: ``(outputs, labels) -> scalar loss``.
         evaluate: ``model -> metrics dict with "loss"``, or None when there is no validation data.
-        on_best: called with the step after an evaluation that lowered the val loss.
+        on_best: called with the step after an evaluation that lowered the val loss (on every rank).
         forward: ``(model, batch) -> outputs`` (inside autocast); default ``model(input_ids, attention_mask)``.
         meter: the run's memory meter; its peaks go into every train record of metrics.jsonl.
         loss_units: ``batch -> what the loss averages over`` (default: its rows); under torchrun each rank's
@@ -178,7 +180,9 @@ class Trainer:
         self.checkpoints = out / "checkpoints"
         self.last_checkpoint: Path | None = None
         self.last_eval: dict[str, Any] | None = None
-        self.data_parallel = DataParallel(model, self.forward) if self.parallel.active else None
+        # DDP, unless FSDP2 sharded the model already (its gradients reduce-scatter as they are computed)
+        replicated = self.parallel.active and not is_sharded(self._params)
+        self.data_parallel = DataParallel(model, self.forward) if replicated else None
 
     def autocast(self):
         return autocast(self.device, self.dtype)
@@ -186,7 +190,10 @@ class Trainer:
     def resume(self, path: Path) -> None:
         """Restore weights, optimizer, data position, progress and RNG from a checkpoint directory."""
         trainable, opt_tensors, state, rng = load_checkpoint(path)
-        load_trainable(self.model, trainable, str(path))
+        if (path / SHARDS).is_dir():
+            opt_tensors = load_sharded(path, dict(self.named_params), self.optimizer, self.param_names)
+        else:
+            load_trainable(self.model, trainable, str(path))
         try:
             load_optimizer_state(self.optimizer, self.param_names, opt_tensors, state["optimizer_groups"], str(path))
             self.stream.load_state_dict(state["data"], str(path))
@@ -211,18 +218,17 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
         }
         path = self.checkpoints / f"step-{self.progress.step}"
-        ranks_rng = rank_rng_states()  # every rank's generators (collective), written by rank 0
+        save_checkpoint(
+            self.checkpoints,
+            self.progress.step,
+            {n: p for n, p in self.named_params},
+            self.optimizer,
+            self.param_names,
+            state,
+            yaml.safe_dump(self.config.to_dict(), sort_keys=False),
+            rank_rng_states(),  # every rank's generators (a collective)
+        )
         if self.parallel.is_main:
-            save_checkpoint(
-                self.checkpoints,
-                self.progress.step,
-                {n: p for n, p in self.named_params},
-                self.optimizer,
-                self.param_names,
-                state,
-                yaml.safe_dump(self.config.to_dict(), sort_keys=False),
-                ranks_rng,
-            )
             prune_checkpoints(self.checkpoints, self.config.keep_checkpoints)
         barrier()  # the checkpoint is complete for every rank before any goes on
         self.last_checkpoint = path
@@ -260,7 +266,7 @@ class Trainer:
             tqdm.write(f"eval step {p.step}: {headline(metrics)}")
         if p.best_val_loss is None or metrics["loss"] < p.best_val_loss:
             p.best_val_loss, p.best_step, p.evals_without_improvement = metrics["loss"], p.step, 0
-            if self.on_best is not None and self.parallel.is_main:
+            if self.on_best is not None:
                 self.on_best(p.step)
         else:
             p.evals_without_improvement += 1
@@ -282,18 +288,19 @@ class Trainer:
             tokens += int(batch["attention_mask"].sum())  # counted on the host, before the batch moves
             share = self._share(batch)
             batch = to_device(batch, self.device)
-            if self.data_parallel is None:
+            if not self.parallel.active:
                 with self.autocast():
                     outputs = self.forward(self.model, batch)
                 loss = self.loss_fn(outputs, batch["labels"])
                 self.scaler.scale(loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach().float() / cfg.grad_accum
                 continue
-            with self.data_parallel.no_sync(micro < cfg.grad_accum - 1):
+            engine = self.data_parallel
+            with engine.no_sync(micro < cfg.grad_accum - 1) if engine is not None else nullcontext():
                 with self.autocast():
-                    outputs = self.data_parallel(batch)
+                    outputs = engine(batch) if engine is not None else self.forward(self.model, batch)
                 loss = self.loss_fn(outputs, batch["labels"])
-                # DDP averages the ranks' gradients: x world undoes that, the share weighs each rank's mean
+                # DDP and FSDP average the ranks' gradients: x world undoes that, the share weighs each rank's mean
                 self.scaler.scale(loss * (share * self.parallel.world / cfg.grad_accum)).backward()
             loss_sum += loss.detach().float() * share / cfg.grad_accum
         if self.parallel.active:
@@ -302,7 +309,7 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         # foreach=None: the foreach kernels where the device has them (CPU, CUDA, XPU), per tensor elsewhere (MPS).
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=None)
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=None))
         self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
