@@ -12,6 +12,14 @@ the same thing.
 
     .venv/bin/python benchmarks/bench_train.py                 # ~1-2 minutes on a 2-core CPU
     .venv/bin/python benchmarks/bench_train.py --model-dir ~/models/SmolLM2-135M --steps 8
+
+``--nproc N`` measures data-parallel scaling instead: the real ``nibble train`` (LoRA, the same global batch)
+on one process with N threads (the reference) and under ``torchrun`` on N ranks of one thread each (gloo);
+with ``--device cuda``, one GPU against N GPUs, with each run's peak device memory. tokens/s is the median
+over log windows after the warm-up, read from rank 0's metrics.jsonl (it counts every rank's tokens); the two
+set-ups alternate ``--repeats`` times and each keeps its best run (on a shared machine, the least disturbed).
+
+    .venv/bin/python benchmarks/bench_train.py --nproc 2       # ~1 minute on a 2-core CPU
 """
 
 from __future__ import annotations
@@ -165,6 +173,96 @@ def peak_rss(stack: str, args: argparse.Namespace, work: Path) -> float:
     return float(lines[-1].split()[1])
 
 
+def scaling_model(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    """A random Qwen3 (byte-level tokenizer) and rows of random words with 4 labels: ``(model dir, data file)``."""
+    import random
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import helpers
+
+    model = helpers.make_hf_model(
+        "qwen3",
+        num_labels=None,
+        init_std=None,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(1, args.hidden // 128),
+        head_dim=64,
+    )
+    base = helpers.save_hf_model(model, work / "base")
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+    rows = []
+    for _ in range(args.batch * (WARMUP + args.steps)):
+        label = rng.randrange(4)
+        text = " ".join(rng.choice(words[2 * label : 2 * label + 2] + words) for _ in range(rng.randint(4, 24)))
+        rows.append({"text": text, "label": f"class{label}"})
+    return base, helpers.write_jsonl(work / "train.jsonl", rows)
+
+
+def scaling_run(args: argparse.Namespace, base: Path, data: Path, out: Path, nproc: int) -> dict:
+    """One ``nibble train`` run on ``nproc`` processes (1: no torchrun); its tokens/s, wall time, final loss and
+    peak device memory."""
+    threads = args.nproc if nproc == 1 else 1
+    train = ["train", "--model", base, "--data", data, "--output", out, "--method", "lora", "--dtype", "float32"]
+    train += ["--batch-size", args.batch // nproc, "--max-steps", WARMUP + args.steps, "--log-every", 1]
+    train += ["--val-split", 0, "--save-every", 0, "--lora-rank", args.rank, "--lora-targets", args.targets]
+    train += ["--lora-dropout", 0, "--lr", args.lr, "--device", args.device]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd = [*(launch if nproc > 1 else [sys.executable]), "-m", "nibble", *map(str, train)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if r["kind"] == "train"]
+    return {
+        "threads": threads,
+        "rate": statistics.median(r["tokens_per_s"] for r in records[WARMUP:]),
+        "wall": wall,
+        "losses": [r["loss"] for r in records],
+        "device_peak": records[-1].get("peak_device_bytes"),
+    }
+
+
+def scaling(args: argparse.Namespace) -> None:
+    """``--nproc N``: print the table of one process against N ranks."""
+    if args.batch % args.nproc:
+        raise SystemExit(f"--batch {args.batch} must divide among --nproc {args.nproc} ranks")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        base, data = scaling_model(work, args)
+        tries: dict[int, list[dict]] = {1: [], args.nproc: []}
+        for r in range(args.repeats):
+            for n in tries:
+                tries[n].append(scaling_run(args, base, data, work / f"run{n}-{r}", n))
+        runs = {n: max(found, key=lambda run: run["rate"]) for n, found in tries.items()}
+    ref = runs[1]
+    print(f"# bench_train --nproc {args.nproc}: LoRA classification, nibble train vs torchrun, {datetime.date.today()}")
+    print(f"# machine: {cpu_name()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; "
+          f"torch {torch.__version__}; device {args.device}")  # fmt: skip
+    print(f"# model: random Qwen3 hidden {args.hidden}, {args.layers} layers; global batch {args.batch} rows of "
+          f"4-24 words, LoRA r={args.rank} on {args.targets}, {args.steps} timed steps, fp32; "
+          f"best of {args.repeats} alternating runs each")  # fmt: skip
+    print()
+    print(
+        "| processes | threads each | tokens/s | vs 1 process | wall s (with start-up) | device peak MiB | final loss |"
+    )  # noqa: E501
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n, run in runs.items():
+        peak = "-" if run["device_peak"] is None else f"{run['device_peak'] / 2**20:.0f}"
+        print(
+            f"| {n} | {run['threads']} | {run['rate']:.0f} | {run['rate'] / ref['rate']:.2f}x | {run['wall']:.1f} | "
+            f"{peak} | {run['losses'][-1]:.6f} |"
+        )
+    diff = max(abs(a - b) for a, b in zip(ref["losses"], runs[args.nproc]["losses"], strict=True))
+    print(f"\nlargest per-step loss difference, {args.nproc} ranks vs 1 process: {diff:.2e}")
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -190,10 +288,16 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads for every stack (default 1: stable on a busy machine)"
     )
+    parser.add_argument("--nproc", type=int, help="measure 1 process against N torchrun ranks instead (see above)")
+    parser.add_argument("--repeats", type=int, default=2, help="--nproc runs: runs of each set-up (best kept)")
+    parser.add_argument("--device", default="cpu", help="--nproc runs: cpu, or cuda (one GPU per rank)")
     parser.add_argument("--side", choices=STACKS, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.nproc:
+        scaling(args)
+        return
     if args.side:
         run_memory_child(args)
         return
