@@ -192,6 +192,11 @@ class Trainer:
         trainable, opt_tensors, state, rng = load_checkpoint(path)
         if (path / SHARDS).is_dir():
             opt_tensors = load_sharded(path, dict(self.named_params), self.optimizer, self.param_names)
+        elif is_sharded(self._params):
+            raise NibbleError(
+                f"{path}: written by one process, and full fine-tuning under torchrun resumes only from checkpoints "
+                "written under torchrun (step-N/shards); resume this one on one process"
+            )
         else:
             load_trainable(self.model, trainable, str(path))
         try:
