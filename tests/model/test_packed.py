@@ -106,4 +106,3 @@ def test_padded_batch_gradients_equal_transformers(shared_checkpoint):
     theirs = {n: p.grad for n, p in theirs_model.named_parameters() if p.grad is not None}
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-4, rtol=1e-4, msg=name)
-

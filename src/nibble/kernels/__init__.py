@@ -90,6 +90,11 @@ def _ops(device: torch.device) -> ModuleType:
     return _triton_ops() if backend_name(device) == "triton" else reference
 
 
+# Dense matmuls (a cached dequantized weight, LoRA, a head) run the torch way on every device.
+linear = reference.linear
+on_fp32_units = reference.on_fp32_units
+
+
 def dequantize(qweight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense ``[N, K]`` weight in ``dtype``."""
     return _ops(qweight.device).dequantize(qweight, dtype)

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from nibble import kernels
 from nibble.errors import NibbleError
 from nibble.nn.quant_linear import QuantLinear
 
@@ -98,10 +99,13 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        weight_a = self.lora_A.weight
-        if x.dtype != weight_a.dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(weight_a.dtype)
-        update = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # The adapter computes in the autocast dtype when autocast is on (as nn.Linear would), else in its
+        # own (fp32) dtype; kernels.linear runs bf16 on fp32 units where the CPU has no bf16 arithmetic.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lora_A.weight.dtype
+        with torch.autocast(device, enabled=False):
+            h = kernels.linear(self.lora_dropout(x).to(dtype), self.lora_A.weight)  # [..., r]
+            update = kernels.linear(h, self.lora_B.weight) * self.scaling  # [..., out]
         return result + update.to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:

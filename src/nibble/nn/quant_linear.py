@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nibble import kernels
@@ -20,7 +19,7 @@ class _QuantMatmul(torch.autograd.Function):
         ctx.layer = layer
         cached = layer.cached_weight(x.dtype)
         if cached is not None:
-            return F.linear(x, cached, None if bias is None else bias.to(x.dtype))
+            return kernels.linear(x, cached, bias)
         return kernels.matmul(x, layer.qweight, bias)
 
     @staticmethod
@@ -29,7 +28,10 @@ class _QuantMatmul(torch.autograd.Function):
             return None, None, None
         layer = ctx.layer
         cached = layer.cached_weight(grad_y.dtype)
-        grad_x = grad_y @ cached if cached is not None else kernels.matmul_grad_input(grad_y, layer.qweight)
+        if cached is not None:
+            grad_x = kernels.linear(grad_y, cached.T)  # grad_y @ W
+        else:
+            grad_x = kernels.matmul_grad_input(grad_y, layer.qweight)
         return grad_x, None, None
 
 

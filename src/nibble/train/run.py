@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nibble import kernels
 from nibble.data.batching import BatchStream, Dataset
 from nibble.errors import NibbleError
 from nibble.io.files import remove_stale_staging, staged_dir, write_text_atomic
@@ -174,6 +175,13 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
     )
     prepare_model(model, config)
     model.gradient_checkpointing = config.gradient_checkpointing
+    device = next(model.parameters()).device
+    if kernels.on_fp32_units(config.torch_dtype, device):
+        print(
+            f"dtype: {config.dtype} on a CPU without native {config.dtype} arithmetic: matmuls and attention take "
+            f"{config.dtype} operands and give results in it, multiplied on fp32 units (exact products, fp32 sums)",
+            flush=True,
+        )
     if quant is not None:
         budget = cache_budget_bytes(config.cache_budget_mb)
         cached, total_q, used = cache_dense_weights(model, budget, config.torch_dtype)
