@@ -106,7 +106,7 @@ def hf_classify(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(42)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in Path(args.train).read_text().splitlines() if line.strip()]
     held = [json.loads(line) for line in Path(args.val_data).read_text().splitlines() if line.strip()]
     labels = sorted({r["label"] for r in rows})
     args.num_labels = len(labels)
@@ -166,7 +166,7 @@ def hf_instruct(args: argparse.Namespace) -> dict:
     torch.manual_seed(42)
     tokenizer = load_tokenizer(args.model)
     use_chat_template(tokenizer)
-    data = fit_length(read_instruct(args.data, tokenizer), args.max_seq_len, False, args.data)
+    data = fit_length(read_instruct(args.train, tokenizer), args.max_seq_len, False, args.train)
     stream = BatchStream(data, args.batch_size, tokenizer.pad_id, 42)
     model = _hf_model(args, "causal_lm")
     params, opt, schedule = _hf_optimizer(model, args, args.steps)
@@ -211,10 +211,23 @@ def nibble_rates(out: Path) -> float:
     return statistics.median(r["tokens_per_s"] for r in records if r["kind"] == "train")
 
 
-def split_data(work: Path) -> tuple[Path, Path]:
-    from nibble.cli.demo import split_demo_data
+REVIEWS = Path(__file__).parent / "data" / "short_reviews.jsonl"
 
-    train, held_out, _, _ = split_demo_data(work / "data")
+
+def split_data(source: str, work: Path) -> tuple[Path, Path]:
+    """``(train.jsonl, heldout.jsonl)``: the last 20% of the set held out (both sets are ordered so that it is
+    balanced over the classes)."""
+    if source == "demo":
+        from nibble.cli.demo import split_demo_data
+
+        train, held_out, _, _ = split_demo_data(work / "data")
+        return train, held_out
+    lines = REVIEWS.read_text(encoding="utf-8").splitlines(keepends=True)
+    cut = len(lines) - round(0.2 * len(lines))
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    train, held_out = work / "data" / "train.jsonl", work / "data" / "heldout.jsonl"
+    train.write_text("".join(lines[:cut]), encoding="utf-8")
+    held_out.write_text("".join(lines[cut:]), encoding="utf-8")
     return train, held_out
 
 
@@ -238,7 +251,7 @@ def write_instruct_data(path: Path, rows: int) -> None:
 def classify_commands(stack: str, args: argparse.Namespace, dtype: str, data: tuple[Path, Path], out: Path):
     common = dict(steps=args.steps, batch=args.batch_size, seq=args.max_seq_len, rank=args.rank, lr=args.lr)
     if stack == "hf":
-        argv = [sys.executable, __file__, "--child", "classify", "--model", str(args.model), "--data", str(data[0])]
+        argv = [sys.executable, __file__, "--child", "classify", "--model", str(args.model), "--train", str(data[0])]
         argv += ["--val-data", str(data[1]), "--output", str(out), "--dtype", dtype, "--dropout", str(args.dropout)]
     else:
         argv = [sys.executable, "-m", "nibble", "train", "--model", str(args.model), "--data", str(data[0])]
@@ -255,7 +268,7 @@ def classify_commands(stack: str, args: argparse.Namespace, dtype: str, data: tu
 
 def instruct_commands(stack: str, args: argparse.Namespace, dtype: str, data: Path, out: Path):
     if stack == "hf":
-        argv = [sys.executable, __file__, "--child", "instruct", "--model", str(args.model), "--data", str(data)]
+        argv = [sys.executable, __file__, "--child", "instruct", "--model", str(args.model), "--train", str(data)]
         argv += ["--output", str(out), "--dtype", dtype, "--dropout", str(args.dropout)]
     else:
         argv = [sys.executable, "-m", "nibble", "train", "--task", "instruct", "--model", str(args.model)]
@@ -329,6 +342,12 @@ def cpu_name() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model directory or .gguf (default: the demo's SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--data",
+        choices=("reviews", "demo"),
+        default="reviews",
+        help="reviews: benchmarks/data/short_reviews.jsonl (1,150 rows, 3 classes); demo: the demo's 350 messages",
+    )
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--repeats", type=int, default=2, help="runs per stack, alternating (default 2)")
     parser.add_argument("--steps", type=int, default=75)
@@ -346,7 +365,7 @@ def main() -> None:
     parser.add_argument("--instruct-steps", type=int, default=20)
     parser.add_argument("--instruct-batch", type=int, default=4)
     parser.add_argument("--child", choices=("classify", "instruct"), help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--train", help=argparse.SUPPRESS)
     parser.add_argument("--val-data", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -374,7 +393,7 @@ def main() -> None:
         work = Path(tmp)
         for dtype in args.dtypes.split(","):
             if not args.skip_classify:
-                results = measure("classify", args, dtype, split_data(work), work, stacks)
+                results = measure("classify", args, dtype, split_data(args.data, work), work, stacks)
                 tables.append((f"classification, {dtype}", table(results)))
             if not args.skip_instruct:
                 data = work / "instruct.jsonl"

@@ -7,13 +7,13 @@ checked before the output directory is touched.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from nibble.data.batching import iter_batches
 from nibble.data.classify import ClassificationData, class_weights, load_classification
 from nibble.data.records import stratified_split
 from nibble.errors import NibbleError
@@ -26,14 +26,28 @@ from nibble.train.metrics import classification_loss, classification_metrics, fo
 from nibble.train.run import TaskRun, run_training
 
 
+def batches_by_length(
+    data: ClassificationData, batch_size: int, pad_id: int
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Evaluation batches of rows of similar length (shortest first), with their row indices: a batch pads to
+    its longest row, so sorting leaves the attention next to no padding to compute."""
+    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        yield chunk, data.collate(chunk, pad_id)
+
+
 def predict_probs(model: nn.Module, data: ClassificationData, batch_size: int, pad_id: int) -> torch.Tensor:
     """Class probabilities [N, K] in row order (softmax, or sigmoid for multi-label)."""
+    order: list[int] = []
     out = []
     with torch.no_grad():
-        for _, batch in iter_batches(data, batch_size, pad_id):
+        for chunk, batch in batches_by_length(data, batch_size, pad_id):
             logits = model(batch["input_ids"], batch["attention_mask"]).float()
             out.append(logits.sigmoid() if data.label_map.multi_label else logits.softmax(-1))
-    return torch.cat(out)
+            order += chunk
+    probs = torch.cat(out)
+    return probs[torch.argsort(torch.tensor(order, device=probs.device))]  # back to row order
 
 
 def evaluate(
@@ -44,7 +58,7 @@ def evaluate(
     total = 0.0
     probs, labels = [], []
     with torch.no_grad():
-        for chunk, batch in iter_batches(data, batch_size, pad_id):
+        for chunk, batch in batches_by_length(data, batch_size, pad_id):
             logits = model(batch["input_ids"], batch["attention_mask"]).float()
             total += float(classification_loss(logits, batch["labels"], lm.multi_label, weights)) * len(chunk)
             probs.append(logits.sigmoid() if lm.multi_label else logits.softmax(-1))
