@@ -293,7 +293,8 @@ def measure(kind: str, args: argparse.Namespace, dtype: str, data, work: Path, s
         for stack in stacks if repeat % 2 == 0 else stacks[::-1]:
             out = work / f"{kind}-{dtype}-{stack}-{repeat}"
             make = classify_commands if kind == "classify" else instruct_commands
-            wall, rss, stdout = run_timed(make(stack, args, dtype, data, out))
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            wall, rss, stdout = run_timed(make(stack, args, dtype, data, out), env)
             run = {"wall": wall, "rss": rss}
             if stack == "hf":
                 run.update(child_result(stdout))
@@ -360,6 +361,13 @@ def main() -> None:
         "--dropout", type=float, default=None, help="LoRA dropout for both (default: each stack's own default)"
     )
     parser.add_argument("--stacks", default=",".join(STACKS))
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS of every run (default 1: on a machine shared with other work, 2 threads on 2 cores "
+        "made a 10-step nibble run 5x slower, 360 s against 72 s, for both stacks alike)",
+    )
     parser.add_argument("--skip-classify", action="store_true")
     parser.add_argument("--skip-instruct", action="store_true")
     parser.add_argument("--instruct-steps", type=int, default=20)
@@ -404,8 +412,8 @@ def main() -> None:
 
     import torch
 
-    print(f"\n# bench_train, {datetime.date.today()}: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
-          f"load average {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
+    print(f"\n# bench_train, {datetime.date.today()}: {cpu_name()}, {os.cpu_count()} CPUs, {args.threads} thread(s) "
+          f"per run, torch {torch.__version__}; load average {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
     print(f"# model {args.model.name}; classification: {args.steps} steps x batch {args.batch_size}, max-seq-len "
           f"{args.max_seq_len}, LoRA r {args.rank} alpha {2 * args.rank} on {args.targets}, lr {args.lr}, dropout "
           f"{'each default' if args.dropout is None else args.dropout}; {args.repeats} repeats")  # fmt: skip

@@ -216,7 +216,13 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
     trainer.train()
 
     final_dir = out / ("model" if config.method == "full" else "adapter")
-    export(model, config, tokenizer, final_dir, task)
+    best = out / "best"
+    if trainer.progress.best_step == trainer.progress.step and best.is_dir():
+        # The last evaluation was the best and best/ holds exactly this model: copy it, do not export twice.
+        with staged_dir(final_dir, overwrite=True) as tmp:
+            shutil.copytree(best, tmp, dirs_exist_ok=True)
+    else:
+        export(model, config, tokenizer, final_dir, task)
     report: dict[str, Any] = {}
     if trainer.last_eval is not None:
         report = {"step": trainer.progress.step, **trainer.last_eval}
