@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nibble import kernels
 from nibble.data.batching import BatchStream, Dataset
 from nibble.devices import MemoryMeter, describe, device_memory, dtype_name, parse_bytes, resolve_device, resolve_dtype
 from nibble.errors import NibbleError
@@ -410,6 +411,12 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
     prepare_model(model, config)
     model.gradient_checkpointing = config.gradient_checkpointing
     cache_budget = 0
+    if kernels.on_fp32_units(config.torch_dtype, device):
+        print(
+            f"dtype: {config.dtype} on a CPU without native {config.dtype} arithmetic: matmuls and attention take "
+            f"{config.dtype} operands and give results in it, multiplied on fp32 units (exact products, fp32 sums)",
+            flush=True,
+        )
     if quant is not None:
         cache_budget = cache_budget_bytes(model, dtype, config.cache_budget_mb)
         if plan is not None:  # the copies fill at most what the planned run leaves of the budget
@@ -460,7 +467,13 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
         "budget_bytes": plan.budget_bytes if plan is not None else None,
     }
 
-    export(model, config, tokenizer, final_dir, task, model_dir, progress.step)
+    best = out / "best"
+    if progress.best_step == progress.step and best.is_dir():
+        # The last evaluation was the best and best/ holds exactly this model: copy it, do not export twice.
+        with staged_dir(final_dir, overwrite=True) as tmp:
+            shutil.copytree(best, tmp, dirs_exist_ok=True)
+    else:
+        export(model, config, tokenizer, final_dir, task, model_dir, progress.step)
     report: dict[str, Any] = {}
     if trainer.last_eval is not None:
         report = {"step": progress.step, **trainer.last_eval, "memory": memory}
