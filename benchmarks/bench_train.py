@@ -1,25 +1,31 @@
-"""QLoRA classification training on CPU: nibble vs transformers + PEFT + bitsandbytes, in one run.
+"""End-to-end QLoRA training on CPU: ``nibble train`` against transformers + PEFT + bitsandbytes, in one run.
 
-Both stacks train the same NF4-quantized model (a random Qwen3 built here, or ``--model-dir``) on the
-same batches with the same LoRA rank/targets, the same initial adapter and head (nibble writes its
-initial adapter in PEFT's layout and PEFT loads it), and the same AdamW settings, in fp32.
+Classification: both stacks fine-tune the same real model (SmolLM2-135M-Instruct, from the demo's GGUF) as a
+sequence classifier of the shipped support messages (``nibble/data/demo_classify.jsonl``; the last 20% held
+out, as the demo does), with the same steps, batch size, max length, LoRA rank/alpha/targets/dropout,
+learning rate and schedule. Each run is a fresh process timed from its start until the adapter is on disk:
+nibble through its real CLI with its defaults; the reference as the recommended recipe (NF4 weights through
+``BitsAndBytesConfig``, compute dtype = the run's dtype, autocast for bf16, dynamic padding, PEFT LoRA, a plain
+AdamW loop) in a child of this script. The stacks alternate (A, B, A, B, ...) so load from other work on the
+machine falls on both alike; the table gives the median of the repeats and each ratio is the median of the
+paired ratios.
 
-Speed: the stacks live in one process and take turns, one training step each, so a machine shared
-with other work slows them alike; tokens/s is the median over steps (after 2 warm-up steps) and the
-ratio is the median of the per-step ratios. Memory: each stack also runs a few steps alone in a fresh
-process, whose peak RSS is reported. The final loss (mean of the last 5 steps) shows the stacks train
-the same thing.
+Instruction tuning: sequences of ~512 tokens (vocab 49k), the loss on the responses; training tokens/s and
+peak RSS, nibble's CLI against the reference fed the very same batches (nibble's own tokenization).
 
-    .venv/bin/python benchmarks/bench_train.py                 # ~1-2 minutes on a 2-core CPU
-    .venv/bin/python benchmarks/bench_train.py --model-dir ~/models/SmolLM2-135M --steps 8
+Columns: wall = process start to adapter on disk; tokens/s = real (non-pad) training tokens per second of the
+training loop (median of 10-step windows); peak RSS = the process's maximum resident set; accuracy on the
+held-out rows.
 
-``--nproc N`` measures data-parallel scaling instead: the real ``nibble train`` (LoRA, the same global batch)
-on one process with N threads (the reference) and under ``torchrun`` on N ranks of one thread each (gloo);
-with ``--device cuda``, one GPU against N GPUs, with each run's peak device memory. tokens/s is the median
-over log windows after the warm-up, read from rank 0's metrics.jsonl (it counts every rank's tokens); the two
-set-ups alternate ``--repeats`` times and each keeps its best run (on a shared machine, the least disturbed).
+    .venv/bin/python benchmarks/bench_train.py                      # both tables, 2 repeats (~40 min on 2 cores)
+    .venv/bin/python benchmarks/bench_train.py --dtypes float32 --repeats 1 --skip-instruct
 
-    .venv/bin/python benchmarks/bench_train.py --nproc 2       # ~1 minute on a 2-core CPU
+``--nproc N`` measures data-parallel scaling instead: nibble's classification run (the same global batch,
+``--batch-size``) on one process with N threads, the reference, against ``torchrun --nproc-per-node N`` with
+one thread per rank (gloo); with ``--device cuda``, one GPU against N GPUs, with rank 0's peak device memory.
+Columns as above (tokens/s counts every rank's tokens); the peak RSS is rank 0's, from its metrics.jsonl.
+
+    .venv/bin/python benchmarks/bench_train.py --nproc 2 --dtypes float32 --steps 12 --batch-size 8
 """
 
 from __future__ import annotations
@@ -27,9 +33,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,230 +43,342 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-WARMUP = 2
 STACKS = ("nibble", "nibble-nocache", "hf")
 NAMES = {
-    "nibble": "nibble (4-bit cache on)",
-    "nibble-nocache": "nibble (cache off)",
+    "nibble": "nibble (defaults)",
+    "nibble-nocache": "nibble (--cache-budget-mb 0)",
     "hf": "transformers+PEFT+bnb",
 }
+WINDOW = 10  # steps per throughput window
 
 
-def build_model(path: Path, args: argparse.Namespace) -> int:
-    """Save a random Qwen3 (fp32) to ``path``; returns its pad id."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
+# ---------------------------------------------------------------------------------------------------------
+# The reference: transformers + PEFT + bitsandbytes, the recommended QLoRA recipe, in a child process.
 
-    config = Qwen3Config(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        num_key_value_heads=max(1, args.hidden // 128),
-        head_dim=64,
-        pad_token_id=args.vocab - 1,
-        tie_word_embeddings=True,
+
+def _window_rates(tokens: list[int], seconds: list[float]) -> list[float]:
+    return [
+        sum(tokens[i : i + WINDOW]) / sum(seconds[i : i + WINDOW]) for i in range(0, len(tokens) - WINDOW + 1, WINDOW)
+    ]
+
+
+def _hf_model(args: argparse.Namespace, task: str):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    dtype = getattr(torch, args.dtype)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    if task == "classify":
+        model = AutoModelForSequenceClassification.from_pretrained(
+            args.model, num_labels=args.num_labels, quantization_config=quant, device_map="cpu"
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=quant, device_map="cpu")
+    lora = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        target_modules=args.targets.split(","),
+        task_type="SEQ_CLS" if task == "classify" else "CAUSAL_LM",
     )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
-    return args.vocab - 1
+    return get_peft_model(model, lora)
 
 
-def make_batches(args: argparse.Namespace, vocab: int, pad: int) -> dict[str, torch.Tensor]:
-    """Right-padded batches of random tokens; a row's label is which of K marker tokens it contains."""
-    gen = torch.Generator().manual_seed(1)
-    n = WARMUP + args.steps
-    ids = torch.full((n, args.batch, args.seq), pad, dtype=torch.long)
-    mask = torch.zeros(n, args.batch, args.seq, dtype=torch.long)
-    labels = torch.randint(0, args.labels, (n, args.batch), generator=gen)
-    for s in range(n):
-        for b in range(args.batch):
-            length = int(torch.randint(args.seq // 2, args.seq + 1, (1,), generator=gen))
-            row = torch.randint(args.labels, vocab - 1, (length,), generator=gen)
-            row[torch.randint(0, length, (3,), generator=gen)] = labels[s, b]
-            ids[s, b, :length] = row
-            mask[s, b, :length] = 1
-    return {"ids": ids, "mask": mask, "labels": labels}
+def _hf_optimizer(model, args: argparse.Namespace, steps: int):
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
 
-
-def load_stack(stack: str, args: argparse.Namespace, work: Path):
-    """``(forward(ids, mask) -> logits, trainable params, note)`` for one stack."""
-    torch.manual_seed(0)
-    if stack == "hf":
-        from peft import PeftModel
-        from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-        base = AutoModelForSequenceClassification.from_pretrained(
-            work / "base", num_labels=args.labels, quantization_config=quant, device_map="cpu", dtype=torch.float32
-        )
-        model = PeftModel.from_pretrained(base, work / "init", is_trainable=True).train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        return (lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits), params, "bitsandbytes Linear4bit"
-
-    from nibble.io.peft import adapter_config, save_adapter
-    from nibble.model import load_model
-    from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
-    from nibble.train.config import TrainConfig
-    from nibble.train.run import prepare_model
-
-    model = load_model(work / "base", task="classify", num_labels=args.labels, quantize="nf4")
-    config = TrainConfig(lora_rank=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, lora_targets=args.targets)
-    prepare_model(model, config)
-    budget = 0 if stack == "nibble-nocache" else cache_budget_bytes(None)
-    cached, total, used = cache_dense_weights(model, budget, torch.float32)
-    if not (work / "init").exists():
-        peft = adapter_config(
-            base_model=str(work / "base"),
-            targets=args.targets.split(","),
-            rank=args.rank,
-            alpha=2 * args.rank,
-            dropout=0.0,
-            use_rslora=False,
-            task="classify",
-        )
-        save_adapter(model, work / "init", peft)
     params = [p for p in model.parameters() if p.requires_grad]
-    return model.train(), params, f"{cached}/{total} projections cached ({used / 2**20:.0f} MiB)"
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    schedule = get_cosine_schedule_with_warmup(opt, math.ceil(0.03 * steps), steps)
+    return params, opt, schedule
 
 
-def step(forward, params, opt, batches, s: int) -> tuple[float, float]:
-    """One AdamW step on batch ``s``; returns ``(loss, tokens/s)``."""
-    start = time.perf_counter()
-    ids, mask = batches["ids"][s], batches["mask"][s]
-    t = int(mask.sum(1).max())
-    loss = F.cross_entropy(forward(ids[:, :t], mask[:, :t]).float(), batches["labels"][s])
+def _hf_step(model, params, opt, schedule, args, loss) -> None:
+    import torch
+
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
+    schedule.step()
     opt.zero_grad(set_to_none=True)
-    return loss.item(), int(mask.sum()) / (time.perf_counter() - start)
 
 
-def run_memory_child(args: argparse.Namespace) -> None:
-    """A few steps of one stack alone in this process; prints its peak RSS."""
-    work = Path(args.work)
-    from safetensors.torch import load_file
+def hf_classify(args: argparse.Namespace) -> dict:
+    """Train, evaluate on the held-out rows, save the adapter; returns tokens/s and accuracy."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
 
-    forward, params, _ = load_stack(args.side, args, work)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, fused=True)
-    batches = load_file(str(work / "batches.safetensors"))
-    for s in range(WARMUP + 1):
-        step(forward, params, opt, batches, s)
-    print("RSS_MB", peak_rss_self_mb())
+    torch.manual_seed(42)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    rows = [json.loads(line) for line in Path(args.train).read_text().splitlines() if line.strip()]
+    held = [json.loads(line) for line in Path(args.val_data).read_text().splitlines() if line.strip()]
+    labels = sorted({r["label"] for r in rows})
+    args.num_labels = len(labels)
+    enc = tokenizer([r["text"] for r in rows], truncation=True, max_length=args.max_seq_len)["input_ids"]
+    held_enc = tokenizer([r["text"] for r in held], truncation=True, max_length=args.max_seq_len)["input_ids"]
+    targets = [labels.index(r["label"]) for r in rows]
+    model = _hf_model(args, "classify")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    params, opt, schedule = _hf_optimizer(model, args, args.steps)
+    dtype = getattr(torch, args.dtype)
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
 
+    def batch(ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:  # dynamic padding, right side
+        t = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), t), tokenizer.pad_token_id)
+        mask = torch.zeros(len(ids), t, dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+        return input_ids, mask
 
-def peak_rss_self_mb() -> float:
-    """This process's peak RSS: VmHWM (reset by exec, unlike ru_maxrss, which a child inherits)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def peak_rss(stack: str, args: argparse.Namespace, work: Path) -> float:
-    argv = [sys.executable, __file__, "--side", stack, "--work", str(work)]
-    for key in ("labels", "rank", "lr", "targets", "threads"):
-        argv += [f"--{key}", str(getattr(args, key))]
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RSS_MB ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{stack} failed:\n{proc.stderr[-3000:]}")
-    return float(lines[-1].split()[1])
-
-
-def scaling_model(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
-    """A random Qwen3 (byte-level tokenizer) and rows of random words with 4 labels: ``(model dir, data file)``."""
-    import random
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    import helpers
-
-    model = helpers.make_hf_model(
-        "qwen3",
-        num_labels=None,
-        init_std=None,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        num_key_value_heads=max(1, args.hidden // 128),
-        head_dim=64,
-    )
-    base = helpers.save_hf_model(model, work / "base")
-    rng = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
-    rows = []
-    for _ in range(args.batch * (WARMUP + args.steps)):
-        label = rng.randrange(4)
-        text = " ".join(rng.choice(words[2 * label : 2 * label + 2] + words) for _ in range(rng.randint(4, 24)))
-        rows.append({"text": text, "label": f"class{label}"})
-    return base, helpers.write_jsonl(work / "train.jsonl", rows)
+    rng = np.random.default_rng(42)
+    order: list[int] = []
+    tokens, seconds = [], []
+    model.train()
+    for _ in range(args.steps):
+        if len(order) < args.batch_size:
+            order += rng.permutation(len(enc)).tolist()
+        chosen, order = order[: args.batch_size], order[args.batch_size :]
+        start = time.perf_counter()
+        input_ids, mask = batch([enc[i] for i in chosen])
+        with autocast:
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+        loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor([targets[i] for i in chosen]))
+        _hf_step(model, params, opt, schedule, args, loss)
+        tokens.append(int(mask.sum()))
+        seconds.append(time.perf_counter() - start)
+    model.eval()
+    correct = 0
+    with torch.no_grad(), autocast:
+        for s in range(0, len(held_enc), 2 * args.batch_size):
+            input_ids, mask = batch(held_enc[s : s + 2 * args.batch_size])
+            predicted = model(input_ids=input_ids, attention_mask=mask).logits.argmax(-1).tolist()
+            gold = [labels.index(r["label"]) for r in held[s : s + 2 * args.batch_size]]
+            correct += sum(p == g for p, g in zip(predicted, gold, strict=True))
+    model.save_pretrained(Path(args.output) / "adapter")
+    return {"tokens_per_s": statistics.median(_window_rates(tokens, seconds)), "accuracy": correct / len(held)}
 
 
-def scaling_run(args: argparse.Namespace, base: Path, data: Path, out: Path, nproc: int) -> dict:
-    """One ``nibble train`` run on ``nproc`` processes (1: no torchrun); its tokens/s, wall time, final loss and
-    peak device memory."""
-    threads = args.nproc if nproc == 1 else 1
-    train = ["train", "--model", base, "--data", data, "--output", out, "--method", "lora", "--dtype", "float32"]
-    train += ["--batch-size", args.batch // nproc, "--max-steps", WARMUP + args.steps, "--log-every", 1]
-    train += ["--val-split", 0, "--save-every", 0, "--lora-rank", args.rank, "--lora-targets", args.targets]
-    train += ["--lora-dropout", 0, "--lr", args.lr, "--device", args.device]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd = [*(launch if nproc > 1 else [sys.executable]), "-m", "nibble", *map(str, train)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+def hf_instruct(args: argparse.Namespace) -> dict:
+    """Train on nibble's own instruction batches (same tokens, same labels); returns tokens/s."""
+    import torch
+
+    from nibble.data.batching import BatchStream
+    from nibble.data.instruct import fit_length, read_instruct, use_chat_template
+    from nibble.io.tokenizer import load_tokenizer
+
+    torch.manual_seed(42)
+    tokenizer = load_tokenizer(args.model)
+    use_chat_template(tokenizer)
+    data = fit_length(read_instruct(args.train, tokenizer), args.max_seq_len, False, args.train)
+    stream = BatchStream(data, args.batch_size, tokenizer.pad_id, 42)
+    model = _hf_model(args, "causal_lm")
+    params, opt, schedule = _hf_optimizer(model, args, args.steps)
+    dtype = getattr(torch, args.dtype)
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    tokens, seconds = [], []
+    model.train()
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        b = stream.next_batch()
+        with autocast:  # transformers shifts the labels itself; -100 marks the prompt and the padding
+            loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        _hf_step(model, params, opt, schedule, args, loss)
+        tokens.append(int(b["attention_mask"].sum()))
+        seconds.append(time.perf_counter() - start)
+    model.save_pretrained(Path(args.output) / "adapter")
+    return {"tokens_per_s": statistics.median(_window_rates(tokens, seconds))}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The driver: data, commands, alternating timed runs, tables.
+
+
+def run_timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """Run ``argv``; returns ``(wall seconds, peak RSS MiB of that process, stdout)``."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - start
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(argv)}\n{stderr[-4000:]}")
+    return wall, usage.ru_maxrss / 1024, stdout
+
+
+def nibble_rates(out: Path) -> float:
+    """Median tokens/s of nibble's logged training windows (metrics.jsonl)."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    records = [r for r in records if r["kind"] == "train"]
-    return {
-        "threads": threads,
-        "rate": statistics.median(r["tokens_per_s"] for r in records[WARMUP:]),
-        "wall": wall,
-        "losses": [r["loss"] for r in records],
-        "device_peak": records[-1].get("peak_device_bytes"),
-    }
+    return statistics.median(r["tokens_per_s"] for r in records if r["kind"] == "train")
 
 
-def scaling(args: argparse.Namespace) -> None:
-    """``--nproc N``: print the table of one process against N ranks."""
-    if args.batch % args.nproc:
-        raise SystemExit(f"--batch {args.batch} must divide among --nproc {args.nproc} ranks")
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        base, data = scaling_model(work, args)
-        tries: dict[int, list[dict]] = {1: [], args.nproc: []}
-        for r in range(args.repeats):
-            for n in tries:
-                tries[n].append(scaling_run(args, base, data, work / f"run{n}-{r}", n))
-        runs = {n: max(found, key=lambda run: run["rate"]) for n, found in tries.items()}
-    ref = runs[1]
-    print(f"# bench_train --nproc {args.nproc}: LoRA classification, nibble train vs torchrun, {datetime.date.today()}")
-    print(f"# machine: {cpu_name()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; "
-          f"torch {torch.__version__}; device {args.device}")  # fmt: skip
-    print(f"# model: random Qwen3 hidden {args.hidden}, {args.layers} layers; global batch {args.batch} rows of "
-          f"4-24 words, LoRA r={args.rank} on {args.targets}, {args.steps} timed steps, fp32; "
-          f"best of {args.repeats} alternating runs each")  # fmt: skip
-    print()
-    print(
-        "| processes | threads each | tokens/s | vs 1 process | wall s (with start-up) | device peak MiB | final loss |"
-    )  # noqa: E501
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for n, run in runs.items():
-        peak = "-" if run["device_peak"] is None else f"{run['device_peak'] / 2**20:.0f}"
-        print(
-            f"| {n} | {run['threads']} | {run['rate']:.0f} | {run['rate'] / ref['rate']:.2f}x | {run['wall']:.1f} | "
-            f"{peak} | {run['losses'][-1]:.6f} |"
+REVIEWS = Path(__file__).parent / "data" / "short_reviews.jsonl"
+
+
+def split_data(source: str, work: Path) -> tuple[Path, Path]:
+    """``(train.jsonl, heldout.jsonl)``: the last 20% of the set held out (both sets are ordered so that it is
+    balanced over the classes)."""
+    if source == "demo":
+        from nibble.cli.demo import split_demo_data
+
+        train, held_out, _, _ = split_demo_data(work / "data")
+        return train, held_out
+    lines = REVIEWS.read_text(encoding="utf-8").splitlines(keepends=True)
+    cut = len(lines) - round(0.2 * len(lines))
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    train, held_out = work / "data" / "train.jsonl", work / "data" / "heldout.jsonl"
+    train.write_text("".join(lines[:cut]), encoding="utf-8")
+    held_out.write_text("".join(lines[cut:]), encoding="utf-8")
+    return train, held_out
+
+
+def write_instruct_data(path: Path, rows: int) -> None:
+    """Conversations of ~500 tokens from the shipped messages: label a list of messages, one topic per line."""
+    from importlib import resources
+
+    lines = resources.files("nibble.data").joinpath("demo_classify.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    out = []
+    for r in range(rows):
+        picked = [records[(r * 23 + i * 7) % len(records)] for i in range(24)]
+        prompt = "Give the topic of each support message, one per line.\n" + "\n".join(
+            f"{i + 1}. {p['text']}" for i, p in enumerate(picked)
         )
-    diff = max(abs(a - b) for a, b in zip(ref["losses"], runs[args.nproc]["losses"], strict=True))
-    print(f"\nlargest per-step loss difference, {args.nproc} ranks vs 1 process: {diff:.2e}")
+        answer = "\n".join(f"{i + 1}. {p['label']}" for i, p in enumerate(picked))
+        out.append(json.dumps({"instruction": prompt, "response": answer}))
+    path.write_text("\n".join(out) + "\n")
+
+
+def classify_commands(stack: str, args: argparse.Namespace, dtype: str, data: tuple[Path, Path], out: Path):
+    common = dict(steps=args.steps, batch=args.batch_size, seq=args.max_seq_len, rank=args.rank, lr=args.lr)
+    if stack == "hf":
+        argv = [sys.executable, __file__, "--child", "classify", "--model", str(args.model), "--train", str(data[0])]
+        argv += ["--val-data", str(data[1]), "--output", str(out), "--dtype", dtype, "--dropout", str(args.dropout)]
+    else:
+        argv = [sys.executable, "-m", "nibble", "train", "--model", str(args.model), "--data", str(data[0])]
+        argv += ["--val-data", str(data[1]), "--output", str(out), "--overwrite", "--dtype", dtype]
+        if args.dropout is not None:
+            argv += ["--lora-dropout", str(args.dropout)]
+        if stack == "nibble-nocache":
+            argv += ["--cache-budget-mb", "0"]
+    argv += ["--max-steps", str(common["steps"]), "--batch-size", str(common["batch"])]
+    argv += ["--max-seq-len", str(common["seq"]), "--lora-rank", str(common["rank"])]
+    argv += ["--lora-alpha", str(2 * args.rank), "--lora-targets", args.targets, "--lr", str(common["lr"])]
+    return argv
+
+
+def instruct_commands(stack: str, args: argparse.Namespace, dtype: str, data: Path, out: Path):
+    if stack == "hf":
+        argv = [sys.executable, __file__, "--child", "instruct", "--model", str(args.model), "--train", str(data)]
+        argv += ["--output", str(out), "--dtype", dtype, "--dropout", str(args.dropout)]
+    else:
+        argv = [sys.executable, "-m", "nibble", "train", "--task", "instruct", "--model", str(args.model)]
+        argv += ["--data", str(data), "--output", str(out), "--overwrite", "--dtype", dtype, "--val-split", "0"]
+        argv += ["--eval-every", "0", "--save-every", "0"]
+        if args.dropout is not None:
+            argv += ["--lora-dropout", str(args.dropout)]
+    argv += ["--max-steps", str(args.instruct_steps), "--batch-size", str(args.instruct_batch)]
+    argv += ["--max-seq-len", "512", "--lora-rank", str(args.rank), "--lora-alpha", str(2 * args.rank)]
+    argv += ["--lora-targets", args.targets, "--lr", str(args.lr)]
+    return argv
+
+
+def child_result(stdout: str) -> dict:
+    return json.loads(next(line for line in stdout.splitlines()[::-1] if line.startswith("{")))
+
+
+def measure(kind: str, args: argparse.Namespace, dtype: str, data, work: Path, stacks: tuple[str, ...]) -> dict:
+    """``{stack: [run, ...]}`` with each run's wall, RSS, tokens/s (and accuracy), the stacks alternating."""
+    results: dict[str, list[dict]] = {s: [] for s in stacks}
+    for repeat in range(args.repeats):
+        for stack in stacks if repeat % 2 == 0 else stacks[::-1]:
+            out = work / f"{kind}-{dtype}-{stack}-{repeat}"
+            make = classify_commands if kind == "classify" else instruct_commands
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            wall, rss, stdout = run_timed(make(stack, args, dtype, data, out), env)
+            run = {"wall": wall, "rss": rss}
+            if stack == "hf":
+                run.update(child_result(stdout))
+            else:
+                run["tokens_per_s"] = nibble_rates(out)
+                if kind == "classify":
+                    run["accuracy"] = json.loads((out / "eval_report.json").read_text())["accuracy"]
+                run["note"] = next((line for line in stdout.splitlines() if line.startswith("cache:")), "")
+            results[stack].append(run)
+            print(f"  {kind} {dtype} {stack} #{repeat}: " + json.dumps(run), flush=True)
+    return results
+
+
+def table(results: dict, ref: str = "hf", accuracy: bool = True) -> list[str]:
+    head = "| stack | wall s | vs ref | tokens/s | vs ref | peak RSS MiB | vs ref |"
+    head += " accuracy |" if accuracy else ""
+    rows = [head, "|---|" + "---:|" * (6 + accuracy)]
+    for stack, runs in results.items():
+
+        def med(key: str, runs=runs) -> float:
+            return statistics.median(r[key] for r in runs)
+
+        def ratio(key: str, runs=runs, invert: bool = False) -> float:
+            pairs = [(r[key], b[key]) for r, b in zip(runs, results[ref], strict=True)]
+            return statistics.median(b / a if invert else a / b for a, b in pairs)
+
+        spread = f" ({min(r['wall'] for r in runs):.0f}-{max(r['wall'] for r in runs):.0f})" if len(runs) > 1 else ""
+        line = (
+            f"| {NAMES[stack]} | {med('wall'):.0f}{spread} | {ratio('wall', invert=True):.2f}x faster | "
+            f"{med('tokens_per_s'):.0f} | {ratio('tokens_per_s'):.2f}x | {med('rss'):.0f} | {ratio('rss'):.2f}x |"
+        )
+        if accuracy:
+            line += f" {med('accuracy'):.3f} |"
+        rows.append(line)
+    return rows
+
+
+def scaling(args: argparse.Namespace, dtype: str, work: Path) -> list[str]:
+    """``--nproc N``: the table of nibble's classification run on 1 process against N torchrun ranks."""
+    if args.batch_size % args.nproc:
+        raise SystemExit(f"--batch-size {args.batch_size} must divide among --nproc {args.nproc} ranks")
+    data = split_data(args.data, work)
+    runs: dict[int, list[dict]] = {1: [], args.nproc: []}
+    for repeat in range(args.repeats):
+        for n in (1, args.nproc) if repeat % 2 == 0 else (args.nproc, 1):
+            out = work / f"nproc{n}-{dtype}-{repeat}"
+            argv = classify_commands("nibble", args, dtype, data, out) + ["--device", args.device]
+            argv[argv.index("--batch-size") + 1] = str(args.batch_size // n)
+            if n > 1:  # argv: python -m nibble train ...
+                argv[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+            threads = args.nproc if n == 1 and args.device == "cpu" else 1
+            wall, _, _ = run_timed(argv, {**os.environ, "OMP_NUM_THREADS": str(threads)})
+            records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            last = [r for r in records if r["kind"] == "train"][-1]
+            report = json.loads((out / "eval_report.json").read_text())
+            run = {"wall": wall, "tokens_per_s": nibble_rates(out), "threads": threads, "loss": last["loss"]}
+            run.update(rss=last["peak_rss_bytes"] / 2**20, device=last.get("peak_device_bytes"))
+            run["accuracy"] = report["accuracy"]
+            runs[n].append(run)
+            print(f"  nproc {n} {dtype} #{repeat}: " + json.dumps(run), flush=True)
+    rows = [
+        "| processes | threads each | wall s | tokens/s | vs 1 process | rank 0 peak RSS MiB | device peak MiB "
+        "| last train loss | accuracy |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, found in runs.items():
+        pairs = zip(found, runs[1], strict=True)
+        ratio = statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs)
+        device = found[0]["device"]
+        rows.append(
+            f"| {n} | {found[0]['threads']} | {statistics.median(r['wall'] for r in found):.0f} | "
+            f"{statistics.median(r['tokens_per_s'] for r in found):.0f} | {ratio:.2f}x | "
+            f"{statistics.median(r['rss'] for r in found):.0f} | "
+            f"{'-' if device is None else f'{device / 2**20:.0f}'} | {found[0]['loss']:.6f} | "
+            f"{found[0]['accuracy']:.3f} |"
+        )
+    return rows
 
 
 def cpu_name() -> str:
@@ -273,82 +391,89 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", help="a real checkpoint (e.g. SmolLM2-135M) instead of the random Qwen3")
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--intermediate", type=int, default=1536)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=12, help="timed steps (after 2 warm-up steps)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--labels", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--targets", default="q_proj,v_proj")
+    parser.add_argument("--model", help="model directory or .gguf (default: the demo's SmolLM2-135M-Instruct)")
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads for every stack (default 1: stable on a busy machine)"
+        "--data",
+        choices=("reviews", "demo"),
+        default="reviews",
+        help="reviews: benchmarks/data/short_reviews.jsonl (1,150 rows, 3 classes); demo: the demo's 350 messages",
+    )
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per stack, alternating (default 2)")
+    parser.add_argument("--steps", type=int, default=75)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-seq-len", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--targets", default="q_proj,v_proj")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--dropout", type=float, default=None, help="LoRA dropout for both (default: each stack's own default)"
+    )
+    parser.add_argument("--stacks", default=",".join(STACKS))
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS of every run (default 1: on a machine shared with other work, 2 threads on 2 cores "
+        "made a 10-step nibble run 5x slower, 360 s against 72 s, for both stacks alike)",
     )
     parser.add_argument("--nproc", type=int, help="measure 1 process against N torchrun ranks instead (see above)")
-    parser.add_argument("--repeats", type=int, default=2, help="--nproc runs: runs of each set-up (best kept)")
     parser.add_argument("--device", default="cpu", help="--nproc runs: cpu, or cuda (one GPU per rank)")
-    parser.add_argument("--side", choices=STACKS, help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-classify", action="store_true")
+    parser.add_argument("--skip-instruct", action="store_true")
+    parser.add_argument("--instruct-steps", type=int, default=20)
+    parser.add_argument("--instruct-batch", type=int, default=4)
+    parser.add_argument("--child", choices=("classify", "instruct"), help=argparse.SUPPRESS)
+    parser.add_argument("--train", help=argparse.SUPPRESS)
+    parser.add_argument("--val-data", help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", help=argparse.SUPPRESS)
+    parser.add_argument("--max-steps", dest="child_steps", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--lora-rank", dest="child_rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--lora-alpha", dest="alpha", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--lora-targets", dest="child_targets", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.nproc:
-        scaling(args)
-        return
-    if args.side:
-        run_memory_child(args)
+
+    if args.child:
+        args.steps, args.rank, args.targets = args.child_steps, args.child_rank, args.child_targets
+        if args.dropout is None:
+            args.dropout = 0.0  # PEFT's default
+        result = hf_classify(args) if args.child == "classify" else hf_instruct(args)
+        print(json.dumps(result), flush=True)
         return
 
-    from safetensors.torch import save_file
+    from nibble.io.fetch import fetch_smollm2
+    from nibble.model.loading import resolve_model_dir
 
+    args.model = resolve_model_dir(args.model or fetch_smollm2())
+    stacks = tuple(args.stacks.split(","))
+    tables = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if args.model_dir:
-            (work / "base").symlink_to(Path(args.model_dir).resolve())
-            config = json.loads((work / "base" / "config.json").read_text())
-            vocab, pad = config["vocab_size"], config.get("pad_token_id") or config["eos_token_id"]
-            what = args.model_dir
-        else:
-            pad = build_model(work / "base", args)
-            vocab = args.vocab
-            what = f"random Qwen3 hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}"
-        batches = make_batches(args, vocab, pad)
-        save_file(batches, str(work / "batches.safetensors"))
-        stacks = {}
-        for name in STACKS:  # nibble first: it writes the initial adapter the others start from
-            start = time.perf_counter()
-            forward, params, note = load_stack(name, args, work)
-            opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, fused=True)
-            stacks[name] = dict(forward=forward, params=params, opt=opt, note=note, losses=[], rates=[])
-            stacks[name]["load_s"] = time.perf_counter() - start
-        for s in range(WARMUP + args.steps):
-            for st in stacks.values():
-                loss, rate = step(st["forward"], st["params"], st["opt"], batches, s)
-                st["losses"].append(loss)
-                if s >= WARMUP:
-                    st["rates"].append(rate)
-        rss = {name: peak_rss(name, args, work) for name in STACKS}
+        for dtype in args.dtypes.split(","):
+            if args.nproc:
+                tables.append((f"classification, {dtype}, 1 process vs {args.nproc} ranks", scaling(args, dtype, work)))
+                continue
+            if not args.skip_classify:
+                results = measure("classify", args, dtype, split_data(args.data, work), work, stacks)
+                tables.append((f"classification, {dtype}", table(results)))
+            if not args.skip_instruct:
+                data = work / "instruct.jsonl"
+                write_instruct_data(data, 8 * args.instruct_batch)
+                lm_stacks = tuple(s for s in stacks if s != "nibble-nocache")
+                results = measure("instruct", args, dtype, data, work, lm_stacks)
+                tables.append((f"instruction tuning, {dtype}", table(results, accuracy=False)))
 
-    ref = stacks["hf"]
-    print(f"# bench_train: QLoRA (NF4) sequence classification, CPU, {datetime.date.today()}")
-    print(f"# machine: {cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-          f"load average {os.getloadavg()[0]:.1f} at the end; torch {torch.__version__}")  # fmt: skip
-    print(f"# model: {what}; batch {args.batch} x <= {args.seq} tokens, LoRA r={args.rank} on {args.targets}, "
-          f"{args.steps} timed steps, fp32")  # fmt: skip
-    print()
-    print("| stack | tokens/s | vs ref | peak RSS MiB | vs ref | final loss | notes |")
-    print("|---|---:|---:|---:|---:|---:|---|")
-    for name, st in stacks.items():
-        ratio = statistics.median(a / b for a, b in zip(st["rates"], ref["rates"], strict=True))
-        print(
-            f"| {NAMES[name]} | {statistics.median(st['rates']):.0f} | {ratio:.2f}x | {rss[name]:.0f} | "
-            f"{rss[name] / rss['hf']:.2f}x | {sum(st['losses'][-5:]) / 5:.4f} | {st['note']} |"
-        )
-    diff = max(abs(a - b) for a, b in zip(stacks["nibble"]["losses"], ref["losses"], strict=True))
-    print(f"\nlargest per-step loss difference, nibble vs reference: {diff:.2e}")
+    import torch
+
+    print(f"\n# bench_train, {datetime.date.today()}: {cpu_name()}, {os.cpu_count()} CPUs, {args.threads} thread(s) "
+          f"per run, torch {torch.__version__}; load average {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
+    print(f"# model {args.model.name}; classification: {args.steps} steps x batch {args.batch_size}, max-seq-len "
+          f"{args.max_seq_len}, LoRA r {args.rank} alpha {2 * args.rank} on {args.targets}, lr {args.lr}, dropout "
+          f"{'each default' if args.dropout is None else args.dropout}; {args.repeats} repeats")  # fmt: skip
+    for title, rows in tables:
+        print(f"\n## {title}\n")
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ A factory call without ``device=`` (``torch.arange(n)``, ``torch.zeros(...)``, `
 CPU tensor, which this test reports with the line of nibble code that made it; on a GPU the same call would
 be a silent host round trip or a device-mismatch error. Reading a value (``.item()``, ``bool()``) from a meta
 tensor is impossible, so those reads return 1 here, or False for a bool (which sends the attention mask down its
-padding path).
+padding path), and ``nonzero`` finds every element non-zero.
 Autocast knows no meta device: for meta tensors it stands in as off.
 """
 
@@ -64,6 +64,8 @@ class OffMetaTensors(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
             return False if args[0].dtype == torch.bool else 1
+        if func is torch.ops.aten.nonzero.default and args[0].device == META:  # as if every element were non-zero
+            return torch.empty(args[0].numel(), args[0].dim(), dtype=torch.long, device=META)
         if func is torch.ops.aten._to_copy.default and args[0].device == META and kwargs.get("device") is not None:
             return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)  # results to the host
         out = func(*args, **(kwargs or {}))

@@ -15,6 +15,7 @@ import resource
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
@@ -106,17 +107,22 @@ def cpu_flags(cpuinfo: str) -> set[str]:
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU computes bfloat16 natively (AMX, AVX512-BF16 or Arm BF16), from /proc/cpuinfo.
+    """Whether this CPU (or the one ``cpuinfo``, a /proc/cpuinfo text, describes) computes bfloat16 natively:
+    AMX, AVX512-BF16 or Arm BF16.
 
-    Elsewhere bfloat16 runs on CPUs too, emulated through float32 and slower than float32 itself.
+    Elsewhere bfloat16 matmuls run too, but emulated and 5-50x slower than float32 (measured on an AVX2 EPYC:
+    5 GFLOP/s against 26 for ``F.linear``, 1 against 24 for ``grad @ W``).
     """
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return False
-    return bool(cpu_flags(cpuinfo) & _BF16_FLAGS)
+    return _host_has_native_bf16() if cpuinfo is None else bool(cpu_flags(cpuinfo) & _BF16_FLAGS)
+
+
+@cache  # asked before every low-precision matmul on the CPU
+def _host_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return cpu_has_native_bf16(f.read())
+    except OSError:
+        return False
 
 
 def auto_dtype(device: torch.device) -> torch.dtype:

@@ -9,7 +9,7 @@ from torch import nn
 
 from nibble.errors import NibbleError
 from nibble.nn import LoRALinear, QuantLinear, apply_lora
-from nibble.nn.lora import PROJECTIONS, lora_layers
+from nibble.nn.lora import PROJECTIONS, LoRADropout, lora_layers
 from nibble.quant import QuantSpec
 
 
@@ -24,6 +24,15 @@ class Block(nn.Module):
 
     def forward(self, x):
         return self.q_proj(x)
+
+
+class FixedMask(nn.Module):
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask
 
 
 def peft_twin(ours: LoRALinear, weight: torch.Tensor, bias: torch.Tensor | None, dropout: float):
@@ -64,9 +73,12 @@ def test_forward_and_gradients_equal_peft(rank, alpha, rslora, bias, dropout):
 
     x = torch.randn(2, 7, 64)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    if dropout:
+        # PEFT applies nn.Dropout; give it the very mask ours draws, so the rest of the math is compared exactly.
+        torch.manual_seed(1)
+        theirs.lora_dropout["default"] = FixedMask(ours.lora_dropout.mask(x))
     torch.manual_seed(1)
     y1 = ours(x1)
-    torch.manual_seed(1)
     y2 = theirs_model(x2)
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)
     g = torch.randn_like(y1)
@@ -75,6 +87,24 @@ def test_forward_and_gradients_equal_peft(rank, alpha, rslora, bias, dropout):
     torch.testing.assert_close(ours.lora_A.weight.grad, theirs.lora_A["default"].weight.grad, rtol=0, atol=0)
     torch.testing.assert_close(ours.lora_B.weight.grad, theirs.lora_B["default"].weight.grad, rtol=0, atol=0)
     assert ours.base_layer.weight.grad is None
+
+
+@pytest.mark.parametrize("p", [0.05, 0.25, 0.5])
+def test_dropout_drops_p_of_the_inputs_and_keeps_the_mean(p):
+    drop = LoRADropout(p).train()
+    assert abs(drop.p - p) <= 0.5 / 65536
+    torch.manual_seed(0)
+    x = torch.ones(400, 500)
+    first, second = drop(x), drop(x)
+    assert first.unique().tolist() == [0.0, pytest.approx(1 / (1 - drop.p))]
+    dropped = (first == 0).float().mean().item()
+    assert abs(dropped - p) < 4 * math.sqrt(p * (1 - p) / x.numel())  # 4 sigma
+    assert abs(first.mean().item() - 1.0) < 4 * math.sqrt(p / (1 - p) / x.numel())
+    assert not torch.equal(first, second)  # a fresh mask every call
+    for column in range(4):  # every 16-bit lane of a 64-bit draw is used alike
+        lane = (first.view(-1)[: 4 * 40000].view(-1, 4)[:, column] == 0).float().mean().item()
+        assert abs(lane - p) < 5 * math.sqrt(p * (1 - p) / 40000)
+    assert drop.eval()(x) is x
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "int4"])

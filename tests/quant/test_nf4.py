@@ -69,6 +69,24 @@ def test_values_on_codes_and_midpoints_match_bitsandbytes():
     assert torch.equal(restored[16:31], code[:-1])  # ties to the lower index
 
 
+def test_cell_lookup_equals_binary_search_next_to_every_cell_edge_and_midpoint():
+    """The grid lookup behind quantize against bucketize (nearest code, ties low) where it could go wrong:
+    on and one float either side of every cell edge and every midpoint, past +-1, and on random values."""
+    code = nf4.nf4_code()
+    midpoints = (code[:-1] + code[1:]) / 2
+    edges = (torch.arange(-1, nf4._CELLS + 2, dtype=torch.float64) - 0.5) / (nf4._CELLS / 2) - 1
+    centers = torch.cat([edges.float(), midpoints, torch.tensor([-1.0, 0.0, 1.0])])
+    near = centers
+    for _ in range(2):
+        up, down = torch.full_like(near, 2.0), torch.full_like(near, -2.0)
+        near = torch.cat([near, near.nextafter(up), near.nextafter(down)])
+    values = torch.cat([near, torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 2 - 1])
+    values = values.clamp(-1.0000002, 1.0000002)  # one rounding step past +-1 at most, as scaling can give
+    ours = torch.empty(values.numel(), dtype=torch.uint8)
+    nf4._nearest_codes(values, ours)
+    assert torch.equal(ours.long(), torch.bucketize(values, midpoints))
+
+
 def test_high_nibble_holds_first_element():
     w = torch.tensor([1.0, -1.0, 0.0])
     q = nf4.quantize(w, blocksize=64)

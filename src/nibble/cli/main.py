@@ -12,18 +12,24 @@ import nibble.cli
 from nibble.errors import NibbleError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every subcommand module in ``nibble.cli`` registered."""
+def command_names() -> list[str]:
+    """The subcommands: one module per command in ``nibble.cli`` (helpers start with an underscore)."""
+    found = sorted(info.name for info in pkgutil.iter_modules(nibble.cli.__path__))
+    return [name for name in found if name != "main" and not name.startswith("_")]
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser with the subcommands registered: only ``command``'s module when it names one (a run
+    of one command does not import the others), else every one (for ``--help`` and for errors)."""
     parser = argparse.ArgumentParser(
         prog="nibble",
         description="Fine-tune decoder language models on one small machine: 4-bit frozen weights, LoRA adapters.",
     )
     parser.add_argument("--version", action="version", version=f"nibble {nibble.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for info in sorted(pkgutil.iter_modules(nibble.cli.__path__), key=lambda m: m.name):
-        if info.name == "main" or info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"nibble.cli.{info.name}")
+    names = command_names()
+    for name in [command] if command in names else names:
+        module = importlib.import_module(f"nibble.cli.{name}")
         if hasattr(module, "register"):
             module.register(subparsers)
     return parser
@@ -31,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -94,6 +94,11 @@ def _ops(device: torch.device, qweight: QuantizedWeight) -> ModuleType:
     return reference
 
 
+# Dense matmuls (a cached dequantized weight, LoRA, a head) run the torch way on every device.
+linear = reference.linear
+on_fp32_units = reference.on_fp32_units
+
+
 def dequantize(qweight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense ``[N, K]`` weight in ``dtype``."""
     return _ops(qweight.device, qweight).dequantize(qweight, dtype)

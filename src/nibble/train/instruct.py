@@ -2,18 +2,18 @@
 
 The loss is the mean cross-entropy of the response tokens (every token an assistant turn produces,
 end-of-turn included) given everything before them; the LM head runs only at the positions that predict
-one, so no [batch, seq, vocab] logits are ever built. Evaluation reports that loss and its perplexity.
+one, chunk by chunk, so neither [batch, seq, vocab] nor [targets, vocab] logits are ever built. Evaluation
+reports that loss and its perplexity.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nibble.data.instruct import (
@@ -31,29 +31,40 @@ from nibble.devices import to_device
 from nibble.errors import NibbleError
 from nibble.io.tokenizer import Tokenizer, load_tokenizer
 from nibble.model.loading import resolve_model_dir
+from nibble.nn.cross_entropy import linear_cross_entropy
 from nibble.train.config import TrainConfig
 from nibble.train.distributed import all_sum, current, eval_batches
 from nibble.train.metrics import headline
 from nibble.train.run import TaskRun, TrainResult, run_training
 
 
-def lm_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits [N, V] at the N positions whose next token is a target (``labels[:, 1:] != IGNORE_INDEX``)."""
+class LMOutputs(NamedTuple):
+    """What :func:`lm_forward` hands :func:`lm_loss`: the hidden states that predict a target and the LM head."""
+
+    hidden: torch.Tensor  # [N, H], in the compute dtype
+    weight: torch.Tensor  # [V, H]
+
+
+def lm_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> LMOutputs:
+    """The final hidden states at the N positions whose next token is a target (``labels[:, 1:] != IGNORE_INDEX``)
+    and the LM head's weight; :func:`lm_loss` turns them into the loss without building [N, V] logits."""
     hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])  # [B, T, H]
     predicts = batch["labels"][:, 1:] != IGNORE_INDEX  # [B, T-1]: position t predicts token t + 1
-    return model.lm_head(hidden[:, :-1][predicts])  # [N, H] -> [N, V]
+    selected = hidden[:, :-1][predicts]  # [N, H]
+    if torch.is_autocast_enabled(selected.device.type):  # the head's matmul runs in the autocast dtype
+        selected = selected.to(torch.get_autocast_dtype(selected.device.type))
+    return LMOutputs(selected, model.lm_head.weight)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy (fp32) of :func:`lm_forward`'s logits against the target tokens of ``labels`` [B, T].
+def lm_loss(outputs: LMOutputs, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy (fp32 softmax) of the LM head at :func:`lm_forward`'s positions against the target tokens
+    of ``labels`` [B, T], computed in chunks of rows (:func:`nibble.nn.cross_entropy.linear_cross_entropy`).
 
     A batch without targets gives a zero loss that still backpropagates (to nothing).
     """
     targets = labels[:, 1:]
     targets = targets[targets != IGNORE_INDEX]  # [N], in the order lm_forward selected the positions
-    if targets.numel() == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), targets, reduction=reduction)
+    return linear_cross_entropy(outputs.hidden, outputs.weight, targets, reduction)
 
 
 def target_count(batch: dict[str, torch.Tensor]) -> int:

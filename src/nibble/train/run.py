@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nibble import kernels
 from nibble.data.batching import BatchStream, Dataset
 from nibble.devices import MemoryMeter, describe, device_memory, dtype_name, parse_bytes, resolve_device, resolve_dtype
 from nibble.errors import NibbleError
@@ -471,6 +472,12 @@ def _run(
         torch.manual_seed(config.seed + part.rank)
     model.gradient_checkpointing = config.gradient_checkpointing
     cache_budget = 0
+    if kernels.on_fp32_units(config.torch_dtype, device):
+        print(
+            f"dtype: {config.dtype} on a CPU without native {config.dtype} arithmetic: matmuls and attention take "
+            f"{config.dtype} operands and give results in it, multiplied on fp32 units (exact products, fp32 sums)",
+            flush=True,
+        )
     if quant is not None:
         cache_budget = cache_budget_bytes(model, dtype, config.cache_budget_mb)
         if plan is not None:  # the copies fill at most what the planned run leaves of the budget
@@ -529,9 +536,18 @@ def _run(
         "budget_bytes": plan.budget_bytes if plan is not None else None,
     }
 
-    with distributed.gathered(model):  # a sharded model's consolidated export
+    best = out / "best"
+    # (decided by rank 0, which wrote best/: the export of a sharded model needs every rank)
+    from_best = distributed.broadcast_text("best" if progress.best_step == progress.step and best.is_dir() else "")
+    if from_best:
+        # The last evaluation was the best and best/ holds exactly this model: copy it, do not export twice.
         if part.is_main:
-            export(model, config, tokenizer, final_dir, task, model_dir, progress.step)
+            with staged_dir(final_dir, overwrite=True) as tmp:
+                shutil.copytree(best, tmp, dirs_exist_ok=True)
+    else:
+        with distributed.gathered(model):  # a sharded model's consolidated export
+            if part.is_main:
+                export(model, config, tokenizer, final_dir, task, model_dir, progress.step)
     if not part.is_main:
         return TrainResult(out, final_dir, None, trainer.last_checkpoint, {}, progress.step, progress.stopped_early)
     report: dict[str, Any] = {}

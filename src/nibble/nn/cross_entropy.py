@@ -1,0 +1,80 @@
+"""Linear + cross-entropy in chunks of rows: the loss of an LM head without its [N, vocab] logits.
+
+``linear_cross_entropy(hidden, weight, targets)`` equals ``F.cross_entropy((hidden @ weight.T).float(),
+targets)``. The logits of one chunk of rows exist at a time: the forward computes each chunk's loss and,
+while its logits are at hand, the chunk's gradients for ``hidden`` and ``weight``; the backward only scales
+them. The memory the loss needs is one chunk of fp32 logits instead of several [N, vocab] tensors (logits,
+their fp32 copy, the log-softmax kept for backward and its gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nibble import kernels
+
+# fp32 logits of one chunk: 2**22 elements (16 MiB) — 85 rows at vocab 49152, 27 at 151936.
+CHUNK_ELEMENTS = 1 << 22
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, sum_reduction, chunk_rows):  # type: ignore[override]
+        n = hidden.shape[0]
+        scale = 1.0 if sum_reduction else 1.0 / max(n, 1)
+        w = weight.to(hidden.dtype)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for start in range(0, n, chunk_rows):
+            h = hidden[start : start + chunk_rows]  # [c, H]
+            t = targets[start : start + chunk_rows]  # [c]
+            logits = kernels.linear(h, w).float()  # [c, V]
+            lse = torch.logsumexp(logits, dim=-1)  # [c]
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                # d loss / d logits = (softmax - one_hot(target)) * scale, built in place of the logits and
+                # scaled before any cast to the compute dtype, as the full path rounds it.
+                grad_logits = logits.sub_(lse[:, None]).exp_()
+                grad_logits[torch.arange(t.numel(), device=t.device), t] -= 1.0
+                grad_logits = grad_logits.mul_(scale).to(hidden.dtype)
+                if need_h:
+                    grad_h[start : start + chunk_rows] = kernels.linear(grad_logits, w.T)  # @ w
+                if need_w:
+                    grad_w.addmm_(grad_logits.T.float(), h.float())
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    reduction: str = "mean",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of the logits ``hidden @ weight.T`` (fp32 softmax) against ``targets``, chunk by chunk.
+
+    Args:
+        hidden: [N, H] in the compute dtype (the matmul runs in it, as the LM head would).
+        weight: [V, H] the LM head; cast to ``hidden.dtype`` for the matmul; its gradient is fp32-accumulated.
+        targets: [N] token ids.
+        reduction: "mean" or "sum" over the N rows.
+        chunk_rows: rows per chunk (default: as many as fit :data:`CHUNK_ELEMENTS` fp32 logits).
+
+    Returns:
+        A scalar fp32 loss. Zero rows give a zero loss that still backpropagates (to nothing).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
+    rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    return _LinearCrossEntropy.apply(hidden, weight, targets, reduction == "sum", rows)
