@@ -1,13 +1,17 @@
 """Classification data: rows with a text and a label -> label map -> token ids -> padded batches.
 
-A row holds a text column and a label column. Labels are integers (used as class ids, 0..max) or
-strings (mapped to ids in sorted order); a list of labels makes the row multi-label (trained with
-BCE). Every problem with a row is reported with the file and line number.
+A row holds a text column and a label column. Labels are strings (mapped to ids in sorted order) or
+integers: class ids 0..max when they are dense (at least half of the ids 0..max occur in the training
+data, so the head has at most twice the classes the data shows); sparse integers (say 3 and 2000000) are
+mapped like strings, in ascending order, with a warning. A list of labels makes the row multi-label
+(trained with BCE). Empty labels are refused. Every problem with a row is reported with the file and
+line number.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -65,6 +69,8 @@ def read_rows(path: str | Path, text_column: str = "text", label_column: str | N
                     f"{path} line {line}: no '{column}' field (fields: {fields}); set --label-column to the label field"
                 )
             label = record[column]
+            if any(isinstance(x, str) and not x.strip() for x in (label if isinstance(label, list) else [label])):
+                raise NibbleError(f"{path} line {line}: '{column}' is empty; give every row a label or remove it")
             if isinstance(label, list):
                 if not label or not all(is_label(x) for x in label):
                     raise NibbleError(
@@ -103,7 +109,8 @@ def _kind(label: Label | list[Label]) -> type:
 
 
 def build_label_map(rows: Sequence[Row], source: str | Path) -> LabelMap:
-    """Labels of the training rows: strings in sorted order, integers as ids 0..max.
+    """Labels of the training rows: strings in sorted order; integers as ids 0..max when dense (at least
+    half of 0..max occur), else in ascending order like strings, with a warning on stderr.
 
     Raises:
         NibbleError: fewer than two distinct labels (nothing to learn).
@@ -112,10 +119,17 @@ def build_label_map(rows: Sequence[Row], source: str | Path) -> LabelMap:
     seen: set[Label] = set()
     for row in rows:
         seen.update(row.label if isinstance(row.label, list) else [row.label])
-    if isinstance(next(iter(seen)), int):
-        labels: list[Label] = list(range(max(seen) + 1))  # type: ignore[arg-type]
-    else:
-        labels = sorted(seen)  # type: ignore[type-var]
+    labels: list[Label] = sorted(seen)  # type: ignore[type-var]
+    if isinstance(labels[0], int):
+        top = int(labels[-1])
+        if top + 1 <= 2 * len(labels):
+            labels = list(range(top + 1))
+        else:
+            print(
+                f"warning: {source}: integer labels are sparse ({len(labels)} distinct, up to {top}); using them "
+                f"as {len(labels)} classes in ascending order instead of as class ids 0..{top}",
+                file=sys.stderr,
+            )
     if len(labels) < 2:
         raise NibbleError(f"{source}: every row has the label {labels[0]!r}; a classifier needs at least two labels")
     return LabelMap(labels, multi)

@@ -36,6 +36,7 @@ import torch
 
 from nibble.errors import NibbleError
 from nibble.io.files import staged_dir
+from nibble.io.gguf_reader import GGUFContents, read_gguf
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -522,8 +523,8 @@ def is_gguf(path: str | Path) -> bool:
         return False
 
 
-def _open_reader(path: Path):
-    """A ``gguf.GGUFReader`` for ``path``, with every failure mode turned into a NibbleError naming it."""
+def _open_reader(path: Path) -> GGUFContents:
+    """The parsed file (fields and tensors, as ``gguf.GGUFReader`` gives them), or a NibbleError naming it."""
     if not path.exists():
         raise NibbleError(f"{path}: no such file")
     if not path.is_file():
@@ -535,13 +536,8 @@ def _open_reader(path: Path):
         raise NibbleError(f"{path}: cannot read ({exc.strerror})") from None
     if magic != _GGUF_MAGIC:
         raise NibbleError(f"{path}: not a GGUF file (it does not start with the bytes 'GGUF')")
-    try:
-        # memory-maps the file and views every tensor; data missing from a short file fails the view
-        return gguf.GGUFReader(path)
-    except Exception as exc:  # the reader raises ValueError/IndexError/KeyError/... on malformed bytes
-        raise NibbleError(
-            f"{path}: truncated or corrupt GGUF file ({type(exc).__name__}: {exc}); download it again"
-        ) from None
+    # memory-maps the file and views every tensor; every size is checked against the file first
+    return read_gguf(path)
 
 
 def open_gguf(path: str | Path) -> GGUFModel:
