@@ -56,7 +56,15 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
-def write_error(directory: str | Path, exc: OSError, needed: int | None = None) -> NibbleError:
+class WriteError(NibbleError):
+    """A write that failed (full disk, quota, file-size limit, permissions); ``cause`` is the OSError."""
+
+    def __init__(self, message: str, cause: OSError):
+        super().__init__(message)
+        self.cause = cause
+
+
+def write_error(directory: str | Path, exc: OSError, needed: int | None = None) -> WriteError:
     """The one-line error for a write into ``directory`` that failed with ``exc`` (a full disk, a quota, a
     file-size limit, permissions): names the directory, the free space, and ``needed`` bytes when known."""
     directory = Path(directory)
@@ -67,12 +75,12 @@ def write_error(directory: str | Path, exc: OSError, needed: int | None = None) 
         free = "free space unknown"
     need = f", about {_size(needed)} needed" if needed else ""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NibbleError(
-            f"{directory}: no space left on the device ({free}{need}); free some space or write elsewhere"
+        message = f"{directory}: no space left on the device ({free}{need}); free some space or write elsewhere"
+    else:
+        message = (
+            f"{directory}: cannot write ({exc.strerror or exc}; {free}{need}); check the directory or write elsewhere"
         )
-    return NibbleError(
-        f"{directory}: cannot write ({exc.strerror or exc}; {free}{need}); check the directory or write elsewhere"
-    )
+    return WriteError(message, exc)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -129,6 +137,8 @@ def staged_dir(target: str | Path, overwrite: bool = False, needed: int | None =
         _install(staging, target)
     except OSError as exc:
         raise write_error(target.parent, exc, needed) from None
+    except WriteError as exc:  # a file inside: name the directory being written, not its temporary name
+        raise write_error(target.parent, exc.cause, needed) from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

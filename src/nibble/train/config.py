@@ -112,7 +112,13 @@ class TrainConfig:
     resume: str | None = field(
         default=None, metadata=_help("continue from the latest checkpoint under --output, or from PATH")
     )
-    overwrite: bool = field(default=False, metadata=_help("replace a previous run in --output"))
+    overwrite: bool = field(
+        default=False,
+        metadata=_help(
+            "replace a previous run in --output: its files are moved aside (OUT/.replaced) and deleted once the "
+            "new run has written its first checkpoint; a new run that stops before that puts them back"
+        ),
+    )
     val_data: str | None = field(default=None, metadata=_help("validation data file (default: split from --data)"))
     val_split: float = field(default=0.1, metadata=_help("stratified fraction of --data held out for validation"))
     text_column: str = field(default="text", metadata=_help("field holding the text"))

@@ -264,6 +264,8 @@ def _train_locked(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, ta
 
     if not config.resume:
         _set_previous_run_aside(out)
+    elif resume_from is None:  # nothing to resume: lines a killed run logged before its first checkpoint go
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     remove_stale_staging(out)  # an export cut short by a kill
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.yaml")
