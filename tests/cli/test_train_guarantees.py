@@ -5,7 +5,6 @@ disk, file-size limit) is one line that leaves the previous checkpoint intact an
 
 import json
 import os
-import random
 import re
 import resource
 import shlex
@@ -28,13 +27,7 @@ WORDS = {"neg": ["bad", "awful", "sad"], "pos": ["good", "great", "nice"]}
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     base, _ = helpers.make_hf_checkpoint(root / "base", "qwen3")
-    rng = random.Random(0)
-    rows = []
-    for _ in range(48):
-        label = rng.choice(sorted(WORDS))
-        rows.append({"text": " ".join(rng.choice(WORDS[label]) for _ in range(3)), "label": label})
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = helpers.write_word_rows(root / "train.jsonl", WORDS, 48, seed=0)
     return SimpleNamespace(root=root, base=base, data=data)
 
 

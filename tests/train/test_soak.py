@@ -49,12 +49,7 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_identical(tmp_path):
     seed = int(os.environ.get("NIBBLE_SOAK_SEED", random.randrange(1 << 16)))
     rng = random.Random(seed)
     base, _ = helpers.make_hf_checkpoint(tmp_path / "base", "qwen3")
-    rows = []
-    for _ in range(40):
-        label = rng.choice(sorted(WORDS))
-        rows.append({"text": " ".join(rng.choice(WORDS[label]) for _ in range(3)), "label": label})
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = helpers.write_word_rows(tmp_path / "train.jsonl", WORDS, 40, seed=seed)
     args = ["train", "--model", str(base), "--data", str(data), *OPTIONS]
     ref, out = tmp_path / "ref", tmp_path / "run"
     assert main([*args, "--output", str(ref)]) == 0

@@ -66,22 +66,31 @@ def _size(value: Any) -> int:
 
 def _deep_size(value: Any, limit: int, indent: int = 0) -> int:
     """Characters and items of ``value`` counting nested containers each time they occur (about what printing
-    or serializing it produces; with ``indent``, as indented JSON), or ``limit + 1`` as soon as it is over
-    ``limit``. Lists that hold themselves a thousand times a few levels deep are small objects but
-    astronomical texts."""
-    total, pending = 0, [(value, 0)]
-    while pending:
-        item, depth = pending.pop()
-        total += 1 + indent * depth
+    or serializing it produces; with ``indent``, as indented JSON), or more than ``limit`` once it is over.
+    Lists that hold one list a thousand times a few levels deep are small objects but astronomical texts;
+    shared parts are measured once."""
+    sizes: dict[tuple[int, int], int] = {}
+
+    def size(item: Any, depth: int) -> int:
+        total = 1 + indent * depth
         if isinstance(item, str):
-            total += len(item)
-        elif isinstance(item, dict):
-            pending.extend((x, depth + 1) for pair in item.items() for x in pair)
-        elif isinstance(item, (list, tuple)):
-            pending.extend((x, depth + 1) for x in item)
-        if total > limit:
-            return limit + 1
-    return total
+            return total + len(item)
+        if not isinstance(item, (list, tuple, dict)):
+            return total
+        key = (id(item), depth)
+        if key not in sizes:
+            children = [x for pair in item.items() for x in pair] if isinstance(item, dict) else item
+            for child in children:
+                total += size(child, depth + 1)
+                if total > limit:
+                    break
+            sizes[key] = total
+        return sizes[key]
+
+    try:
+        return size(value, 0)
+    except RecursionError:
+        return limit + 1
 
 
 def _check_arguments(budget: _Budget, args: Iterable[Any], what: str) -> None:

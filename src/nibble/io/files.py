@@ -44,11 +44,12 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def sha256_file(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes, as hex (read in 16 MiB pieces)."""
+    """The SHA-256 of a file's bytes, as hex (read through one 1 MiB buffer)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            digest.update(chunk)
+    buffer = memoryview(bytearray(1 << 20))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(buffer[:n])
     return digest.hexdigest()
 
 

@@ -122,9 +122,10 @@ class GGUFFile:
                 raise NibbleError(f"{self.path}: metadata key '{key}' is missing; the file is incomplete")
             return default
         try:
-            return field.contents()
+            value = field.contents()
         except (UnicodeDecodeError, IndexError, ValueError) as exc:
             raise NibbleError(f"{self.path}: metadata key '{key}' is corrupt ({exc})") from None
+        return _checked_meta(self.path, key, value)
 
     # -- tokenizer --------------------------------------------------------------------------------
 
@@ -449,6 +450,61 @@ def _llama3_rope(factors: np.ndarray, theta: float, head_dim: int, original: int
         params["high_freq_factor"] = float(f"{low + 1.0 / slope:.6g}")
     rebuilt = _llama3_factors(theta, head_dim, params)
     return params if np.allclose(rebuilt, factors, rtol=1e-4, atol=0) else None
+
+
+# The type of every metadata value nibble reads, by the end of its key.
+_META_KINDS = {
+    "_token_id": "id",
+    "context_length": "size",
+    "embedding_length": "size",
+    "head_count": "size",
+    "head_count_kv": "size",
+    "key_length": "size",
+    "value_length": "size",
+    "dimension_count": "size",
+    "feed_forward_length": "size",
+    "block_count": "size",
+    "freq_base": "number",
+    "layer_norm_rms_epsilon": "number",
+    "scaling.factor": "number",
+    "add_bos_token": "bool",
+    "add_eos_token": "bool",
+    "ggml.tokens": "strings",
+    "ggml.merges": "strings",
+    "ggml.token_type": "ints",
+    "ggml.scores": "numbers",
+    "architecture": "str",
+    "ggml.model": "str",
+    "ggml.pre": "str",
+    "chat_template": "str",
+    "scaling.type": "str",
+}
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+_META_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "id": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer"),
+    "number": (lambda v: _is_number(v) and v > 0, "a finite positive number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "strings": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "ints": (lambda v: isinstance(v, list) and all(type(x) is int for x in v), "a list of integers"),
+    "numbers": (lambda v: isinstance(v, list) and all(_is_number(x) for x in v), "a list of finite numbers"),
+}
+
+
+def _checked_meta(path: Path, key: str, value: Any) -> Any:
+    """``value`` when it has the type nibble expects for ``key``, else a NibbleError naming the key."""
+    kind = next((kind for end, kind in _META_KINDS.items() if key.endswith(end)), None)
+    if kind is not None:
+        ok, want = _META_CHECKS[kind]
+        if not ok(value):
+            raise NibbleError(f"{path}: metadata key '{key}' must be {want}, got {repr(value)[:60]}")
+    return value
 
 
 def _decimal(value: float) -> float:

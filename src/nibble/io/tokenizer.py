@@ -65,12 +65,17 @@ class Tokenizer:
                 self.special_tokens[name] = text
 
         extra = self.config.get("extra_special_tokens") or self.config.get("additional_special_tokens") or []
+        if not isinstance(extra, (dict, list)):
+            raise NibbleError(f"{config_file}: 'extra_special_tokens' must be a list or an object; {_RESTORE}")
         extra_texts = [t for t in (_token_text(v) for v in (extra.values() if isinstance(extra, dict) else extra)) if t]
         vocab = self.backend.get_vocab(with_added_tokens=True)
         missing = [t for t in [*self.special_tokens.values(), *extra_texts] if t not in vocab]
         if missing:
             self.backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-        self.backend.encode_special_tokens = bool(self.config.get("split_special_tokens", False))
+        split = self.config.get("split_special_tokens", False)
+        if not isinstance(split, bool):
+            raise NibbleError(f"{config_file}: 'split_special_tokens' must be true or false; {_RESTORE}")
+        self.backend.encode_special_tokens = split
 
     def token_id(self, name: str) -> int | None:
         """The id of a named special token (``"pad_token"``, ``"eos_token"``, ...), or None."""

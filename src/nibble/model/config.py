@@ -165,7 +165,7 @@ def _model_type(data: dict[str, Any], source: str) -> str:
                 if isinstance(arch, str) and arch.startswith(prefix + "For"):
                     return key
         raise NibbleError(f"{source}: no 'model_type' (expected one of {sorted(ARCHITECTURES)})")
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise NibbleError(
             f"{source}: model_type '{model_type}' is not supported; nibble loads {', '.join(sorted(ARCHITECTURES))}"
         )
