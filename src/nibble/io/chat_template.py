@@ -18,7 +18,7 @@ import functools
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -96,9 +96,12 @@ def _deep_size(value: Any, limit: int, indent: int = 0) -> int:
 def _check_arguments(budget: _Budget, args: Iterable[Any], what: str) -> None:
     """Integer arguments are widths and counts, containers may be printed: neither may exceed the size bound."""
     for arg in args:
-        if isinstance(arg, int) and not isinstance(arg, bool) and abs(arg) > budget.max_chars:
+        kind = type(arg)
+        if kind is str:
+            continue
+        if kind is int and abs(arg) > budget.max_chars:
             raise TemplateLimit(f"{what} was given {arg}, more than {budget.max_chars}")
-        if isinstance(arg, (list, tuple, dict)):
+        if kind in (list, tuple, dict):
             budget.fits(_deep_size(arg, budget.max_chars), f"a value given to {what}")
 
 
@@ -116,12 +119,13 @@ def _replaced_size(text: str, old: str, new: str, count: int = -1) -> int:
     return len(text) + hits * (len(new) - len(old))
 
 
-def _joined_size(separator: str, items: list[Any]) -> int:
-    return sum(_size(x) if isinstance(x, str) else len(str(x)) for x in items) + len(separator) * max(len(items) - 1, 0)
+def _joined_size(separator: str, items: Sequence[Any]) -> int:
+    return sum(len(x if isinstance(x, str) else str(x)) for x in items) + len(separator) * max(len(items) - 1, 0)
 
 
 def _bounded(result: Any, budget: _Budget, what: str) -> Any:
-    budget.fits(_size(result), what)
+    if type(result) in (str, list, tuple, dict, bytes):
+        budget.fits(len(result), what)
     return result
 
 
@@ -148,33 +152,65 @@ def _finalize(value: Any) -> Any:
     return value
 
 
+def _precheck_format(budget: _Budget, values: list[Any], kwargs: dict[str, Any]) -> None:
+    if values and isinstance(values[0], str):
+        _check_format(budget, values[0])
+
+
+def _precheck_replace(budget: _Budget, values: list[Any], kwargs: dict[str, Any]) -> None:
+    if len(values) >= 3 and all(isinstance(v, str) for v in values[:3]):
+        budget.fits(_replaced_size(*values[:3], *values[3:4]), "filter 'replace'")
+
+
+def _precheck_join(budget: _Budget, values: list[Any], kwargs: dict[str, Any]) -> None:
+    if values:
+        separator = values[1] if len(values) > 1 else kwargs.get("d", "")
+        budget.fits(_joined_size(str(separator), values[0]), "filter 'join'")
+
+
+def _precheck_tojson(budget: _Budget, values: list[Any], kwargs: dict[str, Any]) -> None:
+    if values:
+        width = kwargs.get("indent", values[2] if len(values) > 2 else None)
+        width = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+        budget.fits(_deep_size(values[0], budget.max_chars, width), "filter 'tojson'")
+
+
+def _precheck_indent(budget: _Budget, values: list[Any], kwargs: dict[str, Any]) -> None:
+    if values and isinstance(values[0], str):
+        width = values[1] if len(values) > 1 else kwargs.get("width", 4)
+        prefix = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+        budget.fits(len(values[0]) + (values[0].count("\n") + 1) * prefix, "filter 'indent'")
+
+
+# Filters whose result can be far larger than their arguments: checked before they run.
+_PRECHECKS = {
+    "format": _precheck_format,
+    "replace": _precheck_replace,
+    "join": _precheck_join,
+    "tojson": _precheck_tojson,
+    "indent": _precheck_indent,
+}
+
+
 def _guard_filter(name: str, function: Any) -> Any:
     """A filter that counts a step and checks its arguments before it runs and its result after."""
+    precheck = _PRECHECKS.get(name)
+    what = f"filter '{name}'"
 
     @functools.wraps(function)  # keeps jinja's pass_context/pass_environment marks
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        budget = _budget()
+        budget = _BUDGET.get(None) or _Budget(BASE_CHARS, BASE_STEPS)
         budget.step()
-        values = [a for a in args if not _is_jinja_internal(a)]
-        _check_arguments(budget, [*values, *kwargs.values()], f"filter '{name}'")
-        if name == "format" and values and isinstance(values[0], str):
-            _check_format(budget, values[0])
-        if name == "replace" and len(values) >= 3 and all(isinstance(v, str) for v in values[:3]):
-            budget.fits(_replaced_size(*values[:3], *values[3:4]), "filter 'replace'")
-        if name == "join" and values:
-            items = list(values[0])
-            separator = values[1] if len(values) > 1 else kwargs.get("d", "")
-            budget.fits(_joined_size(str(separator), items), "filter 'join'")
-            args = tuple(items if a is values[0] else a for a in args)
-        if name == "tojson" and values:
-            width = kwargs.get("indent", values[2] if len(values) > 2 else None)
-            width = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
-            budget.fits(_deep_size(values[0], budget.max_chars, width), "filter 'tojson'")
-        if name == "indent" and values and isinstance(values[0], str):
-            width = values[1] if len(values) > 1 else kwargs.get("width", 4)
-            prefix = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
-            budget.fits(len(values[0]) + (values[0].count("\n") + 1) * prefix, "filter 'indent'")
-        return _bounded(function(*args, **kwargs), budget, f"filter '{name}'")
+        _check_arguments(budget, args, what)
+        _check_arguments(budget, kwargs.values(), what)
+        if precheck is not None:
+            values = [a for a in args if not _is_jinja_internal(a)]
+            if name == "join" and values:  # an iterator is read once: hand the filter the items measured
+                items = list(values[0])
+                args = tuple(items if a is values[0] else a for a in args)
+                values[0] = items
+            precheck(budget, values, kwargs)
+        return _bounded(function(*args, **kwargs), budget, what)
 
     return guarded
 
@@ -206,7 +242,7 @@ def _environment():
 
         def call_binop(self, context, operator, left, right):
             if operator == "+" and type(left) is str and type(right) is str:  # the common case, kept fast
-                if len(left) + len(right) > _budget().max_chars:
+                if len(left) + len(right) > (_BUDGET.get(None) or _budget()).max_chars:
                     raise TemplateLimit(f"a '+' concatenation would hold {len(left) + len(right)} characters")
                 return left + right
             budget = _budget()
