@@ -57,7 +57,7 @@ class Progress:
                 raise NibbleError(f"{source}: progress '{key}' is {value!r}; resume from another checkpoint")
         progress = cls(**data)
         if progress.step < 0 or progress.tokens < 0:
-            raise NibbleError(f"{source}: progress step {progress.step} is negative; resume from another checkpoint")
+            raise NibbleError(f"{source}: progress counts are negative; resume from another checkpoint")
         return progress
 
 
