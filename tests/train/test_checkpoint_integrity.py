@@ -86,6 +86,7 @@ def test_a_flipped_weight_is_not_resumed_from(tmp_path):
     assert found == tmp_path / "run" / "checkpoints" / "step-4"
     resumed, model = make_trainer(tmp_path / "run", total=8)
     resumed.resume(found)
+    assert [s for s, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [4]  # the damaged one is gone
     resumed.train()
     for key, value in weights(model_ref).items():
         assert torch.equal(value, weights(model)[key]), key

@@ -179,6 +179,14 @@ def prune_checkpoints(directory: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def discard_checkpoints_after(directory: Path, step: int) -> None:
+    """Delete the checkpoints of steps after ``step``: a run resumed from ``step`` writes them again, and a
+    damaged one left in place would count as the newest when checkpoints are pruned."""
+    for found, path in list_checkpoints(directory):
+        if found > step:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any], dict]:
     """``(trainable, optimizer tensors, state, rng tensors)`` of a checkpoint directory.
 

@@ -34,7 +34,7 @@ from nibble.model.merge import write_checkpoint
 from nibble.nn import QuantLinear, apply_lora
 from nibble.nn.lora import resolve_targets
 from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
-from nibble.train.checkpoint import list_checkpoints, newest_intact_checkpoint
+from nibble.train.checkpoint import discard_checkpoints_after, list_checkpoints, newest_intact_checkpoint
 from nibble.train.config import TrainConfig
 from nibble.train.metrics import headline, plot_run
 from nibble.train.rng import seed_everything
@@ -264,8 +264,9 @@ def _train_locked(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, ta
 
     if not config.resume:
         _set_previous_run_aside(out)
-    elif resume_from is None:  # nothing to resume: lines a killed run logged before its first checkpoint go
+    elif resume_from is None:  # nothing (intact) to resume: what a killed run left before its first checkpoint goes
         (out / "metrics.jsonl").unlink(missing_ok=True)
+        discard_checkpoints_after(out / "checkpoints", -1)
     remove_stale_staging(out)  # an export cut short by a kill
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.yaml")

@@ -18,6 +18,7 @@ from nibble.data.batching import BatchStream
 from nibble.devices import autocast
 from nibble.errors import Interrupted, NibbleError
 from nibble.train.checkpoint import (
+    discard_checkpoints_after,
     load_checkpoint,
     load_optimizer_state,
     load_trainable,
@@ -200,6 +201,7 @@ class Trainer:
                 f"{path}: incomplete checkpoint state ({exc!r}); resume from another checkpoint"
             ) from None
         self.log.truncate_after(self.progress.step)
+        discard_checkpoints_after(self.checkpoints, self.progress.step)
         self.last_checkpoint = path
 
     def save(self, window: _Window | None = None) -> Path:
