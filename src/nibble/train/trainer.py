@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from nibble.data.batching import BatchStream
 from nibble.devices import MemoryMeter, autocast, resolve_dtype, to_device
-from nibble.errors import NibbleError
+from nibble.errors import Interrupted, NibbleError
 from nibble.train.checkpoint import (
     STATE_FILE,
-    list_checkpoints,
+    discard_checkpoints_after,
     load_checkpoint,
     load_optimizer_state,
     load_trainable,
@@ -30,6 +30,7 @@ from nibble.train.checkpoint import (
     save_checkpoint,
 )
 from nibble.train.config import TrainConfig
+from nibble.train.interrupt import GracefulStop
 from nibble.train.metrics import MetricsLog, headline
 from nibble.train.optim import WarmupCosine, build_optimizer
 from nibble.train.rng import set_rng_state
@@ -45,6 +46,24 @@ class Progress:
     best_step: int | None = None
     evals_without_improvement: int = 0
     stopped_early: bool = False
+    evaluated_step: int = -1
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> Progress:
+        """The progress saved in a checkpoint; a missing field keeps its default, a wrong one is a NibbleError."""
+        if not isinstance(data, dict):
+            raise NibbleError(f"{source}: 'progress' must be an object; resume from another checkpoint")
+        kinds = {"best_val_loss": (float, int, type(None)), "best_step": (int, type(None)), "stopped_early": (bool,)}
+        known = {f.name for f in fields(cls)}
+        for key, value in data.items():
+            wanted = kinds.get(key, (int,))
+            is_bool = isinstance(value, bool)
+            if key not in known or not isinstance(value, wanted) or (is_bool and bool not in wanted):
+                raise NibbleError(f"{source}: progress '{key}' is {value!r}; resume from another checkpoint")
+        progress = cls(**data)
+        if progress.step < 0 or progress.tokens < 0:
+            raise NibbleError(f"{source}: progress counts are negative; resume from another checkpoint")
+        return progress
 
     def finished(self, total_steps: int) -> bool:
         """Whether a run of ``total_steps`` steps has nothing left to train: it reached them or stopped early."""
@@ -67,12 +86,7 @@ def read_progress(checkpoint: Path) -> tuple[Progress, int | None]:
         NibbleError: no state.json, or one without a valid ``progress`` object.
     """
     state = read_state(checkpoint)
-    try:
-        progress = Progress(**state["progress"])
-    except (KeyError, TypeError) as exc:
-        raise NibbleError(
-            f"{checkpoint / STATE_FILE}: no valid 'progress' ({exc!r}); resume from another checkpoint"
-        ) from None
+    progress = Progress.from_json(state.get("progress"), str(checkpoint / STATE_FILE))
     scheduler = state.get("scheduler")
     return progress, scheduler.get("total_steps") if isinstance(scheduler, dict) else None
 
@@ -116,6 +130,35 @@ class _Window:
             for i, (loss, norm) in enumerate(zip(self.losses, self.grad_norms, strict=True))
         ]
 
+    def to_json(self) -> dict[str, Any]:
+        """The synced window (see :meth:`sync`) for a checkpoint, so a resumed run logs the same lines."""
+        values = self.sync()
+        losses, norms = [v[1] for v in values], [v[2] for v in values]
+        return {
+            "first_step": self.first_step,
+            "losses": losses,
+            "grad_norms": norms,
+            "lr": self.lr,
+            "tokens": self.tokens,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, step: int) -> _Window:
+        """The window a checkpoint at ``step`` saved (a fresh one when it saved none)."""
+        if data is None:
+            return cls(step + 1, time.perf_counter())
+        losses, norms = data["losses"], data["grad_norms"]
+        numbers = [*losses, *norms, data["lr"]]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+            raise TypeError("window values must be numbers")
+        if (
+            len(losses) != len(norms)
+            or data["first_step"] + len(losses) != step + 1
+            or not isinstance(data["tokens"], int)
+        ):
+            raise ValueError("window does not end at the checkpoint's step")
+        return cls(data["first_step"], time.perf_counter(), list(losses), list(norms), data["lr"], data["tokens"])
+
 
 class Trainer:
     """Runs the optimizer steps of one run.
@@ -131,6 +174,7 @@ class Trainer:
         on_best: called with the step after an evaluation that lowered the val loss.
         forward: ``(model, batch) -> outputs`` (inside autocast); default ``model(input_ids, attention_mask)``.
         meter: the run's memory meter; its peaks go into every train record of metrics.jsonl.
+        on_save: called with the directory of each checkpoint once it is complete.
     """
 
     def __init__(
@@ -145,11 +189,13 @@ class Trainer:
         on_best: Callable[[int], None] | None = None,
         forward: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
         meter: MemoryMeter | None = None,
+        on_save: Callable[[Path], None] | None = None,
     ):
         self.model, self.stream, self.config, self.out = model, stream, config, out
         self.forward = forward or (lambda m, batch: m(batch["input_ids"], batch["attention_mask"]))
         self.total_steps, self.loss_fn, self.evaluate, self.on_best = total_steps, loss_fn, evaluate, on_best
         self.meter = meter
+        self.on_save = on_save
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._params = [param for _, param in self.named_params]
         if not self.named_params:
@@ -169,6 +215,7 @@ class Trainer:
         self.checkpoints = out / "checkpoints"
         self.last_checkpoint: Path | None = None
         self.last_eval: dict[str, Any] | None = None
+        self._window_state: dict[str, Any] | None = None  # the log window a resumed checkpoint saved
 
     def autocast(self):
         return autocast(self.device, self.dtype)
@@ -180,24 +227,34 @@ class Trainer:
         try:
             load_optimizer_state(self.optimizer, self.param_names, opt_tensors, state["optimizer_groups"], str(path))
             self.stream.load_state_dict(state["data"], str(path))
-            self.progress = Progress(**state["progress"])
+            self.progress = Progress.from_json(state["progress"], str(path))
             self.progress.apply_patience(self.config.early_stopping_patience)
             if state.get("scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(state["scaler"])
             set_rng_state(rng, state["rng"])
-        except (KeyError, TypeError, ValueError) as exc:
+            last_eval = state.get("last_eval")
+            if last_eval is not None and not isinstance(last_eval, dict):
+                raise TypeError(f"last_eval is {type(last_eval).__name__}")
+            self.last_eval = last_eval
+            self._window_state = state.get("window")
+            _Window.from_json(self._window_state, self.progress.step)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RuntimeError) as exc:
             raise NibbleError(
                 f"{path}: incomplete checkpoint state ({exc!r}); resume from another checkpoint"
             ) from None
         self.log.truncate_after(self.progress.step)
+        discard_checkpoints_after(self.checkpoints, self.progress.step)
         self.last_checkpoint = path
 
-    def save(self) -> Path:
+    def save(self, window: _Window | None = None) -> Path:
+        """Checkpoint the run at the current step (with the unlogged steps of ``window``, when given)."""
         state = {
             "progress": asdict(self.progress),
             "data": self.stream.state_dict(),
             "scheduler": {"name": "warmup_cosine", "step": self.progress.step, **self.schedule.state_dict()},
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "last_eval": self.last_eval,
+            "window": window.to_json() if window is not None else None,
         }
         path = save_checkpoint(
             self.checkpoints,
@@ -210,6 +267,8 @@ class Trainer:
         )
         prune_checkpoints(self.checkpoints, self.config.keep_checkpoints)
         self.last_checkpoint = path
+        if self.on_save is not None:
+            self.on_save(path)
         return path
 
     def _not_finite(self, what: str, value: float) -> NibbleError:
@@ -234,6 +293,7 @@ class Trainer:
         metrics = self._measure()
         self.model.train()
         p = self.progress
+        p.evaluated_step = p.step
         record = {
             "kind": "eval",
             "step": p.step,
@@ -334,6 +394,10 @@ class Trainer:
         nothing; it is only evaluated, for the report. The host reads the device once per log window (and
         before an evaluation or a checkpoint, which must not follow a non-finite step), never per step.
         Progress shows as a bar on a terminal, else as one line per log window on stderr.
+
+        Raises:
+            Interrupted: SIGINT/SIGTERM arrived (in the main thread): the step under way was finished and
+                checkpointed first; a second signal stops at once, leaving only complete checkpoints.
         """
         cfg, p = self.config, self.progress
         if p.finished(self.total_steps):
@@ -343,39 +407,47 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=p.step, desc="train", disable=None, dynamic_ncols=True)
-        evaluated_at = saved_at = -1
-        if cfg.eval_at_start and p.step == 0:
-            self._evaluate()
-            evaluated_at = 0
+        window = _Window.from_json(self._window_state, p.step)
+        evaluated_at, saved_at = p.evaluated_step, -1
         session = (time.perf_counter(), p.step)
-        window = _Window(p.step + 1, session[0])
-        while not p.finished(self.total_steps):
-            lr = self.schedule.apply(self.optimizer, cfg.lr, p.step)
-            loss, grad_norm, tokens = self.step()
-            p.step += 1
-            window.add(loss, grad_norm, lr, tokens)
-            bar.update(1)
-            if p.step % cfg.log_every == 0 or p.step == self.total_steps:
-                self._log(window, bar, session)
-                window = _Window(p.step + 1, time.perf_counter())
-            if cfg.eval_every and p.step % cfg.eval_every == 0:
+        with GracefulStop() as stop:
+            if cfg.eval_at_start and p.step == 0 and evaluated_at != 0:
+                self._evaluate()
+                evaluated_at = 0
+            while not p.finished(self.total_steps) and stop.signum is None:
+                lr = self.schedule.apply(self.optimizer, cfg.lr, p.step)
+                loss, grad_norm, tokens = self.step()
+                p.step += 1
+                window.add(loss, grad_norm, lr, tokens)
+                bar.update(1)
+                if p.step % cfg.log_every == 0 or p.step == self.total_steps:
+                    self._log(window, bar, session)
+                    window = _Window(p.step + 1, time.perf_counter())
+                if cfg.eval_every and p.step % cfg.eval_every == 0:
+                    self._check(window, bar)
+                    with window.paused():
+                        self._evaluate()
+                    evaluated_at = p.step
+                if cfg.save_every and p.step % cfg.save_every == 0:
+                    self._check(window, bar)
+                    with window.paused():
+                        self.save(window)
+                    saved_at = p.step
+            if stop.signum is not None:
+                bar.close()
                 self._check(window, bar)
-                with window.paused():
-                    self._evaluate()
-                evaluated_at = p.step
-            if cfg.save_every and p.step % cfg.save_every == 0:
-                self._check(window, bar)
-                with window.paused():
-                    self.save()
-                saved_at = p.step
-        if window.losses:  # steps since the last line, when an early stop ended the run between lines
+                if saved_at != p.step:
+                    self.save(window)
+                raise Interrupted(stop.signum, p.step, self.last_checkpoint)
+        if window.losses and p.stopped_early:  # the steps since the last line, logged at the early stop
             self._log(window, bar, session)
+            window = _Window(p.step + 1, time.perf_counter())
         bar.close()
         self._check(window, bar)
         if evaluated_at != p.step:
             self._evaluate()
         if saved_at != p.step:
-            self.save()
+            self.save(window)
         return p
 
 
@@ -383,9 +455,3 @@ def _clock(seconds: float) -> str:
     """``h:mm:ss``."""
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint under ``out/checkpoints``, or None."""
-    found = list_checkpoints(out / "checkpoints")
-    return found[-1][1] if found else None
