@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test demo lint format clean
+.PHONY: test fuzz demo lint format clean
 
 $(BIN)/nibble: pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -14,6 +14,10 @@ test: $(BIN)/nibble
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -n 2 tests
+
+# Longer fuzzing of every parser of outside input (the test suite runs 25 examples each).
+fuzz: $(BIN)/nibble
+	NIBBLE_FUZZ_EXAMPLES=$${NIBBLE_FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest -n 2 -p no:cacheprovider tests/test_fuzz.py
 
 demo: $(BIN)/nibble
 	$(BIN)/nibble demo

@@ -259,7 +259,9 @@ def classify_commands(stack: str, args: argparse.Namespace, dtype: str, data: tu
     common = dict(steps=args.steps, batch=args.batch_size, seq=args.max_seq_len, rank=args.rank, lr=args.lr)
     if stack == "hf":
         argv = [sys.executable, __file__, "--child", "classify", "--model", str(args.model), "--train", str(data[0])]
-        argv += ["--val-data", str(data[1]), "--output", str(out), "--dtype", dtype, "--dropout", str(args.dropout)]
+        argv += ["--val-data", str(data[1]), "--output", str(out), "--dtype", dtype]
+        if args.dropout is not None:
+            argv += ["--dropout", str(args.dropout)]
     else:
         argv = [sys.executable, "-m", "nibble", "train", "--model", str(args.model), "--data", str(data[0])]
         argv += ["--val-data", str(data[1]), "--output", str(out), "--overwrite", "--dtype", dtype]
@@ -276,7 +278,9 @@ def classify_commands(stack: str, args: argparse.Namespace, dtype: str, data: tu
 def instruct_commands(stack: str, args: argparse.Namespace, dtype: str, data: Path, out: Path):
     if stack == "hf":
         argv = [sys.executable, __file__, "--child", "instruct", "--model", str(args.model), "--train", str(data)]
-        argv += ["--output", str(out), "--dtype", dtype, "--dropout", str(args.dropout)]
+        argv += ["--output", str(out), "--dtype", dtype]
+        if args.dropout is not None:
+            argv += ["--dropout", str(args.dropout)]
     else:
         argv = [sys.executable, "-m", "nibble", "train", "--task", "instruct", "--model", str(args.model)]
         argv += ["--data", str(data), "--output", str(out), "--overwrite", "--dtype", dtype, "--val-split", "0"]

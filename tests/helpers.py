@@ -112,6 +112,20 @@ def make_hf_checkpoint(
     return Path(path), model
 
 
+def write_word_rows(path: str | Path, words: dict[str, list[str]], n: int, seed: int, length: int = 3) -> Path:
+    """A JSONL classification file of ``n`` rows: each label's text is ``length`` words drawn from its list."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(sorted(words))
+        rows.append({"text": " ".join(rng.choice(words[label]) for _ in range(length)), "label": label})
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def write_tokenizer(path: str | Path, chat_template: str | None = None) -> Path:
     """Write a byte-level tokenizer (256 byte tokens, no merges, then <pad> 256, <bos> 257, <eos> 258).
 

@@ -1,4 +1,4 @@
-"""The one exception type for mistakes a user can fix."""
+"""The one exception type for mistakes a user can fix, and the one for a run stopped by a signal."""
 
 
 class NibbleError(Exception):
@@ -7,3 +7,17 @@ class NibbleError(Exception):
     The message is one line that names the file or key and says what to do. The CLI prints it
     as ``error: <message>`` and exits with status 2, without a traceback.
     """
+
+
+class Interrupted(BaseException):
+    """A training run stopped by SIGINT or SIGTERM.
+
+    ``step`` is the step of the checkpoint written before stopping, or None when a second signal stopped
+    the run at once (only complete checkpoints are left either way). Like KeyboardInterrupt it is not an
+    ``Exception``, so no ``except Exception`` on the way up swallows it. The CLI exits with ``128 + signum``
+    (130 for Ctrl-C, 143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int, step: int | None = None, checkpoint: object = None):
+        super().__init__(signum, step)
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint

@@ -86,6 +86,21 @@ BAD = [
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "'low_freq_factor'"),
     ({"use_sliding_window": True}, "'use_sliding_window'"),
     ({"partial_rotary_factor": 0.5}, "'partial_rotary_factor'"),
+    ({"eos_token_id": 1.5}, "'eos_token_id' must be an integer, a list of integers, or null, got 1.5"),
+    ({"eos_token_id": [2, "x"]}, "'eos_token_id' must be an integer, a list of integers"),
+    ({"bos_token_id": "1"}, "'bos_token_id' must be an integer or null"),
+    ({"rms_norm_eps": "abc"}, "'rms_norm_eps' must be a finite positive number, got 'abc'"),
+    ({"rms_norm_eps": float("nan")}, "'rms_norm_eps' must be a finite positive number"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": float("inf")}}, "'rope_theta' must be a positive"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": True}}, "'rope_theta' must be a positive number"),
+    ({"max_position_embeddings": 1.5}, "'max_position_embeddings' must be a positive integer"),
+    ({"tie_word_embeddings": "false"}, "'tie_word_embeddings' must be true or false"),
+    ({"attention_bias": 1}, "'attention_bias' must be true or false"),
+    ({"num_key_value_heads": "2"}, "'num_key_value_heads' must be a positive integer or null"),
+    ({"head_dim": 0}, "'head_dim' must be a positive integer or null"),
+    ({"num_labels": -1}, "'num_labels' must be a positive integer or null"),
+    ({"quantization_config": "bnb"}, "'quantization_config' must be an object or null"),
+    ({"torch_dtype": 32}, "'torch_dtype' must be a string or null"),
 ]
 
 
@@ -98,6 +113,16 @@ def test_invalid_config_names_the_file_and_key(tmp_path, change, fragment):
         ModelConfig.from_hf(tmp_path)
     message = str(exc.value)
     assert fragment in message and str(tmp_path / "config.json") in message and "\n" not in message
+
+
+def test_sliding_window_of_mistral_is_checked(tmp_path):
+    data = json.loads(hf_config("mistral").to_json_string())
+    data["sliding_window"] = "abc"
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(
+        NibbleError, match=r"config.json: 'sliding_window' must be a positive integer or null, got 'abc'"
+    ):
+        ModelConfig.from_hf(tmp_path)
 
 
 def test_missing_key_missing_file_and_bad_json(tmp_path):

@@ -51,9 +51,9 @@ def make_trainer(out, clock: Clock, total: int) -> Trainer:
     trainer = Trainer(model, stream, config, out, total, loss_fn, evaluate, forward=forward)
     save = trainer.save
 
-    def slow_save():
+    def slow_save(window=None):
         clock.now += 50.0  # a checkpoint takes 50 s
-        return save()
+        return save(window)
 
     trainer.save = slow_save
     return trainer

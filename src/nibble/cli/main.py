@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
+import shlex
 import sys
 
 import nibble
 import nibble.cli
-from nibble.errors import NibbleError
+from nibble.errors import Interrupted, NibbleError
 
 
 def command_names() -> list[str]:
@@ -35,9 +37,34 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def resume_command(argv: list[str]) -> str:
+    """The shell command that continues an interrupted ``nibble train`` run: the same arguments, without
+    ``--overwrite`` or an earlier ``--resume [PATH]``, then ``--resume``."""
+    program = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if program.startswith("nibble"):
+        prefix = [sys.argv[0]]
+    elif program == "__main__.py":
+        prefix = [sys.executable, "-m", "nibble"]
+    else:  # called from Python (main([...])): the installed command
+        prefix = ["nibble"]
+    kept: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg in ("--overwrite", "--no-overwrite") or arg.startswith("--resume="):
+            continue
+        if arg == "--resume":
+            nxt = next(args, None)  # --resume takes an optional PATH: a following non-flag word was it
+            if nxt is not None and nxt.startswith("-"):
+                kept.append(nxt)
+            continue
+        kept.append(arg)
+    return shlex.join([*prefix, *kept, "--resume"])
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Run the command line; returns the exit status (0 ok, 2 user error, 128 + the signal when interrupted:
+    130 for Ctrl-C, 143 for SIGTERM)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     parser = build_parser(command)
     args = parser.parse_args(argv)
@@ -49,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     except NibbleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        if exc.step is None:
+            print("error: stopped at once by a second signal; only complete checkpoints were kept", file=sys.stderr)
+        else:
+            print(f"interrupted at step {exc.step}; resume with: {resume_command(argv)}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -126,4 +126,9 @@ class BatchStream:
                     f"{source}: the checkpoint was taken with {key} {state.get(key)}, this run has {mine[key]}; "
                     "resume with the same data, seed and batch size"
                 )
-        self.position = int(state["position"])
+        position = state["position"]
+        if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+            raise NibbleError(
+                f"{source}: data position {position!r} is not a step count; resume from another checkpoint"
+            )
+        self.position = position

@@ -1,8 +1,11 @@
 """Classification data: rows with a text and a label -> label map -> token ids -> padded batches.
 
-A row holds a text column and a label column. Labels are integers (used as class ids, 0..max) or
-strings (mapped to ids in sorted order); a list of labels makes the row multi-label (trained with
-BCE). Every problem with a row is reported with the file and line (or row) number.
+A row holds a text column and a label column. Labels are strings (mapped to ids in sorted order) or
+integers: class ids 0..max when they are dense (at least half of the ids 0..max occur in the training
+data, so the head has at most twice the classes the data shows); sparse integers (say 3 and 2000000) are
+mapped like strings, in ascending order, with a warning. A list of labels makes the row multi-label
+(trained with BCE). Empty labels are refused. Every problem with a row is reported with the file and
+line (or row) number.
 
 Rows are read and tokenized as a stream into a token cache on disk (:mod:`nibble.data.tokens`) together with
 each row's labels, numbered in the order they first appear; the label map is built from the distinct labels
@@ -13,6 +16,7 @@ with the file (a few bytes per row for targets and indices).
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +80,8 @@ def iter_rows(path: str | Path, text_column: str = "text", label_column: str | N
                     "set --label-column to the label field"
                 )
             label = record[column]
+            if any(isinstance(x, str) and not x.strip() for x in (label if isinstance(label, list) else [label])):
+                raise NibbleError(f"{place(path, line)}: '{column}' is empty; give every row a label or remove it")
             if isinstance(label, list):
                 if not label or not all(is_label(x) for x in label):
                     raise NibbleError(
@@ -114,16 +120,23 @@ def _kind(label: Label | list[Label]) -> type:
 
 
 def build_label_map(labels: Iterable[Label], multi_label: bool, source: str | Path) -> LabelMap:
-    """The label map of the distinct training labels: strings in sorted order, integers as ids 0..max.
+    """The label map of the distinct training labels: strings in sorted order; integers as ids 0..max when
+    dense (at least half of 0..max occur), else in ascending order like strings, with a warning on stderr.
 
     Raises:
         NibbleError: fewer than two distinct labels (nothing to learn).
     """
-    seen = set(labels)
-    if isinstance(next(iter(seen)), int):
-        ordered: list[Label] = list(range(max(seen) + 1))  # type: ignore[arg-type]
-    else:
-        ordered = sorted(seen)  # type: ignore[type-var]
+    ordered: list[Label] = sorted(set(labels))  # type: ignore[type-var]
+    if isinstance(ordered[0], int):
+        top = int(ordered[-1])
+        if top + 1 <= 2 * len(ordered):
+            ordered = list(range(top + 1))
+        else:
+            print(
+                f"warning: {source}: integer labels are sparse ({len(ordered)} distinct, up to {top}); using them "
+                f"as {len(ordered)} classes in ascending order instead of as class ids 0..{top}",
+                file=sys.stderr,
+            )
     if len(ordered) < 2:
         raise NibbleError(f"{source}: every row has the label {ordered[0]!r}; a classifier needs at least two labels")
     return LabelMap(ordered, multi_label)

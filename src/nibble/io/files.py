@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -28,8 +30,8 @@ def read_json_object(path: str | Path, fix: str) -> dict[str, Any]:
         raise NibbleError(f"{path}: no such file; {fix}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NibbleError(f"{path}: not valid JSON ({exc}); {fix}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, huge ints
+        raise NibbleError(f"{path}: not valid JSON ({' '.join(str(exc).split())}); {fix}") from None
     if not isinstance(data, dict):
         raise NibbleError(f"{path}: expected a JSON object; {fix}")
     return data
@@ -41,8 +43,53 @@ def write_json(path: str | Path, data: Any) -> None:
     Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as hex (read through one 1 MiB buffer)."""
+    digest = hashlib.sha256()
+    buffer = memoryview(bytearray(1 << 20))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(buffer[:n])
+    return digest.hexdigest()
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+class WriteError(NibbleError):
+    """A write that failed (full disk, quota, file-size limit, permissions); ``cause`` is the OSError."""
+
+    def __init__(self, message: str, cause: OSError):
+        super().__init__(message)
+        self.cause = cause
+
+
+def write_error(directory: str | Path, exc: OSError, needed: int | None = None) -> WriteError:
+    """The one-line error for a write into ``directory`` that failed with ``exc`` (a full disk, a quota, a
+    file-size limit, permissions): names the directory, the free space, and ``needed`` bytes when known."""
+    directory = Path(directory)
+    probe = next((p for p in (directory, *directory.parents) if p.exists()), Path("."))
+    try:
+        free = f"{_size(shutil.disk_usage(probe).free)} free"
+    except OSError:
+        free = "free space unknown"
+    need = f", about {_size(needed)} needed" if needed else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        message = f"{directory}: no space left on the device ({free}{need}); free some space or write elsewhere"
+    else:
+        message = (
+            f"{directory}: cannot write ({exc.strerror or exc}; {free}{need}); check the directory or write elsewhere"
+        )
+    return WriteError(message, exc)
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary name beside ``path``, fsync, then rename it onto ``path``."""
+    """Write ``text`` to a temporary name beside ``path``, fsync, then rename it onto ``path``.
+
+    Raises:
+        NibbleError: the write failed (full disk, permissions); ``path`` is left as it was.
+    """
     with open_atomic(path) as f:
         f.write(text)
     return Path(path)
@@ -54,16 +101,21 @@ def open_atomic(path: str | Path, newline: str | None = None) -> Iterator[TextIO
 
     ``with open_atomic(out) as f:`` -- write to ``f`` (a temporary sibling); on normal exit it is flushed,
     fsynced and renamed onto ``out``; if the block raises, it is deleted and ``out`` is left as it was.
+
+    Raises:
+        NibbleError: the write failed (full disk, permissions), naming the directory.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w", encoding="utf-8", newline=newline) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise write_error(path.parent, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -73,28 +125,34 @@ def _occupied(path: Path) -> bool:
 
 
 @contextmanager
-def staged_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def staged_dir(target: str | Path, overwrite: bool = False, needed: int | None = None) -> Iterator[Path]:
     """Build a directory under a temporary sibling name; it becomes ``target`` only when the block succeeds.
 
     ``with staged_dir(out) as tmp:`` -- write into ``tmp``; on normal exit ``tmp`` is renamed to ``out``.
     If the block raises, ``tmp`` is removed and ``out`` is left as it was. With ``overwrite``, an existing
     ``out`` is swapped for the new directory in one atomic exchange (Linux ``renameat2``), so ``out``
     always exists, old or new; where the file system cannot exchange, the old one is renamed aside first.
+    ``needed`` (bytes, when known) is named in the error when the disk fills up.
 
     Raises:
-        NibbleError: ``target`` exists (a file, or a non-empty directory) and ``overwrite`` is false.
+        NibbleError: ``target`` exists (a file, or a non-empty directory) and ``overwrite`` is false; or a
+            write failed (full disk, permissions), after the partial directory was removed.
     """
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise NibbleError(f"{target}: is a file, not a directory; choose another output path")
     if _occupied(target) and not overwrite:
         raise NibbleError(f"{target}: already exists; choose another output directory or pass --overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()  # (not mkdtemp: its mode 0700 would stay on the finished directory)
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()  # (not mkdtemp: its mode 0700 would stay on the finished directory)
         yield staging
         _install(staging, target)
+    except OSError as exc:
+        raise write_error(target.parent, exc, needed) from None
+    except WriteError as exc:  # a file inside: name the directory being written, not its temporary name
+        raise write_error(target.parent, exc.cause, needed) from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

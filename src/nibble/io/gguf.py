@@ -36,6 +36,7 @@ import torch
 
 from nibble.errors import NibbleError
 from nibble.io.files import read_json_object, staged_dir, write_json
+from nibble.io.gguf_reader import GGUFContents, read_gguf
 from nibble.io.rope import rope_config_keys
 from nibble.io.safetensors import Checkpoint, TensorInfo
 from nibble.quant.gguf import NATIVE_TYPES, GGUFWeight
@@ -129,9 +130,10 @@ class GGUFFile:
                 raise NibbleError(f"{self.path}: metadata key '{key}' is missing; the file is incomplete")
             return default
         try:
-            return field.contents()
+            value = field.contents()
         except (UnicodeDecodeError, IndexError, ValueError) as exc:
             raise NibbleError(f"{self.path}: metadata key '{key}' is corrupt ({exc})") from None
+        return _checked_meta(self.path, key, value)
 
     # -- tokenizer --------------------------------------------------------------------------------
 
@@ -533,6 +535,61 @@ def _llama3_rope(factors: np.ndarray, theta: float, head_dim: int, original: int
     return params if np.allclose(rebuilt, factors, rtol=1e-4, atol=0) else None
 
 
+# The type of every metadata value nibble reads, by the end of its key.
+_META_KINDS = {
+    "_token_id": "id",
+    "context_length": "size",
+    "embedding_length": "size",
+    "head_count": "size",
+    "head_count_kv": "size",
+    "key_length": "size",
+    "value_length": "size",
+    "dimension_count": "size",
+    "feed_forward_length": "size",
+    "block_count": "size",
+    "freq_base": "number",
+    "layer_norm_rms_epsilon": "number",
+    "scaling.factor": "number",
+    "add_bos_token": "bool",
+    "add_eos_token": "bool",
+    "ggml.tokens": "strings",
+    "ggml.merges": "strings",
+    "ggml.token_type": "ints",
+    "ggml.scores": "numbers",
+    "architecture": "str",
+    "ggml.model": "str",
+    "ggml.pre": "str",
+    "chat_template": "str",
+    "scaling.type": "str",
+}
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+_META_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "id": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer"),
+    "number": (lambda v: _is_number(v) and v > 0, "a finite positive number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "strings": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "ints": (lambda v: isinstance(v, list) and all(type(x) is int for x in v), "a list of integers"),
+    "numbers": (lambda v: isinstance(v, list) and all(_is_number(x) for x in v), "a list of finite numbers"),
+}
+
+
+def _checked_meta(path: Path, key: str, value: Any) -> Any:
+    """``value`` when it has the type nibble expects for ``key``, else a NibbleError naming the key."""
+    kind = next((kind for end, kind in _META_KINDS.items() if key.endswith(end)), None)
+    if kind is not None:
+        ok, want = _META_CHECKS[kind]
+        if not ok(value):
+            raise NibbleError(f"{path}: metadata key '{key}' must be {want}, got {repr(value)[:60]}")
+    return value
+
+
 def _decimal(value: float) -> float:
     """A float32 metadata value as the shortest decimal that rounds to it (1e-06, not 9.99999997e-07):
     the value the model's own config had before it was stored in 32 bits."""
@@ -631,8 +688,8 @@ def is_gguf(path: str | Path) -> bool:
         return False
 
 
-def _open_reader(path: Path):
-    """A ``gguf.GGUFReader`` for ``path``, with every failure mode turned into a NibbleError naming it."""
+def _open_reader(path: Path) -> GGUFContents:
+    """The parsed file (fields and tensors, as ``gguf.GGUFReader`` gives them), or a NibbleError naming it."""
     if not path.exists():
         raise NibbleError(f"{path}: no such file")
     if not path.is_file():
@@ -644,13 +701,8 @@ def _open_reader(path: Path):
         raise NibbleError(f"{path}: cannot read ({exc.strerror})") from None
     if magic != _GGUF_MAGIC:
         raise NibbleError(f"{path}: not a GGUF file (it does not start with the bytes 'GGUF')")
-    try:
-        # memory-maps the file and views every tensor; data missing from a short file fails the view
-        return gguf.GGUFReader(path)
-    except Exception as exc:  # the reader raises ValueError/IndexError/KeyError/... on malformed bytes
-        raise NibbleError(
-            f"{path}: truncated or corrupt GGUF file ({type(exc).__name__}: {exc}); download it again"
-        ) from None
+    # memory-maps the file and views every tensor; every size is checked against the file first
+    return read_gguf(path)
 
 
 def open_gguf(path: str | Path) -> GGUFModel:

@@ -49,7 +49,12 @@ class LabelMap:
         ok = isinstance(labels, list) and len(labels) >= 1
         if not ok or not all(is_label(x) for x in labels) or len({type(x) for x in labels}) != 1:
             raise NibbleError(f"{source}: 'labels' must be a non-empty list of integers or strings")
-        return cls(list(labels), bool(data.get("multi_label", False)))
+        if len(set(labels)) != len(labels):
+            raise NibbleError(f"{source}: 'labels' names a label twice; each class has one label")
+        multi = data.get("multi_label", False)
+        if not isinstance(multi, bool):
+            raise NibbleError(f"{source}: 'multi_label' must be true or false, got {multi!r}")
+        return cls(list(labels), multi)
 
     def save(self, path: str | Path) -> None:
         """Write the map as JSON to ``path`` (``DIR/label_map.json`` beside an adapter or model)."""

@@ -13,6 +13,7 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from nibble.errors import NibbleError
-from nibble.io.files import read_json_object
+from nibble.io.files import read_json_object, write_error
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -176,7 +177,8 @@ def save_file_atomic(
     Tensors that share storage (tied weights) are written as separate copies.
 
     Raises:
-        NibbleError: a value that is not a tensor, or metadata that is not str -> str.
+        NibbleError: a value that is not a tensor, metadata that is not str -> str, or a failed write (a full
+            disk: naming the directory and the bytes needed), after which ``path`` is as it was.
     """
     from safetensors.torch import save_file
 
@@ -194,13 +196,21 @@ def save_file_atomic(
             tensor = tensor.clone()
         seen.add((tensor.untyped_storage().data_ptr(), tensor.device))
         prepared[name] = tensor.contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(prepared, str(tmp), metadata=dict(metadata) if metadata else None)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            save_file(prepared, str(tmp), metadata=dict(metadata) if metadata else None)
+        except Exception as exc:  # safetensors reports I/O failures as SafetensorError "... (os error N)"
+            code = re.search(r"\(os error (\d+)\)", str(exc))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(tmp)) from None
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise write_error(path.parent, exc, sum(t.numel() * t.element_size() for t in prepared.values())) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path

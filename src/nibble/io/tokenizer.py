@@ -4,20 +4,19 @@ transformers' ``AutoTokenizer`` reads tokenizer.json and keeps its normalizer, p
 post-processor (``add_bos_token``/``add_eos_token`` in tokenizer_config.json are ignored when a
 tokenizer.json exists); from tokenizer_config.json it takes the named special tokens and adds those
 missing from the vocabulary as special tokens. Doing the same here gives the same ids for the same text.
-Chat templates render with jinja2 in a sandbox with the globals and filters templates expect.
+Chat templates render in a bounded jinja2 sandbox (see :mod:`nibble.io.chat_template`).
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Sequence
-from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from nibble.errors import NibbleError
+from nibble.io.chat_template import render
 from nibble.io.files import read_json_object
 
 _RESTORE = "restore the tokenizer files from the original model"
@@ -66,12 +65,17 @@ class Tokenizer:
                 self.special_tokens[name] = text
 
         extra = self.config.get("extra_special_tokens") or self.config.get("additional_special_tokens") or []
+        if not isinstance(extra, (dict, list)):
+            raise NibbleError(f"{config_file}: 'extra_special_tokens' must be a list or an object; {_RESTORE}")
         extra_texts = [t for t in (_token_text(v) for v in (extra.values() if isinstance(extra, dict) else extra)) if t]
         vocab = self.backend.get_vocab(with_added_tokens=True)
         missing = [t for t in [*self.special_tokens.values(), *extra_texts] if t not in vocab]
         if missing:
             self.backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-        self.backend.encode_special_tokens = bool(self.config.get("split_special_tokens", False))
+        split = self.config.get("split_special_tokens", False)
+        if not isinstance(split, bool):
+            raise NibbleError(f"{config_file}: 'split_special_tokens' must be true or false; {_RESTORE}")
+        self.backend.encode_special_tokens = split
 
     def token_id(self, name: str) -> int | None:
         """The id of a named special token (``"pad_token"``, ``"eos_token"``, ...), or None."""
@@ -122,29 +126,52 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     @cached_property
-    def chat_template(self) -> str | None:
-        """The default chat template (chat_template.jinja, chat_template.json, or tokenizer_config.json)."""
+    def _template_and_file(self) -> tuple[str | None, Path]:
+        """The default chat template (chat_template.jinja, chat_template.json, or tokenizer_config.json) and
+        the file it came from."""
         jinja_file = self.path / "chat_template.jinja"
         if jinja_file.is_file():
-            return jinja_file.read_text(encoding="utf-8")
+            try:
+                return jinja_file.read_text(encoding="utf-8"), jinja_file
+            except (OSError, UnicodeDecodeError) as exc:
+                raise NibbleError(f"{jinja_file}: cannot read the chat template ({exc}); {_RESTORE}") from None
         json_file = self.path / "chat_template.json"
+        source = json_file if json_file.is_file() else self.path / "tokenizer_config.json"
         template = read_json_object(json_file, _RESTORE).get("chat_template") if json_file.is_file() else None
         template = template if template is not None else self.config.get("chat_template")
         if isinstance(template, list):
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
-        return template if isinstance(template, str) else None
+        return (template if isinstance(template, str) else None), source
+
+    @cached_property
+    def chat_template(self) -> str | None:
+        """The default chat template, or None (a caller may set another)."""
+        return self._template_and_file[0]
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, **variables: Any
     ) -> str:
-        """Render ``messages`` with the chat template (the text; tokenize it with ``add_special_tokens=False``)."""
+        """Render ``messages`` with the chat template (the text; tokenize it with ``add_special_tokens=False``).
+
+        Raises:
+            NibbleError: no template, or one that fails, breaks the sandbox or exceeds its bounds (see
+                :mod:`nibble.io.chat_template`); names the file the template came from.
+        """
         template = self.chat_template
         if template is None:
             raise NibbleError(f"{self.path}: the tokenizer has no chat_template; use a model with one")
+        stored, file = self._template_and_file
+        source = str(file) if template == stored else "the built-in ChatML template"
         context = {**self.special_tokens, **variables}
-        return _compile(template).render(
-            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **context
+        return render(
+            template,
+            source,
+            messages,
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **context,
         )
 
     def save(self, directory: str | Path) -> None:
@@ -153,46 +180,6 @@ class Tokenizer:
         for name in TOKENIZER_FILES:
             if (self.path / name).is_file():
                 shutil.copyfile(self.path / name, directory / name)
-
-
-_TEMPLATES: dict[str, Any] = {}
-
-
-def _compile(template: str):
-    """A sandboxed jinja2 template with the helpers chat templates use (cached by source)."""
-    if template not in _TEMPLATES:
-        import jinja2
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str):
-            raise NibbleError(f"chat template: {message}")
-
-        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            # jinja's own tojson escapes HTML characters, which templates do not expect
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-        class Generation(jinja2.ext.Extension):
-            """``{% generation %}...{% endgeneration %}`` marks assistant text for masking; it renders as is."""
-
-            tags = {"generation"}
-
-            def parse(self, parser):
-                lineno = next(parser.stream).lineno
-                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-                return jinja2.nodes.Scope(body).set_lineno(lineno)
-
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
-        )
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        try:
-            _TEMPLATES[template] = env.from_string(template)
-        except jinja2.TemplateSyntaxError as exc:
-            raise NibbleError(f"chat template: syntax error on line {exc.lineno}: {exc.message}") from None
-    return _TEMPLATES[template]
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,7 @@ def _model_type(data: dict[str, Any], source: str) -> str:
                 if isinstance(arch, str) and arch.startswith(prefix + "For"):
                     return key
         raise NibbleError(f"{source}: no 'model_type' (expected one of {sorted(ARCHITECTURES)})")
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise NibbleError(
             f"{source}: model_type '{model_type}' is not supported; nibble loads {', '.join(sorted(ARCHITECTURES))}"
         )
@@ -178,7 +179,7 @@ def _rope(data: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | No
     if params and all(isinstance(v, dict) for v in params.values()):
         raise NibbleError(f"{source}: per-layer-type 'rope_parameters' are not supported")
     theta = params.get("rope_theta", data.get("rope_theta", 10000.0))
-    if not isinstance(theta, (int, float)) or theta <= 0:
+    if not _is_positive_number(theta):
         raise NibbleError(f"{source}: 'rope_theta' must be a positive number, got {theta!r}")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
@@ -195,9 +196,49 @@ def _rope(data: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | No
         if scaling["original_max_position_embeddings"] is None:
             scaling["original_max_position_embeddings"] = data.get("max_position_embeddings")
     for key, value in scaling.items():
-        if key != "rope_type" and (not isinstance(value, (int, float)) or value <= 0):
+        if key != "rope_type" and not _is_positive_number(value):
             raise NibbleError(f"{source}: rope scaling '{key}' must be a positive number, got {value!r}")
     return float(theta), scaling
+
+
+def _is_positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _field(data: dict[str, Any], key: str, source: str, default: Any, kind: str) -> Any:
+    """``data[key]`` (or ``default``) checked against ``kind``: "int" (>= 1), "int?" (any integer or null),
+    "int>=1?" (>= 1 or null), "number" (finite, > 0), "number>=0", "bool", "str?", "object?", or "ids?" (an
+    integer, a list of integers, or null)."""
+    value = data.get(key, default)
+    optional = kind.endswith("?")
+    if optional and value is None:
+        return None
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    ok = {
+        "int": is_int and value >= 1,
+        "int?": is_int,
+        "int>=1?": is_int and value >= 1,
+        "number": _is_positive_number(value),
+        "number>=0": _is_positive_number(value) or (is_int or isinstance(value, float)) and value == 0,
+        "bool": isinstance(value, bool),
+        "str?": isinstance(value, str),
+        "object?": isinstance(value, dict),
+        "ids?": is_int or (isinstance(value, list) and all(type(v) is int for v in value)),
+    }[kind]
+    if not ok:
+        want = {
+            "int": "a positive integer",
+            "int?": "an integer or null",
+            "int>=1?": "a positive integer or null",
+            "number": "a finite positive number",
+            "number>=0": "a finite number >= 0",
+            "bool": "true or false",
+            "str?": "a string or null",
+            "object?": "an object or null",
+            "ids?": "an integer, a list of integers, or null",
+        }[kind]
+        raise NibbleError(f"{source}: '{key}' must be {want}, got {repr(value)[:80]}")
+    return value
 
 
 def _from_dict(data: dict[str, Any], source: str) -> ModelConfig:
@@ -205,34 +246,37 @@ def _from_dict(data: dict[str, Any], source: str) -> ModelConfig:
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in data:
             raise NibbleError(f"{source}: missing '{key}'")
-        value = data[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise NibbleError(f"{source}: '{key}' must be a positive integer, got {value!r}")
+        _field(data, key, source, None, "int")
     act = data.get("hidden_act", data.get("hidden_activation", "silu"))
     if act != "silu":
         raise NibbleError(f"{source}: hidden_act '{act}' is not supported (only silu)")
-    if data.get("use_sliding_window"):
+    if _field(data, "use_sliding_window", source, False, "bool"):
         raise NibbleError(f"{source}: 'use_sliding_window' true is not supported")
+    archs = data.get("architectures") or []
+    if not isinstance(archs, list):
+        raise NibbleError(f"{source}: 'architectures' must be a list of class names")
     heads = data["num_attention_heads"]
-    kv_heads = data.get("num_key_value_heads") or heads
-    head_dim = data.get("head_dim")
+    kv_heads = _field(data, "num_key_value_heads", source, None, "int>=1?") or heads
+    head_dim = _field(data, "head_dim", source, None, "int>=1?")
     if head_dim is None:
         if data["hidden_size"] % heads:
             raise NibbleError(f"{source}: hidden_size must be a multiple of num_attention_heads when head_dim is unset")
         head_dim = data["hidden_size"] // heads
     theta, scaling = _rope(data, source)
-    bias = bool(data.get("attention_bias", False))
-    labels = data.get("id2label")
-    num_labels = data.get("num_labels")
-    archs = data.get("architectures") or []
+    bias = _field(data, "attention_bias", source, False, "bool")
+    labels = _field(data, "id2label", source, None, "object?")
+    num_labels = _field(data, "num_labels", source, None, "int>=1?")
     if num_labels is None and any(str(a).endswith("ForSequenceClassification") for a in archs) and labels:
         num_labels = len(labels)
     id2label = None
     if labels and num_labels and len(labels) == num_labels:
         try:
             id2label = {int(k): str(v) for k, v in labels.items()}
-        except (AttributeError, ValueError):
+        except ValueError:
             raise NibbleError(f"{source}: 'id2label' must map integer ids to names") from None
+    sliding = _field(data, "sliding_window", source, None, "int>=1?") if model_type == "mistral" else None
+    dtype = _field(data, "dtype", source, None, "str?")
+    dtype = dtype if dtype is not None else _field(data, "torch_dtype", source, None, "str?")
     try:
         return ModelConfig(
             vocab_size=data["vocab_size"],
@@ -243,25 +287,25 @@ def _from_dict(data: dict[str, Any], source: str) -> ModelConfig:
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
             model_type=model_type,
-            rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(_field(data, "rms_norm_eps", source, 1e-6, "number")),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_position_embeddings=int(data.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+            max_position_embeddings=_field(data, "max_position_embeddings", source, 4096, "int"),
+            tie_word_embeddings=_field(data, "tie_word_embeddings", source, False, "bool"),
             # Qwen2 always biases q/k/v and never o_proj; Mistral has no biases.
             attention_bias=model_type == "qwen2" or (bias and model_type != "mistral"),
             attention_out_bias=bias and model_type in ("llama", "qwen3"),
-            mlp_bias=bool(data.get("mlp_bias", False)) and model_type == "llama",
+            mlp_bias=_field(data, "mlp_bias", source, False, "bool") and model_type == "llama",
             qk_norm=model_type == "qwen3",
-            sliding_window=data.get("sliding_window") if model_type == "mistral" else None,
-            pad_token_id=data.get("pad_token_id"),
-            bos_token_id=data.get("bos_token_id"),
-            eos_token_id=data.get("eos_token_id"),
+            sliding_window=sliding,
+            pad_token_id=_field(data, "pad_token_id", source, None, "int?"),
+            bos_token_id=_field(data, "bos_token_id", source, None, "int?"),
+            eos_token_id=_field(data, "eos_token_id", source, None, "ids?"),
             num_labels=num_labels,
             id2label=id2label,
-            initializer_range=float(data.get("initializer_range", 0.02)),
-            torch_dtype=data.get("dtype", data.get("torch_dtype")),
-            quantization_config=data.get("quantization_config"),
+            initializer_range=float(_field(data, "initializer_range", source, 0.02, "number>=0")),
+            torch_dtype=dtype,
+            quantization_config=_field(data, "quantization_config", source, None, "object?"),
         )
     except (TypeError, ValueError) as exc:
         raise NibbleError(f"{source}: invalid value ({exc})") from None

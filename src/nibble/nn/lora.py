@@ -82,6 +82,11 @@ class LoRALinear(nn.Module):
             raise NibbleError(f"LoRA wraps nn.Linear or QuantLinear layers, not {type(base).__name__}")
         if rank < 1:
             raise NibbleError(f"lora_rank must be >= 1, got {rank}")
+        if rank > min(base.in_features, base.out_features):  # checked before A and B are allocated
+            raise NibbleError(
+                f"lora_rank {rank} is larger than a {base.in_features} -> {base.out_features} layer allows "
+                f"(at most {min(base.in_features, base.out_features)})"
+            )
         if not 0.0 <= dropout < 1.0:
             raise NibbleError(f"lora_dropout must be in [0, 1), got {dropout}")
         self.base_layer = base

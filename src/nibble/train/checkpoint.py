@@ -5,13 +5,16 @@
 - ``optimizer.safetensors``: the optimizer state tensors, ``{param name}.{state key}``;
 - ``rng.safetensors``: torch (CPU and CUDA), numpy and python generator states as integer tensors;
 - ``state.json``: step, data position, optimizer groups, scheduler, grad scaler, early stopping and
-  the scalar parts of the RNG states; ``config.yaml``: the run's config.
-It is written under a temporary name and renamed, so a directory named ``step-N`` is always complete.
+  the scalar parts of the RNG states; ``config.yaml``: the run's config;
+- ``manifest.json``: the size and SHA-256 of every other file, written last.
+It is written under a temporary name and renamed, so a directory named ``step-N`` is always complete; the
+manifest catches what happens to it afterwards (a bad disk, a copy cut short, a hand edit): resuming
+verifies it and falls back to the newest checkpoint that is intact.
 
 Under torchrun, rank 0 writes it and every rank's generator states join ``rng.safetensors``. With FSDP2
 (sharded parameters) the weights and optimizer tensors go instead to ``shards/``, one safetensors file per rank
-written by ``torch.distributed.checkpoint``, which also reads them back on any number of ranks; the directory is
-renamed only after every rank finished its part.
+written by ``torch.distributed.checkpoint``, which also reads them back on any number of ranks (the manifest
+lists them as ``shards/NAME``); the directory is renamed only after every rank finished its part.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ import torch
 from torch import nn
 
 from nibble.errors import NibbleError
-from nibble.io.files import read_json_object, remove_stale_staging, staged_dir
+from nibble.io.files import read_json_object, remove_stale_staging, sha256_file, staged_dir, write_json
 from nibble.io.safetensors import copy_into, load_file, save_file_atomic
 from nibble.train.distributed import barrier, broadcast_text, current, is_sharded
 from nibble.train.rng import rng_state
 
 _STEP_DIR = re.compile(r"step-(\d+)")
 STATE_FILE = "state.json"
+MANIFEST = "manifest.json"
 SHARDS = "shards"
 
 
@@ -98,8 +102,11 @@ def save_checkpoint(
     final = directory / f"step-{step}"
     main = current().is_main
     sharded = is_sharded(list(trainable.values()))
-    with staged_dir(final, overwrite=True) if main else nullcontext() as staging:
-        opt_tensors, groups = optimizer_state(optimizer, param_names)
+    opt_tensors, groups = optimizer_state(optimizer, param_names)
+    rng_tensors, rng_scalars = rng_state()
+    tensors = [*trainable.values(), *opt_tensors.values(), *rng_tensors.values()]
+    needed = sum(t.numel() * t.element_size() for t in tensors)  # (sharded: every rank's part together)
+    with staged_dir(final, overwrite=True, needed=needed) if main else nullcontext() as staging:
         if sharded:
             import torch.distributed.checkpoint as dcp
 
@@ -113,11 +120,11 @@ def save_checkpoint(
         if not sharded:
             save_file_atomic({k: v.detach() for k, v in trainable.items()}, tmp / "trainable.safetensors")
             save_file_atomic(opt_tensors, tmp / "optimizer.safetensors")
-        rng_tensors, rng_scalars = rng_state()
         save_file_atomic({**rng_tensors, **(rank_rng or {})}, tmp / "rng.safetensors")
         full_state = {**state, "step": step, "optimizer_groups": groups, "rng": rng_scalars}
         (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1), encoding="utf-8")
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        write_manifest(tmp)
     return final
 
 
@@ -162,6 +169,68 @@ def _create_state(optimizer: torch.optim.Optimizer) -> None:
         group["lr"] = lr
 
 
+def write_manifest(directory: Path) -> None:
+    """Record the size and SHA-256 of every file in ``directory`` (and its ``shards/``) in its ``manifest.json``."""
+    files = {
+        p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    write_json(directory / MANIFEST, {"files": files})
+
+
+def _plain_name(name: str) -> bool:
+    """A file of the checkpoint itself, or of its ``shards/``: nothing hidden, nothing outside it."""
+    parts = name.split("/")
+    return len(parts) in (1, 2) and (len(parts) == 1 or parts[0] == SHARDS) and not parts[-1].startswith(".")
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check every file of a checkpoint against its manifest (sizes first, then SHA-256).
+
+    Raises:
+        NibbleError: no or a garbled manifest, or a file that is missing, of another size or another
+            SHA-256; names the file.
+    """
+    if not (path / MANIFEST).is_file():
+        raise NibbleError(f"{path / MANIFEST}: missing; the checkpoint is incomplete or damaged")
+    manifest = read_json_object(path / MANIFEST, "the checkpoint is damaged; resume from another one")
+    files = manifest.get("files")
+    entries_ok = isinstance(files, dict) and STATE_FILE in files
+    if entries_ok:
+        entries_ok = all(
+            isinstance(e, dict) and type(e.get("size")) is int and isinstance(e.get("sha256"), str)
+            for e in files.values()
+        )
+    if not entries_ok or not all(isinstance(name, str) and _plain_name(name) for name in files):
+        raise NibbleError(f"{path / MANIFEST}: garbled manifest; the checkpoint is damaged")
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            raise NibbleError(f"{file}: missing from the checkpoint; resume from another one")
+        if file.stat().st_size != entry["size"]:
+            raise NibbleError(
+                f"{file}: {file.stat().st_size} bytes, the manifest says {entry['size']}; the checkpoint is damaged"
+            )
+    for name, entry in files.items():
+        if sha256_file(path / name) != entry["sha256"]:
+            raise NibbleError(f"{path / name}: SHA-256 differs from the manifest; the checkpoint is damaged")
+
+
+def newest_intact_checkpoint(directory: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint under ``directory`` that passes :func:`verify_checkpoint`, and the newer ones
+    skipped with the reason for each."""
+    skipped = []
+    for _, path in reversed(list_checkpoints(directory)):
+        try:
+            verify_checkpoint(path)
+        except NibbleError as exc:
+            skipped.append((path, str(exc)))
+            continue
+        return path, skipped
+    return None, skipped
+
+
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints under ``directory`` as ``(step, path)``, oldest first."""
     if not directory.is_dir():
@@ -192,13 +261,25 @@ def read_state(path: Path) -> dict[str, Any]:
     return read_json_object(path / STATE_FILE, "resume from an older checkpoint")
 
 
+def discard_checkpoints_after(directory: Path, step: int) -> None:
+    """Delete the checkpoints of steps after ``step``: a run resumed from ``step`` writes them again, and a
+    damaged one left in place would count as the newest when checkpoints are pruned."""
+    for found, path in list_checkpoints(directory):
+        if found > step:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any], dict]:
     """``(trainable, optimizer tensors, state, rng tensors)`` of a checkpoint directory (the first two empty for a
     sharded one: see :func:`load_sharded`).
 
     Raises:
-        NibbleError: a missing directory or file, or a state.json that cannot be read.
+        NibbleError: a missing directory or file, a file that does not match the manifest, or a state.json
+            that cannot be read.
     """
+    if not (path / STATE_FILE).is_file():
+        raise NibbleError(f"{path}: not a checkpoint (no {STATE_FILE}); give a checkpoints/step-N directory")
+    verify_checkpoint(path)
     state = read_state(path)
     files = {}
     sharded = (path / SHARDS).is_dir()

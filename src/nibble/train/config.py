@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -20,11 +21,13 @@ import yaml
 from nibble.data.classify import CLASS_WEIGHTS
 from nibble.devices import DTYPES, parse_bytes, resolve_device
 from nibble.errors import NibbleError
+from nibble.io.files import write_text_atomic
 from nibble.quant import QuantSpec
 
 _QUANT = QuantSpec()  # the default 4-bit format
 
 Method = Literal["auto", "qlora", "lora", "full"]
+_MAX_CONFIG_BYTES = 1 << 20
 
 
 def _help(text: str, **extra: Any) -> Any:
@@ -157,7 +160,13 @@ class TrainConfig:
     resume: str | None = field(
         default=None, metadata=_help("continue from the latest checkpoint under --output, or from PATH")
     )
-    overwrite: bool = field(default=False, metadata=_help("replace a previous run in --output"))
+    overwrite: bool = field(
+        default=False,
+        metadata=_help(
+            "replace a previous run in --output: its files are moved aside (OUT/.replaced) and deleted once the "
+            "new run has written its first checkpoint; a new run that stops before that puts them back"
+        ),
+    )
     val_data: str | None = field(default=None, metadata=_help("validation data file (default: split from --data)"))
     val_split: float = field(default=0.1, metadata=_help("stratified fraction of --data held out for validation"))
     text_column: str = field(default="text", metadata=_help("field holding the text"))
@@ -175,6 +184,8 @@ class TrainConfig:
                 raise NibbleError(f"'{key}' is required: pass --{key.replace('_', '-')} or set it in the YAML file")
         for name, hint in typing.get_type_hints(TrainConfig).items():
             _check_type(name, getattr(self, name), hint)
+            if isinstance(getattr(self, name), float) and not math.isfinite(getattr(self, name)):
+                raise NibbleError(f"'{name}' must be a finite number, got {getattr(self, name)}")
         positive = ("batch_size", "grad_accum", "lora_rank", "max_seq_len", "epochs", "log_every", "keep_checkpoints")
         for key in positive:
             if getattr(self, key) < 1:
@@ -234,8 +245,7 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config as YAML (loadable with :func:`load_config`)."""
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
-        Path(path).write_text(text, encoding="utf-8")
+        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
 
     @property
     def torch_dtype(self):
@@ -282,13 +292,44 @@ def check_keys(data: Mapping[str, Any], source: str) -> None:
             raise NibbleError(f"{source}: unknown key '{key}'{hint}")
 
 
+class _AliasFound(Exception):
+    pass
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: ``*name`` could expand a kilobyte into gigabytes (nested aliases,
+    a "billion laughs"), and a config never needs one."""
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+        if self.check_event(yaml.AliasEvent):
+            raise _AliasFound(self.peek_event().start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The keys of a YAML config file; unknown keys are errors (with a suggestion)."""
+    """The keys of a YAML config file; unknown keys are errors (with a suggestion).
+
+    Raises:
+        NibbleError: a missing, oversized (over 1 MiB) or invalid file, YAML aliases (``*name``), a value
+            that is not a mapping, or an unknown key; names the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise NibbleError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if path.stat().st_size > _MAX_CONFIG_BYTES:
+            raise NibbleError(f"{path}: {path.stat().st_size} bytes is too large for a training config (at most 1 MiB)")
+        loader = _NoAliasLoader(path.read_text(encoding="utf-8-sig"))
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except _AliasFound as exc:
+        raise NibbleError(
+            f"{path} line {exc.args[0]}: YAML aliases (*name) are not supported; write the value out"
+        ) from None
+    except RecursionError:
+        raise NibbleError(f"{path}: nested too deeply to be a training config") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise NibbleError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     if data is None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nibble.io.files import write_error, write_text_atomic
 from nibble.io.runinfo import LabelMap
 
 
@@ -110,11 +112,23 @@ class MetricsLog:
         """Drop records of steps after ``step`` (a resumed run writes them again)."""
         if self.path.is_file():
             kept = [r for r in self.records() if r.get("step", 0) <= step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        """Append one line; a failed write (full disk) is cut off again, so the file never ends mid-line.
+
+        Raises:
+            NibbleError: the write failed, naming the directory.
+        """
+        line = memoryview((json.dumps(record) + "\n").encode("utf-8"))
+        with open(self.path, "ab", buffering=0) as f:
+            size = f.seek(0, os.SEEK_END)
+            try:
+                while line:
+                    line = line[f.write(line) :]
+            except OSError as exc:
+                f.truncate(size)
+                raise write_error(self.path.parent, exc, len(line)) from None
         for mirror in self.mirrors:
             mirror.write(record)
 

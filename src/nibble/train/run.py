@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from nibble.devices import MemoryMeter, describe, device_memory, dtype_name, par
 from nibble.errors import NibbleError
 from nibble.io.files import read_json_object, remove_stale_staging, staged_dir, write_text_atomic
 from nibble.io.gguf import gguf_source, native_model
+from nibble.io.lock import locked_directory
 from nibble.io.peft import adapter_config, save_adapter
 from nibble.io.runinfo import LABEL_MAP, RUN_INFO, LabelMap, RunInfo
 from nibble.io.tokenizer import Tokenizer
@@ -37,19 +40,26 @@ from nibble.model.memory import (
     choose_plan,
     estimate_bytes,
     plan_candidates,
+    projection_shapes,
 )
 from nibble.model.merge import write_checkpoint
 from nibble.nn import QuantLinear, apply_lora
 from nibble.nn.lora import resolve_targets
 from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
 from nibble.train import distributed
-from nibble.train.checkpoint import read_state
+from nibble.train.checkpoint import (
+    discard_checkpoints_after,
+    list_checkpoints,
+    newest_intact_checkpoint,
+    read_state,
+    verify_checkpoint,
+)
 from nibble.train.config import TrainConfig, read_yaml
 from nibble.train.metrics import MetricsLog, headline, plot_run
 from nibble.train.optim import WarmupCosine
 from nibble.train.report import open_reporters, report_targets
 from nibble.train.rng import seed_everything
-from nibble.train.trainer import Progress, Trainer, latest_checkpoint, read_progress
+from nibble.train.trainer import Progress, Trainer, read_progress
 
 RUN_OUTPUTS = (
     "adapter",
@@ -63,6 +73,9 @@ RUN_OUTPUTS = (
     "tensorboard",
     "wandb",
 )
+# Where --overwrite keeps the previous run until the new one has written a checkpoint; ".replacing" while
+# the previous run's outputs are being moved there.
+REPLACED, REPLACING = ".replaced", ".replacing"
 # The model head each training task puts on the decoder.
 MODEL_TASKS = {"classify": "classify", "instruct": "causal_lm"}
 
@@ -89,17 +102,36 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> list[str]:
     return wrapped
 
 
+def check_lora_rank(config: TrainConfig, model_config: ModelConfig) -> None:
+    """A LoRA rank above min(in, out) of a target adds nothing (the update's rank cannot exceed it) and can
+    exhaust memory: refuse it before the model is loaded, naming the target and the limit."""
+    if config.method == "full":
+        return
+    shapes = projection_shapes(model_config)
+    for target in resolve_targets(config.lora_targets):
+        shape = shapes.get(target.rsplit(".", 1)[-1])
+        if shape is not None and config.lora_rank > min(shape):
+            raise NibbleError(
+                f"'lora_rank' {config.lora_rank} is larger than {target} allows ({shape[1]} -> {shape[0]} "
+                f"features, so at most {min(shape)}); use --lora-rank {min(shape)} or less"
+            )
+
+
 def check_output(out: Path, config: TrainConfig) -> Path | None:
-    """The checkpoint to resume from (or None), after checking that ``out`` may be written."""
+    """The checkpoint to resume from (or None), after checking that ``out`` may be written. ``--resume``
+    takes the newest checkpoint whose files match its manifest, naming each newer one it skips."""
     if config.resume:
         if config.resume != "latest":
             path = Path(config.resume)
             if not path.is_dir():
                 raise NibbleError(f"--resume {path}: no such checkpoint directory")
+            verify_checkpoint(path)  # before anything, even a finished run's "nothing to do", relies on it
             return path
-        found = latest_checkpoint(out)
+        found, skipped = newest_intact_checkpoint(out / "checkpoints")
+        for path, reason in skipped:
+            print(f"resume: skipping {path}: {reason}", flush=True)
         if found is None:
-            print(f"resume: no checkpoint under {out / 'checkpoints'} yet; starting from step 0", flush=True)
+            print(f"resume: no intact checkpoint under {out / 'checkpoints'}; starting from step 0", flush=True)
         return found
     existing = [name for name in RUN_OUTPUTS if (out / name).exists()]
     if existing and not config.overwrite:
@@ -110,13 +142,49 @@ def check_output(out: Path, config: TrainConfig) -> Path | None:
     return None
 
 
-def _clear_previous_run(out: Path) -> None:
+def _remove_outputs(out: Path) -> None:
     for name in RUN_OUTPUTS:
         target = out / name
-        if target.is_dir():
+        if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
-        elif target.exists():
+        elif target.exists() or target.is_symlink():
             target.unlink()
+
+
+def _set_previous_run_aside(out: Path) -> None:
+    """``--overwrite``: move the previous run's outputs into ``OUT/.replaced``, where they stay until the new
+    run has written its first checkpoint (see :func:`settle_replaced_run`)."""
+    existing = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if not existing:
+        return
+    moving = out / REPLACING
+    moving.mkdir()
+    for name in existing:
+        os.rename(out / name, moving / name)
+    os.rename(moving, out / REPLACED)
+
+
+def _move_back(aside: Path, out: Path) -> None:
+    for item in aside.iterdir():
+        os.rename(item, out / item.name)
+    aside.rmdir()
+
+
+def settle_replaced_run(out: Path) -> None:
+    """Finish or undo what ``--overwrite`` set aside in ``out``: once the new run has a checkpoint the previous
+    run is deleted; a new run that stopped before that (failed, interrupted, killed) gives it back."""
+    if (out / REPLACING).is_dir():  # stopped while moving: only the previous run's outputs exist
+        _move_back(out / REPLACING, out)
+        print(f"{out}: restored the previous run (a --overwrite run stopped before writing anything)", flush=True)
+    aside = out / REPLACED
+    if not aside.is_dir():
+        return
+    if list_checkpoints(out / "checkpoints"):
+        shutil.rmtree(aside)
+        return
+    _remove_outputs(out)
+    _move_back(aside, out)
+    print(f"{out}: restored the previous run (the --overwrite run stopped before its first checkpoint)", flush=True)
 
 
 def run_info(config: TrainConfig, step: int | None = None) -> RunInfo:
@@ -176,7 +244,9 @@ def export(
     when complete. The adapter names ``model_dir`` (the HF directory the base was loaded from: the one given,
     or a .gguf file's conversion) as its base, so PEFT's ``AutoPeftModel*`` can load it; nibble.json keeps the
     model as the user named it."""
-    with staged_dir(final, overwrite=True) as tmp:
+    exported = model.parameters() if config.method == "full" else (p for p in model.parameters() if p.requires_grad)
+    needed = sum(p.numel() * 4 for p in exported)  # written in fp32
+    with staged_dir(final, overwrite=True, needed=needed) as tmp:
         if config.method == "full":
             write_checkpoint(model, tmp, torch.float32, labels=task.label_map.labels if task.label_map else None)
         else:
@@ -375,15 +445,34 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
     from then on is the one a run of the new length has at that step (the warmup + cosine schedule is
     recomputed for the new length).
 
+    The run holds an exclusive lock on its output directory from before it reads anything there until it
+    ends (see :func:`nibble.io.lock.locked_directory`): a second run on the same output is refused.
+
     Under ``torchrun`` every rank runs this (see :mod:`nibble.train.distributed`): the ranks must agree on the
-    config, each computes on its own device, and only rank 0 prints and writes the output directory.
+    config, each computes on its own device, and only rank 0 prints, takes the lock and writes the output
+    directory.
+
+    Raises:
+        NibbleError: a bad option or input, or a directory in use (naming the pid holding it).
+        Interrupted: SIGINT/SIGTERM stopped the run (after a checkpoint; see :meth:`Trainer.train`).
     """
     part = distributed.from_environment()
     device = resolve_device(distributed.rank_device(config.device, part))
     distributed.start(part, device, config.dist_backend)
     try:
         distributed.check_same_config(config.to_dict())
-        return _run(config, model_dir, tokenizer, task, device, part)
+        out = Path(config.output)
+        check_lora_rank(config, ModelConfig.from_hf(model_dir))
+        with locked_directory(out) if part.is_main else nullcontext():
+            with distributed.main_first() as main:
+                if main:
+                    settle_replaced_run(out)
+            try:
+                return _train_locked(config, model_dir, tokenizer, task, out, device, part)
+            except BaseException:
+                if part.is_main:
+                    settle_replaced_run(out)
+                raise
     finally:
         distributed.stop()
 
@@ -413,17 +502,17 @@ def global_micro_batch(config: TrainConfig, resume_from: Path | None, part: dist
     return replace(config, batch_size=saved // part.world)
 
 
-def _run(
+def _train_locked(
     config: TrainConfig,
     model_dir: Path,
     tokenizer: Tokenizer,
     task: TaskRun,
+    out: Path,
     device: torch.device,
     part: distributed.Parallel,
 ) -> TrainResult:
     from nibble.model import load_model
 
-    out = Path(config.output)
     resume_from = check_output(out, config)
     asked = config.dtype
     config = replace(config, dtype=dtype_name(resolve_dtype(config.dtype, device)))
@@ -490,7 +579,10 @@ def _run(
     with distributed.main_first() as main:
         if main:
             if not config.resume:
-                _clear_previous_run(out)
+                _set_previous_run_aside(out)
+            elif resume_from is None:  # nothing (intact) to resume: what a killed run left before its 1st checkpoint
+                (out / "metrics.jsonl").unlink(missing_ok=True)
+                discard_checkpoints_after(out / "checkpoints", -1)
             remove_stale_staging(out)  # an export cut short by a kill
             out.mkdir(parents=True, exist_ok=True)
             config.save(out / "config.yaml")
@@ -507,8 +599,23 @@ def _run(
         def evaluate(m: nn.Module) -> dict[str, Any]:
             return task.evaluate(m, eval_batch)
 
+    def on_save(path: Path) -> None:
+        if part.is_main:
+            shutil.rmtree(out / REPLACED, ignore_errors=True)  # what --overwrite set aside is no longer needed
+
     trainer = Trainer(
-        model, stream, config, out, total_steps, task.loss_fn, evaluate, on_best, task.forward, meter, task.loss_units
+        model,
+        stream,
+        config,
+        out,
+        total_steps,
+        task.loss_fn,
+        evaluate,
+        on_best,
+        task.forward,
+        meter,
+        on_save,
+        task.loss_units,
     )
     if resume_from is not None:
         trainer.resume(resume_from)
@@ -556,7 +663,8 @@ def _run(
         write_text_atomic(out / "eval_report.json", json.dumps(report, indent=2) + "\n")
         print(task.report(report), flush=True)
     labels = task.label_map.labels if task.label_map else []
-    plot_run(trainer.log.records(), report or None, labels, out / "plots", name=out.resolve().name)
+    with staged_dir(out / "plots", overwrite=True) as plots:
+        plot_run(trainer.log.records(), report or None, labels, plots, name=out.resolve().name)
     device_peak = "" if memory["peak_device_bytes"] is None else f", device peak {_gb(memory['peak_device_bytes'])}"
     print(
         f"done: {final_dir}; memory used on {device}: {_gb(memory['used_bytes'])} (estimate {_gb(estimate)}"

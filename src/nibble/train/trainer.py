@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,11 @@ from tqdm import tqdm
 
 from nibble.data.batching import BatchStream
 from nibble.devices import MemoryMeter, autocast, resolve_dtype, to_device
-from nibble.errors import NibbleError
+from nibble.errors import Interrupted, NibbleError
 from nibble.train.checkpoint import (
     SHARDS,
     STATE_FILE,
-    list_checkpoints,
+    discard_checkpoints_after,
     load_checkpoint,
     load_optimizer_state,
     load_sharded,
@@ -33,6 +34,7 @@ from nibble.train.checkpoint import (
 )
 from nibble.train.config import TrainConfig
 from nibble.train.distributed import DataParallel, all_sum, barrier, current, full_value, is_sharded
+from nibble.train.interrupt import GracefulStop
 from nibble.train.metrics import MetricsLog, headline
 from nibble.train.optim import WarmupCosine, build_optimizer
 from nibble.train.rng import rank_rng_states, set_rng_state
@@ -48,6 +50,24 @@ class Progress:
     best_step: int | None = None
     evals_without_improvement: int = 0
     stopped_early: bool = False
+    evaluated_step: int = -1
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> Progress:
+        """The progress saved in a checkpoint; a missing field keeps its default, a wrong one is a NibbleError."""
+        if not isinstance(data, dict):
+            raise NibbleError(f"{source}: 'progress' must be an object; resume from another checkpoint")
+        kinds = {"best_val_loss": (float, int, type(None)), "best_step": (int, type(None)), "stopped_early": (bool,)}
+        known = {f.name for f in fields(cls)}
+        for key, value in data.items():
+            wanted = kinds.get(key, (int,))
+            is_bool = isinstance(value, bool)
+            if key not in known or not isinstance(value, wanted) or (is_bool and bool not in wanted):
+                raise NibbleError(f"{source}: progress '{key}' is {value!r}; resume from another checkpoint")
+        progress = cls(**data)
+        if progress.step < 0 or progress.tokens < 0:
+            raise NibbleError(f"{source}: progress counts are negative; resume from another checkpoint")
+        return progress
 
     def finished(self, total_steps: int) -> bool:
         """Whether a run of ``total_steps`` steps has nothing left to train: it reached them or stopped early."""
@@ -70,12 +90,7 @@ def read_progress(checkpoint: Path) -> tuple[Progress, int | None]:
         NibbleError: no state.json, or one without a valid ``progress`` object.
     """
     state = read_state(checkpoint)
-    try:
-        progress = Progress(**state["progress"])
-    except (KeyError, TypeError) as exc:
-        raise NibbleError(
-            f"{checkpoint / STATE_FILE}: no valid 'progress' ({exc!r}); resume from another checkpoint"
-        ) from None
+    progress = Progress.from_json(state.get("progress"), str(checkpoint / STATE_FILE))
     scheduler = state.get("scheduler")
     return progress, scheduler.get("total_steps") if isinstance(scheduler, dict) else None
 
@@ -119,6 +134,35 @@ class _Window:
             for i, (loss, norm) in enumerate(zip(self.losses, self.grad_norms, strict=True))
         ]
 
+    def to_json(self) -> dict[str, Any]:
+        """The synced window (see :meth:`sync`) for a checkpoint, so a resumed run logs the same lines."""
+        values = self.sync()
+        losses, norms = [v[1] for v in values], [v[2] for v in values]
+        return {
+            "first_step": self.first_step,
+            "losses": losses,
+            "grad_norms": norms,
+            "lr": self.lr,
+            "tokens": self.tokens,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, step: int) -> _Window:
+        """The window a checkpoint at ``step`` saved (a fresh one when it saved none)."""
+        if data is None:
+            return cls(step + 1, time.perf_counter())
+        losses, norms = data["losses"], data["grad_norms"]
+        numbers = [*losses, *norms, data["lr"]]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+            raise TypeError("window values must be numbers")
+        if (
+            len(losses) != len(norms)
+            or data["first_step"] + len(losses) != step + 1
+            or not isinstance(data["tokens"], int)
+        ):
+            raise ValueError("window does not end at the checkpoint's step")
+        return cls(data["first_step"], time.perf_counter(), list(losses), list(norms), data["lr"], data["tokens"])
+
 
 class Trainer:
     """Runs the optimizer steps of one run.
@@ -134,11 +178,13 @@ class Trainer:
         on_best: called with the step after an evaluation that lowered the val loss (on every rank).
         forward: ``(model, batch) -> outputs`` (inside autocast); default ``model(input_ids, attention_mask)``.
         meter: the run's memory meter; its peaks go into every train record of metrics.jsonl.
+        on_save: called with the directory of each checkpoint once it is complete.
         loss_units: ``batch -> what the loss averages over`` (default: its rows); under torchrun each rank's
             loss counts by its share of the global batch's units, so the step equals a one-process step.
 
     Under torchrun (see :mod:`nibble.train.distributed`) every rank runs the same loop on its slice of each
-    batch (``stream`` is built with the rank's ``part``); only rank 0 logs, prints and writes checkpoints.
+    batch (``stream`` is built with the rank's ``part``); only rank 0 logs, prints and writes checkpoints, and
+    a stop signal on any rank stops every rank after the same step.
     """
 
     def __init__(
@@ -153,12 +199,14 @@ class Trainer:
         on_best: Callable[[int], None] | None = None,
         forward: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
         meter: MemoryMeter | None = None,
+        on_save: Callable[[Path], None] | None = None,
         loss_units: Callable[[dict[str, torch.Tensor]], float] | None = None,
     ):
         self.model, self.stream, self.config, self.out = model, stream, config, out
         self.forward = forward or (lambda m, batch: m(batch["input_ids"], batch["attention_mask"]))
         self.total_steps, self.loss_fn, self.evaluate, self.on_best = total_steps, loss_fn, evaluate, on_best
         self.meter = meter
+        self.on_save = on_save
         self.loss_units = loss_units or (lambda batch: batch["input_ids"].shape[0])
         self.parallel = current()
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -180,6 +228,7 @@ class Trainer:
         self.checkpoints = out / "checkpoints"
         self.last_checkpoint: Path | None = None
         self.last_eval: dict[str, Any] | None = None
+        self._window_state: dict[str, Any] | None = None  # the log window a resumed checkpoint saved
         # DDP, unless FSDP2 sharded the model already (its gradients reduce-scatter as they are computed)
         replicated = self.parallel.active and not is_sharded(self._params)
         self.data_parallel = DataParallel(model, self.forward) if replicated else None
@@ -202,28 +251,37 @@ class Trainer:
         try:
             load_optimizer_state(self.optimizer, self.param_names, opt_tensors, state["optimizer_groups"], str(path))
             self.stream.load_state_dict(state["data"], str(path))
-            self.progress = Progress(**state["progress"])
+            self.progress = Progress.from_json(state["progress"], str(path))
             self.progress.apply_patience(self.config.early_stopping_patience)
             if state.get("scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(state["scaler"])
             set_rng_state(rng, state["rng"], self.parallel.rank)
-        except (KeyError, TypeError, ValueError) as exc:
+            last_eval = state.get("last_eval")
+            if last_eval is not None and not isinstance(last_eval, dict):
+                raise TypeError(f"last_eval is {type(last_eval).__name__}")
+            self.last_eval = last_eval
+            self._window_state = state.get("window")
+            _Window.from_json(self._window_state, self.progress.step)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RuntimeError) as exc:
             raise NibbleError(
                 f"{path}: incomplete checkpoint state ({exc!r}); resume from another checkpoint"
             ) from None
         if self.parallel.is_main:
             self.log.truncate_after(self.progress.step)
+            discard_checkpoints_after(self.checkpoints, self.progress.step)
         self.last_checkpoint = path
 
-    def save(self) -> Path:
+    def save(self, window: _Window | None = None) -> Path:
+        """Checkpoint the run at the current step (with the unlogged steps of ``window``, when given)."""
         state = {
             "progress": asdict(self.progress),
             "data": self.stream.state_dict(),
             "scheduler": {"name": "warmup_cosine", "step": self.progress.step, **self.schedule.state_dict()},
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "last_eval": self.last_eval,
+            "window": window.to_json() if window is not None else None,
         }
-        path = self.checkpoints / f"step-{self.progress.step}"
-        save_checkpoint(
+        path = save_checkpoint(
             self.checkpoints,
             self.progress.step,
             {n: p for n, p in self.named_params},
@@ -237,6 +295,8 @@ class Trainer:
             prune_checkpoints(self.checkpoints, self.config.keep_checkpoints)
         barrier()  # the checkpoint is complete for every rank before any goes on
         self.last_checkpoint = path
+        if self.on_save is not None:
+            self.on_save(path)
         return path
 
     def _not_finite(self, what: str, value: float) -> NibbleError:
@@ -261,6 +321,7 @@ class Trainer:
         metrics = self._measure()
         self.model.train()
         p = self.progress
+        p.evaluated_step = p.step
         record = {
             "kind": "eval",
             "step": p.step,
@@ -329,6 +390,14 @@ class Trainer:
         total = all_sum(torch.tensor(mine, dtype=torch.float64, device=self.device))
         return (mine / total.clamp_min(1e-30)).float()
 
+    def _stop_asked(self, stop: GracefulStop) -> bool:
+        """Whether a stop signal arrived, on any rank under torchrun (so that every rank stops after the same
+        step)."""
+        asked = stop.signum is not None
+        if not self.parallel.active:
+            return asked
+        return bool(all_sum(torch.tensor(float(asked), device=self.device)) > 0)
+
     def _check(self, window: _Window, bar: tqdm) -> list[tuple[int, float, float]]:
         """Sync the window with the host; stop at its first non-finite loss (or gradient norm, without a grad
         scaler, which handles overflow itself) before anything is saved or evaluated after it."""
@@ -353,6 +422,8 @@ class Trainer:
         now = time.perf_counter()
         p = self.progress
         p.tokens += window.tokens
+        if not self.parallel.is_main:
+            return
         record = {
             "kind": "train",
             "step": p.step,
@@ -367,8 +438,6 @@ class Trainer:
             record["peak_rss_bytes"] = peaks["peak_rss_bytes"]
             if peaks["peak_device_bytes"] is not None:
                 record["peak_device_bytes"] = peaks["peak_device_bytes"]
-        if not self.parallel.is_main:
-            return
         self.log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{window.lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         if bar.disable:
@@ -388,6 +457,10 @@ class Trainer:
         nothing; it is only evaluated, for the report. The host reads the device once per log window (and
         before an evaluation or a checkpoint, which must not follow a non-finite step), never per step.
         Progress shows as a bar on a terminal, else as one line per log window on stderr.
+
+        Raises:
+            Interrupted: SIGINT/SIGTERM arrived (in the main thread): the step under way was finished and
+                checkpointed first; a second signal stops at once, leaving only complete checkpoints.
         """
         cfg, p = self.config, self.progress
         if p.finished(self.total_steps):
@@ -398,39 +471,48 @@ class Trainer:
         self.model.train()
         quiet = None if self.parallel.is_main else True
         bar = tqdm(total=self.total_steps, initial=p.step, desc="train", disable=quiet, dynamic_ncols=True)
-        evaluated_at = saved_at = -1
-        if cfg.eval_at_start and p.step == 0:
-            self._evaluate()
-            evaluated_at = 0
+        window = _Window.from_json(self._window_state, p.step)
+        evaluated_at, saved_at = p.evaluated_step, -1
         session = (time.perf_counter(), p.step)
-        window = _Window(p.step + 1, session[0])
-        while not p.finished(self.total_steps):
-            lr = self.schedule.apply(self.optimizer, cfg.lr, p.step)
-            loss, grad_norm, tokens = self.step()
-            p.step += 1
-            window.add(loss, grad_norm, lr, tokens)
-            bar.update(1)
-            if p.step % cfg.log_every == 0 or p.step == self.total_steps:
-                self._log(window, bar, session)
-                window = _Window(p.step + 1, time.perf_counter())
-            if cfg.eval_every and p.step % cfg.eval_every == 0:
+        with GracefulStop() as stop:
+            if cfg.eval_at_start and p.step == 0 and evaluated_at != 0:
+                self._evaluate()
+                evaluated_at = 0
+            while not p.finished(self.total_steps) and not self._stop_asked(stop):
+                lr = self.schedule.apply(self.optimizer, cfg.lr, p.step)
+                loss, grad_norm, tokens = self.step()
+                p.step += 1
+                window.add(loss, grad_norm, lr, tokens)
+                bar.update(1)
+                if p.step % cfg.log_every == 0 or p.step == self.total_steps:
+                    self._log(window, bar, session)
+                    window = _Window(p.step + 1, time.perf_counter())
+                if cfg.eval_every and p.step % cfg.eval_every == 0:
+                    self._check(window, bar)
+                    with window.paused():
+                        self._evaluate()
+                    evaluated_at = p.step
+                if cfg.save_every and p.step % cfg.save_every == 0:
+                    self._check(window, bar)
+                    with window.paused():
+                        self.save(window)
+                    saved_at = p.step
+            if self._stop_asked(stop):
+                bar.close()
                 self._check(window, bar)
-                with window.paused():
-                    self._evaluate()
-                evaluated_at = p.step
-            if cfg.save_every and p.step % cfg.save_every == 0:
-                self._check(window, bar)
-                with window.paused():
-                    self.save()
-                saved_at = p.step
-        if window.losses:  # steps since the last line, when an early stop ended the run between lines
+                if saved_at != p.step:
+                    self.save(window)
+                # (a rank stopped by another rank's signal reports SIGTERM, what torchrun sends)
+                raise Interrupted(stop.signum or signal.SIGTERM, p.step, self.last_checkpoint)
+        if window.losses and p.stopped_early:  # the steps since the last line, logged at the early stop
             self._log(window, bar, session)
+            window = _Window(p.step + 1, time.perf_counter())
         bar.close()
         self._check(window, bar)
         if evaluated_at != p.step:
             self._evaluate()
         if saved_at != p.step:
-            self.save()
+            self.save(window)
         return p
 
 
@@ -438,9 +520,3 @@ def _clock(seconds: float) -> str:
     """``h:mm:ss``."""
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint under ``out/checkpoints``, or None."""
-    found = list_checkpoints(out / "checkpoints")
-    return found[-1][1] if found else None
