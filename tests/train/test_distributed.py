@@ -162,28 +162,43 @@ def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
     return None
 
 
-def test_a_rank_killed_mid_run_fails_the_run_and_resume_ends_bit_identical(toy, tmp_path):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    steps = ["--max-steps", 12, "--save-every", 2, "--eval-every", 6, "--keep-checkpoints", 2]
-    ok(torchrun(2, train_args(toy, whole, 4, *steps)))  # dropout 0.1: every rank's generator must resume too
-
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "nibble"]
-    cmd = [*launch, *train_args(toy, killed, 4, *steps)]
+def launch_until(cmd: list[str], appears: Path) -> subprocess.Popen:
+    """Start ``cmd`` and return once ``appears`` exists (the run still going)."""
     launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
     deadline = time.monotonic() + 240
-    while not (killed / "checkpoints" / "step-2").is_dir() and launcher.poll() is None:
+    while not appears.is_dir() and launcher.poll() is None:
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    victim = rank_pid(launcher, 1)
-    assert victim is not None and launcher.poll() is None, "the run ended before a rank could be killed"
-    os.kill(victim, signal.SIGKILL)
+    assert launcher.poll() is None, f"the run ended before {appears.name}: {launcher.communicate()[1][-3000:]}"
+    return launcher
+
+
+def test_a_killed_rank_fails_the_run_a_signal_stops_every_rank_and_resume_ends_bit_identical(toy, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    steps = ["--max-steps", 14, "--save-every", 2, "--eval-every", 6, "--keep-checkpoints", 2]
+    ok(torchrun(2, train_args(toy, whole, 4, *steps)))  # dropout 0.1: every rank's generator must resume too
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "nibble"]
+
+    # SIGKILL of rank 1: torchrun stops the other rank and fails
+    launcher = launch_until([*launch, *train_args(toy, killed, 4, *steps)], killed / "checkpoints" / "step-2")
+    os.kill(rank_pid(launcher, 1), signal.SIGKILL)
     launcher.communicate(timeout=240)
-    assert launcher.returncode != 0
-    assert not (killed / "adapter").exists()
+    assert launcher.returncode != 0 and not (killed / "adapter").exists()
+
+    # SIGTERM to torchrun, which passes it to both ranks: they stop after the same step, with a checkpoint
+    resume = [*launch, *train_args(toy, killed, 4, *steps, "--resume")]
+    launcher = launch_until(resume, killed / "checkpoints" / "step-6")
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=240)
+    said = [line for line in err.splitlines() if line.startswith("interrupted at step ")]
+    assert len(said) == 1 and said[0].endswith("--keep-checkpoints 2 --resume"), err[-3000:]
+    assert "; resume with: torchrun --nproc-per-node=2 -m nibble train " in said[0]
+    stopped = int(said[0].split()[3].rstrip(";"))
+    assert (killed / "checkpoints" / f"step-{stopped}").is_dir() and not (killed / "adapter").exists()
 
     ok(torchrun(2, train_args(toy, killed, 4, *steps, "--resume")))
     want, got = records(whole, "train"), records(killed, "train")
-    assert [r["step"] for r in got] == list(range(1, 13))
+    assert [r["step"] for r in got] == list(range(1, 15))
     assert [r["loss"] for r in got] == [r["loss"] for r in want]
     theirs, ours = adapter(whole), adapter(killed)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
