@@ -470,8 +470,9 @@ def main() -> None:
 
     import torch
 
-    print(f"\n# bench_train, {datetime.date.today()}: {cpu_name()}, {os.cpu_count()} CPUs, {args.threads} thread(s) "
-          f"per run, torch {torch.__version__}; load average {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
+    threads = "threads as in the table" if args.nproc else f"{args.threads} thread(s) per run"
+    print(f"\n# bench_train, {datetime.date.today()}: {cpu_name()}, {os.cpu_count()} CPUs, {threads}, "
+          f"torch {torch.__version__}; load average {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
     print(f"# model {args.model.name}; classification: {args.steps} steps x batch {args.batch_size}, max-seq-len "
           f"{args.max_seq_len}, LoRA r {args.rank} alpha {2 * args.rank} on {args.targets}, lr {args.lr}, dropout "
           f"{'each default' if args.dropout is None else args.dropout}; {args.repeats} repeats")  # fmt: skip
