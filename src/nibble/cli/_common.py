@@ -7,7 +7,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 from nibble.train.config import TrainConfig
 
@@ -90,3 +90,15 @@ def add_inference_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-len", type=int, help="truncate texts to this many tokens (default: as in training)")
     add_cache_budget_flag(parser)
     add_device_flag(parser)
+
+
+def open_classifier(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """``(model, tokenizer, label_map, run info)`` of ``--model``/``--adapter`` on ``--device`` (printing the
+    device line), with ``--cache-budget-mb`` of dense copies; for eval and predict."""
+    from nibble.devices import describe, resolve_device
+    from nibble.train.classify import load_classifier
+
+    device = resolve_device(args.device)
+    loaded = load_classifier(args.model, args.adapter, args.cache_budget_mb, device)
+    print(describe(device, loaded[3].torch_dtype), flush=True)
+    return loaded

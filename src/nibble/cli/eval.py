@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any
 
-from nibble.cli._common import add_inference_flags
+from nibble.cli._common import add_inference_flags, open_classifier
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,13 +66,12 @@ def run(args: argparse.Namespace) -> int:
 
 def evaluate_classifier(args: argparse.Namespace) -> dict[str, Any]:
     from nibble.data.classify import load_classification
-    from nibble.devices import autocast, describe, resolve_device
-    from nibble.train.classify import evaluate, load_classifier
+    from nibble.devices import autocast
+    from nibble.train.classify import evaluate
     from nibble.train.metrics import format_metrics
 
-    device = resolve_device(args.device)
-    model, tokenizer, label_map, info = load_classifier(args.model, args.adapter, args.cache_budget_mb, device)
-    print(describe(device, info.torch_dtype), flush=True)
+    model, tokenizer, label_map, info = open_classifier(args)
+    device = next(model.parameters()).device
     data = load_classification(
         args.data,
         tokenizer,

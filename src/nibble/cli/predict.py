@@ -16,7 +16,7 @@ import json
 from itertools import chain, islice
 from pathlib import Path
 
-from nibble.cli._common import add_inference_flags
+from nibble.cli._common import add_inference_flags, open_classifier
 
 JSONL_OUTPUT = (".jsonl", ".json", ".ndjson")
 
@@ -34,18 +34,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from nibble.data.classify import load_classification
     from nibble.data.records import place, read_records
-    from nibble.devices import autocast, describe, resolve_device
+    from nibble.devices import autocast
     from nibble.errors import NibbleError
     from nibble.io.files import open_atomic
-    from nibble.train.classify import iter_probs, load_classifier
+    from nibble.train.classify import iter_probs
 
     output = Path(args.output)
     as_csv = output.suffix.lower() == ".csv"
     if not as_csv and output.suffix.lower() not in JSONL_OUTPUT:
         raise NibbleError(f"--output {output}: write predictions to a .jsonl or a .csv file")
-    device = resolve_device(args.device)
-    model, tokenizer, label_map, info = load_classifier(args.model, args.adapter, args.cache_budget_mb, device)
-    print(describe(device, info.torch_dtype), flush=True)
+    model, tokenizer, label_map, info = open_classifier(args)
+    device = next(model.parameters()).device
     data = load_classification(
         args.data,
         tokenizer,
