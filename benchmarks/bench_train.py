@@ -19,6 +19,13 @@ held-out rows.
 
     .venv/bin/python benchmarks/bench_train.py                      # both tables, 2 repeats (~40 min on 2 cores)
     .venv/bin/python benchmarks/bench_train.py --dtypes float32 --repeats 1 --skip-instruct
+
+``--nproc N`` measures data-parallel scaling instead: nibble's classification run (the same global batch,
+``--batch-size``) on one process with N threads, the reference, against ``torchrun --nproc-per-node N`` with
+one thread per rank (gloo); with ``--device cuda``, one GPU against N GPUs, with rank 0's peak device memory.
+Columns as above (tokens/s counts every rank's tokens); the peak RSS is rank 0's, from its metrics.jsonl.
+
+    .venv/bin/python benchmarks/bench_train.py --nproc 2 --dtypes float32 --steps 12 --batch-size 8
 """
 
 from __future__ import annotations
@@ -336,6 +343,48 @@ def table(results: dict, ref: str = "hf", accuracy: bool = True) -> list[str]:
     return rows
 
 
+def scaling(args: argparse.Namespace, dtype: str, work: Path) -> list[str]:
+    """``--nproc N``: the table of nibble's classification run on 1 process against N torchrun ranks."""
+    if args.batch_size % args.nproc:
+        raise SystemExit(f"--batch-size {args.batch_size} must divide among --nproc {args.nproc} ranks")
+    data = split_data(args.data, work)
+    runs: dict[int, list[dict]] = {1: [], args.nproc: []}
+    for repeat in range(args.repeats):
+        for n in (1, args.nproc) if repeat % 2 == 0 else (args.nproc, 1):
+            out = work / f"nproc{n}-{dtype}-{repeat}"
+            argv = classify_commands("nibble", args, dtype, data, out) + ["--device", args.device]
+            argv[argv.index("--batch-size") + 1] = str(args.batch_size // n)
+            if n > 1:  # argv: python -m nibble train ...
+                argv[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+            threads = args.nproc if n == 1 and args.device == "cpu" else 1
+            wall, _, _ = run_timed(argv, {**os.environ, "OMP_NUM_THREADS": str(threads)})
+            records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            last = [r for r in records if r["kind"] == "train"][-1]
+            report = json.loads((out / "eval_report.json").read_text())
+            run = {"wall": wall, "tokens_per_s": nibble_rates(out), "threads": threads, "loss": last["loss"]}
+            run.update(rss=last["peak_rss_bytes"] / 2**20, device=last.get("peak_device_bytes"))
+            run["accuracy"] = report["accuracy"]
+            runs[n].append(run)
+            print(f"  nproc {n} {dtype} #{repeat}: " + json.dumps(run), flush=True)
+    rows = [
+        "| processes | threads each | wall s | tokens/s | vs 1 process | rank 0 peak RSS MiB | device peak MiB "
+        "| last train loss | accuracy |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, found in runs.items():
+        pairs = zip(found, runs[1], strict=True)
+        ratio = statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs)
+        device = found[0]["device"]
+        rows.append(
+            f"| {n} | {found[0]['threads']} | {statistics.median(r['wall'] for r in found):.0f} | "
+            f"{statistics.median(r['tokens_per_s'] for r in found):.0f} | {ratio:.2f}x | "
+            f"{statistics.median(r['rss'] for r in found):.0f} | "
+            f"{'-' if device is None else f'{device / 2**20:.0f}'} | {found[0]['loss']:.6f} | "
+            f"{found[0]['accuracy']:.3f} |"
+        )
+    return rows
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -372,6 +421,8 @@ def main() -> None:
         help="OMP_NUM_THREADS of every run (default 1: on a machine shared with other work, 2 threads on 2 cores "
         "made a 10-step nibble run 5x slower, 360 s against 72 s, for both stacks alike)",
     )
+    parser.add_argument("--nproc", type=int, help="measure 1 process against N torchrun ranks instead (see above)")
+    parser.add_argument("--device", default="cpu", help="--nproc runs: cpu, or cuda (one GPU per rank)")
     parser.add_argument("--skip-classify", action="store_true")
     parser.add_argument("--skip-instruct", action="store_true")
     parser.add_argument("--instruct-steps", type=int, default=20)
@@ -404,6 +455,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for dtype in args.dtypes.split(","):
+            if args.nproc:
+                tables.append((f"classification, {dtype}, 1 process vs {args.nproc} ranks", scaling(args, dtype, work)))
+                continue
             if not args.skip_classify:
                 results = measure("classify", args, dtype, split_data(args.data, work), work, stacks)
                 tables.append((f"classification, {dtype}", table(results)))
@@ -416,8 +470,9 @@ def main() -> None:
 
     import torch
 
-    print(f"\n# bench_train, {datetime.date.today()}: {cpu_name()}, {os.cpu_count()} CPUs, {args.threads} thread(s) "
-          f"per run, torch {torch.__version__}; load average {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
+    threads = "threads as in the table" if args.nproc else f"{args.threads} thread(s) per run"
+    print(f"\n# bench_train, {datetime.date.today()}: {cpu_name()}, {os.cpu_count()} CPUs, {threads}, "
+          f"torch {torch.__version__}; load average {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
     print(f"# model {args.model.name}; classification: {args.steps} steps x batch {args.batch_size}, max-seq-len "
           f"{args.max_seq_len}, LoRA r {args.rank} alpha {2 * args.rank} on {args.targets}, lr {args.lr}, dropout "
           f"{'each default' if args.dropout is None else args.dropout}; {args.repeats} repeats")  # fmt: skip

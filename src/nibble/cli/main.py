@@ -41,7 +41,11 @@ def resume_command(argv: list[str]) -> str:
     """The shell command that continues an interrupted ``nibble train`` run: the same arguments, without
     ``--overwrite`` or an earlier ``--resume [PATH]``, then ``--resume``."""
     program = os.path.basename(sys.argv[0]) if sys.argv else ""
-    if program.startswith("nibble"):
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if world > 1:  # started by torchrun: the same launch (its rendezvous options for many machines)
+        nodes = [f"--nnodes={world // local}"] if world > local else []
+        prefix = ["torchrun", *nodes, f"--nproc-per-node={local}", "-m", "nibble"]
+    elif program.startswith("nibble"):
         prefix = [sys.argv[0]]
     elif program == "__main__.py":
         prefix = [sys.executable, "-m", "nibble"]
@@ -80,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         if exc.step is None:
             print("error: stopped at once by a second signal; only complete checkpoints were kept", file=sys.stderr)
         else:
-            print(f"interrupted at step {exc.step}; resume with: {resume_command(argv)}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # (under torchrun, rank 0 speaks for every rank)
+                print(f"interrupted at step {exc.step}; resume with: {resume_command(argv)}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

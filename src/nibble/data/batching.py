@@ -51,12 +51,27 @@ class BatchStream:
     examples of minority groups repeated up to the size of the largest (``groups``: one group id per
     example, e.g. its class). The whole state is the number of batches already taken (``position``), so a
     resumed run continues with the very next batch.
+
+    With ``part = (rank, world)`` the stream is one rank's share of a data-parallel run: ``batch_size`` is the
+    global micro-batch, every rank draws the same order, and :meth:`next_batch` collates only this rank's
+    contiguous slice of each batch (slices differ by at most one row). A rank whose slice of a short last batch
+    is empty gets the batch's first row instead, with ``stand_in`` set: its loss must count for nothing.
     """
 
-    def __init__(self, data: Dataset, batch_size: int, pad_id: int, seed: int, groups: Sequence[int] | None = None):
+    def __init__(
+        self,
+        data: Dataset,
+        batch_size: int,
+        pad_id: int,
+        seed: int,
+        groups: Sequence[int] | None = None,
+        part: tuple[int, int] = (0, 1),
+    ):
         if batch_size < 1:
             raise NibbleError(f"batch_size must be >= 1, got {batch_size}")
         self.data, self.batch_size, self.pad_id, self.seed = data, batch_size, pad_id, seed
+        self.part = part
+        self.stand_in = False
         group_of = np.asarray(groups if groups is not None else [], dtype=np.int64)
         keys, counts = np.unique(group_of, return_counts=True)
         members = np.split(np.argsort(group_of, kind="stable"), np.cumsum(counts)[:-1])  # each group's rows, ascending
@@ -87,6 +102,11 @@ class BatchStream:
             self._order = (epoch, self.epoch_order(epoch))
         chosen = self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
         self.position += 1
+        rank, world = self.part
+        if world > 1:
+            mine = np.array_split(chosen, world)[rank]
+            self.stand_in = len(mine) == 0
+            chosen = chosen[:1] if self.stand_in else mine
         return self.data.collate(chosen, self.pad_id)
 
     @property

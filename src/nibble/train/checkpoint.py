@@ -10,6 +10,11 @@
 It is written under a temporary name and renamed, so a directory named ``step-N`` is always complete; the
 manifest catches what happens to it afterwards (a bad disk, a copy cut short, a hand edit): resuming
 verifies it and falls back to the newest checkpoint that is intact.
+
+Under torchrun, rank 0 writes it and every rank's generator states join ``rng.safetensors``. With FSDP2
+(sharded parameters) the weights and optimizer tensors go instead to ``shards/``, one safetensors file per rank
+written by ``torch.distributed.checkpoint``, which also reads them back on any number of ranks (the manifest
+lists them as ``shards/NAME``); the directory is renamed only after every rank finished its part.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +32,13 @@ from torch import nn
 from nibble.errors import NibbleError
 from nibble.io.files import read_json_object, remove_stale_staging, sha256_file, staged_dir, write_json
 from nibble.io.safetensors import copy_into, load_file, save_file_atomic
+from nibble.train.distributed import barrier, broadcast_text, current, is_sharded
 from nibble.train.rng import rng_state
 
 _STEP_DIR = re.compile(r"step-(\d+)")
 STATE_FILE = "state.json"
 MANIFEST = "manifest.json"
+SHARDS = "shards"
 
 
 def optimizer_state(
@@ -86,17 +94,33 @@ def save_checkpoint(
     param_names: dict[int, str],
     state: dict[str, Any],
     config_yaml: str,
+    rank_rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``directory/step-{step}`` atomically (a staged directory, renamed when complete); returns its path."""
+    """Write ``directory/step-{step}`` atomically (a staged directory, renamed when complete); returns its path.
+    ``rank_rng`` (see :func:`nibble.train.rng.rank_rng_states`) joins this process's generators in rng.safetensors.
+    Under torchrun every rank calls it; rank 0 writes, and with sharded (FSDP2) weights each rank its shard."""
     final = directory / f"step-{step}"
+    main = current().is_main
+    sharded = is_sharded(list(trainable.values()))
     opt_tensors, groups = optimizer_state(optimizer, param_names)
     rng_tensors, rng_scalars = rng_state()
     tensors = [*trainable.values(), *opt_tensors.values(), *rng_tensors.values()]
-    needed = sum(t.numel() * t.element_size() for t in tensors)
-    with staged_dir(final, overwrite=True, needed=needed) as tmp:
-        save_file_atomic({k: v.detach() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-        save_file_atomic(opt_tensors, tmp / "optimizer.safetensors")
-        save_file_atomic(rng_tensors, tmp / "rng.safetensors")
+    needed = sum(t.numel() * t.element_size() for t in tensors)  # (sharded: every rank's part together)
+    with staged_dir(final, overwrite=True, needed=needed) if main else nullcontext() as staging:
+        if sharded:
+            import torch.distributed.checkpoint as dcp
+
+            tmp = Path(broadcast_text(str(staging)))
+            tensors = {**_prefixed("trainable.", trainable), **_prefixed("optimizer.", opt_tensors)}
+            dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True))
+            barrier()  # every rank's shard is on disk
+        if not main:
+            return final
+        tmp = staging
+        if not sharded:
+            save_file_atomic({k: v.detach() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+            save_file_atomic(opt_tensors, tmp / "optimizer.safetensors")
+        save_file_atomic({**rng_tensors, **(rank_rng or {})}, tmp / "rng.safetensors")
         full_state = {**state, "step": step, "optimizer_groups": groups, "rng": rng_scalars}
         (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1), encoding="utf-8")
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
@@ -104,14 +128,61 @@ def save_checkpoint(
     return final
 
 
+def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {prefix + name: value.detach() for name, value in tensors.items()}
+
+
+def load_sharded(
+    path: Path, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, names: dict[int, str]
+) -> dict[str, torch.Tensor]:
+    """Read ``path/shards`` into ``trainable`` (sharded or whole tensors, in place) and into the optimizer's state
+    tensors, created first by a step that changes nothing; returns those state tensors by name (for
+    :func:`load_optimizer_state`). Every rank calls it, on any number of ranks.
+
+    Raises:
+        NibbleError: the shards do not hold what this run trains.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    _create_state(optimizer)
+    opt_tensors, _ = optimizer_state(optimizer, names)
+    targets = {**_prefixed("trainable.", trainable), **_prefixed("optimizer.", opt_tensors)}
+    try:
+        dcp.load(targets, storage_reader=dcp.HuggingFaceStorageReader(str(path / SHARDS)))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NibbleError(f"{path / SHARDS}: does not fit this run ({first}); resume with the same config") from None
+    return opt_tensors
+
+
+def _create_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter its optimizer state (AdamW creates it lazily): one step with zero gradients at lr 0,
+    which moves no weight; the state it creates is overwritten by the checkpoint's."""
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+
+
 def write_manifest(directory: Path) -> None:
-    """Record the size and SHA-256 of every file in ``directory`` in its ``manifest.json``."""
+    """Record the size and SHA-256 of every file in ``directory`` (and its ``shards/``) in its ``manifest.json``."""
     files = {
-        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in sorted(directory.iterdir())
+        p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
     write_json(directory / MANIFEST, {"files": files})
+
+
+def _plain_name(name: str) -> bool:
+    """A file of the checkpoint itself, or of its ``shards/``: nothing hidden, nothing outside it."""
+    parts = name.split("/")
+    return len(parts) in (1, 2) and (len(parts) == 1 or parts[0] == SHARDS) and not parts[-1].startswith(".")
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -131,7 +202,7 @@ def verify_checkpoint(path: Path) -> None:
             isinstance(e, dict) and type(e.get("size")) is int and isinstance(e.get("sha256"), str)
             for e in files.values()
         )
-    if not entries_ok or any(not isinstance(name, str) or "/" in name or name.startswith(".") for name in files):
+    if not entries_ok or not all(isinstance(name, str) and _plain_name(name) for name in files):
         raise NibbleError(f"{path / MANIFEST}: garbled manifest; the checkpoint is damaged")
     for name, entry in files.items():
         file = path / name
@@ -199,7 +270,8 @@ def discard_checkpoints_after(directory: Path, step: int) -> None:
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any], dict]:
-    """``(trainable, optimizer tensors, state, rng tensors)`` of a checkpoint directory.
+    """``(trainable, optimizer tensors, state, rng tensors)`` of a checkpoint directory (the first two empty for a
+    sharded one: see :func:`load_sharded`).
 
     Raises:
         NibbleError: a missing directory or file, a file that does not match the manifest, or a state.json
@@ -210,12 +282,13 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
     verify_checkpoint(path)
     state = read_state(path)
     files = {}
-    for name in ("trainable", "optimizer", "rng"):
+    sharded = (path / SHARDS).is_dir()
+    for name in ("rng",) if sharded else ("trainable", "optimizer", "rng"):
         file = path / f"{name}.safetensors"
         if not file.is_file():
             raise NibbleError(f"{file}: missing; resume from an older checkpoint")
         files[name] = load_file(file)
-    return files["trainable"], files["optimizer"], state, files["rng"]
+    return files.get("trainable", {}), files.get("optimizer", {}), state, files["rng"]
 
 
 def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:

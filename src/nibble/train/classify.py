@@ -23,6 +23,7 @@ from nibble.io.tokenizer import Tokenizer, load_tokenizer
 from nibble.model.loading import resolve_model_dir
 from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
 from nibble.train.config import TrainConfig
+from nibble.train.distributed import all_sum, eval_batches, gather_rows
 from nibble.train.metrics import classification_loss, classification_metrics, format_metrics
 from nibble.train.run import TaskRun, TrainResult, run_training
 
@@ -65,20 +66,29 @@ def evaluate(
     model: nn.Module, data: ClassificationData, batch_size: int, pad_id: int, weights: torch.Tensor | None = None
 ) -> dict[str, Any]:
     """Metrics of ``model`` on labelled ``data`` (see :func:`classification_metrics`). The batches go to the
-    model's device; the loss sums there and is read once at the end."""
+    model's device; the loss sums there and is read once at the end. Under torchrun each rank scores its share
+    of the rows and every rank gets the metrics of all of them."""
     lm = data.label_map
     device = next(model.parameters()).device
     weights = None if weights is None else weights.to(device)
     total = torch.zeros((), device=device)
     probs, labels = [], []
     with torch.no_grad():
-        for chunk, batch in batches_by_length(data, batch_size, pad_id):
-            labels.append(batch["labels"])
+        by_length = lambda rows: batches_by_length(data, batch_size, pad_id, rows)  # noqa: E731
+        for chunk, batch in eval_batches(data, batch_size, pad_id, by_length):
+            host_labels = batch["labels"]
             batch = to_device(batch, device)
             logits = model(batch["input_ids"], batch["attention_mask"]).float()
+            if not chunk:  # a stand-in batch: this rank's rows ran out
+                continue
+            labels.append(host_labels)
             total += classification_loss(logits, batch["labels"], lm.multi_label, weights) * len(chunk)
             probs.append(logits.sigmoid() if lm.multi_label else logits.softmax(-1))
-    return classification_metrics(torch.cat(probs).cpu(), torch.cat(labels), lm, float(total) / len(data))
+    if not probs:  # a rank without rows (fewer rows than ranks)
+        probs = [torch.zeros((0, lm.num_labels), device=device)]
+        labels = [torch.zeros((0, lm.num_labels)) if lm.multi_label else torch.zeros(0, dtype=torch.long)]
+    probs_all, labels_all = gather_rows(torch.cat(probs)), gather_rows(torch.cat(labels))
+    return classification_metrics(probs_all.cpu(), labels_all.cpu(), lm, float(all_sum(total)) / len(data))
 
 
 def train_classifier(config: TrainConfig) -> TrainResult:
@@ -105,6 +115,12 @@ def train_classifier(config: TrainConfig) -> TrainResult:
             weights = weights.to(logits.device)  # once, at the first step: the run's device
         return classification_loss(logits, labels, label_map.multi_label, weights)
 
+    def loss_units(batch: dict[str, torch.Tensor]) -> float:
+        """What the loss of ``batch`` averages over: its rows, or with class weights the weights of their classes."""
+        if weights is None or label_map.multi_label:
+            return batch["labels"].shape[0]
+        return float(weights.cpu()[batch["labels"]].sum())
+
     def run_eval(m: nn.Module, batch_size: int) -> dict[str, Any]:
         return evaluate(m, val, batch_size, pad_id, weights)
 
@@ -114,7 +130,15 @@ def train_classifier(config: TrainConfig) -> TrainResult:
     )
     groups = data.targets if config.oversample and not label_map.multi_label else None
     task = TaskRun(
-        data, val, loss_fn, run_eval, summary, label_map=label_map, report=format_metrics, sample_groups=groups
+        data,
+        val,
+        loss_fn,
+        run_eval,
+        summary,
+        label_map=label_map,
+        report=format_metrics,
+        sample_groups=groups,
+        loss_units=loss_units,
     )
     return run_training(config, model_dir, tokenizer, task)
 

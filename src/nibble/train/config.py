@@ -65,6 +65,10 @@ class TrainConfig:
         default="auto",
         metadata=_help("auto|cpu|cuda|cuda:N|mps|xpu: where to compute (auto: CUDA, then XPU, then MPS, else CPU)"),
     )
+    dist_backend: Literal["auto", "gloo", "nccl"] = field(
+        default="auto",
+        metadata=_help("under torchrun: the torch.distributed backend (auto: nccl on CUDA, gloo on the CPU)"),
+    )
     memory_budget: str | None = field(
         default=None,
         metadata=_help(

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from nibble.data.batching import iter_batches
 from nibble.data.instruct import (
     CHATML,
     IGNORE_INDEX,
@@ -34,6 +33,7 @@ from nibble.io.tokenizer import Tokenizer, load_tokenizer
 from nibble.model.loading import resolve_model_dir
 from nibble.nn.cross_entropy import linear_cross_entropy
 from nibble.train.config import TrainConfig
+from nibble.train.distributed import all_sum, current, eval_batches
 from nibble.train.metrics import headline
 from nibble.train.run import TaskRun, TrainResult, run_training
 
@@ -67,16 +67,26 @@ def lm_loss(outputs: LMOutputs, labels: torch.Tensor, reduction: str = "mean") -
     return linear_cross_entropy(outputs.hidden, outputs.weight, targets, reduction)
 
 
+def target_count(batch: dict[str, torch.Tensor]) -> int:
+    """The target tokens of a batch: what :func:`lm_loss` averages over."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 def evaluate_lm(model: nn.Module, data: InstructData, batch_size: int, pad_id: int) -> dict[str, Any]:
     """Mean response-token loss, its perplexity, and the counts it covers (the loss sums on the model's device
-    and is read once)."""
+    and is read once). Under torchrun each rank scores its share of the examples and the sums are reduced."""
     device = next(model.parameters()).device
     total, count = torch.zeros((), device=device), 0
     with torch.no_grad():
-        for _, batch in iter_batches(data, batch_size, pad_id):
-            count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        for chunk, batch in eval_batches(data, batch_size, pad_id):
+            targets = target_count(batch)  # counted on the host, before the batch moves
             batch = to_device(batch, device)
-            total += lm_loss(lm_forward(model, batch), batch["labels"], reduction="sum")
+            loss = lm_loss(lm_forward(model, batch), batch["labels"], reduction="sum")
+            if chunk:  # (not a stand-in batch: this rank's rows ran out)
+                total += loss
+                count += targets
+    if current().active:
+        total, count = all_sum(total), int(all_sum(torch.tensor(count, device=device)))
     loss = float(total) / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count, "examples": len(data)}
 
@@ -136,5 +146,15 @@ def train_instruct(config: TrainConfig) -> TrainResult:
         f"{len(data)} {'packed ' if config.packing else ''}sequences with {data.target_tokens():,} response tokens, "
         f"{len(val) if val else 0} val sequences"
     )
-    task = TaskRun(data, val, lm_loss, run_eval, summary, forward=lm_forward, chat_template=template, report=lm_report)
+    task = TaskRun(
+        data,
+        val,
+        lm_loss,
+        run_eval,
+        summary,
+        forward=lm_forward,
+        chat_template=template,
+        report=lm_report,
+        loss_units=target_count,
+    )
     return run_training(config, model_dir, tokenizer, task)

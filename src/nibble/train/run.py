@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -45,10 +46,12 @@ from nibble.model.merge import write_checkpoint
 from nibble.nn import QuantLinear, apply_lora
 from nibble.nn.lora import resolve_targets
 from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
+from nibble.train import distributed
 from nibble.train.checkpoint import (
     discard_checkpoints_after,
     list_checkpoints,
     newest_intact_checkpoint,
+    read_state,
     verify_checkpoint,
 )
 from nibble.train.config import TrainConfig, read_yaml
@@ -217,7 +220,8 @@ class TaskRun:
     micro-batch is: ``eval_batch_size`` or twice the micro-batch); ``summary`` describes the data on the start
     line; ``label_map`` (classifiers) and ``chat_template`` (a template the tokenizer did not have) are
     saved with every export; ``report`` formats the final evaluation; ``sample_groups`` (one group per
-    training example) makes the batch stream repeat minority groups up to the largest.
+    training example) makes the batch stream repeat minority groups up to the largest; ``loss_units(batch)`` is
+    what ``loss_fn`` averages over (default: the rows), to weigh the ranks of a torchrun run.
     """
 
     train: Dataset
@@ -230,6 +234,7 @@ class TaskRun:
     chat_template: str | None = None
     report: Callable[[dict[str, Any]], str] = headline
     sample_groups: Sequence[int] | None = None
+    loss_units: Callable[[dict[str, torch.Tensor]], float] | None = None
 
 
 def export(
@@ -443,26 +448,72 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
     The run holds an exclusive lock on its output directory from before it reads anything there until it
     ends (see :func:`nibble.io.lock.locked_directory`): a second run on the same output is refused.
 
+    Under ``torchrun`` every rank runs this (see :mod:`nibble.train.distributed`): the ranks must agree on the
+    config, each computes on its own device, and only rank 0 prints, takes the lock and writes the output
+    directory.
+
     Raises:
         NibbleError: a bad option or input, or a directory in use (naming the pid holding it).
         Interrupted: SIGINT/SIGTERM stopped the run (after a checkpoint; see :meth:`Trainer.train`).
     """
-    out = Path(config.output)
-    check_lora_rank(config, ModelConfig.from_hf(model_dir))
-    with locked_directory(out):
-        settle_replaced_run(out)
-        try:
-            return _train_locked(config, model_dir, tokenizer, task, out)
-        except BaseException:
-            settle_replaced_run(out)
-            raise
+    part = distributed.from_environment()
+    device = resolve_device(distributed.rank_device(config.device, part))
+    distributed.start(part, device, config.dist_backend)
+    try:
+        distributed.check_same_config(config.to_dict())
+        out = Path(config.output)
+        check_lora_rank(config, ModelConfig.from_hf(model_dir))
+        with locked_directory(out) if part.is_main else nullcontext():
+            with distributed.main_first() as main:
+                if main:
+                    settle_replaced_run(out)
+            try:
+                return _train_locked(config, model_dir, tokenizer, task, out, device, part)
+            except BaseException:
+                if part.is_main:
+                    settle_replaced_run(out)
+                raise
+    finally:
+        distributed.stop()
 
 
-def _train_locked(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, task: TaskRun, out: Path) -> TrainResult:
+def global_micro_batch(config: TrainConfig, resume_from: Path | None, part: distributed.Parallel) -> TrainConfig:
+    """The config with the per-rank ``batch_size`` a resumed run needs to keep the global micro-batch (per-rank
+    batch x ranks) its checkpoint was trained with, whatever the number of ranks now (an elastic resume).
+
+    Raises:
+        NibbleError: the checkpoint's global micro-batch does not split evenly over this many ranks.
+    """
+    if resume_from is None:
+        return config
+    saved = read_state(resume_from).get("data", {}).get("batch_size")
+    if not isinstance(saved, int) or saved == config.batch_size * part.world:
+        return config
+    if saved % part.world:
+        raise NibbleError(
+            f"{resume_from}: trained with {saved} rows per global micro-batch, which {part.world} ranks cannot "
+            f"share evenly; resume on a number of ranks that divides {saved}, with --batch-size {saved} // ranks"
+        )
+    print(
+        f"resume: {resume_from} was trained with {saved} rows per global micro-batch; each of the {part.world} "
+        f"ranks now takes --batch-size {saved // part.world}",
+        flush=True,
+    )
+    return replace(config, batch_size=saved // part.world)
+
+
+def _train_locked(
+    config: TrainConfig,
+    model_dir: Path,
+    tokenizer: Tokenizer,
+    task: TaskRun,
+    out: Path,
+    device: torch.device,
+    part: distributed.Parallel,
+) -> TrainResult:
     from nibble.model import load_model
 
     resume_from = check_output(out, config)
-    device = resolve_device(config.device)
     asked = config.dtype
     config = replace(config, dtype=dtype_name(resolve_dtype(config.dtype, device)))
     print(describe(device, config.torch_dtype, asked), flush=True)
@@ -471,7 +522,15 @@ def _train_locked(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, ta
     config, plan, source = fit_to_memory(config, model_config, num_labels, device)
     if plan is not None:
         print(f"plan: {plan.describe()} ({source})", flush=True)
-    stream = BatchStream(task.train, config.batch_size, tokenizer.pad_id, config.seed, task.sample_groups)
+    config = global_micro_batch(config, resume_from, part)
+    stream = BatchStream(
+        task.train,
+        config.batch_size * part.world,
+        tokenizer.pad_id,
+        config.seed,
+        task.sample_groups,
+        part=(part.rank, part.world),
+    )
     total_steps = config.max_steps or config.epochs * math.ceil(stream.batches_per_epoch / config.grad_accum)
     final_dir = out / ("model" if config.method == "full" else "adapter")
     if resume_from is not None and _finished_already(out, final_dir, resume_from, total_steps, config):
@@ -496,6 +555,10 @@ def _train_locked(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, ta
         pooling=config.pooling,
     )
     prepare_model(model, config)
+    if part.active and config.method == "full":
+        distributed.shard_model(model)  # FSDP2; the LoRA methods replicate the model (DDP, in the Trainer)
+    if part.rank:  # its own dropout masks (DDP gives every rank rank 0's initial trainable weights)
+        torch.manual_seed(config.seed + part.rank)
     model.gradient_checkpointing = config.gradient_checkpointing
     cache_budget = 0
     if kernels.on_fp32_units(config.torch_dtype, device):
@@ -513,17 +576,21 @@ def _train_locked(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, ta
     opts = replace(plan_options(config, num_labels, device), cache_budget=cache_budget)
     estimate = estimate_bytes(model_config, opts)
 
-    if not config.resume:
-        _set_previous_run_aside(out)
-    elif resume_from is None:  # nothing (intact) to resume: what a killed run left before its first checkpoint goes
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        discard_checkpoints_after(out / "checkpoints", -1)
-    remove_stale_staging(out)  # an export cut short by a kill
-    out.mkdir(parents=True, exist_ok=True)
-    config.save(out / "config.yaml")
+    with distributed.main_first() as main:
+        if main:
+            if not config.resume:
+                _set_previous_run_aside(out)
+            elif resume_from is None:  # nothing (intact) to resume: what a killed run left before its 1st checkpoint
+                (out / "metrics.jsonl").unlink(missing_ok=True)
+                discard_checkpoints_after(out / "checkpoints", -1)
+            remove_stale_staging(out)  # an export cut short by a kill
+            out.mkdir(parents=True, exist_ok=True)
+            config.save(out / "config.yaml")
 
     def on_best(step: int) -> None:
-        export(model, config, tokenizer, out / "best", task, model_dir, step)
+        with distributed.gathered(model):
+            if part.is_main:
+                export(model, config, tokenizer, out / "best", task, model_dir, step)
 
     evaluate = None
     if task.evaluate is not None and task.val is not None:
@@ -533,15 +600,29 @@ def _train_locked(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, ta
             return task.evaluate(m, eval_batch)
 
     def on_save(path: Path) -> None:
-        shutil.rmtree(out / REPLACED, ignore_errors=True)  # what --overwrite set aside is no longer needed
+        if part.is_main:
+            shutil.rmtree(out / REPLACED, ignore_errors=True)  # what --overwrite set aside is no longer needed
 
     trainer = Trainer(
-        model, stream, config, out, total_steps, task.loss_fn, evaluate, on_best, task.forward, meter, on_save
+        model,
+        stream,
+        config,
+        out,
+        total_steps,
+        task.loss_fn,
+        evaluate,
+        on_best,
+        task.forward,
+        meter,
+        on_save,
+        task.loss_units,
     )
     if resume_from is not None:
         trainer.resume(resume_from)
         print(f"resumed from {resume_from} at step {trainer.progress.step}", flush=True)
-    trainer.log.mirrors = open_reporters(report_targets(config.report_to), out, config.to_dict(), trainer.progress.step)
+    if part.is_main:
+        reporters = open_reporters(report_targets(config.report_to), out, config.to_dict(), trainer.progress.step)
+        trainer.log.mirrors = reporters
     n_train = sum(p.numel() for _, p in trainer.named_params)
     n_all = sum(p.numel() for p in model.parameters()) + sum(
         m.qweight.numel for m in model.modules() if isinstance(m, QuantLinear)
@@ -563,12 +644,19 @@ def _train_locked(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, ta
     }
 
     best = out / "best"
-    if progress.best_step == progress.step and best.is_dir():
+    # (decided by rank 0, which wrote best/: the export of a sharded model needs every rank)
+    from_best = distributed.broadcast_text("best" if progress.best_step == progress.step and best.is_dir() else "")
+    if from_best:
         # The last evaluation was the best and best/ holds exactly this model: copy it, do not export twice.
-        with staged_dir(final_dir, overwrite=True) as tmp:
-            shutil.copytree(best, tmp, dirs_exist_ok=True)
+        if part.is_main:
+            with staged_dir(final_dir, overwrite=True) as tmp:
+                shutil.copytree(best, tmp, dirs_exist_ok=True)
     else:
-        export(model, config, tokenizer, final_dir, task, model_dir, progress.step)
+        with distributed.gathered(model):  # a sharded model's consolidated export
+            if part.is_main:
+                export(model, config, tokenizer, final_dir, task, model_dir, progress.step)
+    if not part.is_main:
+        return TrainResult(out, final_dir, None, trainer.last_checkpoint, {}, progress.step, progress.stopped_early)
     report: dict[str, Any] = {}
     if trainer.last_eval is not None:
         report = {"step": progress.step, **trainer.last_eval, "memory": memory}

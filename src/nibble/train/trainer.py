@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,20 +21,23 @@ from nibble.data.batching import BatchStream
 from nibble.devices import MemoryMeter, autocast, resolve_dtype, to_device
 from nibble.errors import Interrupted, NibbleError
 from nibble.train.checkpoint import (
+    SHARDS,
     STATE_FILE,
     discard_checkpoints_after,
     load_checkpoint,
     load_optimizer_state,
+    load_sharded,
     load_trainable,
     prune_checkpoints,
     read_state,
     save_checkpoint,
 )
 from nibble.train.config import TrainConfig
+from nibble.train.distributed import DataParallel, all_sum, barrier, current, full_value, is_sharded
 from nibble.train.interrupt import GracefulStop
 from nibble.train.metrics import MetricsLog, headline
 from nibble.train.optim import WarmupCosine, build_optimizer
-from nibble.train.rng import set_rng_state
+from nibble.train.rng import rank_rng_states, set_rng_state
 
 
 @dataclass
@@ -171,10 +175,16 @@ class Trainer:
         total_steps: optimizer steps of the whole run.
         loss_fn: ``(outputs, labels) -> scalar loss``.
         evaluate: ``model -> metrics dict with "loss"``, or None when there is no validation data.
-        on_best: called with the step after an evaluation that lowered the val loss.
+        on_best: called with the step after an evaluation that lowered the val loss (on every rank).
         forward: ``(model, batch) -> outputs`` (inside autocast); default ``model(input_ids, attention_mask)``.
         meter: the run's memory meter; its peaks go into every train record of metrics.jsonl.
         on_save: called with the directory of each checkpoint once it is complete.
+        loss_units: ``batch -> what the loss averages over`` (default: its rows); under torchrun each rank's
+            loss counts by its share of the global batch's units, so the step equals a one-process step.
+
+    Under torchrun (see :mod:`nibble.train.distributed`) every rank runs the same loop on its slice of each
+    batch (``stream`` is built with the rank's ``part``); only rank 0 logs, prints and writes checkpoints, and
+    a stop signal on any rank stops every rank after the same step.
     """
 
     def __init__(
@@ -190,12 +200,15 @@ class Trainer:
         forward: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
         meter: MemoryMeter | None = None,
         on_save: Callable[[Path], None] | None = None,
+        loss_units: Callable[[dict[str, torch.Tensor]], float] | None = None,
     ):
         self.model, self.stream, self.config, self.out = model, stream, config, out
         self.forward = forward or (lambda m, batch: m(batch["input_ids"], batch["attention_mask"]))
         self.total_steps, self.loss_fn, self.evaluate, self.on_best = total_steps, loss_fn, evaluate, on_best
         self.meter = meter
         self.on_save = on_save
+        self.loss_units = loss_units or (lambda batch: batch["input_ids"].shape[0])
+        self.parallel = current()
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._params = [param for _, param in self.named_params]
         if not self.named_params:
@@ -216,6 +229,9 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.last_eval: dict[str, Any] | None = None
         self._window_state: dict[str, Any] | None = None  # the log window a resumed checkpoint saved
+        # DDP, unless FSDP2 sharded the model already (its gradients reduce-scatter as they are computed)
+        replicated = self.parallel.active and not is_sharded(self._params)
+        self.data_parallel = DataParallel(model, self.forward) if replicated else None
 
     def autocast(self):
         return autocast(self.device, self.dtype)
@@ -223,7 +239,15 @@ class Trainer:
     def resume(self, path: Path) -> None:
         """Restore weights, optimizer, data position, progress and RNG from a checkpoint directory."""
         trainable, opt_tensors, state, rng = load_checkpoint(path)
-        load_trainable(self.model, trainable, str(path))
+        if (path / SHARDS).is_dir():
+            opt_tensors = load_sharded(path, dict(self.named_params), self.optimizer, self.param_names)
+        elif is_sharded(self._params):
+            raise NibbleError(
+                f"{path}: written by one process, and full fine-tuning under torchrun resumes only from checkpoints "
+                "written under torchrun (step-N/shards); resume this one on one process"
+            )
+        else:
+            load_trainable(self.model, trainable, str(path))
         try:
             load_optimizer_state(self.optimizer, self.param_names, opt_tensors, state["optimizer_groups"], str(path))
             self.stream.load_state_dict(state["data"], str(path))
@@ -231,7 +255,7 @@ class Trainer:
             self.progress.apply_patience(self.config.early_stopping_patience)
             if state.get("scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(state["scaler"])
-            set_rng_state(rng, state["rng"])
+            set_rng_state(rng, state["rng"], self.parallel.rank)
             last_eval = state.get("last_eval")
             if last_eval is not None and not isinstance(last_eval, dict):
                 raise TypeError(f"last_eval is {type(last_eval).__name__}")
@@ -242,8 +266,9 @@ class Trainer:
             raise NibbleError(
                 f"{path}: incomplete checkpoint state ({exc!r}); resume from another checkpoint"
             ) from None
-        self.log.truncate_after(self.progress.step)
-        discard_checkpoints_after(self.checkpoints, self.progress.step)
+        if self.parallel.is_main:
+            self.log.truncate_after(self.progress.step)
+            discard_checkpoints_after(self.checkpoints, self.progress.step)
         self.last_checkpoint = path
 
     def save(self, window: _Window | None = None) -> Path:
@@ -264,8 +289,11 @@ class Trainer:
             self.param_names,
             state,
             yaml.safe_dump(self.config.to_dict(), sort_keys=False),
+            rank_rng_states(),  # every rank's generators (a collective)
         )
-        prune_checkpoints(self.checkpoints, self.config.keep_checkpoints)
+        if self.parallel.is_main:
+            prune_checkpoints(self.checkpoints, self.config.keep_checkpoints)
+        barrier()  # the checkpoint is complete for every rank before any goes on
         self.last_checkpoint = path
         if self.on_save is not None:
             self.on_save(path)
@@ -299,8 +327,9 @@ class Trainer:
             "step": p.step,
             **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))},
         }
-        self.log.write(record)
-        tqdm.write(f"eval step {p.step}: {headline(metrics)}")
+        if self.parallel.is_main:
+            self.log.write(record)
+            tqdm.write(f"eval step {p.step}: {headline(metrics)}")
         if p.best_val_loss is None or metrics["loss"] < p.best_val_loss:
             p.best_val_loss, p.best_step, p.evals_without_improvement = metrics["loss"], p.step, 0
             if self.on_best is not None:
@@ -311,7 +340,8 @@ class Trainer:
             # (at the last step there is nothing left to stop: the run stays extendable with a larger max_steps)
             if patience and p.evals_without_improvement >= patience and p.step < self.total_steps:
                 p.stopped_early = True
-                tqdm.write(f"early stop at step {p.step}: val loss has not improved for {patience} evaluations")
+                if self.parallel.is_main:
+                    tqdm.write(f"early stop at step {p.step}: val loss has not improved for {patience} evaluations")
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One optimizer step over ``grad_accum`` micro-batches. Returns its mean loss and gradient norm as
@@ -319,23 +349,54 @@ class Trainer:
         cfg = self.config
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             batch = self.stream.next_batch()
             tokens += int(batch["attention_mask"].sum())  # counted on the host, before the batch moves
+            share = self._share(batch)
             batch = to_device(batch, self.device)
-            with self.autocast():
-                outputs = self.forward(self.model, batch)
-            loss = self.loss_fn(outputs, batch["labels"])
-            self.scaler.scale(loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach().float() / cfg.grad_accum
+            if not self.parallel.active:
+                with self.autocast():
+                    outputs = self.forward(self.model, batch)
+                loss = self.loss_fn(outputs, batch["labels"])
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach().float() / cfg.grad_accum
+                continue
+            engine = self.data_parallel
+            with engine.no_sync(micro < cfg.grad_accum - 1) if engine is not None else nullcontext():
+                with self.autocast():
+                    outputs = engine(batch) if engine is not None else self.forward(self.model, batch)
+                loss = self.loss_fn(outputs, batch["labels"])
+                # DDP and FSDP average the ranks' gradients: x world undoes that, the share weighs each rank's mean
+                self.scaler.scale(loss * (share * self.parallel.world / cfg.grad_accum)).backward()
+            loss_sum += loss.detach().float() * share / cfg.grad_accum
+        if self.parallel.active:
+            summed = all_sum(torch.stack([loss_sum, torch.tensor(float(tokens), device=self.device)]))
+            loss_sum, tokens = summed[0], int(summed[1])
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         # foreach=None: the foreach kernels where the device has them (CPU, CUDA, XPU), per tensor elsewhere (MPS).
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=None)
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=None))
         self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, grad_norm, tokens
+
+    def _share(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This rank's share of the units (rows, target tokens) the loss of the global micro-batch averages over
+        (1 in a single process)."""
+        if not self.parallel.active:
+            return torch.ones((), device=self.device)
+        mine = 0.0 if self.stream.stand_in else float(self.loss_units(batch))
+        total = all_sum(torch.tensor(mine, dtype=torch.float64, device=self.device))
+        return (mine / total.clamp_min(1e-30)).float()
+
+    def _stop_asked(self, stop: GracefulStop) -> bool:
+        """Whether a stop signal arrived, on any rank under torchrun (so that every rank stops after the same
+        step)."""
+        asked = stop.signum is not None
+        if not self.parallel.active:
+            return asked
+        return bool(all_sum(torch.tensor(float(asked), device=self.device)) > 0)
 
     def _check(self, window: _Window, bar: tqdm) -> list[tuple[int, float, float]]:
         """Sync the window with the host; stop at its first non-finite loss (or gradient norm, without a grad
@@ -361,6 +422,8 @@ class Trainer:
         now = time.perf_counter()
         p = self.progress
         p.tokens += window.tokens
+        if not self.parallel.is_main:
+            return
         record = {
             "kind": "train",
             "step": p.step,
@@ -406,7 +469,8 @@ class Trainer:
             return p
         self.out.mkdir(parents=True, exist_ok=True)
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=p.step, desc="train", disable=None, dynamic_ncols=True)
+        quiet = None if self.parallel.is_main else True
+        bar = tqdm(total=self.total_steps, initial=p.step, desc="train", disable=quiet, dynamic_ncols=True)
         window = _Window.from_json(self._window_state, p.step)
         evaluated_at, saved_at = p.evaluated_step, -1
         session = (time.perf_counter(), p.step)
@@ -414,7 +478,7 @@ class Trainer:
             if cfg.eval_at_start and p.step == 0 and evaluated_at != 0:
                 self._evaluate()
                 evaluated_at = 0
-            while not p.finished(self.total_steps) and stop.signum is None:
+            while not p.finished(self.total_steps) and not self._stop_asked(stop):
                 lr = self.schedule.apply(self.optimizer, cfg.lr, p.step)
                 loss, grad_norm, tokens = self.step()
                 p.step += 1
@@ -433,12 +497,13 @@ class Trainer:
                     with window.paused():
                         self.save(window)
                     saved_at = p.step
-            if stop.signum is not None:
+            if self._stop_asked(stop):
                 bar.close()
                 self._check(window, bar)
                 if saved_at != p.step:
                     self.save(window)
-                raise Interrupted(stop.signum, p.step, self.last_checkpoint)
+                # (a rank stopped by another rank's signal reports SIGTERM, what torchrun sends)
+                raise Interrupted(stop.signum or signal.SIGTERM, p.step, self.last_checkpoint)
         if window.losses and p.stopped_early:  # the steps since the last line, logged at the early stop
             self._log(window, bar, session)
             window = _Window(p.step + 1, time.perf_counter())

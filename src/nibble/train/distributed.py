@@ -1,0 +1,323 @@
+"""Many processes under ``torchrun``: the process group, each rank's device, the collectives a run needs, and
+the data-parallel engines (DDP for the LoRA methods, FSDP2 for full fine-tuning).
+
+A run started by ``torchrun`` finds ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` in its environment; without
+them (or with a world of one) it is the single-process run and every helper here is a no-op. The global batch
+is ``batch_size x grad_accum x world``: every rank draws the same seeded order of examples and takes its
+slice of each global micro-batch (see :class:`nibble.data.batching.BatchStream`), so the examples a step sees
+are those of a one-process run with the global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nibble.data.batching import Dataset, iter_batches
+from nibble.errors import NibbleError
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """This process's place among the ranks of a run: ``rank`` of ``world`` (``local_rank`` on its machine)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this rank prints, logs and writes the run's files (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+SINGLE = Parallel()
+
+
+def from_environment() -> Parallel:
+    """The torchrun placement of this process (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), or :data:`SINGLE`.
+
+    Raises:
+        NibbleError: one of the variables is not a non-negative integer.
+    """
+    if "WORLD_SIZE" not in os.environ:
+        return SINGLE
+    values = {}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        raw = os.environ.get(key, "0")
+        if not raw.isdigit():
+            raise NibbleError(f"environment variable {key}={raw!r} is not a rank number; launch with torchrun")
+        values[key] = int(raw)
+    return Parallel(values["RANK"], max(values["WORLD_SIZE"], 1), values["LOCAL_RANK"])
+
+
+def rank_device(device: str, part: Parallel) -> str:
+    """The device a rank computes on: ``cuda`` (or ``auto`` with CUDA present) becomes ``cuda:LOCAL_RANK``.
+
+    Raises:
+        NibbleError: a fixed ``cuda:N`` under torchrun (every rank would share it).
+    """
+    if not part.active:
+        return device
+    if device.startswith("cuda:"):
+        raise NibbleError(f"--device {device}: under torchrun each rank uses cuda:LOCAL_RANK; pass --device cuda")
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return f"cuda:{part.local_rank}"
+    return device
+
+
+def start(part: Parallel, device: torch.device, backend: str) -> None:
+    """Join the process group of ``part`` (nothing for a single process): NCCL on CUDA, gloo otherwise, unless
+    ``backend`` names one. Ranks other than 0 stop printing to stdout (their errors still reach stderr).
+
+    Raises:
+        NibbleError: NCCL asked for without a CUDA device, or an unknown backend.
+    """
+    if not part.active or dist.is_initialized():
+        return
+    if backend not in BACKENDS:
+        raise NibbleError(f"--dist-backend {backend}: choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise NibbleError(
+            f"--dist-backend nccl needs CUDA devices, this rank computes on {device}; use --dist-backend gloo (or auto)"
+        )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, rank=part.rank, world_size=part.world, timeout=timedelta(minutes=30), **kwargs)
+    if not part.is_main:
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (for the life of the process)
+
+
+def stop() -> None:
+    """Leave the process group (if this process joined one)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def current() -> Parallel:
+    """The placement of this process in the process group it joined, or :data:`SINGLE`."""
+    if not dist.is_initialized():
+        return SINGLE
+    return Parallel(dist.get_rank(), dist.get_world_size(), from_environment().local_rank)
+
+
+def _comm_device() -> torch.device:
+    """Where collective tensors live: the current CUDA device for NCCL, the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the ranks (in place; unchanged in a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if tensor.device == _comm_device():
+            dist.all_reduce(tensor)
+        else:
+            moved = tensor.to(_comm_device())
+            dist.all_reduce(moved)
+            tensor.copy_(moved)
+    return tensor
+
+
+def barrier() -> None:
+    """Wait until every rank got here."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def gather_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` [n_r, ...], in rank order, on every rank (the rows may differ in number between
+    ranks; the trailing shape and dtype may not)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [tensor]
+    comm = _comm_device()
+    counts = torch.zeros(dist.get_world_size(), dtype=torch.long, device=comm)
+    counts[dist.get_rank()] = tensor.shape[0]
+    dist.all_reduce(counts)
+    padded = torch.zeros((int(counts.max()), *tensor.shape[1:]), dtype=tensor.dtype, device=comm)
+    padded[: tensor.shape[0]] = tensor.to(comm)
+    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, padded)
+    return [p[: int(n)].to(tensor.device) for p, n in zip(parts, counts.tolist(), strict=True)]
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` concatenated in rank order along dim 0 (see :func:`gather_parts`)."""
+    return torch.cat(gather_parts(tensor))
+
+
+def shard_range(count: int) -> range:
+    """This rank's contiguous share of ``count`` items (sizes differ by at most one; all of them alone)."""
+    part = current()
+    base, extra = divmod(count, part.world)
+    begin = part.rank * base + min(part.rank, extra)
+    return range(begin, begin + base + (part.rank < extra))
+
+
+def check_same_config(config: dict[str, Any]) -> None:
+    """Raise on every rank when the ranks were started with different settings.
+
+    Raises:
+        NibbleError: naming the first key where a rank's config differs from rank 0's.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    mine = torch.tensor(list(json.dumps(config, sort_keys=True, default=str).encode()), dtype=torch.uint8)
+    configs = [json.loads(bytes(part.tolist()).decode()) for part in gather_parts(mine)]
+    for rank, other in enumerate(configs[1:], start=1):
+        for key in sorted(set(configs[0]) | set(other)):
+            if configs[0].get(key) != other.get(key):
+                raise NibbleError(
+                    f"rank {rank} was started with {key}={other.get(key)!r}, rank 0 with {configs[0].get(key)!r}; "
+                    "start every rank with the same command and config file"
+                )
+
+
+class _TaskForward(nn.Module):
+    """A model and the task's forward as one module, so the data-parallel wrapper sees every forward."""
+
+    def __init__(self, model: nn.Module, forward: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]):
+        super().__init__()
+        self.model, self.fn = model, forward
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.fn(self.model, batch)
+
+
+class DataParallel:
+    """DDP over the trainable parameters of ``model`` (the frozen base, dense or 4-bit, is loaded by every rank
+    from disk and never communicated); only their gradients are all-reduced, averaged over the ranks."""
+
+    def __init__(self, model: nn.Module, forward: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]):
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = _TaskForward(model, forward)
+        # Frozen weights are equal on every rank already (same files); broadcasting them would only cost time.
+        wrapped._ddp_params_and_buffers_to_ignore = [  # read by DDP's constructor
+            f"model.{name}" for name, p in model.named_parameters() if not p.requires_grad
+        ] + [f"model.{name}" for name, _ in model.named_buffers()]
+        device = next(p.device for p in model.parameters() if p.requires_grad)
+        self.ddp = DistributedDataParallel(
+            wrapped, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
+        )
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.ddp(batch)
+
+    def no_sync(self, skip: bool):
+        """Inside: backward passes accumulate gradients without all-reducing them (the micro-batches before the
+        last of a step)."""
+        return self.ddp.no_sync() if skip else nullcontext()
+
+
+@contextmanager
+def main_first() -> Iterator[bool]:
+    """Yields whether this is rank 0; the other ranks wait at the end until rank 0 is done inside."""
+    part = current()
+    try:
+        yield part.is_main
+    finally:
+        barrier()
+
+
+def broadcast_text(text: str) -> str:
+    """Rank 0's ``text`` on every rank (the others' argument is ignored)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return text
+    mine = text.encode() if dist.get_rank() == 0 else b""
+    return bytes(gather_parts(torch.tensor(list(mine), dtype=torch.uint8))[0].tolist()).decode()
+
+
+def shard_model(model: nn.Module) -> None:
+    """FSDP2 over every rank: each decoder block is its own unit, the root holds the rest (embeddings, final norm,
+    head). Parameters, gradients and the optimizer state built on them are sharded; the gradients reduce in fp32.
+
+    Parameters are gathered in their stored precision (fp32 master weights) and compute runs under the run's
+    autocast, as in a single process, so a sharded run takes the same steps as one process with the global batch.
+    ``hidden_states`` counts as a forward of the root (the instruct loss calls it, then the head), and the root
+    keeps its parameters gathered after a forward so the head can run after it.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+    register_fsdp_forward_method(model, "hidden_states")
+
+
+def is_sharded(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> bool:
+    """Whether any of ``tensors`` is a DTensor (a parameter sharded by FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(t, DTensor) for t in tensors)
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a tensor that may be a DTensor (a collective for DTensors: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Inside, an FSDP2-sharded ``model`` holds its whole parameters on every rank (for an export by rank 0);
+    resharded on the way out. Nothing happens for a model that is not sharded. Every rank must enter."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        barrier()
+        for unit in units:
+            unit.reshard()
+
+
+def eval_batches(
+    data: Dataset,
+    batch_size: int,
+    pad_id: int,
+    batches: Callable[[range], Iterable[tuple[Sequence[int], dict[str, torch.Tensor]]]] | None = None,
+) -> Iterator[tuple[Sequence[int], dict[str, torch.Tensor]]]:
+    """This rank's share of ``data`` in batches: ``batches(rows)`` (default: file order, see
+    :func:`nibble.data.batching.iter_batches`). Under torchrun every rank yields the same number of batches, so a
+    sharded model's collectives line up: a rank whose rows ran out gets a stand-in batch (the data's first row)
+    with no rows, to run and ignore."""
+    part = current()
+    rows = shard_range(len(data))
+    if batches is None:
+        mine = data if len(rows) == len(data) else data.subset(np.asarray(rows, dtype=np.int64))
+        batches = lambda _: iter_batches(mine, batch_size, pad_id)  # noqa: E731
+    count = 0
+    for chunk, batch in batches(rows):
+        count += 1
+        yield chunk, batch
+    most = math.ceil(math.ceil(len(data) / part.world) / batch_size)  # rank 0 holds the most rows
+    for _ in range(most - count):
+        yield range(0), data.collate([0], pad_id)

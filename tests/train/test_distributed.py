@@ -1,0 +1,270 @@
+"""``nibble train`` under torchrun on the CPU (gloo, 2 processes): the same steps as one process with the global
+batch, rank 0 alone writing the run, exact and elastic resume, and one-line errors for bad set-ups."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import helpers
+from nibble.cli.main import main
+from nibble.io.safetensors import load_file
+
+WORDS = {"neg": ["bad", "awful", "poor", "sad"], "pos": ["good", "great", "nice", "fine"]}
+
+
+def rows(n: int, seed: int) -> list[dict[str, str]]:
+    """Texts of 1 to 6 words (so the ranks' slices pad to different lengths)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label = rng.choice(sorted(WORDS))
+        out.append({"text": " ".join(rng.choice(WORDS[label]) for _ in range(rng.randint(1, 6))), "label": label})
+    return out
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    # 37 rows: batches of 8 leave a last batch of 5, which the two ranks split 3 + 2
+    train, val = (
+        helpers.write_jsonl(root / "train.jsonl", rows(37, 0)),
+        helpers.write_jsonl(root / "val.jsonl", rows(9, 1)),
+    )
+    return SimpleNamespace(base=helpers.make_hf_checkpoint(root / "base", "qwen3")[0], train=train, val=val)
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    """A tiny Qwen3 with a chat template, and instruction rows whose responses differ in length (so the ranks'
+    slices hold different numbers of target tokens)."""
+    from nibble.data.instruct import CHATML
+
+    root = tmp_path_factory.mktemp("distributed-chat")
+    base = helpers.make_hf_checkpoint(root / "base", "qwen3")[0]
+    helpers.write_tokenizer(base, chat_template=CHATML)
+    words = ["red", "blue", "green", "pink", "gold", "gray", "teal"]
+    examples = [
+        {"instruction": f"Repeat {w}." * (i % 3 + 1), "response": " ".join([w] * (i % 5 + 1))}
+        for i, w in enumerate(words * 6)
+    ]
+    train = helpers.write_jsonl(root / "train.jsonl", examples[:37])
+    return SimpleNamespace(base=base, train=train, val=helpers.write_jsonl(root / "val.jsonl", examples[37:]))
+
+
+def train_args(toy, out: Path, batch: int, *extra) -> list[str]:
+    args = ["train", "--model", toy.base, "--data", toy.train, "--val-data", toy.val, "--output", out]
+    # lr 1e-3: with Adam a gradient element near 0 moves by up to lr whatever its rounding; at 3e-3 one of 512
+    # weights ended 2e-5 apart after 6 steps (an fp32 summation order), at 1e-3 all within 8e-7
+    args += ["--method", "lora", "--dtype", "float32", "--lora-dropout", 0.1, "--lr", 1e-3, "--warmup-ratio", 0]
+    args += ["--batch-size", batch, "--max-steps", 6, "--log-every", 1, "--eval-every", 3, "--save-every", 3]
+    args += ["--device", "cpu", "--lora-targets", "all-linear"]
+    return [str(a) for a in [*args, *extra]]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun(nproc: int, args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd = [*launch, "-m", "nibble", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=environment(), timeout=300, **kwargs)
+
+
+def single(args: list[str], capsys) -> str:
+    """Run ``nibble`` in this process (the one-process reference); returns what it printed."""
+    capsys.readouterr()
+    assert main(args) == 0
+    return capsys.readouterr().out
+
+
+def records(out: Path, kind: str) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-8000:]
+    return result
+
+
+def test_two_ranks_of_four_train_as_one_process_of_eight_and_resume_on_one(toy, tmp_path, capsys):
+    one, two, elastic = tmp_path / "one", tmp_path / "two", tmp_path / "elastic"
+    single(train_args(toy, one, 8, "--lora-dropout", 0), capsys)
+    said = ok(torchrun(2, train_args(toy, two, 4, "--lora-dropout", 0)))
+    assert said.stdout.count("train: ") == 1  # rank 0 alone prints
+
+    want, got = records(one, "train"), records(two, "train")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(want, got, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-6, (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5, (a, b)
+    for a, b in zip(records(one, "eval"), records(two, "eval"), strict=True):  # evaluation split over the ranks
+        assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) < 1e-6 and a["accuracy"] == b["accuracy"]
+    theirs, ours = adapter(one), adapter(two)
+    assert theirs.keys() == ours.keys()
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0)
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-3", "step-6"]
+
+    # elastic: the 2-rank checkpoint resumed by one process, whose --batch-size 4 adapts to the global 8
+    resume = train_args(toy, elastic, 4, "--lora-dropout", 0, "--resume", two / "checkpoints" / "step-3")
+    said = single(resume, capsys)
+    assert "each of the 1 ranks now takes --batch-size 8" in said, said
+    for run in (one, two, elastic):
+        state = json.loads((run / "checkpoints" / "step-6" / "state.json").read_text())
+        assert state["data"] == {"position": 6, "seed": 42, "examples": 37, "batch_size": 8}
+    got = records(elastic, "train")
+    assert [r["step"] for r in got] == [4, 5, 6]
+    assert all(abs(a["loss"] - b["loss"]) < 1e-6 for a, b in zip(want[3:], got, strict=True)), (want, got)
+    ours = adapter(elastic)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0)
+
+
+def test_full_fine_tuning_shards_with_fsdp2_and_trains_as_one_process(chat, tmp_path, capsys):
+    """Instruction tuning (each rank's loss weighed by its target tokens), with gradient accumulation."""
+    one, two, elastic = tmp_path / "one", tmp_path / "two", tmp_path / "elastic"
+    full = ["--task", "instruct", "--method", "full", "--lr", 1e-4, "--grad-accum", 2]
+    single(train_args(chat, one, 4, *full), capsys)
+    ok(torchrun(2, train_args(chat, two, 2, *full)))
+    want, got = records(one, "train"), records(two, "train")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    assert all(abs(a["loss"] - b["loss"]) < 1e-6 for a, b in zip(want, got, strict=True)), (want, got)
+    # the evaluation sums ~80 token losses of ~5.6 in fp32, split over the ranks: equal within fp32 rounding
+    for a, b in zip(records(one, "eval"), records(two, "eval"), strict=True):
+        assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=0)
+    theirs = load_file(one / "model" / "model.safetensors")
+    ours = load_file(two / "model" / "model.safetensors")  # consolidated from the shards
+    assert theirs.keys() == ours.keys()
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0)
+    # a sharded checkpoint: one safetensors file per rank, and no whole-model copy
+    step = two / "checkpoints" / "step-3"
+    assert len(list((step / "shards").glob("*.safetensors"))) == 2 and not (step / "trainable.safetensors").exists()
+    listed = json.loads((step / "manifest.json").read_text())["files"]
+    assert sorted(name for name in listed if name.startswith("shards/")) == sorted(
+        f"shards/{p.name}" for p in (step / "shards").iterdir()
+    )
+
+    # read back by one process (torch.distributed.checkpoint reshards), it ends where the 1-process run did
+    single(train_args(chat, elastic, 2, *full, "--resume", step), capsys)
+    ours = load_file(elastic / "model" / "model.safetensors")
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0)
+
+
+def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The process id of rank ``rank`` among the workers torchrun started (read from their environments)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == launcher.pid and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+def launch_until(cmd: list[str], appears: Path) -> subprocess.Popen:
+    """Start ``cmd`` and return once ``appears`` exists (the run still going)."""
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
+    deadline = time.monotonic() + 240
+    while not appears.is_dir() and launcher.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert launcher.poll() is None, f"the run ended before {appears.name}: {launcher.communicate()[1][-3000:]}"
+    return launcher
+
+
+def test_a_killed_rank_fails_the_run_a_signal_stops_every_rank_and_resume_ends_bit_identical(toy, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    steps = ["--max-steps", 14, "--save-every", 2, "--eval-every", 6, "--keep-checkpoints", 2]
+    ok(torchrun(2, train_args(toy, whole, 4, *steps)))  # dropout 0.1: every rank's generator must resume too
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "nibble"]
+
+    # SIGKILL of rank 1: torchrun stops the other rank and fails
+    launcher = launch_until([*launch, *train_args(toy, killed, 4, *steps)], killed / "checkpoints" / "step-2")
+    os.kill(rank_pid(launcher, 1), signal.SIGKILL)
+    launcher.communicate(timeout=240)
+    assert launcher.returncode != 0 and not (killed / "adapter").exists()
+
+    # SIGTERM to torchrun, which passes it to both ranks: they stop after the same step, with a checkpoint
+    resume = [*launch, *train_args(toy, killed, 4, *steps, "--resume")]
+    launcher = launch_until(resume, killed / "checkpoints" / "step-6")
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=240)
+    said = [line for line in err.splitlines() if line.startswith("interrupted at step ")]
+    assert len(said) == 1 and said[0].endswith("--keep-checkpoints 2 --resume"), err[-3000:]
+    assert "; resume with: torchrun --nproc-per-node=2 -m nibble train " in said[0]
+    stopped = int(said[0].split()[3].rstrip(";"))
+    assert (killed / "checkpoints" / f"step-{stopped}").is_dir() and not (killed / "adapter").exists()
+
+    ok(torchrun(2, train_args(toy, killed, 4, *steps, "--resume")))
+    want, got = records(whole, "train"), records(killed, "train")
+    assert [r["step"] for r in got] == list(range(1, 15))
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+    theirs, ours = adapter(whole), adapter(killed)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_ranks_started_with_different_settings_stop_with_one_line(toy, tmp_path):
+    script = tmp_path / "launch.py"
+    args = train_args(toy, tmp_path / "run", 4)
+    script.write_text(
+        "import os, sys\n"
+        "from nibble.cli.main import main\n"
+        f"args = {args!r}\n"
+        "sys.exit(main(args + (['--lr', '0.002'] if os.environ['RANK'] == '1' else [])))\n"
+    )
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    result = subprocess.run(launch, capture_output=True, text=True, env=environment(), timeout=300)
+    assert result.returncode != 0
+    assert "error: rank 1 was started with lr=0.002, rank 0 with 0.001; start every rank with the same" in result.stderr
+    assert "Traceback" not in result.stderr.split("error: rank 1")[0][-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_nccl_without_cuda_is_one_line(toy, tmp_path):
+    env = {**environment(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
+    cmd = [sys.executable, "-m", "nibble", *train_args(toy, tmp_path / "run", 4, "--dist-backend", "nccl")]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --dist-backend nccl needs CUDA devices, this rank computes on cpu; use --dist-backend gloo (or auto)"
+    ]
+
+
+def test_a_global_micro_batch_the_ranks_cannot_share_names_the_batch_size(tmp_path):
+    from nibble.errors import NibbleError
+    from nibble.train.config import TrainConfig
+    from nibble.train.distributed import Parallel
+    from nibble.train.run import global_micro_batch
+
+    step = tmp_path / "checkpoints" / "step-3"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text(json.dumps({"data": {"batch_size": 9}}))
+    config = TrainConfig(batch_size=4)
+    assert global_micro_batch(config, step, Parallel(0, 3, 0)).batch_size == 3
+    assert global_micro_batch(config, step, Parallel(0, 1, 0)).batch_size == 9
+    with pytest.raises(NibbleError, match=r"which 2 ranks cannot share evenly; .* with --batch-size 9 // ranks"):
+        global_micro_batch(config, step, Parallel(1, 2, 1))
