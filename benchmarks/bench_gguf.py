@@ -24,15 +24,7 @@ from nibble.io.fetch import fetch_smollm2
 from nibble.model import load_model
 from nibble.nn import QuantLinear, apply_lora
 from nibble.quant.gguf import dequantize_blocks, quantize_blocks
-
-
-def best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
+from timing import best_of
 
 
 def main() -> None:
@@ -54,8 +46,8 @@ def main() -> None:
         else:
             data = quantize_blocks(w, kind)
         qtype = gguf.GGMLQuantizationType[kind]
-        ours = best(lambda data=data, kind=kind: dequantize_blocks(data, kind), args.repeat)
-        theirs = best(lambda data=data, qtype=qtype: gguf.quants.dequantize(data.numpy(), qtype), args.repeat)
+        ours = best_of(lambda data=data, kind=kind: dequantize_blocks(data, kind), args.repeat) * 1e3
+        theirs = best_of(lambda data=data, qtype=qtype: gguf.quants.dequantize(data.numpy(), qtype), args.repeat) * 1e3
         equal = np.array_equal(
             dequantize_blocks(data, kind).numpy().view(np.uint32),
             np.asarray(gguf.quants.dequantize(data.numpy(), qtype), np.float32).view(np.uint32),
@@ -65,7 +57,7 @@ def main() -> None:
     print("\n| type | quantize ms | by | µs per 1k values | relative RMS error |")
     print("|---|---:|---|---:|---:|")
     for kind in ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"):
-        ms = best(lambda kind=kind: quantize_blocks(w, kind), 1)
+        ms = best_of(lambda kind=kind: quantize_blocks(w, kind), 1) * 1e3
         err = (dequantize_blocks(quantize_blocks(w, kind), kind) - w).pow(2).mean().sqrt() / w.pow(2).mean().sqrt()
         by = "nibble" if kind.endswith("_K") else "gguf package"
         print(f"| {kind} | {ms:.0f} | {by} | {ms * 1e6 / w.numel():.1f} | {float(err):.4f} |")
@@ -87,7 +79,7 @@ def main() -> None:
             model(ids).float().logsumexp(-1).mean().backward()
 
         step()
-        rows[fmt] = (size, load_s, best(step, args.repeat))
+        rows[fmt] = (size, load_s, best_of(step, args.repeat) * 1e3)
     for fmt, (size, load_s, ms) in rows.items():
         print(f"| {fmt} | {size / 1e6:.1f} | {load_s:.1f} | {ms:.0f} | {ms / rows['nf4'][2]:.2f}x |")
 

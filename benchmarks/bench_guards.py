@@ -19,15 +19,7 @@ from pathlib import Path
 
 import torch
 
-
-def best_of(fn: Callable[[], object], repeat: int = 3) -> float:
-    """Fastest wall time of ``repeat`` calls, in seconds."""
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from timing import best_of
 
 
 def traced_peak(fn: Callable[[], object]) -> int:
@@ -69,7 +61,7 @@ def gguf_table(path: Path) -> list[str]:
         file = gguf.GGUFReader(path)
         return [f.contents() for f in file.fields.values()], file.tensors
 
-    t_ours, t_theirs = best_of(ours), best_of(theirs)
+    t_ours, t_theirs = best_of(ours, 3), best_of(theirs, 3)
     m_ours, m_theirs = traced_peak(ours), traced_peak(theirs)
     size = path.stat().st_size
     return [
@@ -130,8 +122,8 @@ def manifest_table(megabytes: int = 256) -> list[str]:
     tensors = {"w": torch.randn(megabytes << 18)}  # float32: 4 bytes each
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "trainable.safetensors"
-        t_write = best_of(lambda: save_file_atomic(tensors, path))
-        t_hash = best_of(lambda: sha256_file(path))
+        t_write = best_of(lambda: save_file_atomic(tensors, path), 3)
+        t_hash = best_of(lambda: sha256_file(path), 3)
     return [
         f"Checkpoint manifest: {megabytes} MiB of float32 weights",
         "",

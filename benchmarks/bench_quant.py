@@ -8,25 +8,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from nibble.nn import QuantLinear
 from nibble.quant import int4, nf4
-
-
-def best_of(fn: Callable[[], object], repeat: int = 5) -> float:
-    """Fastest wall time of ``repeat`` calls after one warm-up, in seconds."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from timing import best_of
 
 
 def quant_table(size: int) -> list[str]:
@@ -40,21 +28,23 @@ def quant_table(size: int) -> list[str]:
             ours = nf4.quantize(w, 64, dq)
             packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=dq)
             same = torch.equal(ours.packed, packed.view(-1)) and torch.equal(ours.absmax, state.absmax)
-            t_ours = best_of(lambda w=w, dq=dq: nf4.quantize(w, 64, dq))
+            t_ours = best_of(lambda w=w, dq=dq: nf4.quantize(w, 64, dq), 5, warm_up=True)
             t_bnb = best_of(
-                lambda w=w, dq=dq: bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=dq)
+                lambda w=w, dq=dq: bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=dq),
+                5,
+                warm_up=True,
             )
             name = f"quantize nf4 {str(dtype).removeprefix('torch.')}{' +dq' if dq else ''}"
             rows.append(f"| {name} | {t_ours * 1e3:.1f} | {t_bnb * 1e3:.1f} | {t_bnb / t_ours:.2f}x | {same} |")
-            d_ours = best_of(lambda ours=ours, dtype=dtype: ours.dequantize(dtype))
-            d_bnb = best_of(lambda p=packed, s=state: bnbf.dequantize_4bit(p, s))
+            d_ours = best_of(lambda ours=ours, dtype=dtype: ours.dequantize(dtype), 5, warm_up=True)
+            d_bnb = best_of(lambda p=packed, s=state: bnbf.dequantize_4bit(p, s), 5, warm_up=True)
             same = torch.equal(ours.dequantize(dtype), bnbf.dequantize_4bit(packed, state))
             name = name.replace("quantize", "dequantize")
             rows.append(f"| {name} | {d_ours * 1e3:.1f} | {d_bnb * 1e3:.1f} | {d_bnb / d_ours:.2f}x | {same} |")
     w = torch.randn(size, size)
-    t_int4 = best_of(lambda: int4.quantize(w, 128))
+    t_int4 = best_of(lambda: int4.quantize(w, 128), 5, warm_up=True)
     q4 = int4.quantize(w, 128)
-    d_int4 = best_of(lambda: q4.dequantize())
+    d_int4 = best_of(lambda: q4.dequantize(), 5, warm_up=True)
     rows.append(f"| quantize int4 g128 float32 | {t_int4 * 1e3:.1f} | - | - | - |")
     rows.append(f"| dequantize int4 g128 float32 | {d_int4 * 1e3:.1f} | - | - | - |")
     return rows
@@ -74,9 +64,9 @@ def linear_table(size: int) -> list[str]:
         for m in (1, 16, 512):
             x = torch.randn(m, size).to(dtype)
             with torch.no_grad():
-                t_dense = best_of(lambda x=x, dense=dense: F.linear(x, dense))
-                t_plain = best_of(lambda x=x, layer=plain: layer(x))
-                t_cached = best_of(lambda x=x, layer=cached: layer(x))
+                t_dense = best_of(lambda x=x, dense=dense: F.linear(x, dense), 5, warm_up=True)
+                t_plain = best_of(lambda x=x, layer=plain: layer(x), 5, warm_up=True)
+                t_cached = best_of(lambda x=x, layer=cached: layer(x), 5, warm_up=True)
             rows.append(
                 f"| {m} | {str(dtype).removeprefix('torch.')} | {t_dense * 1e3:.2f} | {t_plain * 1e3:.2f} | "
                 f"{t_plain / t_dense:.2f}x | {t_cached * 1e3:.2f} | {t_cached / t_dense:.2f}x |"
