@@ -10,6 +10,7 @@ are those of a one-process run with the global batch.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -112,6 +113,9 @@ def start(part: Parallel, device: torch.device, backend: str) -> None:
 def stop() -> None:
     """Leave the process group (if this process joined one)."""
     if dist.is_initialized():
+        # A DDP wrapper left in a reference cycle would otherwise be collected after the group is gone (or at
+        # exit), and its reducer's teardown can then abort the process ("terminate called", seen once in CI).
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -468,11 +468,13 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
                 if main:
                     settle_replaced_run(out)
             try:
-                return _train_locked(config, model_dir, tokenizer, task, out, device, part)
+                result = _train_locked(config, model_dir, tokenizer, task, out, device, part)
             except BaseException:
                 if part.is_main:
                     settle_replaced_run(out)
                 raise
+        distributed.barrier()  # no rank leaves the group while another still works in it
+        return result
     finally:
         distributed.stop()
 
