@@ -47,6 +47,13 @@ def test_linear_on_fp32_units_equals_native_bf16(monkeypatch):
         torch.testing.assert_close(a.float(), e.float(), atol=1e-2, rtol=8e-3)
 
 
+def test_a_few_rows_keep_the_native_kernel(monkeypatch):
+    # Decoding one token at a time: casting the weight to fp32 would cost more than the bf16 matmul.
+    x, w = torch.randn(3, 64).bfloat16(), torch.randn(32, 64).bfloat16()
+    monkeypatch.setattr(reference, "cpu_has_native_bf16", lambda: False)
+    assert torch.equal(kernels.linear(x, w), F.linear(x, w))
+
+
 def qlora_step(path, batch, dtype):
     torch.manual_seed(0)
     model = nibble.load_model(path, task="classify", num_labels=3, quantize="nf4", dtype=dtype)

@@ -13,6 +13,10 @@ from nibble.devices import cpu_has_native_bf16
 from nibble.quant.base import QuantizedWeight
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Below this many rows the fp32 copy of the weight costs more than the emulated bf16 matmul it replaces
+# (2-core AVX2 EPYC, 4096x4096 weight: 1 row 40 ms on fp32 units vs 2.6 native, 16 rows 48 vs 25, 32 rows
+# 44 vs 50, 128 rows 79 vs 198), so one-token decoding keeps the native kernel.
+FP32_UNITS_MIN_ROWS = 16
 
 
 def on_fp32_units(dtype: torch.dtype, device: torch.device) -> bool:
@@ -24,15 +28,15 @@ def on_fp32_units(dtype: torch.dtype, device: torch.device) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K] @ weight[N, K]^T (+ bias) -> [..., N]`` in ``x.dtype`` (``weight`` and ``bias`` cast to it).
 
-    bf16/fp16 operands on a CPU without bf16 arithmetic are multiplied on its fp32 units: the products of
-    the rounded operands are exact in fp32 and summed in fp32, and the result is rounded to ``x.dtype`` —
-    what a native bf16 matmul computes, at fp32 speed. On a 2-core AVX2 EPYC, ``F.linear`` in bf16 ran at
-    5 GFLOP/s and ``grad @ W`` at 1, against 13 for this (26 for fp32 itself). Gradients flow through the
-    casts, so they are rounded where a native bf16 backward rounds them.
+    bf16/fp16 operands of at least :data:`FP32_UNITS_MIN_ROWS` rows on a CPU without bf16 arithmetic are
+    multiplied on its fp32 units: the products of the rounded operands are exact in fp32 and summed in fp32,
+    and the result is rounded to ``x.dtype`` — what a native bf16 matmul computes, at fp32 speed. On a 2-core
+    AVX2 EPYC, ``F.linear`` in bf16 ran at 5 GFLOP/s and ``grad @ W`` at 1, against 13 for this (26 for fp32
+    itself). Gradients flow through the casts, so they are rounded where a native bf16 backward rounds them.
     """
     weight = weight.to(x.dtype)
     bias = None if bias is None else bias.to(x.dtype)
-    if on_fp32_units(x.dtype, x.device):
+    if on_fp32_units(x.dtype, x.device) and x.numel() >= FP32_UNITS_MIN_ROWS * x.shape[-1]:
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)
 
