@@ -9,7 +9,7 @@ from torch import nn
 
 from nibble.errors import NibbleError
 from nibble.nn import LoRALinear, QuantLinear, apply_lora
-from nibble.nn.lora import PROJECTIONS, LoRADropout, lora_layers
+from nibble.nn.lora import PROJECTIONS, RECOMPUTE_MIN_ELEMENTS, LoRADropout, lora_layers
 from nibble.quant import QuantSpec
 
 
@@ -87,6 +87,46 @@ def test_forward_and_gradients_equal_peft(rank, alpha, rslora, bias, dropout):
     torch.testing.assert_close(ours.lora_A.weight.grad, theirs.lora_A["default"].weight.grad, rtol=0, atol=0)
     torch.testing.assert_close(ours.lora_B.weight.grad, theirs.lora_B["default"].weight.grad, rtol=0, atol=0)
     assert ours.base_layer.weight.grad is None
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of ``fn()``."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_dropout_keeps_no_more_for_backward_than_no_dropout():
+    """A large dropped input and its mask are recomputed in the backward, not kept (8 bytes per input element)."""
+    torch.manual_seed(0)
+    x = torch.randn(RECOMPUTE_MIN_ELEMENTS // 64, 64, requires_grad=True)
+    kept = {}
+    for p in (0.0, 0.1):
+        layer = LoRALinear(nn.Linear(64, 32), 4, 8.0, p).train()
+        kept[p] = saved_bytes(lambda: layer(x))  # noqa: B023
+    assert kept[0.1] <= kept[0.0] + 4096  # the saved RNG state, not two more tensors like x (2 MiB)
+
+    # ... and the recomputed mask is the one the forward drew: outputs and gradients equal the plain expression.
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    torch.manual_seed(1)
+    y = layer(x)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, layer.lora_A.weight, layer.lora_B.weight), g)
+    torch.manual_seed(1)
+    mask = layer.lora_dropout.mask(x)
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    expected_y = layer.base_layer(x) + ((x * mask) @ a.T) @ b.T * layer.scaling
+    torch.testing.assert_close(y, expected_y, rtol=0, atol=0)
+    expected = torch.autograd.grad(expected_y, (x, a, b), g)
+    for ours, theirs in zip(got, expected, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("p", [0.05, 0.25, 0.5])
