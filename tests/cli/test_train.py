@@ -259,6 +259,16 @@ def test_bad_inputs_are_one_line_and_leave_no_output(toy, tmp_path, capsys, args
     assert not out.exists()
 
 
+def test_compile_without_a_compiler_is_one_line(toy, tmp_path):
+    env = {**os.environ, "CXX": "/nonexistent/c++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "kernels")}
+    args = ["train", "--model", toy.base, "--data", toy.train, "--output", tmp_path / "out", "--compile"]
+    done = subprocess.run([sys.executable, "-m", "nibble", *map(str, args)], env=env, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: --compile: torch.compile cannot build kernels on cpu"), done.stderr
+    assert done.stderr.count("\n") == 1 and "leave --compile off" in done.stderr
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
 def test_nan_loss_stops_with_last_good_checkpoint(toy, tmp_path, capsys):
     out = tmp_path / "out"
     assert train(toy, out, "--lr", "1e30", "--save-every", "1", "--warmup-ratio", "0", "--max-grad-norm", "0") == 2

@@ -1,12 +1,15 @@
 """The hand-fused SwiGLU against the plain expression: same outputs and gradients (fp32, fp64 gradcheck), and bf16
-gradients at least as close to the exact ones."""
+gradients at least as close to the exact ones. The torch.compile'd norms, RoPE and SwiGLU (``--compile``) against
+the eager ones on a whole model."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from nibble.model.model import swiglu
+import nibble
+from helpers import right_padded_batch
+from nibble.model.model import EAGER, fused_elementwise, swiglu
 
 
 def grads(fn, g, u, grad):
@@ -41,3 +44,25 @@ def test_swiglu_bf16_gradients_are_rounded_once():
         torch.testing.assert_close(o.double(), e, atol=0.02, rtol=0.01)  # within bf16 rounding of the exact value
     with torch.no_grad():
         torch.testing.assert_close(swiglu(g, u), plain(g, u), atol=0, rtol=0)
+
+
+def test_compiled_elementwise_computes_what_the_eager_model_computes(shared_checkpoint):
+    path, _ = shared_checkpoint("qwen3")  # QK-norm: the norm also runs per head
+    model = nibble.load_model(path)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    ids, mask = right_padded_batch([9, 6, 2])
+    results = []
+    for ops in (EAGER, fused_elementwise()):
+        model.use_elementwise(ops)
+        model.zero_grad()
+        logits = model(ids, mask)
+        logits.logsumexp(-1).mul(mask).sum().backward()
+        with torch.no_grad():
+            evaluated = model(ids[:2, :5], mask[:2, :5])  # another shape, without autograd
+        results.append((logits, evaluated, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (logits, evaluated, grads), (fused_logits, fused_evaluated, fused_grads) = results
+    torch.testing.assert_close(fused_logits, logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_evaluated, evaluated, atol=1e-5, rtol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(fused_grads[name], grads[name], atol=1e-5, rtol=1e-5, msg=name)

@@ -8,6 +8,9 @@ the checkpoint's. Each of the seven projections is an ``nn.Linear`` or a frozen 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +25,13 @@ TASKS = ("causal_lm", "classify")
 POOLINGS = ("last", "mean")
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / rms(x) * weight`` over the last dim, computed in fp32 and returned in ``x``'s dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * h).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """``x / rms(x) * weight``, computed in fp32 with an fp32 weight whatever the input dtype."""
 
@@ -29,11 +39,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+        self.ops = EAGER
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * h).to(x.dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
@@ -251,6 +260,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, kvd, bias=config.attention_bias, dtype=dtype)
         self.o_proj = nn.Linear(qd, h, bias=config.attention_out_bias, dtype=dtype)
         self.qk_norm = config.qk_norm
+        self.ops = EAGER
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -267,7 +277,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = (layout.cos[layout.last], layout.sin[layout.last]) if last_only else (layout.cos, layout.sin)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, layout.cos, layout.sin)
+        q, k = self.ops.rope(q, cos, sin), self.ops.rope(k, layout.cos, layout.sin)
         k, v = layout.to_padded(k), layout.to_padded(v)  # [B, Hkv, T, D]
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, past + T, D]
@@ -304,6 +314,30 @@ def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
 
 
+def _silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return F.silu(g) * u
+
+
+class Elementwise(NamedTuple):
+    """The elementwise work of a block, as RMSNorm, attention and MLP modules call it (their ``ops``)."""
+
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    swiglu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+EAGER = Elementwise(rms_norm, apply_rope, swiglu)
+
+
+@cache
+def fused_elementwise() -> Elementwise:
+    """The same functions through ``torch.compile`` (inductor, shapes dynamic): each becomes one fused kernel
+    forward and one backward instead of 4-8 passes over the activations. Kernels are built on first use of
+    each dtype and grad mode, and inductor keeps them on disk for later runs."""
+    fuse = lambda fn: torch.compile(fn, dynamic=True, fullgraph=True)  # noqa: E731
+    return Elementwise(fuse(rms_norm), fuse(apply_rope), fuse(_silu_mul))
+
+
 class MLP(nn.Module):
     """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
 
@@ -313,9 +347,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=bias, dtype=dtype)
         self.up_proj = nn.Linear(h, i, bias=bias, dtype=dtype)
         self.down_proj = nn.Linear(i, h, bias=bias, dtype=dtype)
+        self.ops = EAGER
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self.ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -447,6 +482,12 @@ class DecoderModel(nn.Module):
             sums.index_add_(0, layout.rows, hidden.float())  # [B, H]
             pooled = (sums / layout.lengths.clamp(min=1)[:, None]).to(hidden.dtype)
         return self.score(pooled)  # [B, num_labels]
+
+    def use_elementwise(self, ops: Elementwise) -> None:
+        """Run every norm, RoPE and SwiGLU through ``ops`` (:data:`EAGER` or :func:`fused_elementwise`)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.ops = ops
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache for up to ``max_len`` positions, on this model's device and dtype."""

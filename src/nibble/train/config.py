@@ -116,6 +116,13 @@ class TrainConfig:
     use_rslora: bool = field(default=False, metadata=_help("rank-stabilized LoRA: scale alpha/sqrt(r)"))
     train_embeddings: bool = field(default=False, metadata=_help("full: also train the token embeddings"))
     gradient_checkpointing: bool = field(default=False, metadata=_help("recompute blocks in backward to save memory"))
+    compile: bool = field(
+        default=False,
+        metadata=_help(
+            "fuse each block's norms, RoPE and SwiGLU with torch.compile (needs a C++ compiler on CPU, Triton on "
+            "GPU); pays on long runs only (2-core CPU: steps 1.03x faster after ~12 s of compiling on a first run)"
+        ),
+    )
     max_seq_len: int = field(default=256, metadata=_help("truncate texts to this many tokens"))
     packing: bool = field(
         default=False, metadata=_help("instruct: concatenate examples into full max-seq-len sequences")

@@ -43,6 +43,7 @@ from nibble.model.memory import (
     projection_shapes,
 )
 from nibble.model.merge import write_checkpoint
+from nibble.model.model import fused_elementwise
 from nibble.nn import QuantLinear, apply_lora
 from nibble.nn.lora import resolve_targets
 from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
@@ -100,6 +101,25 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> list[str]:
         model.score.float()
         model.score.weight.requires_grad_(True)
     return wrapped
+
+
+def fuse_elementwise(model: nn.Module, device: torch.device) -> None:
+    """``--compile``: run the model's norms, RoPE and SwiGLU through torch.compile's fused kernels.
+
+    Raises:
+        NibbleError: torch.compile cannot build kernels on ``device`` (no C++ compiler, no Triton).
+    """
+    ops = fused_elementwise()
+    try:
+        ops.swiglu(torch.ones(2, 8, device=device), torch.ones(2, 8, device=device))
+    except Exception as exc:  # inductor reports a missing toolchain through many exception types
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise NibbleError(
+            f"--compile: torch.compile cannot build kernels on {device} ({reason}); install a C++ compiler (CPU) "
+            "or Triton (GPU), or leave --compile off"
+        ) from None
+    model.use_elementwise(ops)
+    print("compile: norms, RoPE and SwiGLU fused by torch.compile (built on first use, cached on disk)", flush=True)
 
 
 def check_lora_rank(config: TrainConfig, model_config: ModelConfig) -> None:
@@ -562,6 +582,8 @@ def _train_locked(
     if part.rank:  # its own dropout masks (DDP gives every rank rank 0's initial trainable weights)
         torch.manual_seed(config.seed + part.rank)
     model.gradient_checkpointing = config.gradient_checkpointing
+    if config.compile:
+        fuse_elementwise(model, device)
     cache_budget = 0
     if kernels.on_fp32_units(config.torch_dtype, device):
         print(
