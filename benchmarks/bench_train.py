@@ -43,12 +43,14 @@ import tempfile
 import time
 from pathlib import Path
 
-STACKS = ("nibble", "nibble-nocache", "hf")
+STACKS = ("nibble", "nibble-nocache", "nibble-compile", "hf")
 NAMES = {
     "nibble": "nibble (defaults)",
     "nibble-nocache": "nibble (--cache-budget-mb 0)",
+    "nibble-compile": "nibble (--compile)",
     "hf": "transformers+PEFT+bnb",
 }
+NIBBLE_FLAGS = {"nibble-nocache": ["--cache-budget-mb", "0"], "nibble-compile": ["--compile"]}
 WINDOW = 10  # steps per throughput window
 
 
@@ -267,8 +269,7 @@ def classify_commands(stack: str, args: argparse.Namespace, dtype: str, data: tu
         argv += ["--val-data", str(data[1]), "--output", str(out), "--overwrite", "--dtype", dtype]
         if args.dropout is not None:
             argv += ["--lora-dropout", str(args.dropout)]
-        if stack == "nibble-nocache":
-            argv += ["--cache-budget-mb", "0"]
+        argv += NIBBLE_FLAGS.get(stack, [])
     argv += ["--max-steps", str(common["steps"]), "--batch-size", str(common["batch"])]
     argv += ["--max-seq-len", str(common["seq"]), "--lora-rank", str(common["rank"])]
     argv += ["--lora-alpha", str(2 * args.rank), "--lora-targets", args.targets, "--lr", str(common["lr"])]
@@ -287,6 +288,7 @@ def instruct_commands(stack: str, args: argparse.Namespace, dtype: str, data: Pa
         argv += ["--eval-every", "0", "--save-every", "0"]
         if args.dropout is not None:
             argv += ["--lora-dropout", str(args.dropout)]
+        argv += NIBBLE_FLAGS.get(stack, [])
     argv += ["--max-steps", str(args.instruct_steps), "--batch-size", str(args.instruct_batch)]
     argv += ["--max-seq-len", "512", "--lora-rank", str(args.rank), "--lora-alpha", str(2 * args.rank)]
     argv += ["--lora-targets", args.targets, "--lr", str(args.lr)]
@@ -305,6 +307,8 @@ def measure(kind: str, args: argparse.Namespace, dtype: str, data, work: Path, s
             out = work / f"{kind}-{dtype}-{stack}-{repeat}"
             make = classify_commands if kind == "classify" else instruct_commands
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            if stack == "nibble-compile":  # an empty kernel cache: the compile time of a first run
+                env["TORCHINDUCTOR_CACHE_DIR"] = str(out.with_name(out.name + "-kernels"))
             wall, rss, stdout = run_timed(make(stack, args, dtype, data, out), env)
             run = {"wall": wall, "rss": rss}
             if stack == "hf":

@@ -10,6 +10,7 @@ resident set size (RSS) of this process, which is what a CPU run uses.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import re
 import resource
 import sys
@@ -273,6 +274,29 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+# glibc's mallopt parameter number for the size from which malloc maps each block on its own.
+_M_MMAP_THRESHOLD = -3
+LARGE_BLOCK_BYTES = 4 << 20
+
+
+def return_large_blocks_to_os(threshold: int = LARGE_BLOCK_BYTES) -> bool:
+    """Make the C allocator map every CPU block of ``threshold`` bytes or more on its own, so that freeing one
+    returns its memory to the OS; True where that took effect (glibc), False elsewhere.
+
+    By default glibc raises that threshold to the size of each large block freed, after which large blocks
+    come from its heap, whose freed holes stay resident: a SmolLM2 step of 4 x 512 tokens peaked at 4.6 GB of
+    RSS for 2.8 GB in use. The price is a page fault per 4 KiB the first time a new block is written.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)  # the C library this process runs on
+        libc.gnu_get_libc_version  # noqa: B018 (glibc only: musl has no mallopt)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def _allocator(device: torch.device):

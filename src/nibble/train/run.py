@@ -24,7 +24,16 @@ from torch import nn
 
 from nibble import kernels
 from nibble.data.batching import BatchStream, Dataset
-from nibble.devices import MemoryMeter, describe, device_memory, dtype_name, parse_bytes, resolve_device, resolve_dtype
+from nibble.devices import (
+    MemoryMeter,
+    describe,
+    device_memory,
+    dtype_name,
+    parse_bytes,
+    resolve_device,
+    resolve_dtype,
+    return_large_blocks_to_os,
+)
 from nibble.errors import NibbleError
 from nibble.io.files import read_json_object, remove_stale_staging, staged_dir, write_text_atomic
 from nibble.io.gguf import gguf_source, native_model
@@ -478,6 +487,8 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
     """
     part = distributed.from_environment()
     device = resolve_device(distributed.rank_device(config.device, part))
+    if device.type == "cpu":
+        return_large_blocks_to_os()  # a step's freed activations leave the RSS (see the function)
     distributed.start(part, device, config.dist_backend)
     try:
         distributed.check_same_config(config.to_dict())
