@@ -1,5 +1,6 @@
 """Many processes under ``torchrun``: the process group, each rank's device, the collectives a run needs, and
-the data-parallel engines (DDP for the LoRA methods, FSDP2 for full fine-tuning).
+the data-parallel engines (DDP for the LoRA methods, FSDP2 for full fine-tuning and for a LoRA method's sharded
+base).
 
 A run started by ``torchrun`` finds ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` in its environment; without
 them (or with a world of one) it is the single-process run and every helper here is a no-op. The global batch
@@ -254,21 +255,36 @@ def broadcast_text(text: str) -> str:
     return bytes(gather_parts(torch.tensor(list(mine), dtype=torch.uint8))[0].tolist()).decode()
 
 
-def shard_model(model: nn.Module) -> None:
-    """FSDP2 over every rank: each decoder block is its own unit, the root holds the rest (embeddings, final norm,
-    head). Parameters, gradients and the optimizer state built on them are sharded; the gradients reduce in fp32.
+def shard_model(model: nn.Module, device: torch.device) -> None:
+    """FSDP2 over every rank, computing on ``device``: each decoder block is its own unit, the root holds the rest
+    (embeddings, final norm, head). Parameters, gradients and the optimizer state built on them are sharded; the
+    gradients reduce in fp32. Frozen parameters (a LoRA method's base) are sharded too and only ever gathered.
 
     Parameters are gathered in their stored precision (fp32 master weights) and compute runs under the run's
     autocast, as in a single process, so a sharded run takes the same steps as one process with the global batch.
     ``hidden_states`` counts as a forward of the root (the instruct loss calls it, then the head), and the root
     keeps its parameters gathered after a forward so the head can run after it.
+
+    A 4-bit base (QLoRA) is sharded as bytes: every :class:`~nibble.nn.quant_linear.QuantLinear` first holds its
+    packed data and block scales as uint8 parameters, output rows first (see
+    :meth:`~nibble.nn.quant_linear.QuantLinear.hold_as_parameters`), so each rank keeps ~1/world of them; a
+    block's are all-gathered before its forward and again before its backward (grad_x needs W), the kernels run on
+    the weight rebuilt over the gathered bytes, and they are freed after. A model loaded on the host for an
+    accelerator ``device`` moves there one unit at a time as it is sharded: the device never holds it whole.
     """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    from nibble.nn.quant_linear import QuantLinear
+
+    for layer in model.modules():
+        if isinstance(layer, QuantLinear):
+            layer.hold_as_parameters()
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # no param_dtype: nothing is cast when gathered
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in model.model.layers:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     register_fsdp_forward_method(model, "hidden_states")
 
 
@@ -287,11 +303,30 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def gathered(model: nn.Module) -> Iterator[None]:
+def gathered(model: nn.Module, trainable_only: bool = False) -> Iterator[None]:
     """Inside, an FSDP2-sharded ``model`` holds its whole parameters on every rank (for an export by rank 0);
-    resharded on the way out. Nothing happens for a model that is not sharded. Every rank must enter."""
+    resharded on the way out. With ``trainable_only``, only the parameters that train are gathered (a LoRA
+    method's adapters and head: the frozen base, which may not fit one device, stays sharded). Nothing happens
+    for a model that is not sharded. Every rank must enter."""
     from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
 
+    if trainable_only:
+        sharded = [
+            (module, name, param)
+            for module in model.modules()
+            for name, param in module.named_parameters(recurse=False)
+            if param.requires_grad and isinstance(param, DTensor)
+        ]
+        for module, name, param in sharded:  # the same order on every rank: one all-gather each
+            module._parameters[name] = nn.Parameter(param.full_tensor().detach(), requires_grad=False)
+        try:
+            yield
+        finally:
+            barrier()
+            for module, name, param in sharded:
+                module._parameters[name] = param
+        return
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.unshard()
