@@ -122,6 +122,14 @@ def test_two_ranks_of_four_train_as_one_process_of_eight_and_resume_on_one(toy, 
         torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0)
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-3", "step-6"]
 
+    # --shard-base: the dense frozen base sharded by FSDP2 instead of replicated, the same steps
+    sharded = tmp_path / "sharded"
+    ok(torchrun(2, train_args(toy, sharded, 4, "--lora-dropout", 0, "--shard-base")))
+    assert all(abs(a["loss"] - b["loss"]) < 1e-6 for a, b in zip(want, records(sharded, "train"), strict=True))
+    assert (sharded / "checkpoints" / "step-3" / "shards").is_dir()
+    for key, value in adapter(sharded).items():
+        torch.testing.assert_close(value, theirs[key], atol=1e-5, rtol=0)
+
     # elastic: the 2-rank checkpoint resumed by one process, whose --batch-size 4 adapts to the global 8
     resume = train_args(toy, elastic, 4, "--lora-dropout", 0, "--resume", two / "checkpoints" / "step-3")
     said = single(resume, capsys)
