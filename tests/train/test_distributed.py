@@ -235,15 +235,9 @@ def test_each_rank_holds_its_share_of_the_4bit_base_and_gathers_it_exactly(toy, 
             assert abs(mine["local"] / mine["total"] - 0.5) < 0.01, (fmt, mine)
 
 
-def test_shard_base_without_torchrun_or_with_dense_copies_is_one_line(toy, tmp_path):
-    alone = subprocess.run(
-        [sys.executable, "-m", "nibble", *train_args(toy, tmp_path / "run", 4, "--method", "qlora", "--shard-base")],
-        capture_output=True,
-        text=True,
-        env=environment(),
-        timeout=300,
-    )
-    assert alone.returncode == 2 and alone.stderr.strip().splitlines() == [
+def test_shard_base_without_torchrun_or_with_dense_copies_is_one_line(toy, tmp_path, capsys):
+    assert main(train_args(toy, tmp_path / "run", 4, "--method", "qlora", "--shard-base")) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "error: --shard-base splits the frozen base over the ranks of a torchrun launch, and this is one process; "
         "start it with torchrun --nproc-per-node N (N >= 2), or drop --shard-base"
     ]
