@@ -194,6 +194,8 @@ def test_sharded_4bit_qlora_trains_as_one_process_and_resumes_bit_identical(toy,
     assert theirs.keys() == ours.keys()
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0)
+    config = "adapter/adapter_config.json"  # the PEFT adapter of a one-process run, the same base named
+    assert (two / config).read_text() == (one / config).read_text()
     step = two / "checkpoints" / "step-3"  # the adapter and its optimizer state, sharded; no base in it
     assert len(list((step / "shards").glob("*.safetensors"))) == 2 and not (step / "trainable.safetensors").exists()
 

@@ -282,9 +282,18 @@ def shard_model(model: nn.Module, device: torch.device) -> None:
             layer.hold_as_parameters()
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # no param_dtype: nothing is cast when gathered
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    embed, head = model.model.embed_tokens, getattr(model, "lm_head", None)
+    own_unit = head is None or head.weight is not embed.weight  # (a tied head needs it after the blocks too)
+    if own_unit:  # gathered for the lookup alone, not kept with the root's parameters for the whole step
+        fully_shard(embed, mesh=mesh, mp_policy=policy)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    if own_unit:
+        # The first block's backward would prefetch the unit before it, the embeddings, which a backward gathers
+        # only when they train (then by their own hook): it "prefetches" the root instead, gathered already.
+        # (SmolLM2-135M, fp32 embeddings of 113 MB: the backward's peak RSS 200 MB lower.)
+        model.model.layers[0].set_modules_to_backward_prefetch([model])
     register_fsdp_forward_method(model, "hidden_states")
 
 
