@@ -256,9 +256,10 @@ def broadcast_text(text: str) -> str:
 
 
 def shard_model(model: nn.Module, device: torch.device) -> None:
-    """FSDP2 over every rank, computing on ``device``: each decoder block is its own unit, the root holds the rest
-    (embeddings, final norm, head). Parameters, gradients and the optimizer state built on them are sharded; the
-    gradients reduce in fp32. Frozen parameters (a LoRA method's base) are sharded too and only ever gathered.
+    """FSDP2 over every rank, computing on ``device``: each decoder block is its own unit, and so are the
+    embeddings unless a head shares them; the root holds the rest (final norm, head). Parameters, gradients and
+    the optimizer state built on them are sharded; the gradients reduce in fp32. Frozen parameters (a LoRA
+    method's base) are sharded too and only ever gathered.
 
     Parameters are gathered in their stored precision (fp32 master weights) and compute runs under the run's
     autocast, as in a single process, so a sharded run takes the same steps as one process with the global batch.
