@@ -23,7 +23,9 @@ held-out rows.
 ``--nproc N`` measures data-parallel scaling instead: nibble's classification run (the same global batch,
 ``--batch-size``) on one process with N threads, the reference, against ``torchrun --nproc-per-node N`` with
 one thread per rank (gloo); with ``--device cuda``, one GPU against N GPUs, with rank 0's peak device memory.
-Columns as above (tokens/s counts every rank's tokens); the peak RSS is rank 0's, from its metrics.jsonl.
+Columns as above (tokens/s counts every rank's tokens); the peak RSS is rank 0's, from its metrics.jsonl. With
+``--shard-base``, a third set-up: the N ranks with ``--shard-base`` (FSDP2 over the 4-bit base, which keeps no
+dense copies, so the DDP rows run with ``--cache-budget-mb 0`` too, for the same arithmetic).
 
     .venv/bin/python benchmarks/bench_train.py --nproc 2 --dtypes float32 --steps 12 --batch-size 8
 """
@@ -352,12 +354,15 @@ def scaling(args: argparse.Namespace, dtype: str, work: Path) -> list[str]:
     if args.batch_size % args.nproc:
         raise SystemExit(f"--batch-size {args.batch_size} must divide among --nproc {args.nproc} ranks")
     data = split_data(args.data, work)
-    runs: dict[int, list[dict]] = {1: [], args.nproc: []}
+    setups = [(1, "one process"), (args.nproc, "DDP")] + [(args.nproc, "--shard-base")] * args.shard_base
+    runs: dict[tuple[int, str], list[dict]] = {setup: [] for setup in setups}
     for repeat in range(args.repeats):
-        for n in (1, args.nproc) if repeat % 2 == 0 else (args.nproc, 1):
-            out = work / f"nproc{n}-{dtype}-{repeat}"
+        for n, engine in setups if repeat % 2 == 0 else setups[::-1]:
+            out = work / f"nproc{n}-{engine.strip('-')}-{dtype}-{repeat}"
             argv = classify_commands("nibble", args, dtype, data, out) + ["--device", args.device]
             argv[argv.index("--batch-size") + 1] = str(args.batch_size // n)
+            if args.shard_base:
+                argv += ["--cache-budget-mb", "0"] + ["--shard-base"] * (engine == "--shard-base")
             if n > 1:  # argv: python -m nibble train ...
                 argv[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
             threads = args.nproc if n == 1 and args.device == "cpu" else 1
@@ -368,19 +373,19 @@ def scaling(args: argparse.Namespace, dtype: str, work: Path) -> list[str]:
             run = {"wall": wall, "tokens_per_s": nibble_rates(out), "threads": threads, "loss": last["loss"]}
             run.update(rss=last["peak_rss_bytes"] / 2**20, device=last.get("peak_device_bytes"))
             run["accuracy"] = report["accuracy"]
-            runs[n].append(run)
-            print(f"  nproc {n} {dtype} #{repeat}: " + json.dumps(run), flush=True)
+            runs[n, engine].append(run)
+            print(f"  nproc {n} {engine} {dtype} #{repeat}: " + json.dumps(run), flush=True)
     rows = [
-        "| processes | threads each | wall s | tokens/s | vs 1 process | rank 0 peak RSS MiB | device peak MiB "
-        "| last train loss | accuracy |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| processes | engine | threads each | wall s | tokens/s | vs 1 process | rank 0 peak RSS MiB "
+        "| device peak MiB | last train loss | accuracy |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for n, found in runs.items():
-        pairs = zip(found, runs[1], strict=True)
+    for (n, engine), found in runs.items():
+        pairs = zip(found, runs[setups[0]], strict=True)
         ratio = statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs)
         device = found[0]["device"]
         rows.append(
-            f"| {n} | {found[0]['threads']} | {statistics.median(r['wall'] for r in found):.0f} | "
+            f"| {n} | {engine} | {found[0]['threads']} | {statistics.median(r['wall'] for r in found):.0f} | "
             f"{statistics.median(r['tokens_per_s'] for r in found):.0f} | {ratio:.2f}x | "
             f"{statistics.median(r['rss'] for r in found):.0f} | "
             f"{'-' if device is None else f'{device / 2**20:.0f}'} | {found[0]['loss']:.6f} | "
@@ -427,6 +432,7 @@ def main() -> None:
     )
     parser.add_argument("--nproc", type=int, help="measure 1 process against N torchrun ranks instead (see above)")
     parser.add_argument("--device", default="cpu", help="--nproc runs: cpu, or cuda (one GPU per rank)")
+    parser.add_argument("--shard-base", action="store_true", help="--nproc runs: also the N ranks with --shard-base")
     parser.add_argument("--skip-classify", action="store_true")
     parser.add_argument("--skip-instruct", action="store_true")
     parser.add_argument("--instruct-steps", type=int, default=20)

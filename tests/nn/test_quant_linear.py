@@ -163,3 +163,62 @@ def test_the_default_budget_keeps_a_4bit_base_within_the_dense_one_on_cpu_and_is
     assert cache_budget_bytes(model, torch.float32, budget_mb=3) == 3 * 2**20  # an explicit budget is kept
     monkeypatch.setattr(quant_linear, "memory_available_bytes", lambda: 2 * one)  # little memory left
     assert cache_budget_bytes(model, torch.float32) == one  # half of what is available
+
+
+@pytest.mark.parametrize(
+    "fmt,options,out_features,in_features",
+    [
+        ("nf4", {"blocksize": 64}, 45, 128),
+        ("nf4", {"blocksize": 64, "double_quant": True}, 45, 128),
+        ("nf4", {"blocksize": 64}, 3, 37),  # blocks that straddle rows: the bytes are held unsplit by row
+        ("int4", {"group_size": 64}, 45, 128),
+        ("gguf", {}, 6, 256),
+    ],
+)
+def test_held_parameters_rebuild_exactly_the_weight_and_are_never_cast(fmt, options, out_features, in_features):
+    """For FSDP2: the 4-bit tensors held as uint8 parameters, output rows first, rebuild the very same weight;
+    a shard of the rows (what a rank keeps) is whole blocks of those rows; Module.to(dtype) casts nothing."""
+    from nibble.quant import gguf
+
+    torch.manual_seed(0)
+    weight = torch.randn(out_features, in_features) * 0.1
+    if fmt == "gguf":
+        layer = QuantLinear(gguf.quantize(weight, "Q4_K"))
+    else:
+        layer = QuantLinear.from_dense(weight, None, QuantSpec(fmt, **options), cache_dequantized=True)
+    before = {name: t.clone() for name, t in layer.qweight.tensors().items()}
+    dense = layer.dequantize()
+    x = torch.randn(5, in_features, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    grad = x.grad.clone()
+
+    layer.hold_as_parameters()
+    held = dict(layer.named_parameters())
+    assert sorted(held) == sorted(f"held_{name}" for name in before)
+    assert all(p.dtype == torch.uint8 and not p.requires_grad for p in held.values())
+    rows_split = fmt != "nf4" or in_features % options["blocksize"] == 0
+    assert (held["held_packed"].shape[0] == out_features) == rows_split
+    assert layer.cache_dequantized is False and layer.cached_weight(torch.float32) is None
+    rebuilt = layer.qweight.tensors()
+    assert rebuilt.keys() == before.keys()
+    for name, t in before.items():
+        assert rebuilt[name].dtype == t.dtype and torch.equal(rebuilt[name], t), name
+    torch.testing.assert_close(layer.dequantize(), dense, rtol=0, atol=0)
+    x.grad = None
+    y2 = layer(x)
+    y2.sum().backward()
+    torch.testing.assert_close(y2, y, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, grad, rtol=0, atol=0)
+    if rows_split and fmt != "gguf" and not options.get("double_quant"):
+        # the first rows' bytes and scales are those rows' own (whole blocks; double quantization's codes depend
+        # on every scale, so not that one)
+        top = QuantLinear.from_dense(weight[:2], None, QuantSpec(fmt, **options)).qweight.tensors()
+        for name, t in top.items():
+            assert torch.equal(held[f"held_{name}"][:2].flatten(), t.contiguous().view(torch.uint8).flatten()), name
+
+    layer.to(torch.bfloat16)
+    assert all(p.dtype == torch.uint8 for p in layer.parameters())
+    torch.testing.assert_close(layer.dequantize(), dense, rtol=0, atol=0)
+    with pytest.raises(NibbleError, match="holds its 4-bit tensors as parameters"):
+        layer.qweight = layer.qweight

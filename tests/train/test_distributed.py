@@ -122,6 +122,14 @@ def test_two_ranks_of_four_train_as_one_process_of_eight_and_resume_on_one(toy, 
         torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0)
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-3", "step-6"]
 
+    # --shard-base: the dense frozen base sharded by FSDP2 instead of replicated, the same steps
+    sharded = tmp_path / "sharded"
+    ok(torchrun(2, train_args(toy, sharded, 4, "--lora-dropout", 0, "--shard-base")))
+    assert all(abs(a["loss"] - b["loss"]) < 1e-6 for a, b in zip(want, records(sharded, "train"), strict=True))
+    assert (sharded / "checkpoints" / "step-3" / "shards").is_dir()
+    for key, value in adapter(sharded).items():
+        torch.testing.assert_close(value, theirs[key], atol=1e-5, rtol=0)
+
     # elastic: the 2-rank checkpoint resumed by one process, whose --batch-size 4 adapts to the global 8
     resume = train_args(toy, elastic, 4, "--lora-dropout", 0, "--resume", two / "checkpoints" / "step-3")
     said = single(resume, capsys)
@@ -167,6 +175,81 @@ def test_full_fine_tuning_shards_with_fsdp2_and_trains_as_one_process(chat, tmp_
     ours = load_file(elastic / "model" / "model.safetensors")
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0)
+
+
+def test_sharded_4bit_qlora_trains_as_one_process_and_resumes_bit_identical(toy, tmp_path, capsys):
+    """--shard-base: FSDP2 over the NF4 base's bytes (double-quantized scales too), 2 ranks x 4 against 1 x 8."""
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    qlora = ["--method", "qlora", "--double-quant", "--lora-dropout", 0]
+    single(train_args(toy, one, 8, *qlora), capsys)
+    said = ok(torchrun(2, train_args(toy, two, 4, *qlora, "--shard-base")))
+    assert "cache: none (the frozen 4-bit base is sharded over 2 ranks)" in said.stdout
+    want, got = records(one, "train"), records(two, "train")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(want, got, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5, (a, b)
+    for a, b in zip(records(one, "eval"), records(two, "eval"), strict=True):
+        assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) < 1e-6 and a["accuracy"] == b["accuracy"]
+    theirs, ours = adapter(one), adapter(two)
+    assert theirs.keys() == ours.keys()
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0)
+    config = "adapter/adapter_config.json"  # the PEFT adapter of a one-process run, the same base named
+    assert (two / config).read_text() == (one / config).read_text()
+    step = two / "checkpoints" / "step-3"  # the adapter and its optimizer state, sharded; no base in it
+    assert len(list((step / "shards").glob("*.safetensors"))) == 2 and not (step / "trainable.safetensors").exists()
+
+    ok(torchrun(2, train_args(toy, resumed, 4, *qlora, "--shard-base", "--resume", step)))
+    assert [r["loss"] for r in records(resumed, "train")] == [r["loss"] for r in got[3:]]
+    assert all(torch.equal(adapter(resumed)[k], ours[k]) for k in ours)
+
+
+def test_sharded_int4_qlora_instruction_tuning_trains_as_one_process(chat, tmp_path, capsys):
+    """INT4 base, each rank's loss weighed by its target tokens, gradient accumulation."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    qlora = ["--task", "instruct", "--method", "qlora", "--quant-format", "int4", "--group-size", 64, "--grad-accum", 2]
+    qlora += ["--lora-dropout", 0]
+    single(train_args(chat, one, 4, *qlora), capsys)
+    ok(torchrun(2, train_args(chat, two, 2, *qlora, "--shard-base")))
+    want, got = records(one, "train"), records(two, "train")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    assert all(abs(a["loss"] - b["loss"]) < 1e-6 for a, b in zip(want, got, strict=True)), (want, got)
+    theirs, ours = adapter(one), adapter(two)
+    assert theirs.keys() == ours.keys()
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0)
+
+
+def test_each_rank_holds_its_share_of_the_4bit_base_and_gathers_it_exactly(toy, tmp_path):
+    """Per format: the bytes of the packed weights and their scales each rank keeps, against the whole (the
+    exactness of the gathered weights and of a sharded forward is asserted by the ranks themselves)."""
+    script = Path(__file__).resolve().parents[1] / "sharded_base.py"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    ok(subprocess.run([*launch, toy.base, tmp_path], capture_output=True, text=True, env=environment(), timeout=300))
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert sorted(ranks[0]) == ["int4", "nf4", "nf4+dq"]
+    for fmt in ranks[0]:
+        held = [rank[fmt] for rank in ranks]
+        assert held[0]["total"] == held[1]["total"] and held[0]["total"] > held[0]["packed_total"] > 0
+        assert held[0]["local"] + held[1]["local"] == held[0]["total"]  # split, not replicated
+        for mine in held:
+            assert mine["packed_local"] * 2 == mine["packed_total"]  # the packed bytes: exactly half each
+            assert abs(mine["local"] / mine["total"] - 0.5) < 0.01, (fmt, mine)
+
+
+def test_shard_base_without_torchrun_or_with_dense_copies_is_one_line(toy, tmp_path, capsys):
+    assert main(train_args(toy, tmp_path / "run", 4, "--method", "qlora", "--shard-base")) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --shard-base splits the frozen base over the ranks of a torchrun launch, and this is one process; "
+        "start it with torchrun --nproc-per-node N (N >= 2), or drop --shard-base"
+    ]
+    assert not (tmp_path / "run").exists()
+    from nibble.errors import NibbleError
+    from nibble.train.config import TrainConfig
+
+    with pytest.raises(NibbleError, match=r"^'cache_budget_mb' keeps whole dense copies .* with --shard-base$"):
+        TrainConfig(model="m", data="d", output="o", shard_base=True, cache_budget_mb=64).validate()
+    TrainConfig(model="m", data="d", output="o", shard_base=True, cache_budget_mb=0).validate()
 
 
 def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:

@@ -38,6 +38,10 @@ class _QuantMatmul(torch.autograd.Function):
         return grad_x, None, None
 
 
+# The name prefix of the frozen parameters a layer holds its 4-bit tensors in (see QuantLinear.hold_as_parameters).
+HELD = "held_"
+
+
 class QuantLinear(nn.Module):
     """A frozen ``y = x W^T + b`` with ``W`` stored as NF4 or INT4.
 
@@ -48,6 +52,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None, cache_dequantized: bool = False):
         super().__init__()
+        self._held: tuple[str, ...] = ()  # the 4-bit tensors held as parameters, by name (see hold_as_parameters)
         if len(qweight.shape) != 2:
             raise NibbleError(f"QuantLinear needs a 2-D weight [out, in], got shape {tuple(qweight.shape)}")
         self.qweight = qweight
@@ -73,12 +78,50 @@ class QuantLinear(nn.Module):
         return cls(quantize(weight, spec), bias, cache_dequantized)
 
     @property
+    def qweight(self) -> QuantizedWeight:
+        """The 4-bit weight. Held as parameters (see :meth:`hold_as_parameters`), it is built over them at each use,
+        so under FSDP2 it is the gathered weight inside a forward or backward."""
+        if not self._held:
+            return self._weight
+        like = self._weight.tensors()  # meta tensors: each one's dtype and shape
+        return self._weight.with_tensors(
+            {name: getattr(self, HELD + name).view(like[name].dtype).view(like[name].shape) for name in self._held}
+        )
+
+    @qweight.setter
+    def qweight(self, value: QuantizedWeight) -> None:
+        if self._held:
+            raise NibbleError("this layer holds its 4-bit tensors as parameters; its weight cannot be replaced")
+        self._weight = value
+
+    def hold_as_parameters(self) -> None:
+        """Hold the 4-bit tensors as frozen uint8 parameters, output dimension first, for FSDP2 to shard.
+
+        Each tensor whose size is a multiple of ``out_features`` becomes ``[out_features, bytes per row]`` (NF4's
+        packed bytes and block scales when ``in_features`` is a multiple of the block size, INT4's packed bytes and
+        group scales, GGUF's rows of blocks), so a shard holds whole rows of the weight and their whole blocks;
+        the others (double quantization's nested scales) ``[values, bytes per value]``. Bytes, because nothing may
+        cast them: a mixed-precision policy and ``Module.to(dtype)`` leave non-float parameters alone. The
+        dense-copy cache is off from then on (each copy would be a whole weight on every rank).
+        """
+        if self._held:
+            return
+        self.cache_dequantized = False
+        self.clear_cache()
+        for name, t in self._weight.tensors().items():
+            rows = self.out_features if t.numel() % self.out_features == 0 else t.numel()
+            held = t.contiguous().reshape(rows, -1).view(torch.uint8)
+            self.register_parameter(HELD + name, nn.Parameter(held, requires_grad=False))
+        self._held = tuple(self._weight.tensors())
+        self._weight = self._weight.map_tensors(lambda t: t.to("meta"))  # the format, without a second copy
+
+    @property
     def format(self) -> str:
-        return self.qweight.format
+        return self._weight.format
 
     def cached_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The dequantized weight in ``dtype`` when caching is on (built on first use), else None."""
-        if not self.cache_dequantized:
+        if not self.cache_dequantized or self._held:
             return None
         if dtype not in self._cache:
             self._cache[dtype] = kernels.dequantize(self.qweight, dtype)
@@ -102,11 +145,13 @@ class QuantLinear(nn.Module):
         return y.view(*lead, self.out_features)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
-        # Module.to(dtype) would cast the fp32 block scales; a 4-bit weight only ever changes device.
-        target = fn(torch.empty(0, dtype=torch.uint8, device=self.qweight.device)).device
-        if target != self.qweight.device:
-            self.qweight = self.qweight.to(target)
-            self._cache.clear()
+        # Module.to(dtype) would cast the fp32 block scales; a 4-bit weight only ever changes device (held as
+        # uint8 parameters, it moves with them and is never cast).
+        if not self._held:
+            target = fn(torch.empty(0, dtype=torch.uint8, device=self.qweight.device)).device
+            if target != self.qweight.device:
+                self.qweight = self.qweight.to(target)
+                self._cache.clear()
         return super()._apply(fn, recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -37,8 +37,12 @@ class QuantizedWeight(ABC):
         """The tensors to store for the weight whose state-dict key is ``prefix`` (e.g. ``q_proj.weight``)."""
 
     @abstractmethod
+    def with_tensors(self, tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
+        """The same weight (format, shape, parameters) made of ``tensors``, named as :meth:`tensors` names them."""
+
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedWeight:
         """A copy with ``fn`` applied to every tensor (used to move between devices)."""
+        return self.with_tensors({name: fn(t) for name, t in self.tensors().items()})
 
     def memory_bytes(self) -> int:
         """Bytes held by all tensors of this weight."""

@@ -229,8 +229,8 @@ class GGUFWeight(QuantizedWeight):
         type_id = int(gguf.GGMLQuantizationType[self.ggml_type])
         return {prefix: self.packed, f"{prefix}.ggml_type": torch.tensor(type_id, dtype=torch.int32)}
 
-    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> GGUFWeight:
-        return GGUFWeight(fn(self.packed), self.ggml_type, self.shape[1], self.dtype)
+    def with_tensors(self, tensors: dict[str, torch.Tensor]) -> GGUFWeight:
+        return GGUFWeight(tensors["packed"], self.ggml_type, self.shape[1], self.dtype)
 
     def select_rows(self, index: torch.Tensor) -> GGUFWeight:
         """The weight made of rows ``index`` (whole rows of blocks move; nothing is requantized)."""

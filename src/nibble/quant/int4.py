@@ -9,8 +9,6 @@ Layout (the Linear4Bit layout read by the fused kernels):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from nibble.errors import NibbleError
@@ -48,8 +46,8 @@ class INT4Weight(QuantizedWeight):
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"packed": self.packed, "scales": self.scales}
 
-    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> INT4Weight:
-        return INT4Weight(fn(self.packed), fn(self.scales), self.group_size, self.dtype)
+    def with_tensors(self, tensors: dict[str, torch.Tensor]) -> INT4Weight:
+        return INT4Weight(tensors["packed"], tensors["scales"], self.group_size, self.dtype)
 
     def codes(self) -> torch.Tensor:
         """The signed 4-bit values as int8 ``[out, in]``."""

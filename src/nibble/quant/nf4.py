@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -232,9 +231,11 @@ class NF4Weight(QuantizedWeight):
             out["nested_code"] = self.nested_code
         return out
 
-    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> NF4Weight:
-        nested = (fn(self.nested_absmax), fn(self.nested_code)) if self.double_quant else (None, None)
-        return NF4Weight(fn(self.packed), fn(self.absmax), self.shape, self.dtype, self.blocksize, *nested, self.offset)
+    def with_tensors(self, tensors: dict[str, torch.Tensor]) -> NF4Weight:
+        nested = (tensors["nested_absmax"], tensors["nested_code"]) if self.double_quant else (None, None)
+        return NF4Weight(
+            tensors["packed"], tensors["absmax"], self.shape, self.dtype, self.blocksize, *nested, self.offset
+        )
 
     def block_scales(self) -> torch.Tensor:
         """fp32 absmax per block, undoing double quantization when present."""

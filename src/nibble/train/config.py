@@ -69,6 +69,14 @@ class TrainConfig:
         default="auto",
         metadata=_help("under torchrun: the torch.distributed backend (auto: nccl on CUDA, gloo on the CPU)"),
     )
+    shard_base: bool = field(
+        default=False,
+        metadata=_help(
+            "under torchrun, methods qlora and lora: shard the frozen base over the ranks with FSDP2 (a 4-bit base as "
+            "its packed bytes and block scales), gathered one block at a time, instead of a whole copy on every rank "
+            "(DDP): for a base that does not fit one device (full fine-tuning always shards)"
+        ),
+    )
     memory_budget: str | None = field(
         default=None,
         metadata=_help(
@@ -209,6 +217,11 @@ class TrainConfig:
             parse_bytes(self.memory_budget, "memory_budget")
         if self.cache_budget_mb is not None and self.cache_budget_mb < 0:
             raise NibbleError(f"'cache_budget_mb' must be >= 0 or auto, got {self.cache_budget_mb}")
+        if self.shard_base and self.cache_budget_mb:
+            raise NibbleError(
+                "'cache_budget_mb' keeps whole dense copies of the frozen weights on every rank, which 'shard_base' "
+                "splits over the ranks; drop --cache-budget-mb (or set 0) with --shard-base"
+            )
         if not self.lr > 0:
             raise NibbleError(f"'lr' must be > 0, got {self.lr}")
         for key in ("warmup_ratio", "min_lr_ratio", "lora_dropout", "val_split"):

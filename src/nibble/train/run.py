@@ -486,6 +486,11 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
         Interrupted: SIGINT/SIGTERM stopped the run (after a checkpoint; see :meth:`Trainer.train`).
     """
     part = distributed.from_environment()
+    if config.shard_base and not part.active:
+        raise NibbleError(
+            "--shard-base splits the frozen base over the ranks of a torchrun launch, and this is one process; "
+            "start it with torchrun --nproc-per-node N (N >= 2), or drop --shard-base"
+        )
     device = resolve_device(distributed.rank_device(config.device, part))
     if device.type == "cpu":
         return_large_blocks_to_os()  # a step's freed activations leave the RSS (see the function)
@@ -578,18 +583,24 @@ def _train_locked(
     quant = config.quant_spec if config.method == "qlora" else None
     dtype = config.torch_dtype
     base_dtype = torch.float32 if config.method == "full" else dtype
+    # FSDP2 for full fine-tuning and a sharded base; else the LoRA methods replicate the model (DDP, in the Trainer)
+    sharded = part.active and (config.method == "full" or config.shard_base)
     model = load_model(
         model_dir,
         task=MODEL_TASKS[config.task],
         num_labels=num_labels,
         quantize=quant,
         dtype=base_dtype,
-        device=device,
+        # a base sharded because it may not fit the device is loaded on the host; sharding moves it a block at a time
+        device=torch.device("cpu") if sharded and config.method != "full" else device,
         pooling=config.pooling,
     )
     prepare_model(model, config)
-    if part.active and config.method == "full":
-        distributed.shard_model(model)  # FSDP2; the LoRA methods replicate the model (DDP, in the Trainer)
+    n_all = sum(p.numel() for p in model.parameters()) + sum(
+        m.qweight.numel for m in model.modules() if isinstance(m, QuantLinear)
+    )
+    if sharded:
+        distributed.shard_model(model, device)
     if part.rank:  # its own dropout masks (DDP gives every rank rank 0's initial trainable weights)
         torch.manual_seed(config.seed + part.rank)
     model.gradient_checkpointing = config.gradient_checkpointing
@@ -602,7 +613,9 @@ def _train_locked(
             f"{config.dtype} operands and give results in it, multiplied on fp32 units (exact products, fp32 sums)",
             flush=True,
         )
-    if quant is not None:
+    if quant is not None and sharded:
+        print(f"cache: none (the frozen 4-bit base is sharded over {part.world} ranks)", flush=True)
+    elif quant is not None:
         cache_budget = cache_budget_bytes(model, dtype, config.cache_budget_mb)
         if plan is not None:  # the copies fill at most what the planned run leaves of the budget
             cache_budget = max(min(cache_budget, plan.budget_bytes - plan.estimate_bytes), 0)
@@ -623,7 +636,7 @@ def _train_locked(
             config.save(out / "config.yaml")
 
     def on_best(step: int) -> None:
-        with distributed.gathered(model):
+        with distributed.gathered(model, trainable_only=config.method != "full"):
             if part.is_main:
                 export(model, config, tokenizer, out / "best", task, model_dir, step)
 
@@ -659,9 +672,6 @@ def _train_locked(
         reporters = open_reporters(report_targets(config.report_to), out, config.to_dict(), trainer.progress.step)
         trainer.log.mirrors = reporters
     n_train = sum(p.numel() for _, p in trainer.named_params)
-    n_all = sum(p.numel() for p in model.parameters()) + sum(
-        m.qweight.numel for m in model.modules() if isinstance(m, QuantLinear)
-    )
     print(
         f"train: {task.summary}; {config.method}, {n_train:,} of {n_all:,} weights trainable; {total_steps} steps",
         flush=True,
@@ -687,7 +697,8 @@ def _train_locked(
             with staged_dir(final_dir, overwrite=True) as tmp:
                 shutil.copytree(best, tmp, dirs_exist_ok=True)
     else:
-        with distributed.gathered(model):  # a sharded model's consolidated export
+        # a sharded model's consolidated export (of a LoRA method: the adapter alone, the base stays sharded)
+        with distributed.gathered(model, trainable_only=config.method != "full"):
             if part.is_main:
                 export(model, config, tokenizer, final_dir, task, model_dir, progress.step)
     if not part.is_main:

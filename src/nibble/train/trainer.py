@@ -243,8 +243,9 @@ class Trainer:
             opt_tensors = load_sharded(path, dict(self.named_params), self.optimizer, self.param_names)
         elif is_sharded(self._params):
             raise NibbleError(
-                f"{path}: written by one process, and full fine-tuning under torchrun resumes only from checkpoints "
-                "written under torchrun (step-N/shards); resume this one on one process"
+                f"{path}: written unsharded (one process, or DDP), and a sharded run (full fine-tuning or --shard-base "
+                "under torchrun) resumes only from sharded checkpoints (step-N/shards); resume this one on one "
+                "process, or without --shard-base"
             )
         else:
             load_trainable(self.model, trainable, str(path))
