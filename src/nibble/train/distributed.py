@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nibble.data.batching import Dataset, iter_batches
+from nibble.devices import return_large_blocks_to_os
 from nibble.errors import NibbleError
 
 BACKENDS = ("auto", "gloo", "nccl")
@@ -282,7 +283,10 @@ def shard_model(model: nn.Module, device: torch.device) -> None:
         if isinstance(layer, QuantLinear):
             layer.hold_as_parameters()
     if device.type == "cpu":
-        _fixed_mmap_threshold()
+        # FSDP2 frees every unit's gathered 4-bit bytes after its forward and backward: blocks of ~100 KiB and up
+        # that glibc's heap would otherwise keep (a 660M-parameter NF4 base on 2 ranks: rank 0 at 1.80 GB after
+        # 3 steps and growing, against 0.61 GB, flat, with each such block mapped on its own).
+        return_large_blocks_to_os(128 << 10)
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # no param_dtype: nothing is cast when gathered
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     embed, head = model.model.embed_tokens, getattr(model, "lm_head", None)
@@ -298,26 +302,6 @@ def shard_model(model: nn.Module, device: torch.device) -> None:
         # (SmolLM2-135M, fp32 embeddings of 113 MB: the backward's peak RSS 200 MB lower.)
         model.model.layers[0].set_modules_to_backward_prefetch([model])
     register_fsdp_forward_method(model, "hidden_states")
-
-
-def _fixed_mmap_threshold() -> None:
-    """Make glibc's malloc serve every block of 128 KiB or more by its own mapping, returned to the system when
-    freed. By default the threshold rises to the size of each such block freed, after which blocks of up to that
-    size come from the heap, which keeps what is freed: FSDP2 frees every unit's gathered parameters after its
-    forward and backward, so on the CPU the heap grew with every step (a 660M-parameter NF4 base on 2 ranks:
-    rank 0 at 1.80 GB after 3 steps and growing, against 0.61 GB, flat, with the threshold fixed; 1.02-1.22 GB
-    without sharding). Nothing happens where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
-        return
-    if mallopt is not None:
-        mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (malloc.h); setting it also ends the dynamic adjustment
 
 
 def is_sharded(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> bool:
