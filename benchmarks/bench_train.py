@@ -45,11 +45,12 @@ import tempfile
 import time
 from pathlib import Path
 
-STACKS = ("nibble", "nibble-nocache", "nibble-compile", "hf")
+STACKS = ("nibble", "nibble-nocache", "nibble-compile", "nibble-mmap", "hf")
 NAMES = {
     "nibble": "nibble (defaults)",
     "nibble-nocache": "nibble (--cache-budget-mb 0)",
     "nibble-compile": "nibble (--compile)",
+    "nibble-mmap": "nibble (MALLOC_MMAP_THRESHOLD_=4 MiB)",
     "hf": "transformers+PEFT+bnb",
 }
 NIBBLE_FLAGS = {"nibble-nocache": ["--cache-budget-mb", "0"], "nibble-compile": ["--compile"]}
@@ -311,6 +312,8 @@ def measure(kind: str, args: argparse.Namespace, dtype: str, data, work: Path, s
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             if stack == "nibble-compile":  # an empty kernel cache: the compile time of a first run
                 env["TORCHINDUCTOR_CACHE_DIR"] = str(out.with_name(out.name + "-kernels"))
+            if stack == "nibble-mmap":  # glibc maps blocks of 4 MiB and more on their own (README: memory)
+                env["MALLOC_MMAP_THRESHOLD_"] = str(4 << 20)
             wall, rss, stdout = run_timed(make(stack, args, dtype, data, out), env)
             run = {"wall": wall, "rss": rss}
             if stack == "hf":

@@ -118,7 +118,7 @@ def test_freed_large_blocks_leave_the_resident_set():
     script = """
 from nibble.devices import return_large_blocks_to_os, rss_bytes
 import torch
-assert return_large_blocks_to_os()
+assert return_large_blocks_to_os(4 << 20)
 before = rss_bytes()
 for _ in range(2):
     blocks = [torch.ones(5 << 18) for _ in range(50)]  # 50 blocks of 5 MiB

@@ -278,16 +278,16 @@ def reset_peak_rss() -> bool:
 
 # glibc's mallopt parameter number for the size from which malloc maps each block on its own.
 _M_MMAP_THRESHOLD = -3
-LARGE_BLOCK_BYTES = 4 << 20
 
 
-def return_large_blocks_to_os(threshold: int = LARGE_BLOCK_BYTES) -> bool:
+def return_large_blocks_to_os(threshold: int) -> bool:
     """Make the C allocator map every CPU block of ``threshold`` bytes or more on its own, so that freeing one
     returns its memory to the OS; True where that took effect (glibc), False elsewhere.
 
-    By default glibc raises that threshold to the size of each large block freed, after which large blocks
-    come from its heap, whose freed holes stay resident: a SmolLM2 step of 4 x 512 tokens peaked at 4.6 GB of
-    RSS for 2.8 GB in use. The price is a page fault per 4 KiB the first time a new block is written.
+    By default glibc raises that threshold to the size of each large block freed, after which such blocks
+    come from its heap, whose freed holes stay resident. The price is a page fault per 4 KiB each time a new
+    block is first written: measured on SmolLM2 instruction tuning (4 x 512 tokens, 2-core CPU) with 4 MiB,
+    peak RSS 3.1 GB instead of 4.6 GB, but 69 tokens/s instead of 101, so plain runs keep glibc's default.
     """
     if not sys.platform.startswith("linux"):
         return False

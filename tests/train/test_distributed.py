@@ -203,6 +203,13 @@ def test_sharded_4bit_qlora_trains_as_one_process_and_resumes_bit_identical(toy,
     assert [r["loss"] for r in records(resumed, "train")] == [r["loss"] for r in got[3:]]
     assert all(torch.equal(adapter(resumed)[k], ours[k]) for k in ours)
 
+    # elastic: the sharded checkpoint read back by one process (torch.distributed.checkpoint reshards)
+    elastic = tmp_path / "elastic"
+    single(train_args(toy, elastic, 8, *qlora, "--resume", step), capsys)
+    assert all(abs(a["loss"] - b["loss"]) < 1e-6 for a, b in zip(want[3:], records(elastic, "train"), strict=True))
+    for key, value in adapter(elastic).items():
+        torch.testing.assert_close(value, theirs[key], atol=1e-5, rtol=0)
+
 
 def test_sharded_int4_qlora_instruction_tuning_trains_as_one_process(chat, tmp_path, capsys):
     """INT4 base, each rank's loss weighed by its target tokens, gradient accumulation."""

@@ -32,7 +32,6 @@ from nibble.devices import (
     parse_bytes,
     resolve_device,
     resolve_dtype,
-    return_large_blocks_to_os,
 )
 from nibble.errors import NibbleError
 from nibble.io.files import read_json_object, remove_stale_staging, staged_dir, write_text_atomic
@@ -492,8 +491,6 @@ def run_training(config: TrainConfig, model_dir: Path, tokenizer: Tokenizer, tas
             "start it with torchrun --nproc-per-node N (N >= 2), or drop --shard-base"
         )
     device = resolve_device(distributed.rank_device(config.device, part))
-    if device.type == "cpu":
-        return_large_blocks_to_os()  # a step's freed activations leave the RSS (see the function)
     distributed.start(part, device, config.dist_backend)
     try:
         distributed.check_same_config(config.to_dict())
