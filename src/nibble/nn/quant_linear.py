@@ -108,11 +108,12 @@ class QuantLinear(nn.Module):
             return
         self.cache_dequantized = False
         self.clear_cache()
-        for name, t in self._weight.tensors().items():
+        tensors = self._weight.tensors()
+        for name, t in tensors.items():
             rows = self.out_features if t.numel() % self.out_features == 0 else t.numel()
             held = t.contiguous().reshape(rows, -1).view(torch.uint8)
             self.register_parameter(HELD + name, nn.Parameter(held, requires_grad=False))
-        self._held = tuple(self._weight.tensors())
+        self._held = tuple(tensors)
         self._weight = self._weight.map_tensors(lambda t: t.to("meta"))  # the format, without a second copy
 
     @property

@@ -580,8 +580,9 @@ def _train_locked(
     quant = config.quant_spec if config.method == "qlora" else None
     dtype = config.torch_dtype
     base_dtype = torch.float32 if config.method == "full" else dtype
+    lora_method = config.method != "full"  # exports of a sharded model gather the adapter alone, not the base
     # FSDP2 for full fine-tuning and a sharded base; else the LoRA methods replicate the model (DDP, in the Trainer)
-    sharded = part.active and (config.method == "full" or config.shard_base)
+    sharded = part.active and (not lora_method or config.shard_base)
     model = load_model(
         model_dir,
         task=MODEL_TASKS[config.task],
@@ -589,7 +590,7 @@ def _train_locked(
         quantize=quant,
         dtype=base_dtype,
         # a base sharded because it may not fit the device is loaded on the host; sharding moves it a block at a time
-        device=torch.device("cpu") if sharded and config.method != "full" else device,
+        device=torch.device("cpu") if sharded and lora_method else device,
         pooling=config.pooling,
     )
     prepare_model(model, config)
@@ -633,7 +634,7 @@ def _train_locked(
             config.save(out / "config.yaml")
 
     def on_best(step: int) -> None:
-        with distributed.gathered(model, trainable_only=config.method != "full"):
+        with distributed.gathered(model, trainable_only=lora_method):
             if part.is_main:
                 export(model, config, tokenizer, out / "best", task, model_dir, step)
 
@@ -695,7 +696,7 @@ def _train_locked(
                 shutil.copytree(best, tmp, dirs_exist_ok=True)
     else:
         # a sharded model's consolidated export (of a LoRA method: the adapter alone, the base stays sharded)
-        with distributed.gathered(model, trainable_only=config.method != "full"):
+        with distributed.gathered(model, trainable_only=lora_method):
             if part.is_main:
                 export(model, config, tokenizer, final_dir, task, model_dir, progress.step)
     if not part.is_main:
