@@ -20,9 +20,13 @@ from torch.utils.checkpoint import checkpoint
 from nibble import kernels
 from nibble.errors import NibbleError
 from nibble.model.config import ModelConfig
+from nibble.nn.attention import blocked_causal_attention
 
 TASKS = ("causal_lm", "classify")
 POOLINGS = ("last", "mean")
+# Causal sequence lengths that train with blocked attention on CPU (see attend): from 768 tokens SDPA's kernel
+# works in larger blocks and is as fast again.
+BLOCKED_TOKENS = range(256, 768)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -149,18 +153,33 @@ def attend(
     PyTorch's SDPA picks its fused (flash) CPU kernel. Measured for fp32, forward + backward, batch x tokens
     = 1024, 1 thread, 2-core EPYC, at T = 32 / 64 / 128 / 256 / 512: flash 7.6 / 24.5 / 27.5 / 46.5 / 95.8 ms,
     SDPA's math path 12.6 / 32.0 / 36.7 / 72.9 / 131 ms, a hand-written grouped matmul + softmax 7.1 / 23.5 /
-    38.1 / 70.1 / 143 ms: a tie at short lengths, a loss above, so no other path is kept. bf16 on a CPU
-    without bf16 arithmetic runs on fp32 units (inputs rounded to bf16 first, the output rounded back):
-    7.2 / 19.2 / 23.4 / 52.3 / 95.8 ms there, against 24 / 53 / 105 / 195 / 506 ms for the bf16 kernel.
+    38.1 / 70.1 / 143 ms. One case differs: training with grouped heads on CPU at ``BLOCKED_TOKENS`` causal
+    tokens, where :func:`~nibble.nn.attention.blocked_causal_attention` is 1.2-1.5x faster than flash at 512
+    (``benchmarks/bench_attention.py``). bf16 on a CPU without bf16 arithmetic runs on fp32 units (inputs
+    rounded to bf16 first, the output rounded back): 7.2 / 19.2 / 23.4 / 52.3 / 95.8 ms there, against 24 /
+    53 / 105 / 195 / 506 ms for the bf16 kernel.
     """
     device = q.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
     gqa = q.shape[1] != k.shape[1]
-    if not kernels.on_fp32_units(dtype, q.device):
+    if dtype != torch.float32 and not kernels.on_fp32_units(dtype, q.device):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
     q, k, v = (t.to(dtype).float() for t in (q, k, v))
+    blocked = (
+        device == "cpu"
+        and gqa
+        and is_causal
+        and mask is None
+        and q.shape[2] == k.shape[2]
+        and q.shape[2] in BLOCKED_TOKENS
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (q, k, v))
+    )
     with torch.autocast(device, enabled=False):
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+        if blocked:
+            y = blocked_causal_attention(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
     return y.to(dtype)
 
 
