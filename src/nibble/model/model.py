@@ -330,10 +330,12 @@ def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``silu(g) * u`` (same dtype rules as the plain expression, also under autocast)."""
     if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
         return _SwiGLU.apply(g, u)
-    return F.silu(g) * u
+    return _silu_mul(g, u)
 
 
 def _silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The plain expression, which :func:`fused_elementwise` compiles (dynamo would have to trace ``_SwiGLU``'s
+    hand-written backward)."""
     return F.silu(g) * u
 
 

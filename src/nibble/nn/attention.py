@@ -23,14 +23,28 @@ import torch
 BLOCK_ROWS = 128
 
 
-def _causal_bias(start: int, end: int, group: int, like: torch.Tensor) -> torch.Tensor:
-    """[(end - start) * group, end]: 0 where a query row (token ``start + i // group``) may see the key,
-    -inf after it."""
-    q_pos = torch.arange(start, end, device=like.device).repeat_interleave(group)[:, None]
-    k_pos = torch.arange(end, device=like.device)[None, :]
-    return torch.zeros(q_pos.shape[0], end, dtype=like.dtype, device=like.device).masked_fill_(
-        k_pos > q_pos, float("-inf")
-    )
+def _stack_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, Hq, T, D] -> [B * Hkv, T * group, D]: row ``t * group + j`` of a key/value head's matrix is token ``t``
+    of its ``j``-th query head."""
+    b, hq, t, d = x.shape
+    group = hq // kv_heads
+    return x.reshape(b, kv_heads, group, t, d).transpose(2, 3).reshape(b * kv_heads, t * group, d)
+
+
+def _unstack_groups(x: torch.Tensor, batch: int, kv_heads: int, seq: int) -> torch.Tensor:
+    """The inverse of :func:`_stack_groups`."""
+    group, d = x.shape[1] // seq, x.shape[2]
+    return x.view(batch, kv_heads, seq, group, d).transpose(2, 3).reshape(batch, kv_heads * group, seq, d)
+
+
+def _block_probs(qr: torch.Tensor, kr: torch.Tensor, start: int, end: int, group: int, scale: float) -> torch.Tensor:
+    """[B * Hkv, (end - start) * group, end]: the attention probabilities of tokens ``start..end-1`` over the keys
+    up to ``end``, the keys after each query masked out."""
+    q_pos = torch.arange(start, end, device=qr.device).repeat_interleave(group)[:, None]
+    k_pos = torch.arange(end, device=qr.device)[None, :]
+    bias = torch.zeros(q_pos.shape[0], end, dtype=qr.dtype, device=qr.device).masked_fill_(k_pos > q_pos, -math.inf)
+    rows = slice(start * group, end * group)
+    return torch.baddbmm(bias, qr[:, rows], kr[:, :end].mT, alpha=scale).softmax(-1)
 
 
 class _BlockedCausalAttention(torch.autograd.Function):
@@ -41,25 +55,23 @@ class _BlockedCausalAttention(torch.autograd.Function):
         group = hq // hkv
         step = max(1, BLOCK_ROWS // group)
         scale = 1.0 / math.sqrt(d)
-        # Row t * group + j of a key/value head's matrix is token t of its j-th query head.
-        qr = q.reshape(b, hkv, group, t, d).transpose(2, 3).reshape(b * hkv, t * group, d)
+        qr = _stack_groups(q, hkv)
         kr, vr = k.reshape(b * hkv, t, d), v.reshape(b * hkv, t, d)
         out = torch.empty_like(qr)
         for start in range(0, t, step):
             end = min(start + step, t)
-            rows = slice(start * group, end * group)
-            scores = torch.baddbmm(_causal_bias(start, end, group, qr), qr[:, rows], kr[:, :end].mT, alpha=scale)
-            torch.bmm(scores.softmax(-1), vr[:, :end], out=out[:, rows])
+            probs = _block_probs(qr, kr, start, end, group, scale)
+            torch.bmm(probs, vr[:, :end], out=out[:, start * group : end * group])
         ctx.save_for_backward(qr, kr, vr, out)
         ctx.dims = (b, hkv, group, t, d, step, scale)
-        return out.view(b, hkv, t, group, d).transpose(2, 3).reshape(b, hq, t, d)
+        return _unstack_groups(out, b, hkv, t)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         qr, kr, vr, out = ctx.saved_tensors
         b, hkv, group, t, d, step, scale = ctx.dims
         need_q, need_k, need_v = ctx.needs_input_grad
-        go = grad_out.reshape(b, hkv, group, t, d).transpose(2, 3).reshape(b * hkv, t * group, d)
+        go = _stack_groups(grad_out, hkv)
         delta = (go * out).sum(-1, keepdim=True)  # [BH, rows, 1]: rowsum(dP * P), the softmax backward's term
         dq = torch.empty_like(qr) if need_q else None
         dk = torch.zeros_like(kr) if need_k else None
@@ -67,22 +79,19 @@ class _BlockedCausalAttention(torch.autograd.Function):
         for start in range(0, t, step):
             end = min(start + step, t)
             rows = slice(start * group, end * group)
-            q_rows, go_rows = qr[:, rows], go[:, rows]
-            probs = torch.baddbmm(_causal_bias(start, end, group, qr), q_rows, kr[:, :end].mT, alpha=scale).softmax(-1)
+            probs = _block_probs(qr, kr, start, end, group, scale)
             if dv is not None:
-                dv[:, :end].baddbmm_(probs.mT, go_rows)
+                dv[:, :end].baddbmm_(probs.mT, go[:, rows])
             if dq is None and dk is None:
                 continue
             # d scores = P * (dP - rowsum(dP * P)), in place of dP.
-            dscores = torch.bmm(go_rows, vr[:, :end].mT).sub_(delta[:, rows]).mul_(probs)
+            dscores = torch.bmm(go[:, rows], vr[:, :end].mT).sub_(delta[:, rows]).mul_(probs)
             if dq is not None:
                 torch.bmm(dscores, kr[:, :end], out=dq[:, rows]).mul_(scale)
             if dk is not None:
-                dk[:, :end].baddbmm_(dscores.mT, q_rows, alpha=scale)
-        if dq is not None:
-            dq = dq.view(b, hkv, t, group, d).transpose(2, 3).reshape(b, hkv * group, t, d)
+                dk[:, :end].baddbmm_(dscores.mT, qr[:, rows], alpha=scale)
         return (
-            dq,
+            None if dq is None else _unstack_groups(dq, b, hkv, t),
             None if dk is None else dk.view(b, hkv, t, d),
             None if dv is None else dv.view(b, hkv, t, d),
         )

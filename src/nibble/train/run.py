@@ -24,15 +24,7 @@ from torch import nn
 
 from nibble import kernels
 from nibble.data.batching import BatchStream, Dataset
-from nibble.devices import (
-    MemoryMeter,
-    describe,
-    device_memory,
-    dtype_name,
-    parse_bytes,
-    resolve_device,
-    resolve_dtype,
-)
+from nibble.devices import MemoryMeter, describe, device_memory, dtype_name, parse_bytes, resolve_device, resolve_dtype
 from nibble.errors import NibbleError
 from nibble.io.files import read_json_object, remove_stale_staging, staged_dir, write_text_atomic
 from nibble.io.gguf import gguf_source, native_model
