@@ -14,6 +14,9 @@ test: $(BIN)/nibble
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -n 2 tests
+	# The tests whose paths depend on the CPU's bf16 again, as on the other kind of CPU (NIBBLE_CPU_BF16 flipped).
+	TRITON_INTERPRET=1 NIBBLE_CPU_BF16=$$($(BIN)/python -c "import nibble.devices as d; print(int(not d.cpu_has_native_bf16()))") \
+		$(BIN)/python -m pytest -n 2 -m cpu_bf16 tests
 
 # Longer fuzzing of every parser of outside input (the test suite runs 25 examples each).
 fuzz: $(BIN)/nibble

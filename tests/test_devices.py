@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -45,6 +46,23 @@ def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch):
     assert auto_dtype(torch.device("mps")) == torch.float32
     with pytest.raises(NibbleError, match="dtype 'half' is not supported; use auto, float32"):
         resolve_dtype("half", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("setting", ["1", "0", "yes"])
+def test_the_cpu_bf16_detection_can_be_overridden_from_the_environment(setting):
+    # What a CI job uses to run a native-bf16 CPU's code paths on a CPU without it, and the reverse.
+    script = (
+        "import torch; from nibble import devices, kernels; cpu = torch.device('cpu'); "
+        "print(devices.resolve_dtype('auto', cpu), kernels.on_fp32_units(torch.bfloat16, cpu))"
+    )
+    env = {**os.environ, devices.CPU_BF16_ENV: setting}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    if setting == "yes":
+        assert result.returncode != 0
+        assert "NibbleError: environment variable NIBBLE_CPU_BF16='yes': use 1 (native bf16), 0" in result.stderr
+    else:
+        native = setting == "1"
+        assert result.stdout.split() == [f"torch.{'bfloat16' if native else 'float32'}", str(not native)]
 
 
 def test_auto_dtype_on_cuda_is_bf16_where_native_else_fp16(monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import re
 import resource
 import sys
@@ -20,7 +21,7 @@ from functools import cache
 
 import torch
 
-from nibble.errors import NibbleError
+from nibble.errors import NibbleError, first_line
 
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps or xpu"
@@ -112,18 +113,46 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     AMX, AVX512-BF16 or Arm BF16.
 
     Elsewhere bfloat16 matmuls run too, but emulated and 5-50x slower than float32 (measured on an AVX2 EPYC:
-    5 GFLOP/s against 26 for ``F.linear``, 1 against 24 for ``grad @ W``).
+    5 GFLOP/s against 26 for ``F.linear``, 1 against 24 for ``grad @ W``). For this CPU the environment
+    variable :data:`CPU_BF16_ENV` (``1`` or ``0``) overrides what its flags say, so that either kind of CPU can
+    run the code paths of the other (bf16 numerics are the same, only slower where emulated).
     """
     return _host_has_native_bf16() if cpuinfo is None else bool(cpu_flags(cpuinfo) & _BF16_FLAGS)
 
 
+CPU_BF16_ENV = "NIBBLE_CPU_BF16"
+
+
 @cache  # asked before every low-precision matmul on the CPU
 def _host_has_native_bf16() -> bool:
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise NibbleError(f"environment variable {CPU_BF16_ENV}={forced!r}: use 1 (native bf16), 0 (none) or unset it")
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             return cpu_has_native_bf16(f.read())
     except OSError:
         return False
+
+
+# What oneDNN (the CPU kernels of torch's bf16 matmuls on native-bf16 CPUs) raises when it cannot build a kernel
+# for a shape, or cannot allocate its code and scratch memory (seen under RLIMIT_DATA on an AVX512-BF16 EPYC).
+_ONEDNN_FAILURES = ("could not create a primitive", "could not construct a memory descriptor", "onednn", "mkldnn")
+
+
+def is_onednn_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is oneDNN failing to create or run a CPU kernel (not a bug in the caller's shapes)."""
+    return isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _ONEDNN_FAILURES)
+
+
+def onednn_failure_message(exc: BaseException) -> str:
+    """One line for a oneDNN failure that nothing could fall back from: what happened and what to change."""
+    return (
+        f"the CPU's low-precision kernels (oneDNN) failed: {first_line(exc)}; this happens when the process is "
+        "near a memory limit or a shape is not supported: give it more memory, or rerun with --dtype float32"
+    )
 
 
 def auto_dtype(device: torch.device) -> torch.dtype:

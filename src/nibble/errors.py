@@ -21,3 +21,9 @@ class Interrupted(BaseException):
     def __init__(self, signum: int, step: int | None = None, checkpoint: object = None):
         super().__init__(signum, step)
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

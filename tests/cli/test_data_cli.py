@@ -144,6 +144,7 @@ def hf_response_loss(base, adapter, conversations):
     return total / count, count
 
 
+@pytest.mark.cpu_bf16
 def test_columns_chat_template_and_eval_on_instruction_data(models, tmp_path, capsys):
     rows = [{"question": f"Repeat {c}.", "answer": f"{c} {c} {c}"} for c in ["red", "blue", "green", "pink"] * 3]
     write_jsonl(tmp_path / "qa.jsonl", rows)
@@ -155,6 +156,7 @@ def test_columns_chat_template_and_eval_on_instruction_data(models, tmp_path, ca
     args = ["train", "--task", "instruct", "--model", models.chat, "--data", tmp_path / "qa.jsonl", "--output", out]
     args += ["--val-data", tmp_path / "qa_val.jsonl", "--columns", columns, "--chat-template", template]
     args += ["--method", "lora", "--max-steps", 6, "--batch-size", 4, "--lr", 1e-2, "--lora-targets", "all-linear"]
+    args += ["--dtype", "float32"]  # eval of the adapter is compared with transformers + PEFT in fp32
     assert main([str(a) for a in args]) == 0
     printed = capsys.readouterr().out
     assert f"chat template: {template} (instead of the model's)" in printed
@@ -264,9 +266,12 @@ except MemoryError:
 HEADROOM = 12 * 2**20
 
 
-def test_a_file_larger_than_the_process_may_hold_trains_under_a_memory_limit(tmp_path):
+@pytest.mark.cpu_bf16
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_file_larger_than_the_process_may_hold_trains_under_a_memory_limit(tmp_path, dtype):
     """Token ids stream into the on-disk cache and are read back memory-mapped, so the heap stays flat. Long
-    texts of a whole-word vocabulary keep tokenizing fast while the file grows past the headroom."""
+    texts of a whole-word vocabulary keep tokenizing fast while the file grows past the headroom. In bf16 on a
+    native-bf16 CPU, a matmul oneDNN cannot build under the limit runs on fp32 units instead."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     base, _ = helpers.make_hf_checkpoint(tmp_path / "base", "qwen3")
@@ -287,7 +292,7 @@ def test_a_file_larger_than_the_process_may_hold_trains_under_a_memory_limit(tmp
     assert (tmp_path / "big.jsonl").stat().st_size > 1.25 * HEADROOM
 
     args = ["--model", base, "--max-steps", 2, "--batch-size", 4, "--max-seq-len", 16, "--eval-every", 0]
-    args += ["--save-every", 0, "--method", "lora", "--val-split", 0.01]
+    args += ["--save-every", 0, "--method", "lora", "--val-split", 0.01, "--dtype", dtype]
     command = [sys.executable, "-c", UNDER_LIMIT, HEADROOM, tmp_path / "small.jsonl", tmp_path / "big.jsonl", *args]
     result = subprocess.run([str(c) for c in command], capture_output=True, text=True, env={**os.environ})
     assert result.returncode == 0, result.stderr[-2000:]

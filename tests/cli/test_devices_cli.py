@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import nibble
 from nibble.cli.main import main
+from nibble.devices import cpu_has_native_bf16
 from nibble.errors import NibbleError
 
 NO_ACCELERATOR = not (torch.cuda.is_available() or torch.backends.mps.is_available() or torch.xpu.is_available())
@@ -35,12 +36,16 @@ def run_dir(shared_checkpoint, tmp_path_factory):
     return path, data, root, args
 
 
+@pytest.mark.cpu_bf16
 @pytest.mark.skipif(not NO_ACCELERATOR, reason="on a machine with a GPU, auto is that GPU")
 def test_auto_without_accelerators_gives_the_cpu_run_exactly(run_dir, capsys):
     path, data, root, args = run_dir
     capsys.readouterr()
     assert main(["train", *map(str, args), "--output", str(root / "auto"), "--device", "auto"]) == 0
-    assert "device cpu (" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "device cpu (" in printed
+    # --dtype auto is bf16 exactly where the CPU computes it natively (or NIBBLE_CPU_BF16=1 says it does).
+    assert f"dtype {'bfloat16' if cpu_has_native_bf16() else 'float32'} (auto)" in printed
     cpu, auto = root / "cpu", root / "auto"
     a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (cpu, auto))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

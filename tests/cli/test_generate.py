@@ -33,9 +33,10 @@ class Recorder:
 
 
 def run_cli(monkeypatch, *args) -> Recorder:
+    """``nibble generate`` in fp32, the dtype of the transformers references it is compared with."""
     out = Recorder()
     monkeypatch.setattr(sys, "stdout", out)
-    assert main(["generate", *map(str, args)]) == 0
+    assert main(["generate", "--dtype", "float32", *map(str, args)]) == 0
     monkeypatch.undo()
     return out
 
@@ -52,6 +53,7 @@ def hf_greedy(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:
     return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
 
 
+@pytest.mark.cpu_bf16
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_plain_prompt_streams_transformers_greedy_text(shared_checkpoint, monkeypatch, family):
     path, hf = shared_checkpoint(family)
@@ -78,6 +80,7 @@ def test_chat_template_is_applied_like_transformers(hf_checkpoint, monkeypatch):
     assert plain == hf_greedy(hf, reference, reference("Name a colour.").input_ids, 16) + "\n"
 
 
+@pytest.mark.cpu_bf16
 def test_adapter_output_equals_peft_generate(shared_checkpoint, tmp_path, monkeypatch):
     path, hf = shared_checkpoint("qwen3")
     peft_model = save_peft_adapter(hf, tmp_path / "adapter", targets=("q_proj", "v_proj", "gate_proj"))
@@ -113,3 +116,19 @@ def test_classifier_adapter_is_rejected_in_one_line(shared_checkpoint, tmp_path,
     assert main(["generate", "--model", str(path), "--adapter", str(tmp_path / "cls"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "SEQ_CLS adapter" in err and "CAUSAL_LM" in err
+
+
+@pytest.mark.cpu_bf16
+def test_a_oneDNN_failure_nothing_can_fall_back_from_is_one_line(shared_checkpoint, monkeypatch, capsys):
+    # Attention is not a matmul kernels.linear can move to fp32 units: the CLI says what to change.
+    path, _ = shared_checkpoint("qwen3")
+
+    def attention(*args, **kwargs):
+        raise RuntimeError("could not create a primitive descriptor for a matmul primitive\nmore detail")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", attention)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(path), "--dtype", "bfloat16", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: the CPU's low-precision kernels (oneDNN) failed: could not create a primitive")
+    assert err[-1].endswith("rerun with --dtype float32") and "Traceback" not in "\n".join(err)

@@ -58,7 +58,8 @@ def toy(tmp_path_factory):
 
 
 def train(toy, out, *extra):
-    args = ["train", "--model", str(toy.base), "--data", str(toy.train), "--output", str(out)]
+    """A toy run in fp32 (its predictions are compared with fp32 references; eval and predict reuse the run's dtype)."""
+    args = ["train", "--model", str(toy.base), "--data", str(toy.train), "--output", str(out), "--dtype", "float32"]
     args += ["--max-steps", "30", "--lr", "5e-3", "--batch-size", "8", "--eval-every", "10", "--save-every", "10"]
     return main(args + [str(x) for x in extra])
 
@@ -105,6 +106,7 @@ def nf4_roundtrip(double_quant):
         ("lora", ["--lora-targets", "q_proj,o_proj,up_proj"], None),
     ],
 )
+@pytest.mark.cpu_bf16
 def test_adapter_reloads_in_peft_with_equal_probabilities(toy, tmp_path, method, extra, dequantize):
     out = tmp_path / "out"
     assert train(toy, out, "--method", method, "--val-data", toy.val, "--lora-dropout", "0.1", *extra) == 0
@@ -135,6 +137,7 @@ def test_adapter_reloads_in_peft_with_equal_probabilities(toy, tmp_path, method,
     assert again["loss"] == pytest.approx(report["loss"], rel=1e-5) and again["accuracy"] == report["accuracy"]
 
 
+@pytest.mark.cpu_bf16
 def test_full_fine_tuning_writes_a_checkpoint_transformers_loads(toy, tmp_path):
     out = tmp_path / "out"
     assert train(toy, out, "--method", "full", "--max-steps", "8", "--lr", "1e-3", "--val-split", "0.2") == 0

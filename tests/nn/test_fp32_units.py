@@ -14,6 +14,8 @@ from nibble.kernels import reference
 from nibble.nn import apply_lora
 from nibble.nn.quant_linear import cache_dense_weights
 
+pytestmark = pytest.mark.cpu_bf16
+
 
 @pytest.fixture(params=[False, True], ids=["fp32-units", "native"])
 def native(request, monkeypatch):
@@ -89,3 +91,47 @@ def test_qlora_step_on_fp32_units_is_bf16_as_native_bf16_is(shared_checkpoint, m
             return ((grads[name] - exact[name]).norm() / exact[name].norm()).item()
 
         assert 1e-3 < off(ours) <= 1.5 * off(native) + 5e-3, name
+
+
+def failing_onednn(monkeypatch, calls: list[torch.dtype]):
+    """F.linear as on a native-bf16 CPU whose oneDNN cannot build a bf16 kernel (as under a memory limit)."""
+    real = F.linear
+
+    def linear(x, w, b=None):
+        calls.append(x.dtype)
+        if x.dtype == torch.bfloat16:
+            raise RuntimeError("could not create a primitive")
+        return real(x, w, b)
+
+    monkeypatch.setattr(F, "linear", linear)
+    monkeypatch.setattr(reference, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(reference, "_onednn_failed", False)
+
+
+def test_a_bf16_matmul_oneDNN_cannot_build_runs_on_fp32_units_from_then_on(monkeypatch, capsys):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 96, generator=gen).bfloat16().requires_grad_(True)
+    w = torch.randn(45, 96, generator=gen).bfloat16().requires_grad_(True)
+    expected = reference._linear_on_fp32_units(x, w, None)
+    calls: list[torch.dtype] = []
+    failing_onednn(monkeypatch, calls)
+    assert not kernels.on_fp32_units(torch.bfloat16, torch.device("cpu"))
+    out = kernels.linear(x, w)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    assert calls == [torch.bfloat16, torch.float32]  # tried natively once, then on fp32 units
+    note = capsys.readouterr().err
+    assert note.count("\n") == 1 and "oneDNN failed (could not create a primitive)" in note and "fp32 units" in note
+    # From then on low-precision matmuls go straight to fp32 units, forward and backward, without a second note.
+    assert kernels.on_fp32_units(torch.bfloat16, torch.device("cpu"))
+    calls.clear()
+    out = kernels.linear(x, w)
+    out.float().sum().backward()
+    assert calls == [torch.float32] and x.grad.dtype == w.grad.dtype == torch.bfloat16
+    assert capsys.readouterr().err == ""
+
+
+def test_other_matmul_errors_are_not_taken_for_oneDNN_failures(monkeypatch):
+    monkeypatch.setattr(reference, "_onednn_failed", False)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        kernels.linear(torch.randn(20, 8).bfloat16(), torch.randn(4, 9).bfloat16())
+    assert not reference._onednn_failed

@@ -41,7 +41,7 @@ def toy_data(n=24, labels=3, same_length=False):
 
 
 def make_trainer(tmp_path, total=12, evaluate=None, loss_fn=None, data=None, **overrides):
-    options = dict(lr=0.05, batch_size=4, save_every=4, eval_every=0, log_every=1, warmup_ratio=0.25)
+    options = dict(lr=0.05, batch_size=4, save_every=4, eval_every=0, log_every=1, warmup_ratio=0.25, dtype="float32")
     options.update(overrides)
     config = TrainConfig(model="m", data="d", output=str(tmp_path), **options)
     torch.manual_seed(0)
@@ -80,6 +80,7 @@ def test_resume_from_a_checkpoint_gives_identical_weights(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path / "a" / "checkpoints")] == [4, 8, 12]
 
 
+@pytest.mark.cpu_bf16
 def test_gradient_accumulation_equals_a_bigger_batch(tmp_path):
     data = toy_data(same_length=True)
     big, model_big = make_trainer(tmp_path / "big", total=3, data=data, batch_size=8, grad_accum=1, save_every=0)

@@ -11,6 +11,7 @@ import sys
 
 import nibble
 import nibble.cli
+from nibble.devices import is_onednn_failure, onednn_failure_message
 from nibble.errors import Interrupted, NibbleError
 
 
@@ -90,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if not is_onednn_failure(exc):
+            raise
+        print(f"error: {onednn_failure_message(exc)}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

@@ -6,10 +6,13 @@ matmul every one of them ends in, and how a bf16/fp16 matmul runs on a CPU witho
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
-from nibble.devices import cpu_has_native_bf16
+from nibble.devices import cpu_has_native_bf16, is_onednn_failure
+from nibble.errors import first_line
 from nibble.quant.base import QuantizedWeight
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -19,10 +22,20 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 FP32_UNITS_MIN_ROWS = 16
 
 
+# Set once oneDNN failed to build a low-precision CPU matmul: from then on this process multiplies them on fp32
+# units, whose kernels (BLAS sgemm) need no code generated at run time.
+_onednn_failed = False
+
+
 def on_fp32_units(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether :func:`linear` multiplies ``dtype`` operands on ``device`` as fp32: bf16/fp16 on a CPU without
-    native bf16 arithmetic (see :func:`nibble.devices.cpu_has_native_bf16`)."""
-    return device.type == "cpu" and dtype in _LOW_PRECISION and not cpu_has_native_bf16()
+    native bf16 arithmetic (see :func:`nibble.devices.cpu_has_native_bf16`), or on any CPU once its native
+    bf16 kernels failed to build in this process (see :func:`linear`)."""
+    return device.type == "cpu" and dtype in _LOW_PRECISION and (_onednn_failed or not cpu_has_native_bf16())
+
+
+def _linear_on_fp32_units(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -33,12 +46,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     and the result is rounded to ``x.dtype`` — what a native bf16 matmul computes, at fp32 speed. On a 2-core
     AVX2 EPYC, ``F.linear`` in bf16 ran at 5 GFLOP/s and ``grad @ W`` at 1, against 13 for this (26 for fp32
     itself). Gradients flow through the casts, so they are rounded where a native bf16 backward rounds them.
+
+    A native low-precision CPU matmul that oneDNN cannot build (near a memory limit, or a shape it does not
+    support) is computed on fp32 units instead, and so is every later one in this process (one warning says so).
     """
+    global _onednn_failed
     weight = weight.to(x.dtype)
     bias = None if bias is None else bias.to(x.dtype)
     if on_fp32_units(x.dtype, x.device) and x.numel() >= FP32_UNITS_MIN_ROWS * x.shape[-1]:
-        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
-    return F.linear(x, weight, bias)
+        return _linear_on_fp32_units(x, weight, bias)
+    try:
+        return F.linear(x, weight, bias)
+    except RuntimeError as exc:
+        if x.device.type != "cpu" or x.dtype not in _LOW_PRECISION or not is_onednn_failure(exc):
+            raise
+        if not _onednn_failed:
+            note = f"note: oneDNN failed ({first_line(exc)}): this and later {x.dtype} matmuls run on fp32 units"
+            print(note, file=sys.stderr)
+        _onednn_failed = True
+        return _linear_on_fp32_units(x, weight, bias)
 
 
 def dequantize(qweight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nibble.errors import NibbleError
+from nibble.errors import NibbleError, first_line
 from nibble.io.files import read_json_object, remove_stale_staging, sha256_file, staged_dir, write_json
 from nibble.io.safetensors import copy_into, load_file, save_file_atomic
 from nibble.train.distributed import barrier, broadcast_text, current, is_sharded
@@ -150,8 +150,9 @@ def load_sharded(
     try:
         dcp.load(targets, storage_reader=dcp.HuggingFaceStorageReader(str(path / SHARDS)))
     except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NibbleError(f"{path / SHARDS}: does not fit this run ({first}); resume with the same config") from None
+        raise NibbleError(
+            f"{path / SHARDS}: does not fit this run ({first_line(exc)}); resume with the same config"
+        ) from None
     return opt_tensors
 
 
