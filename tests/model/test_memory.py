@@ -87,3 +87,64 @@ def test_the_plan_counts_the_dense_copies_a_run_makes(shared_checkpoint, capsys,
     assert dense_copies(model.config, opts, limit=made[2] // 2)[0] < made[0]  # a planned run's budget bounds them
     assert main(["plan", "--model", str(path), "--dtype", name, "--device", "cpu"]) == 0
     assert f"dense copies of {made[0]}/{made[1]} frozen 4-bit weights [{name}]" in capsys.readouterr().out
+
+
+def saved_bytes(model: torch.nn.Module, layers: int, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of the tensors autograd saves in a training forward of the first ``layers`` blocks over 8 rows of
+    ``tokens // 8`` tokens (each storage once; the model's own weights are not activations)."""
+    from nibble.devices import autocast
+
+    blocks = model.model.layers
+    model.model.layers = blocks[:layers]
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    weights |= {v.untyped_storage().data_ptr() for m in model.modules() for v in vars(m).values() if torch.is_tensor(v)}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    ids = torch.randint(3, 200, (8, tokens // 8), generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(torch.device("cpu"), dtype):
+            model(ids, torch.ones_like(ids))
+    finally:
+        model.model.layers = blocks
+    return sum(seen.values())
+
+
+@pytest.mark.cpu_bf16  # attention keeps fp32 tensors where a CPU without native bf16 runs it on fp32 units
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "method,targets,dropout",
+    [("qlora", "q_proj,v_proj", 0.05), ("qlora", "q_proj,v_proj", 0.0), ("lora", "all-linear", 0.05), ("full", "", 0)],
+)
+def test_block_activations_are_what_autograd_saves(shared_checkpoint, method, targets, dropout, dtype):
+    """The planner's bytes per block and token against saved-tensor hooks: the growth from 2 to 4 blocks and from
+    1,024 to 2,048 tokens, which cancels every per-layer constant (autocast's weight casts) and the layers
+    around the blocks."""
+    from nibble.model.memory import block_activation_bytes
+    from nibble.nn.lora import resolve_targets
+
+    path, _ = shared_checkpoint("qwen3", num_labels=3, hidden_size=256, intermediate_size=512, num_hidden_layers=4)
+    torch.manual_seed(0)
+    compute = getattr(torch, dtype)
+    base = torch.float32 if method == "full" else compute
+    model = nibble.load_model(path, task="classify", num_labels=3, quantize="nf4" if method == "qlora" else None,
+                              dtype=base)  # fmt: skip
+    if method == "full":
+        for name, p in model.named_parameters():
+            p.requires_grad_(not name.startswith("model.embed_tokens."))
+    else:
+        nibble.nn.apply_lora(model, targets, rank=8, dropout=dropout)
+        cache_dense_weights(model, 2**30, compute)
+    model.score.float().weight.requires_grad_(True)
+    model.train()
+    s = {(n, t): saved_bytes(model, n, t, compute) for n in (2, 4) for t in (1024, 2048)}
+    measured = (s[4, 2048] - s[2, 2048] - s[4, 1024] + s[2, 1024]) / (2 * 1024)
+    opts = PlanOptions(
+        method=method, dtype=dtype, lora_dropout=dropout, lora_targets=resolve_targets(targets or "q_proj")
+    )
+    assert block_activation_bytes(model.config, opts) == pytest.approx(measured, rel=0.1)

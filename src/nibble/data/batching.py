@@ -34,6 +34,10 @@ class Dataset(Protocol):
 
     def __len__(self) -> int: ...
 
+    def lengths(self) -> np.ndarray:
+        """Tokens of each example (int64 [N])."""
+        ...
+
     def collate(self, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]: ...
 
 
@@ -108,6 +112,23 @@ class BatchStream:
             self.stand_in = len(mine) == 0
             chosen = chosen[:1] if self.stand_in else mine
         return self.data.collate(chosen, self.pad_id)
+
+    def most_tokens(self, batches: int) -> int:
+        """The most tokens (the sum of its rows' lengths, on this rank) of the next ``batches`` batches: what a
+        step's activations scale with, since padding is never computed. Reads the order, collates nothing."""
+        lengths = np.asarray(self.data.lengths(), dtype=np.int64)
+        rank, world = self.part
+        most, position, end = 0, self.position, self.position + max(batches, 0)
+        while position < end:
+            epoch, index = divmod(position, self.batches_per_epoch)
+            order = self.epoch_order(epoch)
+            stop = min(self.batches_per_epoch, index + end - position)
+            for b in range(index, stop):
+                chosen = order[b * self.batch_size : (b + 1) * self.batch_size]
+                mine = np.array_split(chosen, world)[rank] if world > 1 else chosen
+                most = max(most, int(lengths[mine if len(mine) else chosen[:1]].sum()))
+            position += stop - index
+        return most
 
     @property
     def epoch(self) -> float:

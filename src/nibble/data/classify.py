@@ -168,6 +168,10 @@ class ClassificationData:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def lengths(self) -> np.ndarray:
+        """Tokens of each example (int64 [N])."""
+        return self.ids.lengths()
+
     def subset(self, indices: Sequence[int] | np.ndarray) -> ClassificationData:
         indices = np.asarray(indices, dtype=np.int64)
         targets = (

@@ -244,6 +244,10 @@ class InstructData:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def lengths(self) -> np.ndarray:
+        """Tokens of each example (int64 [N])."""
+        return self.ids.lengths()
+
     def labels(self, i: int) -> np.ndarray:
         """The labels of sequence ``i``: its ids where the mask is set, else ``IGNORE_INDEX``."""
         return np.where(self.mask[i] != 0, self.ids[i], IGNORE_INDEX)

@@ -13,8 +13,9 @@ import torch
 
 from nibble.devices import DTYPES
 from nibble.errors import NibbleError
+from nibble.kernels import on_fp32_units
 from nibble.model.config import ModelConfig
-from nibble.nn.lora import PROJECTIONS
+from nibble.nn.lora import PROJECTIONS, RECOMPUTE_MIN_ELEMENTS
 from nibble.nn.quant_linear import FrozenWeight, auto_cache_budget, plan_copies
 from nibble.quant import QuantSpec
 from nibble.quant.nf4 import NESTED_BLOCKSIZE
@@ -138,6 +139,9 @@ class PlanOptions:
     cache_budget: int | None = None
     # bytes of the block projections as a .gguf file stores them (the ``gguf`` format keeps them so)
     gguf_projection_bytes: int | None = None
+    # the most real (non-pad) tokens a micro-batch of the run holds, where its data is known; else every row
+    # is taken to be ``seq_len`` tokens long
+    batch_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -152,36 +156,54 @@ class PlanOptions:
             raise NibbleError(f"LoRA targets {unknown or '(none)'} are not projections; use some of {PROJECTIONS}")
 
     @property
+    def tokens(self) -> int:
+        """Tokens of the largest micro-batch: what activations scale with (padding is never computed)."""
+        return self.batch_size * self.seq_len if self.batch_tokens is None else self.batch_tokens
+
+    @property
     def weight_dtype(self) -> str:
         """The dtype dense weights are stored in: fp32 master weights for ``full`` and fp32 runs, else ``dtype``."""
         return "float32" if self.method == "full" else self.dtype
 
 
 def block_activation_bytes(config: ModelConfig, opts: PlanOptions) -> int:
-    """Bytes one decoder block keeps for backward per token (counted from what autograd saves in nibble's block).
+    """Bytes one decoder block keeps for backward per token: what autograd saves in nibble's block, as its
+    saved-tensor hooks count it (tests/model/test_memory.py checks this against them for each method and dtype).
 
-    Every method keeps the block input and the residual after attention, the q/k norm inputs (QK-norm models),
-    rotated q and k, v and the attention output, gate, up and silu(gate). ``full`` also keeps the norm outputs
-    and the projection inputs. Each LoRA target keeps its input, with dropout a dropped copy per target and the
-    dropout mask (the input's dtype on the CPU, 1 byte where a fused dropout runs), and its rank-r output. Off
-    the CPU the attention probabilities (heads x seq_len) are counted too, in case no fused attention kernel
-    takes the padding mask; on the CPU the fused kernel always does.
+    Every method keeps the block input and the residual after attention (fp32: autocast keeps the residual
+    stream in fp32), rotated q and k, v and the attention output (fp32 where a CPU without native bf16 runs
+    attention on its fp32 units), and SwiGLU's gate and up. A LoRA method keeps each distinct adapter input
+    once: the first norm's output (q/k/v), the attention output (o_proj, already kept), the second norm's
+    output (gate/up) and SwiGLU's output (down_proj); the dropped copy of a large input is recomputed in the
+    backward (of a small one it is kept, with its fp32 mask), and without dropout fp32 units keep an fp32 copy
+    of each input. Each adapter keeps its rank-r output. ``full``
+    keeps every projection's input (in a low-precision run, a cast of its norm's fp32 output per projection)
+    and the normalized inputs of both norms (their weights train). Off the CPU the attention probabilities
+    (heads x seq_len) are counted too, in case no fused attention kernel takes the padding mask; on the CPU the
+    fused kernel always does.
     """
     e = DTYPES[opts.dtype].itemsize
+    fp32_units = opts.device == "cpu" and on_fp32_units(DTYPES[opts.dtype], torch.device("cpu"))
+    a = 4 if fp32_units else e
     h, q, kv, i = config.hidden_size, config.q_dim, config.kv_dim, config.intermediate_size
-    kept = 2 * h + 2 * q + 2 * kv + 3 * i + (q + kv) * config.qk_norm
-    inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": q, "gate_proj": h, "up_proj": h, "down_proj": i}
+    kept = 4 * 2 * h + a * (2 * q + 2 * kv) + e * (2 * i + (q + kv) * config.qk_norm)
     if opts.method == "full":
-        kept += 2 * h + (q + kv) * config.qk_norm + 2 * h + q + i
+        # The norms' fp32 outputs, which autocast casts once for each projection that reads them (3 + 2).
+        norm_outputs = 4 * 2 * h if e == 4 else e * 5 * h
+        # QK-norm with trainable weights: the normalized q and k and their outputs before RoPE, in fp32.
+        qk = 4 * 3 * (q + kv) * config.qk_norm
+        return kept + 4 * 2 * h + norm_outputs + e * i + qk + _attention_probabilities(config, opts)
+    inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": 0, "gate_proj": h, "up_proj": h, "down_proj": i}
+    shared = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+    kept += e * sum({shared.get(t, t): inputs[t] for t in opts.lora_targets}.values())
+    if opts.lora_dropout == 0 and fp32_units:
+        kept += 4 * sum({shared.get(t, t): inputs[t] or q for t in opts.lora_targets}.values())
     elif opts.lora_dropout > 0:
-        mask = e if opts.device == "cpu" else 1
-        out = sum(inputs[t] * e + inputs[t] * mask + opts.lora_rank * e for t in opts.lora_targets)
-        return e * kept + out + _attention_probabilities(config, opts)
-    else:
-        shared = {"q_proj": "a1", "k_proj": "a1", "v_proj": "a1", "gate_proj": "a2", "up_proj": "a2"}
-        kept += sum({shared.get(t, t): inputs[t] for t in opts.lora_targets}.values())
-        kept += opts.lora_rank * len(opts.lora_targets)
-    return e * kept + _attention_probabilities(config, opts)
+        # Small inputs are not recomputed: each adapter keeps its dropped copy and the fp32 mask.
+        small = [inputs[t] or q for t in opts.lora_targets if opts.tokens * (inputs[t] or q) < RECOMPUTE_MIN_ELEMENTS]
+        kept += (e + 4) * sum(small)
+    kept += 4 * opts.lora_rank * len(opts.lora_targets)
+    return kept + _attention_probabilities(config, opts)
 
 
 def _attention_probabilities(config: ModelConfig, opts: PlanOptions) -> int:
@@ -201,7 +223,7 @@ def activation_bytes(config: ModelConfig, opts: PlanOptions, checkpointing: bool
     checkpointing = opts.checkpointing if checkpointing is None else checkpointing
     e = DTYPES[opts.dtype].itemsize
     h, layers = config.hidden_size, config.num_hidden_layers
-    tokens = opts.batch_size * opts.seq_len
+    tokens = opts.tokens
     block = block_activation_bytes(config, opts)
     kept = tokens * (e * h * layers + block) if checkpointing else tokens * block * layers
     backward = tokens * block
@@ -211,23 +233,23 @@ def activation_bytes(config: ModelConfig, opts: PlanOptions, checkpointing: bool
     return kept + backward + final_norm + mask + head
 
 
-# What a CPU run's resident memory holds beyond its live tensors. The C allocator's slack, in blocks' worth of
-# activations: glibc's malloc keeps memory that a step's temporaries freed and returns it in pieces. Measured on
-# a 4-layer Qwen3 (hidden 256, 16 x 96 tokens), peak RSS above the live peak (seen with MALLOC_MMAP_THRESHOLD_=65536,
-# which returns every freed block) was 1.4 (full) to 2.6 (LoRA with gradient checkpointing) blocks' worth. And a
-# fixed part, what the first steps set up (library buffers, the autograd engine): 23-26 MB on a 2-layer, hidden-64
-# model whose weights and activations are negligible.
-CPU_SLACK_BLOCKS = 3
+# What a CPU run's resident memory holds beyond its live tensors, as a share of the activations: glibc's malloc
+# (at its default settings, which plain runs keep) holds on to much of what a step's activations and temporaries
+# freed, and the resident set grows over the first steps. Measured on SmolLM2-135M QLoRA classification (16 rows
+# of short texts, at most 275 tokens a batch, 2-core AVX2 EPYC, 8 steps): peak RSS above the weights and the
+# estimated activations was 1.3x those activations in fp32 and 1.6x in bf16 (on fp32 units). And a fixed part,
+# what the first steps set up (library buffers, the autograd engine): 23-26 MB on a 2-layer, hidden-64 model
+# whose weights and activations are negligible.
+CPU_SLACK_SHARE = 1.5
 CPU_SLACK_FIXED = 32 * 2**20
 
 
-def allocator_slack_bytes(config: ModelConfig, opts: PlanOptions) -> int:
-    """Resident memory beyond the live tensors at a CPU run's peak (see :data:`CPU_SLACK_BLOCKS`); 0 off the CPU,
-    where the measure is the allocator's peak of live tensors."""
+def allocator_slack_bytes(opts: PlanOptions, activations: int) -> int:
+    """Resident memory beyond the live tensors at the peak of a CPU run whose steps keep ``activations`` bytes
+    (see :data:`CPU_SLACK_SHARE`); 0 off the CPU, where the measure is the allocator's peak of live tensors."""
     if opts.device != "cpu":
         return 0
-    tokens = opts.batch_size * opts.seq_len
-    return CPU_SLACK_BLOCKS * tokens * block_activation_bytes(config, opts) + CPU_SLACK_FIXED
+    return round(CPU_SLACK_SHARE * activations) + CPU_SLACK_FIXED
 
 
 def frozen_weights(config: ModelConfig, opts: PlanOptions) -> list[FrozenWeight]:
@@ -334,15 +356,15 @@ def plan_rows(config: ModelConfig, opts: PlanOptions, cache_limit: int | None = 
     # serializes every weight. Either happens between steps, when the activations are gone.
     writing = max(12 * trainable, 4 * (proj_params + bias_params + norm_params + embed) * (opts.method == "full"))
     rows.append(("writing checkpoints (serialized copies)", 0, writing))
-    slack = allocator_slack_bytes(config, opts)
-    if slack:
-        rows.append(("CPU runtime: allocator slack, library buffers", 0, slack))
     act = activation_bytes(config, opts, checkpointing=False)
     act_ckpt = activation_bytes(config, opts, checkpointing=True)
+    slack, slack_ckpt = allocator_slack_bytes(opts, act), allocator_slack_bytes(opts, act_ckpt)
+    if slack:
+        rows.append(("CPU runtime: allocator slack, library buffers", 0, slack_ckpt if opts.checkpointing else slack))
     rows.append(("activations, no checkpointing (estimate)", 0, act))
     rows.append(("activations, with checkpointing (estimate)", 0, act_ckpt))
     rows.append(("total, no checkpointing", 0, weights_and_state + max(act + slack, writing)))
-    rows.append(("total, with checkpointing", 0, weights_and_state + max(act_ckpt + slack, writing)))
+    rows.append(("total, with checkpointing", 0, weights_and_state + max(act_ckpt + slack_ckpt, writing)))
     return rows
 
 

@@ -611,7 +611,11 @@ def _train_locked(
             cache_budget = max(min(cache_budget, plan.budget_bytes - plan.estimate_bytes), 0)
         cached, total_q, used = cache_dense_weights(model, cache_budget, dtype)
         print(f"cache: {cached}/{total_q} frozen 4-bit projections kept dequantized ({used / 2**20:.1f} MiB)")
-    opts = replace(plan_options(config, num_labels, device), cache_budget=cache_budget)
+    opts = replace(
+        plan_options(config, num_labels, device),
+        cache_budget=cache_budget,
+        batch_tokens=stream.most_tokens(total_steps * config.grad_accum),  # the run's own batches
+    )
     estimate = estimate_bytes(model_config, opts)
 
     with distributed.main_first() as main:
