@@ -38,6 +38,26 @@ class _QuantMatmul(torch.autograd.Function):
         return grad_x, None, None
 
 
+class _FrozenQuantMatmul(torch.autograd.Function):
+    """``x @ W^T`` for a 4-bit W that is not a layer's (one expert's rows): backward gives grad_x only."""
+
+    @staticmethod
+    def forward(ctx, x, qweight):  # type: ignore[override]
+        ctx.qweight = qweight
+        return kernels.matmul(x, qweight)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        return kernels.matmul_grad_input(grad_y, ctx.qweight), None
+
+
+def frozen_matmul(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    """``x [M, K] @ W[N, K]^T -> [M, N]`` for a frozen dense or 4-bit ``W``, differentiable in ``x`` only."""
+    if isinstance(weight, QuantizedWeight):
+        return _FrozenQuantMatmul.apply(x, weight)
+    return kernels.linear(x, weight)
+
+
 # The name prefix of the frozen parameters a layer holds its 4-bit tensors in (see QuantLinear.hold_as_parameters).
 HELD = "held_"
 
