@@ -3,6 +3,7 @@ model with the same logits, nibble loads it back, and one step's gradients equal
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from helpers import right_padded_batch
 from nibble.errors import NibbleError
 from nibble.io.peft import adapter_config, load_adapter, save_adapter
 from nibble.model import load_model
+from nibble.model.moe import sparse_blocks
 from nibble.nn.lora import apply_lora, expert_lora_layers, lora_layers
 
 
@@ -68,22 +70,28 @@ def test_dense_mlp_names_on_a_moe_model_are_refused(moe, shared_checkpoint):
         apply_lora(load_model(shared_checkpoint()[0]), "experts")
 
 
-@pytest.mark.parametrize("targets", ["all-linear", "q_proj,experts"])
-def test_peft_loads_the_adapter_with_the_same_logits(moe, tmp_path, targets):
+@pytest.mark.parametrize("targets,router", [("all-linear", False), ("q_proj,experts", True)])
+def test_peft_loads_the_adapter_with_the_same_logits(moe, tmp_path, targets, router):
     from peft import PeftModel
 
     path, hf = moe
     model, _ = _adapted(path, targets)
+    if router:  # a trained router travels whole, as PEFT's modules_to_save
+        for block in sparse_blocks(model):
+            block.gate.weight.requires_grad_(True)
+            with torch.no_grad():
+                block.gate.weight.mul_(-2.0)
     config = _save(model, tmp_path, targets)
     assert config["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
     assert config["lora_dropout"] == 0.0
-    peft = PeftModel.from_pretrained(hf, tmp_path).eval()
+    assert config["modules_to_save"] == (["gate"] if router else None)
+    peft = PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path).eval()  # unload would keep a trained router
     ids, mask = right_padded_batch([7, 4], seed=5)
     with torch.no_grad():
         ours = model(ids, mask)
         theirs = peft(input_ids=ids, attention_mask=mask).logits
         plain = load_model(path)(ids, mask)
-    peft.unload()
+
     real = mask.bool()
     assert (ours[real] - plain[real]).abs().max() > 1e-2  # the adapter changes the logits
     torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=0)
@@ -99,8 +107,10 @@ def test_one_step_gradients_equal_transformers_and_peft(moe, tmp_path):
 
     path, hf = moe
     model, _ = _adapted(path)
+    for block in sparse_blocks(model):  # the router trains too (--train-router)
+        block.gate.weight.requires_grad_(True)
     _save(model, tmp_path, "all-linear")
-    peft = PeftModel.from_pretrained(hf, tmp_path, is_trainable=True)
+    peft = PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path, is_trainable=True)
     ids, mask = right_padded_batch([6, 6], seed=6)
     labels = ids.masked_fill(mask == 0, -100)
     logits = model(ids, mask)
@@ -118,8 +128,11 @@ def test_one_step_gradients_equal_transformers_and_peft(moe, tmp_path):
         grad_b = theirs[f"base_model.model.{parent}.{inner}lora_B.weight"].view(-1, 4, e).permute(2, 0, 1)
         torch.testing.assert_close(layer.lora_A.grad, grad_a, atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(layer.lora_B.grad, grad_b, atol=1e-6, rtol=1e-4)
+    for path_, block in zip(["model.layers.1.mlp"], sparse_blocks(model), strict=True):
+        grad = theirs[f"base_model.model.{path_}.gate.modules_to_save.weight"]
+        assert grad.abs().max() > 0
+        torch.testing.assert_close(block.gate.weight.grad, grad, atol=1e-6, rtol=1e-4)
     for path_, layer in lora_layers(model).items():
         torch.testing.assert_close(
             layer.lora_A.weight.grad, theirs[f"base_model.model.{path_}.lora_A.weight"], atol=1e-6, rtol=1e-4
         )
-    peft.unload()

@@ -68,6 +68,8 @@ def test_routing_equals_transformers(moe_checkpoint):
 def test_load_balancing_loss_equals_transformers(shared_checkpoint):
     path, hf = shared_checkpoint("qwen3_moe")  # both layers sparse: the loss pools them
     model = load_model(path).train()
+    for block in sparse_blocks(model):
+        block.record_stats = True
     ids, mask = right_padded_batch([6, 4, 3], seed=2)
     model(ids, mask)
     ours = load_balancing_loss(model)
@@ -127,3 +129,71 @@ def test_missing_expert_is_one_line(moe_checkpoint, tmp_path):
     save_file(tensors, broken / "model.safetensors", {"format": "pt"})
     with pytest.raises(NibbleError, match=r"missing tensor 'model.layers.1.mlp.experts.3.up_proj.weight'"):
         load_model(broken)
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_merge_writes_the_source_layout_and_transformers_loads_it(moe_checkpoint, tmp_path, layout):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from nibble.io.peft import adapter_config, save_adapter
+    from nibble.model.adapter import load_adapted
+    from nibble.model.merge import merge_adapter
+    from nibble.nn.lora import apply_lora, expert_lora_layers, resolve_targets
+
+    source = moe_checkpoint[0] if layout == "per_expert" else moe_checkpoint[1]
+    model = load_model(source, quantize="nf4")
+    apply_lora(model, "all-linear", rank=2, alpha=4.0)
+    with torch.no_grad():
+        for layer in expert_lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.3)
+    config = adapter_config(
+        base_model=None, targets=list(resolve_targets("all-linear")), rank=2, alpha=4.0, dropout=0.0, use_rslora=False,
+        task="causal_lm",
+    )  # fmt: skip
+    save_adapter(model, tmp_path / "adapter", config)
+    from nibble.io.runinfo import RunInfo
+
+    RunInfo(quant=QuantSpec("nf4")).save(tmp_path / "adapter" / "nibble.json")
+    merged, _ = merge_adapter(source, tmp_path / "adapter", tmp_path / "merged")
+    with safe_open(merged / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    fused_key = "model.layers.1.mlp.experts.gate_up_proj"
+    assert (fused_key in keys) == (layout == "fused")
+    assert ("model.layers.1.mlp.experts.3.up_proj.weight" in keys) == (layout == "per_expert")
+    hf = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    adapted, _ = load_adapted(source, tmp_path / "adapter")
+    ids, mask = right_padded_batch([6, 3], seed=4)
+    with torch.no_grad():
+        ours, theirs = adapted(ids, mask), hf(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=0)
+
+
+def test_router_loss_adds_the_weighted_aux_loss_and_logs_it(shared_checkpoint):
+    from nibble.model.moe import RouterLoss
+
+    path, _ = shared_checkpoint("qwen3_moe")
+    model = load_model(path).train()
+    ids, mask = right_padded_batch([5, 5], seed=7)
+    task = lambda outputs, labels: outputs.float().mean()  # noqa: E731
+    wrapped = RouterLoss(model, task, weight=0.5)
+    logits = model(ids, mask)
+    total = wrapped(logits, None)
+    for block in sparse_blocks(model):  # the same forward again gives the aux loss alone
+        block.record_stats = True
+    model(ids, mask)
+    aux = load_balancing_loss(model)
+    torch.testing.assert_close(total, logits.mean() + 0.5 * aux)
+    assert wrapped.window_metrics() == {"router_aux_loss": pytest.approx(float(aux))}
+    assert wrapped.window_metrics() == {}
+
+
+def test_router_aux_loss_flag():
+    from nibble.train.config import TrainConfig
+
+    assert TrainConfig(router_aux_loss="off").router_aux_weight(0.001) == 0.0
+    assert TrainConfig(router_aux_loss="on").router_aux_weight(0.001) == 0.001
+    assert TrainConfig(router_aux_loss=0.02).router_aux_weight(0.001) == 0.02
+    with pytest.raises(NibbleError, match="'router_aux_loss' must be off, on or a weight >= 0"):
+        TrainConfig(router_aux_loss="sometimes").router_aux_weight(0.001)

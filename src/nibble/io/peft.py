@@ -35,6 +35,8 @@ PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"
 TASK_TYPES = {"classify": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 HEADS = {"classify": "score"}
+# The module name of a mixture-of-experts router: trained (--train-router), it is kept whole like a head.
+ROUTER = "gate"
 # target_parameters of an adapter with LoRA on the experts (sorted, as PEFT writes them), and the number of
 # PEFT's nested base_layer wrappers around each (the first registered parameter is wrapped first, innermost).
 EXPERT_PARAMETERS = ("mlp.experts.down_proj", "mlp.experts.gate_up_proj")
@@ -112,7 +114,21 @@ def adapter_tensors(model: nn.Module, task: str) -> dict[str, torch.Tensor]:
     head = HEADS.get(task)
     if head is not None:
         tensors[f"{PREFIX}{head}.weight"] = getattr(model, head).weight.detach()
+    for path, router in _routers(model).items():
+        if router.weight.requires_grad:
+            tensors[f"{PREFIX}{path}.weight"] = router.weight.detach()
     return tensors
+
+
+def _routers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The routers of ``model``'s sparse blocks by module path (``model.layers.i.mlp.gate``)."""
+    return {
+        path: m
+        for path, m in model.named_modules()
+        if path.endswith(f".mlp.{ROUTER}")
+        and isinstance(m, nn.Linear)
+        and hasattr(model.get_submodule(path[:-5]), "experts")
+    }
 
 
 def _expert_keys(path: str) -> tuple[str, str]:
@@ -137,6 +153,8 @@ def save_adapter(model: nn.Module, directory: str | Path, config: dict[str, Any]
     )
     if expert_lora_layers(model):
         config.update(target_parameters=list(EXPERT_PARAMETERS), lora_dropout=0.0)
+    if any(router.weight.requires_grad for router in _routers(model).values()):
+        config["modules_to_save"] = [*(config["modules_to_save"] or []), ROUTER]
     task = next(t for t, name in TASK_TYPES.items() if name == config["task_type"])
     save_file_atomic(adapter_tensors(model, task), directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -219,6 +237,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, Any]:
         module = getattr(model, head, None)
         if isinstance(module, nn.Linear) and f"{PREFIX}{head}.weight" in tensors:
             expected[f"{PREFIX}{head}.weight"] = module.weight
+        if head == ROUTER:
+            expected.update({f"{PREFIX}{path}.weight": router.weight for path, router in _routers(model).items()})
     copy_into(expected, tensors, str(weights), "the adapter does not fit this model")
     with torch.no_grad():
         for path, layer in experts.items():

@@ -38,8 +38,9 @@ class RouterStats(NamedTuple):
 class SparseMoE(nn.Module):
     """Router + experts of one decoder layer (Hugging Face names: ``gate``, ``experts``).
 
-    ``ops`` gives the SwiGLU (the model's :class:`~nibble.model.model.Elementwise`). In training mode with
-    gradients on, each forward keeps its :class:`RouterStats` in ``router_stats`` for :func:`load_balancing_loss`.
+    ``ops`` gives the SwiGLU (the model's :class:`~nibble.model.model.Elementwise`). With ``record_stats`` set, each
+    training-mode forward with gradients on keeps its :class:`RouterStats` in ``router_stats`` for
+    :func:`load_balancing_loss`.
     """
 
     def __init__(self, config: ModelConfig, ops: Any, dtype: torch.dtype = torch.float32):
@@ -51,6 +52,7 @@ class SparseMoE(nn.Module):
         self.gate = nn.Linear(config.hidden_size, moe.num_experts, bias=False, dtype=dtype)
         self.experts = Experts(moe.num_experts, config.hidden_size, moe.moe_intermediate_size, dtype)
         self.ops = ops
+        self.record_stats = False
         self.router_stats: RouterStats | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,7 +70,7 @@ class SparseMoE(nn.Module):
             x = x.to(torch.get_autocast_dtype(device))
         with torch.autocast(device, enabled=False):
             probs, top_weight, top_index = self.route(x)
-            if self.training and torch.is_grad_enabled():
+            if self.record_stats and self.training and torch.is_grad_enabled():
                 assigned = torch.bincount(top_index.reshape(-1), minlength=self.num_experts).float()
                 self.router_stats = RouterStats(assigned, probs.sum(dim=0), x.shape[0])
             return self.experts(x, top_index, top_weight.to(x.dtype), self.ops.swiglu)
@@ -98,6 +100,39 @@ def load_balancing_loss(model: nn.Module) -> torch.Tensor | None:
     return (assigned * probability).sum() * assigned.numel()
 
 
+class RouterLoss:
+    """A training loss plus ``weight`` x :func:`load_balancing_loss` of ``model`` (transformers' total when the
+    weight is router_aux_loss_coef), the load-balancing loss kept per step for the log, weighted or not.
+
+    ``loss_fn(outputs, labels) -> scalar``; the wrapper is one too. :meth:`window_metrics` returns the mean
+    ``router_aux_loss`` since the last call (one host read per log window).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Any, weight: float):
+        self.model, self.loss_fn, self.weight = model, loss_fn, weight
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+        for block in sparse_blocks(model):
+            block.record_stats = True
+
+    def __call__(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = self.loss_fn(outputs, labels)
+        aux = load_balancing_loss(self.model)
+        if aux is None:
+            return loss
+        self._sum = aux.detach() if self._sum is None else self._sum + aux.detach()
+        self._count += 1
+        return loss + self.weight * aux.to(loss.dtype) if self.weight else loss
+
+    def window_metrics(self) -> dict[str, float]:
+        """``{"router_aux_loss": mean since the last call}`` (empty when no step recorded one)."""
+        if self._sum is None:
+            return {}
+        mean = float(self._sum) / self._count
+        self._sum, self._count = None, 0
+        return {"router_aux_loss": mean}
+
+
 def checkpoint_keys(config: ModelConfig) -> set[str]:
     """The names a checkpoint may give the sparse blocks' tensors (router, and experts in either layout)."""
     moe = config.moe
@@ -115,6 +150,27 @@ def checkpoint_keys(config: ModelConfig) -> set[str]:
     return keys
 
 
+def expert_tensors(path: str, experts: Experts) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """The checkpoint tensors of the experts at module ``path`` (``model.layers.i.mlp.experts``) in the layout
+    they were loaded from, as ``name -> (shape, produce(dtype))``; each produces the merged weight (LoRA added,
+    4-bit dequantized), one expert at a time in the per-expert layout."""
+    out: dict[str, tuple[tuple[int, ...], Any]] = {}
+    for name in EXPERT_PROJECTIONS:
+        proj: ExpertLinear = getattr(experts, name)
+        e, n, k = proj.num_experts, proj.out_features, proj.in_features
+        if experts.fused:
+            stack = lambda dtype, p=proj: torch.stack([p.merged_weight(i, dtype) for i in range(p.num_experts)])  # noqa: E731
+            out[f"{path}.{name}"] = ((e, n, k), stack)
+            continue
+        parts = PER_EXPERT[name]
+        rows = n // len(parts)
+        for i in range(e):
+            for j, part in enumerate(parts):
+                piece = lambda dtype, p=proj, i=i, j=j, r=rows: p.merged_weight(i, dtype)[j * r : (j + 1) * r]  # noqa: E731
+                out[f"{path}.{i}.{part}.weight"] = ((rows, k), piece)
+    return out
+
+
 def load_sparse_block(block: SparseMoE, loader: Any, prefix: str, spec: QuantSpec | None) -> None:
     """Fill ``block`` (built on the meta device) from checkpoint tensors under ``prefix`` (``model.layers.i.mlp``).
 
@@ -127,6 +183,7 @@ def load_sparse_block(block: SparseMoE, loader: Any, prefix: str, spec: QuantSpe
             into whole blocks per expert.
     """
     block.gate.weight = loader.parameter(f"{prefix}.gate.weight", block.gate.weight)
+    block.experts.fused = f"{prefix}.experts.gate_up_proj" in loader.ckpt
     for name in EXPERT_PROJECTIONS:
         proj: ExpertLinear = getattr(block.experts, name)
         fused_key = f"{prefix}.experts.{name}"

@@ -102,6 +102,14 @@ class ExpertLinear(nn.Module):
         self.rank, self.alpha = rank, float(alpha)
         self.scaling = self.alpha / (math.sqrt(rank) if use_rslora else rank)
 
+    def merged_weight(self, e: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Expert ``e``'s dense weight ``W_e + B_e A_e scale`` ``[out, in]`` (computed in fp32, 4-bit dequantized)."""
+        weight = self.expert_weight(e)
+        dense = kernels.dequantize(weight, torch.float32) if isinstance(weight, QuantizedWeight) else weight.float()
+        if self.lora_A is not None:
+            dense = dense + (self.lora_B[e].float() @ self.lora_A[e].float()) * self.scaling
+        return dense.to(dtype)
+
     def delta_weight(self) -> torch.Tensor:
         """``B_e @ A_e * scale`` for every expert, ``[experts, out, in]`` fp32 (what merging adds)."""
         if self.lora_A is None:
@@ -144,6 +152,7 @@ class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden: int, intermediate: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.num_experts = num_experts
+        self.fused = True  # the layout of the checkpoint the weights came from (False: one tensor per expert)
         self.gate_up_proj = ExpertLinear(num_experts, 2 * intermediate, hidden, dtype)
         self.down_proj = ExpertLinear(num_experts, hidden, intermediate, dtype)
 

@@ -235,6 +235,27 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def trainable_parts(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters by part of the model: ``attention``, ``mlp`` (dense SwiGLU), ``experts``, ``router``,
+    ``other`` (heads, embeddings, norms); parts with none are left out."""
+    parts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".self_attn." in name:
+            part = "attention"
+        elif ".mlp.experts." in name:
+            part = "experts"
+        elif ".mlp.gate." in name and "_proj" not in name:
+            part = "router"
+        elif ".mlp." in name:
+            part = "mlp"
+        else:
+            part = "other"
+        parts[part] = parts.get(part, 0) + p.numel()
+    return parts
+
+
 def expert_lora_layers(model: nn.Module) -> dict[str, ExpertLinear]:
     """Every :class:`~nibble.nn.experts.ExpertLinear` with a LoRA in ``model`` by its module path."""
     return {path: m for path, m in model.named_modules() if isinstance(m, ExpertLinear) and m.lora_A is not None}
