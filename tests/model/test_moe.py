@@ -197,3 +197,20 @@ def test_router_aux_loss_flag():
     assert TrainConfig(router_aux_loss=0.02).router_aux_weight(0.001) == 0.02
     with pytest.raises(NibbleError, match="'router_aux_loss' must be off, on or a weight >= 0"):
         TrainConfig(router_aux_loss="sometimes").router_aux_weight(0.001)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("nf4"), QuantSpec("nf4", double_quant=True)], ids=str)
+def test_plan_counts_what_a_loaded_model_holds(moe_checkpoint, spec):
+    from nibble.model.memory import PlanOptions, plan_rows, projections_bytes
+    from nibble.nn.lora import apply_lora, resolve_targets
+
+    model = load_model(moe_checkpoint[0], quantize=spec)
+    held = sum(m.qweight.memory_bytes() for m in model.modules() if getattr(m, "qweight", None) is not None)
+    assert projections_bytes(model.config, spec) == held
+    for block in sparse_blocks(model):
+        block.gate.weight.requires_grad_(True)
+    apply_lora(model, "all-linear", rank=4, alpha=8.0)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    opts = PlanOptions(quant=spec, lora_rank=4, lora_targets=resolve_targets("all-linear"), train_router=True)
+    rows = {name: params for name, params, _ in plan_rows(model.config, opts)}
+    assert rows["gradients of trainable params [fp32]"] == trainable

@@ -118,7 +118,7 @@ def format_rows(config: ModelConfig, spec: QuantSpec | None = None) -> list[tupl
     h, layers = config.hidden_size, config.num_hidden_layers
     embed = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
     proj = sum(n * o * i for n, o, i in frozen_shapes(config))
-    norms = layers * (2 * h + 2 * config.head_dim * config.qk_norm) + h
+    norms = layers * (2 * h + 2 * config.head_dim * config.qk_norm) + h + router_params(config)
     projections: dict[str, int | None] = {}
     for name, fmt in column_formats(spec or QuantSpec()).items():
         try:
@@ -129,7 +129,11 @@ def format_rows(config: ModelConfig, spec: QuantSpec | None = None) -> list[tupl
     tied = " (tied)" if config.tie_word_embeddings else ""
     return [
         (f"embeddings + lm_head{tied}", embed, {f: embed * dense[f] if f in dense else None for f in WEIGHT_FORMATS}),
-        ("norms", norms, {f: norms * dense[f] if f in dense else None for f in WEIGHT_FORMATS}),
+        (
+            "norms" + (" + routers" if config.moe else ""),
+            norms,
+            {f: norms * dense[f] if f in dense else None for f in WEIGHT_FORMATS},
+        ),
         ("block projections", proj, projections),
         (
             "all weights",
