@@ -86,3 +86,23 @@ def test_shapes_are_checked():
         experts.gate_up_proj.set_weight(torch.zeros(3, 64, 64))
     with pytest.raises(NibbleError, match="lora_rank 65"):
         experts.down_proj.add_lora(rank=65, alpha=1.0)
+
+
+def test_dense_copy_of_4bit_experts_computes_the_same():
+    experts = _experts(4, 64, 64, QuantSpec("nf4"), lora=True)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 64, generator=gen)
+    index = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(9)])
+    weight = torch.rand(9, 2, generator=gen)
+    outs = []
+    for cached in (False, True):
+        for proj in (experts.gate_up_proj, experts.down_proj):
+            proj.cache_dequantized = cached
+        xi = x.clone().requires_grad_(True)
+        y = experts(xi, index, weight, _swiglu)
+        y.sum().backward()
+        outs.append((y.detach(), xi.grad, experts.down_proj.lora_A.grad.clone()))
+        experts.zero_grad()
+    assert experts.gate_up_proj._cache and experts.gate_up_proj.frozen_weight().pieces == 4
+    for plain, copied in zip(*outs, strict=True):
+        torch.testing.assert_close(plain, copied, atol=1e-6, rtol=1e-6)

@@ -15,7 +15,7 @@ from nibble.devices import DTYPES
 from nibble.errors import NibbleError
 from nibble.model.config import ModelConfig
 from nibble.nn.lora import ATTENTION_PROJECTIONS, EXPERTS, MLP_PROJECTIONS, PROJECTIONS
-from nibble.nn.quant_linear import DEQUANTIZE_WORKSPACE, FrozenWeight, auto_cache_budget, plan_copies
+from nibble.nn.quant_linear import FrozenWeight, auto_cache_budget, plan_copies
 from nibble.quant import QuantSpec
 from nibble.quant.nf4 import NESTED_BLOCKSIZE
 
@@ -303,25 +303,23 @@ def allocator_slack_bytes(config: ModelConfig, opts: PlanOptions) -> int:
 
 
 def frozen_weights(config: ModelConfig, opts: PlanOptions) -> list[FrozenWeight]:
-    """The block projections of a ``qlora`` run as 4-bit frozen weights, in model order (layer by layer); a
-    ``gguf`` base's share of its file's projection bytes in proportion to each weight's size. Experts are not among
-    them (they keep no dense copies; see :func:`expert_workspace_bytes`)."""
+    """The frozen 4-bit weights of a ``qlora`` run in model order (layer by layer): the block projections, and in a
+    sparse layer its experts as one weight per projection (dequantized an expert at a time); a ``gguf`` base's
+    share of its file's projection bytes in proportion to each weight's size."""
     spec, shapes = opts.quant, projection_shapes(config)
     moe = config.moe
-    names = [[n for n in PROJECTIONS if moe is None or not moe.is_sparse(i) or n in ATTENTION_PROJECTIONS]
-             for i in range(config.num_hidden_layers)]  # fmt: skip
+    layers = []
+    for i in range(config.num_hidden_layers):
+        sparse = moe is not None and moe.is_sparse(i)
+        names = ATTENTION_PROJECTIONS if sparse else PROJECTIONS
+        layers.append([(shapes[n], 1) for n in names] + [((e * o, k), e) for e, o, k in expert_shapes(config).values()
+                                                         if sparse])  # fmt: skip
     if spec.format == "gguf":
-        per_element = _gguf_projection_bytes(opts) / sum(math.prod(shapes[n]) for row in names for n in row)
-        size = {n: round(math.prod(shape) * per_element) for n, shape in shapes.items()}
+        per_element = _gguf_projection_bytes(opts) / sum(math.prod(shape) for row in layers for shape, _ in row)
+        size = lambda shape: round(math.prod(shape) * per_element)  # noqa: E731
     else:
-        size = {n: weight_bytes(*shape, spec) for n, shape in shapes.items()}
-    return [FrozenWeight(*shapes[n], size[n], spec.format) for row in names for n in row]
-
-
-def expert_workspace_bytes(config: ModelConfig, opts: PlanOptions) -> int:
-    """The dequantize workspace of the largest single expert: the grouped compute dequantizes one at a time."""
-    shapes = expert_shapes(config).values()
-    return max((o * i * DEQUANTIZE_WORKSPACE[opts.quant.format] for _, o, i in shapes), default=0)
+        size = lambda shape: weight_bytes(*shape, spec)  # noqa: E731
+    return [FrozenWeight(*shape, size(shape), spec.format, pieces) for row in layers for shape, pieces in row]
 
 
 def _gguf_projection_bytes(opts: PlanOptions) -> int:
@@ -377,10 +375,9 @@ def plan_rows(config: ModelConfig, opts: PlanOptions, cache_limit: int | None = 
         if copies:
             params = copy_bytes // e
             rows.append((f"dense copies of {copies}/{total} frozen 4-bit weights [{opts.dtype}]", params, copy_bytes))
-        if copies < total or config.moe is not None:
+        if copies < total:
             weights = frozen_weights(config, opts)
-            workspace = max([x.workspace_bytes() for x in weights] + [expert_workspace_bytes(config, opts)])
-            rows.append(("dequantize workspace (largest 4-bit weight)", 0, workspace))
+            rows.append(("dequantize workspace (largest 4-bit weight)", 0, max(x.workspace_bytes() for x in weights)))
     else:
         state = "trainable" if opts.method == "full" else "frozen"
         rows.append((f"block projections, {state} [{wdtype}]", proj_params, proj_params * w))

@@ -22,7 +22,7 @@ from torch import nn
 
 from nibble import kernels
 from nibble.errors import NibbleError
-from nibble.nn.quant_linear import frozen_matmul
+from nibble.nn.quant_linear import FrozenWeight, frozen_matmul
 from nibble.quant import QuantizedWeight
 
 # The two fused projections of a layer's experts (transformers 5's parameter names).
@@ -45,6 +45,8 @@ class ExpertLinear(nn.Module):
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
         self.scaling = 0.0
+        self.cache_dequantized = False  # keep a dense copy of 4-bit experts (the dense-copy policy sets it)
+        self._cache: dict[torch.dtype, torch.Tensor] = {}
 
     def set_weight(self, weight: torch.Tensor | QuantizedWeight) -> None:
         """Hold ``weight``: dense ``[experts, out, in]`` (frozen), or a QuantizedWeight ``[experts * out, in]``.
@@ -58,6 +60,7 @@ class ExpertLinear(nn.Module):
                 raise NibbleError(f"4-bit experts need shape {[e * n, k]}, got {list(weight.shape)}")
             self.qweight = weight
             self.weight = None
+            self.clear_cache()
             return
         if tuple(weight.shape) != (e, n, k):
             raise NibbleError(f"experts need shape {[e, n, k]}, got {list(weight.shape)}")
@@ -73,6 +76,22 @@ class ExpertLinear(nn.Module):
         if self.qweight is not None:
             return self.qweight.rows(e * self.out_features, (e + 1) * self.out_features)
         return self.weight[e]
+
+    def frozen_weight(self) -> FrozenWeight:
+        """The 4-bit experts as the dense-copy policy sees them (one weight, dequantized an expert at a time)."""
+        e, n, k = self.num_experts, self.out_features, self.in_features
+        return FrozenWeight(e * n, k, self.qweight.memory_bytes(), self.qweight.format, pieces=e)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def _dense_copy(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The dense ``[experts, out, in]`` copy in ``dtype`` when caching is on (built on first use), else None."""
+        if not self.cache_dequantized or self.qweight is None:
+            return None
+        if dtype not in self._cache:
+            self._cache[dtype] = self.dequantize(dtype)
+        return self._cache[dtype]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The frozen weights as one dense ``[experts, out, in]`` tensor."""
@@ -119,6 +138,7 @@ class ExpertLinear(nn.Module):
     def grouped(self, x: torch.Tensor, sizes: list[int], experts: list[int]) -> torch.Tensor:
         """``x`` [M, in], rows grouped by expert (``sizes[j]`` rows for expert ``experts[j]``) -> [M, out]."""
         pieces = x.split(sizes)
+        copy = self._dense_copy(x.dtype)
         lora = self.lora_A is not None
         if lora:
             # unbind once: its backward stacks the experts' gradients into one tensor (indexing per expert would
@@ -126,7 +146,7 @@ class ExpertLinear(nn.Module):
             a_parts, b_parts = self.lora_A.unbind(0), self.lora_B.unbind(0)
         out = []
         for e, rows in zip(experts, pieces, strict=True):
-            y = frozen_matmul(rows, self.expert_weight(e))  # [n_e, out]
+            y = frozen_matmul(rows, copy[e] if copy is not None else self.expert_weight(e))  # [n_e, out]
             if lora:
                 y = y + kernels.linear(kernels.linear(rows, a_parts[e]), b_parts[e]) * self.scaling
             out.append(y)
@@ -138,6 +158,7 @@ class ExpertLinear(nn.Module):
             target = fn(torch.empty(0, dtype=torch.uint8, device=self.qweight.device)).device
             if target != self.qweight.device:
                 self.qweight = self.qweight.to(target)
+                self.clear_cache()
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
