@@ -55,12 +55,14 @@ def moe_config(args: argparse.Namespace):
     )
 
 
-def saved_megabytes(fn) -> float:
-    """MB of the tensors autograd saves while ``fn()`` runs (each storage once)."""
+def saved_megabytes(fn, weights: list[torch.Tensor]) -> float:
+    """MB of the activations autograd saves while ``fn()`` runs (each storage once; ``weights``' storages left out)."""
+    skip = {w.untyped_storage().data_ptr() for w in weights}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -144,7 +146,8 @@ def expert_table(args: argparse.Namespace) -> list[str]:
         ("transformers Qwen3MoeExperts + PEFT target_parameters", transformers_block),
     ]
     times = {name: best_of(fn, args.repeat, warm_up=True) for name, fn in cases}
-    saved = {name: saved_megabytes(fn) for name, fn in cases}
+    weights = [gate_up, down, *grouped_dense.parameters(), *grouped_nf4.parameters(), *peft_block.parameters()]
+    saved = {name: saved_megabytes(fn, weights) for name, fn in cases}
     ref = times[cases[-1][0]]
     for name, _ in cases:
         rows.append(f"| {name} | {times[name] * 1e3:.0f} | {ref / times[name]:.2f}x | {saved[name]:.0f} |")
@@ -155,12 +158,15 @@ def train_child(args: argparse.Namespace) -> None:
     """Train ``args.child`` (nibble or hf) on the checkpoint in ``args.model``; print a JSON result line."""
     torch.manual_seed(0)
     batches = [torch.randint(0, args.vocab, (args.batch, args.seq)) for _ in range(args.steps)]
-    if args.child == "nibble":
+    if args.child.startswith("nibble"):
         from nibble.model import load_model
         from nibble.nn.lora import apply_lora
+        from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
 
         model = load_model(args.model, quantize="nf4")
         apply_lora(model, "all-linear", rank=RANK, alpha=16.0, dropout=0.0)
+        budget = cache_budget_bytes(model, torch.float32) if args.child == "nibble" else 0  # as nibble train does
+        cache_dense_weights(model, budget, torch.float32)
         model.train()
 
         def loss_of(ids):
@@ -207,26 +213,42 @@ def train_table(args: argparse.Namespace) -> list[str]:
         torch.manual_seed(0)
         Qwen3MoeForCausalLM(moe_config(args)).save_pretrained(tmp)
         results = {}
-        for stack in ("nibble", "hf"):
+        for stack in ("nibble", "nibble-nocache", "hf"):
             argv = [sys.executable, __file__, "--child", stack, "--model", tmp] + [
-                f"--{k}={getattr(args, k)}" for k in ("experts", "top_k", "hidden", "inter", "layers", "vocab", "seq",
-                                                    "batch", "steps")  # fmt: skip
+                f"--{k}={getattr(args, k)}"
+                for k in (
+                    "experts",
+                    "top_k",
+                    "hidden",
+                    "inter",
+                    "layers",
+                    "vocab",
+                    "seq",
+                    "batch",
+                    "steps",
+                )  # fmt: skip
             ]
             argv = [a.replace("--top_k", "--top-k") for a in argv]
             done = subprocess.run(argv, capture_output=True, text=True, check=True)
             results[stack] = json.loads(done.stdout.strip().splitlines()[-1])
-    n, r = results["nibble"], results["hf"]
+    r = results["hf"]
+    names = {
+        "nibble": "nibble (NF4 attention + experts, dense copies by its CPU default)",
+        "nibble-nocache": "nibble (NF4, no dense copies: --cache-budget-mb 0)",
+        "hf": "transformers + PEFT + bnb (NF4 attention, fp32 experts)",
+    }
     return [
         f"QLoRA training, Qwen3-MoE shape: {args.layers} layers, {args.experts} experts top-{args.top_k}, hidden "
         f"{args.hidden}, moe_intermediate {args.inter}, vocab {args.vocab}; {args.batch} x {args.seq} tokens, "
         f"{args.steps} steps (first left out), LoRA r={RANK} on attention + experts",
         "",
-        "| stack | tokens/s | peak RSS GB | trainable |",
-        "|---|---:|---:|---:|",
-        f"| nibble (NF4 attention + experts) | {n['tokens_per_s']:.1f} | {n['peak_rss_gb']:.2f} | {n['trainable']:,} |",
-        f"| transformers + PEFT + bnb (NF4 attention, fp32 experts) | {r['tokens_per_s']:.1f} | "
-        f"{r['peak_rss_gb']:.2f} | {r['trainable']:,} |",
-        f"| ratio | {n['tokens_per_s'] / r['tokens_per_s']:.2f}x | {n['peak_rss_gb'] / r['peak_rss_gb']:.2f}x | |",
+        "| stack | tokens/s | vs transformers | peak RSS GB | vs transformers | trainable |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(
+            f"| {names[s]} | {v['tokens_per_s']:.1f} | {v['tokens_per_s'] / r['tokens_per_s']:.2f}x | "
+            f"{v['peak_rss_gb']:.2f} | {v['peak_rss_gb'] / r['peak_rss_gb']:.2f}x | {v['trainable']:,} |"
+            for s, v in results.items()
+        ),
     ]
 
 
@@ -244,7 +266,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048, help="tokens of the expert-compute table")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-train", action="store_true")
-    parser.add_argument("--child", choices=("nibble", "hf"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("nibble", "nibble-nocache", "hf"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

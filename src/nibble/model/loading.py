@@ -83,9 +83,9 @@ def load_model(
         path: directory with config.json and model.safetensors (or a sharded index), or a .gguf file.
         task: "causal_lm" (LM head) or "classify" (``score`` head; fresh unless the checkpoint has one).
         num_labels: classifier outputs; defaults to the checkpoint's own.
-        quantize: None, or how to store the seven block projections in 4 bits (a QuantSpec, or a format
-            name, "nf4" or "int4", with its default parameters); "gguf" keeps the blocks of a .gguf ``path``
-            (or of the file a converted directory came from) as they are.
+        quantize: None, or how to store the seven block projections (and a MoE model's experts) in 4 bits (a
+            QuantSpec, or a format name, "nf4" or "int4", with its default parameters); "gguf" keeps the blocks of a
+            .gguf ``path`` (or of the file a converted directory came from) as they are.
         dtype: dtype of embeddings, dense projections and heads (norm weights are always fp32).
         device: where the model lives: ``"auto"`` (CUDA, then XPU, then MPS, else CPU), ``"cpu"``, ``"cuda"``,
             ``"cuda:N"``, ``"mps"``, ``"xpu"`` or a torch.device.

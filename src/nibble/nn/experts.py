@@ -148,7 +148,8 @@ class ExpertLinear(nn.Module):
         for e, rows in zip(experts, pieces, strict=True):
             y = frozen_matmul(rows, copy[e] if copy is not None else self.expert_weight(e))  # [n_e, out]
             if lora:
-                y = y + kernels.linear(kernels.linear(rows, a_parts[e]), b_parts[e]) * self.scaling
+                # scaled at rank r, where the tensor is out/r times smaller than the update
+                y = y + kernels.linear(kernels.linear(rows, a_parts[e]) * self.scaling, b_parts[e])
             out.append(y)
         return torch.cat(out)
 
