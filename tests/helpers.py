@@ -24,12 +24,15 @@ TINY = dict(
     num_key_value_heads=2,
     max_position_embeddings=256,
 )
+# Qwen3-MoE on top of TINY: 4 experts, 2 per token, each expert's projections whole NF4 blocks.
+TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
 
 
 def hf_config(model_type: str = "qwen3", **overrides: Any):
-    """A transformers config of ``model_type`` (qwen3, qwen2, llama, mistral) with TINY sizes.
+    """A transformers config of ``model_type`` (qwen3, qwen3_moe, qwen2, llama, mistral) with TINY sizes (and
+    TINY_MOE's experts).
 
     Qwen3 gets ``head_dim=32`` (so q_dim 128 != hidden 64, as in real Qwen3 models); pad/bos/eos are
     the ids of :func:`write_tokenizer`'s special tokens. ``overrides`` win over everything.
@@ -37,8 +40,10 @@ def hf_config(model_type: str = "qwen3", **overrides: Any):
     from transformers import AutoConfig
 
     kwargs: dict[str, Any] = dict(TINY, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
-    if model_type == "qwen3":
+    if model_type in ("qwen3", "qwen3_moe"):
         kwargs["head_dim"] = 32
+    if model_type == "qwen3_moe":
+        kwargs.update(TINY_MOE)
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 
@@ -110,6 +115,21 @@ def make_hf_checkpoint(
     else:
         save_hf_model(model, path, max_shard_size=max_shard_size, tokenizer=tokenizer)
     return Path(path), model
+
+
+def save_fused_experts(path: str | Path) -> Path:
+    """Rewrite the checkpoint at ``path`` with transformers' in-memory tensor names: each layer's experts fused as
+    ``experts.gate_up_proj`` [E, 2I, H] and ``experts.down_proj`` [E, H, I] (``save_pretrained`` writes them per
+    expert)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    for old in path.glob("model*.safetensors*"):
+        old.unlink()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors", {"format": "pt"})
+    return path
 
 
 def write_word_rows(path: str | Path, words: dict[str, list[str]], n: int, seed: int, length: int = 3) -> Path:

@@ -12,7 +12,9 @@ from nibble.model.generate import generate, sample_next
 PROMPT = [5, 17, 99, 3, 42]
 
 
-@pytest.mark.parametrize(("family", "kwargs"), [("qwen3", {}), ("qwen2", {}), ("llama", {"tie_word_embeddings": True})])
+@pytest.mark.parametrize(
+    ("family", "kwargs"), [("qwen3", {}), ("qwen3_moe", {}), ("qwen2", {}), ("llama", {"tie_word_embeddings": True})]
+)
 def test_greedy_tokens_equal_transformers(shared_checkpoint, family, kwargs):
     path, hf = shared_checkpoint(family, **kwargs)
     model = nibble.load_model(path)

@@ -72,6 +72,13 @@ def run(args: argparse.Namespace) -> int:
         f"{c.model_type}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, intermediate {c.intermediate_size}, "
         f"heads {c.num_attention_heads}/{c.num_key_value_heads}, head_dim {c.head_dim}, vocab {c.vocab_size}"
     )
+    if c.moe is not None:
+        moe, sparse = c.moe, sum(c.moe.is_sparse(i) for i in range(c.num_hidden_layers))
+        print(
+            f"experts: {moe.num_experts} per sparse layer ({sparse} of {c.num_hidden_layers}), "
+            f"top-{moe.num_experts_per_tok}, width {moe.moe_intermediate_size}; all experts resident, activations "
+            "for the routed tokens only"
+        )
     print()
     _print_formats(model, config.quant_spec)
     print()

@@ -4,6 +4,14 @@ A directory holds ``adapter_config.json`` (the keys PEFT 0.21 writes for a LoRA 
 ``adapter_model.safetensors`` with PEFT's tensor names: ``base_model.model.<module path>.lora_A.weight``
 [r, in], ``...lora_B.weight`` [out, r], and for a classifier ``base_model.model.score.weight`` (the
 head PEFT keeps whole through ``modules_to_save``).
+
+LoRA on the experts of a mixture-of-experts layer is PEFT's LoRA on fused 3-D parameters (``target_parameters``
+``mlp.experts.gate_up_proj`` and ``mlp.experts.down_proj``): per expert ``e`` a rank-r A and B, stored as
+``lora_A.weight`` [E*r, in] (expert-major rows) and ``lora_B.weight`` [out, r*E] (column ``j*E + e`` is rank
+``j`` of expert ``e``). PEFT nests one wrapper per parameter in the order the module registers them, so the
+gate/up adapter's keys are ``...mlp.experts.base_layer.lora_A.weight`` and the down adapter's
+``...mlp.experts.lora_A.weight``. PEFT's wrapper has no dropout: such an adapter records ``lora_dropout`` 0
+(nibble trains the experts' LoRA without dropout).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from torch import nn
 from nibble.errors import NibbleError
 from nibble.io.files import read_json_object
 from nibble.io.safetensors import copy_into, load_file, save_file_atomic
-from nibble.nn.lora import apply_lora, lora_layers
+from nibble.nn.lora import EXPERTS, apply_lora, expert_lora_layers, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -27,6 +35,12 @@ PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"
 TASK_TYPES = {"classify": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 HEADS = {"classify": "score"}
+# The module name of a mixture-of-experts router: trained (--train-router), it is kept whole like a head.
+ROUTER = "gate"
+# target_parameters of an adapter with LoRA on the experts (sorted, as PEFT writes them), and the number of
+# PEFT's nested base_layer wrappers around each (the first registered parameter is wrapped first, innermost).
+EXPERT_PARAMETERS = ("mlp.experts.down_proj", "mlp.experts.gate_up_proj")
+EXPERT_NESTING = {"gate_up_proj": "base_layer.", "down_proj": ""}
 
 
 def adapter_config(
@@ -74,7 +88,7 @@ def adapter_config(
         "r": rank,
         "rank_pattern": {},
         "revision": None,
-        "target_modules": sorted(targets),
+        "target_modules": sorted(t for t in targets if t != EXPERTS),
         "target_parameters": None,
         "task_type": TASK_TYPES[task],
         "trainable_token_indices": None,
@@ -92,16 +106,55 @@ def adapter_tensors(model: nn.Module, task: str) -> dict[str, torch.Tensor]:
     for path, layer in lora_layers(model).items():
         tensors[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A.weight.detach()
         tensors[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B.weight.detach()
+    for path, experts in expert_lora_layers(model).items():
+        a_key, b_key = _expert_keys(path)
+        e, out, r = experts.lora_B.shape
+        tensors[a_key] = experts.lora_A.detach().reshape(e * r, -1)  # [E, r, in] -> [E*r, in]
+        tensors[b_key] = experts.lora_B.detach().permute(1, 2, 0).reshape(out, r * e)  # [E, out, r] -> [out, r*E]
     head = HEADS.get(task)
     if head is not None:
         tensors[f"{PREFIX}{head}.weight"] = getattr(model, head).weight.detach()
+    for path, router in _routers(model).items():
+        if router.weight.requires_grad:
+            tensors[f"{PREFIX}{path}.weight"] = router.weight.detach()
     return tensors
 
 
+def _routers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The routers of ``model``'s sparse blocks by module path (``model.layers.i.mlp.gate``)."""
+    return {
+        path: m
+        for path, m in model.named_modules()
+        if path.endswith(f".mlp.{ROUTER}")
+        and isinstance(m, nn.Linear)
+        and hasattr(model.get_submodule(path[:-5]), "experts")
+    }
+
+
+def _expert_keys(path: str) -> tuple[str, str]:
+    """PEFT's lora_A and lora_B keys of the experts' projection at module ``path`` (``...mlp.experts.down_proj``)."""
+    parent, name = path.rsplit(".", 1)
+    inner = f"{PREFIX}{parent}.{EXPERT_NESTING[name]}"
+    return f"{inner}lora_A.weight", f"{inner}lora_B.weight"
+
+
 def save_adapter(model: nn.Module, directory: str | Path, config: dict[str, Any]) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``."""
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``.
+
+    The config's targets are those the model has (``all-linear`` on a mixture-of-experts model whose layers are
+    all sparse has no gate_proj): ``target_modules`` the ones that adapted a linear layer, and ``experts`` as
+    ``target_parameters`` (with ``lora_dropout`` 0, see the module docstring)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    paths = list(lora_layers(model))
+    config = dict(config)
+    config["target_modules"] = sorted(
+        t for t in config["target_modules"] if any(p == t or p.endswith("." + t) for p in paths)
+    )
+    if expert_lora_layers(model):
+        config.update(target_parameters=list(EXPERT_PARAMETERS), lora_dropout=0.0)
+    if any(router.weight.requires_grad for router in _routers(model).values()):
+        config["modules_to_save"] = [*(config["modules_to_save"] or []), ROUTER]
     task = next(t for t, name in TASK_TYPES.items() if name == config["task_type"])
     save_file_atomic(adapter_tensors(model, task), directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -122,9 +175,15 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         "alpha_pattern": {},
         "layers_to_transform": None,
         "layer_replication": None,
-        "target_parameters": None,
         "trainable_token_indices": None,
     }
+    parameters = config.get("target_parameters")
+    tails = sorted(".".join(str(t).split(".")[-3:]) for t in parameters or [])
+    if parameters and tails != list(EXPERT_PARAMETERS):
+        raise NibbleError(
+            f"{path}: 'target_parameters' = {parameters!r} is not supported; nibble applies LoRA to parameters "
+            f"only as {list(EXPERT_PARAMETERS)} (both experts' projections)"
+        )
     for key, plain in unsupported.items():
         if config.get(key) is not None and config[key] != plain:
             raise NibbleError(f"{path}: '{key}' = {config[key]!r} is not supported; nibble applies plain LoRA")
@@ -147,10 +206,14 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, Any]:
     if not weights.is_file():
         raise NibbleError(f"{weights}: missing; the adapter directory is incomplete")
     tensors = load_file(weights)
-    targets = config["target_modules"]
+    targets = config["target_modules"] or []
     if isinstance(targets, str) and targets != "all-linear":
         pattern = re.compile(targets)
         targets = [path for path, m in model.named_modules() if pattern.fullmatch(path) and hasattr(m, "in_features")]
+    if config.get("target_parameters"):
+        if isinstance(targets, str):
+            raise NibbleError(f"{directory / CONFIG_NAME}: 'target_modules' {targets!r} with 'target_parameters'")
+        targets = [*targets, EXPERTS]
     wrapped = apply_lora(
         model,
         targets,
@@ -162,12 +225,25 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, Any]:
     expected: dict[str, torch.Tensor] = {}
     layers = lora_layers(model)
     for path in wrapped:
-        layer = layers[path]
-        expected[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A.weight
-        expected[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B.weight
+        if path in layers:
+            expected[f"{PREFIX}{path}.lora_A.weight"] = layers[path].lora_A.weight
+            expected[f"{PREFIX}{path}.lora_B.weight"] = layers[path].lora_B.weight
+    experts = expert_lora_layers(model)
+    for path, layer in experts.items():  # read in PEFT's layout, copied into nibble's below
+        e, out, r = layer.lora_B.shape
+        a_key, b_key = _expert_keys(path)
+        expected[a_key], expected[b_key] = torch.empty(e * r, layer.in_features), torch.empty(out, r * e)
     for head in config.get("modules_to_save") or []:
         module = getattr(model, head, None)
         if isinstance(module, nn.Linear) and f"{PREFIX}{head}.weight" in tensors:
             expected[f"{PREFIX}{head}.weight"] = module.weight
+        if head == ROUTER:
+            expected.update({f"{PREFIX}{path}.weight": router.weight for path, router in _routers(model).items()})
     copy_into(expected, tensors, str(weights), "the adapter does not fit this model")
+    with torch.no_grad():
+        for path, layer in experts.items():
+            a_key, b_key = _expert_keys(path)
+            e, out, r = layer.lora_B.shape
+            layer.lora_A.copy_(expected[a_key].view(e, r, -1))  # [E*r, in] -> [E, r, in]
+            layer.lora_B.copy_(expected[b_key].view(out, r, e).permute(2, 0, 1))  # [out, r*E] -> [E, out, r]
     return config

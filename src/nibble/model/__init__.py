@@ -1,4 +1,4 @@
-"""Decoder models (Qwen3, Qwen2, Llama, Mistral) built from Hugging Face checkpoints."""
+"""Decoder models (Qwen3, Qwen3-MoE, Qwen2, Llama, Mistral) built from Hugging Face checkpoints."""
 
 from nibble.model.config import ModelConfig
 from nibble.model.loading import load_model

@@ -12,7 +12,7 @@ from nibble.io.files import read_json_object
 from nibble.io.rope import rope_config_keys
 
 # model_type -> the class-name prefix transformers uses (Qwen3ForCausalLM, ...).
-ARCHITECTURES = {"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral"}
+ARCHITECTURES = {"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral", "qwen3_moe": "Qwen3Moe"}
 ROPE_TYPES = ("default", "linear", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -21,6 +21,7 @@ _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_p
 class ModelConfig:
     """Sizes and family features of a Qwen3 / Qwen2 / Llama / Mistral decoder.
 
+    ``moe`` is None for a dense decoder, else the sparse blocks' sizes (:class:`MoEConfig`).
     ``rope_scaling`` is None for plain RoPE, else a dict with ``rope_type`` ("linear" or "llama3") and
     that type's parameters. ``attention_bias`` puts a bias on q/k/v; ``attention_out_bias`` on o_proj
     (Llama and Qwen3 use one flag for all four, Qwen2 biases q/k/v only). ``qk_norm`` is Qwen3's per-head
@@ -53,6 +54,7 @@ class ModelConfig:
     initializer_range: float = 0.02
     torch_dtype: str | None = None
     quantization_config: dict[str, Any] | None = field(default=None, repr=False)
+    moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
@@ -130,12 +132,14 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
         }
-        if self.model_type in ("llama", "qwen3"):
+        if self.model_type in ("llama", "qwen3", "qwen3_moe"):
             out["attention_bias"] = self.attention_bias
         if self.model_type == "llama":
             out["mlp_bias"] = self.mlp_bias
         if self.model_type == "mistral":
             out["sliding_window"] = self.sliding_window
+        if self.moe is not None:
+            out.update(self.moe.to_hf())
         if self.torch_dtype:
             out["dtype"] = self.torch_dtype
         if self.num_labels:
@@ -294,9 +298,9 @@ def _from_dict(data: dict[str, Any], source: str) -> ModelConfig:
             tie_word_embeddings=_field(data, "tie_word_embeddings", source, False, "bool"),
             # Qwen2 always biases q/k/v and never o_proj; Mistral has no biases.
             attention_bias=model_type == "qwen2" or (bias and model_type != "mistral"),
-            attention_out_bias=bias and model_type in ("llama", "qwen3"),
+            attention_out_bias=bias and model_type in ("llama", "qwen3", "qwen3_moe"),
             mlp_bias=_field(data, "mlp_bias", source, False, "bool") and model_type == "llama",
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             sliding_window=sliding,
             pad_token_id=_field(data, "pad_token_id", source, None, "int?"),
             bos_token_id=_field(data, "bos_token_id", source, None, "int?"),
@@ -306,8 +310,57 @@ def _from_dict(data: dict[str, Any], source: str) -> ModelConfig:
             initializer_range=float(_field(data, "initializer_range", source, 0.02, "number>=0")),
             torch_dtype=dtype,
             quantization_config=_field(data, "quantization_config", source, None, "object?"),
+            moe=_moe(data, source) if model_type == "qwen3_moe" else None,
         )
     except (TypeError, ValueError) as exc:
         raise NibbleError(f"{source}: invalid value ({exc})") from None
     except NibbleError as exc:
         raise NibbleError(f"{source}: {str(exc).removeprefix('config.json: ')}") from None
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """The sparse mixture-of-experts blocks of Qwen3-MoE: ``num_experts`` SwiGLU experts of width
+    ``moe_intermediate_size``, ``num_experts_per_tok`` chosen per token by a softmax router (their weights
+    renormalized to sum to 1 when ``norm_topk_prob``). Layer ``i`` is sparse unless it is in
+    ``mlp_only_layers`` or ``(i + 1) % decoder_sparse_step != 0``; the others keep a dense SwiGLU of
+    ``intermediate_size``. ``router_aux_loss_coef`` weighs the load-balancing loss."""
+
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.001
+
+    def is_sparse(self, layer_idx: int) -> bool:
+        """Whether decoder layer ``layer_idx`` has a sparse MoE block (else a dense SwiGLU)."""
+        return layer_idx not in self.mlp_only_layers and (layer_idx + 1) % self.decoder_sparse_step == 0
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config.json keys (``num_experts`` as published checkpoints write it; transformers 5 reads it)."""
+        out = asdict(self)
+        out["mlp_only_layers"] = list(self.mlp_only_layers)
+        return out
+
+
+def _moe(data: dict[str, Any], source: str) -> MoEConfig:
+    # transformers 5 writes num_experts as num_local_experts; published Qwen3-MoE configs write num_experts
+    key = "num_experts" if "num_experts" in data else "num_local_experts"
+    experts = _field(data, key, source, None, "int")
+    top_k = _field(data, "num_experts_per_tok", source, None, "int")
+    if top_k > experts:
+        raise NibbleError(f"{source}: 'num_experts_per_tok' ({top_k}) must be at most '{key}' ({experts})")
+    only = data.get("mlp_only_layers") or []
+    if not isinstance(only, list) or not all(type(i) is int for i in only):
+        raise NibbleError(f"{source}: 'mlp_only_layers' must be a list of layer indices, got {repr(only)[:80]}")
+    return MoEConfig(
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=_field(data, "moe_intermediate_size", source, None, "int"),
+        norm_topk_prob=_field(data, "norm_topk_prob", source, False, "bool"),
+        decoder_sparse_step=_field(data, "decoder_sparse_step", source, 1, "int"),
+        mlp_only_layers=tuple(only),
+        router_aux_loss_coef=float(_field(data, "router_aux_loss_coef", source, 0.001, "number>=0")),
+    )

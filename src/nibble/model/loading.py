@@ -23,6 +23,7 @@ from nibble.devices import resolve_device
 from nibble.errors import NibbleError
 from nibble.io import bnb
 from nibble.io.safetensors import Checkpoint, read_checkpoint
+from nibble.model import moe
 from nibble.model.config import ModelConfig
 from nibble.model.model import TASKS, DecoderModel
 from nibble.model.quant_cache import QuantCache
@@ -76,15 +77,15 @@ def load_model(
     device: torch.device | str = "cpu",
     pooling: str = "last",
 ) -> DecoderModel:
-    """Load a Qwen3 / Qwen2 / Llama / Mistral checkpoint directory.
+    """Load a Qwen3 / Qwen3-MoE / Qwen2 / Llama / Mistral checkpoint directory.
 
     Args:
         path: directory with config.json and model.safetensors (or a sharded index), or a .gguf file.
         task: "causal_lm" (LM head) or "classify" (``score`` head; fresh unless the checkpoint has one).
         num_labels: classifier outputs; defaults to the checkpoint's own.
-        quantize: None, or how to store the seven block projections in 4 bits (a QuantSpec, or a format
-            name, "nf4" or "int4", with its default parameters); "gguf" keeps the blocks of a .gguf ``path``
-            (or of the file a converted directory came from) as they are.
+        quantize: None, or how to store the seven block projections (and a MoE model's experts) in 4 bits (a
+            QuantSpec, or a format name, "nf4" or "int4", with its default parameters); "gguf" keeps the blocks of a
+            .gguf ``path`` (or of the file a converted directory came from) as they are.
         dtype: dtype of embeddings, dense projections and heads (norm weights are always fp32).
         device: where the model lives: ``"auto"`` (CUDA, then XPU, then MPS, else CPU), ``"cpu"``, ``"cuda"``,
             ``"cuda:N"``, ``"mps"``, ``"xpu"`` or a torch.device.
@@ -127,7 +128,11 @@ def load_model(
     backbone = model.model
     backbone.embed_tokens.weight = loader.parameter("model.embed_tokens.weight", backbone.embed_tokens.weight)
     for i, layer in enumerate(backbone.layers):
-        for group, names in (("self_attn", ATTENTION_PROJECTIONS), ("mlp", MLP_PROJECTIONS)):
+        groups = [("self_attn", ATTENTION_PROJECTIONS), ("mlp", MLP_PROJECTIONS)]
+        if isinstance(layer.mlp, moe.SparseMoE):
+            moe.load_sparse_block(layer.mlp, loader, f"model.layers.{i}.mlp", spec)
+            groups.pop()
+        for group, names in groups:
             parent = getattr(layer, group)
             for name in names:
                 prefix = f"model.layers.{i}.{group}.{name}"
@@ -198,6 +203,7 @@ def _load_score(model: DecoderModel, loader: _Loader, config: ModelConfig) -> No
 def _check_unexpected(ckpt: Checkpoint, model: DecoderModel, config: ModelConfig) -> None:
     """Reject tensors the model has no place for (before any is read), naming the first."""
     known = set(model.state_dict()) | {"lm_head.weight", "score.weight"}  # the other task's head is skipped
+    known |= moe.checkpoint_keys(config)
 
     def expected(key: str) -> bool:
         base = next((key.removesuffix(s) for s in bnb.AUX_SUFFIXES if key.endswith(s)), key)

@@ -15,7 +15,7 @@ from nibble.devices import DTYPES
 from nibble.errors import NibbleError
 from nibble.kernels import on_fp32_units
 from nibble.model.config import ModelConfig
-from nibble.nn.lora import PROJECTIONS, RECOMPUTE_MIN_ELEMENTS
+from nibble.nn.lora import ATTENTION_PROJECTIONS, EXPERTS, MLP_PROJECTIONS, PROJECTIONS, RECOMPUTE_MIN_ELEMENTS
 from nibble.nn.quant_linear import FrozenWeight, auto_cache_budget, plan_copies
 from nibble.quant import QuantSpec
 from nibble.quant.nf4 import NESTED_BLOCKSIZE
@@ -38,6 +38,38 @@ def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
         "up_proj": (i, h),
         "down_proj": (h, i),
     }
+
+
+def expert_shapes(config: ModelConfig) -> dict[str, tuple[int, int, int]]:
+    """``(experts, out_features, in_features)`` of each fused expert projection of a sparse layer ({} when dense)."""
+    moe = config.moe
+    if moe is None:
+        return {}
+    e, h, i = moe.num_experts, config.hidden_size, moe.moe_intermediate_size
+    return {"gate_up_proj": (e, 2 * i, h), "down_proj": (e, h, i)}
+
+
+def sparse_layers(config: ModelConfig) -> int:
+    """How many decoder layers hold a sparse MoE block instead of the dense SwiGLU."""
+    moe = config.moe
+    return 0 if moe is None else sum(moe.is_sparse(i) for i in range(config.num_hidden_layers))
+
+
+def frozen_shapes(config: ModelConfig) -> list[tuple[int, int, int]]:
+    """``(how many, rows, in_features)`` of each kind of frozen block weight in the model: the attention projections
+    in every layer, the SwiGLU's in the dense layers, and each sparse layer's experts as one ``[experts * out, in]``
+    weight per projection (how they are stored in 4 bits)."""
+    shapes = projection_shapes(config)
+    layers, sparse = config.num_hidden_layers, sparse_layers(config)
+    out = [(layers, *shapes[name]) for name in ATTENTION_PROJECTIONS]
+    out += [(layers - sparse, *shapes[name]) for name in MLP_PROJECTIONS]
+    out += [(sparse, e * o, i) for e, o, i in expert_shapes(config).values()]
+    return [row for row in out if row[0]]
+
+
+def router_params(config: ModelConfig) -> int:
+    """Parameters of the sparse layers' routers (always dense)."""
+    return 0 if config.moe is None else sparse_layers(config) * config.moe.num_experts * config.hidden_size
 
 
 def weight_bytes(out_features: int, in_features: int, fmt: str | QuantSpec) -> int:
@@ -86,8 +118,8 @@ def format_rows(config: ModelConfig, spec: QuantSpec | None = None) -> list[tupl
     """
     h, layers = config.hidden_size, config.num_hidden_layers
     embed = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
-    proj = sum(o * i for o, i in projection_shapes(config).values()) * layers
-    norms = layers * (2 * h + 2 * config.head_dim * config.qk_norm) + h
+    proj = sum(n * o * i for n, o, i in frozen_shapes(config))
+    norms = layers * (2 * h + 2 * config.head_dim * config.qk_norm) + h + router_params(config)
     projections: dict[str, int | None] = {}
     for name, fmt in column_formats(spec or QuantSpec()).items():
         try:
@@ -98,7 +130,11 @@ def format_rows(config: ModelConfig, spec: QuantSpec | None = None) -> list[tupl
     tied = " (tied)" if config.tie_word_embeddings else ""
     return [
         (f"embeddings + lm_head{tied}", embed, {f: embed * dense[f] if f in dense else None for f in WEIGHT_FORMATS}),
-        ("norms", norms, {f: norms * dense[f] if f in dense else None for f in WEIGHT_FORMATS}),
+        (
+            "norms" + (" + routers" if config.moe else ""),
+            norms,
+            {f: norms * dense[f] if f in dense else None for f in WEIGHT_FORMATS},
+        ),
         ("block projections", proj, projections),
         (
             "all weights",
@@ -109,9 +145,9 @@ def format_rows(config: ModelConfig, spec: QuantSpec | None = None) -> list[tupl
 
 
 def projections_bytes(config: ModelConfig, fmt: str | QuantSpec) -> int:
-    """Bytes of all block projection weights (biases not included) stored as ``fmt`` (see :func:`weight_bytes`)."""
-    per_layer = sum(weight_bytes(o, i, fmt) for o, i in projection_shapes(config).values())
-    return per_layer * config.num_hidden_layers
+    """Bytes of all block projection weights, experts included (biases and routers not), stored as ``fmt`` (see
+    :func:`weight_bytes`)."""
+    return sum(n * weight_bytes(o, i, fmt) for n, o, i in frozen_shapes(config))
 
 
 @dataclass
@@ -137,6 +173,7 @@ class PlanOptions:
     train_embeddings: bool = False
     device: str = "cpu"
     cache_budget: int | None = None
+    train_router: bool = False
     # bytes of the block projections as a .gguf file stores them (the ``gguf`` format keeps them so)
     gguf_projection_bytes: int | None = None
     # the most real (non-pad) tokens a micro-batch of the run holds, where its data is known; else every row
@@ -151,9 +188,11 @@ class PlanOptions:
         for name in ("seq_len", "batch_size", "lora_rank", "num_labels"):
             if getattr(self, name) < 1:
                 raise NibbleError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        unknown = [t for t in self.lora_targets if t not in PROJECTIONS]
+        unknown = [t for t in self.lora_targets if t not in (*PROJECTIONS, EXPERTS)]
         if unknown or not self.lora_targets:
-            raise NibbleError(f"LoRA targets {unknown or '(none)'} are not projections; use some of {PROJECTIONS}")
+            raise NibbleError(
+                f"LoRA targets {unknown or '(none)'} are not projections; use some of {(*PROJECTIONS, EXPERTS)}"
+            )
 
     @property
     def tokens(self) -> int:
@@ -186,24 +225,57 @@ def block_activation_bytes(config: ModelConfig, opts: PlanOptions) -> int:
     fp32_units = opts.device == "cpu" and on_fp32_units(DTYPES[opts.dtype], torch.device("cpu"))
     a = 4 if fp32_units else e
     h, q, kv, i = config.hidden_size, config.q_dim, config.kv_dim, config.intermediate_size
-    kept = 4 * 2 * h + a * (2 * q + 2 * kv) + e * (2 * i + (q + kv) * config.qk_norm)
+    kept = 4 * 2 * h + a * (2 * q + 2 * kv) + e * (_mlp_kept(config) + (q + kv) * config.qk_norm)
     if opts.method == "full":
         # The norms' fp32 outputs, which autocast casts once for each projection that reads them (3 + 2).
         norm_outputs = 4 * 2 * h if e == 4 else e * 5 * h
         # QK-norm with trainable weights: the normalized q and k and their outputs before RoPE, in fp32.
         qk = 4 * 3 * (q + kv) * config.qk_norm
         return kept + 4 * 2 * h + norm_outputs + e * i + qk + _attention_probabilities(config, opts)
+    targets = _lora_targets(config, opts.lora_targets)
+    if EXPERTS in targets:  # each expert LoRA's rank-r output per assignment (its inputs are kept anyway)
+        kept += e * 2 * config.moe.num_experts_per_tok * opts.lora_rank
+        targets = tuple(t for t in targets if t != EXPERTS)
     inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": 0, "gate_proj": h, "up_proj": h, "down_proj": i}
     shared = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
-    kept += e * sum({shared.get(t, t): inputs[t] for t in opts.lora_targets}.values())
+    kept += e * sum({shared.get(t, t): inputs[t] for t in targets}.values())
     if opts.lora_dropout == 0 and fp32_units:
-        kept += 4 * sum({shared.get(t, t): inputs[t] or q for t in opts.lora_targets}.values())
+        kept += 4 * sum({shared.get(t, t): inputs[t] or q for t in targets}.values())
     elif opts.lora_dropout > 0:
         # Small inputs are not recomputed: each adapter keeps its dropped copy and the fp32 mask.
-        small = [inputs[t] or q for t in opts.lora_targets if opts.tokens * (inputs[t] or q) < RECOMPUTE_MIN_ELEMENTS]
+        small = [inputs[t] or q for t in targets if opts.tokens * (inputs[t] or q) < RECOMPUTE_MIN_ELEMENTS]
         kept += (e + 4) * sum(small)
-    kept += 4 * opts.lora_rank * len(opts.lora_targets)
+    kept += 4 * opts.lora_rank * len(targets)
     return kept + _attention_probabilities(config, opts)
+
+
+def _mlp_kept(config: ModelConfig) -> int:
+    """Elements per token the MLP keeps for backward: gate and up of the dense SwiGLU; in a sparse
+    layer, per routed assignment (top-k per token), the gathered input, gate, up, their SwiGLU and the expert's
+    output, and the fp32 router probabilities (counted as elements of the compute dtype, a slight over-count in
+    bf16). A model with both kinds of layer is counted at the larger."""
+    dense = 2 * config.intermediate_size if sparse_layers(config) < config.num_hidden_layers else 0
+    if config.moe is None:
+        return dense
+    k, i, h = config.moe.num_experts_per_tok, config.moe.moe_intermediate_size, config.hidden_size
+    return max(dense, k * (2 * h + 3 * i) + config.moe.num_experts)
+
+
+def lora_params(config: ModelConfig, target: str, rank: int) -> int:
+    """Trainable parameters of a rank-``rank`` LoRA on ``target`` (a projection name, or ``experts``) in every layer
+    that has it: ``rank * (in + out)`` per matrix, per expert for the experts."""
+    if target == EXPERTS:
+        return sparse_layers(config) * sum(rank * e * (o + i) for e, o, i in expert_shapes(config).values())
+    layers = config.num_hidden_layers - (sparse_layers(config) if target in MLP_PROJECTIONS else 0)
+    return layers * rank * sum(projection_shapes(config)[target])
+
+
+def _lora_targets(config: ModelConfig, targets: tuple[str, ...]) -> tuple[str, ...]:
+    """The targets that adapt something in this model: experts only where it has sparse layers, the SwiGLU's
+    projections only where it has none (see :func:`nibble.nn.lora.apply_lora`)."""
+    if config.moe is None:
+        return tuple(t for t in targets if t != EXPERTS)
+    return tuple(t for t in targets if t not in MLP_PROJECTIONS)
 
 
 def _attention_probabilities(config: ModelConfig, opts: PlanOptions) -> int:
@@ -253,15 +325,23 @@ def allocator_slack_bytes(opts: PlanOptions, activations: int) -> int:
 
 
 def frozen_weights(config: ModelConfig, opts: PlanOptions) -> list[FrozenWeight]:
-    """The block projections of a ``qlora`` run as 4-bit frozen weights, in model order (layer by layer); a
-    ``gguf`` base's share of its file's projection bytes in proportion to each weight's size."""
-    spec, shapes = opts.quant, projection_shapes(config).values()
+    """The frozen 4-bit weights of a ``qlora`` run in model order (layer by layer): the block projections, and in a
+    sparse layer its experts as one weight per projection (dequantized an expert at a time); a ``gguf`` base's
+    share of its file's projection bytes in proportion to each weight's size."""
+    spec, shapes = opts.quant, projection_shapes(config)
+    moe = config.moe
+    layers = []
+    for i in range(config.num_hidden_layers):
+        sparse = moe is not None and moe.is_sparse(i)
+        names = ATTENTION_PROJECTIONS if sparse else PROJECTIONS
+        layers.append([(shapes[n], 1) for n in names] + [((e * o, k), e) for e, o, k in expert_shapes(config).values()
+                                                         if sparse])  # fmt: skip
     if spec.format == "gguf":
-        per_element = _gguf_projection_bytes(opts) / (sum(o * i for o, i in shapes) * config.num_hidden_layers)
-        per_layer = [FrozenWeight(o, i, round(o * i * per_element), spec.format) for o, i in shapes]
+        per_element = _gguf_projection_bytes(opts) / sum(math.prod(shape) for row in layers for shape, _ in row)
+        size = lambda shape: round(math.prod(shape) * per_element)  # noqa: E731
     else:
-        per_layer = [FrozenWeight(o, i, weight_bytes(o, i, spec), spec.format) for o, i in shapes]
-    return per_layer * config.num_hidden_layers
+        size = lambda shape: weight_bytes(*shape, spec)  # noqa: E731
+    return [FrozenWeight(*shape, size(shape), spec.format, pieces) for row in layers for shape, pieces in row]
 
 
 def _gguf_projection_bytes(opts: PlanOptions) -> int:
@@ -300,8 +380,7 @@ def plan_rows(config: ModelConfig, opts: PlanOptions, cache_limit: int | None = 
     wdtype = opts.weight_dtype
     w = DTYPES[wdtype].itemsize
     h, layers = config.hidden_size, config.num_hidden_layers
-    shapes = projection_shapes(config)
-    proj_params = sum(o * i for o, i in shapes.values()) * layers
+    proj_params = sum(n * o * i for n, o, i in frozen_shapes(config))
     rows: list[tuple[str, int, int]] = []
     embed = config.vocab_size * h
     tied = opts.task == "causal_lm" and config.tie_word_embeddings
@@ -337,6 +416,13 @@ def plan_rows(config: ModelConfig, opts: PlanOptions, cache_limit: int | None = 
     norm_params = layers * (2 * h + 2 * config.head_dim * config.qk_norm) + h
     rows.append(("norms [fp32]", norm_params, norm_params * 4))
     trainable = 0
+    routers = router_params(config)
+    if routers:
+        router_trains = opts.train_router or opts.method == "full"
+        router_dtype = "fp32" if router_trains else wdtype
+        state = "trainable" if router_trains else "frozen"
+        rows.append((f"routers, {state} [{router_dtype}]", routers, routers * (4 if router_trains else w)))
+        trainable += routers if opts.train_router and opts.method != "full" else 0
     if opts.task == "classify":
         score = opts.num_labels * h
         rows.append(("score head, trainable [fp32]", score, score * 4))
@@ -346,8 +432,9 @@ def plan_rows(config: ModelConfig, opts: PlanOptions, cache_limit: int | None = 
         if opts.train_embeddings:
             trainable += embed
     else:
-        lora = opts.lora_rank * sum(sum(shapes[t]) for t in opts.lora_targets) * layers
-        rows.append((f"LoRA r={opts.lora_rank} on {','.join(opts.lora_targets)} [fp32]", lora, lora * 4))
+        targets = _lora_targets(config, opts.lora_targets)
+        lora = sum(lora_params(config, t, opts.lora_rank) for t in targets)
+        rows.append((f"LoRA r={opts.lora_rank} on {','.join(targets)} [fp32]", lora, lora * 4))
         trainable += lora
     rows.append(("gradients of trainable params [fp32]", trainable, trainable * 4))
     rows.append(("AdamW state (2 x fp32)", 2 * trainable, trainable * 8))

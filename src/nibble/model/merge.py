@@ -24,7 +24,9 @@ from nibble.io.tokenizer import TOKENIZER_FILES
 from nibble.model.adapter import AdapterInfo, load_adapted
 from nibble.model.loading import resolve_model_dir
 from nibble.model.model import DecoderModel
+from nibble.model.moe import expert_tensors
 from nibble.nn import LoRALinear, QuantLinear
+from nibble.nn.experts import Experts
 
 MERGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SHARD_BYTES = 2 << 30
@@ -36,8 +38,9 @@ Producer = Callable[[torch.dtype], torch.Tensor]
 def dense_tensors(model: DecoderModel) -> dict[str, tuple[tuple[int, ...], Producer]]:
     """Every weight of ``model`` under its Hugging Face name, as ``(shape, produce(dtype))`` in model order.
 
-    LoRA layers give their merged weight, 4-bit layers their dequantized weight; a tied LM head is left
-    out (transformers ties it again).
+    LoRA layers give their merged weight, 4-bit layers their dequantized weight, experts theirs in the layout the
+    checkpoint had (see :func:`nibble.model.moe.expert_tensors`); a tied LM head is left out (transformers ties it
+    again).
     """
     out: dict[str, tuple[tuple[int, ...], Producer]] = {}
     whole: list[str] = []  # layers written as one weight: their submodules are skipped
@@ -45,6 +48,10 @@ def dense_tensors(model: DecoderModel) -> dict[str, tuple[tuple[int, ...], Produ
         if any(path.startswith(w + ".") for w in whole):
             continue
         prefix = f"{path}." if path else ""
+        if isinstance(module, Experts):
+            whole.append(path)
+            out.update(expert_tensors(path, module))
+            continue
         if isinstance(module, (LoRALinear, QuantLinear)):
             whole.append(path)
             shape = (module.out_features, module.in_features)

@@ -2,7 +2,8 @@
 
 One block type serves Qwen3 (QK-norm), Qwen2 (q/k/v bias), Llama and Mistral: family differences are
 fields of :class:`ModelConfig`. Submodule names are Hugging Face's, so dense ``state_dict()`` keys equal
-the checkpoint's. Each of the seven projections is an ``nn.Linear`` or a frozen ``QuantLinear``.
+the checkpoint's. Each of the seven projections is an ``nn.Linear`` or a frozen ``QuantLinear``; Qwen3-MoE's
+sparse layers replace the SwiGLU with :class:`~nibble.model.moe.SparseMoE`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from nibble import kernels
 from nibble.errors import NibbleError
 from nibble.model.config import ModelConfig
+from nibble.model.moe import SparseMoE
 from nibble.nn.attention import blocked_causal_attention
 
 TASKS = ("causal_lm", "classify")
@@ -380,7 +382,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.self_attn = Attention(config, layer_idx, dtype)
-        self.mlp = MLP(config, dtype)
+        sparse = config.moe is not None and config.moe.is_sparse(layer_idx)
+        self.mlp = SparseMoE(config, EAGER, dtype) if sparse else MLP(config, dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -507,7 +510,7 @@ class DecoderModel(nn.Module):
     def use_elementwise(self, ops: Elementwise) -> None:
         """Run every norm, RoPE and SwiGLU through ``ops`` (:data:`EAGER` or :func:`fused_elementwise`)."""
         for module in self.modules():
-            if isinstance(module, (RMSNorm, Attention, MLP)):
+            if isinstance(module, (RMSNorm, Attention, MLP, SparseMoE)):
                 module.ops = ops
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:

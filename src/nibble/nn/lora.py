@@ -17,12 +17,15 @@ from torch.utils.checkpoint import checkpoint
 
 from nibble import kernels
 from nibble.errors import NibbleError
+from nibble.nn.experts import ExpertLinear
 from nibble.nn.quant_linear import QuantLinear
 
 # The seven projections of a decoder block (Hugging Face names): what LoRA targets and 4-bit formats store.
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+# The target naming every mixture-of-experts layer's experts (both fused projections, a LoRA per expert).
+EXPERTS = "experts"
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 
 # From this many input elements (1 MiB in fp32) a dropped adapter input is recomputed in the backward rather
@@ -146,7 +149,8 @@ class LoRALinear(nn.Module):
 
 
 def resolve_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
-    """Target module names from a list, a comma-separated string, or ``"all-linear"`` (the seven projections)."""
+    """Target module names from a list, a comma-separated string, or ``"all-linear"`` (the seven projections and
+    the experts of mixture-of-experts layers)."""
     names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else [str(t).strip() for t in targets]
     names = [n for n in names if n]
     if not names:
@@ -154,7 +158,7 @@ def resolve_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
     if "all-linear" in names:
         if len(names) > 1:
             raise NibbleError("lora_targets: all-linear already covers every projection; give it alone")
-        return PROJECTIONS
+        return (*PROJECTIONS, EXPERTS)
     return tuple(dict.fromkeys(names))
 
 
@@ -166,22 +170,40 @@ def apply_lora(
     dropout: float = 0.0,
     use_rslora: bool = False,
 ) -> list[str]:
-    """Replace the linear layers named by ``targets`` with :class:`LoRALinear` wrappers.
+    """Replace the linear layers named by ``targets`` with :class:`LoRALinear` wrappers; ``experts`` gives every
+    :class:`~nibble.nn.experts.ExpertLinear` a LoRA per expert (without dropout: PEFT's LoRA on expert parameters
+    has none).
 
     A target matches a module whose path equals it or ends with ``"." + target`` (PEFT's rule), so
     ``q_proj`` selects every layer's query projection and ``model.layers.0.self_attn.q_proj`` just one.
-    Returns the full paths of the wrapped modules, in model order.
+    ``all-linear`` takes whichever of its names the model has (on a mixture-of-experts model: attention and
+    experts, as PEFT reads such an adapter). Returns the full paths of the adapted modules,
+    in model order.
 
     Raises:
         NibbleError: a target that matches no linear layer (the message lists the names that exist).
     """
     wanted = resolve_targets(targets)
+    every = wanted == (*PROJECTIONS, EXPERTS)
+    if any(isinstance(m, ExpertLinear) for m in model.modules()):
+        # PEFT on transformers 5 reads gate_proj/up_proj/down_proj targets of a mixture-of-experts model as its
+        # experts' (the layout of transformers 4), so the dense SwiGLU of an mlp_only layer cannot be a target there.
+        mlp = [t for t in wanted if t.rsplit(".", 1)[-1] in MLP_PROJECTIONS]
+        if mlp and not every:
+            raise NibbleError(
+                f"lora_targets: {', '.join(mlp)} on a mixture-of-experts model: PEFT reads these names as the "
+                "experts'; target 'experts' (or all-linear: attention and experts)"
+            )
+        wanted = tuple(t for t in wanted if t not in mlp)
     found: list[tuple[nn.Module, str, str]] = []
     matched: set[str] = set()
     available: set[str] = set()
     for path, module in model.named_modules():
         if isinstance(module, LoRALinear):
             raise NibbleError(f"{path} already has a LoRA adapter")
+        if isinstance(module, ExpertLinear) and EXPERTS in wanted:
+            matched.add(EXPERTS)
+            found.append((module, "", path))
         for child_name, child in module.named_children():
             if not isinstance(child, (nn.Linear, QuantLinear)):
                 continue
@@ -192,15 +214,48 @@ def apply_lora(
                 matched.update(hits)
                 found.append((module, child_name, full))
     missing = [t for t in wanted if t not in matched]
-    if missing:
+    if missing and (not every or not matched):
+        if EXPERTS in missing:
+            raise NibbleError(
+                "lora_targets: 'experts' names the experts of mixture-of-experts layers; this model has none"
+            )
         raise NibbleError(
             f"lora_targets: no linear layer named {', '.join(missing)}; this model has {', '.join(sorted(available))}"
         )
     for parent, name, _ in found:
-        setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout, use_rslora))
+        if isinstance(parent, ExpertLinear):
+            parent.add_lora(rank, alpha, use_rslora)
+        else:
+            setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout, use_rslora))
     return [path for _, _, path in found]
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Every :class:`LoRALinear` in ``model`` by its module path."""
     return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def trainable_parts(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters by part of the model: ``attention``, ``mlp`` (dense SwiGLU), ``experts``, ``router``,
+    ``other`` (heads, embeddings, norms); parts with none are left out."""
+    parts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".self_attn." in name:
+            part = "attention"
+        elif ".mlp.experts." in name:
+            part = "experts"
+        elif ".mlp.gate." in name and "_proj" not in name:
+            part = "router"
+        elif ".mlp." in name:
+            part = "mlp"
+        else:
+            part = "other"
+        parts[part] = parts.get(part, 0) + p.numel()
+    return parts
+
+
+def expert_lora_layers(model: nn.Module) -> dict[str, ExpertLinear]:
+    """Every :class:`~nibble.nn.experts.ExpertLinear` with a LoRA in ``model`` by its module path."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, ExpertLinear) and m.lora_A is not None}

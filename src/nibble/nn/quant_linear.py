@@ -38,6 +38,26 @@ class _QuantMatmul(torch.autograd.Function):
         return grad_x, None, None
 
 
+class _FrozenQuantMatmul(torch.autograd.Function):
+    """``x @ W^T`` for a 4-bit W that is not a layer's (one expert's rows): backward gives grad_x only."""
+
+    @staticmethod
+    def forward(ctx, x, qweight):  # type: ignore[override]
+        ctx.qweight = qweight
+        return kernels.matmul(x, qweight)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        return kernels.matmul_grad_input(grad_y, ctx.qweight), None
+
+
+def frozen_matmul(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    """``x [M, K] @ W[N, K]^T -> [M, N]`` for a frozen dense or 4-bit ``W``, differentiable in ``x`` only."""
+    if isinstance(weight, QuantizedWeight):
+        return _FrozenQuantMatmul.apply(x, weight)
+    return kernels.linear(x, weight)
+
+
 # The name prefix of the frozen parameters a layer holds its 4-bit tensors in (see QuantLinear.hold_as_parameters).
 HELD = "held_"
 
@@ -134,6 +154,9 @@ class QuantLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return kernels.dequantize(self.qweight, dtype)
 
+    def frozen_weight(self) -> FrozenWeight:
+        return FrozenWeight(self.out_features, self.in_features, self.qweight.memory_bytes(), self.format)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise NibbleError(f"QuantLinear expects inputs with {self.in_features} features, got {x.shape[-1]}")
@@ -175,27 +198,31 @@ DEQUANTIZE_WORKSPACE = {"nf4": 6, "int4": 10, "gguf": 16}
 
 @dataclass(frozen=True)
 class FrozenWeight:
-    """What the dense-copy policy needs to know of one frozen 4-bit layer."""
+    """What the dense-copy policy needs to know of one frozen 4-bit layer (``pieces``: the parts it dequantizes one
+    at a time without a copy, a layer's experts)."""
 
     out_features: int
     in_features: int
     packed_bytes: int  # the 4-bit weight with its scales
     format: str
+    pieces: int = 1
 
     def dense_bytes(self, dtype: torch.dtype) -> int:
         return self.out_features * self.in_features * dtype.itemsize
 
     def workspace_bytes(self) -> int:
-        return self.out_features * self.in_features * DEQUANTIZE_WORKSPACE[self.format]
+        return self.out_features * self.in_features * DEQUANTIZE_WORKSPACE[self.format] // self.pieces
+
+
+def frozen_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` holding a frozen 4-bit weight that may keep a dense copy, in model order: every
+    QuantLinear, and every layer's experts (anything with ``frozen_weight()`` and a ``qweight``)."""
+    return [m for m in model.modules() if hasattr(m, "frozen_weight") and getattr(m, "qweight", None) is not None]
 
 
 def frozen_weights(model: nn.Module) -> list[FrozenWeight]:
     """The frozen 4-bit layers of ``model`` in model order."""
-    return [
-        FrozenWeight(m.out_features, m.in_features, m.qweight.memory_bytes(), m.format)
-        for m in model.modules()
-        if isinstance(m, QuantLinear)
-    ]
+    return [m.frozen_weight() for m in frozen_layers(model)]
 
 
 def auto_cache_budget(weights: Sequence[FrozenWeight], dtype: torch.dtype, device: torch.device) -> int:
@@ -233,7 +260,7 @@ def cache_budget_bytes(model: nn.Module, dtype: torch.dtype, budget_mb: int | No
     :func:`auto_cache_budget` on the device the weights live on."""
     if budget_mb is not None:
         return budget_mb * 2**20
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    layers = frozen_layers(model)
     if not layers:
         return 0
     return auto_cache_budget(frozen_weights(model), dtype, layers[0].qweight.device)
@@ -247,13 +274,14 @@ def cache_dense_weights(model: nn.Module, budget_bytes: int, dtype: torch.dtype)
     plain dense matmul instead of dequantize + matmul, at the cost of the copy's memory. Layers past the
     budget drop any copy they hold. Returns ``(layers with a copy, 4-bit layers, bytes of the copies)``.
     """
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    chosen = plan_copies(frozen_weights(model), budget_bytes, dtype)
+    layers = frozen_layers(model)
+    weights = frozen_weights(model)
+    chosen = plan_copies(weights, budget_bytes, dtype)
     used = 0
-    for layer, keep in zip(layers, chosen, strict=True):
+    for layer, weight, keep in zip(layers, weights, chosen, strict=True):
         layer.cache_dequantized = keep
         if keep:
-            used += layer.in_features * layer.out_features * dtype.itemsize
+            used += weight.dense_bytes(dtype)
         else:
             layer.clear_cache()
     return sum(chosen), len(layers), used

@@ -40,6 +40,15 @@ class QuantizedWeight(ABC):
     def with_tensors(self, tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
         """The same weight (format, shape, parameters) made of ``tensors``, named as :meth:`tensors` names them."""
 
+    def rows(self, start: int, stop: int) -> QuantizedWeight:
+        """Rows ``start:stop`` of a 2-D weight as a weight of their own, sharing this one's tensors (how one
+        expert is read out of a layer's experts stored as one ``[experts * out, in]`` weight).
+
+        Raises:
+            NibbleError: the format cannot cut its blocks there.
+        """
+        raise NibbleError(f"a {self.format} weight cannot be cut into rows")
+
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedWeight:
         """A copy with ``fn`` applied to every tensor (used to move between devices)."""
         return self.with_tensors({name: fn(t) for name, t in self.tensors().items()})

@@ -49,6 +49,9 @@ class INT4Weight(QuantizedWeight):
     def with_tensors(self, tensors: dict[str, torch.Tensor]) -> INT4Weight:
         return INT4Weight(tensors["packed"], tensors["scales"], self.group_size, self.dtype)
 
+    def rows(self, start: int, stop: int) -> INT4Weight:
+        return INT4Weight(self.packed[start:stop], self.scales[start:stop], self.group_size, self.dtype)
+
     def codes(self) -> torch.Tensor:
         """The signed 4-bit values as int8 ``[out, in]``."""
         low = (self.packed & 15).to(torch.int8) - 8
@@ -91,6 +94,15 @@ class INT4Weight(QuantizedWeight):
             return cls(packed.view(torch.uint8), scales, k // scales.shape[1], dtype)
         except NibbleError as exc:
             raise NibbleError(f"{source}: '{prefix}': {exc}") from None
+
+
+def join_rows(parts: list[INT4Weight]) -> INT4Weight:
+    """2-D weights of equal columns and group size as one weight of all their rows."""
+    first = parts[0]
+    if any(p.shape[1] != first.shape[1] or p.group_size != first.group_size for p in parts):
+        raise NibbleError("INT4 weights join by rows only with equal columns and group size")
+    packed = torch.cat([p.packed for p in parts])
+    return INT4Weight(packed, torch.cat([p.scales for p in parts]), first.group_size, first.dtype)
 
 
 def _keys(prefix: str) -> tuple[str, str]:

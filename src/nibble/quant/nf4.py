@@ -244,6 +244,25 @@ class NF4Weight(QuantizedWeight):
         idx = torch.arange(self.absmax.numel(), device=self.absmax.device) // NESTED_BLOCKSIZE
         return self.nested_code[self.absmax.int()] * self.nested_absmax[idx] + self.offset
 
+    def rows(self, start: int, stop: int) -> NF4Weight:
+        """Rows ``start:stop`` (their elements must start and end on block boundaries). Double-quantized scales
+        come back as the plain fp32 scales of those blocks (nested blocks need not align with the rows)."""
+        cols = self.shape[1]
+        first, last = start * cols, stop * cols
+        if len(self.shape) != 2 or first % self.blocksize or last % self.blocksize:
+            raise NibbleError(
+                f"rows {start}:{stop} of a {tuple(self.shape)} NF4 weight do not start and end on its "
+                f"{self.blocksize}-element blocks"
+            )
+        blocks = slice(first // self.blocksize, last // self.blocksize)
+        if self.double_quant:
+            index = torch.arange(blocks.start, blocks.stop, device=self.absmax.device)
+            scales = self.nested_code[self.absmax[blocks].int()] * self.nested_absmax[index // NESTED_BLOCKSIZE]
+            absmax = scales + self.offset
+        else:
+            absmax = self.absmax[blocks]
+        return NF4Weight(self.packed[first // 2 : last // 2], absmax, (stop - start, cols), self.dtype, self.blocksize)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight in ``dtype`` and its original shape (computed in fp32, as bitsandbytes does)."""
         n = self.numel
@@ -347,17 +366,36 @@ def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = Fal
         codes = torch.cat([codes, codes.new_full((1,), 7)])
     pairs = codes.view(-1, 2)
     packed = (pairs[:, 0] << 4) | pairs[:, 1]
+    return _with_scales(packed, absmax, weight.shape, weight.dtype, blocksize, double_quant)
+
+
+def join_rows(parts: list[NF4Weight], double_quant: bool = False) -> NF4Weight:
+    """2-D weights with plain scales and the same columns, each a whole number of blocks, as one weight of all
+    their rows: the bytes :func:`quantize` gives their concatenation (scales double-quantized when asked)."""
+    first = parts[0]
+    cols = first.shape[1]
+    for part in parts:
+        if part.double_quant or len(part.shape) != 2 or part.shape[1] != cols or part.numel % first.blocksize:
+            raise NibbleError("NF4 weights join by rows only when 2-D, of equal columns, whole blocks and plain scales")
+    packed = torch.cat([p.packed for p in parts])
+    absmax = torch.cat([p.absmax for p in parts])
+    rows = sum(p.shape[0] for p in parts)
+    return _with_scales(packed, absmax, (rows, cols), first.dtype, first.blocksize, double_quant)
+
+
+def _with_scales(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, ...] | torch.Size,
+    dtype: torch.dtype,
+    blocksize: int,
+    double_quant: bool,
+) -> NF4Weight:
+    """The NF4 weight of ``packed`` codes and fp32 ``absmax``, its scales double-quantized when asked."""
     if not double_quant:
-        return NF4Weight(packed, absmax, weight.shape, weight.dtype, blocksize)
+        return NF4Weight(packed, absmax, shape, dtype, blocksize)
     offset = absmax.mean()
     nested_codes, nested_absmax = _quantize_8bit_blockwise(absmax - offset)
     return NF4Weight(
-        packed,
-        nested_codes,
-        weight.shape,
-        weight.dtype,
-        blocksize,
-        nested_absmax,
-        dynamic_code(flat.device).clone(),
-        float(offset),
+        packed, nested_codes, shape, dtype, blocksize, nested_absmax, dynamic_code(packed.device).clone(), float(offset)
     )

@@ -119,7 +119,19 @@ class TrainConfig:
     lora_alpha: float = field(default=16.0, metadata=_help("LoRA alpha (scale alpha/r)"))
     lora_dropout: float = field(default=0.05, metadata=_help("dropout on the LoRA input"))
     lora_targets: str = field(
-        default="q_proj,v_proj", metadata=_help("comma-separated module names, or all-linear (the 7 projections)")
+        default="q_proj,v_proj",
+        metadata=_help(
+            "comma-separated module names (experts: every expert of a MoE layer), or all-linear (the 7 projections; "
+            "on a MoE model attention and experts)"
+        ),
+    )
+    train_router: bool = field(default=False, metadata=_help("MoE models: also train the routers (dense, fp32)"))
+    router_aux_loss: str | float = field(
+        default="off",
+        metadata=_help(
+            "MoE models: add the load-balancing loss: off, on (weighted by config.json's router_aux_loss_coef), "
+            "or its weight; logged as router_aux_loss either way"
+        ),
     )
     use_rslora: bool = field(default=False, metadata=_help("rank-stabilized LoRA: scale alpha/sqrt(r)"))
     train_embeddings: bool = field(default=False, metadata=_help("full: also train the token embeddings"))
@@ -232,6 +244,7 @@ class TrainConfig:
                 raise NibbleError(f"'{key}' must be in [0, 1), got {getattr(self, key)}")
         if self.adam_eps <= 0 or self.lora_alpha <= 0:
             raise NibbleError("'adam_eps' and 'lora_alpha' must be > 0")
+        self.router_aux_weight(0.0)  # noqa: B018  (validates router_aux_loss)
         if self.class_weights not in CLASS_WEIGHTS:
             raise NibbleError(f"'class_weights' must be one of {', '.join(CLASS_WEIGHTS)}")
         if self.task == "instruct" and (self.class_weights != "none" or self.oversample):
@@ -259,6 +272,24 @@ class TrainConfig:
     def quant_spec(self) -> QuantSpec:
         """The 4-bit format of the frozen base, as one value."""
         return QuantSpec(self.quant_format, self.blocksize, self.group_size, self.double_quant)
+
+    def router_aux_weight(self, coef: float) -> float:
+        """The weight of the load-balancing loss: 0 (off), ``coef`` (on: config.json's router_aux_loss_coef), or
+        the number given.
+
+        Raises:
+            NibbleError: anything else, or a negative number.
+        """
+        value = str(self.router_aux_loss).strip().lower()
+        if value in ("off", "on"):
+            return coef if value == "on" else 0.0
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not (math.isfinite(weight) and weight >= 0):
+            raise NibbleError(f"'router_aux_loss' must be off, on or a weight >= 0, got {self.router_aux_loss!r}")
+        return weight
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -44,8 +44,9 @@ from nibble.model.memory import (
 )
 from nibble.model.merge import write_checkpoint
 from nibble.model.model import fused_elementwise
-from nibble.nn import QuantLinear, apply_lora
-from nibble.nn.lora import resolve_targets
+from nibble.model.moe import RouterLoss, sparse_blocks
+from nibble.nn import apply_lora
+from nibble.nn.lora import resolve_targets, trainable_parts
 from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
 from nibble.train import distributed
 from nibble.train.checkpoint import (
@@ -96,10 +97,13 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> list[str]:
         dropout=config.lora_dropout,
         use_rslora=config.use_rslora,
     )
-    if hasattr(model, "score"):
+    heads = [model.score] if hasattr(model, "score") else []
+    if config.train_router:
+        heads += [block.gate for block in sparse_blocks(model)]
+    for head in heads:
         # Trainable weights stay fp32 (master weights); autocast runs the matmuls in the compute dtype.
-        model.score.float()
-        model.score.weight.requires_grad_(True)
+        head.float()
+        head.weight.requires_grad_(True)
     return wrapped
 
 
@@ -378,6 +382,7 @@ def plan_options(config: TrainConfig, num_labels: int | None, device: torch.devi
         batch_size=config.batch_size,
         lora_rank=config.lora_rank,
         lora_targets=resolve_targets(config.lora_targets),
+        train_router=config.train_router,
         lora_dropout=config.lora_dropout,
         dtype=config.dtype,
         checkpointing=config.gradient_checkpointing,
@@ -586,8 +591,8 @@ def _train_locked(
         pooling=config.pooling,
     )
     prepare_model(model, config)
-    n_all = sum(p.numel() for p in model.parameters()) + sum(
-        m.qweight.numel for m in model.modules() if isinstance(m, QuantLinear)
+    n_all = sum(p.numel() for p in model.parameters()) + sum(  # 4-bit projections and experts
+        m.qweight.numel for m in model.modules() if getattr(m, "qweight", None) is not None
     )
     if sharded:
         distributed.shard_model(model, device)
@@ -645,19 +650,25 @@ def _train_locked(
         if part.is_main:
             shutil.rmtree(out / REPLACED, ignore_errors=True)  # what --overwrite set aside is no longer needed
 
+    router_weight, loss_fn, window_metrics = 0.0, task.loss_fn, None
+    if model.config.moe is not None:  # the load-balancing loss is logged, and added when it has a weight
+        router_weight = config.router_aux_weight(model.config.moe.router_aux_loss_coef)
+        router_loss = RouterLoss(model, task.loss_fn, router_weight)
+        loss_fn, window_metrics = router_loss, router_loss.window_metrics
     trainer = Trainer(
         model,
         stream,
         config,
         out,
         total_steps,
-        task.loss_fn,
+        loss_fn,
         evaluate,
         on_best,
         task.forward,
         meter,
         on_save,
         task.loss_units,
+        window_metrics,
     )
     if resume_from is not None:
         trainer.resume(resume_from)
@@ -670,6 +681,9 @@ def _train_locked(
         f"train: {task.summary}; {config.method}, {n_train:,} of {n_all:,} weights trainable; {total_steps} steps",
         flush=True,
     )
+    if model.config.moe is not None:
+        parts = ", ".join(f"{part} {n:,}" for part, n in trainable_parts(model).items())
+        print(f"trainable by part: {parts}; router aux loss weight {router_weight:g}", flush=True)
     try:
         progress = trainer.train()
     finally:

@@ -179,6 +179,7 @@ class Trainer:
         forward: ``(model, batch) -> outputs`` (inside autocast); default ``model(input_ids, attention_mask)``.
         meter: the run's memory meter; its peaks go into every train record of metrics.jsonl.
         on_save: called with the directory of each checkpoint once it is complete.
+        window_metrics: ``() -> {name: value}`` added to each train record (the values since the last record).
         loss_units: ``batch -> what the loss averages over`` (default: its rows); under torchrun each rank's
             loss counts by its share of the global batch's units, so the step equals a one-process step.
 
@@ -201,6 +202,7 @@ class Trainer:
         meter: MemoryMeter | None = None,
         on_save: Callable[[Path], None] | None = None,
         loss_units: Callable[[dict[str, torch.Tensor]], float] | None = None,
+        window_metrics: Callable[[], dict[str, float]] | None = None,
     ):
         self.model, self.stream, self.config, self.out = model, stream, config, out
         self.forward = forward or (lambda m, batch: m(batch["input_ids"], batch["attention_mask"]))
@@ -208,6 +210,7 @@ class Trainer:
         self.meter = meter
         self.on_save = on_save
         self.loss_units = loss_units or (lambda batch: batch["input_ids"].shape[0])
+        self.window_metrics = window_metrics
         self.parallel = current()
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._params = [param for _, param in self.named_params]
@@ -434,6 +437,8 @@ class Trainer:
             "epoch": round(self.stream.epoch, 4),
             "tokens_per_s": window.tokens / max(now - window.start, 1e-9),
         }
+        if self.window_metrics is not None:
+            record.update(self.window_metrics())
         if self.meter is not None:
             peaks = self.meter.read()
             record["peak_rss_bytes"] = peaks["peak_rss_bytes"]

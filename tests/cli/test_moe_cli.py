@@ -1,0 +1,100 @@
+"""Qwen3-MoE through the real CLI (QLoRA): classify with LoRA on attention + experts and a trained router reloads in
+PEFT with equal probabilities, merges into a checkpoint transformers loads; instruct trains the experts and
+generates greedily what transformers generates from the merged model."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import helpers
+from gguf_files import CHATML
+from nibble.cli.main import main
+from nibble.quant import nf4
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe-cli")
+    base, _ = helpers.make_hf_checkpoint(root / "base", "qwen3_moe")
+    helpers.write_tokenizer(base, chat_template=CHATML)
+    words = {"neg": ["bad", "awful", "poor"], "pos": ["good", "great", "fine"]}
+    train = helpers.write_word_rows(root / "train.jsonl", words, 48, seed=0)
+    val = helpers.write_word_rows(root / "val.jsonl", words, 12, seed=1)
+    rows = [{"instruction": f"Repeat {w}.", "response": f"{w} {w}"} for w in ["red", "blue", "gold"]] * 4
+    chat = helpers.write_jsonl(root / "chat.jsonl", rows)
+    return SimpleNamespace(root=root, base=base, train=train, val=val, chat=chat)
+
+
+def _nf4_hf(model):
+    """A transformers model whose projections and experts hold their NF4 round trip (what nibble's QLoRA base holds)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.weight") or name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                p.copy_(nf4.quantize(p).dequantize(torch.float32))
+    return model
+
+
+def test_classify_qlora_on_experts_and_router(moe, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "out"
+    args = ["train", "--model", moe.base, "--data", moe.train, "--val-data", moe.val, "--output", out,
+            "--lora-targets", "all-linear", "--train-router", "--router-aux-loss", "0.01", "--max-steps", "6",
+            "--batch-size", "8", "--lr", "5e-3", "--log-every", "2"]  # fmt: skip
+    assert main([str(a) for a in args]) == 0
+    printed = capsys.readouterr().out
+    assert "trainable by part: attention" in printed and "experts" in printed
+    assert "router 512" in printed  # 2 layers x 4 experts x 64 hidden
+    train_records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["router_aux_loss"] > 0 for r in train_records if r["kind"] == "train")
+    adapter = out / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    assert config["modules_to_save"] == ["score", "gate"]
+
+    preds = tmp_path / "pred.jsonl"
+    assert main(["predict", "--model", str(moe.base), "--adapter", str(adapter), "--data", str(moe.val),
+                 "--output", str(preds)]) == 0  # fmt: skip
+    ours = torch.tensor([list(json.loads(line)["probs"].values()) for line in preds.read_text().splitlines()])
+    texts = [json.loads(line)["text"] for line in moe.val.read_text().splitlines()]
+    hf = _nf4_hf(AutoModelForSequenceClassification.from_pretrained(moe.base, num_labels=2))
+    peft = PeftModel.from_pretrained(hf, adapter).eval()
+    batch = AutoTokenizer.from_pretrained(moe.base)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        theirs = peft(**batch).logits.softmax(-1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(moe.base), "--adapter", str(adapter), "--output", str(merged)]) == 0
+    plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits.softmax(-1), theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_instruct_on_experts_generates_what_transformers_generates_merged(moe, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from nibble.io.tokenizer import load_tokenizer
+    from nibble.model.generate import prompt_ids
+
+    out = tmp_path / "out"
+    args = ["train", "--task", "instruct", "--model", moe.base, "--data", moe.chat, "--output", out,
+            "--lora-targets", "experts", "--max-steps", "4", "--batch-size", "4", "--lr", "1e-2"]  # fmt: skip
+    assert main([str(a) for a in args]) == 0
+    capsys.readouterr()
+    adapter = out / "adapter"
+    gen = ["generate", "--model", moe.base, "--adapter", adapter, "--prompt", "Repeat red.", "--max-new-tokens", "8"]
+    assert main([str(a) for a in gen]) == 0
+    generated = capsys.readouterr().out
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(moe.base), "--adapter", str(adapter), "--output", str(merged)]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(merged).eval()
+    ids = prompt_ids(load_tokenizer(moe.base), "Repeat red.")
+    tokens = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8, eos_token_id=[])[0, len(ids) :]
+    text = load_tokenizer(moe.base).decode(tokens.tolist())
+    assert text.strip() and text.strip() in generated
