@@ -23,6 +23,13 @@ from nibble.nn.quant_linear import QuantLinear
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+# Gated DeltaNet's projections (Qwen3.5's linear-attention layers) that LoRA targets and 4-bit formats store;
+# in_proj_b and in_proj_a (hidden -> one value per value head) stay dense: with 32 heads they hold 0.6% of a
+# layer's weights, and 4-bit blocks of 64 along hidden would quantize each head's gate input whole.
+DELTANET_PROJECTIONS = ("in_proj_qkv", "in_proj_z", "out_proj")
+DELTANET_DENSE = ("in_proj_b", "in_proj_a")
+# What "all-linear" adapts: every one of these the model has.
+ALL_LINEAR = PROJECTIONS + DELTANET_PROJECTIONS
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 
 # From this many input elements (1 MiB in fp32) a dropped adapter input is recomputed in the backward rather
@@ -146,7 +153,8 @@ class LoRALinear(nn.Module):
 
 
 def resolve_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
-    """Target module names from a list, a comma-separated string, or ``"all-linear"`` (the seven projections)."""
+    """Target module names from a list, a comma-separated string, or ``"all-linear"`` (:data:`ALL_LINEAR`: the
+    seven projections and Gated DeltaNet's in_proj_qkv, in_proj_z, out_proj)."""
     names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else [str(t).strip() for t in targets]
     names = [n for n in names if n]
     if not names:
@@ -154,7 +162,7 @@ def resolve_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
     if "all-linear" in names:
         if len(names) > 1:
             raise NibbleError("lora_targets: all-linear already covers every projection; give it alone")
-        return PROJECTIONS
+        return ALL_LINEAR
     return tuple(dict.fromkeys(names))
 
 
@@ -173,9 +181,11 @@ def apply_lora(
     Returns the full paths of the wrapped modules, in model order.
 
     Raises:
-        NibbleError: a target that matches no linear layer (the message lists the names that exist).
+        NibbleError: a target that matches no linear layer (the message lists the names that exist); with
+            all-linear, only the names this model has are wanted.
     """
     wanted = resolve_targets(targets)
+    all_linear = wanted == ALL_LINEAR
     found: list[tuple[nn.Module, str, str]] = []
     matched: set[str] = set()
     available: set[str] = set()
@@ -192,7 +202,7 @@ def apply_lora(
                 matched.update(hits)
                 found.append((module, child_name, full))
     missing = [t for t in wanted if t not in matched]
-    if missing:
+    if missing and not all_linear:
         raise NibbleError(
             f"lora_targets: no linear layer named {', '.join(missing)}; this model has {', '.join(sorted(available))}"
         )
