@@ -131,3 +131,26 @@ def test_padded_and_packed_rows_equal_each_row_alone_logits_and_gradients(shared
         ((model(ids[row : row + 1, :n])[0] ** 2).sum() / (total * right.shape[-1])).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(packed_grads[name], p.grad, atol=ATOL_ROWS, rtol=1e-4, msg=name)
+
+
+def test_greedy_generation_equals_transformers(shared_checkpoint):
+    from nibble.model.generate import generate
+
+    path, hf = shared_checkpoint("qwen3_5_text")
+    model = nibble.load_model(path)
+    prompt, _ = right_padded_batch([70])  # the prefill crosses a chunk; then one token at a time
+    ours = generate(model, prompt, max_new_tokens=12, eos_token_id=[])
+    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=PAD_ID)
+    assert ours == theirs[0, prompt.shape[1] :].tolist()
+
+
+def test_prompt_in_pieces_equals_it_at_once(shared_checkpoint):
+    path, _ = shared_checkpoint("qwen3_5_text")
+    model = nibble.load_model(path)
+    ids, _ = right_padded_batch([70, 70])
+    with torch.no_grad():
+        cache = model.new_cache(2, 80)
+        pieces = [model.hidden_states(ids[:, a:b], cache=cache) for a, b in ((0, 30), (30, 31), (31, 70))]
+        torch.testing.assert_close(torch.cat(pieces, 1), model.hidden_states(ids), atol=1e-4, rtol=0)
+    assert all(state.dtype == torch.float32 for state in cache.states.values())
+    assert sorted(cache.states) == sorted(cache.conv_windows) == [0, 2] and cache.keys[0] is None

@@ -133,7 +133,7 @@ class GatedDeltaNet(nn.Module):
         else:
             state = cache.states[self.layer_idx]
             o, cache.states[self.layer_idx] = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state)
-        o = self.norm(o.reshape(n, self.num_v_heads, self.head_v_dim), z).view(n, self.value_dim)  # [N, Vd]
+        o = self.norm(o.reshape(n, self.num_v_heads, self.head_v_dim), z).reshape(n, self.value_dim)  # [N, Vd]
         if last_only:
             o = o[layout.last]  # [B, Vd]
         return self.out_proj(o)
