@@ -154,3 +154,31 @@ def test_prompt_in_pieces_equals_it_at_once(shared_checkpoint):
         torch.testing.assert_close(torch.cat(pieces, 1), model.hidden_states(ids), atol=1e-4, rtol=0)
     assert all(state.dtype == torch.float32 for state in cache.states.values())
     assert sorted(cache.states) == sorted(cache.conv_windows) == [0, 2] and cache.keys[0] is None
+
+
+def test_plan_counts_the_weights_a_loaded_qwen35_holds(shared_checkpoint):
+    from nibble.model.memory import DELTANET_DENSE_ROW, PlanOptions, format_rows, plan_rows, projections_bytes
+    from nibble.nn import QuantLinear
+    from nibble.quant import QuantSpec
+
+    path, _ = shared_checkpoint("qwen3_5_text")
+    quantized = nibble.load_model(path, quantize="nf4")
+    held = sum(m.qweight.memory_bytes() for m in quantized.modules() if isinstance(m, QuantLinear))
+    assert projections_bytes(quantized.config, QuantSpec("nf4")) == held
+    dense = nibble.load_model(path)
+    rows = {name: params for name, params, _ in format_rows(dense.config)}
+    assert rows["all weights"] == sum(p.numel() for p in dense.parameters())
+    linear = [layer.linear_attn for layer in dense.model.layers if layer.linear]
+    stays_dense = sum(
+        p.numel()
+        for m in linear
+        for n, p in m.named_parameters()
+        if not n.startswith(("in_proj_qkv", "in_proj_z", "out_proj"))
+    )
+    assert rows[DELTANET_DENSE_ROW] == stays_dense
+    plan = {name: size for name, _, size in plan_rows(dense.config, PlanOptions(seq_len=128, batch_size=2))}
+    states = 2 * 4 * 2 * 16 * 16 * 4  # rows x value heads x chunks x d_k x d_v x fp32
+    assert (
+        plan["delta rule backward: chunk states, chunk matrices (in activations)"]
+        == states + 10 * 2 * 4 * 2 * 64 * 64 * 4
+    )

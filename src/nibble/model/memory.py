@@ -14,7 +14,8 @@ import torch
 from nibble.devices import DTYPES
 from nibble.errors import NibbleError
 from nibble.model.config import ModelConfig
-from nibble.nn.lora import PROJECTIONS
+from nibble.nn.delta_rule import CHUNK
+from nibble.nn.lora import ALL_LINEAR
 from nibble.nn.quant_linear import FrozenWeight, auto_cache_budget, plan_copies
 from nibble.quant import QuantSpec
 from nibble.quant.nf4 import NESTED_BLOCKSIZE
@@ -25,18 +26,47 @@ METHODS_BY_PREFERENCE = ("full", "lora", "qlora")
 WEIGHT_FORMATS = ("fp32", "bf16", "nf4", "nf4+dq", "int4")
 
 
-def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """``(out_features, in_features)`` of each block projection (the same in every layer)."""
+def layer_projection_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[int, int]]:
+    """``(out_features, in_features)`` of each block projection of ``layer`` (those 4-bit formats store): the
+    attention or Gated DeltaNet ones, then the MLP's."""
     h, i = config.hidden_size, config.intermediate_size
-    return {
-        "q_proj": (config.q_dim, h),
-        "k_proj": (config.kv_dim, h),
-        "v_proj": (config.kv_dim, h),
-        "o_proj": (h, config.q_dim),
-        "gate_proj": (i, h),
-        "up_proj": (i, h),
-        "down_proj": (h, i),
-    }
+    if config.layer_type(layer) == "linear_attention":
+        key, value = config.linear_key_dim, config.linear_value_dim
+        mixer = {"in_proj_qkv": (2 * key + value, h), "in_proj_z": (value, h), "out_proj": (h, value)}
+    else:
+        q_out = 2 * config.q_dim if config.attn_output_gate else config.q_dim
+        mixer = {"q_proj": (q_out, h), "k_proj": (config.kv_dim, h), "v_proj": (config.kv_dim, h),
+                 "o_proj": (h, config.q_dim)}  # fmt: skip
+    return {**mixer, "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+
+def all_layer_shapes(config: ModelConfig) -> list[dict[str, tuple[int, int]]]:
+    """:func:`layer_projection_shapes` of every layer, in order."""
+    kinds = {t: layer_projection_shapes(config, config.layer_types.index(t)) for t in set(config.layer_types or [])}
+    if not kinds:
+        return [layer_projection_shapes(config, 0)] * config.num_hidden_layers
+    return [kinds[config.layer_type(i)] for i in range(config.num_hidden_layers)]
+
+
+def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """``(out_features, in_features)`` of each kind of block projection the model has, by name."""
+    out: dict[str, tuple[int, int]] = {}
+    for shapes in all_layer_shapes(config):
+        out.update(shapes)
+    return out
+
+
+def deltanet_dense_params(config: ModelConfig) -> int:
+    """Parameters of the Gated DeltaNet layers that stay dense: in_proj_b and in_proj_a, the conv, A_log and
+    dt_bias, the gated norm (0 without such layers)."""
+    linear = sum(config.layer_type(i) == "linear_attention" for i in range(config.num_hidden_layers))
+    heads, channels = config.linear_num_value_heads, 2 * config.linear_key_dim + config.linear_value_dim
+    per_layer = 2 * heads * config.hidden_size + channels * config.linear_conv_kernel_dim + 2 * heads
+    return linear * (per_layer + config.linear_value_head_dim)
+
+
+def _full_layers(config: ModelConfig) -> int:
+    return sum(config.layer_type(i) == "full_attention" for i in range(config.num_hidden_layers))
 
 
 def weight_bytes(out_features: int, in_features: int, fmt: str | QuantSpec) -> int:
@@ -85,8 +115,9 @@ def format_rows(config: ModelConfig, spec: QuantSpec | None = None) -> list[tupl
     """
     h, layers = config.hidden_size, config.num_hidden_layers
     embed = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
-    proj = sum(o * i for o, i in projection_shapes(config).values()) * layers
-    norms = layers * (2 * h + 2 * config.head_dim * config.qk_norm) + h
+    proj = sum(o * i for shapes in all_layer_shapes(config) for o, i in shapes.values())
+    norms = layers * 2 * h + _full_layers(config) * 2 * config.head_dim * config.qk_norm + h
+    other = deltanet_dense_params(config)
     projections: dict[str, int | None] = {}
     for name, fmt in column_formats(spec or QuantSpec()).items():
         try:
@@ -95,22 +126,23 @@ def format_rows(config: ModelConfig, spec: QuantSpec | None = None) -> list[tupl
             projections[name] = None
     dense = {"fp32": 4, "bf16": 2}
     tied = " (tied)" if config.tie_word_embeddings else ""
-    return [
+    rows = [
         (f"embeddings + lm_head{tied}", embed, {f: embed * dense[f] if f in dense else None for f in WEIGHT_FORMATS}),
         ("norms", norms, {f: norms * dense[f] if f in dense else None for f in WEIGHT_FORMATS}),
         ("block projections", proj, projections),
-        (
-            "all weights",
-            embed + norms + proj,
-            {f: (embed + norms + proj) * dense.get(f, 0) or None for f in WEIGHT_FORMATS},
-        ),
     ]
+    if other:
+        rows.append((DELTANET_DENSE_ROW, other, {f: other * dense[f] if f in dense else None for f in WEIGHT_FORMATS}))
+    total = embed + norms + proj + other
+    return [*rows, ("all weights", total, {f: total * dense.get(f, 0) or None for f in WEIGHT_FORMATS})]
+
+
+DELTANET_DENSE_ROW = "DeltaNet b/a, conv, A_log, dt_bias, norm"
 
 
 def projections_bytes(config: ModelConfig, fmt: str | QuantSpec) -> int:
     """Bytes of all block projection weights (biases not included) stored as ``fmt`` (see :func:`weight_bytes`)."""
-    per_layer = sum(weight_bytes(o, i, fmt) for o, i in projection_shapes(config).values())
-    return per_layer * config.num_hidden_layers
+    return sum(weight_bytes(o, i, fmt) for shapes in all_layer_shapes(config) for o, i in shapes.values())
 
 
 @dataclass
@@ -147,9 +179,9 @@ class PlanOptions:
         for name in ("seq_len", "batch_size", "lora_rank", "num_labels"):
             if getattr(self, name) < 1:
                 raise NibbleError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        unknown = [t for t in self.lora_targets if t not in PROJECTIONS]
+        unknown = [t for t in self.lora_targets if t not in ALL_LINEAR]
         if unknown or not self.lora_targets:
-            raise NibbleError(f"LoRA targets {unknown or '(none)'} are not projections; use some of {PROJECTIONS}")
+            raise NibbleError(f"LoRA targets {unknown or '(none)'} are not projections; use some of {ALL_LINEAR}")
 
     @property
     def weight_dtype(self) -> str:
@@ -157,8 +189,9 @@ class PlanOptions:
         return "float32" if self.method == "full" else self.dtype
 
 
-def block_activation_bytes(config: ModelConfig, opts: PlanOptions) -> int:
-    """Bytes one decoder block keeps for backward per token (counted from what autograd saves in nibble's block).
+def block_activation_bytes(config: ModelConfig, opts: PlanOptions, kind: str = "full_attention") -> int:
+    """Bytes one decoder block of ``kind`` keeps for backward per token (counted from what autograd saves in
+    nibble's block).
 
     Every method keeps the block input and the residual after attention, the q/k norm inputs (QK-norm models),
     rotated q and k, v and the attention output, gate, up and silu(gate). ``full`` also keeps the norm outputs
@@ -166,26 +199,41 @@ def block_activation_bytes(config: ModelConfig, opts: PlanOptions) -> int:
     dropout mask (the input's dtype on the CPU, 1 byte where a fused dropout runs), and its rank-r output. Off
     the CPU the attention probabilities (heads x seq_len) are counted too, in case no fused attention kernel
     takes the padding mask; on the CPU the fused kernel always does.
+
+    A Gated DeltaNet block keeps instead of attention's tensors the conv's input and output, q/k/v after SiLU,
+    the L2-normed q and k, g and beta (fp32), the rule's output, z, the gated norm's fp32 product and out_proj's
+    input; the delta rule itself keeps only its inputs (see :func:`delta_rule_backward_bytes` for its backward).
     """
     e = DTYPES[opts.dtype].itemsize
     h, q, kv, i = config.hidden_size, config.q_dim, config.kv_dim, config.intermediate_size
-    kept = 2 * h + 2 * q + 2 * kv + 3 * i + (q + kv) * config.qk_norm
-    inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": q, "gate_proj": h, "up_proj": h, "down_proj": i}
+    inputs = {"gate_proj": h, "up_proj": h, "down_proj": i}
+    if kind == "linear_attention":
+        key, value = config.linear_key_dim, config.linear_value_dim
+        conv = 2 * key + value
+        kept = 2 * h + 3 * conv + 3 * value + 3 * i + (2 * key + 2 * config.linear_num_value_heads + value) * 4 // e
+        inputs.update({"in_proj_qkv": h, "in_proj_z": h, "out_proj": value})
+        full_extra = 4 * h + value + i
+    else:
+        kept = 2 * h + 2 * q + 2 * kv + 3 * i + (q + kv) * config.qk_norm
+        inputs.update({"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": q})
+        full_extra = 2 * h + (q + kv) * config.qk_norm + 2 * h + q + i
+    targets = [t for t in opts.lora_targets if t in inputs]
     if opts.method == "full":
-        kept += 2 * h + (q + kv) * config.qk_norm + 2 * h + q + i
+        kept += full_extra
     elif opts.lora_dropout > 0:
         mask = e if opts.device == "cpu" else 1
-        out = sum(inputs[t] * e + inputs[t] * mask + opts.lora_rank * e for t in opts.lora_targets)
-        return e * kept + out + _attention_probabilities(config, opts)
+        out = sum(inputs[t] * e + inputs[t] * mask + opts.lora_rank * e for t in targets)
+        return e * kept + out + _attention_probabilities(config, opts, kind)
     else:
-        shared = {"q_proj": "a1", "k_proj": "a1", "v_proj": "a1", "gate_proj": "a2", "up_proj": "a2"}
-        kept += sum({shared.get(t, t): inputs[t] for t in opts.lora_targets}.values())
-        kept += opts.lora_rank * len(opts.lora_targets)
-    return e * kept + _attention_probabilities(config, opts)
+        shared = {"q_proj": "a1", "k_proj": "a1", "v_proj": "a1", "in_proj_qkv": "a1", "in_proj_z": "a1",
+                  "gate_proj": "a2", "up_proj": "a2"}  # fmt: skip
+        kept += sum({shared.get(t, t): inputs[t] for t in targets}.values())
+        kept += opts.lora_rank * len(targets)
+    return e * kept + _attention_probabilities(config, opts, kind)
 
 
-def _attention_probabilities(config: ModelConfig, opts: PlanOptions) -> int:
-    if opts.device == "cpu":
+def _attention_probabilities(config: ModelConfig, opts: PlanOptions, kind: str) -> int:
+    if opts.device == "cpu" or kind == "linear_attention":
         return 0
     return DTYPES[opts.dtype].itemsize * config.num_attention_heads * opts.seq_len
 
@@ -202,13 +250,26 @@ def activation_bytes(config: ModelConfig, opts: PlanOptions, checkpointing: bool
     e = DTYPES[opts.dtype].itemsize
     h, layers = config.hidden_size, config.num_hidden_layers
     tokens = opts.batch_size * opts.seq_len
-    block = block_activation_bytes(config, opts)
-    kept = tokens * (e * h * layers + block) if checkpointing else tokens * block * layers
-    backward = tokens * block
+    blocks = [block_activation_bytes(config, opts, config.layer_type(i)) for i in range(layers)]
+    block = max(blocks)
+    kept = tokens * (e * h * layers + block) if checkpointing else tokens * sum(blocks)
+    backward = tokens * block + delta_rule_backward_bytes(config, opts)
     final_norm = tokens * h * (e + 4 * (opts.method == "full"))
     mask = 5 * opts.batch_size * opts.seq_len**2
     head = tokens * config.vocab_size * 4 * 2 if opts.task == "causal_lm" else tokens * h * e
     return kept + backward + final_norm + mask + head
+
+
+def delta_rule_backward_bytes(config: ModelConfig, opts: PlanOptions) -> int:
+    """What the delta rule's backward (one Gated DeltaNet layer at a time) holds while it runs: the recurrent state
+    entering every 64-token chunk (fp32 ``num_v_heads x d_k x d_v`` per chunk per row) and about ten fp32
+    chunk-by-chunk matrices per value head (0 without such layers)."""
+    if not config.is_hybrid:
+        return 0
+    chunks = -(-opts.seq_len // CHUNK)
+    heads = config.linear_num_value_heads
+    states = opts.batch_size * heads * chunks * config.linear_key_head_dim * config.linear_value_head_dim * 4
+    return states + 10 * opts.batch_size * heads * chunks * CHUNK * CHUNK * 4
 
 
 # What a CPU run's resident memory holds beyond its live tensors. The C allocator's slack, in blocks' worth of
@@ -227,19 +288,19 @@ def allocator_slack_bytes(config: ModelConfig, opts: PlanOptions) -> int:
     if opts.device != "cpu":
         return 0
     tokens = opts.batch_size * opts.seq_len
-    return CPU_SLACK_BLOCKS * tokens * block_activation_bytes(config, opts) + CPU_SLACK_FIXED
+    block = max(block_activation_bytes(config, opts, config.layer_type(i)) for i in range(config.num_hidden_layers))
+    return CPU_SLACK_BLOCKS * tokens * block + CPU_SLACK_FIXED
 
 
 def frozen_weights(config: ModelConfig, opts: PlanOptions) -> list[FrozenWeight]:
     """The block projections of a ``qlora`` run as 4-bit frozen weights, in model order (layer by layer); a
     ``gguf`` base's share of its file's projection bytes in proportion to each weight's size."""
-    spec, shapes = opts.quant, projection_shapes(config).values()
+    spec = opts.quant
+    shapes = [shape for layer in all_layer_shapes(config) for shape in layer.values()]
     if spec.format == "gguf":
-        per_element = _gguf_projection_bytes(opts) / (sum(o * i for o, i in shapes) * config.num_hidden_layers)
-        per_layer = [FrozenWeight(o, i, round(o * i * per_element), spec.format) for o, i in shapes]
-    else:
-        per_layer = [FrozenWeight(o, i, weight_bytes(o, i, spec), spec.format) for o, i in shapes]
-    return per_layer * config.num_hidden_layers
+        per_element = _gguf_projection_bytes(opts) / sum(o * i for o, i in shapes)
+        return [FrozenWeight(o, i, round(o * i * per_element), spec.format) for o, i in shapes]
+    return [FrozenWeight(o, i, weight_bytes(o, i, spec), spec.format) for o, i in shapes]
 
 
 def _gguf_projection_bytes(opts: PlanOptions) -> int:
@@ -278,8 +339,8 @@ def plan_rows(config: ModelConfig, opts: PlanOptions, cache_limit: int | None = 
     wdtype = opts.weight_dtype
     w = DTYPES[wdtype].itemsize
     h, layers = config.hidden_size, config.num_hidden_layers
-    shapes = projection_shapes(config)
-    proj_params = sum(o * i for o, i in shapes.values()) * layers
+    per_layer = all_layer_shapes(config)
+    proj_params = sum(o * i for shapes in per_layer for o, i in shapes.values())
     rows: list[tuple[str, int, int]] = []
     embed = config.vocab_size * h
     tied = opts.task == "causal_lm" and config.tie_word_embeddings
@@ -305,15 +366,19 @@ def plan_rows(config: ModelConfig, opts: PlanOptions, cache_limit: int | None = 
         if opts.method == "full" and opts.dtype != "float32":
             # Autocast casts each fp32 weight to the compute dtype; backward keeps the casts until it is done.
             rows.append((f"autocast copies of the projections [{opts.dtype}]", proj_params, proj_params * e))
-    bias_params = layers * (
-        (config.q_dim + 2 * config.kv_dim) * config.attention_bias
-        + h * config.attention_out_bias
-        + (2 * config.intermediate_size + h) * config.mlp_bias
+    full_layers = _full_layers(config)
+    bias_params = full_layers * (
+        (config.q_dim + 2 * config.kv_dim) * config.attention_bias + h * config.attention_out_bias
     )
+    bias_params += layers * (2 * config.intermediate_size + h) * config.mlp_bias
     if bias_params:
         rows.append((f"projection biases [{wdtype}]", bias_params, bias_params * w))
-    norm_params = layers * (2 * h + 2 * config.head_dim * config.qk_norm) + h
-    rows.append(("norms [fp32]", norm_params, norm_params * 4))
+    norm_params = layers * 2 * h + full_layers * 2 * config.head_dim * config.qk_norm + h
+    # The DeltaNet parts that stay dense (fp32 A_log, dt_bias and norm counted at the weight dtype: they are tiny).
+    norm_params += deltanet_dense_params(config)
+    rows.append(
+        ("norms" + (" and " + DELTANET_DENSE_ROW if config.is_hybrid else "") + " [fp32]", norm_params, norm_params * 4)
+    )
     trainable = 0
     if opts.task == "classify":
         score = opts.num_labels * h
@@ -324,8 +389,9 @@ def plan_rows(config: ModelConfig, opts: PlanOptions, cache_limit: int | None = 
         if opts.train_embeddings:
             trainable += embed
     else:
-        lora = opts.lora_rank * sum(sum(shapes[t]) for t in opts.lora_targets) * layers
-        rows.append((f"LoRA r={opts.lora_rank} on {','.join(opts.lora_targets)} [fp32]", lora, lora * 4))
+        lora = opts.lora_rank * sum(sum(shapes[t]) for shapes in per_layer for t in opts.lora_targets if t in shapes)
+        names = [t for t in opts.lora_targets if t in projection_shapes(config)]  # all-linear: those it has
+        rows.append((f"LoRA r={opts.lora_rank} on {','.join(names)} [fp32]", lora, lora * 4))
         trainable += lora
     rows.append(("gradients of trainable params [fp32]", trainable, trainable * 4))
     rows.append(("AdamW state (2 x fp32)", 2 * trainable, trainable * 8))
@@ -337,6 +403,9 @@ def plan_rows(config: ModelConfig, opts: PlanOptions, cache_limit: int | None = 
     slack = allocator_slack_bytes(config, opts)
     if slack:
         rows.append(("CPU runtime: allocator slack, library buffers", 0, slack))
+    if config.is_hybrid:
+        state = delta_rule_backward_bytes(config, opts)
+        rows.append(("delta rule backward: chunk states, chunk matrices (in activations)", 0, state))
     act = activation_bytes(config, opts, checkpointing=False)
     act_ckpt = activation_bytes(config, opts, checkpointing=True)
     rows.append(("activations, no checkpointing (estimate)", 0, act))

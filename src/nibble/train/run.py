@@ -45,7 +45,7 @@ from nibble.model.memory import (
 from nibble.model.merge import write_checkpoint
 from nibble.model.model import fused_elementwise
 from nibble.nn import QuantLinear, apply_lora
-from nibble.nn.lora import resolve_targets
+from nibble.nn.lora import lora_layers, resolve_targets
 from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
 from nibble.train import distributed
 from nibble.train.checkpoint import (
@@ -272,7 +272,7 @@ def export(
         else:
             peft_config = adapter_config(
                 base_model=str(model_dir.resolve()),
-                targets=list(resolve_targets(config.lora_targets)),
+                targets=sorted({path.rsplit(".", 1)[-1] for path in lora_layers(model)}),  # what all-linear found
                 rank=config.lora_rank,
                 alpha=config.lora_alpha,
                 dropout=config.lora_dropout,
