@@ -182,3 +182,47 @@ def test_plan_counts_the_weights_a_loaded_qwen35_holds(shared_checkpoint):
         plan["delta rule backward: chunk states, chunk matrices (in activations)"]
         == states + 10 * 2 * 4 * 2 * 64 * 64 * 4
     )
+
+
+def test_merge_of_a_multimodal_checkpoint_loads_as_the_original_class(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    from nibble.cli.main import main
+    from peft_adapters import save_peft_adapter
+
+    base, hf = make_qwen35_multimodal_checkpoint(tmp_path / "mm")
+    peft_model = save_peft_adapter(hf, tmp_path / "adapter", targets=("in_proj_qkv", "out_proj", "q_proj", "up_proj"))
+    assert (
+        main(["merge", "--model", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "m")])
+        == 0
+    )
+    merged = Qwen3_5ForConditionalGeneration.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    ids, _ = right_padded_batch([21, 21])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=ATOL_HF, rtol=0)
+    source, written = load_file(base / "model.safetensors"), load_file(tmp_path / "m" / "model.safetensors")
+    extras = [k for k in source if k.startswith(("mtp.", "model.visual."))]
+    assert "mtp.fc.weight" in extras and all(torch.equal(written[k], source[k]) for k in extras)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["architectures"] == [
+        "Qwen3_5ForConditionalGeneration"
+    ]
+
+
+def test_merge_of_a_text_checkpoint_loads_in_transformers(shared_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from nibble.cli.main import main
+    from peft_adapters import save_peft_adapter
+
+    base, hf = shared_checkpoint("qwen3_5_text")
+    peft_model = save_peft_adapter(hf, tmp_path / "adapter", targets=("in_proj_z", "k_proj", "down_proj"))
+    assert (
+        main(["merge", "--model", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "m")])
+        == 0
+    )
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    assert type(merged).__name__ == "Qwen3_5ForCausalLM"
+    ids, _ = right_padded_batch([66, 66])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=ATOL_HF, rtol=0)

@@ -23,6 +23,7 @@ from torch import nn
 from nibble.devices import resolve_device
 from nibble.errors import NibbleError
 from nibble.io import bnb
+from nibble.io.peft import MULTIMODAL_DECODER
 from nibble.io.safetensors import Checkpoint, read_checkpoint
 from nibble.model.config import ModelConfig
 from nibble.model.model import TASKS, DecoderModel
@@ -36,7 +37,6 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Where a multimodal checkpoint (Qwen3_5ForConditionalGeneration) keeps its text decoder, and what else it holds
 # that a text model leaves out: the vision tower and the multi-token-prediction layers (for speculative decoding).
-MULTIMODAL_DECODER = "model.language_model."
 MULTIMODAL_EXTRAS = ("model.visual.", "mtp.")
 # Gated DeltaNet parameters that are not projections (conv1d [C, 1, K], A_log and dt_bias [Hv], norm [Dv]).
 DELTANET_PARAMETERS = ("conv1d.weight", "A_log", "dt_bias", "norm.weight")
