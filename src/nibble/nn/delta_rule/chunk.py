@@ -67,21 +67,22 @@ class _Intra:
         self.k_end = k * (self.end - self.gamma).exp()[..., None]  # exp(γ_C - γ) ⊙ K
         self.chunk_decay = self.end[..., 0].exp()  # Γ_C [B, H, n]
 
-    def scan(self, state: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Walk the chunks from ``state`` [B, H, Dk, Dv]: outputs [B, H, n, C, Dv], V' [B, H, n, C, Dv], the
-        chunks' entry states [B, H, n, Dk, Dv] (when ``keep``; else an empty tensor) and the final state."""
+    def scan(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Walk the chunks from ``state`` [B, H, Dk, Dv]: V' [B, H, n, C, Dv], the chunks' entry states
+        [B, H, n, Dk, Dv] and the final state. Only what needs the previous chunk's state runs in the loop."""
         n = self.u.shape[2]
-        out = torch.empty_like(self.u)
         written = torch.empty_like(self.u)
-        states = state.new_empty(*state.shape[:2], n if keep else 0, *state.shape[2:])
+        states = state.new_empty(*state.shape[:2], n, *state.shape[2:])
         for i in range(n):
-            if keep:
-                states[:, :, i] = state
+            states[:, :, i] = state
             v_new = self.u[:, :, i] - self.w[:, :, i] @ state  # [B, H, C, Dv]
-            out[:, :, i] = self.q_gamma[:, :, i] @ state + self.qk[:, :, i] @ v_new
             written[:, :, i] = v_new
             state = state * self.chunk_decay[:, :, i, None, None] + self.k_end[:, :, i].transpose(-1, -2) @ v_new
-        return out, written, states, state
+        return written, states, state
+
+    def outputs(self, written: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """O [B, H, n, C, Dv] of every chunk at once from :meth:`scan`'s V' and entry states."""
+        return self.q_gamma @ states + self.qk @ written
 
 
 class _ChunkGatedDeltaRule(torch.autograd.Function):
@@ -93,7 +94,9 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         intra = _Intra(qc * scale, kc, _chunked(v, dtype), _chunked(g, dtype), _chunked(beta, dtype))
         b, hv, dk, dv = v.shape[0], v.shape[2], q.shape[3], v.shape[3]
         state = v.new_zeros(b, hv, dk, dv, dtype=dtype) if initial_state is None else initial_state.to(dtype)
-        out, _, _, final = intra.scan(state, keep=False)
+        written, states, final = intra.scan(state)
+        out = intra.outputs(written, states)
+        del written, states
         ctx.save_for_backward(q, k, v, g, beta, initial_state)
         ctx.scale, ctx.group = scale, group
         return _unchunked(out, t).to(v.dtype), final
@@ -108,28 +111,29 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         intra = _Intra(qs, kc, vc, gc, bc)
         b, hv, dk, dv = v.shape[0], v.shape[2], q.shape[3], v.shape[3]
         state = v.new_zeros(b, hv, dk, dv, dtype=dtype) if initial_state is None else initial_state.to(dtype)
-        _, written, states, _ = intra.scan(state, keep=True)
+        written, states, _ = intra.scan(state)
         d_o = _chunked(d_out, dtype)  # [B, H, n, C, Dv]
 
-        # The reverse walk: the gradient reaching each chunk's entry state, and the pieces that need it.
+        # The reverse walk carries the state's gradient; what does not depend on it is computed for all chunks.
         n = written.shape[2]
         d_state = torch.zeros_like(state) if d_final is None else d_final.to(dtype)
+        from_output = intra.qk.transpose(-1, -2) @ d_o  # [B, H, n, C, Dv]: dV' from O's intra-chunk term
+        state_from_output = intra.q_gamma.transpose(-1, -2) @ d_o  # [B, H, n, Dk, Dv]: dS from O's state term
         d_written = torch.empty_like(written)  # dV'
-        d_q_gamma = torch.empty_like(qs)  # d(Γ ⊙ Q)
-        d_k_end = torch.empty_like(kc)  # d(exp(γ_C - γ) ⊙ K)
-        d_chunk_decay = v.new_empty(b, hv, n, dtype=dtype)  # dΓ_C
+        d_exits = torch.empty_like(states)  # the gradient of each chunk's exit state
         for i in reversed(range(n)):
-            s = states[:, :, i]  # [B, H, Dk, Dv]
-            dvn = intra.qk[:, :, i].transpose(-1, -2) @ d_o[:, :, i] + intra.k_end[:, :, i] @ d_state
+            d_exits[:, :, i] = d_state
+            dvn = from_output[:, :, i] + intra.k_end[:, :, i] @ d_state  # [B, H, C, Dv]
             d_written[:, :, i] = dvn
-            d_q_gamma[:, :, i] = d_o[:, :, i] @ s.transpose(-1, -2)
-            d_k_end[:, :, i] = written[:, :, i] @ d_state.transpose(-1, -2)
-            d_chunk_decay[:, :, i] = (s * d_state).sum((-1, -2))
             d_state = (
-                intra.q_gamma[:, :, i].transpose(-1, -2) @ d_o[:, :, i]
+                state_from_output[:, :, i]
                 + d_state * intra.chunk_decay[:, :, i, None, None]
                 - intra.w[:, :, i].transpose(-1, -2) @ dvn
             )
+        del from_output, state_from_output
+        d_q_gamma = d_o @ states.transpose(-1, -2)  # d(Γ ⊙ Q) [B, H, n, C, Dk]
+        d_k_end = written @ d_exits.transpose(-1, -2)  # d(exp(γ_C - γ) ⊙ K)
+        d_chunk_decay = (states * d_exits).sum((-1, -2))  # dΓ_C [B, H, n]
         d_w = -(d_written @ states.transpose(-1, -2))  # [B, H, n, C, Dk]: V' = u - w S
 
         # Within chunks, all at once. d_gamma collects dL/dγ; g's gradient is its reverse cumulative sum.
