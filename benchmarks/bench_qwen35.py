@@ -129,8 +129,16 @@ def train_worker(which: str, path: str, seq: int, steps: int, threads: int) -> N
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     tokens_s = seq * (steps - 1) / sum(times[1:])
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"tokens/s": tokens_s, "peak RSS MB": rss}))
+    print(json.dumps({"tokens/s": tokens_s, "peak RSS MB": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM (ru_maxrss would report the parent's peak too, as Linux keeps it across exec)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # macOS: bytes
 
 
 def train_row(path: Path, seq: int, steps: int, threads: int) -> dict:
