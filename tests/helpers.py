@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face checkpoints (Qwen3, Qwen2, Llama) and a byte-level tokenizer, for tests.
+"""Tiny random Hugging Face checkpoints (Qwen3, Qwen2, Llama, Qwen3.5) and a byte-level tokenizer, for tests.
 
 Every test that needs a model builds one here with transformers and saves it to a temporary directory,
 so nibble is always compared against the real library and never against a downloaded file.
@@ -26,16 +26,36 @@ TINY = dict(
 )
 # Qwen3-MoE on top of TINY: 4 experts, 2 per token, each expert's projections whole NF4 blocks.
 TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)
+# Qwen3.5 ("qwen3_5_text"): three layers, the middle one full attention; DeltaNet with 2 key heads shared by
+# 4 value heads of 16; partial RoPE on 8 of 32 channels, with the mRoPE sections real checkpoints carry.
+QWEN35 = dict(
+    num_hidden_layers=3,
+    head_dim=32,
+    layer_types=["linear_attention", "full_attention", "linear_attention"],
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_conv_kernel_dim=4,
+    rope_parameters={
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.25,
+        "mrope_section": [2, 1, 1],
+        "mrope_interleaved": True,
+    },  # fmt: skip
+)
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
 
 
 def hf_config(model_type: str = "qwen3", **overrides: Any):
-    """A transformers config of ``model_type`` (qwen3, qwen3_moe, qwen2, llama, mistral) with TINY sizes (and
-    TINY_MOE's experts).
+    """A transformers config of ``model_type`` (qwen3, qwen3_moe, qwen2, llama, mistral, qwen3_5_text) with TINY
+    sizes (and TINY_MOE's experts).
 
-    Qwen3 gets ``head_dim=32`` (so q_dim 128 != hidden 64, as in real Qwen3 models); pad/bos/eos are
-    the ids of :func:`write_tokenizer`'s special tokens. ``overrides`` win over everything.
+    Qwen3 gets ``head_dim=32`` (so q_dim 128 != hidden 64, as in real Qwen3 models), Qwen3.5 the QWEN35
+    layout; pad/bos/eos are the ids of :func:`write_tokenizer`'s special tokens. ``overrides`` win over
+    everything.
     """
     from transformers import AutoConfig
 
@@ -44,6 +64,8 @@ def hf_config(model_type: str = "qwen3", **overrides: Any):
         kwargs["head_dim"] = 32
     if model_type == "qwen3_moe":
         kwargs.update(TINY_MOE)
+    if model_type == "qwen3_5_text":
+        kwargs.update(copy.deepcopy(QWEN35))
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 
@@ -130,6 +152,30 @@ def save_fused_experts(path: str | Path) -> Path:
         old.unlink()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors", {"format": "pt"})
     return path
+
+
+def make_qwen35_multimodal_checkpoint(path: str | Path, seed: int = 0):
+    """A random ``Qwen3_5ForConditionalGeneration`` (QWEN35 decoder, a one-block vision tower) saved to ``path``
+    with two ``mtp.*`` tensors added to its file, as published checkpoints carry; returns ``(path, model)``."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    text = hf_config("qwen3_5_text").to_dict()
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TINY["hidden_size"])
+    config = Qwen3_5Config(text_config=text, vision_config=vision)
+    torch.manual_seed(seed)
+    model = Qwen3_5ForConditionalGeneration(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * 0.1
+            p.copy_(1.0 + noise if "norm" in name else noise)
+    path = save_hf_model(model, path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["mtp.fc.weight"] = torch.randn(TINY["hidden_size"], 2 * TINY["hidden_size"], generator=gen)
+    tensors["mtp.norm.weight"] = torch.ones(TINY["hidden_size"])
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path, model
 
 
 def write_word_rows(path: str | Path, words: dict[str, list[str]], n: int, seed: int, length: int = 3) -> Path:

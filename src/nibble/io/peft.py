@@ -32,6 +32,19 @@ from nibble.nn.lora import EXPERTS, apply_lora, expert_lora_layers, lora_layers
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# Where transformers' multimodal Qwen3.5 class keeps the text decoder that nibble calls "model.".
+MULTIMODAL_DECODER = "model.language_model."
+
+
+def peft_path(model: nn.Module, path: str) -> str:
+    """The PEFT name of ``model``'s module ``path``: under ``model.language_model.`` for a multimodal checkpoint's
+    decoder (its adapter then loads on transformers' multimodal class, as PEFT would have written it)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "multimodal", False) and path.startswith("model."):
+        path = MULTIMODAL_DECODER + path.removeprefix("model.")
+    return PREFIX + path
+
+
 PEFT_VERSION = "0.21.2"
 TASK_TYPES = {"classify": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 HEADS = {"classify": "score"}
@@ -104,8 +117,8 @@ def adapter_tensors(model: nn.Module, task: str) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's names: every LoRA A/B, plus the classifier head."""
     tensors: dict[str, torch.Tensor] = {}
     for path, layer in lora_layers(model).items():
-        tensors[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A.weight.detach()
-        tensors[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B.weight.detach()
+        tensors[f"{peft_path(model, path)}.lora_A.weight"] = layer.lora_A.weight.detach()
+        tensors[f"{peft_path(model, path)}.lora_B.weight"] = layer.lora_B.weight.detach()
     for path, experts in expert_lora_layers(model).items():
         a_key, b_key = _expert_keys(path)
         e, out, r = experts.lora_B.shape
@@ -226,8 +239,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, Any]:
     layers = lora_layers(model)
     for path in wrapped:
         if path in layers:
-            expected[f"{PREFIX}{path}.lora_A.weight"] = layers[path].lora_A.weight
-            expected[f"{PREFIX}{path}.lora_B.weight"] = layers[path].lora_B.weight
+            expected[f"{peft_path(model, path)}.lora_A.weight"] = layers[path].lora_A.weight
+            expected[f"{peft_path(model, path)}.lora_B.weight"] = layers[path].lora_B.weight
     experts = expert_lora_layers(model)
     for path, layer in experts.items():  # read in PEFT's layout, copied into nibble's below
         e, out, r = layer.lora_B.shape

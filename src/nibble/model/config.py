@@ -12,7 +12,18 @@ from nibble.io.files import read_json_object
 from nibble.io.rope import rope_config_keys
 
 # model_type -> the class-name prefix transformers uses (Qwen3ForCausalLM, ...).
-ARCHITECTURES = {"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral", "qwen3_moe": "Qwen3Moe"}
+ARCHITECTURES = {
+    "qwen3": "Qwen3",
+    "qwen2": "Qwen2",
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen3_5_text": "Qwen3_5",
+    "qwen3_moe": "Qwen3Moe",
+}
+# A Qwen3_5ForConditionalGeneration config.json (model_type "qwen3_5") holds the decoder's config under
+# "text_config"; nibble loads that decoder as "qwen3_5_text".
+MULTIMODAL_TYPES = {"qwen3_5": "qwen3_5_text"}
+LAYER_TYPES = ("full_attention", "linear_attention")
 ROPE_TYPES = ("default", "linear", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -26,6 +37,12 @@ class ModelConfig:
     that type's parameters. ``attention_bias`` puts a bias on q/k/v; ``attention_out_bias`` on o_proj
     (Llama and Qwen3 use one flag for all four, Qwen2 biases q/k/v only). ``qk_norm`` is Qwen3's per-head
     RMSNorm on q and k. ``sliding_window`` (Mistral) limits how far back each token attends.
+
+    Qwen3.5 (``qwen3_5_text``) adds: ``layer_types`` (one of :data:`LAYER_TYPES` per layer; None means full
+    attention everywhere), the Gated DeltaNet sizes of its ``linear_attention`` layers (``linear_*``),
+    ``attn_output_gate`` (q_proj also yields a per-channel gate on the attention output),
+    ``partial_rotary_factor`` (RoPE on that fraction of each head) and ``zero_centred_norm`` (RMSNorms scale
+    by ``1 + weight``). ``multimodal`` records a checkpoint whose decoder sits under ``model.language_model``.
     """
 
     vocab_size: int
@@ -53,6 +70,16 @@ class ModelConfig:
     id2label: dict[int, str] | None = None
     initializer_range: float = 0.02
     torch_dtype: str | None = None
+    layer_types: tuple[str, ...] | None = None
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 0
+    attn_output_gate: bool = False
+    partial_rotary_factor: float = 1.0
+    zero_centred_norm: bool = False
+    multimodal: bool = False
     quantization_config: dict[str, Any] | None = field(default=None, repr=False)
     moe: MoEConfig | None = None
 
@@ -70,8 +97,58 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise NibbleError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.layer_types is not None:
+            self._check_layer_types()
+        if self.rotary_dim % 2 or self.rotary_dim < 2:
+            raise NibbleError(
+                f"partial_rotary_factor {self.partial_rotary_factor} of head_dim {self.head_dim} gives "
+                f"{self.rotary_dim} rotary channels; it must be an even number >= 2"
+            )
         if self.num_labels is not None and (not isinstance(self.num_labels, int) or self.num_labels < 1):
             raise NibbleError(f"num_labels must be a positive integer, got {self.num_labels!r}")
+
+    def _check_layer_types(self) -> None:
+        self.layer_types = tuple(self.layer_types)
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise NibbleError(
+                f"config.json: 'layer_types' has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
+            )
+        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if unknown:
+            raise NibbleError(f"config.json: layer type '{unknown[0]}' is not supported; use one of {LAYER_TYPES}")
+        if "linear_attention" in self.layer_types:
+            for name in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                         "linear_value_head_dim", "linear_conv_kernel_dim"):  # fmt: skip
+                _positive_int(self, name)
+            if self.linear_num_value_heads % self.linear_num_key_heads:
+                raise NibbleError(
+                    f"config.json: linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
+                    f"linear_num_key_heads ({self.linear_num_key_heads})"
+                )
+
+    def layer_type(self, index: int) -> str:
+        """``"full_attention"`` or ``"linear_attention"`` for layer ``index``."""
+        return "full_attention" if self.layer_types is None else self.layer_types[index]
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Whether some layer is Gated DeltaNet linear attention."""
+        return self.layer_types is not None and "linear_attention" in self.layer_types
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each head that RoPE rotates (the first ones; all of them unless partial)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def linear_key_dim(self) -> int:
+        """Width of a DeltaNet layer's queries (and of its keys): key heads x key head dim."""
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def linear_value_dim(self) -> int:
+        """Width of a DeltaNet layer's values (and of its output gate ``z``)."""
+        return self.linear_num_value_heads * self.linear_value_head_dim
 
     @property
     def q_dim(self) -> int:
@@ -132,7 +209,7 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
         }
-        if self.model_type in ("llama", "qwen3", "qwen3_moe"):
+        if self.model_type in ("llama", "qwen3", "qwen3_moe", "qwen3_5_text"):
             out["attention_bias"] = self.attention_bias
         if self.model_type == "llama":
             out["mlp_bias"] = self.mlp_bias
@@ -140,6 +217,12 @@ class ModelConfig:
             out["sliding_window"] = self.sliding_window
         if self.moe is not None:
             out.update(self.moe.to_hf())
+        if self.model_type == "qwen3_5_text":
+            out["rope_parameters"]["partial_rotary_factor"] = self.partial_rotary_factor
+            out["layer_types"] = list(self.layer_types or ["full_attention"] * self.num_hidden_layers)
+            for name in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                         "linear_value_head_dim", "linear_conv_kernel_dim"):  # fmt: skip
+                out[name] = getattr(self, name)
         if self.torch_dtype:
             out["dtype"] = self.torch_dtype
         if self.num_labels:
@@ -168,6 +251,8 @@ def _model_type(data: dict[str, Any], source: str) -> str:
                 if isinstance(arch, str) and arch.startswith(prefix + "For"):
                     return key
         raise NibbleError(f"{source}: no 'model_type' (expected one of {sorted(ARCHITECTURES)})")
+    if isinstance(model_type, str) and model_type in MULTIMODAL_TYPES:
+        return MULTIMODAL_TYPES[model_type]
     if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise NibbleError(
             f"{source}: model_type '{model_type}' is not supported; nibble loads {', '.join(sorted(ARCHITECTURES))}"
@@ -175,8 +260,11 @@ def _model_type(data: dict[str, Any], source: str) -> str:
     return model_type
 
 
-def _rope(data: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
-    """(theta, scaling) from ``rope_parameters`` (transformers >= 5) or ``rope_theta`` + ``rope_scaling``."""
+def _rope(
+    data: dict[str, Any], source: str, partial_default: float | None
+) -> tuple[float, dict[str, Any] | None, float]:
+    """(theta, scaling, partial_rotary_factor) from ``rope_parameters`` (transformers >= 5) or ``rope_theta`` +
+    ``rope_scaling``; a family without partial RoPE (``partial_default`` None) must have a factor of 1."""
     params = data.get("rope_parameters") or data.get("rope_scaling") or {}
     if not isinstance(params, dict):
         raise NibbleError(f"{source}: 'rope_parameters' must be an object")
@@ -188,11 +276,11 @@ def _rope(data: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | No
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise NibbleError(f"{source}: rope_type '{rope_type}' is not supported; use one of {ROPE_TYPES}")
-    partial = params.get("partial_rotary_factor", data.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
+    partial = params.get("partial_rotary_factor", data.get("partial_rotary_factor", partial_default or 1.0))
+    if not (partial_default and _is_positive_number(partial) and partial <= 1) and partial != 1.0:
         raise NibbleError(f"{source}: 'partial_rotary_factor' {partial} is not supported (only 1.0)")
     if rope_type == "default":
-        return float(theta), None
+        return float(theta), None, float(partial)
     scaling: dict[str, Any] = {"rope_type": rope_type, "factor": params.get("factor")}
     if rope_type == "llama3":
         for key in _LLAMA3_KEYS[1:]:
@@ -202,7 +290,7 @@ def _rope(data: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | No
     for key, value in scaling.items():
         if key != "rope_type" and not _is_positive_number(value):
             raise NibbleError(f"{source}: rope scaling '{key}' must be a positive number, got {value!r}")
-    return float(theta), scaling
+    return float(theta), scaling, float(partial)
 
 
 def _is_positive_number(value: Any) -> bool:
@@ -247,6 +335,13 @@ def _field(data: dict[str, Any], key: str, source: str, default: Any, kind: str)
 
 def _from_dict(data: dict[str, Any], source: str) -> ModelConfig:
     model_type = _model_type(data, source)
+    multimodal = data.get("model_type") in MULTIMODAL_TYPES
+    if multimodal:
+        text = _field(data, "text_config", source, None, "object?")
+        if text is None:
+            raise NibbleError(f"{source}: model_type '{data['model_type']}' needs a 'text_config' object")
+        source = f"{source} (text_config)"
+        data = {"tie_word_embeddings": data.get("tie_word_embeddings", False), **text, "model_type": model_type}
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in data:
             raise NibbleError(f"{source}: missing '{key}'")
@@ -266,7 +361,8 @@ def _from_dict(data: dict[str, Any], source: str) -> ModelConfig:
         if data["hidden_size"] % heads:
             raise NibbleError(f"{source}: hidden_size must be a multiple of num_attention_heads when head_dim is unset")
         head_dim = data["hidden_size"] // heads
-    theta, scaling = _rope(data, source)
+    hybrid = model_type == "qwen3_5_text"
+    theta, scaling, partial = _rope(data, source, 0.25 if hybrid else None)  # transformers' Qwen3.5 default
     bias = _field(data, "attention_bias", source, False, "bool")
     labels = _field(data, "id2label", source, None, "object?")
     num_labels = _field(data, "num_labels", source, None, "int>=1?")
@@ -298,9 +394,9 @@ def _from_dict(data: dict[str, Any], source: str) -> ModelConfig:
             tie_word_embeddings=_field(data, "tie_word_embeddings", source, False, "bool"),
             # Qwen2 always biases q/k/v and never o_proj; Mistral has no biases.
             attention_bias=model_type == "qwen2" or (bias and model_type != "mistral"),
-            attention_out_bias=bias and model_type in ("llama", "qwen3", "qwen3_moe"),
+            attention_out_bias=bias and model_type in ("llama", "qwen3", "qwen3_moe", "qwen3_5_text"),
             mlp_bias=_field(data, "mlp_bias", source, False, "bool") and model_type == "llama",
-            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "qwen3_5_text"),
             sliding_window=sliding,
             pad_token_id=_field(data, "pad_token_id", source, None, "int?"),
             bos_token_id=_field(data, "bos_token_id", source, None, "int?"),
@@ -309,6 +405,8 @@ def _from_dict(data: dict[str, Any], source: str) -> ModelConfig:
             id2label=id2label,
             initializer_range=float(_field(data, "initializer_range", source, 0.02, "number>=0")),
             torch_dtype=dtype,
+            **(_hybrid_fields(data, source, partial) if hybrid else {}),
+            multimodal=multimodal,
             quantization_config=_field(data, "quantization_config", source, None, "object?"),
             moe=_moe(data, source) if model_type == "qwen3_moe" else None,
         )
@@ -364,3 +462,23 @@ def _moe(data: dict[str, Any], source: str) -> MoEConfig:
         mlp_only_layers=tuple(only),
         router_aux_loss_coef=float(_field(data, "router_aux_loss_coef", source, 0.001, "number>=0")),
     )
+
+
+def _hybrid_fields(data: dict[str, Any], source: str, partial: float) -> dict[str, Any]:
+    """The Qwen3.5 fields of ModelConfig from its config.json (transformers' defaults where a key is absent)."""
+    layers = data["num_hidden_layers"]
+    layer_types = data.get("layer_types")
+    if layer_types is None:
+        interval = _field(data, "full_attention_interval", source, 4, "int")
+        layer_types = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(layers)]
+    if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+        raise NibbleError(f"{source}: 'layer_types' must be a list of layer type names")
+    sizes = {"linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+             "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4}  # fmt: skip
+    return {
+        "layer_types": tuple(layer_types),
+        **{key: _field(data, key, source, default, "int") for key, default in sizes.items()},
+        "attn_output_gate": True,  # transformers' Qwen3.5 attention always gates (no config key)
+        "partial_rotary_factor": partial,
+        "zero_centred_norm": True,
+    }

@@ -111,8 +111,14 @@ def architecture(config: ModelConfig) -> str:
     """The llama.cpp architecture that runs ``config``'s model.
 
     Raises:
-        NibbleError: a model llama.cpp's architecture would compute differently (a Qwen3 with an o_proj bias).
+        NibbleError: a model llama.cpp's architecture would compute differently (a Qwen3 with an o_proj bias),
+            or one whose GGUF layout nibble does not write yet (Qwen3.5, llama.cpp's ``qwen35``).
     """
+    if config.model_type not in GGUF_ARCHITECTURES:
+        raise NibbleError(
+            f"GGUF export of {config.model_type} models (llama.cpp's qwen35) is not supported yet; export the PEFT "
+            "adapter or a merged checkpoint (nibble merge) and convert that with llama.cpp's convert_hf_to_gguf.py"
+        )
     if config.model_type == "qwen3" and config.attention_out_bias:
         raise NibbleError("a Qwen3 model with attention biases has no llama.cpp counterpart (its qwen3 has none)")
     return GGUF_ARCHITECTURES[config.model_type]

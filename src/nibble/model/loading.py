@@ -13,6 +13,7 @@ once into an HF directory in the cache (see :func:`resolve_model_dir`) and loade
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,18 +23,24 @@ from torch import nn
 from nibble.devices import resolve_device
 from nibble.errors import NibbleError
 from nibble.io import bnb
+from nibble.io.peft import MULTIMODAL_DECODER
 from nibble.io.safetensors import Checkpoint, read_checkpoint
 from nibble.model import moe
 from nibble.model.config import ModelConfig
 from nibble.model.model import TASKS, DecoderModel
 from nibble.model.quant_cache import QuantCache
 from nibble.nn import QuantLinear
-from nibble.nn.lora import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
+from nibble.nn.lora import ATTENTION_PROJECTIONS, DELTANET_DENSE, DELTANET_PROJECTIONS, MLP_PROJECTIONS
 from nibble.quant import QuantizedWeight, QuantSpec, quantize
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tensors some checkpoints carry that a model never needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Where a multimodal checkpoint (Qwen3_5ForConditionalGeneration) keeps its text decoder, and what else it holds
+# that a text model leaves out: the vision tower and the multi-token-prediction layers (for speculative decoding).
+MULTIMODAL_EXTRAS = ("model.visual.", "mtp.")
+# Gated DeltaNet parameters that are not projections (conv1d [C, 1, K], A_log and dt_bias [Hv], norm [Dv]).
+DELTANET_PARAMETERS = ("conv1d.weight", "A_log", "dt_bias", "norm.weight")
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -77,7 +84,10 @@ def load_model(
     device: torch.device | str = "cpu",
     pooling: str = "last",
 ) -> DecoderModel:
-    """Load a Qwen3 / Qwen3-MoE / Qwen2 / Llama / Mistral checkpoint directory.
+    """Load a Qwen3 / Qwen3-MoE / Qwen2 / Llama / Mistral / Qwen3.5 checkpoint directory.
+
+    A Qwen3.5 multimodal checkpoint loads its text decoder (``model.language_model.*``); its vision tower and
+    ``mtp.*`` layers are left out (a note on stderr says so).
 
     Args:
         path: directory with config.json and model.safetensors (or a sharded index), or a .gguf file.
@@ -123,25 +133,33 @@ def load_model(
     with torch.device("meta"):
         model = DecoderModel(config, task, num_labels, pooling, dtype)
     _check_unexpected(ckpt, model, config)
-    loader = _Loader(ckpt, dtype, device)
+    loader = _Loader(ckpt, dtype, device, MULTIMODAL_DECODER if config.multimodal else "model.")
     cache = _quant_cache(path, ckpt, spec, loader)
     backbone = model.model
     backbone.embed_tokens.weight = loader.parameter("model.embed_tokens.weight", backbone.embed_tokens.weight)
     for i, layer in enumerate(backbone.layers):
-        groups = [("self_attn", ATTENTION_PROJECTIONS), ("mlp", MLP_PROJECTIONS)]
+        groups = [("mlp", MLP_PROJECTIONS, spec)]
         if isinstance(layer.mlp, moe.SparseMoE):
             moe.load_sparse_block(layer.mlp, loader, f"model.layers.{i}.mlp", spec)
             groups.pop()
-        for group, names in groups:
+        if layer.linear:
+            groups += [("linear_attn", DELTANET_PROJECTIONS, spec), ("linear_attn", DELTANET_DENSE, None)]
+        else:
+            groups.append(("self_attn", ATTENTION_PROJECTIONS, spec))
+        for group, names, group_spec in groups:
             parent = getattr(layer, group)
             for name in names:
                 prefix = f"model.layers.{i}.{group}.{name}"
-                setattr(parent, name, loader.projection(prefix, getattr(parent, name), spec))
-        norms = {"input_layernorm": layer.input_layernorm, "post_attention_layernorm": layer.post_attention_layernorm}
-        if config.qk_norm:
-            norms.update({"self_attn.q_norm": layer.self_attn.q_norm, "self_attn.k_norm": layer.self_attn.k_norm})
-        for name, norm in norms.items():
-            norm.weight = loader.parameter(f"model.layers.{i}.{name}.weight", norm.weight)
+                setattr(parent, name, loader.projection(prefix, getattr(parent, name), group_spec))
+        params = ["input_layernorm.weight", "post_attention_layernorm.weight"]
+        if layer.linear:
+            params += [f"linear_attn.{name}" for name in DELTANET_PARAMETERS]
+        elif config.qk_norm:
+            params += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+        for name in params:
+            owner, attr = name.rsplit(".", 1)
+            module = layer.get_submodule(owner)
+            setattr(module, attr, loader.parameter(f"model.layers.{i}.{name}", getattr(module, attr)))
     backbone.norm.weight = loader.parameter("model.norm.weight", backbone.norm.weight)
     if task == "causal_lm":
         _load_lm_head(model, loader, config)
@@ -155,7 +173,7 @@ def load_model(
 def _quant_cache(path: Path, ckpt: Checkpoint, spec: QuantSpec | None, loader: _Loader) -> QuantCache | None:
     """Hand ``loader`` the projections quantized by an earlier load of ``path`` as ``spec`` says (see
     :mod:`nibble.model.quant_cache`); returns the cache entry to fill when there were none, else None."""
-    if spec is None or bnb.is_quantized(ckpt, "model.layers.0.self_attn.q_proj.weight"):
+    if spec is None or bnb.is_quantized(ckpt, loader.stored("model.layers.0.mlp.gate_proj.weight")):
         return None
     cache = QuantCache(path, ckpt, spec)
     loader.quantized = cache.load(loader.dtype)
@@ -201,15 +219,25 @@ def _load_score(model: DecoderModel, loader: _Loader, config: ModelConfig) -> No
 
 
 def _check_unexpected(ckpt: Checkpoint, model: DecoderModel, config: ModelConfig) -> None:
-    """Reject tensors the model has no place for (before any is read), naming the first."""
+    """Reject tensors the model has no place for (before any is read), naming the first; a multimodal
+    checkpoint's vision tower and mtp layers are left out with a note."""
     known = set(model.state_dict()) | {"lm_head.weight", "score.weight"}  # the other task's head is skipped
     known |= moe.checkpoint_keys(config)
+    if config.multimodal:
+        known = {MULTIMODAL_DECODER + k.removeprefix("model.") if k.startswith("model.") else k for k in known}
+        extras = [key for key in ckpt if key.startswith(MULTIMODAL_EXTRAS)]
+        if extras:
+            kinds = " and ".join(f"{p}*" for p in MULTIMODAL_EXTRAS if any(k.startswith(p) for k in extras))
+            print(f"note: {ckpt.source}: loading the text decoder only; {len(extras)} tensors ({kinds}) left out",
+                  file=sys.stderr)  # fmt: skip
+    else:
+        extras = []
 
     def expected(key: str) -> bool:
         base = next((key.removesuffix(s) for s in bnb.AUX_SUFFIXES if key.endswith(s)), key)
         return base in known or key.endswith(_IGNORED_SUFFIXES)
 
-    unexpected = [key for key in ckpt if not expected(key)]
+    unexpected = [key for key in ckpt if not expected(key) and key not in extras]
     if unexpected:
         more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
         raise NibbleError(
@@ -221,14 +249,21 @@ def _check_unexpected(ckpt: Checkpoint, model: DecoderModel, config: ModelConfig
 class _Loader:
     """Reads checkpoint tensors into parameters and projections on ``device``, one tensor at a time."""
 
-    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device):
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, decoder: str = "model."):
         self.ckpt = ckpt
+        self.decoder = decoder  # where the checkpoint keeps what the model calls "model."
         self.dtype = dtype
         self.device = device
         self.quantized: dict[str, QuantizedWeight] = {}  # projections quantized earlier, by weight key
 
+    def stored(self, key: str) -> str:
+        """The checkpoint's name for the model's tensor ``key``."""
+        return self.decoder + key.removeprefix("model.") if key.startswith("model.") else key
+
     def tensor(self, key: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        """Tensor ``key`` in ``dtype`` on the device, checked against ``shape`` (an NF4 one is dequantized)."""
+        """Tensor ``key`` (the model's name) in ``dtype`` on the device, checked against ``shape`` (an NF4 one
+        is dequantized)."""
+        key = self.stored(key)
         if bnb.is_quantized(self.ckpt, key):
             weight = bnb.read_nf4(self.ckpt, key).to(self.device)
             self._check_shape(key, tuple(weight.shape), shape)
@@ -247,15 +282,16 @@ class _Loader:
         """The projection ``prefix``: a QuantLinear (stored NF4 bytes as they are, else quantized as ``spec``
         says), or ``linear`` (on meta) filled as a frozen dense layer when ``spec`` is None."""
         weight_key = f"{prefix}.weight"
+        stored = self.stored(weight_key)
         bias = None
         if linear.bias is not None:
             bias = self.tensor(f"{prefix}.bias", linear.bias.shape, self.dtype)
-        if bnb.is_quantized(self.ckpt, weight_key):
-            qweight = bnb.read_nf4(self.ckpt, weight_key)
-            self._check_shape(weight_key, tuple(qweight.shape), linear.weight.shape)
+        if bnb.is_quantized(self.ckpt, stored):
+            qweight = bnb.read_nf4(self.ckpt, stored)
+            self._check_shape(stored, tuple(qweight.shape), linear.weight.shape)
             return QuantLinear(qweight.to(self.device), bias)
         if spec is not None and spec.format == "gguf":
-            qweight = self.ckpt.quantized(weight_key)
+            qweight = self.ckpt.quantized(stored)
             qweight.dtype = self.dtype
             return QuantLinear(qweight.to(self.device), bias)
         if spec is not None:
@@ -266,7 +302,7 @@ class _Loader:
                 del dense
             else:
                 qweight = qweight.to(self.device)
-            self._check_shape(weight_key, tuple(qweight.shape), linear.weight.shape)
+            self._check_shape(stored, tuple(qweight.shape), linear.weight.shape)
             qweight.dtype = self.dtype
             return QuantLinear(qweight, bias)
         weight = self.tensor(weight_key, linear.weight.shape, self.dtype)

@@ -15,7 +15,8 @@ from nibble.devices import DTYPES
 from nibble.errors import NibbleError
 from nibble.kernels import on_fp32_units
 from nibble.model.config import ModelConfig
-from nibble.nn.lora import ATTENTION_PROJECTIONS, EXPERTS, MLP_PROJECTIONS, PROJECTIONS, RECOMPUTE_MIN_ELEMENTS
+from nibble.nn.delta_rule import CHUNK
+from nibble.nn.lora import ALL_LINEAR, EXPERTS, MLP_PROJECTIONS, RECOMPUTE_MIN_ELEMENTS
 from nibble.nn.quant_linear import FrozenWeight, auto_cache_budget, plan_copies
 from nibble.quant import QuantSpec
 from nibble.quant.nf4 import NESTED_BLOCKSIZE
@@ -26,18 +27,47 @@ METHODS_BY_PREFERENCE = ("full", "lora", "qlora")
 WEIGHT_FORMATS = ("fp32", "bf16", "nf4", "nf4+dq", "int4")
 
 
-def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """``(out_features, in_features)`` of each block projection (the same in every layer)."""
+def layer_projection_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[int, int]]:
+    """``(out_features, in_features)`` of each block projection of ``layer`` (those 4-bit formats store): the
+    attention or Gated DeltaNet ones, then the MLP's."""
     h, i = config.hidden_size, config.intermediate_size
-    return {
-        "q_proj": (config.q_dim, h),
-        "k_proj": (config.kv_dim, h),
-        "v_proj": (config.kv_dim, h),
-        "o_proj": (h, config.q_dim),
-        "gate_proj": (i, h),
-        "up_proj": (i, h),
-        "down_proj": (h, i),
-    }
+    if config.layer_type(layer) == "linear_attention":
+        key, value = config.linear_key_dim, config.linear_value_dim
+        mixer = {"in_proj_qkv": (2 * key + value, h), "in_proj_z": (value, h), "out_proj": (h, value)}
+    else:
+        q_out = 2 * config.q_dim if config.attn_output_gate else config.q_dim
+        mixer = {"q_proj": (q_out, h), "k_proj": (config.kv_dim, h), "v_proj": (config.kv_dim, h),
+                 "o_proj": (h, config.q_dim)}  # fmt: skip
+    return {**mixer, "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+
+def all_layer_shapes(config: ModelConfig) -> list[dict[str, tuple[int, int]]]:
+    """:func:`layer_projection_shapes` of every layer, in order."""
+    kinds = {t: layer_projection_shapes(config, config.layer_types.index(t)) for t in set(config.layer_types or [])}
+    if not kinds:
+        return [layer_projection_shapes(config, 0)] * config.num_hidden_layers
+    return [kinds[config.layer_type(i)] for i in range(config.num_hidden_layers)]
+
+
+def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """``(out_features, in_features)`` of each kind of block projection the model has, by name."""
+    out: dict[str, tuple[int, int]] = {}
+    for shapes in all_layer_shapes(config):
+        out.update(shapes)
+    return out
+
+
+def deltanet_dense_params(config: ModelConfig) -> int:
+    """Parameters of the Gated DeltaNet layers that stay dense: in_proj_b and in_proj_a, the conv, A_log and
+    dt_bias, the gated norm (0 without such layers)."""
+    linear = sum(config.layer_type(i) == "linear_attention" for i in range(config.num_hidden_layers))
+    heads, channels = config.linear_num_value_heads, 2 * config.linear_key_dim + config.linear_value_dim
+    per_layer = 2 * heads * config.hidden_size + channels * config.linear_conv_kernel_dim + 2 * heads
+    return linear * (per_layer + config.linear_value_head_dim)
+
+
+def _full_layers(config: ModelConfig) -> int:
+    return sum(config.layer_type(i) == "full_attention" for i in range(config.num_hidden_layers))
 
 
 def expert_shapes(config: ModelConfig) -> dict[str, tuple[int, int, int]]:
@@ -56,15 +86,17 @@ def sparse_layers(config: ModelConfig) -> int:
 
 
 def frozen_shapes(config: ModelConfig) -> list[tuple[int, int, int]]:
-    """``(how many, rows, in_features)`` of each kind of frozen block weight in the model: the attention projections
-    in every layer, the SwiGLU's in the dense layers, and each sparse layer's experts as one ``[experts * out, in]``
-    weight per projection (how they are stored in 4 bits)."""
-    shapes = projection_shapes(config)
-    layers, sparse = config.num_hidden_layers, sparse_layers(config)
-    out = [(layers, *shapes[name]) for name in ATTENTION_PROJECTIONS]
-    out += [(layers - sparse, *shapes[name]) for name in MLP_PROJECTIONS]
-    out += [(sparse, e * o, i) for e, o, i in expert_shapes(config).values()]
-    return [row for row in out if row[0]]
+    """``(how many, rows, in_features)`` of each kind of frozen block weight in the model: each layer's mixer
+    projections (attention or Gated DeltaNet), the SwiGLU's in the dense layers, and each sparse layer's experts
+    as one ``[experts * out, in]`` weight per projection (how they are stored in 4 bits)."""
+    counts: dict[tuple[int, int], int] = {}
+    moe = config.moe
+    for layer, shapes in enumerate(all_layer_shapes(config)):
+        sparse = moe is not None and moe.is_sparse(layer)
+        kept = [shape for name, shape in shapes.items() if not (sparse and name in MLP_PROJECTIONS)]
+        for shape in kept + [(e * o, i) for e, o, i in expert_shapes(config).values() if sparse]:
+            counts[shape] = counts.get(shape, 0) + 1
+    return [(n, o, i) for (o, i), n in counts.items()]
 
 
 def router_params(config: ModelConfig) -> int:
@@ -119,7 +151,8 @@ def format_rows(config: ModelConfig, spec: QuantSpec | None = None) -> list[tupl
     h, layers = config.hidden_size, config.num_hidden_layers
     embed = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
     proj = sum(n * o * i for n, o, i in frozen_shapes(config))
-    norms = layers * (2 * h + 2 * config.head_dim * config.qk_norm) + h + router_params(config)
+    norms = layers * 2 * h + _full_layers(config) * 2 * config.head_dim * config.qk_norm + h + router_params(config)
+    other = deltanet_dense_params(config)
     projections: dict[str, int | None] = {}
     for name, fmt in column_formats(spec or QuantSpec()).items():
         try:
@@ -128,7 +161,7 @@ def format_rows(config: ModelConfig, spec: QuantSpec | None = None) -> list[tupl
             projections[name] = None
     dense = {"fp32": 4, "bf16": 2}
     tied = " (tied)" if config.tie_word_embeddings else ""
-    return [
+    rows = [
         (f"embeddings + lm_head{tied}", embed, {f: embed * dense[f] if f in dense else None for f in WEIGHT_FORMATS}),
         (
             "norms" + (" + routers" if config.moe else ""),
@@ -136,12 +169,14 @@ def format_rows(config: ModelConfig, spec: QuantSpec | None = None) -> list[tupl
             {f: norms * dense[f] if f in dense else None for f in WEIGHT_FORMATS},
         ),
         ("block projections", proj, projections),
-        (
-            "all weights",
-            embed + norms + proj,
-            {f: (embed + norms + proj) * dense.get(f, 0) or None for f in WEIGHT_FORMATS},
-        ),
     ]
+    if other:
+        rows.append((DELTANET_DENSE_ROW, other, {f: other * dense[f] if f in dense else None for f in WEIGHT_FORMATS}))
+    total = embed + norms + proj + other
+    return [*rows, ("all weights", total, {f: total * dense.get(f, 0) or None for f in WEIGHT_FORMATS})]
+
+
+DELTANET_DENSE_ROW = "DeltaNet b/a, conv, A_log, dt_bias, norm"
 
 
 def projections_bytes(config: ModelConfig, fmt: str | QuantSpec) -> int:
@@ -188,11 +223,9 @@ class PlanOptions:
         for name in ("seq_len", "batch_size", "lora_rank", "num_labels"):
             if getattr(self, name) < 1:
                 raise NibbleError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        unknown = [t for t in self.lora_targets if t not in (*PROJECTIONS, EXPERTS)]
+        unknown = [t for t in self.lora_targets if t not in ALL_LINEAR]
         if unknown or not self.lora_targets:
-            raise NibbleError(
-                f"LoRA targets {unknown or '(none)'} are not projections; use some of {(*PROJECTIONS, EXPERTS)}"
-            )
+            raise NibbleError(f"LoRA targets {unknown or '(none)'} are not projections; use some of {ALL_LINEAR}")
 
     @property
     def tokens(self) -> int:
@@ -205,8 +238,8 @@ class PlanOptions:
         return "float32" if self.method == "full" else self.dtype
 
 
-def block_activation_bytes(config: ModelConfig, opts: PlanOptions) -> int:
-    """Bytes one decoder block keeps for backward per token: what autograd saves in nibble's block, as its
+def block_activation_bytes(config: ModelConfig, opts: PlanOptions, kind: str = "full_attention") -> int:
+    """Bytes one decoder block of ``kind`` keeps for backward per token: what autograd saves in nibble's block, as its
     saved-tensor hooks count it (tests/model/test_memory.py checks this against them for each method and dtype).
 
     Every method keeps the block input and the residual after attention (fp32: autocast keeps the residual
@@ -220,18 +253,26 @@ def block_activation_bytes(config: ModelConfig, opts: PlanOptions) -> int:
     and the normalized inputs of both norms (their weights train). Off the CPU the attention probabilities
     (heads x seq_len) are counted too, in case no fused attention kernel takes the padding mask; on the CPU the
     fused kernel always does.
+
+    A Gated DeltaNet block (``kind`` ``linear_attention``) keeps instead of attention's tensors the conv's input
+    and output, q/k/v after SiLU, the L2-normed q and k, g and beta (fp32), the rule's output, z, the gated
+    norm's fp32 product and out_proj's input; the delta rule itself keeps only its inputs (see
+    :func:`delta_rule_backward_bytes` for its backward). That count is by reading the code, not yet checked
+    against saved-tensor hooks.
     """
     e = DTYPES[opts.dtype].itemsize
     fp32_units = opts.device == "cpu" and on_fp32_units(DTYPES[opts.dtype], torch.device("cpu"))
     a = 4 if fp32_units else e
     h, q, kv, i = config.hidden_size, config.q_dim, config.kv_dim, config.intermediate_size
+    if kind == "linear_attention":
+        return _deltanet_block_bytes(config, opts)
     kept = 4 * 2 * h + a * (2 * q + 2 * kv) + e * (_mlp_kept(config) + (q + kv) * config.qk_norm)
     if opts.method == "full":
         # The norms' fp32 outputs, which autocast casts once for each projection that reads them (3 + 2).
         norm_outputs = 4 * 2 * h if e == 4 else e * 5 * h
         # QK-norm with trainable weights: the normalized q and k and their outputs before RoPE, in fp32.
         qk = 4 * 3 * (q + kv) * config.qk_norm
-        return kept + 4 * 2 * h + norm_outputs + e * i + qk + _attention_probabilities(config, opts)
+        return kept + 4 * 2 * h + norm_outputs + e * i + qk + _attention_probabilities(config, opts, kind)
     targets = _lora_targets(config, opts.lora_targets)
     if EXPERTS in targets:  # each expert LoRA's rank-r output per assignment (its inputs are kept anyway)
         kept += e * 2 * config.moe.num_experts_per_tok * opts.lora_rank
@@ -246,7 +287,29 @@ def block_activation_bytes(config: ModelConfig, opts: PlanOptions) -> int:
         small = [inputs[t] or q for t in targets if opts.tokens * (inputs[t] or q) < RECOMPUTE_MIN_ELEMENTS]
         kept += (e + 4) * sum(small)
     kept += 4 * opts.lora_rank * len(targets)
-    return kept + _attention_probabilities(config, opts)
+    return kept + _attention_probabilities(config, opts, kind)
+
+
+def _deltanet_block_bytes(config: ModelConfig, opts: PlanOptions) -> int:
+    """Bytes a Gated DeltaNet block keeps for backward per token (see :func:`block_activation_bytes`)."""
+    e = DTYPES[opts.dtype].itemsize
+    h, i = config.hidden_size, config.intermediate_size
+    key, value = config.linear_key_dim, config.linear_value_dim
+    conv = 2 * key + value
+    kept = 2 * h + 3 * conv + 3 * value + 3 * i + (2 * key + 2 * config.linear_num_value_heads + value) * 4 // e
+    inputs = {"in_proj_qkv": h, "in_proj_z": h, "out_proj": value, "gate_proj": h, "up_proj": h, "down_proj": i}
+    targets = [t for t in opts.lora_targets if t in inputs]
+    if opts.method == "full":
+        kept += 4 * h + value + i
+    elif opts.lora_dropout > 0:
+        mask = e if opts.device == "cpu" else 1
+        out = sum(inputs[t] * e + inputs[t] * mask + opts.lora_rank * e for t in targets)
+        return e * kept + out
+    else:
+        shared = {"in_proj_z": "in_proj_qkv", "up_proj": "gate_proj"}
+        kept += sum({shared.get(t, t): inputs[t] for t in targets}.values())
+        kept += opts.lora_rank * len(targets)
+    return e * kept
 
 
 def _mlp_kept(config: ModelConfig) -> int:
@@ -266,20 +329,25 @@ def lora_params(config: ModelConfig, target: str, rank: int) -> int:
     that has it: ``rank * (in + out)`` per matrix, per expert for the experts."""
     if target == EXPERTS:
         return sparse_layers(config) * sum(rank * e * (o + i) for e, o, i in expert_shapes(config).values())
-    layers = config.num_hidden_layers - (sparse_layers(config) if target in MLP_PROJECTIONS else 0)
-    return layers * rank * sum(projection_shapes(config)[target])
+    moe = config.moe
+    total = 0
+    for layer, shapes in enumerate(all_layer_shapes(config)):
+        if target in shapes and not (target in MLP_PROJECTIONS and moe is not None and moe.is_sparse(layer)):
+            total += rank * sum(shapes[target])
+    return total
 
 
 def _lora_targets(config: ModelConfig, targets: tuple[str, ...]) -> tuple[str, ...]:
     """The targets that adapt something in this model: experts only where it has sparse layers, the SwiGLU's
-    projections only where it has none (see :func:`nibble.nn.lora.apply_lora`)."""
+    projections only where it has none, and of the others those it has (see :func:`nibble.nn.lora.apply_lora`)."""
+    has = projection_shapes(config)  # all-linear names Gated DeltaNet's projections too: those the model has
     if config.moe is None:
-        return tuple(t for t in targets if t != EXPERTS)
-    return tuple(t for t in targets if t not in MLP_PROJECTIONS)
+        return tuple(t for t in targets if t != EXPERTS and t in has)
+    return tuple(t for t in targets if t == EXPERTS or (t in has and t not in MLP_PROJECTIONS))
 
 
-def _attention_probabilities(config: ModelConfig, opts: PlanOptions) -> int:
-    if opts.device == "cpu":
+def _attention_probabilities(config: ModelConfig, opts: PlanOptions, kind: str) -> int:
+    if opts.device == "cpu" or kind == "linear_attention":
         return 0
     return DTYPES[opts.dtype].itemsize * config.num_attention_heads * opts.seq_len
 
@@ -296,13 +364,26 @@ def activation_bytes(config: ModelConfig, opts: PlanOptions, checkpointing: bool
     e = DTYPES[opts.dtype].itemsize
     h, layers = config.hidden_size, config.num_hidden_layers
     tokens = opts.tokens
-    block = block_activation_bytes(config, opts)
-    kept = tokens * (e * h * layers + block) if checkpointing else tokens * block * layers
-    backward = tokens * block
+    blocks = [block_activation_bytes(config, opts, config.layer_type(i)) for i in range(layers)]
+    block = max(blocks)
+    kept = tokens * (e * h * layers + block) if checkpointing else tokens * sum(blocks)
+    backward = tokens * block + delta_rule_backward_bytes(config, opts)
     final_norm = tokens * h * (e + 4 * (opts.method == "full"))
     mask = 5 * opts.batch_size * opts.seq_len**2
     head = tokens * config.vocab_size * 4 * 2 if opts.task == "causal_lm" else tokens * h * e
     return kept + backward + final_norm + mask + head
+
+
+def delta_rule_backward_bytes(config: ModelConfig, opts: PlanOptions) -> int:
+    """What the delta rule's backward (one Gated DeltaNet layer at a time) holds while it runs: the recurrent state
+    entering every 64-token chunk (fp32 ``num_v_heads x d_k x d_v`` per chunk per row) and about ten fp32
+    chunk-by-chunk matrices per value head (0 without such layers)."""
+    if not config.is_hybrid:
+        return 0
+    chunks = -(-opts.seq_len // CHUNK)
+    heads = config.linear_num_value_heads
+    states = opts.batch_size * heads * chunks * config.linear_key_head_dim * config.linear_value_head_dim * 4
+    return states + 10 * opts.batch_size * heads * chunks * CHUNK * CHUNK * 4
 
 
 # What a CPU run's resident memory holds beyond its live tensors, as a share of the activations: glibc's malloc
@@ -325,17 +406,16 @@ def allocator_slack_bytes(opts: PlanOptions, activations: int) -> int:
 
 
 def frozen_weights(config: ModelConfig, opts: PlanOptions) -> list[FrozenWeight]:
-    """The frozen 4-bit weights of a ``qlora`` run in model order (layer by layer): the block projections, and in a
-    sparse layer its experts as one weight per projection (dequantized an expert at a time); a ``gguf`` base's
-    share of its file's projection bytes in proportion to each weight's size."""
-    spec, shapes = opts.quant, projection_shapes(config)
-    moe = config.moe
+    """The frozen 4-bit weights of a ``qlora`` run in model order (layer by layer): the block projections (attention
+    or Gated DeltaNet, and the SwiGLU's), and in a sparse layer its experts as one weight per projection
+    (dequantized an expert at a time); a ``gguf`` base's share of its file's projection bytes in proportion to
+    each weight's size."""
+    spec, moe = opts.quant, config.moe
     layers = []
-    for i in range(config.num_hidden_layers):
+    for i, shapes in enumerate(all_layer_shapes(config)):
         sparse = moe is not None and moe.is_sparse(i)
-        names = ATTENTION_PROJECTIONS if sparse else PROJECTIONS
-        layers.append([(shapes[n], 1) for n in names] + [((e * o, k), e) for e, o, k in expert_shapes(config).values()
-                                                         if sparse])  # fmt: skip
+        row = [(shape, 1) for name, shape in shapes.items() if not (sparse and name in MLP_PROJECTIONS)]
+        layers.append(row + [((e * o, k), e) for e, o, k in expert_shapes(config).values() if sparse])
     if spec.format == "gguf":
         per_element = _gguf_projection_bytes(opts) / sum(math.prod(shape) for row in layers for shape, _ in row)
         size = lambda shape: round(math.prod(shape) * per_element)  # noqa: E731
@@ -406,15 +486,19 @@ def plan_rows(config: ModelConfig, opts: PlanOptions, cache_limit: int | None = 
         if opts.method == "full" and opts.dtype != "float32":
             # Autocast casts each fp32 weight to the compute dtype; backward keeps the casts until it is done.
             rows.append((f"autocast copies of the projections [{opts.dtype}]", proj_params, proj_params * e))
-    bias_params = layers * (
-        (config.q_dim + 2 * config.kv_dim) * config.attention_bias
-        + h * config.attention_out_bias
-        + (2 * config.intermediate_size + h) * config.mlp_bias
+    full_layers = _full_layers(config)
+    bias_params = full_layers * (
+        (config.q_dim + 2 * config.kv_dim) * config.attention_bias + h * config.attention_out_bias
     )
+    bias_params += layers * (2 * config.intermediate_size + h) * config.mlp_bias
     if bias_params:
         rows.append((f"projection biases [{wdtype}]", bias_params, bias_params * w))
-    norm_params = layers * (2 * h + 2 * config.head_dim * config.qk_norm) + h
-    rows.append(("norms [fp32]", norm_params, norm_params * 4))
+    norm_params = layers * 2 * h + full_layers * 2 * config.head_dim * config.qk_norm + h
+    # The DeltaNet parts that stay dense (fp32 A_log, dt_bias and norm counted at the weight dtype: they are tiny).
+    norm_params += deltanet_dense_params(config)
+    rows.append(
+        ("norms" + (" and " + DELTANET_DENSE_ROW if config.is_hybrid else "") + " [fp32]", norm_params, norm_params * 4)
+    )
     trainable = 0
     routers = router_params(config)
     if routers:
@@ -443,6 +527,9 @@ def plan_rows(config: ModelConfig, opts: PlanOptions, cache_limit: int | None = 
     # serializes every weight. Either happens between steps, when the activations are gone.
     writing = max(12 * trainable, 4 * (proj_params + bias_params + norm_params + embed) * (opts.method == "full"))
     rows.append(("writing checkpoints (serialized copies)", 0, writing))
+    if config.is_hybrid:
+        state = delta_rule_backward_bytes(config, opts)
+        rows.append(("delta rule backward: chunk states, chunk matrices (in activations)", 0, state))
     act = activation_bytes(config, opts, checkpointing=False)
     act_ckpt = activation_bytes(config, opts, checkpointing=True)
     slack, slack_ckpt = allocator_slack_bytes(opts, act), allocator_slack_bytes(opts, act_ckpt)

@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 
 from nibble.errors import NibbleError
-from nibble.io.files import staged_dir, write_json
+from nibble.io.files import read_json_object, staged_dir, write_json
+from nibble.io.peft import MULTIMODAL_DECODER
 from nibble.io.runinfo import LABEL_MAP, RUN_INFO
-from nibble.io.safetensors import INDEX_NAME, SINGLE_NAME, save_file_atomic
+from nibble.io.safetensors import INDEX_NAME, SINGLE_NAME, read_checkpoint, save_file_atomic
 from nibble.io.tokenizer import TOKENIZER_FILES
 from nibble.model.adapter import AdapterInfo, load_adapted
-from nibble.model.loading import resolve_model_dir
+from nibble.model.loading import MULTIMODAL_EXTRAS, resolve_model_dir
 from nibble.model.model import DecoderModel
 from nibble.model.moe import expert_tensors
 from nibble.nn import LoRALinear, QuantLinear
@@ -85,15 +86,37 @@ def _shards(tensors: dict[str, tuple[tuple[int, ...], Producer]], itemsize: int,
     return shards
 
 
+def multimodal_tensors(
+    tensors: dict[str, tuple[tuple[int, ...], Producer]], source: Path
+) -> dict[str, tuple[tuple[int, ...], Producer]]:
+    """``tensors`` of a multimodal checkpoint's text decoder under its names there (``model.language_model.*``),
+    followed by the checkpoint's vision tower and ``mtp.*`` tensors from ``source``, copied as stored."""
+    out = {
+        (MULTIMODAL_DECODER + k.removeprefix("model.") if k.startswith("model.") else k): v for k, v in tensors.items()
+    }
+    ckpt = read_checkpoint(source)
+    for key in ckpt:
+        if key.startswith(MULTIMODAL_EXTRAS):
+            out[key] = (ckpt[key].shape, lambda dtype, k=key: ckpt.get_tensor(k))
+    return out
+
+
 def write_checkpoint(
     model: DecoderModel,
     directory: Path,
     dtype: torch.dtype = torch.float32,
     shard_bytes: int = SHARD_BYTES,
     labels: list | None = None,
+    source: Path | None = None,
 ) -> None:
-    """Write ``model``'s dense weights (merged where LoRA is attached) and config.json into ``directory``."""
+    """Write ``model``'s dense weights (merged where LoRA is attached) and config.json into ``directory``.
+
+    A causal LM from a multimodal checkpoint ``source`` keeps that checkpoint's layout and config.json (its vision
+    tower and mtp layers copied through), so the result loads as the original class."""
     tensors = dense_tensors(model)
+    multimodal = model.config.multimodal and model.task == "causal_lm" and source is not None
+    if multimodal:
+        tensors = multimodal_tensors(tensors, source)
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards = _shards(tensors, itemsize, shard_bytes)
     weight_map: dict[str, str] = {}
@@ -108,6 +131,11 @@ def write_checkpoint(
         total = sum(math.prod(shape) * itemsize for shape, _ in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         write_json(directory / INDEX_NAME, index)
+    if multimodal:
+        original = read_json_object(source / "config.json", "the base model needs a valid config.json")
+        original.pop("quantization_config", None)
+        write_json(directory / "config.json", {**original, "dtype": str(dtype).removeprefix("torch.")})
+        return
     config = replace(model.config, torch_dtype=str(dtype).removeprefix("torch."), quantization_config=None)
     if model.task == "classify":
         names = labels or [f"LABEL_{i}" for i in range(model.num_labels)]
@@ -150,7 +178,7 @@ def merge_adapter(
     model_dir = resolve_model_dir(model)
     adapted, info = load_adapted(model_dir, adapter, device=device)
     with staged_dir(output, overwrite=overwrite) as staging:
-        write_checkpoint(adapted, staging, dtype, shard_bytes, info.labels)
+        write_checkpoint(adapted, staging, dtype, shard_bytes, info.labels, source=model_dir)
         tokenizer_source = info.directory if (info.directory / "tokenizer.json").is_file() else model_dir
         for name in _COPIED:
             source = tokenizer_source / name if name in TOKENIZER_FILES else model_dir / name

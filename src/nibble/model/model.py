@@ -1,16 +1,17 @@
-"""The decoder: embedding -> N x (RMSNorm -> attention -> residual -> RMSNorm -> SwiGLU -> residual) -> RMSNorm -> head.
+"""The decoder: embedding -> N x (RMSNorm -> mixer -> residual -> RMSNorm -> SwiGLU -> residual) -> RMSNorm -> head.
 
-One block type serves Qwen3 (QK-norm), Qwen2 (q/k/v bias), Llama and Mistral: family differences are
-fields of :class:`ModelConfig`. Submodule names are Hugging Face's, so dense ``state_dict()`` keys equal
-the checkpoint's. Each of the seven projections is an ``nn.Linear`` or a frozen ``QuantLinear``; Qwen3-MoE's
-sparse layers replace the SwiGLU with :class:`~nibble.model.moe.SparseMoE`.
+One block type serves Qwen3 (QK-norm), Qwen2 (q/k/v bias), Llama, Mistral and Qwen3.5: family differences are
+fields of :class:`ModelConfig`. The mixer is attention, or for Qwen3.5's ``linear_attention`` layers Gated
+DeltaNet (:mod:`nibble.model.deltanet`). Submodule names are Hugging Face's, so dense ``state_dict()`` keys
+equal the checkpoint's. Each projection is an ``nn.Linear`` or a frozen ``QuantLinear``; Qwen3-MoE's sparse
+layers replace the SwiGLU with :class:`~nibble.model.moe.SparseMoE`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import cache
+from functools import cache, cached_property
 from typing import NamedTuple
 
 import torch
@@ -21,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from nibble import kernels
 from nibble.errors import NibbleError
 from nibble.model.config import ModelConfig
+from nibble.model.deltanet import GatedDeltaNet
 from nibble.model.moe import SparseMoE
 from nibble.nn.attention import blocked_causal_attention
 
@@ -39,21 +41,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """``x / rms(x) * weight``, computed in fp32 with an fp32 weight whatever the input dtype."""
+    """``x / rms(x) * weight``, computed in fp32 with an fp32 weight whatever the input dtype; with
+    ``zero_centred`` (Qwen3.5) the scale is ``1 + weight``."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, zero_centred: bool = False):
         super().__init__()
         self.eps = eps
+        self.zero_centred = zero_centred
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         self.ops = EAGER
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight + 1 if self.zero_centred else self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
-    """Inverse frequencies [head_dim/2] (fp32), with linear or llama3-style scaling when configured."""
-    dim = config.head_dim
+    """Inverse frequencies [rotary_dim/2] (fp32), with linear or llama3-style scaling when configured."""
+    dim = config.rotary_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
     inv_freq = 1.0 / (config.rope_theta**exponents)
     scaling = config.rope_scaling
@@ -74,7 +78,7 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None)
 
 
 def rope_cos_sin(config: ModelConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [T, head_dim] for integer ``positions`` [T], computed in fp32 and cast to ``dtype``."""
+    """cos and sin [T, rotary_dim] for integer ``positions`` [T], computed in fp32 and cast to ``dtype``."""
     freqs = positions.float()[:, None] * rope_inv_freq(config, positions.device)[None, :]  # [T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -88,7 +92,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, per layer, preallocated for ``max_len`` positions."""
+    """Keys and values of the positions seen so far, per attention layer, preallocated for ``max_len`` positions;
+    for each Gated DeltaNet layer its conv window ``conv_windows[i]`` [B, K-1, conv channels] and recurrent
+    state ``states[i]`` [B, Hv, Dk, Dv] (fp32)."""
 
     def __init__(
         self,
@@ -99,8 +105,22 @@ class KVCache:
         device: torch.device | str = "cpu",
     ):
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        full = [config.layer_type(i) == "full_attention" for i in range(config.num_hidden_layers)]
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) if f else None for f in full]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) if f else None for f in full]
+        self.conv_windows: dict[int, torch.Tensor] = {}
+        self.states: dict[int, torch.Tensor] = {}
+        conv_channels = 2 * config.linear_key_dim + config.linear_value_dim
+        for i in (i for i, f in enumerate(full) if not f):
+            window = (batch_size, config.linear_conv_kernel_dim - 1, conv_channels)
+            self.conv_windows[i] = torch.zeros(window, dtype=dtype, device=device)
+            state = (
+                batch_size,
+                config.linear_num_value_heads,
+                config.linear_key_head_dim,
+                config.linear_value_head_dim,
+            )
+            self.states[i] = torch.zeros(state, dtype=torch.float32, device=device)
         self.max_len = max_len
         self.length = 0
 
@@ -232,6 +252,17 @@ class TokenLayout:
         self.last = self.lengths.cumsum(0) - 1  # [B]
         self._keys_mask, self._window = keys_mask, config.sliding_window
 
+    @cached_property
+    def cu_seqlens(self) -> torch.Tensor:
+        """[B + 1]: where each row's real tokens start among the N packed ones (and N at the end)."""
+        return F.pad(self.lengths.cumsum(0), (1, 0))
+
+    @cached_property
+    def sequence_positions(self) -> torch.Tensor:
+        """[N]: each packed token's index among its row's real tokens (0 at the first real token)."""
+        n = int(self.cu_seqlens[-1])
+        return torch.arange(n, device=self.lengths.device) - self.cu_seqlens[self.rows]
+
     def last_mask(self) -> torch.Tensor:
         """[B, 1, 1, T] bool: the keys each row's last real token attends to (causal, in-window, non-pad).
 
@@ -267,7 +298,9 @@ class TokenLayout:
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with RoPE, optional q/k/v bias and optional per-head QK RMSNorm."""
+    """Grouped-query attention with RoPE, optional q/k/v bias and optional per-head QK RMSNorm; for Qwen3.5 an
+    output gate (``q_proj`` yields each head's query then its gate; the output is multiplied by sigmoid(gate))
+    and RoPE on the first ``rotary_dim`` channels of each head only."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -276,15 +309,17 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         h, qd, kvd = config.hidden_size, config.q_dim, config.kv_dim
-        self.q_proj = nn.Linear(h, qd, bias=config.attention_bias, dtype=dtype)
+        self.gated = config.attn_output_gate
+        self.rotary_dim = config.rotary_dim
+        self.q_proj = nn.Linear(h, 2 * qd if self.gated else qd, bias=config.attention_bias, dtype=dtype)
         self.k_proj = nn.Linear(h, kvd, bias=config.attention_bias, dtype=dtype)
         self.v_proj = nn.Linear(h, kvd, bias=config.attention_bias, dtype=dtype)
         self.o_proj = nn.Linear(qd, h, bias=config.attention_out_bias, dtype=dtype)
         self.qk_norm = config.qk_norm
         self.ops = EAGER
         if config.qk_norm:
-            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, config.zero_centred_norm)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, config.zero_centred_norm)
 
     def forward(
         self, x: torch.Tensor, layout: TokenLayout, cache: KVCache | None = None, last_only: bool = False
@@ -292,21 +327,35 @@ class Attention(nn.Module):
         """[N, hidden] packed tokens -> [N, hidden]; with ``last_only``, [B, hidden] for each row's last token."""
         n = x.shape[0]
         queries = x[layout.last] if last_only else x
-        q = self.q_proj(queries).view(-1, self.num_heads, self.head_dim)  # [N or B, Hq, D]
+        q = self.q_proj(queries)
+        if self.gated:
+            q, gate = q.view(-1, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)  # [N or B, Hq, D] each
+            gate = torch.sigmoid(gate.reshape(-1, self.num_heads * self.head_dim))  # [N or B, Hq * D]
+        else:
+            q = q.view(-1, self.num_heads, self.head_dim)  # [N or B, Hq, D]
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = (layout.cos[layout.last], layout.sin[layout.last]) if last_only else (layout.cos, layout.sin)
-        q, k = self.ops.rope(q, cos, sin), self.ops.rope(k, layout.cos, layout.sin)
+        q, k = self._rope(q, cos, sin), self._rope(k, layout.cos, layout.sin)
         k, v = layout.to_padded(k), layout.to_padded(v)  # [B, Hkv, T, D]
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, past + T, D]
         if last_only:
             y = attend(q[:, :, None], k, v, layout.last_mask(), False)  # [B, Hq, 1, D]
-            return self.o_proj(y.reshape(layout.batch, self.num_heads * self.head_dim))  # [B, hidden]
-        y = attend(layout.to_padded(q), k, v, layout.mask, layout.is_causal)  # [B, Hq, T, D]
-        return self.o_proj(layout.from_padded(y))  # [N, hidden]
+            y = y.reshape(layout.batch, self.num_heads * self.head_dim)  # [B, Hq * D]
+        else:
+            y = attend(layout.to_padded(q), k, v, layout.mask, layout.is_causal)  # [B, Hq, T, D]
+            y = layout.from_padded(y)  # [N, Hq * D]
+        return self.o_proj(y * gate if self.gated else y)  # [N or B, hidden]
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on the first ``rotary_dim`` channels of each head; the rest pass unchanged."""
+        if self.rotary_dim == self.head_dim:
+            return self.ops.rope(x, cos, sin)
+        r = self.rotary_dim
+        return torch.cat((self.ops.rope(x[..., :r], cos, sin), x[..., r:]), dim=-1)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -377,22 +426,29 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One transformer block: pre-norm attention and pre-norm SwiGLU, each with a residual."""
+    """One block: pre-norm mixer (``self_attn``, or ``linear_attn`` for a ``linear_attention`` layer) and
+    pre-norm SwiGLU, each with a residual."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.self_attn = Attention(config, layer_idx, dtype)
+        self.linear = config.layer_type(layer_idx) == "linear_attention"
+        if self.linear:
+            self.linear_attn = GatedDeltaNet(config, layer_idx, dtype)
+        else:
+            self.self_attn = Attention(config, layer_idx, dtype)
         sparse = config.moe is not None and config.moe.is_sparse(layer_idx)
         self.mlp = SparseMoE(config, EAGER, dtype) if sparse else MLP(config, dtype)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        norm = config.zero_centred_norm
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, norm)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, norm)
 
     def forward(
         self, x: torch.Tensor, layout: TokenLayout, cache: KVCache | None = None, last_only: bool = False
     ) -> torch.Tensor:
         """[N, hidden] -> [N, hidden], or [B, hidden] at each row's last token with ``last_only`` (the keys
         and values still come from every token; the rest of the block runs for B rows only)."""
-        h = self.self_attn(self.input_layernorm(x), layout, cache, last_only)
+        mixer = self.linear_attn if self.linear else self.self_attn
+        h = mixer(self.input_layernorm(x), layout, cache, last_only)
         x = (x[layout.last] if last_only else x) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -408,7 +464,7 @@ class Backbone(nn.Module):
             nn.init.normal_(weight, std=config.initializer_range)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(DecoderLayer(config, i, dtype) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.zero_centred_norm)
 
 
 class DecoderModel(nn.Module):

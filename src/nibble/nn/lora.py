@@ -26,6 +26,13 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 # The target naming every mixture-of-experts layer's experts (both fused projections, a LoRA per expert).
 EXPERTS = "experts"
+# Gated DeltaNet's projections (Qwen3.5's linear-attention layers) that LoRA targets and 4-bit formats store;
+# in_proj_b and in_proj_a (hidden -> one value per value head) stay dense: with 32 heads they hold 0.6% of a
+# layer's weights, and 4-bit blocks of 64 along hidden would quantize each head's gate input whole.
+DELTANET_PROJECTIONS = ("in_proj_qkv", "in_proj_z", "out_proj")
+DELTANET_DENSE = ("in_proj_b", "in_proj_a")
+# What "all-linear" adapts: every one of these the model has.
+ALL_LINEAR = (*PROJECTIONS, *DELTANET_PROJECTIONS, EXPERTS)
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 
 # From this many input elements (1 MiB in fp32) a dropped adapter input is recomputed in the backward rather
@@ -149,8 +156,9 @@ class LoRALinear(nn.Module):
 
 
 def resolve_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
-    """Target module names from a list, a comma-separated string, or ``"all-linear"`` (the seven projections and
-    the experts of mixture-of-experts layers)."""
+    """Target module names from a list, a comma-separated string, or ``"all-linear"`` (:data:`ALL_LINEAR`: the
+    seven projections, Gated DeltaNet's in_proj_qkv, in_proj_z, out_proj, and the experts of mixture-of-experts
+    layers)."""
     names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else [str(t).strip() for t in targets]
     names = [n for n in names if n]
     if not names:
@@ -158,7 +166,7 @@ def resolve_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
     if "all-linear" in names:
         if len(names) > 1:
             raise NibbleError("lora_targets: all-linear already covers every projection; give it alone")
-        return (*PROJECTIONS, EXPERTS)
+        return ALL_LINEAR
     return tuple(dict.fromkeys(names))
 
 
@@ -181,10 +189,11 @@ def apply_lora(
     in model order.
 
     Raises:
-        NibbleError: a target that matches no linear layer (the message lists the names that exist).
+        NibbleError: a target that matches no linear layer (the message lists the names that exist); with
+            all-linear, only the names this model has are wanted.
     """
     wanted = resolve_targets(targets)
-    every = wanted == (*PROJECTIONS, EXPERTS)
+    every = wanted == ALL_LINEAR
     if any(isinstance(m, ExpertLinear) for m in model.modules()):
         # PEFT on transformers 5 reads gate_proj/up_proj/down_proj targets of a mixture-of-experts model as its
         # experts' (the layout of transformers 4), so the dense SwiGLU of an mlp_only layer cannot be a target there.

@@ -46,7 +46,7 @@ from nibble.model.merge import write_checkpoint
 from nibble.model.model import fused_elementwise
 from nibble.model.moe import RouterLoss, sparse_blocks
 from nibble.nn import apply_lora
-from nibble.nn.lora import resolve_targets, trainable_parts
+from nibble.nn.lora import lora_layers, resolve_targets, trainable_parts
 from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
 from nibble.train import distributed
 from nibble.train.checkpoint import (
@@ -276,7 +276,7 @@ def export(
         else:
             peft_config = adapter_config(
                 base_model=str(model_dir.resolve()),
-                targets=list(resolve_targets(config.lora_targets)),
+                targets=sorted({path.rsplit(".", 1)[-1] for path in lora_layers(model)}),  # what all-linear found
                 rank=config.lora_rank,
                 alpha=config.lora_alpha,
                 dropout=config.lora_dropout,
