@@ -276,8 +276,8 @@ def block_activation_bytes(config: ModelConfig, opts: PlanOptions, kind: str = "
     targets = _lora_targets(config, opts.lora_targets)
     if EXPERTS in targets:  # each expert LoRA's rank-r output per assignment (its inputs are kept anyway)
         kept += e * 2 * config.moe.num_experts_per_tok * opts.lora_rank
-        targets = tuple(t for t in targets if t != EXPERTS)
     inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": 0, "gate_proj": h, "up_proj": h, "down_proj": i}
+    targets = tuple(t for t in targets if t in inputs)  # (a hybrid model's DeltaNet targets are not in this block)
     shared = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
     kept += e * sum({shared.get(t, t): inputs[t] for t in targets}.values())
     if opts.lora_dropout == 0 and fp32_units:
