@@ -29,7 +29,7 @@ from nibble.model.memory import (
     plan_candidates,
 )
 from nibble.train.config import TrainConfig
-from nibble.train.run import fit_to_memory
+from nibble.train.planning import fit_to_memory
 
 SMALL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4)
 SMALL.update(num_key_value_heads=2, head_dim=64)

@@ -10,6 +10,7 @@ import time
 import torch
 from torch import nn
 
+from helpers import label_task
 from nibble.data import BatchStream, ClassificationData, LabelMap
 from nibble.train import TrainConfig
 from nibble.train.checkpoint import list_checkpoints
@@ -48,7 +49,8 @@ def make_trainer(out, clock: Clock, total: int) -> Trainer:
         return classification_loss(logits, labels, False)
 
     stream = BatchStream(data, config.batch_size, 0, config.seed)
-    trainer = Trainer(model, stream, config, out, total, loss_fn, evaluate, forward=forward)
+    task = label_task(data, loss_fn, evaluate, forward)
+    trainer = Trainer(model=model, stream=stream, config=config, out=out, total_steps=total, task=task)
     save = trainer.save
 
     def slow_save(window=None):

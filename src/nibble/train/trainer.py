@@ -33,11 +33,12 @@ from nibble.train.checkpoint import (
     save_checkpoint,
 )
 from nibble.train.config import TrainConfig
-from nibble.train.distributed import DataParallel, all_sum, barrier, current, full_value, is_sharded
+from nibble.train.distributed import DataParallel, all_sum, any_rank, barrier, current, full_value, is_sharded
 from nibble.train.interrupt import GracefulStop
 from nibble.train.metrics import MetricsLog, headline
 from nibble.train.optim import WarmupCosine, build_optimizer
 from nibble.train.rng import rank_rng_states, set_rng_state
+from nibble.train.tasks.base import TaskRun
 
 
 @dataclass
@@ -97,8 +98,10 @@ def read_progress(checkpoint: Path) -> tuple[Progress, int | None]:
 
 @dataclass
 class _Window:
-    """The steps since the last log line: their losses and gradient norms stay on the device (no host sync)
-    until :meth:`sync` reads them all at once."""
+    """The steps since the last log line: their losses, task metrics and gradient norms stay on the device (no
+    host sync) until :meth:`sync` reads them all at once. Under torchrun each rank holds its share of every loss
+    and metric and its own token count; :meth:`sync` sums them over the ranks (every rank calls it at the same
+    steps)."""
 
     first_step: int
     start: float
@@ -106,6 +109,8 @@ class _Window:
     grad_norms: list[torch.Tensor | float] = field(default_factory=list)
     lr: float = 0.0
     tokens: int = 0
+    metrics: list[dict[str, torch.Tensor | float]] = field(default_factory=list)
+    unsummed_tokens: int = 0  # this rank's tokens since the last sync
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -116,23 +121,39 @@ class _Window:
         finally:
             self.start += time.perf_counter() - began
 
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, tokens: int) -> None:
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, tokens: int, metrics: dict) -> None:
         self.losses.append(loss)
         self.grad_norms.append(grad_norm)
+        self.metrics.append(metrics)
         self.lr = lr
-        self.tokens += tokens
+        self.unsummed_tokens += tokens
 
     def sync(self) -> list[tuple[int, float, float]]:
         """``(step, loss, grad norm)`` of every step so far, as host numbers (one transfer for the new ones)."""
+        parallel = current().active
         fresh = [i for i, v in enumerate(self.losses) if isinstance(v, torch.Tensor)]
         if fresh:
-            stacked = torch.stack([torch.stack([self.losses[i], self.grad_norms[i]]).float() for i in fresh])
-            for i, (loss, norm) in zip(fresh, stacked.tolist(), strict=True):
-                self.losses[i], self.grad_norms[i] = loss, norm
+            names = list(self.metrics[fresh[0]])
+            rows = [torch.stack([self.losses[i], *(self.metrics[i][k] for k in names)]).float() for i in fresh]
+            summed = torch.stack(rows)  # [steps, 1 + metrics]: the ranks' shares
+            if parallel:
+                summed = all_sum(summed)
+            norms = torch.stack([self.grad_norms[i].float() for i in fresh])
+            for i, values, norm in zip(fresh, summed.tolist(), norms.tolist(), strict=True):
+                self.losses[i], self.grad_norms[i] = values[0], norm
+                self.metrics[i] = dict(zip(names, values[1:], strict=True))
+        if parallel:
+            self.unsummed_tokens = int(all_sum(torch.tensor(float(self.unsummed_tokens), dtype=torch.float64)))
+        self.tokens, self.unsummed_tokens = self.tokens + self.unsummed_tokens, 0
         return [
             (self.first_step + i, loss, norm)
             for i, (loss, norm) in enumerate(zip(self.losses, self.grad_norms, strict=True))
         ]
+
+    def metric_means(self) -> dict[str, float]:
+        """The task's metrics averaged over the synced window."""
+        names = list(self.metrics[0]) if self.metrics else []
+        return {k: sum(m[k] for m in self.metrics) / len(self.metrics) for k in names}
 
     def to_json(self) -> dict[str, Any]:
         """The synced window (see :meth:`sync`) for a checkpoint, so a resumed run logs the same lines."""
@@ -144,6 +165,7 @@ class _Window:
             "grad_norms": norms,
             "lr": self.lr,
             "tokens": self.tokens,
+            "metrics": self.metrics,
         }
 
     @classmethod
@@ -152,16 +174,20 @@ class _Window:
         if data is None:
             return cls(step + 1, time.perf_counter())
         losses, norms = data["losses"], data["grad_norms"]
-        numbers = [*losses, *norms, data["lr"]]
+        metrics = data.get("metrics", [{} for _ in losses])  # (checkpoints written before task metrics)
+        numbers = [*losses, *norms, data["lr"], *(v for m in metrics for v in m.values())]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
             raise TypeError("window values must be numbers")
         if (
             len(losses) != len(norms)
+            or len(metrics) != len(losses)
             or data["first_step"] + len(losses) != step + 1
             or not isinstance(data["tokens"], int)
         ):
             raise ValueError("window does not end at the checkpoint's step")
-        return cls(data["first_step"], time.perf_counter(), list(losses), list(norms), data["lr"], data["tokens"])
+        return cls(
+            data["first_step"], time.perf_counter(), list(losses), list(norms), data["lr"], data["tokens"], metrics
+        )
 
 
 class Trainer:
@@ -173,14 +199,14 @@ class Trainer:
         config: the run's settings.
         out: the output directory (``checkpoints/``, ``metrics.jsonl``).
         total_steps: optimizer steps of the whole run.
-        loss_fn: ``(outputs, labels) -> scalar loss``.
-        evaluate: ``model -> metrics dict with "loss"``, or None when there is no validation data.
+        task: what the task gives the run (:class:`nibble.train.tasks.TaskRun`): its forward, its loss and
+            named metrics (averaged over each log window and logged with the loss), what the loss averages over
+            (under torchrun each rank's loss counts by its share of the global batch's units, so the step equals
+            a one-process step) and its evaluation (none: the run is never evaluated).
+        eval_batch_size: rows per evaluation batch (default twice the micro-batch).
         on_best: called with the step after an evaluation that lowered the val loss (on every rank).
-        forward: ``(model, batch) -> outputs`` (inside autocast); default ``model(input_ids, attention_mask)``.
         meter: the run's memory meter; its peaks go into every train record of metrics.jsonl.
         on_save: called with the directory of each checkpoint once it is complete.
-        loss_units: ``batch -> what the loss averages over`` (default: its rows); under torchrun each rank's
-            loss counts by its share of the global batch's units, so the step equals a one-process step.
 
     Under torchrun (see :mod:`nibble.train.distributed`) every rank runs the same loop on its slice of each
     batch (``stream`` is built with the rank's ``part``); only rank 0 logs, prints and writes checkpoints, and
@@ -189,25 +215,28 @@ class Trainer:
 
     def __init__(
         self,
+        *,
         model: nn.Module,
         stream: BatchStream,
         config: TrainConfig,
         out: Path,
         total_steps: int,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
+        task: TaskRun,
+        eval_batch_size: int | None = None,
         on_best: Callable[[int], None] | None = None,
-        forward: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
         meter: MemoryMeter | None = None,
         on_save: Callable[[Path], None] | None = None,
-        loss_units: Callable[[dict[str, torch.Tensor]], float] | None = None,
     ):
         self.model, self.stream, self.config, self.out = model, stream, config, out
-        self.forward = forward or (lambda m, batch: m(batch["input_ids"], batch["attention_mask"]))
-        self.total_steps, self.loss_fn, self.evaluate, self.on_best = total_steps, loss_fn, evaluate, on_best
+        self.forward = task.forward or (lambda m, batch: m(batch["input_ids"], batch["attention_mask"]))
+        self.total_steps, self.loss_fn, self.on_best = total_steps, task.loss, on_best
+        self.evaluate: Callable[[nn.Module], dict[str, Any]] | None = None
+        if task.evaluate is not None:
+            eval_batch = eval_batch_size or 2 * config.batch_size
+            self.evaluate = lambda m: task.evaluate(m, eval_batch)
         self.meter = meter
         self.on_save = on_save
-        self.loss_units = loss_units or (lambda batch: batch["input_ids"].shape[0])
+        self.loss_units = task.loss_units or (lambda batch: batch["input_ids"].shape[0])
         self.parallel = current()
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._params = [param for _, param in self.named_params]
@@ -344,35 +373,34 @@ class Trainer:
                 if self.parallel.is_main:
                     tqdm.write(f"early stop at step {p.step}: val loss has not improved for {patience} evaluations")
 
-    def step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One optimizer step over ``grad_accum`` micro-batches. Returns its mean loss and gradient norm as
-        device tensors (reading them would wait for the device) and the number of real tokens it saw."""
+    def step(self) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, torch.Tensor]]:
+        """One optimizer step over ``grad_accum`` micro-batches. Returns its mean loss and gradient norm as device
+        tensors (reading them would wait for the device), the number of real tokens it saw and the task's metrics
+        (device tensors, averaged over the micro-batches). Under torchrun the loss, the metrics and the tokens are
+        this rank's share, summed over the ranks once per log window (see :class:`_Window`)."""
         cfg = self.config
         loss_sum = torch.zeros((), device=self.device)
+        metric_sums: dict[str, torch.Tensor] = {}
         tokens = 0
+        engine = self.data_parallel
         for micro in range(cfg.grad_accum):
             batch = self.stream.next_batch()
             tokens += int(batch["attention_mask"].sum())  # counted on the host, before the batch moves
             share = self._share(batch)
             batch = to_device(batch, self.device)
-            if not self.parallel.active:
-                with self.autocast():
-                    outputs = self.forward(self.model, batch)
-                loss = self.loss_fn(outputs, batch["labels"])
-                self.scaler.scale(loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach().float() / cfg.grad_accum
-                continue
-            engine = self.data_parallel
-            with engine.no_sync(micro < cfg.grad_accum - 1) if engine is not None else nullcontext():
+            syncing = engine.no_sync(micro < cfg.grad_accum - 1) if engine is not None else nullcontext()
+            with syncing:
                 with self.autocast():
                     outputs = engine(batch) if engine is not None else self.forward(self.model, batch)
-                loss = self.loss_fn(outputs, batch["labels"])
-                # DDP and FSDP average the ranks' gradients: x world undoes that, the share weighs each rank's mean
-                self.scaler.scale(loss * (share * self.parallel.world / cfg.grad_accum)).backward()
-            loss_sum += loss.detach().float() * share / cfg.grad_accum
-        if self.parallel.active:
-            summed = all_sum(torch.stack([loss_sum, torch.tensor(float(tokens), device=self.device)]))
-            loss_sum, tokens = summed[0], int(summed[1])
+                loss, metrics = self.loss_fn(outputs, batch)
+                if self.parallel.active:
+                    # DDP and FSDP average the ranks' gradients: x world undoes that, the share weighs each rank's mean
+                    self.scaler.scale(loss * (share * self.parallel.world / cfg.grad_accum)).backward()
+                else:
+                    self.scaler.scale(loss / cfg.grad_accum).backward()
+            loss_sum += self._part(loss, share)
+            for name, value in metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0) + self._part(value, share)
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         # foreach=None: the foreach kernels where the device has them (CPU, CUDA, XPU), per tensor elsewhere (MPS).
@@ -380,24 +408,27 @@ class Trainer:
         self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, grad_norm, tokens
+        return loss_sum, grad_norm, tokens, metric_sums
 
-    def _share(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _part(self, value: torch.Tensor, share: torch.Tensor | float) -> torch.Tensor:
+        """A micro-batch's ``value`` as its part of the step's mean (under torchrun: this rank's share of it)."""
+        if self.parallel.active:
+            return value.detach().float() * share / self.config.grad_accum
+        return value.detach().float() / self.config.grad_accum
+
+    def _share(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
         """This rank's share of the units (rows, target tokens) the loss of the global micro-batch averages over
         (1 in a single process)."""
         if not self.parallel.active:
-            return torch.ones((), device=self.device)
+            return 1.0
         mine = 0.0 if self.stream.stand_in else float(self.loss_units(batch))
         total = all_sum(torch.tensor(mine, dtype=torch.float64, device=self.device))
         return (mine / total.clamp_min(1e-30)).float()
 
     def _stop_asked(self, stop: GracefulStop) -> bool:
         """Whether a stop signal arrived, on any rank under torchrun (so that every rank stops after the same
-        step)."""
-        asked = stop.signum is not None
-        if not self.parallel.active:
-            return asked
-        return bool(all_sum(torch.tensor(float(asked), device=self.device)) > 0)
+        step; agreed on the host, without waiting for the device)."""
+        return any_rank(stop.signum is not None)
 
     def _check(self, window: _Window, bar: tqdm) -> list[tuple[int, float, float]]:
         """Sync the window with the host; stop at its first non-finite loss (or gradient norm, without a grad
@@ -433,6 +464,7 @@ class Trainer:
             "grad_norm": values[-1][2],
             "epoch": round(self.stream.epoch, 4),
             "tokens_per_s": window.tokens / max(now - window.start, 1e-9),
+            **window.metric_means(),
         }
         if self.meter is not None:
             peaks = self.meter.read()
@@ -481,9 +513,9 @@ class Trainer:
                 evaluated_at = 0
             while not p.finished(self.total_steps) and not self._stop_asked(stop):
                 lr = self.schedule.apply(self.optimizer, cfg.lr, p.step)
-                loss, grad_norm, tokens = self.step()
+                loss, grad_norm, tokens, metrics = self.step()
                 p.step += 1
-                window.add(loss, grad_norm, lr, tokens)
+                window.add(loss, grad_norm, lr, tokens, metrics)
                 bar.update(1)
                 if p.step % cfg.log_every == 0 or p.step == self.total_steps:
                     self._log(window, bar, session)
