@@ -122,3 +122,22 @@ def test_a_planned_run_stays_within_its_budget(small):
     assert "used on cpu" in result.stdout.splitlines()[-1]
     config = yaml.safe_load((root / "run" / "config.yaml").read_text())
     assert config["method"] == "lora" and config["batch_size"] * config["grad_accum"] == 8
+
+
+def test_an_instruction_plan_with_a_large_vocabulary_is_what_the_run_uses(tmp_path):
+    """The chunked loss never builds [tokens, vocab] logits: at 151,936 tokens of vocabulary and 4 x 128 tokens
+    (what counting them would add: 0.62 GB) the estimate stays within 0.6-1.6x of the run's measured memory."""
+    base, _ = helpers.make_hf_checkpoint(tmp_path / "base", "qwen3", vocab_size=151936, tie_word_embeddings=False)
+    helpers.write_tokenizer(base)
+    rows = [{"instruction": f"Repeat {w} {i} times.", "response": f"{w} " * (20 + i % 7)} for i in range(20)
+            for w in ("red", "blue")]  # fmt: skip
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = [sys.executable, "-m", "nibble", "train", "--task", "instruct", "--model", base, "--data",
+            tmp_path / "train.jsonl", "--output", tmp_path / "run", "--method", "lora", "--max-seq-len", "128",
+            "--batch-size", "4", "--max-steps", "3", "--val-split", "0.1", "--save-every", "0", "--packing",
+            "--device", "cpu", "--dtype", "float32"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(a) for a in argv], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    memory = json.loads((tmp_path / "run" / "eval_report.json").read_text())["memory"]
+    assert 0.6 <= memory["estimate_bytes"] / memory["used_bytes"] <= 1.6, memory
