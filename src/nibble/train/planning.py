@@ -131,3 +131,11 @@ def check_lora_rank(config: TrainConfig, model_config: ModelConfig) -> None:
                 f"'lora_rank' {config.lora_rank} is larger than {target} allows ({shape[1]} -> {shape[0]} "
                 f"features, so at most {min(shape)}); use --lora-rank {min(shape)} or less"
             )
+
+
+def train_flops_per_token(model: ModelConfig, method: str) -> int:
+    """Matmul FLOPs of a training step per token in the block projections (attention scores and the head left
+    out, as their share depends on the lengths): forward 2N, backward 2N for the input gradients, and 2N more
+    for the weight gradients when the weights train (``full``; the adapters of LoRA are negligible)."""
+    params = sum(o * i for o, i in projection_shapes(model).values()) * model.num_hidden_layers
+    return (6 if method == "full" else 4) * params

@@ -26,7 +26,6 @@ from nibble.devices import MemoryMeter, describe, dtype_name, resolve_device, re
 from nibble.errors import NibbleError
 from nibble.io.files import read_json_object, staged_dir, write_text_atomic
 from nibble.io.lock import locked_directory
-from nibble.io.runinfo import RUN_INFO, RunInfo
 from nibble.io.tokenizer import Tokenizer, load_tokenizer
 from nibble.model.config import ModelConfig
 from nibble.model.loading import resolve_model_dir
@@ -35,17 +34,23 @@ from nibble.model.model import fused_elementwise
 from nibble.nn import QuantLinear, apply_lora
 from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
 from nibble.train import distributed
-from nibble.train.checkpoint import read_state
 from nibble.train.config import TrainConfig
 from nibble.train.export import copy_export, export
 from nibble.train.metrics import MetricsLog, plot_run
-from nibble.train.optim import WarmupCosine
-from nibble.train.outdir import check_output, drop_replaced_run, prepare_output, settle_replaced_run
-from nibble.train.planning import check_lora_rank, fit_to_memory, plan_options
+from nibble.train.outdir import (
+    check_output,
+    drop_replaced_run,
+    finished_already,
+    global_micro_batch,
+    prepare_output,
+    settle_replaced_run,
+)
+from nibble.train.planning import check_lora_rank, fit_to_memory, plan_options, train_flops_per_token
+from nibble.train.progress import Progress, read_progress
 from nibble.train.report import open_reporters, report_targets
 from nibble.train.rng import seed_everything
 from nibble.train.tasks import TaskRun, get_task
-from nibble.train.trainer import Progress, Trainer, read_progress
+from nibble.train.trainer import Trainer
 
 
 def prepare_model(model: nn.Module, config: TrainConfig) -> list[str]:
@@ -124,47 +129,6 @@ def _result(out: Path, final: Path, progress: Progress, checkpoint: Path | None)
     return TrainResult(out, final, best, checkpoint, report, progress.step, progress.stopped_early)
 
 
-def _finished_already(out: Path, final: Path, checkpoint: Path, total_steps: int, config: TrainConfig) -> bool:
-    """Whether resuming from ``checkpoint`` has nothing to do: the run there is finished for ``total_steps``
-    and its export is from that step. Prints what resuming will do."""
-    progress, schedule_steps = read_progress(checkpoint)
-    lifted = progress.apply_patience(config.early_stopping_patience)
-    if progress.finished(total_steps):
-        exported = RunInfo.load(final / RUN_INFO).step if (final / RUN_INFO).is_file() else None
-        if exported != progress.step:
-            print(f"resume: {checkpoint} ends the run; exporting it", flush=True)
-            return False
-        if progress.stopped_early:
-            print(
-                f"{out}: the run stopped early at step {progress.step} (val loss not lower for "
-                f"{progress.evals_without_improvement} evaluations; best at step {progress.best_step}); nothing to "
-                "do. A larger --early-stopping-patience (or 0) with --resume trains on",
-                flush=True,
-            )
-        else:
-            print(
-                f"{out}: the run is finished at step {progress.step} of {total_steps}; nothing to do. "
-                "A larger --max-steps with --resume trains on",
-                flush=True,
-            )
-        return True
-    if lifted:
-        print(
-            f"resume: the early stop at step {progress.step} no longer holds with --early-stopping-patience "
-            f"{config.early_stopping_patience}; training on",
-            flush=True,
-        )
-    if schedule_steps is not None and schedule_steps != total_steps:
-        schedule = WarmupCosine(total_steps, config.warmup_ratio, config.min_lr_ratio)
-        print(
-            f"resume: extending the run from {schedule_steps} to {total_steps} steps; the warmup+cosine schedule "
-            f"is recomputed for {total_steps} steps, so step {progress.step + 1} trains at lr "
-            f"{config.lr * schedule.factor(progress.step):.3g}",
-            flush=True,
-        )
-    return False
-
-
 def _gb(size: int | None) -> str:
     return "-" if size is None else f"{size / 1e9:.3f} GB"
 
@@ -230,31 +194,6 @@ def run_training(config: TrainConfig) -> TrainResult:
         distributed.stop()
 
 
-def global_micro_batch(config: TrainConfig, resume_from: Path | None, part: distributed.Parallel) -> TrainConfig:
-    """The config with the per-rank ``batch_size`` a resumed run needs to keep the global micro-batch (per-rank
-    batch x ranks) its checkpoint was trained with, whatever the number of ranks now (an elastic resume).
-
-    Raises:
-        NibbleError: the checkpoint's global micro-batch does not split evenly over this many ranks.
-    """
-    if resume_from is None:
-        return config
-    saved = read_state(resume_from).get("data", {}).get("batch_size")
-    if not isinstance(saved, int) or saved == config.batch_size * part.world:
-        return config
-    if saved % part.world:
-        raise NibbleError(
-            f"{resume_from}: trained with {saved} rows per global micro-batch, which {part.world} ranks cannot "
-            f"share evenly; resume on a number of ranks that divides {saved}, with --batch-size {saved} // ranks"
-        )
-    print(
-        f"resume: {resume_from} was trained with {saved} rows per global micro-batch; each of the {part.world} "
-        f"ranks now takes --batch-size {saved // part.world}",
-        flush=True,
-    )
-    return replace(config, batch_size=saved // part.world)
-
-
 class Run:
     """One training run inside its locked output directory: :meth:`setup` -> :meth:`resume` -> :meth:`train` ->
     :meth:`finish` -> :meth:`close` (see :func:`run_training`, which calls them in that order)."""
@@ -296,7 +235,7 @@ class Run:
         cfg = self.config
         self.total_steps = cfg.max_steps or cfg.epochs * math.ceil(self.stream.batches_per_epoch / cfg.grad_accum)
         self.final_dir = self.out / ("model" if cfg.method == "full" else "adapter")
-        if self.resume_from is not None and _finished_already(
+        if self.resume_from is not None and finished_already(
             self.out, self.final_dir, self.resume_from, self.total_steps, cfg
         ):
             return _result(self.out, self.final_dir, read_progress(self.resume_from)[0], self.resume_from)
@@ -414,6 +353,7 @@ class Run:
             on_best=lambda step: self._export(self.out / "best", step),
             meter=self.meter,
             on_save=on_save,
+            flops_per_token=train_flops_per_token(self.model_config, self.config.method),
         )
 
     def resume(self) -> None:

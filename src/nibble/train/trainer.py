@@ -6,9 +6,9 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +18,16 @@ from torch import nn
 from tqdm import tqdm
 
 from nibble.data.batching import BatchStream
-from nibble.devices import MemoryMeter, autocast, resolve_dtype, to_device
+from nibble.devices import MemoryMeter, autocast, peak_flops, resolve_dtype, to_device
 from nibble.errors import Interrupted, NibbleError
 from nibble.train.checkpoint import (
     SHARDS,
-    STATE_FILE,
     discard_checkpoints_after,
     load_checkpoint,
     load_optimizer_state,
     load_sharded,
     load_trainable,
     prune_checkpoints,
-    read_state,
     save_checkpoint,
 )
 from nibble.train.config import TrainConfig
@@ -37,157 +35,9 @@ from nibble.train.distributed import DataParallel, all_sum, any_rank, barrier, c
 from nibble.train.interrupt import GracefulStop
 from nibble.train.metrics import MetricsLog, headline
 from nibble.train.optim import WarmupCosine, build_optimizer
+from nibble.train.progress import Progress, Window
 from nibble.train.rng import rank_rng_states, set_rng_state
 from nibble.train.tasks.base import TaskRun
-
-
-@dataclass
-class Progress:
-    """What the loop has done so far (saved as JSON in every checkpoint)."""
-
-    step: int = 0
-    tokens: int = 0
-    best_val_loss: float | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    stopped_early: bool = False
-    evaluated_step: int = -1
-
-    @classmethod
-    def from_json(cls, data: Any, source: str) -> Progress:
-        """The progress saved in a checkpoint; a missing field keeps its default, a wrong one is a NibbleError."""
-        if not isinstance(data, dict):
-            raise NibbleError(f"{source}: 'progress' must be an object; resume from another checkpoint")
-        kinds = {"best_val_loss": (float, int, type(None)), "best_step": (int, type(None)), "stopped_early": (bool,)}
-        known = {f.name for f in fields(cls)}
-        for key, value in data.items():
-            wanted = kinds.get(key, (int,))
-            is_bool = isinstance(value, bool)
-            if key not in known or not isinstance(value, wanted) or (is_bool and bool not in wanted):
-                raise NibbleError(f"{source}: progress '{key}' is {value!r}; resume from another checkpoint")
-        progress = cls(**data)
-        if progress.step < 0 or progress.tokens < 0:
-            raise NibbleError(f"{source}: progress counts are negative; resume from another checkpoint")
-        return progress
-
-    def finished(self, total_steps: int) -> bool:
-        """Whether a run of ``total_steps`` steps has nothing left to train: it reached them or stopped early."""
-        return self.stopped_early or self.step >= total_steps
-
-    def apply_patience(self, patience: int) -> bool:
-        """Decide a resumed run's early stop again with ``patience`` (0: never stop): it stays stopped while
-        its evaluations without improvement reach the patience. Returns True when a stop is lifted."""
-        if self.stopped_early and not (patience and self.evals_without_improvement >= patience):
-            self.stopped_early = False
-            return True
-        return False
-
-
-def read_progress(checkpoint: Path) -> tuple[Progress, int | None]:
-    """A checkpoint's progress and the length of the schedule it was trained on (None when not recorded),
-    read from its state.json alone (no tensors).
-
-    Raises:
-        NibbleError: no state.json, or one without a valid ``progress`` object.
-    """
-    state = read_state(checkpoint)
-    progress = Progress.from_json(state.get("progress"), str(checkpoint / STATE_FILE))
-    scheduler = state.get("scheduler")
-    return progress, scheduler.get("total_steps") if isinstance(scheduler, dict) else None
-
-
-@dataclass
-class _Window:
-    """The steps since the last log line: their losses, task metrics and gradient norms stay on the device (no
-    host sync) until :meth:`sync` reads them all at once. Under torchrun each rank holds its share of every loss
-    and metric and its own token count; :meth:`sync` sums them over the ranks (every rank calls it at the same
-    steps)."""
-
-    first_step: int
-    start: float
-    losses: list[torch.Tensor | float] = field(default_factory=list)
-    grad_norms: list[torch.Tensor | float] = field(default_factory=list)
-    lr: float = 0.0
-    tokens: int = 0
-    metrics: list[dict[str, torch.Tensor | float]] = field(default_factory=list)
-    unsummed_tokens: int = 0  # this rank's tokens since the last sync
-
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Leave the time spent inside (an evaluation, a checkpoint) out of the window's tokens/s."""
-        began = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.start += time.perf_counter() - began
-
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, tokens: int, metrics: dict) -> None:
-        self.losses.append(loss)
-        self.grad_norms.append(grad_norm)
-        self.metrics.append(metrics)
-        self.lr = lr
-        self.unsummed_tokens += tokens
-
-    def sync(self) -> list[tuple[int, float, float]]:
-        """``(step, loss, grad norm)`` of every step so far, as host numbers (one transfer for the new ones)."""
-        parallel = current().active
-        fresh = [i for i, v in enumerate(self.losses) if isinstance(v, torch.Tensor)]
-        if fresh:
-            names = list(self.metrics[fresh[0]])
-            rows = [torch.stack([self.losses[i], *(self.metrics[i][k] for k in names)]).float() for i in fresh]
-            summed = torch.stack(rows)  # [steps, 1 + metrics]: the ranks' shares
-            if parallel:
-                summed = all_sum(summed)
-            norms = torch.stack([self.grad_norms[i].float() for i in fresh])
-            for i, values, norm in zip(fresh, summed.tolist(), norms.tolist(), strict=True):
-                self.losses[i], self.grad_norms[i] = values[0], norm
-                self.metrics[i] = dict(zip(names, values[1:], strict=True))
-        if parallel:
-            self.unsummed_tokens = int(all_sum(torch.tensor(float(self.unsummed_tokens), dtype=torch.float64)))
-        self.tokens, self.unsummed_tokens = self.tokens + self.unsummed_tokens, 0
-        return [
-            (self.first_step + i, loss, norm)
-            for i, (loss, norm) in enumerate(zip(self.losses, self.grad_norms, strict=True))
-        ]
-
-    def metric_means(self) -> dict[str, float]:
-        """The task's metrics averaged over the synced window."""
-        names = list(self.metrics[0]) if self.metrics else []
-        return {k: sum(m[k] for m in self.metrics) / len(self.metrics) for k in names}
-
-    def to_json(self) -> dict[str, Any]:
-        """The synced window (see :meth:`sync`) for a checkpoint, so a resumed run logs the same lines."""
-        values = self.sync()
-        losses, norms = [v[1] for v in values], [v[2] for v in values]
-        return {
-            "first_step": self.first_step,
-            "losses": losses,
-            "grad_norms": norms,
-            "lr": self.lr,
-            "tokens": self.tokens,
-            "metrics": self.metrics,
-        }
-
-    @classmethod
-    def from_json(cls, data: Any, step: int) -> _Window:
-        """The window a checkpoint at ``step`` saved (a fresh one when it saved none)."""
-        if data is None:
-            return cls(step + 1, time.perf_counter())
-        losses, norms = data["losses"], data["grad_norms"]
-        metrics = data.get("metrics", [{} for _ in losses])  # (checkpoints written before task metrics)
-        numbers = [*losses, *norms, data["lr"], *(v for m in metrics for v in m.values())]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
-            raise TypeError("window values must be numbers")
-        if (
-            len(losses) != len(norms)
-            or len(metrics) != len(losses)
-            or data["first_step"] + len(losses) != step + 1
-            or not isinstance(data["tokens"], int)
-        ):
-            raise ValueError("window does not end at the checkpoint's step")
-        return cls(
-            data["first_step"], time.perf_counter(), list(losses), list(norms), data["lr"], data["tokens"], metrics
-        )
 
 
 class Trainer:
@@ -207,6 +57,8 @@ class Trainer:
         on_best: called with the step after an evaluation that lowered the val loss (on every rank).
         meter: the run's memory meter; its peaks go into every train record of metrics.jsonl.
         on_save: called with the directory of each checkpoint once it is complete.
+        flops_per_token: the model FLOPs of a step per token; with it each train record of metrics.jsonl has the
+            achieved ``tflops_per_s`` and, where the device's peak is known, ``mfu`` (model FLOPs utilization).
 
     Under torchrun (see :mod:`nibble.train.distributed`) every rank runs the same loop on its slice of each
     batch (``stream`` is built with the rank's ``part``); only rank 0 logs, prints and writes checkpoints, and
@@ -226,6 +78,7 @@ class Trainer:
         on_best: Callable[[int], None] | None = None,
         meter: MemoryMeter | None = None,
         on_save: Callable[[Path], None] | None = None,
+        flops_per_token: int | None = None,
     ):
         self.model, self.stream, self.config, self.out = model, stream, config, out
         self.forward = task.forward or (lambda m, batch: m(batch["input_ids"], batch["attention_mask"]))
@@ -236,6 +89,7 @@ class Trainer:
             self.evaluate = lambda m: task.evaluate(m, eval_batch)
         self.meter = meter
         self.on_save = on_save
+        self.flops_per_token = flops_per_token
         self.loss_units = task.loss_units or (lambda batch: batch["input_ids"].shape[0])
         self.parallel = current()
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -252,6 +106,7 @@ class Trainer:
         self.device = next(p.device for _, p in self.named_params)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.peak_flops = peak_flops(self.device, self.dtype) if self.parallel.is_main else None
         self.progress = Progress()
         self.log = MetricsLog(out / "metrics.jsonl")
         self.checkpoints = out / "checkpoints"
@@ -291,7 +146,7 @@ class Trainer:
                 raise TypeError(f"last_eval is {type(last_eval).__name__}")
             self.last_eval = last_eval
             self._window_state = state.get("window")
-            _Window.from_json(self._window_state, self.progress.step)
+            Window.from_json(self._window_state, self.progress.step)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RuntimeError) as exc:
             raise NibbleError(
                 f"{path}: incomplete checkpoint state ({exc!r}); resume from another checkpoint"
@@ -301,7 +156,7 @@ class Trainer:
             discard_checkpoints_after(self.checkpoints, self.progress.step)
         self.last_checkpoint = path
 
-    def save(self, window: _Window | None = None) -> Path:
+    def save(self, window: Window | None = None) -> Path:
         """Checkpoint the run at the current step (with the unlogged steps of ``window``, when given)."""
         state = {
             "progress": asdict(self.progress),
@@ -377,7 +232,7 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches. Returns its mean loss and gradient norm as device
         tensors (reading them would wait for the device), the number of real tokens it saw and the task's metrics
         (device tensors, averaged over the micro-batches). Under torchrun the loss, the metrics and the tokens are
-        this rank's share, summed over the ranks once per log window (see :class:`_Window`)."""
+        this rank's share, summed over the ranks once per log window (see :class:`Window`)."""
         cfg = self.config
         loss_sum = torch.zeros((), device=self.device)
         metric_sums: dict[str, torch.Tensor] = {}
@@ -430,7 +285,7 @@ class Trainer:
         step; agreed on the host, without waiting for the device)."""
         return any_rank(stop.signum is not None)
 
-    def _check(self, window: _Window, bar: tqdm) -> list[tuple[int, float, float]]:
+    def _check(self, window: Window, bar: tqdm) -> list[tuple[int, float, float]]:
         """Sync the window with the host; stop at its first non-finite loss (or gradient norm, without a grad
         scaler, which handles overflow itself) before anything is saved or evaluated after it."""
         values = window.sync()
@@ -444,7 +299,7 @@ class Trainer:
                 raise self._not_finite(*bad)
         return values
 
-    def _log(self, window: _Window, bar: tqdm, session: tuple[float, int]) -> None:
+    def _log(self, window: Window, bar: tqdm, session: tuple[float, int]) -> None:
         """Write the window's metrics line; without a progress bar (stderr is not a terminal) also print it.
 
         ``session`` is when and at which step this process began training, for the elapsed time and the ETA
@@ -466,13 +321,21 @@ class Trainer:
             "tokens_per_s": window.tokens / max(now - window.start, 1e-9),
             **window.metric_means(),
         }
+        if self.flops_per_token:
+            achieved = record["tokens_per_s"] / self.parallel.world * self.flops_per_token  # per device
+            record["tflops_per_s"] = achieved / 1e12
+            if self.peak_flops:
+                record["mfu"] = achieved / self.peak_flops
         if self.meter is not None:
             peaks = self.meter.read()
             record["peak_rss_bytes"] = peaks["peak_rss_bytes"]
             if peaks["peak_device_bytes"] is not None:
                 record["peak_device_bytes"] = peaks["peak_device_bytes"]
         self.log.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{window.lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        mfu = {"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}
+        bar.set_postfix(
+            loss=f"{record['loss']:.4f}", lr=f"{window.lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", **mfu
+        )
         if bar.disable:
             elapsed = now - session[0]
             eta = elapsed / max(p.step - session[1], 1) * (self.total_steps - p.step)
@@ -504,7 +367,7 @@ class Trainer:
         self.model.train()
         quiet = None if self.parallel.is_main else True
         bar = tqdm(total=self.total_steps, initial=p.step, desc="train", disable=quiet, dynamic_ncols=True)
-        window = _Window.from_json(self._window_state, p.step)
+        window = Window.from_json(self._window_state, p.step)
         evaluated_at, saved_at = p.evaluated_step, -1
         session = (time.perf_counter(), p.step)
         with GracefulStop() as stop:
@@ -519,7 +382,7 @@ class Trainer:
                 bar.update(1)
                 if p.step % cfg.log_every == 0 or p.step == self.total_steps:
                     self._log(window, bar, session)
-                    window = _Window(p.step + 1, time.perf_counter())
+                    window = Window(p.step + 1, time.perf_counter())
                 if cfg.eval_every and p.step % cfg.eval_every == 0:
                     self._check(window, bar)
                     with window.paused():
@@ -539,7 +402,7 @@ class Trainer:
                 raise Interrupted(stop.signum or signal.SIGTERM, p.step, self.last_checkpoint)
         if window.losses and p.stopped_early:  # the steps since the last line, logged at the early stop
             self._log(window, bar, session)
-            window = _Window(p.step + 1, time.perf_counter())
+            window = Window(p.step + 1, time.perf_counter())
         bar.close()
         self._check(window, bar)
         if evaluated_at != p.step:
