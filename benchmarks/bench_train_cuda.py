@@ -90,8 +90,9 @@ def run_nibble(args: argparse.Namespace, work: Path, data, pad: int) -> dict:
     from nibble.nn import QuantLinear
     from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
     from nibble.train.config import TrainConfig
-    from nibble.train.instruct import lm_forward, lm_loss
     from nibble.train.run import prepare_model
+    from nibble.train.tasks import TaskRun
+    from nibble.train.tasks.instruct import lm_batch_loss, lm_forward
     from nibble.train.trainer import Trainer
 
     config = TrainConfig(
@@ -123,7 +124,9 @@ def run_nibble(args: argparse.Namespace, work: Path, data, pad: int) -> dict:
     )
     save_adapter(model, work / "init", peft_config)
     stream = BatchStream(data, args.batch, pad, seed=0)
-    trainer = Trainer(model, stream, config, work / "nibble-run", WARMUP + args.steps, lm_loss, forward=lm_forward)
+    task = TaskRun(train=data, val=None, loss=lm_batch_loss, forward=lm_forward, summary="")
+    run = work / "nibble-run"
+    trainer = Trainer(model=model, stream=stream, config=config, out=run, total_steps=WARMUP + args.steps, task=task)
     layer = next(m for m in model.modules() if isinstance(m, QuantLinear))
     note = f"{kernels.backend_name(layer.qweight.device)} kernels, {copies[0]}/{copies[1]} dense copies"
 

@@ -251,3 +251,20 @@ def write_jsonl(path: str | Path, rows) -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def label_task(data, loss_fn=None, evaluate=None, forward=None):
+    """A TaskRun over ``data`` for tests that drive the Trainer directly: ``loss_fn(outputs, labels)`` (default: the
+    cross-entropy of single-label classification), ``evaluate(model)``, ``forward(model, batch)``."""
+    from nibble.train.metrics import classification_loss
+    from nibble.train.tasks import TaskRun
+
+    loss_fn = loss_fn or (lambda logits, labels: classification_loss(logits, labels, False))
+    return TaskRun(
+        train=data,
+        val=None,
+        loss=lambda outputs, batch: (loss_fn(outputs, batch["labels"]), {}),
+        evaluate=None if evaluate is None else lambda model, batch_size: evaluate(model),
+        forward=forward,
+        summary="",
+    )

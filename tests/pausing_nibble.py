@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from nibble.cli.main import main
-from nibble.train import checkpoint, interrupt, run, trainer
+from nibble.train import checkpoint, export, interrupt, trainer
 
 
 def pause_at(phase: str, occurrence: int) -> None:
@@ -87,13 +87,13 @@ def pause_at(phase: str, occurrence: int) -> None:
 
     trainer.Trainer._evaluate = evaluate
 
-    real_save_adapter = run.save_adapter
+    real_save_adapter = export.save_adapter
 
     def save_adapter(model, directory, config):
         real_save_adapter(model, directory, config)
         reached("best" if directory.name.startswith(".best.") else "export")
 
-    run.save_adapter = save_adapter
+    export.save_adapter = save_adapter
 
     real_copytree = shutil.copytree
 

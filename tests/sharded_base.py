@@ -8,7 +8,9 @@ projections, computes its logits and its dequantized weights, shards it, and ass
 - the 4-bit tensors stay uint8 parameters, sharded (DTensors) outside a forward: resharded after it;
 - the logits of a forward over the sharded model are exactly the unsharded ones;
 - gathered, every layer's weight rebuilt over the gathered bytes dequantizes exactly to the unsharded weight;
-- gathering the trainable parameters alone (an adapter export) leaves the base sharded.
+- gathering the trainable parameters alone (an adapter export) leaves the base sharded;
+- with the adapters off (``model.adapters_disabled()``) the sharded model computes its base exactly, and so does
+  a model replicated by DDP, whose adapters get the gradients of the adapted pass alone.
 It writes ``OUT_DIR/rank-R.json``: per format, the bytes of the 4-bit tensors this rank holds and in all.
 """
 
@@ -23,7 +25,7 @@ from torch.distributed.tensor import DTensor
 
 from nibble.model import load_model
 from nibble.nn import QuantLinear
-from nibble.nn.lora import LoRALinear
+from nibble.nn.lora import LoRALinear, lora_layers
 from nibble.quant import QuantSpec
 from nibble.train import distributed
 from nibble.train.config import TrainConfig
@@ -76,12 +78,63 @@ def check(model_dir: Path, spec: QuantSpec) -> dict[str, int]:
     }
 
 
+def randomize_adapters(model: torch.nn.Module) -> None:
+    """Nonzero B (the same on every rank), so that the adapters change the logits."""
+    torch.manual_seed(2)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
+
+
+def check_sharded_adapters_off(model_dir: Path) -> None:
+    """A sharded QLoRA model with the adapters off computes its base exactly; with them on, something else."""
+    torch.manual_seed(0)
+    model = load_model(model_dir, quantize=QuantSpec("nf4"))
+    prepare_model(model, TrainConfig(method="qlora", lora_targets="all-linear"))
+    ids = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        base_logits = model(ids, mask)  # the adapters' B is zero: exactly the base
+        randomize_adapters(model)
+        distributed.shard_model(model, torch.device("cpu"))
+        with model.adapters_disabled():
+            torch.testing.assert_close(model(ids, mask), base_logits, rtol=0, atol=0)
+        assert not torch.allclose(model(ids, mask), base_logits, atol=1e-3)
+
+
+def check_data_parallel(model_dir: Path) -> None:
+    """DDP over a QLoRA model whose forward also runs a reference pass with the adapters off (no gradients): the
+    reference is the base, and the adapters' gradients are those of the adapted pass alone."""
+    torch.manual_seed(0)
+    model = load_model(model_dir, quantize=QuantSpec("nf4"))
+    prepare_model(model, TrainConfig(method="qlora", lora_dropout=0.0))
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        base_logits = model(ids, batch["attention_mask"])
+    randomize_adapters(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = torch.autograd.grad(model(ids, batch["attention_mask"]).square().mean(), params)
+
+    def forward(m, b):
+        with torch.no_grad(), m.adapters_disabled():
+            reference = m(b["input_ids"], b["attention_mask"])
+        return m(b["input_ids"], b["attention_mask"]), reference
+
+    adapted, reference = distributed.DataParallel(model, forward)(batch)
+    torch.testing.assert_close(reference, base_logits, rtol=0, atol=0)
+    adapted.square().mean().backward()  # the ranks' equal gradients, averaged
+    for p, want in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.grad, want, rtol=0, atol=0)
+
+
 def main() -> None:
     model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     part = distributed.from_environment()
     distributed.start(part, torch.device("cpu"), "gloo")
     try:
         sizes = {name: check(model_dir, spec) for name, spec in SPECS.items()}
+        check_sharded_adapters_off(model_dir)
+        check_data_parallel(model_dir)
         (out / f"rank-{part.rank}.json").write_text(json.dumps(sizes))
         distributed.barrier()
     finally:

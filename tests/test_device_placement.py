@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import nibble
+from helpers import label_task
 from nibble import kernels
 from nibble.data.batching import BatchStream, pad_sequences
 from nibble.data.classify import ClassificationData
@@ -28,11 +29,11 @@ from nibble.data.instruct import IGNORE_INDEX
 from nibble.io.runinfo import LabelMap
 from nibble.model.generate import generate
 from nibble.model.model import KVCache
-from nibble.train.classify import evaluate
 from nibble.train.config import TrainConfig
-from nibble.train.instruct import lm_forward, lm_loss
 from nibble.train.metrics import classification_loss
 from nibble.train.run import prepare_model
+from nibble.train.tasks.classify import evaluate
+from nibble.train.tasks.instruct import lm_forward, lm_loss
 from nibble.train.trainer import Trainer
 
 SRC = Path(nibble.__file__).resolve().parent
@@ -116,7 +117,9 @@ def test_classifier_step_and_evaluation_stay_on_the_model_device(shared_checkpoi
     def loss_fn(logits, labels):
         return classification_loss(logits, labels, False)
 
-    trainer = Trainer(model, stream, config, tmp_path, 1, loss_fn)
+    trainer = Trainer(
+        model=model, stream=stream, config=config, out=tmp_path, total_steps=1, task=label_task(data, loss_fn)
+    )
     trainer.optimizer = torch.optim.AdamW(trainer._params, foreach=False)  # fused and foreach refuse meta tensors
     watch = OffMetaTensors()
     with kernels.use_backend("torch"), watch:

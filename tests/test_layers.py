@@ -4,7 +4,7 @@ Every module of src/nibble is parsed with ``ast``; every import, at module level
 must point to its own package or to a layer below. The base layer is the two top-level modules every
 layer may use, ``nibble.errors`` and ``nibble.devices`` (which raises NibbleError, so it sits just above
 errors); ``nibble/__init__.py`` (the package's lazy public face) and ``nibble/__main__.py`` (``python -m
-nibble``) sit above the CLI.
+nibble``) sit above the CLI. And every module is named in docs/architecture.md, the map of the package.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "nibble"
+MAP = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 ORDER = ["errors", "quant", "kernels", "nn", "io", "data|model", "train", "cli"]
 RANK = {name: rank for rank, names in enumerate(ORDER) for name in names.split("|")}
 RANK.update({"devices": RANK["errors"] + 0.5, "__init__": len(ORDER), "__main__": len(ORDER)})
@@ -66,6 +67,14 @@ def test_every_import_points_down():
     assert len(files) > 40
     problems = [v for f in files for v in violations(str(f.relative_to(SRC)), f.read_text(encoding="utf-8"))]
     assert not problems, "\n".join(problems)
+
+
+def test_every_module_is_on_the_map_and_the_map_names_no_other():
+    """docs/architecture.md names each module of src/nibble in its table (a row starting with its path)."""
+    modules = {f.relative_to(SRC).as_posix() for f in SRC.rglob("*.py")}
+    named = {line.split("`")[1] for line in MAP.read_text(encoding="utf-8").splitlines() if line.startswith("| `")}
+    assert not modules - named, f"add to {MAP.name}: {sorted(modules - named)}"
+    assert not named - modules, f"remove from {MAP.name}: {sorted(named - modules)}"
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,10 @@ and the rendered chat.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -19,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import helpers
+import nibble
 from gguf_files import (
     CHATML,
     CORPUS,
@@ -353,3 +357,26 @@ def test_report_text_prefers_given_data_then_the_runs_validation_rows(sources, t
     assert 300 <= int(got["attention_mask"].sum()) < 300 + 512
     texts, where = eval_texts(tokenizer, None, None, 10_000)
     assert where.startswith("nibble's sample text") and int(batch(texts)["attention_mask"].sum()) > 1000
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """A real short write: a file-size limit (RLIMIT_FSIZE) below the file's size, in a process of its own."""
+    script = f"""
+import resource, signal, sys, torch
+from nibble.errors import NibbleError
+from nibble.io.gguf_write import GGUFTensor, write_gguf
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+tensors = [GGUFTensor("a.weight", (256, 256), "F32", lambda: torch.ones(256, 256))]
+try:
+    write_gguf({str(tmp_path / "x.gguf")!r}, "llama", {{"general.name": "x"}}, tensors)
+except NibbleError as exc:
+    print(exc)
+    sys.exit(2)
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(nibble.__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2 and result.stderr == "", result.stderr[-2000:]
+    assert result.stdout.count("\n") == 1 and result.stdout.startswith(f"{tmp_path}: cannot write (")
+    assert "needed); check the directory or write elsewhere" in result.stdout
+    assert list(tmp_path.iterdir()) == []

@@ -176,17 +176,17 @@ def test_router_loss_adds_the_weighted_aux_loss_and_logs_it(shared_checkpoint):
     path, _ = shared_checkpoint("qwen3_moe")
     model = load_model(path).train()
     ids, mask = right_padded_batch([5, 5], seed=7)
-    task = lambda outputs, labels: outputs.float().mean()  # noqa: E731
+    task = lambda outputs, batch: (outputs.float().mean(), {"seen": torch.tensor(1.0)})  # noqa: E731
     wrapped = RouterLoss(model, task, weight=0.5)
     logits = model(ids, mask)
-    total = wrapped(logits, None)
+    total, metrics = wrapped(logits, {})
     for block in sparse_blocks(model):  # the same forward again gives the aux loss alone
         block.record_stats = True
     model(ids, mask)
     aux = load_balancing_loss(model)
     torch.testing.assert_close(total, logits.mean() + 0.5 * aux)
-    assert wrapped.window_metrics() == {"router_aux_loss": pytest.approx(float(aux))}
-    assert wrapped.window_metrics() == {}
+    assert metrics.keys() == {"seen", "router_aux_loss"}  # logged beside the task's own metrics
+    torch.testing.assert_close(metrics["router_aux_loss"], aux.detach())
 
 
 def test_router_aux_loss_flag():

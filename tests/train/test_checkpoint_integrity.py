@@ -11,7 +11,7 @@ import torch
 from nibble.errors import NibbleError
 from nibble.train import TrainConfig
 from nibble.train.checkpoint import list_checkpoints
-from nibble.train.run import check_output
+from nibble.train.outdir import check_output
 from train.test_trainer import make_trainer, weights
 
 

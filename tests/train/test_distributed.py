@@ -348,7 +348,7 @@ def test_a_global_micro_batch_the_ranks_cannot_share_names_the_batch_size(tmp_pa
     from nibble.errors import NibbleError
     from nibble.train.config import TrainConfig
     from nibble.train.distributed import Parallel
-    from nibble.train.run import global_micro_batch
+    from nibble.train.outdir import global_micro_batch
 
     step = tmp_path / "checkpoints" / "step-3"
     step.mkdir(parents=True)

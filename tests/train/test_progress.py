@@ -10,6 +10,7 @@ import time
 import torch
 from torch import nn
 
+from helpers import label_task
 from nibble.data import BatchStream, ClassificationData, LabelMap
 from nibble.train import TrainConfig
 from nibble.train.checkpoint import list_checkpoints
@@ -29,7 +30,7 @@ class Clock:
         return self.now
 
 
-def make_trainer(out, clock: Clock, total: int) -> Trainer:
+def make_trainer(out, clock: Clock, total: int, flops_per_token: int | None = None) -> Trainer:
     config = TrainConfig(model="m", data="d", output=str(out), lr=0.05, batch_size=4, log_every=2, eval_every=2)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(40, 8), nn.Flatten(), nn.Linear(32, 2))
@@ -48,7 +49,16 @@ def make_trainer(out, clock: Clock, total: int) -> Trainer:
         return classification_loss(logits, labels, False)
 
     stream = BatchStream(data, config.batch_size, 0, config.seed)
-    trainer = Trainer(model, stream, config, out, total, loss_fn, evaluate, forward=forward)
+    task = label_task(data, loss_fn, evaluate, forward)
+    trainer = Trainer(
+        model=model,
+        stream=stream,
+        config=config,
+        out=out,
+        total_steps=total,
+        task=task,
+        flops_per_token=flops_per_token,
+    )
     save = trainer.save
 
     def slow_save(window=None):
@@ -80,3 +90,16 @@ def test_progress_lines_count_training_time_only(tmp_path, monkeypatch, capsys):
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in records if r["kind"] == "train"]
     assert rates == [TOKENS_PER_STEP] * 4  # steps 2, 4 (first run) and 6, 8: evaluations and saves left out
+
+
+def test_model_flops_are_logged_beside_tokens_per_s_and_mfu_where_the_peak_is_known(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    make_trainer(tmp_path / "cpu", clock, total=2, flops_per_token=10**12).train()
+    trainer = make_trainer(tmp_path / "gpu", clock, total=2, flops_per_token=10**12)
+    trainer.peak_flops = 64e12  # a device whose peak is known
+    trainer.train()
+    for run, mfu in (("cpu", None), ("gpu", TOKENS_PER_STEP * 1e12 / 64e12)):
+        record = next(json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+        assert record["tokens_per_s"] == TOKENS_PER_STEP and record["tflops_per_s"] == TOKENS_PER_STEP
+        assert record.get("mfu") == mfu

@@ -39,7 +39,8 @@ def tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
     }
 
 
-MEASURED = ("tokens_per_s", "peak_rss_bytes", "peak_device_bytes")  # of the machine, not of the training
+# of the machine, not of the training
+MEASURED = ("tokens_per_s", "tflops_per_s", "mfu", "peak_rss_bytes", "peak_device_bytes")
 
 
 def report(out: Path) -> dict:

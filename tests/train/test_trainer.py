@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from helpers import label_task
 from nibble.data import BatchStream, ClassificationData, LabelMap
 from nibble.errors import NibbleError
 from nibble.train import TrainConfig
@@ -49,10 +50,8 @@ def make_trainer(tmp_path, total=12, evaluate=None, loss_fn=None, data=None, **o
     data = data or toy_data()
     stream = BatchStream(data, config.batch_size, 0, config.seed)
 
-    def default_loss(logits, labels):
-        return classification_loss(logits, labels, False)
-
-    trainer = Trainer(model, stream, config, tmp_path, total, loss_fn or default_loss, evaluate)
+    task = label_task(data, loss_fn, evaluate)
+    trainer = Trainer(model=model, stream=stream, config=config, out=tmp_path, total_steps=total, task=task)
     return trainer, model
 
 

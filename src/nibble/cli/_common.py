@@ -92,13 +92,43 @@ def add_inference_flags(parser: argparse.ArgumentParser) -> None:
     add_device_flag(parser)
 
 
-def open_classifier(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
-    """``(model, tokenizer, label_map, run info)`` of ``--model``/``--adapter`` on ``--device`` (printing the
-    device line), with ``--cache-budget-mb`` of dense copies; for eval and predict."""
-    from nibble.devices import describe, resolve_device
-    from nibble.train.classify import load_classifier
+def saved_model(args: argparse.Namespace, options: dict[str, Any]) -> Any:
+    """The trained model, data and flags of an eval or predict command line, for its task."""
+    from nibble.train.tasks import SavedModel
 
-    device = resolve_device(args.device)
-    loaded = load_classifier(args.model, args.adapter, args.cache_budget_mb, device)
-    print(describe(device, loaded[3].torch_dtype), flush=True)
-    return loaded
+    return SavedModel(
+        model=args.model,
+        adapter=args.adapter,
+        data=args.data,
+        batch_size=args.batch_size,
+        device=args.device,
+        cache_budget_mb=args.cache_budget_mb,
+        max_seq_len=args.max_seq_len,
+        options=options,
+    )
+
+
+def trained_task(model: str, adapter: str | None) -> Any:
+    """The task an adapter (or a model written by nibble train) was trained for; an adapter written by PEFT
+    (no nibble.json) by its head.
+
+    Raises:
+        NibbleError: a model without nibble.json and no adapter (nothing says what it is for).
+    """
+    from nibble.errors import NibbleError
+    from nibble.io.runinfo import RUN_INFO, RunInfo
+    from nibble.model.adapter import read_adapter_info
+    from nibble.model.loading import resolve_model_dir
+    from nibble.train.tasks import get_task, task_for_head
+
+    if adapter is not None:
+        info = read_adapter_info(adapter)
+        return get_task(info.run.task) if info.run.task else task_for_head(info.task)
+    model_dir = resolve_model_dir(model)
+    task = RunInfo.load(model_dir / RUN_INFO).task
+    if task is None:
+        raise NibbleError(
+            f"{model_dir}: no {RUN_INFO}; pass --adapter, a model directory written by nibble train, "
+            "or --task instruct to score a base model on instruction data"
+        )
+    return get_task(task)

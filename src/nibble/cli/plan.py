@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from nibble.model.config import ModelConfig
     from nibble.model.memory import RunPlan, plan_candidates, plan_rows
     from nibble.train.config import resolve_config
-    from nibble.train.run import fit_to_memory, plan_options, plan_space
+    from nibble.train.planning import fit_to_memory, plan_options, plan_space
 
     config = resolve_config(args.config, config_overrides(args), required=("model",))
     if is_gguf(config.model):
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     cache_limit = None
     if plan is not None:
         batch, methods, checkpointing = plan_space(requested)
-        opts = plan_options(requested, args.num_labels, device)
+        opts = plan_options(requested, model, num_labels=args.num_labels, device=device)
         print(f"memory budget {_gb(plan.budget_bytes)} ({source}); batch {batch} = micro-batch x accumulation steps")
         print(f"{'method':<8}{'checkpointing':>15}{'micro-batch':>13}{'estimate':>12}  fits")
         for cand in plan_candidates(model, opts, plan.budget_bytes, batch, methods, checkpointing):
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         f"{f' x {config.grad_accum} accumulation steps' if config.grad_accum > 1 else ''}, compute dtype "
         f"{config.dtype}{', gradient checkpointing' if config.gradient_checkpointing else ''}"
     )
-    rows = plan_rows(model, plan_options(config, args.num_labels, device), cache_limit)
+    rows = plan_rows(model, plan_options(config, model, num_labels=args.num_labels, device=device), cache_limit)
     width = max(len(name) for name, _, _ in rows) + 2
     for name, params, size in rows:
         print(f"{name:<{width}}{_count(params) if params else '':>10}{_gb(size):>11}")

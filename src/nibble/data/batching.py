@@ -12,6 +12,9 @@ import torch
 
 from nibble.errors import NibbleError
 
+# Tokens per example unless a run or a command says otherwise: the one default of training, eval and predict.
+MAX_SEQ_LEN = 256
+
 
 def pad_sequences(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     """Right-pad integer sequences with ``value`` to the longest: a long tensor [B, T]."""
@@ -30,7 +33,7 @@ def pad_batch(ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tens
 
 
 class Dataset(Protocol):
-    """Examples that batch themselves: classification or instruction data."""
+    """Examples that batch themselves (any task's data); ``subset`` keeps some of them (a validation split)."""
 
     def __len__(self) -> int: ...
 
@@ -39,6 +42,8 @@ class Dataset(Protocol):
         ...
 
     def collate(self, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]: ...
+
+    def subset(self, indices: Sequence[int]) -> Dataset: ...
 
 
 def iter_batches(data: Dataset, batch_size: int, pad_id: int) -> Iterator[tuple[range, dict[str, torch.Tensor]]]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nibble.data.batching import pad_batch
+from nibble.data.batching import MAX_SEQ_LEN, pad_batch
 from nibble.data.records import place, read_records
 from nibble.data.tokens import Column, Ragged, cached_tokens
 from nibble.errors import NibbleError
@@ -261,7 +261,7 @@ def load_classification(
     *,
     text_column: str = "text",
     label_column: str | None = "label",
-    max_seq_len: int = 512,
+    max_seq_len: int = MAX_SEQ_LEN,
     label_map: LabelMap | None = None,
 ) -> ClassificationData:
     """Read, label and tokenize a data file through its token cache; the label map is built from the file's

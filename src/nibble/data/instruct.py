@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nibble.data.batching import pad_batch, pad_sequences
+from nibble.data.batching import MAX_SEQ_LEN, pad_batch, pad_sequences
 from nibble.data.records import place, read_records
 from nibble.data.tokens import Column, Packed, Ragged, cached_tokens
 from nibble.errors import NibbleError
@@ -367,7 +367,7 @@ def load_instruct(
     path: str | Path,
     tokenizer: Tokenizer,
     *,
-    max_seq_len: int = 512,
+    max_seq_len: int = MAX_SEQ_LEN,
     packing: bool = False,
     columns: str | None = None,
 ) -> InstructData:

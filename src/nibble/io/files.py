@@ -96,28 +96,39 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 @contextmanager
-def open_atomic(path: str | Path, newline: str | None = None) -> Iterator[TextIO]:
-    """A UTF-8 text file to write in pieces that appears at ``path`` only when the block succeeds.
-
-    ``with open_atomic(out) as f:`` -- write to ``f`` (a temporary sibling); on normal exit it is flushed,
-    fsynced and renamed onto ``out``; if the block raises, it is deleted and ``out`` is left as it was.
+def atomic_file(path: str | Path, needed: int | None = None) -> Iterator[Path]:
+    """The one way a single file is written: ``with atomic_file(out) as tmp:`` -- write the file ``tmp`` (a
+    temporary sibling of ``out``); on normal exit it is fsynced and renamed onto ``out``; if the block raises, it
+    is deleted and ``out`` is left as it was.
 
     Raises:
-        NibbleError: the write failed (full disk, permissions), naming the directory.
+        NibbleError: the write failed (full disk, quota, file-size limit, permissions), naming the directory and
+            the ``needed`` bytes when known.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8", newline=newline) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        raise write_error(path.parent, exc) from None
+        raise write_error(path.parent, exc, needed) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def open_atomic(path: str | Path, newline: str | None = None) -> Iterator[TextIO]:
+    """A UTF-8 text file to write in pieces that appears at ``path`` only when the block succeeds (see
+    :func:`atomic_file`).
+
+    Raises:
+        NibbleError: the write failed (full disk, permissions), naming the directory.
+    """
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline=newline) as f:
+        yield f
 
 
 def _occupied(path: Path) -> bool:

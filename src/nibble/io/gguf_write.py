@@ -16,9 +16,7 @@ Facts this relies on (llama.cpp's loader):
 from __future__ import annotations
 
 import json
-import os
 import re
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 import torch
 
 from nibble.errors import NibbleError
+from nibble.io.files import atomic_file
 from nibble.io.gguf import DIGIT_SPLIT_PRE, LLAMA3_SPLIT, QWEN2_SPLIT
 from nibble.io.tokenizer import Tokenizer
 from nibble.quant.gguf import quantize_blocks, row_bytes
@@ -89,50 +88,51 @@ def write_gguf(
     """Write a GGUF file: ``general.architecture`` ``arch``, the ``metadata`` keys (bool, int as uint32, float as
     float32, str, or a non-empty list), and ``tensors`` in order, each quantized as its ggml type says.
 
-    The file is written under a temporary name in the same directory, fsynced and renamed onto ``path``,
-    so ``path`` is either absent (or the old file) or complete.
+    The file is written under a temporary name in the same directory, fsynced and renamed onto ``path``
+    (:func:`nibble.io.files.atomic_file`), so ``path`` is either absent (or the old file) or complete.
 
     Raises:
         NibbleError: ``path`` exists (without ``overwrite``) or is a directory, a value that cannot be stored,
-            or a tensor whose values do not match its declared shape or type.
+            a tensor whose values do not match its declared shape or type, or a failed write (a full disk: one
+            line naming the directory and the bytes needed).
     """
     path = Path(path)
     if path.is_dir():
         raise NibbleError(f"{path}: is a directory; --output names the .gguf file to write")
     if path.exists() and not overwrite:
         raise NibbleError(f"{path}: already exists; choose another --output or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = list(tensors)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    try:
-        for key, value in metadata.items():
-            writer.add_key_value(key, value, _value_type(key, value))
-        for t in tensors:
-            raw = gguf.GGMLQuantizationType[t.ggml_type]
-            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for i, t in enumerate(tensors, 1):
-            data = _encode(t)
-            if data.nbytes != t.nbytes:
-                raise NibbleError(f"tensor '{t.name}': {data.nbytes} bytes encoded, {t.nbytes} declared")
-            writer.write_tensor_data(data)
-            if log is not None:
-                log(f"[{i}/{len(tensors)}] {t.name} {t.ggml_type} {list(t.shape)}")
-        writer.flush()
-        assert writer.fout is not None
-        os.fsync(writer.fout[0].fileno())
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path, sum(t.nbytes for t in tensors)) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        try:
+            _write(writer, metadata, tensors, log)
+        finally:
+            writer.close()
     return path
 
 
 # -- tokenizer ------------------------------------------------------------------------------------------
+
+
+def _write(
+    writer: gguf.GGUFWriter, metadata: dict[str, Any], tensors: list[GGUFTensor], log: Callable[[str], None] | None
+) -> None:
+    for key, value in metadata.items():
+        writer.add_key_value(key, value, _value_type(key, value))
+    for t in tensors:
+        raw = gguf.GGMLQuantizationType[t.ggml_type]
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for i, t in enumerate(tensors, 1):
+        data = _encode(t)
+        if data.nbytes != t.nbytes:
+            raise NibbleError(f"tensor '{t.name}': {data.nbytes} bytes encoded, {t.nbytes} declared")
+        writer.write_tensor_data(data)
+        if log is not None:
+            log(f"[{i}/{len(tensors)}] {t.name} {t.ggml_type} {list(t.shape)}")
+    writer.flush()
 
 
 def _pre_tokenizer_parts(spec: Any) -> list[dict[str, Any]]:

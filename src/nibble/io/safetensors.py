@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from nibble.errors import NibbleError
-from nibble.io.files import read_json_object, write_error
+from nibble.io.files import atomic_file, read_json_object
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -196,9 +196,8 @@ def save_file_atomic(
             tensor = tensor.clone()
         seen.add((tensor.untyped_storage().data_ptr(), tensor.device))
         prepared[name] = tensor.contiguous()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    needed = sum(t.numel() * t.element_size() for t in prepared.values())
+    with atomic_file(path, needed) as tmp:
         try:
             save_file(prepared, str(tmp), metadata=dict(metadata) if metadata else None)
         except Exception as exc:  # safetensors reports I/O failures as SafetensorError "... (os error N)"
@@ -206,13 +205,6 @@ def save_file_atomic(
             if code is None:
                 raise
             raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(tmp)) from None
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise write_error(path.parent, exc, sum(t.numel() * t.element_size() for t in prepared.values())) from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

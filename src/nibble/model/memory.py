@@ -214,6 +214,10 @@ class PlanOptions:
     # the most real (non-pad) tokens a micro-batch of the run holds, where its data is known; else every row
     # is taken to be ``seq_len`` tokens long
     batch_tokens: int | None = None
+    # the training task's head and loss at the step's peak: bytes per token and fixed bytes (None: the head's
+    # output for every token, fp32 logits and their gradient for causal_lm)
+    loss_bytes_per_token: int | None = None
+    loss_fixed_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -358,7 +362,8 @@ def activation_bytes(config: ModelConfig, opts: PlanOptions, checkpointing: bool
     Without checkpointing every block keeps :func:`block_activation_bytes` per token; with it only each block's
     input stays, and one block's activations are recomputed during backward. Backward needs one more block's
     worth for the gradients flowing through it. The final norm keeps its input, the padding mask is built once
-    (bool and float), and the head adds fp32 logits and their gradient for causal LM.
+    (bool and float), and the head and loss add the task's term (``loss_bytes_per_token``, ``loss_fixed_bytes``;
+    without one, fp32 logits and their gradient for causal LM).
     """
     checkpointing = opts.checkpointing if checkpointing is None else checkpointing
     e = DTYPES[opts.dtype].itemsize
@@ -370,7 +375,10 @@ def activation_bytes(config: ModelConfig, opts: PlanOptions, checkpointing: bool
     backward = tokens * block + delta_rule_backward_bytes(config, opts)
     final_norm = tokens * h * (e + 4 * (opts.method == "full"))
     mask = 5 * opts.batch_size * opts.seq_len**2
-    head = tokens * config.vocab_size * 4 * 2 if opts.task == "causal_lm" else tokens * h * e
+    if opts.loss_bytes_per_token is not None:
+        head = tokens * opts.loss_bytes_per_token + opts.loss_fixed_bytes
+    else:
+        head = tokens * config.vocab_size * 4 * 2 if opts.task == "causal_lm" else tokens * h * e
     return kept + backward + final_norm + mask + head
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from functools import cache, cached_property
 from typing import NamedTuple
 
@@ -25,6 +26,7 @@ from nibble.model.config import ModelConfig
 from nibble.model.deltanet import GatedDeltaNet
 from nibble.model.moe import SparseMoE
 from nibble.nn.attention import blocked_causal_attention
+from nibble.nn.lora import adapters_disabled
 
 TASKS = ("causal_lm", "classify")
 POOLINGS = ("last", "mean")
@@ -562,6 +564,11 @@ class DecoderModel(nn.Module):
             sums.index_add_(0, layout.rows, hidden.float())  # [B, H]
             pooled = (sums / layout.lengths.clamp(min=1)[:, None]).to(hidden.dtype)
         return self.score(pooled)  # [B, num_labels]
+
+    def adapters_disabled(self) -> AbstractContextManager[None]:
+        """``with model.adapters_disabled():`` the model computes as its base, LoRA adapters off (see
+        :func:`nibble.nn.lora.adapters_disabled`)."""
+        return adapters_disabled(self)
 
     def use_elementwise(self, ops: Elementwise) -> None:
         """Run every norm, RoPE and SwiGLU through ``ops`` (:data:`EAGER` or :func:`fused_elementwise`)."""

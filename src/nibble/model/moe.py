@@ -101,36 +101,25 @@ def load_balancing_loss(model: nn.Module) -> torch.Tensor | None:
 
 
 class RouterLoss:
-    """A training loss plus ``weight`` x :func:`load_balancing_loss` of ``model`` (transformers' total when the
-    weight is router_aux_loss_coef), the load-balancing loss kept per step for the log, weighted or not.
+    """A task's training loss plus ``weight`` x :func:`load_balancing_loss` of ``model`` (transformers' total when
+    the weight is router_aux_loss_coef), with the load-balancing loss among the named metrics the log window
+    averages, weighted or not.
 
-    ``loss_fn(outputs, labels) -> scalar``; the wrapper is one too. :meth:`window_metrics` returns the mean
-    ``router_aux_loss`` since the last call (one host read per log window).
+    ``loss(outputs, batch) -> (loss, {name: scalar})``, a task's loss; the wrapper is one too.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Any, weight: float):
-        self.model, self.loss_fn, self.weight = model, loss_fn, weight
-        self._sum: torch.Tensor | None = None
-        self._count = 0
+    def __init__(self, model: nn.Module, loss: Any, weight: float):
+        self.model, self.loss, self.weight = model, loss, weight
         for block in sparse_blocks(model):
             block.record_stats = True
 
-    def __call__(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = self.loss_fn(outputs, labels)
+    def __call__(self, outputs: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, metrics = self.loss(outputs, batch)
         aux = load_balancing_loss(self.model)
         if aux is None:
-            return loss
-        self._sum = aux.detach() if self._sum is None else self._sum + aux.detach()
-        self._count += 1
-        return loss + self.weight * aux.to(loss.dtype) if self.weight else loss
-
-    def window_metrics(self) -> dict[str, float]:
-        """``{"router_aux_loss": mean since the last call}`` (empty when no step recorded one)."""
-        if self._sum is None:
-            return {}
-        mean = float(self._sum) / self._count
-        self._sum, self._count = None, 0
-        return {"router_aux_loss": mean}
+            return loss, metrics
+        metrics = {**metrics, "router_aux_loss": aux.detach()}
+        return (loss + self.weight * aux.to(loss.dtype) if self.weight else loss), metrics
 
 
 def checkpoint_keys(config: ModelConfig) -> set[str]:

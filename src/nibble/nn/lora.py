@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -116,9 +117,12 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device)
         nn.init.zeros_(self.lora_B.weight)
+        self.disabled = False  # see adapters_disabled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
+        if self.disabled:
+            return result
         # The adapter computes in the autocast dtype when autocast is on (as nn.Linear would), else in its
         # own (fp32) dtype; kernels.linear runs bf16 on fp32 units where the CPU has no bf16 arithmetic.
         device = x.device.type
@@ -268,3 +272,20 @@ def trainable_parts(model: nn.Module) -> dict[str, int]:
 def expert_lora_layers(model: nn.Module) -> dict[str, ExpertLinear]:
     """Every :class:`~nibble.nn.experts.ExpertLinear` with a LoRA in ``model`` by its module path."""
     return {path: m for path, m in model.named_modules() if isinstance(m, ExpertLinear) and m.lora_A is not None}
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside, every :class:`LoRALinear` of ``model`` computes its base layer alone: the model is its frozen base
+    (a reference pass, as preference tuning needs, with no copy of the weights), and no gradient reaches the
+    adapters. Under DDP run the disabled pass without gradients (``torch.no_grad()``): DDP expects every
+    trainable parameter it wraps to be used by a forward it differentiates."""
+    layers = list(lora_layers(model).values())
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, before, strict=True):
+            layer.disabled = was

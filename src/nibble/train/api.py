@@ -29,8 +29,7 @@ def train(config: TrainConfig | Mapping[str, Any] | str | Path, **overrides: Any
     Raises:
         NibbleError: everything ``nibble train`` reports as ``error: ...`` (a bad key, path, row or value).
     """
-    from nibble.train.classify import train_classifier
-    from nibble.train.instruct import train_instruct
+    from nibble.train.run import run_training
 
     check_keys(overrides, "train()")
     if isinstance(config, TrainConfig):
@@ -42,4 +41,4 @@ def train(config: TrainConfig | Mapping[str, Any] | str | Path, **overrides: Any
         config = resolve_config(config, overrides)
     else:
         raise NibbleError(f"config must be a TrainConfig, a dict or a YAML path, got {type(config).__name__}")
-    return (train_instruct if config.task == "instruct" else train_classifier)(config)
+    return run_training(config)

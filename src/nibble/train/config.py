@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from nibble.data.classify import CLASS_WEIGHTS
+from nibble.data.batching import MAX_SEQ_LEN
 from nibble.devices import DTYPES, parse_bytes, resolve_device
 from nibble.errors import NibbleError
 from nibble.io.files import write_text_atomic
@@ -50,9 +50,12 @@ class TrainConfig:
         ),
     )
     output: str | None = field(default=None, metadata=_help("output directory of the run"))
-    task: Literal["classify", "instruct"] = field(
+    task: str = field(
         default="classify",
-        metadata=_help("classify: a sequence classifier; instruct: a chat model, loss on the responses only"),
+        metadata=_help(
+            "classify: a sequence classifier; instruct: a chat model, loss on the responses only; or a task of your "
+            "own: an installed 'nibble.tasks' entry point's name, or module:Class (see nibble.train.tasks)"
+        ),
     )
     method: Method = field(
         default="qlora",
@@ -143,7 +146,7 @@ class TrainConfig:
             "GPU); pays on long runs only (2-core CPU: steps 1.06x faster after ~22 s of compiling on a first run)"
         ),
     )
-    max_seq_len: int = field(default=256, metadata=_help("truncate texts to this many tokens"))
+    max_seq_len: int = field(default=MAX_SEQ_LEN, metadata=_help("truncate texts to this many tokens"))
     packing: bool = field(
         default=False, metadata=_help("instruct: concatenate examples into full max-seq-len sequences")
     )
@@ -245,16 +248,7 @@ class TrainConfig:
         if self.adam_eps <= 0 or self.lora_alpha <= 0:
             raise NibbleError("'adam_eps' and 'lora_alpha' must be > 0")
         self.router_aux_weight(0.0)  # noqa: B018  (validates router_aux_loss)
-        if self.class_weights not in CLASS_WEIGHTS:
-            raise NibbleError(f"'class_weights' must be one of {', '.join(CLASS_WEIGHTS)}")
-        if self.task == "instruct" and (self.class_weights != "none" or self.oversample):
-            raise NibbleError("'class_weights' and 'oversample' apply to task classify only; drop them for instruct")
-        for key in ("packing", "columns", "chat_template"):
-            if self.task == "classify" and getattr(self, key):
-                raise NibbleError(f"'{key}' applies to task instruct only; drop it for classify")
-        from nibble.data.instruct import parse_columns
-
-        parse_columns(self.columns)
+        self._check_task()
         from nibble.nn.lora import resolve_targets
         from nibble.train.report import report_targets
 
@@ -267,6 +261,18 @@ class TrainConfig:
             )
         self.quant_spec  # noqa: B018  (validates the 4-bit format's parameters)
         return self
+
+    def _check_task(self) -> None:
+        """The task exists, the options of other tasks keep their defaults, and the task accepts its own."""
+        from nibble.train.tasks import get_task, option_owners
+
+        task = get_task(self.task)
+        defaults = TrainConfig()
+        for key, owners in option_owners().items():
+            if key not in task.options and getattr(self, key) != getattr(defaults, key):
+                tasks = " and ".join(owners)
+                raise NibbleError(f"'{key}' applies to task {tasks} only; drop it for {self.task}")
+        task.check(self)
 
     @property
     def quant_spec(self) -> QuantSpec:

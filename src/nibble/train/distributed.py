@@ -108,12 +108,16 @@ def start(part: Parallel, device: torch.device, backend: str) -> None:
         torch.cuda.set_device(device)
     kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
     dist.init_process_group(backend, rank=part.rank, world_size=part.world, timeout=timedelta(minutes=30), **kwargs)
+    global _host_group
+    _host_group = dist.new_group(backend="gloo") if backend == "nccl" else None
     if not part.is_main:
         sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (for the life of the process)
 
 
 def stop() -> None:
     """Leave the process group (if this process joined one)."""
+    global _host_group
+    _host_group = None
     if dist.is_initialized():
         # A DDP wrapper left in a reference cycle would otherwise be collected after the group is gone (or at
         # exit), and its reducer's teardown can then abort the process ("terminate called", seen once in CI).
@@ -145,6 +149,20 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
             dist.all_reduce(moved)
             tensor.copy_(moved)
     return tensor
+
+
+# Host values (a stop flag) are reduced over gloo, on the CPU, so that agreeing on them never waits for the device:
+# the default group under gloo, a group of its own beside NCCL.
+_host_group: dist.ProcessGroup | None = None
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (``flag`` itself in a single process), agreed on the host."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor([float(flag)])
+    dist.all_reduce(value, group=_host_group)
+    return bool(value.item() > 0)
 
 
 def barrier() -> None:

@@ -33,7 +33,7 @@ from nibble.model.loading import load_model, resolve_model_dir
 from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
 from nibble.quant import QuantSpec
 from nibble.train.config import TrainConfig, read_yaml
-from nibble.train.instruct import evaluate_lm
+from nibble.train.tasks.instruct import evaluate_lm
 
 SAMPLE_TEXT = "sample_text.txt"
 EVAL_SEQ_LEN = 512

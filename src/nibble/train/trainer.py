@@ -6,9 +6,9 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,150 +18,26 @@ from torch import nn
 from tqdm import tqdm
 
 from nibble.data.batching import BatchStream
-from nibble.devices import MemoryMeter, autocast, resolve_dtype, to_device
+from nibble.devices import MemoryMeter, autocast, peak_flops, resolve_dtype, to_device
 from nibble.errors import Interrupted, NibbleError
 from nibble.train.checkpoint import (
     SHARDS,
-    STATE_FILE,
     discard_checkpoints_after,
     load_checkpoint,
     load_optimizer_state,
     load_sharded,
     load_trainable,
     prune_checkpoints,
-    read_state,
     save_checkpoint,
 )
 from nibble.train.config import TrainConfig
-from nibble.train.distributed import DataParallel, all_sum, barrier, current, full_value, is_sharded
+from nibble.train.distributed import DataParallel, all_sum, any_rank, barrier, current, full_value, is_sharded
 from nibble.train.interrupt import GracefulStop
 from nibble.train.metrics import MetricsLog, headline
 from nibble.train.optim import WarmupCosine, build_optimizer
+from nibble.train.progress import Progress, Window
 from nibble.train.rng import rank_rng_states, set_rng_state
-
-
-@dataclass
-class Progress:
-    """What the loop has done so far (saved as JSON in every checkpoint)."""
-
-    step: int = 0
-    tokens: int = 0
-    best_val_loss: float | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    stopped_early: bool = False
-    evaluated_step: int = -1
-
-    @classmethod
-    def from_json(cls, data: Any, source: str) -> Progress:
-        """The progress saved in a checkpoint; a missing field keeps its default, a wrong one is a NibbleError."""
-        if not isinstance(data, dict):
-            raise NibbleError(f"{source}: 'progress' must be an object; resume from another checkpoint")
-        kinds = {"best_val_loss": (float, int, type(None)), "best_step": (int, type(None)), "stopped_early": (bool,)}
-        known = {f.name for f in fields(cls)}
-        for key, value in data.items():
-            wanted = kinds.get(key, (int,))
-            is_bool = isinstance(value, bool)
-            if key not in known or not isinstance(value, wanted) or (is_bool and bool not in wanted):
-                raise NibbleError(f"{source}: progress '{key}' is {value!r}; resume from another checkpoint")
-        progress = cls(**data)
-        if progress.step < 0 or progress.tokens < 0:
-            raise NibbleError(f"{source}: progress counts are negative; resume from another checkpoint")
-        return progress
-
-    def finished(self, total_steps: int) -> bool:
-        """Whether a run of ``total_steps`` steps has nothing left to train: it reached them or stopped early."""
-        return self.stopped_early or self.step >= total_steps
-
-    def apply_patience(self, patience: int) -> bool:
-        """Decide a resumed run's early stop again with ``patience`` (0: never stop): it stays stopped while
-        its evaluations without improvement reach the patience. Returns True when a stop is lifted."""
-        if self.stopped_early and not (patience and self.evals_without_improvement >= patience):
-            self.stopped_early = False
-            return True
-        return False
-
-
-def read_progress(checkpoint: Path) -> tuple[Progress, int | None]:
-    """A checkpoint's progress and the length of the schedule it was trained on (None when not recorded),
-    read from its state.json alone (no tensors).
-
-    Raises:
-        NibbleError: no state.json, or one without a valid ``progress`` object.
-    """
-    state = read_state(checkpoint)
-    progress = Progress.from_json(state.get("progress"), str(checkpoint / STATE_FILE))
-    scheduler = state.get("scheduler")
-    return progress, scheduler.get("total_steps") if isinstance(scheduler, dict) else None
-
-
-@dataclass
-class _Window:
-    """The steps since the last log line: their losses and gradient norms stay on the device (no host sync)
-    until :meth:`sync` reads them all at once."""
-
-    first_step: int
-    start: float
-    losses: list[torch.Tensor | float] = field(default_factory=list)
-    grad_norms: list[torch.Tensor | float] = field(default_factory=list)
-    lr: float = 0.0
-    tokens: int = 0
-
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Leave the time spent inside (an evaluation, a checkpoint) out of the window's tokens/s."""
-        began = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.start += time.perf_counter() - began
-
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, tokens: int) -> None:
-        self.losses.append(loss)
-        self.grad_norms.append(grad_norm)
-        self.lr = lr
-        self.tokens += tokens
-
-    def sync(self) -> list[tuple[int, float, float]]:
-        """``(step, loss, grad norm)`` of every step so far, as host numbers (one transfer for the new ones)."""
-        fresh = [i for i, v in enumerate(self.losses) if isinstance(v, torch.Tensor)]
-        if fresh:
-            stacked = torch.stack([torch.stack([self.losses[i], self.grad_norms[i]]).float() for i in fresh])
-            for i, (loss, norm) in zip(fresh, stacked.tolist(), strict=True):
-                self.losses[i], self.grad_norms[i] = loss, norm
-        return [
-            (self.first_step + i, loss, norm)
-            for i, (loss, norm) in enumerate(zip(self.losses, self.grad_norms, strict=True))
-        ]
-
-    def to_json(self) -> dict[str, Any]:
-        """The synced window (see :meth:`sync`) for a checkpoint, so a resumed run logs the same lines."""
-        values = self.sync()
-        losses, norms = [v[1] for v in values], [v[2] for v in values]
-        return {
-            "first_step": self.first_step,
-            "losses": losses,
-            "grad_norms": norms,
-            "lr": self.lr,
-            "tokens": self.tokens,
-        }
-
-    @classmethod
-    def from_json(cls, data: Any, step: int) -> _Window:
-        """The window a checkpoint at ``step`` saved (a fresh one when it saved none)."""
-        if data is None:
-            return cls(step + 1, time.perf_counter())
-        losses, norms = data["losses"], data["grad_norms"]
-        numbers = [*losses, *norms, data["lr"]]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
-            raise TypeError("window values must be numbers")
-        if (
-            len(losses) != len(norms)
-            or data["first_step"] + len(losses) != step + 1
-            or not isinstance(data["tokens"], int)
-        ):
-            raise ValueError("window does not end at the checkpoint's step")
-        return cls(data["first_step"], time.perf_counter(), list(losses), list(norms), data["lr"], data["tokens"])
+from nibble.train.tasks.base import TaskRun
 
 
 class Trainer:
@@ -173,15 +49,16 @@ class Trainer:
         config: the run's settings.
         out: the output directory (``checkpoints/``, ``metrics.jsonl``).
         total_steps: optimizer steps of the whole run.
-        loss_fn: ``(outputs, labels) -> scalar loss``.
-        evaluate: ``model -> metrics dict with "loss"``, or None when there is no validation data.
+        task: what the task gives the run (:class:`nibble.train.tasks.TaskRun`): its forward, its loss and
+            named metrics (averaged over each log window and logged with the loss), what the loss averages over
+            (under torchrun each rank's loss counts by its share of the global batch's units, so the step equals
+            a one-process step) and its evaluation (none: the run is never evaluated).
+        eval_batch_size: rows per evaluation batch (default twice the micro-batch).
         on_best: called with the step after an evaluation that lowered the val loss (on every rank).
-        forward: ``(model, batch) -> outputs`` (inside autocast); default ``model(input_ids, attention_mask)``.
         meter: the run's memory meter; its peaks go into every train record of metrics.jsonl.
         on_save: called with the directory of each checkpoint once it is complete.
-        window_metrics: ``() -> {name: value}`` added to each train record (the values since the last record).
-        loss_units: ``batch -> what the loss averages over`` (default: its rows); under torchrun each rank's
-            loss counts by its share of the global batch's units, so the step equals a one-process step.
+        flops_per_token: the model FLOPs of a step per token; with it each train record of metrics.jsonl has the
+            achieved ``tflops_per_s`` and, where the device's peak is known, ``mfu`` (model FLOPs utilization).
 
     Under torchrun (see :mod:`nibble.train.distributed`) every rank runs the same loop on its slice of each
     batch (``stream`` is built with the rank's ``part``); only rank 0 logs, prints and writes checkpoints, and
@@ -190,27 +67,30 @@ class Trainer:
 
     def __init__(
         self,
+        *,
         model: nn.Module,
         stream: BatchStream,
         config: TrainConfig,
         out: Path,
         total_steps: int,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
+        task: TaskRun,
+        eval_batch_size: int | None = None,
         on_best: Callable[[int], None] | None = None,
-        forward: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
         meter: MemoryMeter | None = None,
         on_save: Callable[[Path], None] | None = None,
-        loss_units: Callable[[dict[str, torch.Tensor]], float] | None = None,
-        window_metrics: Callable[[], dict[str, float]] | None = None,
+        flops_per_token: int | None = None,
     ):
         self.model, self.stream, self.config, self.out = model, stream, config, out
-        self.forward = forward or (lambda m, batch: m(batch["input_ids"], batch["attention_mask"]))
-        self.total_steps, self.loss_fn, self.evaluate, self.on_best = total_steps, loss_fn, evaluate, on_best
+        self.forward = task.forward or (lambda m, batch: m(batch["input_ids"], batch["attention_mask"]))
+        self.total_steps, self.loss_fn, self.on_best = total_steps, task.loss, on_best
+        self.evaluate: Callable[[nn.Module], dict[str, Any]] | None = None
+        if task.evaluate is not None:
+            eval_batch = eval_batch_size or 2 * config.batch_size
+            self.evaluate = lambda m: task.evaluate(m, eval_batch)
         self.meter = meter
         self.on_save = on_save
-        self.loss_units = loss_units or (lambda batch: batch["input_ids"].shape[0])
-        self.window_metrics = window_metrics
+        self.flops_per_token = flops_per_token
+        self.loss_units = task.loss_units or (lambda batch: batch["input_ids"].shape[0])
         self.parallel = current()
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._params = [param for _, param in self.named_params]
@@ -226,6 +106,7 @@ class Trainer:
         self.device = next(p.device for _, p in self.named_params)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.peak_flops = peak_flops(self.device, self.dtype) if self.parallel.is_main else None
         self.progress = Progress()
         self.log = MetricsLog(out / "metrics.jsonl")
         self.checkpoints = out / "checkpoints"
@@ -265,7 +146,7 @@ class Trainer:
                 raise TypeError(f"last_eval is {type(last_eval).__name__}")
             self.last_eval = last_eval
             self._window_state = state.get("window")
-            _Window.from_json(self._window_state, self.progress.step)
+            Window.from_json(self._window_state, self.progress.step)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RuntimeError) as exc:
             raise NibbleError(
                 f"{path}: incomplete checkpoint state ({exc!r}); resume from another checkpoint"
@@ -275,7 +156,7 @@ class Trainer:
             discard_checkpoints_after(self.checkpoints, self.progress.step)
         self.last_checkpoint = path
 
-    def save(self, window: _Window | None = None) -> Path:
+    def save(self, window: Window | None = None) -> Path:
         """Checkpoint the run at the current step (with the unlogged steps of ``window``, when given)."""
         state = {
             "progress": asdict(self.progress),
@@ -347,35 +228,34 @@ class Trainer:
                 if self.parallel.is_main:
                     tqdm.write(f"early stop at step {p.step}: val loss has not improved for {patience} evaluations")
 
-    def step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One optimizer step over ``grad_accum`` micro-batches. Returns its mean loss and gradient norm as
-        device tensors (reading them would wait for the device) and the number of real tokens it saw."""
+    def step(self) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, torch.Tensor]]:
+        """One optimizer step over ``grad_accum`` micro-batches. Returns its mean loss and gradient norm as device
+        tensors (reading them would wait for the device), the number of real tokens it saw and the task's metrics
+        (device tensors, averaged over the micro-batches). Under torchrun the loss, the metrics and the tokens are
+        this rank's share, summed over the ranks once per log window (see :class:`Window`)."""
         cfg = self.config
         loss_sum = torch.zeros((), device=self.device)
+        metric_sums: dict[str, torch.Tensor] = {}
         tokens = 0
+        engine = self.data_parallel
         for micro in range(cfg.grad_accum):
             batch = self.stream.next_batch()
             tokens += int(batch["attention_mask"].sum())  # counted on the host, before the batch moves
             share = self._share(batch)
             batch = to_device(batch, self.device)
-            if not self.parallel.active:
-                with self.autocast():
-                    outputs = self.forward(self.model, batch)
-                loss = self.loss_fn(outputs, batch["labels"])
-                self.scaler.scale(loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach().float() / cfg.grad_accum
-                continue
-            engine = self.data_parallel
-            with engine.no_sync(micro < cfg.grad_accum - 1) if engine is not None else nullcontext():
+            syncing = engine.no_sync(micro < cfg.grad_accum - 1) if engine is not None else nullcontext()
+            with syncing:
                 with self.autocast():
                     outputs = engine(batch) if engine is not None else self.forward(self.model, batch)
-                loss = self.loss_fn(outputs, batch["labels"])
-                # DDP and FSDP average the ranks' gradients: x world undoes that, the share weighs each rank's mean
-                self.scaler.scale(loss * (share * self.parallel.world / cfg.grad_accum)).backward()
-            loss_sum += loss.detach().float() * share / cfg.grad_accum
-        if self.parallel.active:
-            summed = all_sum(torch.stack([loss_sum, torch.tensor(float(tokens), device=self.device)]))
-            loss_sum, tokens = summed[0], int(summed[1])
+                loss, metrics = self.loss_fn(outputs, batch)
+                if self.parallel.active:
+                    # DDP and FSDP average the ranks' gradients: x world undoes that, the share weighs each rank's mean
+                    self.scaler.scale(loss * (share * self.parallel.world / cfg.grad_accum)).backward()
+                else:
+                    self.scaler.scale(loss / cfg.grad_accum).backward()
+            loss_sum += self._part(loss, share)
+            for name, value in metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0) + self._part(value, share)
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         # foreach=None: the foreach kernels where the device has them (CPU, CUDA, XPU), per tensor elsewhere (MPS).
@@ -383,26 +263,29 @@ class Trainer:
         self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, grad_norm, tokens
+        return loss_sum, grad_norm, tokens, metric_sums
 
-    def _share(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _part(self, value: torch.Tensor, share: torch.Tensor | float) -> torch.Tensor:
+        """A micro-batch's ``value`` as its part of the step's mean (under torchrun: this rank's share of it)."""
+        if self.parallel.active:
+            return value.detach().float() * share / self.config.grad_accum
+        return value.detach().float() / self.config.grad_accum
+
+    def _share(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
         """This rank's share of the units (rows, target tokens) the loss of the global micro-batch averages over
         (1 in a single process)."""
         if not self.parallel.active:
-            return torch.ones((), device=self.device)
+            return 1.0
         mine = 0.0 if self.stream.stand_in else float(self.loss_units(batch))
         total = all_sum(torch.tensor(mine, dtype=torch.float64, device=self.device))
         return (mine / total.clamp_min(1e-30)).float()
 
     def _stop_asked(self, stop: GracefulStop) -> bool:
         """Whether a stop signal arrived, on any rank under torchrun (so that every rank stops after the same
-        step)."""
-        asked = stop.signum is not None
-        if not self.parallel.active:
-            return asked
-        return bool(all_sum(torch.tensor(float(asked), device=self.device)) > 0)
+        step; agreed on the host, without waiting for the device)."""
+        return any_rank(stop.signum is not None)
 
-    def _check(self, window: _Window, bar: tqdm) -> list[tuple[int, float, float]]:
+    def _check(self, window: Window, bar: tqdm) -> list[tuple[int, float, float]]:
         """Sync the window with the host; stop at its first non-finite loss (or gradient norm, without a grad
         scaler, which handles overflow itself) before anything is saved or evaluated after it."""
         values = window.sync()
@@ -416,7 +299,7 @@ class Trainer:
                 raise self._not_finite(*bad)
         return values
 
-    def _log(self, window: _Window, bar: tqdm, session: tuple[float, int]) -> None:
+    def _log(self, window: Window, bar: tqdm, session: tuple[float, int]) -> None:
         """Write the window's metrics line; without a progress bar (stderr is not a terminal) also print it.
 
         ``session`` is when and at which step this process began training, for the elapsed time and the ETA
@@ -436,16 +319,23 @@ class Trainer:
             "grad_norm": values[-1][2],
             "epoch": round(self.stream.epoch, 4),
             "tokens_per_s": window.tokens / max(now - window.start, 1e-9),
+            **window.metric_means(),
         }
-        if self.window_metrics is not None:
-            record.update(self.window_metrics())
+        if self.flops_per_token:
+            achieved = record["tokens_per_s"] / self.parallel.world * self.flops_per_token  # per device
+            record["tflops_per_s"] = achieved / 1e12
+            if self.peak_flops:
+                record["mfu"] = achieved / self.peak_flops
         if self.meter is not None:
             peaks = self.meter.read()
             record["peak_rss_bytes"] = peaks["peak_rss_bytes"]
             if peaks["peak_device_bytes"] is not None:
                 record["peak_device_bytes"] = peaks["peak_device_bytes"]
         self.log.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{window.lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        mfu = {"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}
+        bar.set_postfix(
+            loss=f"{record['loss']:.4f}", lr=f"{window.lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", **mfu
+        )
         if bar.disable:
             elapsed = now - session[0]
             eta = elapsed / max(p.step - session[1], 1) * (self.total_steps - p.step)
@@ -477,7 +367,7 @@ class Trainer:
         self.model.train()
         quiet = None if self.parallel.is_main else True
         bar = tqdm(total=self.total_steps, initial=p.step, desc="train", disable=quiet, dynamic_ncols=True)
-        window = _Window.from_json(self._window_state, p.step)
+        window = Window.from_json(self._window_state, p.step)
         evaluated_at, saved_at = p.evaluated_step, -1
         session = (time.perf_counter(), p.step)
         with GracefulStop() as stop:
@@ -486,13 +376,13 @@ class Trainer:
                 evaluated_at = 0
             while not p.finished(self.total_steps) and not self._stop_asked(stop):
                 lr = self.schedule.apply(self.optimizer, cfg.lr, p.step)
-                loss, grad_norm, tokens = self.step()
+                loss, grad_norm, tokens, metrics = self.step()
                 p.step += 1
-                window.add(loss, grad_norm, lr, tokens)
+                window.add(loss, grad_norm, lr, tokens, metrics)
                 bar.update(1)
                 if p.step % cfg.log_every == 0 or p.step == self.total_steps:
                     self._log(window, bar, session)
-                    window = _Window(p.step + 1, time.perf_counter())
+                    window = Window(p.step + 1, time.perf_counter())
                 if cfg.eval_every and p.step % cfg.eval_every == 0:
                     self._check(window, bar)
                     with window.paused():
@@ -512,7 +402,7 @@ class Trainer:
                 raise Interrupted(stop.signum or signal.SIGTERM, p.step, self.last_checkpoint)
         if window.losses and p.stopped_early:  # the steps since the last line, logged at the early stop
             self._log(window, bar, session)
-            window = _Window(p.step + 1, time.perf_counter())
+            window = Window(p.step + 1, time.perf_counter())
         bar.close()
         self._check(window, bar)
         if evaluated_at != p.step:

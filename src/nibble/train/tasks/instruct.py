@@ -1,4 +1,4 @@
-"""The instruction pipeline: conversations -> chat-template tokens, prompt masked -> a run (:mod:`nibble.train.run`).
+"""Instruction tuning (``--task instruct``): conversations -> chat-template tokens, prompt masked -> the response loss.
 
 The loss is the mean cross-entropy of the response tokens (every token an assistant turn produces,
 end-of-turn included) given everything before them; the LM head runs only at the positions that predict
@@ -16,26 +16,29 @@ import numpy as np
 import torch
 from torch import nn
 
+from nibble.data.batching import MAX_SEQ_LEN
 from nibble.data.instruct import (
     CHATML,
     IGNORE_INDEX,
     InstructData,
     default_system_prompt,
     fit_length,
+    load_instruct,
+    parse_columns,
     read_instruct,
     resolve_chat_template,
     use_chat_template,
 )
 from nibble.data.records import stratified_split
-from nibble.devices import to_device
-from nibble.errors import NibbleError
-from nibble.io.tokenizer import Tokenizer, load_tokenizer
+from nibble.devices import autocast, describe, resolve_device, to_device
+from nibble.io.tokenizer import Tokenizer
+from nibble.model.config import ModelConfig
 from nibble.model.loading import resolve_model_dir
-from nibble.nn.cross_entropy import linear_cross_entropy
+from nibble.nn.cross_entropy import CHUNK_ELEMENTS, linear_cross_entropy
 from nibble.train.config import TrainConfig
 from nibble.train.distributed import all_sum, current, eval_batches
 from nibble.train.metrics import headline
-from nibble.train.run import TaskRun, TrainResult, run_training
+from nibble.train.tasks.base import Batch, LossResult, SavedModel, TaskRun
 
 
 class LMOutputs(NamedTuple):
@@ -119,42 +122,91 @@ def lm_report(metrics: dict[str, Any]) -> str:
     return f"{headline(metrics)}  ({metrics['tokens']} response tokens in {metrics['examples']} sequences)"
 
 
-def train_instruct(config: TrainConfig) -> TrainResult:
-    """Run ``nibble train --task instruct`` (see :func:`nibble.train.run.run_training`)."""
-    model_dir = resolve_model_dir(config.model)
-    if not (model_dir / "config.json").is_file():
-        raise NibbleError(f"{model_dir}: not a model directory (no config.json); check --model")
-    tokenizer = load_tokenizer(model_dir)
-    template = set_chat_template(tokenizer, config.chat_template, model_dir)
-    pad_id = tokenizer.pad_id
-    rows = read_instruct(config.data, tokenizer, config.columns)
-    val: InstructData | None = None
-    if config.val_data:
-        val_rows = read_instruct(config.val_data, tokenizer, config.columns)
-        val = fit_length(val_rows, config.max_seq_len, False, config.val_data)
-    elif config.val_split > 0:
-        everything = np.zeros(len(rows), dtype=np.int64)  # one group: a seeded random fraction
-        train_idx, val_idx = stratified_split(everything, config.val_split, config.seed)
-        rows, val = rows.subset(train_idx), (rows.subset(val_idx) if len(val_idx) else None)
-        val = fit_length(val, config.max_seq_len, False, config.data) if val else None
-    data = fit_length(rows, config.max_seq_len, config.packing, config.data)
+def lm_batch_loss(outputs: LMOutputs, batch: Batch) -> LossResult:
+    """The training loss of a batch (:func:`lm_loss`; no other metrics)."""
+    return lm_loss(outputs, batch["labels"]), {}
 
-    def run_eval(m: nn.Module, batch_size: int) -> dict[str, Any]:
-        return evaluate_lm(m, val, batch_size, pad_id)
 
-    summary = (
-        f"{len(data)} {'packed ' if config.packing else ''}sequences with {data.target_tokens():,} response tokens, "
-        f"{len(val) if val else 0} val sequences"
-    )
-    task = TaskRun(
-        data,
-        val,
-        lm_loss,
-        run_eval,
-        summary,
-        forward=lm_forward,
-        chat_template=template,
-        report=lm_report,
-        loss_units=target_count,
-    )
-    return run_training(config, model_dir, tokenizer, task)
+class InstructTask:
+    """``--task instruct``: a chat model trained on its responses (see the module docstring)."""
+
+    name = "instruct"
+    head = "causal_lm"
+    options = ("packing", "columns", "chat_template")
+
+    def check(self, config: TrainConfig) -> None:
+        parse_columns(config.columns)
+
+    def setup(self, config: TrainConfig, model_dir: Path, tokenizer: Tokenizer) -> TaskRun:
+        template = set_chat_template(tokenizer, config.chat_template, model_dir)
+        pad_id = tokenizer.pad_id
+        rows = read_instruct(config.data, tokenizer, config.columns)
+        val: InstructData | None = None
+        if config.val_data:
+            val_rows = read_instruct(config.val_data, tokenizer, config.columns)
+            val = fit_length(val_rows, config.max_seq_len, False, config.val_data)
+        elif config.val_split > 0:
+            everything = np.zeros(len(rows), dtype=np.int64)  # one group: a seeded random fraction
+            train_idx, val_idx = stratified_split(everything, config.val_split, config.seed)
+            rows, val = rows.subset(train_idx), (rows.subset(val_idx) if len(val_idx) else None)
+            val = fit_length(val, config.max_seq_len, False, config.data) if val else None
+        data = fit_length(rows, config.max_seq_len, config.packing, config.data)
+
+        def run_eval(m: nn.Module, batch_size: int) -> dict[str, Any]:
+            return evaluate_lm(m, val, batch_size, pad_id)
+
+        def save(directory: Path) -> None:
+            if template is not None:
+                (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
+
+        summary = (
+            f"{len(data)} {'packed ' if config.packing else ''}sequences with {data.target_tokens():,} response "
+            f"tokens, {len(val) if val else 0} val sequences"
+        )
+        return TaskRun(
+            train=data,
+            val=val,
+            forward=lm_forward,
+            loss=lm_batch_loss,
+            loss_units=target_count,
+            evaluate=run_eval if val is not None else None,
+            summary=summary,
+            save=save,
+            report=lm_report,
+        )
+
+    def loss_memory(self, model: ModelConfig, config: TrainConfig) -> tuple[int, int]:
+        """Per token: the hidden states gathered at the targets and their gradient (the chunked loss keeps it for
+        backward), in the compute dtype. Fixed: one chunk of fp32 logits and its compute-dtype gradient, and a
+        full run's fp32 gradient of the LM head, which the loss accumulates itself (no [N, vocab] logits)."""
+        e = config.torch_dtype.itemsize
+        head_grad = 4 * model.vocab_size * model.hidden_size if config.method == "full" else 0
+        return 2 * e * model.hidden_size, CHUNK_ELEMENTS * (4 + e) + head_grad
+
+    def evaluate_saved(self, request: SavedModel) -> dict[str, Any]:
+        import torch
+
+        from nibble.io.runinfo import RUN_INFO, RunInfo
+        from nibble.model.adapter import read_adapter_info
+        from nibble.model.generate import load_generator
+
+        model_dir = resolve_model_dir(request.model)
+        info = read_adapter_info(request.adapter).run if request.adapter else RunInfo.load(model_dir / RUN_INFO)
+        # As training built it: an adapter's base in the run's dtype; a fully fine-tuned model in fp32 (autocast).
+        dtype = info.torch_dtype if request.adapter else torch.float32
+        device = resolve_device(request.device)
+        model, tokenizer = load_generator(
+            model_dir, request.adapter, cache_budget_mb=request.cache_budget_mb, dtype=dtype, device=device
+        )
+        print(describe(device, info.torch_dtype), flush=True)
+        set_chat_template(tokenizer, request.options.get("chat_template"), model_dir)
+        data = load_instruct(
+            request.data,
+            tokenizer,
+            max_seq_len=request.max_seq_len or info.max_seq_len or MAX_SEQ_LEN,
+            columns=request.options.get("columns") or info.columns,
+        )
+        with autocast(device, info.torch_dtype):
+            metrics = evaluate_lm(model, data, request.batch_size, tokenizer.pad_id)
+        print(lm_report(metrics))
+        return metrics

@@ -1,0 +1,199 @@
+"""A run's output directory: what may be written there, resuming from it (which checkpoint, whether anything is
+left to do, the micro-batch that keeps the checkpoint's global batch), and ``--overwrite``'s set-aside.
+
+``--overwrite`` moves the previous run's outputs into ``OUT/.replaced`` and deletes them only once the new run
+has written its first checkpoint; a new run that stops before that gives them back (:func:`settle_replaced_run`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from nibble.errors import NibbleError
+from nibble.io.files import remove_stale_staging
+from nibble.io.runinfo import RUN_INFO, RunInfo
+from nibble.train import distributed
+from nibble.train.checkpoint import (
+    discard_checkpoints_after,
+    list_checkpoints,
+    newest_intact_checkpoint,
+    read_state,
+    verify_checkpoint,
+)
+from nibble.train.config import TrainConfig
+from nibble.train.optim import WarmupCosine
+from nibble.train.progress import read_progress
+
+RUN_OUTPUTS = (
+    "adapter",
+    "model",
+    "best",
+    "checkpoints",
+    "plots",
+    "metrics.jsonl",
+    "eval_report.json",
+    "config.yaml",
+    "tensorboard",
+    "wandb",
+)
+# Where --overwrite keeps the previous run until the new one has written a checkpoint; ".replacing" while
+# the previous run's outputs are being moved there.
+REPLACED, REPLACING = ".replaced", ".replacing"
+
+
+def check_output(out: Path, config: TrainConfig) -> Path | None:
+    """The checkpoint to resume from (or None), after checking that ``out`` may be written. ``--resume``
+    takes the newest checkpoint whose files match its manifest, naming each newer one it skips."""
+    if config.resume:
+        if config.resume != "latest":
+            path = Path(config.resume)
+            if not path.is_dir():
+                raise NibbleError(f"--resume {path}: no such checkpoint directory")
+            verify_checkpoint(path)  # before anything, even a finished run's "nothing to do", relies on it
+            return path
+        found, skipped = newest_intact_checkpoint(out / "checkpoints")
+        for path, reason in skipped:
+            print(f"resume: skipping {path}: {reason}", flush=True)
+        if found is None:
+            print(f"resume: no intact checkpoint under {out / 'checkpoints'}; starting from step 0", flush=True)
+        return found
+    existing = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if existing and not config.overwrite:
+        raise NibbleError(
+            f"{out}: already holds a run ({', '.join(existing)}); pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --output"
+        )
+    return None
+
+
+def prepare_output(out: Path, config: TrainConfig, resume_from: Path | None) -> None:
+    """Make ``out`` ready for the run (rank 0 only): the previous run set aside (``--overwrite``), or what a run
+    killed before its first checkpoint left removed (``--resume`` with nothing intact), an export cut short by a
+    kill removed, and the resolved config written."""
+    if not config.resume:
+        _set_previous_run_aside(out)
+    elif resume_from is None:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        discard_checkpoints_after(out / "checkpoints", -1)
+    remove_stale_staging(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(out / "config.yaml")
+
+
+def drop_replaced_run(out: Path) -> None:
+    """Delete what ``--overwrite`` set aside: the new run has a checkpoint now."""
+    shutil.rmtree(out / REPLACED, ignore_errors=True)
+
+
+def _remove_outputs(out: Path) -> None:
+    for name in RUN_OUTPUTS:
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+
+
+def _set_previous_run_aside(out: Path) -> None:
+    """``--overwrite``: move the previous run's outputs into ``OUT/.replaced``, where they stay until the new
+    run has written its first checkpoint (see :func:`settle_replaced_run`)."""
+    existing = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if not existing:
+        return
+    moving = out / REPLACING
+    moving.mkdir()
+    for name in existing:
+        os.rename(out / name, moving / name)
+    os.rename(moving, out / REPLACED)
+
+
+def _move_back(aside: Path, out: Path) -> None:
+    for item in aside.iterdir():
+        os.rename(item, out / item.name)
+    aside.rmdir()
+
+
+def settle_replaced_run(out: Path) -> None:
+    """Finish or undo what ``--overwrite`` set aside in ``out``: once the new run has a checkpoint the previous
+    run is deleted; a new run that stopped before that (failed, interrupted, killed) gives it back."""
+    if (out / REPLACING).is_dir():  # stopped while moving: only the previous run's outputs exist
+        _move_back(out / REPLACING, out)
+        print(f"{out}: restored the previous run (a --overwrite run stopped before writing anything)", flush=True)
+    aside = out / REPLACED
+    if not aside.is_dir():
+        return
+    if list_checkpoints(out / "checkpoints"):
+        shutil.rmtree(aside)
+        return
+    _remove_outputs(out)
+    _move_back(aside, out)
+    print(f"{out}: restored the previous run (the --overwrite run stopped before its first checkpoint)", flush=True)
+
+
+def finished_already(out: Path, final: Path, checkpoint: Path, total_steps: int, config: TrainConfig) -> bool:
+    """Whether resuming from ``checkpoint`` has nothing to do: the run there is finished for ``total_steps``
+    and its export is from that step. Prints what resuming will do."""
+    progress, schedule_steps = read_progress(checkpoint)
+    lifted = progress.apply_patience(config.early_stopping_patience)
+    if progress.finished(total_steps):
+        exported = RunInfo.load(final / RUN_INFO).step if (final / RUN_INFO).is_file() else None
+        if exported != progress.step:
+            print(f"resume: {checkpoint} ends the run; exporting it", flush=True)
+            return False
+        if progress.stopped_early:
+            print(
+                f"{out}: the run stopped early at step {progress.step} (val loss not lower for "
+                f"{progress.evals_without_improvement} evaluations; best at step {progress.best_step}); nothing to "
+                "do. A larger --early-stopping-patience (or 0) with --resume trains on",
+                flush=True,
+            )
+        else:
+            print(
+                f"{out}: the run is finished at step {progress.step} of {total_steps}; nothing to do. "
+                "A larger --max-steps with --resume trains on",
+                flush=True,
+            )
+        return True
+    if lifted:
+        print(
+            f"resume: the early stop at step {progress.step} no longer holds with --early-stopping-patience "
+            f"{config.early_stopping_patience}; training on",
+            flush=True,
+        )
+    if schedule_steps is not None and schedule_steps != total_steps:
+        schedule = WarmupCosine(total_steps, config.warmup_ratio, config.min_lr_ratio)
+        print(
+            f"resume: extending the run from {schedule_steps} to {total_steps} steps; the warmup+cosine schedule "
+            f"is recomputed for {total_steps} steps, so step {progress.step + 1} trains at lr "
+            f"{config.lr * schedule.factor(progress.step):.3g}",
+            flush=True,
+        )
+    return False
+
+
+def global_micro_batch(config: TrainConfig, resume_from: Path | None, part: distributed.Parallel) -> TrainConfig:
+    """The config with the per-rank ``batch_size`` a resumed run needs to keep the global micro-batch (per-rank
+    batch x ranks) its checkpoint was trained with, whatever the number of ranks now (an elastic resume).
+
+    Raises:
+        NibbleError: the checkpoint's global micro-batch does not split evenly over this many ranks.
+    """
+    if resume_from is None:
+        return config
+    saved = read_state(resume_from).get("data", {}).get("batch_size")
+    if not isinstance(saved, int) or saved == config.batch_size * part.world:
+        return config
+    if saved % part.world:
+        raise NibbleError(
+            f"{resume_from}: trained with {saved} rows per global micro-batch, which {part.world} ranks cannot "
+            f"share evenly; resume on a number of ranks that divides {saved}, with --batch-size {saved} // ranks"
+        )
+    print(
+        f"resume: {resume_from} was trained with {saved} rows per global micro-batch; each of the {part.world} "
+        f"ranks now takes --batch-size {saved // part.world}",
+        flush=True,
+    )
+    return replace(config, batch_size=saved // part.world)
