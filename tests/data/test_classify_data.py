@@ -175,3 +175,14 @@ def test_class_weights_follow_their_formulas():
     torch.testing.assert_close(class_weights(multi, "inverse_freq"), torch.tensor([1 / 3, 3.0, 3.0]))
     with pytest.raises(NibbleError, match="class_weights"):
         class_weights(data, "balanced")
+
+
+@pytest.mark.parametrize("part", [(0, 1), (1, 2)])
+def test_most_tokens_is_the_largest_batch_the_stream_will_collate(part):
+    # What the memory planner counts: the real tokens of the biggest micro-batch this rank will take.
+    rows = [[5] * (1 + (7 * i) % 13) for i in range(11)]
+    data = ClassificationData(rows, np.zeros(len(rows), dtype=np.int64), LabelMap(["a"]))
+    stream = BatchStream(data, 4, 0, seed=1, part=part)
+    predicted = stream.most_tokens(9)  # past an epoch's end (3 batches an epoch)
+    assert stream.position == 0
+    assert predicted == max(int(stream.next_batch()["attention_mask"].sum()) for _ in range(9))

@@ -33,13 +33,11 @@ def pad_batch(ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tens
 
 
 class Dataset(Protocol):
-    """Examples that batch themselves (any task's data); ``subset`` keeps some of them (a validation split)."""
+    """Examples that batch themselves (any task's data); ``subset`` keeps some of them (a validation split). Data
+    that also has ``lengths()`` (tokens of each example, int64 [N]) lets the memory planner count the run's real
+    batches."""
 
     def __len__(self) -> int: ...
-
-    def lengths(self) -> np.ndarray:
-        """Tokens of each example (int64 [N])."""
-        ...
 
     def collate(self, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]: ...
 
@@ -118,9 +116,12 @@ class BatchStream:
             chosen = chosen[:1] if self.stand_in else mine
         return self.data.collate(chosen, self.pad_id)
 
-    def most_tokens(self, batches: int) -> int:
+    def most_tokens(self, batches: int) -> int | None:
         """The most tokens (the sum of its rows' lengths, on this rank) of the next ``batches`` batches: what a
-        step's activations scale with, since padding is never computed. Reads the order, collates nothing."""
+        step's activations scale with, since padding is never computed; None for data without ``lengths()``.
+        Reads the order, collates nothing."""
+        if not hasattr(self.data, "lengths"):
+            return None
         lengths = np.asarray(self.data.lengths(), dtype=np.int64)
         rank, world = self.part
         most, position, end = 0, self.position, self.position + max(batches, 0)
