@@ -264,12 +264,12 @@ def block_activation_bytes(config: ModelConfig, opts: PlanOptions, kind: str = "
     :func:`delta_rule_backward_bytes` for its backward). That count is by reading the code, not yet checked
     against saved-tensor hooks.
     """
+    if kind == "linear_attention":
+        return _deltanet_block_bytes(config, opts)
     e = DTYPES[opts.dtype].itemsize
     fp32_units = opts.device == "cpu" and on_fp32_units(DTYPES[opts.dtype], torch.device("cpu"))
     a = 4 if fp32_units else e
     h, q, kv, i = config.hidden_size, config.q_dim, config.kv_dim, config.intermediate_size
-    if kind == "linear_attention":
-        return _deltanet_block_bytes(config, opts)
     kept = 4 * 2 * h + a * (2 * q + 2 * kv) + e * (_mlp_kept(config) + (q + kv) * config.qk_norm)
     if opts.method == "full":
         # The norms' fp32 outputs, which autocast casts once for each projection that reads them (3 + 2).
@@ -283,9 +283,10 @@ def block_activation_bytes(config: ModelConfig, opts: PlanOptions, kind: str = "
     inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": 0, "gate_proj": h, "up_proj": h, "down_proj": i}
     targets = tuple(t for t in targets if t in inputs)  # (a hybrid model's DeltaNet targets are not in this block)
     shared = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
-    kept += e * sum({shared.get(t, t): inputs[t] for t in targets}.values())
+    distinct = {shared.get(t, t): inputs[t] for t in targets}  # each adapter input once (o_proj's is kept: 0)
+    kept += e * sum(distinct.values())
     if opts.lora_dropout == 0 and fp32_units:
-        kept += 4 * sum({shared.get(t, t): inputs[t] or q for t in targets}.values())
+        kept += 4 * sum(size or q for size in distinct.values())
     elif opts.lora_dropout > 0:
         # Small inputs are not recomputed: each adapter keeps its dropped copy and the fp32 mask.
         small = [inputs[t] or q for t in targets if opts.tokens * (inputs[t] or q) < RECOMPUTE_MIN_ELEMENTS]
