@@ -397,12 +397,13 @@ def delta_rule_backward_bytes(config: ModelConfig, opts: PlanOptions) -> int:
 
 # What a CPU run's resident memory holds beyond its live tensors, as a share of the activations: glibc's malloc
 # (at its default settings, which plain runs keep) holds on to much of what a step's activations and temporaries
-# freed, and the resident set grows over the first steps. Measured on SmolLM2-135M QLoRA classification (16 rows
-# of short texts, at most 275 tokens a batch, 2-core AVX2 EPYC, 8 steps): peak RSS above the weights and the
-# estimated activations was 1.3x those activations in fp32 and 1.6x in bf16 (on fp32 units). And a fixed part,
-# what the first steps set up (library buffers, the autograd engine): 23-26 MB on a 2-layer, hidden-64 model
-# whose weights and activations are negligible.
-CPU_SLACK_SHARE = 1.5
+# freed, and the resident set grows over the first steps. How much varies from run to run of the same command.
+# Measured on SmolLM2-135M QLoRA classification (batch 16 of short texts, 4 steps, 2-core AVX2 EPYC, 1 thread):
+# peak RSS above the weights and the estimated activations was 0.46-1.10x those activations in fp32 (6 runs) and
+# 0.85-1.28x in bf16 on fp32 units (6 runs); the share is the middle of both. And a fixed part, what the first
+# steps set up (library buffers, the autograd engine): 23-26 MB on a 2-layer, hidden-64 model whose weights and
+# activations are negligible.
+CPU_SLACK_SHARE = 1.0
 CPU_SLACK_FIXED = 32 * 2**20
 
 
