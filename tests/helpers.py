@@ -45,13 +45,15 @@ QWEN35 = dict(
         "mrope_interleaved": True,
     },  # fmt: skip
 )
+# Qwen3.5-MoE and Qwen3-Next: the QWEN35 layers with TINY_MOE's experts and a shared expert of 32.
+HYBRID_MOE = dict(shared_expert_intermediate_size=32)
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
 
 
 def hf_config(model_type: str = "qwen3", **overrides: Any):
-    """A transformers config of ``model_type`` (qwen3, qwen3_moe, qwen2, llama, mistral, qwen3_5_text) with TINY
-    sizes (and TINY_MOE's experts).
+    """A transformers config of ``model_type`` (qwen3, qwen3_moe, qwen2, llama, mistral, qwen3_5_text,
+    qwen3_5_moe_text, qwen3_next) with TINY sizes (and TINY_MOE's experts, HYBRID_MOE's shared expert).
 
     Qwen3 gets ``head_dim=32`` (so q_dim 128 != hidden 64, as in real Qwen3 models), Qwen3.5 the QWEN35
     layout; pad/bos/eos are the ids of :func:`write_tokenizer`'s special tokens. ``overrides`` win over
@@ -62,10 +64,14 @@ def hf_config(model_type: str = "qwen3", **overrides: Any):
     kwargs: dict[str, Any] = dict(TINY, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
     if model_type in ("qwen3", "qwen3_moe"):
         kwargs["head_dim"] = 32
-    if model_type == "qwen3_moe":
+    if model_type in ("qwen3_moe", "qwen3_next", "qwen3_5_moe_text"):
         kwargs.update(TINY_MOE)
-    if model_type == "qwen3_5_text":
+    if model_type in ("qwen3_5_text", "qwen3_next", "qwen3_5_moe_text"):
         kwargs.update(copy.deepcopy(QWEN35))
+    if model_type in ("qwen3_next", "qwen3_5_moe_text"):
+        kwargs.update(HYBRID_MOE)
+    if model_type == "qwen3_5_moe_text":
+        del kwargs["norm_topk_prob"]  # always on; not a key of its config
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 

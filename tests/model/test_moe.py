@@ -1,4 +1,5 @@
-"""Qwen3-MoE against transformers: logits from both expert layouts, routing, the load-balancing loss, 4-bit experts."""
+"""Qwen3-MoE, Qwen3-Next and Qwen3.5-MoE against transformers: logits from both expert layouts, routing, the
+load-balancing loss, 4-bit experts, generation."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import right_padded_batch, save_fused_experts
+from helpers import hf_config, right_padded_batch, save_fused_experts
 from nibble.errors import NibbleError
 from nibble.model import ModelConfig, load_model
 from nibble.model.moe import SparseMoE, load_balancing_loss, sparse_blocks
@@ -214,3 +215,85 @@ def test_plan_counts_what_a_loaded_model_holds(moe_checkpoint, spec):
     opts = PlanOptions(quant=spec, lora_rank=4, lora_targets=resolve_targets("all-linear"), train_router=True)
     rows = {name: params for name, params, _ in plan_rows(model.config, opts)}
     assert rows["gradients of trainable params [fp32]"] == trainable
+
+
+# Qwen3-Next (dense first layer, fused DeltaNet projections) and Qwen3.5-MoE (every layer sparse): Gated DeltaNet and
+# gated attention layers around sparse blocks with a gated shared expert.
+HYBRID = {"qwen3_next": {"mlp_only_layers": [0]}, "qwen3_5_moe_text": {}}
+
+
+@pytest.fixture(scope="module", params=list(HYBRID))
+def hybrid_moe(shared_checkpoint, tmp_path_factory, request):
+    """(family, per-expert dir, fused dir, transformers model)."""
+    path, hf = shared_checkpoint(request.param, **HYBRID[request.param])
+    fused = tmp_path_factory.mktemp("fused") / "m"
+    shutil.copytree(path, fused)
+    return request.param, path, save_fused_experts(fused), hf
+
+
+def test_hybrid_moe_config_reads_the_shared_expert(hybrid_moe):
+    family, path, _, _ = hybrid_moe
+    config = ModelConfig.from_hf(path)
+    moe = config.moe
+    assert config.is_hybrid and config.qk_norm and config.attn_output_gate and config.zero_centred_norm
+    assert config.linear_fused_projections == (family == "qwen3_next")
+    assert moe.shared_expert_intermediate_size == 32 and moe.norm_topk_prob
+    assert [moe.is_sparse(i) for i in range(3)] == [family != "qwen3_next", True, True]
+    assert ModelConfig.from_hf(config.to_hf()) == config
+
+
+def test_qwen35_moe_multimodal_config_is_its_text_config():
+    import json
+
+    from transformers import Qwen3_5MoeConfig
+
+    text = json.loads(hf_config("qwen3_5_moe_text").to_json_string())
+    data = json.loads(Qwen3_5MoeConfig(text_config=text).to_json_string())
+    config = ModelConfig.from_hf(data)
+    assert config.multimodal and config.model_type == "qwen3_5_moe_text" and config.moe.shared_expert_intermediate_size
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_hybrid_moe_logits_equal_transformers(hybrid_moe, layout):
+    _, per_expert, fused, hf = hybrid_moe
+    model = load_model(per_expert if layout == "per_expert" else fused)
+    assert model.model.layers[1].mlp.shared_expert is not None
+    ids, mask = right_padded_batch([70, 5], seed=1)  # a row across the delta rule's 64-token chunk
+    with torch.no_grad():
+        ours = model(ids, mask)
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], ref[real], atol=1e-4, rtol=0)
+
+
+def test_hybrid_moe_load_balancing_loss_and_generation_equal_transformers(hybrid_moe):
+    from helpers import PAD_ID
+    from nibble.model.generate import generate
+
+    _, path, _, hf = hybrid_moe
+    model = load_model(path).train()
+    for block in sparse_blocks(model):
+        block.record_stats = True
+    ids, mask = right_padded_batch([6, 4, 3], seed=2)
+    model(ids, mask)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
+    torch.testing.assert_close(load_balancing_loss(model), ref, atol=1e-6, rtol=0)
+    prompt, _ = right_padded_batch([9], seed=3)
+    ours = generate(model.eval(), prompt, max_new_tokens=8, eos_token_id=[])
+    theirs = hf.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=PAD_ID)
+    assert ours == theirs[0, prompt.shape[1] :].tolist()
+
+
+def test_hybrid_moe_plan_counts_the_weights_it_holds(hybrid_moe):
+    from nibble.model.memory import format_rows, projections_bytes
+    from nibble.nn import QuantLinear
+    from nibble.nn.experts import ExpertLinear
+
+    _, path, _, _ = hybrid_moe
+    quantized = load_model(path, quantize="nf4")
+    held = sum(m.qweight.memory_bytes() for m in quantized.modules() if isinstance(m, (QuantLinear, ExpertLinear)))
+    assert projections_bytes(quantized.config, QuantSpec("nf4")) == held
+    dense = load_model(path)
+    rows = {name: params for name, params, _ in format_rows(dense.config)}
+    assert rows["all weights"] == sum(p.numel() for p in dense.parameters())

@@ -48,8 +48,11 @@ def peft_path(model: nn.Module, path: str) -> str:
 PEFT_VERSION = "0.21.2"
 TASK_TYPES = {"classify": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 HEADS = {"classify": "score"}
-# The module name of a mixture-of-experts router: trained (--train-router), it is kept whole like a head.
+# The module name of a mixture-of-experts router: trained (--train-router), it is kept whole like a head. PEFT
+# matches modules_to_save as a plain suffix of the module path, so the entry written is ROUTER_TO_SAVE: "gate"
+# alone would also catch a shared expert's "shared_expert_gate". Both are read.
 ROUTER = "gate"
+ROUTER_TO_SAVE = f"mlp.{ROUTER}"
 # target_parameters of an adapter with LoRA on the experts (sorted, as PEFT writes them), and the number of
 # PEFT's nested base_layer wrappers around each (the first registered parameter is wrapped first, innermost).
 EXPERT_PARAMETERS = ("mlp.experts.down_proj", "mlp.experts.gate_up_proj")
@@ -167,7 +170,7 @@ def save_adapter(model: nn.Module, directory: str | Path, config: dict[str, Any]
     if expert_lora_layers(model):
         config.update(target_parameters=list(EXPERT_PARAMETERS), lora_dropout=0.0)
     if any(router.weight.requires_grad for router in _routers(model).values()):
-        config["modules_to_save"] = [*(config["modules_to_save"] or []), ROUTER]
+        config["modules_to_save"] = [*(config["modules_to_save"] or []), ROUTER_TO_SAVE]
     task = next(t for t, name in TASK_TYPES.items() if name == config["task_type"])
     save_file_atomic(adapter_tensors(model, task), directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -250,7 +253,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, Any]:
         module = getattr(model, head, None)
         if isinstance(module, nn.Linear) and f"{PREFIX}{head}.weight" in tensors:
             expected[f"{PREFIX}{head}.weight"] = module.weight
-        if head == ROUTER:
+        if head in (ROUTER, ROUTER_TO_SAVE):
             expected.update({f"{PREFIX}{path}.weight": router.weight for path, router in _routers(model).items()})
     copy_into(expected, tensors, str(weights), "the adapter does not fit this model")
     with torch.no_grad():

@@ -19,10 +19,17 @@ ARCHITECTURES = {
     "mistral": "Mistral",
     "qwen3_5_text": "Qwen3_5",
     "qwen3_moe": "Qwen3Moe",
+    "qwen3_5_moe_text": "Qwen3_5Moe",
+    "qwen3_next": "Qwen3Next",
 }
-# A Qwen3_5ForConditionalGeneration config.json (model_type "qwen3_5") holds the decoder's config under
-# "text_config"; nibble loads that decoder as "qwen3_5_text".
-MULTIMODAL_TYPES = {"qwen3_5": "qwen3_5_text"}
+# A Qwen3_5ForConditionalGeneration config.json (model_type "qwen3_5", or "qwen3_5_moe") holds the decoder's
+# config under "text_config"; nibble loads that decoder as "qwen3_5_text" ("qwen3_5_moe_text").
+MULTIMODAL_TYPES = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+# The families with Gated DeltaNet layers, and those with mixture-of-experts blocks.
+HYBRID_TYPES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
+MOE_TYPES = ("qwen3_moe", "qwen3_5_moe_text", "qwen3_next")
+# The families whose attention has Qwen3's per-head q/k RMSNorm.
+QK_NORM_TYPES = ("qwen3", *MOE_TYPES, "qwen3_5_text")
 LAYER_TYPES = ("full_attention", "linear_attention")
 ROPE_TYPES = ("default", "linear", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -38,11 +45,13 @@ class ModelConfig:
     (Llama and Qwen3 use one flag for all four, Qwen2 biases q/k/v only). ``qk_norm`` is Qwen3's per-head
     RMSNorm on q and k. ``sliding_window`` (Mistral) limits how far back each token attends.
 
-    Qwen3.5 (``qwen3_5_text``) adds: ``layer_types`` (one of :data:`LAYER_TYPES` per layer; None means full
-    attention everywhere), the Gated DeltaNet sizes of its ``linear_attention`` layers (``linear_*``),
-    ``attn_output_gate`` (q_proj also yields a per-channel gate on the attention output),
-    ``partial_rotary_factor`` (RoPE on that fraction of each head) and ``zero_centred_norm`` (RMSNorms scale
-    by ``1 + weight``). ``multimodal`` records a checkpoint whose decoder sits under ``model.language_model``.
+    Qwen3.5 (``qwen3_5_text``; also Qwen3.5-MoE and Qwen3-Next, :data:`HYBRID_TYPES`) adds: ``layer_types``
+    (one of :data:`LAYER_TYPES` per layer; None means full attention everywhere), the Gated DeltaNet sizes of its
+    ``linear_attention`` layers (``linear_*``), ``attn_output_gate`` (q_proj also yields a per-channel gate on the
+    attention output), ``partial_rotary_factor`` (RoPE on that fraction of each head) and ``zero_centred_norm``
+    (RMSNorms scale by ``1 + weight``). Qwen3-Next's DeltaNet layers fuse their input projections
+    (``linear_fused_projections``: ``in_proj_qkvz`` and ``in_proj_ba``, grouped by key head). ``multimodal``
+    records a checkpoint whose decoder sits under ``model.language_model``.
     """
 
     vocab_size: int
@@ -79,6 +88,7 @@ class ModelConfig:
     attn_output_gate: bool = False
     partial_rotary_factor: float = 1.0
     zero_centred_norm: bool = False
+    linear_fused_projections: bool = False
     multimodal: bool = False
     quantization_config: dict[str, Any] | None = field(default=None, repr=False)
     moe: MoEConfig | None = None
@@ -209,7 +219,7 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
         }
-        if self.model_type in ("llama", "qwen3", "qwen3_moe", "qwen3_5_text"):
+        if self.model_type in ("llama", *QK_NORM_TYPES):
             out["attention_bias"] = self.attention_bias
         if self.model_type == "llama":
             out["mlp_bias"] = self.mlp_bias
@@ -217,7 +227,7 @@ class ModelConfig:
             out["sliding_window"] = self.sliding_window
         if self.moe is not None:
             out.update(self.moe.to_hf())
-        if self.model_type == "qwen3_5_text":
+        if self.model_type in HYBRID_TYPES:
             out["rope_parameters"]["partial_rotary_factor"] = self.partial_rotary_factor
             out["layer_types"] = list(self.layer_types or ["full_attention"] * self.num_hidden_layers)
             for name in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
@@ -342,6 +352,8 @@ def _from_dict(data: dict[str, Any], source: str) -> ModelConfig:
             raise NibbleError(f"{source}: model_type '{data['model_type']}' needs a 'text_config' object")
         source = f"{source} (text_config)"
         data = {"tie_word_embeddings": data.get("tie_word_embeddings", False), **text, "model_type": model_type}
+    if model_type == "qwen3_5_moe_text" and "intermediate_size" not in data:  # no dense SwiGLU: not in its config
+        data = {**data, "intermediate_size": data.get("moe_intermediate_size", 512)}
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in data:
             raise NibbleError(f"{source}: missing '{key}'")
@@ -361,7 +373,7 @@ def _from_dict(data: dict[str, Any], source: str) -> ModelConfig:
         if data["hidden_size"] % heads:
             raise NibbleError(f"{source}: hidden_size must be a multiple of num_attention_heads when head_dim is unset")
         head_dim = data["hidden_size"] // heads
-    hybrid = model_type == "qwen3_5_text"
+    hybrid = model_type in HYBRID_TYPES
     theta, scaling, partial = _rope(data, source, 0.25 if hybrid else None)  # transformers' Qwen3.5 default
     bias = _field(data, "attention_bias", source, False, "bool")
     labels = _field(data, "id2label", source, None, "object?")
@@ -394,9 +406,9 @@ def _from_dict(data: dict[str, Any], source: str) -> ModelConfig:
             tie_word_embeddings=_field(data, "tie_word_embeddings", source, False, "bool"),
             # Qwen2 always biases q/k/v and never o_proj; Mistral has no biases.
             attention_bias=model_type == "qwen2" or (bias and model_type != "mistral"),
-            attention_out_bias=bias and model_type in ("llama", "qwen3", "qwen3_moe", "qwen3_5_text"),
+            attention_out_bias=bias and model_type in ("llama", *QK_NORM_TYPES),
             mlp_bias=_field(data, "mlp_bias", source, False, "bool") and model_type == "llama",
-            qk_norm=model_type in ("qwen3", "qwen3_moe", "qwen3_5_text"),
+            qk_norm=model_type in QK_NORM_TYPES,
             sliding_window=sliding,
             pad_token_id=_field(data, "pad_token_id", source, None, "int?"),
             bos_token_id=_field(data, "bos_token_id", source, None, "int?"),
@@ -405,10 +417,10 @@ def _from_dict(data: dict[str, Any], source: str) -> ModelConfig:
             id2label=id2label,
             initializer_range=float(_field(data, "initializer_range", source, 0.02, "number>=0")),
             torch_dtype=dtype,
-            **(_hybrid_fields(data, source, partial) if hybrid else {}),
+            **(_hybrid_fields(data, source, partial, model_type) if hybrid else {}),
             multimodal=multimodal,
             quantization_config=_field(data, "quantization_config", source, None, "object?"),
-            moe=_moe(data, source) if model_type == "qwen3_moe" else None,
+            moe=_moe(data, source, model_type) if model_type in MOE_TYPES else None,
         )
     except (TypeError, ValueError) as exc:
         raise NibbleError(f"{source}: invalid value ({exc})") from None
@@ -418,11 +430,13 @@ def _from_dict(data: dict[str, Any], source: str) -> ModelConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """The sparse mixture-of-experts blocks of Qwen3-MoE: ``num_experts`` SwiGLU experts of width
-    ``moe_intermediate_size``, ``num_experts_per_tok`` chosen per token by a softmax router (their weights
+    """The sparse mixture-of-experts blocks of Qwen3-MoE, Qwen3.5-MoE and Qwen3-Next: ``num_experts`` SwiGLU experts
+    of width ``moe_intermediate_size``, ``num_experts_per_tok`` chosen per token by a softmax router (their weights
     renormalized to sum to 1 when ``norm_topk_prob``). Layer ``i`` is sparse unless it is in
     ``mlp_only_layers`` or ``(i + 1) % decoder_sparse_step != 0``; the others keep a dense SwiGLU of
-    ``intermediate_size``. ``router_aux_loss_coef`` weighs the load-balancing loss."""
+    ``intermediate_size``. ``router_aux_loss_coef`` weighs the load-balancing loss. A shared expert (a SwiGLU of
+    ``shared_expert_intermediate_size``, 0 for none: Qwen3-MoE) sees every token, its output scaled by
+    ``sigmoid(shared_expert_gate x)``."""
 
     num_experts: int
     num_experts_per_tok: int
@@ -431,6 +445,7 @@ class MoEConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
     router_aux_loss_coef: float = 0.001
+    shared_expert_intermediate_size: int = 0
 
     def is_sparse(self, layer_idx: int) -> bool:
         """Whether decoder layer ``layer_idx`` has a sparse MoE block (else a dense SwiGLU)."""
@@ -440,32 +455,39 @@ class MoEConfig:
         """The config.json keys (``num_experts`` as published checkpoints write it; transformers 5 reads it)."""
         out = asdict(self)
         out["mlp_only_layers"] = list(self.mlp_only_layers)
+        if not self.shared_expert_intermediate_size:
+            del out["shared_expert_intermediate_size"]
         return out
 
 
-def _moe(data: dict[str, Any], source: str) -> MoEConfig:
+def _moe(data: dict[str, Any], source: str, model_type: str) -> MoEConfig:
     # transformers 5 writes num_experts as num_local_experts; published Qwen3-MoE configs write num_experts
     key = "num_experts" if "num_experts" in data else "num_local_experts"
     experts = _field(data, key, source, None, "int")
     top_k = _field(data, "num_experts_per_tok", source, None, "int")
     if top_k > experts:
         raise NibbleError(f"{source}: 'num_experts_per_tok' ({top_k}) must be at most '{key}' ({experts})")
+    if model_type == "qwen3_5_moe_text":  # every layer sparse, top-k always renormalized (no config keys)
+        data = {**data, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []}
     only = data.get("mlp_only_layers") or []
     if not isinstance(only, list) or not all(type(i) is int for i in only):
         raise NibbleError(f"{source}: 'mlp_only_layers' must be a list of layer indices, got {repr(only)[:80]}")
+    shared = 0 if model_type == "qwen3_moe" else _field(data, "shared_expert_intermediate_size", source, 512, "int")
     return MoEConfig(
         num_experts=experts,
         num_experts_per_tok=top_k,
         moe_intermediate_size=_field(data, "moe_intermediate_size", source, None, "int"),
-        norm_topk_prob=_field(data, "norm_topk_prob", source, False, "bool"),
+        norm_topk_prob=_field(data, "norm_topk_prob", source, model_type == "qwen3_next", "bool"),
         decoder_sparse_step=_field(data, "decoder_sparse_step", source, 1, "int"),
         mlp_only_layers=tuple(only),
         router_aux_loss_coef=float(_field(data, "router_aux_loss_coef", source, 0.001, "number>=0")),
+        shared_expert_intermediate_size=shared,
     )
 
 
-def _hybrid_fields(data: dict[str, Any], source: str, partial: float) -> dict[str, Any]:
-    """The Qwen3.5 fields of ModelConfig from its config.json (transformers' defaults where a key is absent)."""
+def _hybrid_fields(data: dict[str, Any], source: str, partial: float, model_type: str) -> dict[str, Any]:
+    """The Qwen3.5 / Qwen3-Next fields of ModelConfig from its config.json (transformers' defaults where a key is
+    absent)."""
     layers = data["num_hidden_layers"]
     layer_types = data.get("layer_types")
     if layer_types is None:
@@ -481,4 +503,5 @@ def _hybrid_fields(data: dict[str, Any], source: str, partial: float) -> dict[st
         "attn_output_gate": True,  # transformers' Qwen3.5 attention always gates (no config key)
         "partial_rotary_factor": partial,
         "zero_centred_norm": True,
+        "linear_fused_projections": model_type == "qwen3_next",
     }

@@ -1,11 +1,13 @@
-"""Gated DeltaNet: the linear-attention mixer of Qwen3.5's ``linear_attention`` layers.
+"""Gated DeltaNet: the linear-attention mixer of Qwen3.5's (and Qwen3-Next's) ``linear_attention`` layers.
 
 ``in_proj_qkv`` -> depthwise causal conv1d (kernel ``linear_conv_kernel_dim``, no bias) + SiLU -> split into
 q, k [N, Hk, Dk] (L2-normalized) and v [N, Hv, Dv]; ``beta = sigmoid(in_proj_b x)``,
 ``g = -exp(A_log) * softplus(in_proj_a x + dt_bias)``; the gated delta rule (:mod:`nibble.nn.delta_rule`);
 ``norm(o) * silu(in_proj_z x)`` per value head (a plain-weight RMSNorm, unlike the model's zero-centred ones);
 ``out_proj``. Names are Hugging Face's (``linear_attn.in_proj_qkv`` ...), so state-dict keys equal the
-checkpoint's.
+checkpoint's. Qwen3-Next fuses the four input projections into two (``in_proj_qkvz``, ``in_proj_ba``) whose rows
+come grouped by key head: per key head its q, k, then the v and z of the value heads it serves (b and a the same
+way); :meth:`GatedDeltaNet.project` reorders them into the layout above, after which both families are one.
 
 Tokens arrive packed as in the rest of the model ([N, ...], the rows of a batch one after another without
 padding): the conv window and the recurrent state restart at every row, so rows never see each other. With a
@@ -85,10 +87,15 @@ class GatedDeltaNet(nn.Module):
         self.head_k_dim, self.head_v_dim = config.linear_key_head_dim, config.linear_value_head_dim
         self.key_dim, self.value_dim = config.linear_key_dim, config.linear_value_dim
         self.conv_dim = 2 * self.key_dim + self.value_dim
-        self.in_proj_qkv = nn.Linear(h, self.conv_dim, bias=False, dtype=dtype)
-        self.in_proj_z = nn.Linear(h, self.value_dim, bias=False, dtype=dtype)
-        self.in_proj_b = nn.Linear(h, self.num_v_heads, bias=False, dtype=dtype)
-        self.in_proj_a = nn.Linear(h, self.num_v_heads, bias=False, dtype=dtype)
+        self.fused = config.linear_fused_projections
+        if self.fused:
+            self.in_proj_qkvz = nn.Linear(h, self.conv_dim + self.value_dim, bias=False, dtype=dtype)
+            self.in_proj_ba = nn.Linear(h, 2 * self.num_v_heads, bias=False, dtype=dtype)
+        else:
+            self.in_proj_qkv = nn.Linear(h, self.conv_dim, bias=False, dtype=dtype)
+            self.in_proj_z = nn.Linear(h, self.value_dim, bias=False, dtype=dtype)
+            self.in_proj_b = nn.Linear(h, self.num_v_heads, bias=False, dtype=dtype)
+            self.in_proj_a = nn.Linear(h, self.num_v_heads, bias=False, dtype=dtype)
         kernel = config.linear_conv_kernel_dim
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel, groups=self.conv_dim, bias=False, dtype=dtype)
         self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads, dtype=torch.float32))
@@ -96,15 +103,26 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, h, bias=False, dtype=dtype)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x`` [N, hidden] -> the conv's input q|k|v [N, 2 Kd + Vd], z [N, Vd], b and a [N, Hv]."""
+        if not self.fused:
+            return self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
+        n, groups, per_group = x.shape[0], self.num_k_heads, self.num_v_heads // self.num_k_heads
+        qkvz = self.in_proj_qkvz(x).view(n, groups, -1)  # [N, Hk, 2 Dk + 2 r Dv]
+        sizes = (self.head_k_dim, self.head_k_dim, per_group * self.head_v_dim, per_group * self.head_v_dim)
+        q, k, v, z = (part.reshape(n, -1) for part in qkvz.split(sizes, dim=-1))
+        b, a = (part.reshape(n, -1) for part in self.in_proj_ba(x).view(n, groups, -1).split(per_group, dim=-1))
+        return torch.cat((q, k, v), dim=-1), z, b, a
+
     def forward(
         self, x: torch.Tensor, layout: TokenLayout, cache: KVCache | None = None, last_only: bool = False
     ) -> torch.Tensor:
         """[N, hidden] packed tokens -> [N, hidden]; with ``last_only``, [B, hidden] for each row's last token."""
         n = x.shape[0]
-        mixed = self.in_proj_qkv(x)  # [N, 2 Kd + Vd]
-        z = self.in_proj_z(x).view(n, self.num_v_heads, self.head_v_dim)  # [N, Hv, Dv]
-        beta = torch.sigmoid(self.in_proj_b(x).float())  # [N, Hv]
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())  # [N, Hv]
+        mixed, z, b, a = self.project(x)  # [N, 2 Kd + Vd], [N, Vd], [N, Hv], [N, Hv]
+        z = z.view(n, self.num_v_heads, self.head_v_dim)  # [N, Hv, Dv]
+        beta = torch.sigmoid(b.float())  # [N, Hv]
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # [N, Hv]
         weight = self.conv1d.weight[:, 0]  # [C, K]
         if cache is None:
             mixed = causal_conv(mixed[None], weight, positions=layout.sequence_positions)[0]

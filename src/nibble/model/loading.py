@@ -141,14 +141,14 @@ def load_model(
         groups = [("mlp", MLP_PROJECTIONS, spec)]
         if isinstance(layer.mlp, moe.SparseMoE):
             moe.load_sparse_block(layer.mlp, loader, f"model.layers.{i}.mlp", spec)
-            groups.pop()
+            groups = [("mlp.shared_expert", MLP_PROJECTIONS, spec)] if layer.mlp.shared_expert is not None else []
         if layer.linear:
             groups += [("linear_attn", DELTANET_PROJECTIONS, spec), ("linear_attn", DELTANET_DENSE, None)]
         else:
             groups.append(("self_attn", ATTENTION_PROJECTIONS, spec))
         for group, names, group_spec in groups:
-            parent = getattr(layer, group)
-            for name in names:
+            parent = layer.get_submodule(group)
+            for name in (n for n in names if hasattr(parent, n)):  # (DeltaNet's names: one family's or the other's)
                 prefix = f"model.layers.{i}.{group}.{name}"
                 setattr(parent, name, loader.projection(prefix, getattr(parent, name), group_spec))
         params = ["input_layernorm.weight", "post_attention_layernorm.weight"]

@@ -33,7 +33,10 @@ def layer_projection_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[
     h, i = config.hidden_size, config.intermediate_size
     if config.layer_type(layer) == "linear_attention":
         key, value = config.linear_key_dim, config.linear_value_dim
-        mixer = {"in_proj_qkv": (2 * key + value, h), "in_proj_z": (value, h), "out_proj": (h, value)}
+        if config.linear_fused_projections:
+            mixer = {"in_proj_qkvz": (2 * key + 2 * value, h), "out_proj": (h, value)}
+        else:
+            mixer = {"in_proj_qkv": (2 * key + value, h), "in_proj_z": (value, h), "out_proj": (h, value)}
     else:
         q_out = 2 * config.q_dim if config.attn_output_gate else config.q_dim
         mixer = {"q_proj": (q_out, h), "k_proj": (config.kv_dim, h), "v_proj": (config.kv_dim, h),
@@ -85,23 +88,34 @@ def sparse_layers(config: ModelConfig) -> int:
     return 0 if moe is None else sum(moe.is_sparse(i) for i in range(config.num_hidden_layers))
 
 
+def shared_expert_shapes(config: ModelConfig) -> list[tuple[int, int]]:
+    """``(out_features, in_features)`` of a sparse layer's shared-expert projections ([] without one)."""
+    width = 0 if config.moe is None else config.moe.shared_expert_intermediate_size
+    h = config.hidden_size
+    return [(width, h), (width, h), (h, width)] if width else []
+
+
 def frozen_shapes(config: ModelConfig) -> list[tuple[int, int, int]]:
     """``(how many, rows, in_features)`` of each kind of frozen block weight in the model: each layer's mixer
     projections (attention or Gated DeltaNet), the SwiGLU's in the dense layers, and each sparse layer's experts
-    as one ``[experts * out, in]`` weight per projection (how they are stored in 4 bits)."""
+    as one ``[experts * out, in]`` weight per projection (how they are stored in 4 bits) and its shared expert's."""
     counts: dict[tuple[int, int], int] = {}
     moe = config.moe
+    experts = [(e * o, i) for e, o, i in expert_shapes(config).values()] + shared_expert_shapes(config)
     for layer, shapes in enumerate(all_layer_shapes(config)):
         sparse = moe is not None and moe.is_sparse(layer)
         kept = [shape for name, shape in shapes.items() if not (sparse and name in MLP_PROJECTIONS)]
-        for shape in kept + [(e * o, i) for e, o, i in expert_shapes(config).values() if sparse]:
+        for shape in kept + (experts if sparse else []):
             counts[shape] = counts.get(shape, 0) + 1
     return [(n, o, i) for (o, i), n in counts.items()]
 
 
 def router_params(config: ModelConfig) -> int:
-    """Parameters of the sparse layers' routers (always dense)."""
-    return 0 if config.moe is None else sparse_layers(config) * config.moe.num_experts * config.hidden_size
+    """Parameters of the sparse layers' routers and shared-expert gates (always dense)."""
+    if config.moe is None:
+        return 0
+    gates = config.moe.num_experts + (config.moe.shared_expert_intermediate_size > 0)
+    return sparse_layers(config) * gates * config.hidden_size
 
 
 def weight_bytes(out_features: int, in_features: int, fmt: str | QuantSpec) -> int:
@@ -302,7 +316,8 @@ def _deltanet_block_bytes(config: ModelConfig, opts: PlanOptions) -> int:
     key, value = config.linear_key_dim, config.linear_value_dim
     conv = 2 * key + value
     kept = 2 * h + 3 * conv + 3 * value + 3 * i + (2 * key + 2 * config.linear_num_value_heads + value) * 4 // e
-    inputs = {"in_proj_qkv": h, "in_proj_z": h, "out_proj": value, "gate_proj": h, "up_proj": h, "down_proj": i}
+    inputs = {"in_proj_qkv": h, "in_proj_z": h, "in_proj_qkvz": h, "out_proj": value, "gate_proj": h, "up_proj": h,
+              "down_proj": i}  # fmt: skip
     targets = [t for t in opts.lora_targets if t in inputs]
     if opts.method == "full":
         kept += 4 * h + value + i
@@ -321,12 +336,14 @@ def _mlp_kept(config: ModelConfig) -> int:
     """Elements per token the MLP keeps for backward: gate and up of the dense SwiGLU; in a sparse
     layer, per routed assignment (top-k per token), the gathered input, gate, up, their SwiGLU and the expert's
     output, and the fp32 router probabilities (counted as elements of the compute dtype, a slight over-count in
-    bf16). A model with both kinds of layer is counted at the larger."""
+    bf16), and a shared expert's gate and up and its gated output. A model with both kinds of layer is counted at
+    the larger."""
     dense = 2 * config.intermediate_size if sparse_layers(config) < config.num_hidden_layers else 0
     if config.moe is None:
         return dense
     k, i, h = config.moe.num_experts_per_tok, config.moe.moe_intermediate_size, config.hidden_size
-    return max(dense, k * (2 * h + 3 * i) + config.moe.num_experts)
+    shared = config.moe.shared_expert_intermediate_size
+    return max(dense, k * (2 * h + 3 * i) + config.moe.num_experts + (2 * shared + h if shared else 0))
 
 
 def lora_params(config: ModelConfig, target: str, rank: int) -> int:

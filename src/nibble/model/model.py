@@ -413,11 +413,12 @@ def fused_elementwise() -> Elementwise:
 
 
 class MLP(nn.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``, ``width`` wide (the config's ``intermediate_size`` unless given: a
+    shared expert's is its own)."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32, width: int | None = None):
         super().__init__()
-        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        h, i, bias = config.hidden_size, width or config.intermediate_size, config.mlp_bias
         self.gate_proj = nn.Linear(h, i, bias=bias, dtype=dtype)
         self.up_proj = nn.Linear(h, i, bias=bias, dtype=dtype)
         self.down_proj = nn.Linear(i, h, bias=bias, dtype=dtype)
@@ -438,8 +439,12 @@ class DecoderLayer(nn.Module):
             self.linear_attn = GatedDeltaNet(config, layer_idx, dtype)
         else:
             self.self_attn = Attention(config, layer_idx, dtype)
-        sparse = config.moe is not None and config.moe.is_sparse(layer_idx)
-        self.mlp = SparseMoE(config, EAGER, dtype) if sparse else MLP(config, dtype)
+        moe = config.moe
+        if moe is not None and moe.is_sparse(layer_idx):
+            width = moe.shared_expert_intermediate_size
+            self.mlp = SparseMoE(config, EAGER, dtype, MLP(config, dtype, width) if width else None)
+        else:
+            self.mlp = MLP(config, dtype)
         norm = config.zero_centred_norm
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, norm)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, norm)

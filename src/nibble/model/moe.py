@@ -1,4 +1,5 @@
-"""The sparse mixture-of-experts block of Qwen3-MoE: a dense router, top-k SwiGLU experts, the load-balancing loss.
+"""The sparse mixture-of-experts block of Qwen3-MoE, Qwen3.5-MoE and Qwen3-Next: a dense router, top-k SwiGLU
+experts, a gated shared expert (Qwen3.5-MoE, Qwen3-Next), the load-balancing loss.
 
 ``gate`` (the router, ``hidden -> num_experts``, always dense) scores each token; softmax in fp32; the
 ``num_experts_per_tok`` best experts are kept, their probabilities renormalized to sum to 1 when
@@ -6,7 +7,9 @@
 grouped compute). Checkpoints store the experts fused (``experts.gate_up_proj`` [E, 2I, H], gate rows first, and
 ``experts.down_proj`` [E, H, I], as transformers 5 holds them) or per expert (``experts.{e}.gate_proj.weight``
 [I, H], ``up_proj``, ``down_proj`` [H, I], as published checkpoints and transformers 5's ``save_pretrained``
-write them); :func:`load_sparse_block` reads both, one expert at a time when quantizing.
+write them); :func:`load_sparse_block` reads both, one expert at a time when quantizing. The shared expert
+(``shared_expert``, a SwiGLU every token passes through) adds ``sigmoid(shared_expert_gate x)`` times its output;
+its projections are stored like a dense layer's, its gate (``hidden -> 1``) stays dense like the router.
 """
 
 from __future__ import annotations
@@ -36,14 +39,17 @@ class RouterStats(NamedTuple):
 
 
 class SparseMoE(nn.Module):
-    """Router + experts of one decoder layer (Hugging Face names: ``gate``, ``experts``).
+    """Router + experts of one decoder layer (Hugging Face names: ``gate``, ``experts``, and ``shared_expert`` +
+    ``shared_expert_gate`` when the config has a shared expert: pass that SwiGLU module as ``shared_expert``).
 
     ``ops`` gives the SwiGLU (the model's :class:`~nibble.model.model.Elementwise`). With ``record_stats`` set, each
     training-mode forward with gradients on keeps its :class:`RouterStats` in ``router_stats`` for
     :func:`load_balancing_loss`.
     """
 
-    def __init__(self, config: ModelConfig, ops: Any, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, config: ModelConfig, ops: Any, dtype: torch.dtype = torch.float32, shared_expert: nn.Module | None = None
+    ):
         super().__init__()
         moe = config.moe
         if moe is None:
@@ -51,6 +57,11 @@ class SparseMoE(nn.Module):
         self.num_experts, self.top_k, self.norm_topk_prob = moe.num_experts, moe.num_experts_per_tok, moe.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, moe.num_experts, bias=False, dtype=dtype)
         self.experts = Experts(moe.num_experts, config.hidden_size, moe.moe_intermediate_size, dtype)
+        if (shared_expert is None) != (moe.shared_expert_intermediate_size == 0):
+            raise NibbleError("a shared expert module is needed exactly when the config has a shared expert")
+        self.shared_expert = shared_expert
+        if shared_expert is not None:
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False, dtype=dtype)
         self.ops = ops
         self.record_stats = False
         self.router_stats: RouterStats | None = None
@@ -73,7 +84,10 @@ class SparseMoE(nn.Module):
             if self.record_stats and self.training and torch.is_grad_enabled():
                 assigned = torch.bincount(top_index.reshape(-1), minlength=self.num_experts).float()
                 self.router_stats = RouterStats(assigned, probs.sum(dim=0), x.shape[0])
-            return self.experts(x, top_index, top_weight.to(x.dtype), self.ops.swiglu)
+            out = self.experts(x, top_index, top_weight.to(x.dtype), self.ops.swiglu)
+            if self.shared_expert is None:
+                return out
+            return out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
 
 def sparse_blocks(model: nn.Module) -> Iterator[SparseMoE]:
@@ -172,6 +186,9 @@ def load_sparse_block(block: SparseMoE, loader: Any, prefix: str, spec: QuantSpe
             into whole blocks per expert.
     """
     block.gate.weight = loader.parameter(f"{prefix}.gate.weight", block.gate.weight)
+    if block.shared_expert is not None:
+        gate = block.shared_expert_gate
+        gate.weight = loader.parameter(f"{prefix}.shared_expert_gate.weight", gate.weight)
     block.experts.fused = f"{prefix}.experts.gate_up_proj" in loader.ckpt
     for name in EXPERT_PROJECTIONS:
         proj: ExpertLinear = getattr(block.experts, name)

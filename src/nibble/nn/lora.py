@@ -27,11 +27,12 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 # The target naming every mixture-of-experts layer's experts (both fused projections, a LoRA per expert).
 EXPERTS = "experts"
-# Gated DeltaNet's projections (Qwen3.5's linear-attention layers) that LoRA targets and 4-bit formats store;
-# in_proj_b and in_proj_a (hidden -> one value per value head) stay dense: with 32 heads they hold 0.6% of a
-# layer's weights, and 4-bit blocks of 64 along hidden would quantize each head's gate input whole.
-DELTANET_PROJECTIONS = ("in_proj_qkv", "in_proj_z", "out_proj")
-DELTANET_DENSE = ("in_proj_b", "in_proj_a")
+# Gated DeltaNet's projections (the linear-attention layers of Qwen3.5, and Qwen3-Next's fused in_proj_qkvz) that
+# LoRA targets and 4-bit formats store; in_proj_b and in_proj_a (hidden -> one value per value head; Qwen3-Next's
+# in_proj_ba both) stay dense: with 32 heads they hold 0.6% of a layer's weights, and 4-bit blocks of 64 along
+# hidden would quantize each head's gate input whole.
+DELTANET_PROJECTIONS = ("in_proj_qkv", "in_proj_z", "in_proj_qkvz", "out_proj")
+DELTANET_DENSE = ("in_proj_b", "in_proj_a", "in_proj_ba")
 # What "all-linear" adapts: every one of these the model has.
 ALL_LINEAR = (*PROJECTIONS, *DELTANET_PROJECTIONS, EXPERTS)
 DEFAULT_TARGETS = ("q_proj", "v_proj")
@@ -248,15 +249,22 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+# The parts of a model trainable parameters are counted by, in the order they are reported.
+PARTS = ("attention", "linear attention", "mlp", "experts", "router", "other")
+
+
 def trainable_parts(model: nn.Module) -> dict[str, int]:
-    """Trainable parameters by part of the model: ``attention``, ``mlp`` (dense SwiGLU), ``experts``, ``router``,
-    ``other`` (heads, embeddings, norms); parts with none are left out."""
-    parts: dict[str, int] = {}
+    """Trainable parameters by part of the model (in :data:`PARTS` order): ``attention``, ``linear attention``
+    (Gated DeltaNet), ``mlp`` (dense SwiGLU, a shared expert), ``experts``, ``router``, ``other`` (heads,
+    embeddings, norms); parts with none are left out."""
+    parts = dict.fromkeys(PARTS, 0)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if ".self_attn." in name:
             part = "attention"
+        elif ".linear_attn." in name:
+            part = "linear attention"
         elif ".mlp.experts." in name:
             part = "experts"
         elif ".mlp.gate." in name and "_proj" not in name:
@@ -265,8 +273,8 @@ def trainable_parts(model: nn.Module) -> dict[str, int]:
             part = "mlp"
         else:
             part = "other"
-        parts[part] = parts.get(part, 0) + p.numel()
-    return parts
+        parts[part] += p.numel()
+    return {part: n for part, n in parts.items() if n}
 
 
 def expert_lora_layers(model: nn.Module) -> dict[str, ExpertLinear]:
