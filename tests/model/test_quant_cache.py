@@ -10,18 +10,19 @@ import helpers
 import nibble.model.loading as loading
 from nibble.cli.main import main
 from nibble.io.safetensors import load_file
-from nibble.model import load_model
+from nibble.model import load_model, moe
 from nibble.nn import QuantLinear
+from nibble.nn.experts import ExpertLinear
 from nibble.quant import QuantSpec, quantize
 
 SPECS = [QuantSpec("nf4"), QuantSpec("nf4", blocksize=128, double_quant=True), QuantSpec("int4", group_size=64)]
 
 
 def quantized(model) -> dict[str, dict[str, torch.Tensor]]:
-    """Every QuantLinear's tensors (and its compute dtype) by module name."""
+    """Every QuantLinear's and 4-bit experts' tensors (and compute dtype) by module name."""
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, (QuantLinear, ExpertLinear)):
             out[name] = {**m.qweight.tensors(), "dtype": torch.tensor([], dtype=m.qweight.dtype)}
     return out
 
@@ -39,6 +40,7 @@ def no_quantizing(monkeypatch):
         raise AssertionError("quantized again")
 
     monkeypatch.setattr(loading, "quantize", refuse)
+    monkeypatch.setattr(moe, "quantize_rows", refuse)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name + str(s.blocksize))
@@ -59,6 +61,17 @@ def test_a_second_load_reads_bit_identical_weights_from_the_cache(tmp_path, monk
     ids, mask = helpers.right_padded_batch([6, 4])
     with torch.no_grad():  # and the model works from them
         assert torch.isfinite(again(ids, mask).float()).all()
+
+
+def test_the_experts_of_a_moe_model_come_from_the_cache_too(tmp_path, monkeypatch):
+    """Qwen3-Next: DeltaNet, attention, dense and shared-expert projections, and each sparse layer's experts."""
+    monkeypatch.setenv("NIBBLE_CACHE", str(tmp_path / "cache"))
+    path, _ = helpers.make_hf_checkpoint(tmp_path / "m", "qwen3_next", mlp_only_layers=[0])
+    first = quantized(load_model(path, quantize="nf4"))
+    assert "model.layers.1.mlp.experts.gate_up_proj" in first and "model.layers.1.mlp.shared_expert.up_proj" in first
+    no_quantizing(monkeypatch)
+    second = quantized(load_model(path, quantize="nf4"))
+    assert_identical(first, second)
 
 
 def test_a_changed_source_or_a_damaged_entry_is_quantized_again(tmp_path, monkeypatch):

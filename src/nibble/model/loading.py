@@ -30,6 +30,7 @@ from nibble.model.config import ModelConfig
 from nibble.model.model import TASKS, DecoderModel
 from nibble.model.quant_cache import QuantCache
 from nibble.nn import QuantLinear
+from nibble.nn.experts import ExpertLinear
 from nibble.nn.lora import ATTENTION_PROJECTIONS, DELTANET_DENSE, DELTANET_PROJECTIONS, MLP_PROJECTIONS
 from nibble.quant import QuantizedWeight, QuantSpec, quantize
 
@@ -165,8 +166,12 @@ def load_model(
         _load_lm_head(model, loader, config)
     else:
         _load_score(model, loader, config)
-    if cache is not None:
-        cache.store((f"{name}.weight", m.qweight) for name, m in model.named_modules() if isinstance(m, QuantLinear))
+    if cache is not None:  # QuantLinear weights as "<module>.weight", a sparse layer's experts as "<module>"
+        cache.store(
+            (f"{name}.weight" if isinstance(m, QuantLinear) else name, m.qweight)
+            for name, m in model.named_modules()
+            if isinstance(m, (QuantLinear, ExpertLinear)) and m.qweight is not None
+        )
     return model.eval()
 
 

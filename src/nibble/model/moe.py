@@ -178,8 +178,9 @@ def load_sparse_block(block: SparseMoE, loader: Any, prefix: str, spec: QuantSpe
     """Fill ``block`` (built on the meta device) from checkpoint tensors under ``prefix`` (``model.layers.i.mlp``).
 
     ``loader`` is :mod:`nibble.model.loading`'s tensor reader (``ckpt``, ``dtype``, ``device``, ``tensor``,
-    ``parameter``). The router stays dense; the experts are dense in the loader's dtype, or quantized as ``spec``
-    says one expert at a time.
+    ``parameter``, and ``quantized``: weights an earlier load quantized, by the model's key). The router stays
+    dense; the experts are dense in the loader's dtype, or quantized as ``spec`` says one expert at a time (or
+    taken from ``loader.quantized``).
 
     Raises:
         NibbleError: a missing tensor or a wrong shape (naming the file and key), or experts a format cannot cut
@@ -193,6 +194,12 @@ def load_sparse_block(block: SparseMoE, loader: Any, prefix: str, spec: QuantSpe
     for name in EXPERT_PROJECTIONS:
         proj: ExpertLinear = getattr(block.experts, name)
         fused_key = f"{prefix}.experts.{name}"
+        cached = loader.quantized.pop(fused_key, None) if spec is not None else None
+        if cached is not None and tuple(cached.shape) == (proj.num_experts * proj.out_features, proj.in_features):
+            cached = cached.to(loader.device)
+            cached.dtype = loader.dtype
+            proj.set_weight(cached)
+            continue
         dtype = torch.float32 if spec is not None else loader.dtype
         if fused_key in loader.ckpt:
             fused = loader.tensor(fused_key, torch.Size((proj.num_experts, proj.out_features, proj.in_features)), dtype)
