@@ -51,7 +51,7 @@ def synthetic_gguf(path: Path, vocab: int = 150_000) -> Path:
 def gguf_table(path: Path) -> list[str]:
     import gguf
 
-    from nibble.io.gguf_reader import read_gguf
+    from nibble.io.gguf.reader import read_gguf
 
     def ours():
         file = read_gguf(path)

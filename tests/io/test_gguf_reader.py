@@ -20,7 +20,7 @@ def model_file(tmp_path_factory):
 
 
 def same_as_gguf_package(path):
-    from nibble.io.gguf_reader import read_gguf
+    from nibble.io.gguf.reader import read_gguf
 
     ours, theirs = read_gguf(path), gguf.GGUFReader(path)
     assert list(ours.fields) == [k for k in theirs.fields if not k.startswith("GGUF.")]
@@ -136,7 +136,7 @@ def test_metadata_arrays_are_bounded_by_the_file_size(tmp_path):
 
 
 def test_reading_is_lean(model_file):
-    from nibble.io.gguf_reader import read_gguf
+    from nibble.io.gguf.reader import read_gguf
 
     tracemalloc.start()
     try:

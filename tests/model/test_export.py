@@ -37,8 +37,7 @@ from nibble.cli.main import main
 from nibble.data.instruct import read_instruct
 from nibble.data.records import stratified_split
 from nibble.errors import NibbleError
-from nibble.io.gguf import GGUFFile, unpermute_rotary
-from nibble.io.gguf_write import GGUFTensor, write_gguf
+from nibble.io.gguf import GGUFFile, GGUFTensor, unpermute_rotary, write_gguf
 from nibble.io.peft import adapter_config, save_adapter
 from nibble.io.tokenizer import load_tokenizer
 from nibble.model import load_model
@@ -364,7 +363,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     script = f"""
 import resource, signal, sys, torch
 from nibble.errors import NibbleError
-from nibble.io.gguf_write import GGUFTensor, write_gguf
+from nibble.io.gguf import GGUFTensor, write_gguf
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
 resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
 tensors = [GGUFTensor("a.weight", (256, 256), "F32", lambda: torch.ones(256, 256))]

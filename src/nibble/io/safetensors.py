@@ -1,4 +1,5 @@
-"""safetensors without surprises: a validating, memory-mapped, tensor-by-tensor reader and an atomic writer.
+"""safetensors without surprises: a validating, memory-mapped, tensor-by-tensor reader, an atomic writer, and a
+streaming one.
 
 The header of every file is parsed and checked when a checkpoint is opened (dtype, shape, byte ranges,
 file length), so a garbled or truncated file fails at once with one line naming it. Tensors are then
@@ -15,9 +16,10 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -206,6 +208,33 @@ def save_file_atomic(
                 raise
             raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(tmp)) from None
     return path
+
+
+def write_streamed(
+    path: str | Path, shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype, produce: Callable[[str], torch.Tensor]
+) -> None:
+    """Write one safetensors file (inside a staged directory) whose tensors are produced one at a time by
+    ``produce(name)``: the header is built from the known ``shapes`` first, so peak memory is a single tensor
+    rather than the whole model."""
+    code = next(name for name, known in DTYPES.items() if known == dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        size = math.prod(shape) * itemsize
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for name, shape in shapes.items():
+            tensor = produce(name)
+            assert tensor.shape == shape and tensor.dtype == dtype
+            f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def copy_into(targets: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], source: str, fix: str) -> None:

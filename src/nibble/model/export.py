@@ -31,8 +31,7 @@ import gguf
 import torch
 
 from nibble.errors import NibbleError
-from nibble.io.gguf import gguf_name, llama3_rope_factors, permute_rotary
-from nibble.io.gguf_write import GGUFTensor, tokenizer_metadata, write_gguf
+from nibble.io.gguf import GGUFTensor, gguf_name, llama3_rope_factors, permute_rotary, tokenizer_metadata, write_gguf
 from nibble.io.peft import PREFIX, WEIGHTS_NAME
 from nibble.io.safetensors import load_file
 from nibble.io.tokenizer import Tokenizer
