@@ -106,3 +106,27 @@ def test_dense_copy_of_4bit_experts_computes_the_same():
     assert experts.gate_up_proj._cache and experts.gate_up_proj.frozen_weight().pieces == 4
     for plain, copied in zip(*outs, strict=True):
         torch.testing.assert_close(plain, copied, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("nf4"), QuantSpec("int4", group_size=64)], ids=str)
+def test_4bit_experts_held_as_parameters_compute_the_same(spec):
+    """--shard-base holds 4-bit experts as uint8 parameters, a row per expert row (what FSDP2 shards); outputs and
+    gradients are unchanged, and a dense layer's experts are left as they are."""
+    experts = _experts(4, 64, 64, spec, lora=True)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 64, generator=gen, requires_grad=True)
+    index = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(9)])
+    weight = torch.rand(9, 2, generator=gen)
+    before = experts(x, index, weight, _swiglu)
+    (grad,) = torch.autograd.grad(before.sum(), [x])
+    for proj in (experts.gate_up_proj, experts.down_proj):
+        proj.hold_as_parameters()
+        held = {name: p for name, p in proj.named_parameters() if name.startswith("held_")}
+        assert held and all(p.dtype == torch.uint8 and not p.requires_grad for p in held.values())
+        assert held["held_packed"].shape[0] == proj.num_experts * proj.out_features
+    after = experts(x, index, weight, _swiglu)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(after.sum(), [x])[0], grad, rtol=0, atol=0)
+    dense = _experts(4, 64, 64, None, lora=False)
+    dense.gate_up_proj.hold_as_parameters()
+    assert not [name for name, _ in dense.named_parameters() if "held_" in name]

@@ -9,7 +9,9 @@ rank-``r`` update per expert: ``lora_A`` ``[experts, r, in]`` and ``lora_B`` ``[
 :func:`grouped_experts` sorts the token-expert assignments by expert once per layer, multiplies each active
 expert's rows in one matmul per projection, and adds the outputs back into their tokens with the routing weights:
 no loop over tokens and no ``[tokens, experts, ...]`` tensor. Autograd carries the backward through the same
-grouped matmuls (the frozen 4-bit weights through :func:`~nibble.nn.quant_linear.frozen_matmul`).
+grouped matmuls (the frozen 4-bit weights through :func:`~nibble.nn.quant_linear.frozen_matmul`). Under
+``--shard-base`` the 4-bit experts are held as parameters like any 4-bit weight
+(:class:`~nibble.nn.quant_linear.HeldWeight`): FSDP2 shards their rows, expert after expert.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ from torch import nn
 
 from nibble import kernels
 from nibble.errors import NibbleError
-from nibble.nn.quant_linear import FrozenWeight, frozen_matmul
+from nibble.nn.quant_linear import FrozenWeight, HeldWeight, frozen_matmul
 from nibble.quant import QuantizedWeight
 
 # The two fused projections of a layer's experts (transformers 5's parameter names).
 EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
-class ExpertLinear(nn.Module):
+class ExpertLinear(HeldWeight):
     """``num_experts`` frozen ``[out_features, in_features]`` maps held as one weight, with optional per-expert LoRA.
 
     Built with an empty dense weight (on the meta device when loading); :meth:`set_weight` gives it its values.
@@ -41,12 +43,13 @@ class ExpertLinear(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(num_experts, out_features, in_features, dtype=dtype), requires_grad=False
         )
-        self.qweight: QuantizedWeight | None = None
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
         self.scaling = 0.0
-        self.cache_dequantized = False  # keep a dense copy of 4-bit experts (the dense-copy policy sets it)
-        self._cache: dict[torch.dtype, torch.Tensor] = {}
+
+    @property
+    def held_rows(self) -> int:  # type: ignore[override]
+        return self.num_experts * self.out_features
 
     def set_weight(self, weight: torch.Tensor | QuantizedWeight) -> None:
         """Hold ``weight``: dense ``[experts, out, in]`` (frozen), or a QuantizedWeight ``[experts * out, in]``.
@@ -81,9 +84,6 @@ class ExpertLinear(nn.Module):
         """The 4-bit experts as the dense-copy policy sees them (one weight, dequantized an expert at a time)."""
         e, n, k = self.num_experts, self.out_features, self.in_features
         return FrozenWeight(e * n, k, self.qweight.memory_bytes(), self.qweight.format, pieces=e)
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
 
     def _dense_copy(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The dense ``[experts, out, in]`` copy in ``dtype`` when caching is on (built on first use), else None."""
@@ -144,23 +144,15 @@ class ExpertLinear(nn.Module):
             # unbind once: its backward stacks the experts' gradients into one tensor (indexing per expert would
             # add a zero-filled full-size gradient per expert)
             a_parts, b_parts = self.lora_A.unbind(0), self.lora_B.unbind(0)
+        weight_of = copy.__getitem__ if copy is not None else self.expert_weight
         out = []
         for e, rows in zip(experts, pieces, strict=True):
-            y = frozen_matmul(rows, copy[e] if copy is not None else self.expert_weight(e))  # [n_e, out]
+            y = frozen_matmul(rows, weight_of, e)  # [n_e, out]
             if lora:
                 # scaled at rank r, where the tensor is out/r times smaller than the update
                 y = y + kernels.linear(kernels.linear(rows, a_parts[e]) * self.scaling, b_parts[e])
             out.append(y)
         return torch.cat(out)
-
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        # as QuantLinear: a 4-bit weight only ever changes device, never dtype
-        if self.qweight is not None:
-            target = fn(torch.empty(0, dtype=torch.uint8, device=self.qweight.device)).device
-            if target != self.qweight.device:
-                self.qweight = self.qweight.to(target)
-                self.clear_cache()
-        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         kind = self.qweight.format if self.qweight is not None else "dense"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,30 +39,103 @@ class _QuantMatmul(torch.autograd.Function):
 
 
 class _FrozenQuantMatmul(torch.autograd.Function):
-    """``x @ W^T`` for a 4-bit W that is not a layer's (one expert's rows): backward gives grad_x only."""
+    """``x @ W^T`` for the 4-bit rows ``weight_of(index)`` (one expert's): backward gives grad_x only, with the
+    rows built again (under FSDP2 the layer's bytes are gathered again for the backward)."""
 
     @staticmethod
-    def forward(ctx, x, qweight):  # type: ignore[override]
-        ctx.qweight = qweight
-        return kernels.matmul(x, qweight)
+    def forward(ctx, x, weight_of, index):  # type: ignore[override]
+        ctx.weight_of, ctx.index = weight_of, index
+        return kernels.matmul(x, weight_of(index))
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        return kernels.matmul_grad_input(grad_y, ctx.qweight), None
+        return kernels.matmul_grad_input(grad_y, ctx.weight_of(ctx.index)), None, None
 
 
-def frozen_matmul(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
-    """``x [M, K] @ W[N, K]^T -> [M, N]`` for a frozen dense or 4-bit ``W``, differentiable in ``x`` only."""
+def frozen_matmul(
+    x: torch.Tensor, weight_of: Callable[[int], torch.Tensor | QuantizedWeight], index: int
+) -> torch.Tensor:
+    """``x [M, K] @ W[N, K]^T -> [M, N]`` for the frozen dense or 4-bit ``W = weight_of(index)``, differentiable in
+    ``x`` only."""
+    weight = weight_of(index)
     if isinstance(weight, QuantizedWeight):
-        return _FrozenQuantMatmul.apply(x, weight)
+        return _FrozenQuantMatmul.apply(x, weight_of, index)
     return kernels.linear(x, weight)
 
 
-# The name prefix of the frozen parameters a layer holds its 4-bit tensors in (see QuantLinear.hold_as_parameters).
+# The name prefix of the frozen parameters a layer holds its 4-bit tensors in (see HeldWeight.hold_as_parameters).
 HELD = "held_"
 
 
-class QuantLinear(nn.Module):
+class HeldWeight(nn.Module):
+    """A module with a frozen 4-bit weight (``qweight``, or None) that it can hold as uint8 parameters for FSDP2 to
+    shard by rows (:meth:`hold_as_parameters`). Subclasses set ``held_rows`` (the weight's rows, which a shard holds
+    whole) and keep their dense-copy cache in ``_cache``."""
+
+    held_rows: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held: tuple[str, ...] = ()  # the 4-bit tensors held as parameters, by name
+        self._weight: QuantizedWeight | None = None
+        self._cache: dict[torch.dtype, torch.Tensor] = {}
+        self.cache_dequantized = False
+
+    @property
+    def qweight(self) -> QuantizedWeight | None:
+        """The 4-bit weight. Held as parameters (see :meth:`hold_as_parameters`), it is built over them at each use,
+        so under FSDP2 it is the gathered weight inside a forward or backward."""
+        if not self._held:
+            return self._weight
+        like = self._weight.tensors()  # meta tensors: each one's dtype and shape
+        return self._weight.with_tensors(
+            {name: getattr(self, HELD + name).view(like[name].dtype).view(like[name].shape) for name in self._held}
+        )
+
+    @qweight.setter
+    def qweight(self, value: QuantizedWeight | None) -> None:
+        if self._held:
+            raise NibbleError("this layer holds its 4-bit tensors as parameters; its weight cannot be replaced")
+        self._weight = value
+
+    def hold_as_parameters(self) -> None:
+        """Hold the 4-bit tensors as frozen uint8 parameters, rows first, for FSDP2 to shard (nothing to do for a
+        dense weight).
+
+        Each tensor whose size is a multiple of ``held_rows`` becomes ``[held_rows, bytes per row]`` (NF4's packed
+        bytes and block scales when the row length is a multiple of the block size, INT4's packed bytes and group
+        scales, GGUF's rows of blocks), so a shard holds whole rows of the weight and their whole blocks; the
+        others (double quantization's nested scales) ``[values, bytes per value]``. Bytes, because nothing may
+        cast them: a mixed-precision policy and ``Module.to(dtype)`` leave non-float parameters alone. The
+        dense-copy cache is off from then on (each copy would be a whole weight on every rank).
+        """
+        if self._held or self._weight is None:
+            return
+        self.cache_dequantized = False
+        self.clear_cache()
+        tensors = self._weight.tensors()
+        for name, t in tensors.items():
+            rows = self.held_rows if t.numel() % self.held_rows == 0 else t.numel()
+            held = t.contiguous().reshape(rows, -1).view(torch.uint8)
+            self.register_parameter(HELD + name, nn.Parameter(held, requires_grad=False))
+        self._held = tuple(tensors)
+        self._weight = self._weight.map_tensors(lambda t: t.to("meta"))  # the format, without a second copy
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # Module.to(dtype) would cast the fp32 block scales; a 4-bit weight only ever changes device (held as
+        # uint8 parameters, it moves with them and is never cast).
+        if not self._held and self._weight is not None:
+            target = fn(torch.empty(0, dtype=torch.uint8, device=self._weight.device)).device
+            if target != self._weight.device:
+                self._weight = self._weight.to(target)
+                self.clear_cache()
+        return super()._apply(fn, recurse)
+
+
+class QuantLinear(HeldWeight):
     """A frozen ``y = x W^T + b`` with ``W`` stored as NF4 or INT4.
 
     The weight never receives a gradient; the input does (LoRA adapters above need it). The backward
@@ -72,7 +145,6 @@ class QuantLinear(nn.Module):
 
     def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None, cache_dequantized: bool = False):
         super().__init__()
-        self._held: tuple[str, ...] = ()  # the 4-bit tensors held as parameters, by name (see hold_as_parameters)
         if len(qweight.shape) != 2:
             raise NibbleError(f"QuantLinear needs a 2-D weight [out, in], got shape {tuple(qweight.shape)}")
         self.qweight = qweight
@@ -81,7 +153,6 @@ class QuantLinear(nn.Module):
             raise NibbleError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.cache_dequantized = cache_dequantized
-        self._cache: dict[torch.dtype, torch.Tensor] = {}
 
     @classmethod
     def from_dense(
@@ -98,43 +169,8 @@ class QuantLinear(nn.Module):
         return cls(quantize(weight, spec), bias, cache_dequantized)
 
     @property
-    def qweight(self) -> QuantizedWeight:
-        """The 4-bit weight. Held as parameters (see :meth:`hold_as_parameters`), it is built over them at each use,
-        so under FSDP2 it is the gathered weight inside a forward or backward."""
-        if not self._held:
-            return self._weight
-        like = self._weight.tensors()  # meta tensors: each one's dtype and shape
-        return self._weight.with_tensors(
-            {name: getattr(self, HELD + name).view(like[name].dtype).view(like[name].shape) for name in self._held}
-        )
-
-    @qweight.setter
-    def qweight(self, value: QuantizedWeight) -> None:
-        if self._held:
-            raise NibbleError("this layer holds its 4-bit tensors as parameters; its weight cannot be replaced")
-        self._weight = value
-
-    def hold_as_parameters(self) -> None:
-        """Hold the 4-bit tensors as frozen uint8 parameters, output dimension first, for FSDP2 to shard.
-
-        Each tensor whose size is a multiple of ``out_features`` becomes ``[out_features, bytes per row]`` (NF4's
-        packed bytes and block scales when ``in_features`` is a multiple of the block size, INT4's packed bytes and
-        group scales, GGUF's rows of blocks), so a shard holds whole rows of the weight and their whole blocks;
-        the others (double quantization's nested scales) ``[values, bytes per value]``. Bytes, because nothing may
-        cast them: a mixed-precision policy and ``Module.to(dtype)`` leave non-float parameters alone. The
-        dense-copy cache is off from then on (each copy would be a whole weight on every rank).
-        """
-        if self._held:
-            return
-        self.cache_dequantized = False
-        self.clear_cache()
-        tensors = self._weight.tensors()
-        for name, t in tensors.items():
-            rows = self.out_features if t.numel() % self.out_features == 0 else t.numel()
-            held = t.contiguous().reshape(rows, -1).view(torch.uint8)
-            self.register_parameter(HELD + name, nn.Parameter(held, requires_grad=False))
-        self._held = tuple(tensors)
-        self._weight = self._weight.map_tensors(lambda t: t.to("meta"))  # the format, without a second copy
+    def held_rows(self) -> int:  # type: ignore[override]
+        return self.out_features
 
     @property
     def format(self) -> str:
@@ -147,9 +183,6 @@ class QuantLinear(nn.Module):
         if dtype not in self._cache:
             self._cache[dtype] = kernels.dequantize(self.qweight, dtype)
         return self._cache[dtype]
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return kernels.dequantize(self.qweight, dtype)
@@ -167,16 +200,6 @@ class QuantLinear(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             y = _QuantMatmul.apply(x2d, self.bias, self)
         return y.view(*lead, self.out_features)
-
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        # Module.to(dtype) would cast the fp32 block scales; a 4-bit weight only ever changes device (held as
-        # uint8 parameters, it moves with them and is never cast).
-        if not self._held:
-            target = fn(torch.empty(0, dtype=torch.uint8, device=self.qweight.device)).device
-            if target != self.qweight.device:
-                self.qweight = self.qweight.to(target)
-                self._cache.clear()
-        return super()._apply(fn, recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -285,9 +285,9 @@ def shard_model(model: nn.Module, device: torch.device) -> None:
     ``hidden_states`` counts as a forward of the root (the instruct loss calls it, then the head), and the root
     keeps its parameters gathered after a forward so the head can run after it.
 
-    A 4-bit base (QLoRA) is sharded as bytes: every :class:`~nibble.nn.quant_linear.QuantLinear` first holds its
-    packed data and block scales as uint8 parameters, output rows first (see
-    :meth:`~nibble.nn.quant_linear.QuantLinear.hold_as_parameters`), so each rank keeps ~1/world of them; a
+    A 4-bit base (QLoRA) is sharded as bytes: every 4-bit weight (each :class:`~nibble.nn.quant_linear.QuantLinear`
+    and each sparse layer's experts) first holds its packed data and block scales as uint8 parameters, output rows
+    first (see :meth:`~nibble.nn.quant_linear.HeldWeight.hold_as_parameters`), so each rank keeps ~1/world of them; a
     block's are all-gathered before its forward and again before its backward (grad_x needs W), the kernels run on
     the weight rebuilt over the gathered bytes, and they are freed after. A model loaded on the host for an
     accelerator ``device`` moves there one unit at a time as it is sharded: the device never holds it whole.
@@ -295,10 +295,10 @@ def shard_model(model: nn.Module, device: torch.device) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    from nibble.nn.quant_linear import QuantLinear
+    from nibble.nn.quant_linear import HeldWeight
 
     for layer in model.modules():
-        if isinstance(layer, QuantLinear):
+        if isinstance(layer, HeldWeight):
             layer.hold_as_parameters()
     if device.type == "cpu":
         # FSDP2 frees every unit's gathered 4-bit bytes after its forward and backward: blocks of ~100 KiB and up
@@ -353,7 +353,8 @@ def gathered(model: nn.Module, trainable_only: bool = False) -> Iterator[None]:
             if param.requires_grad and isinstance(param, DTensor)
         ]
         for module, name, param in sharded:  # the same order on every rank: one all-gather each
-            module._parameters[name] = nn.Parameter(param.full_tensor().detach(), requires_grad=False)
+            # still marked trainable: an export tells what trains by it (a router is saved only when it trains)
+            module._parameters[name] = nn.Parameter(param.full_tensor().detach(), requires_grad=True)
         try:
             yield
         finally:
