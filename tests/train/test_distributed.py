@@ -211,25 +211,28 @@ def test_sharded_4bit_qlora_trains_as_one_process_and_resumes_bit_identical(toy,
         torch.testing.assert_close(value, theirs[key], atol=1e-5, rtol=0)
 
 
-def test_sharded_4bit_experts_train_as_one_process(tmp_path, capsys):
-    """--shard-base on a Qwen3-MoE: the NF4 experts are sharded by rows like every 4-bit weight; LoRA on attention
-    and experts and a trained router, 2 ranks x 4 against 1 x 8."""
-    base = helpers.make_hf_checkpoint(tmp_path / "base", "qwen3_moe", mlp_only_layers=[0])[0]
+def test_a_hybrid_moe_trains_as_one_process_replicated_and_with_its_4bit_experts_sharded(tmp_path, capsys):
+    """Qwen3-Next (Gated DeltaNet and gated attention, NF4 experts and a shared expert): DDP and --shard-base (the
+    experts sharded by rows like every 4-bit weight), LoRA on attention, DeltaNet and experts and a trained router,
+    2 ranks x 4 against 1 x 8."""
+    base = helpers.make_hf_checkpoint(tmp_path / "base", "qwen3_next", mlp_only_layers=[0])[0]
     toy = SimpleNamespace(base=base, train=helpers.write_jsonl(tmp_path / "train.jsonl", rows(21, 0)),
                           val=helpers.write_jsonl(tmp_path / "val.jsonl", rows(5, 1)))  # fmt: skip
-    one, two = tmp_path / "one", tmp_path / "two"
     qlora = ["--method", "qlora", "--lora-dropout", 0, "--train-router", "--max-steps", 3, "--save-every", 0]
-    single(train_args(toy, one, 8, *qlora), capsys)
-    said = ok(torchrun(2, train_args(toy, two, 4, *qlora, "--shard-base")))
-    assert "cache: none (the frozen 4-bit base is sharded over 2 ranks)" in said.stdout
-    want, got = records(one, "train"), records(two, "train")
-    assert [r["step"] for r in got] == [1, 2, 3]
-    for a, b in zip(want, got, strict=True):
-        assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5, (a, b)
-    theirs, ours = adapter(one), adapter(two)
-    assert theirs.keys() == ours.keys() and any("experts" in key for key in ours)
-    for key in theirs:
-        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0)
+    single(train_args(toy, tmp_path / "one", 8, *qlora), capsys)
+    want, theirs = records(tmp_path / "one", "train"), adapter(tmp_path / "one")
+    assert any("experts" in key for key in theirs) and any("linear_attn" in key for key in theirs)
+    for name, extra in (("ddp", []), ("sharded", ["--shard-base"])):
+        said = ok(torchrun(2, train_args(toy, tmp_path / name, 4, *qlora, *extra)))
+        assert ("cache: none (the frozen 4-bit base is sharded over 2 ranks)" in said.stdout) == bool(extra)
+        got = records(tmp_path / name, "train")
+        assert [r["step"] for r in got] == [1, 2, 3]
+        for a, b in zip(want, got, strict=True):
+            assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5, (name, a, b)
+        ours = adapter(tmp_path / name)
+        assert theirs.keys() == ours.keys(), name
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0, msg=f"{name} {key}")
 
 
 def test_sharded_int4_qlora_instruction_tuning_trains_as_one_process(chat, tmp_path, capsys):
