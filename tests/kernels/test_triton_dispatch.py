@@ -88,3 +88,48 @@ def test_quant_linear_input_gradient_passes_gradcheck_through_triton(device, qua
     x = torch.randn(3, 64, dtype=torch.float64, generator=generator).to(device).requires_grad_(True)
     with kernels.use_backend("triton"):  # on CUDA small M adds split sums atomically, in varying order
         assert torch.autograd.gradcheck(layer, (x,), fast_mode=True, nondet_tol=1e-12)
+
+
+@pytest.mark.parametrize("rows", [triton_ops.DENSE_FROM_ROWS - 1, triton_ops.DENSE_FROM_ROWS, 130])
+def test_training_sizes_dequantize_then_matmul_and_small_ones_run_fused(monkeypatch, device, rows):
+    """From DENSE_FROM_ROWS rows the Triton backend dequantizes (its dequantize kernel, into a reused temporary)
+    and calls the dense matmul, forward and grad-input; below it the fused kernels run. Both equal the reference."""
+    from nibble.kernels import triton_gemm, triton_grad_input
+
+    calls = []
+    for module, name in ((triton_gemm, "matmul"), (triton_grad_input, "matmul_grad_input")):
+        fused = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, f=fused, n=name: calls.append(n) or f(*a))
+    generator = torch.Generator().manual_seed(3)
+    qweight = nf4.quantize(torch.randn(45, 128, generator=generator) * 0.1, blocksize=64).to(device)
+    x = torch.randn(rows, 128, generator=generator).to(device)
+    grad_y = torch.randn(rows, 45, generator=generator).to(device)
+    with kernels.use_backend("triton"):
+        y, dx = kernels.matmul(x, qweight), kernels.matmul_grad_input(grad_y, qweight)
+        y2 = kernels.matmul(x * 2, qweight)  # the temporary is refilled, the first result untouched
+    torch.testing.assert_close(y, kernels.reference.matmul(x, qweight), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, kernels.reference.matmul_grad_input(grad_y, qweight), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y2, 2 * y, rtol=1e-5, atol=1e-5)
+    dense = rows >= triton_ops.DENSE_FROM_ROWS
+    assert calls == ([] if dense else ["matmul", "matmul_grad_input", "matmul"])
+
+
+def test_an_old_or_missing_triton_falls_back_to_the_reference_with_the_reason(monkeypatch):
+    import sys
+    import types
+
+    assert kernels.version_tuple("3.3.0+git1a2b") == (3, 3, 0) and kernels.version_tuple("3.4.0rc1") == (3, 4, 0)
+    assert kernels.triton_unavailable() is None  # the installed Triton runs the kernels
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.1.0"))
+    assert "Triton 3.1.0 is older than the 3.3" in kernels.triton_unavailable()
+    kernels._triton_ops.cache_clear()
+    try:
+        with kernels.use_backend("auto"):
+            assert kernels.backend_name(torch.device("cuda")) == "torch"
+        with kernels.use_backend("triton"), pytest.raises(NibbleError, match="NIBBLE_KERNELS=triton but Triton 3.1"):
+            kernels.backend_name(torch.device("cpu"))
+        monkeypatch.setitem(sys.modules, "triton", None)  # an import of it fails
+        assert kernels.triton_unavailable() == "Triton is not installed (pip install triton)"
+    finally:
+        monkeypatch.undo()
+        kernels._triton_ops.cache_clear()

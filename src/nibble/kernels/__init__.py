@@ -9,6 +9,8 @@ matmul; ``set_backend`` and ``use_backend`` override it from code.
 from __future__ import annotations
 
 import os
+import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -25,12 +27,43 @@ BACKENDS = ("auto", "torch", "triton")
 TRITON_FORMATS = ("nf4", "int4")
 
 
+# The first Triton with what the kernels read (``triton.knobs``, today's interpreter settings); with an older one
+# the torch reference runs (one note says so) instead of every CUDA 4-bit matmul failing.
+MIN_TRITON = (3, 3)
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"3.9.0"`` / ``"3.3.0+git1234"`` / ``"3.4.0rc1"`` -> ``(3, 9, 0)`` / ``(3, 3, 0)`` / ``(3, 4, 0)``."""
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = re.match(r"\d+", piece)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts)
+
+
+def triton_unavailable() -> str | None:
+    """Why the Triton kernels cannot run here (Triton missing or too old), or None when they can."""
+    try:
+        import triton
+    except ImportError:
+        return "Triton is not installed (pip install triton)"
+    if version_tuple(triton.__version__) < MIN_TRITON:
+        need = ".".join(map(str, MIN_TRITON))
+        return f"Triton {triton.__version__} is older than the {need} nibble's kernels need (pip install -U triton)"
+    return None
+
+
 @cache
 def _triton_ops() -> ModuleType | None:
-    try:
-        from nibble.kernels import triton_ops
-    except ImportError:
+    reason = triton_unavailable()
+    if reason is not None:
+        if torch.cuda.is_available() and reason.startswith("Triton "):
+            print(f"note: {reason}; 4-bit matmuls run the torch reference", file=sys.stderr)
         return None
+    from nibble.kernels import triton_ops
+
     return triton_ops
 
 
@@ -83,7 +116,7 @@ def backend_name(device: torch.device) -> str:
     available = _triton_ops() is not None
     if choice == "triton":
         if not available:
-            raise NibbleError("NIBBLE_KERNELS=triton but the Triton kernels cannot be imported; pip install triton")
+            raise NibbleError(f"NIBBLE_KERNELS=triton but {triton_unavailable()}")
         return "triton"
     return "triton" if available and device.type == "cuda" else "torch"
 

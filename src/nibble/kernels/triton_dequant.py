@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nibble.errors import NibbleError
 from nibble.kernels.triton_common import (
     INTERPRET,
     block_scale,
@@ -54,15 +55,20 @@ def _dequant_kernel(
     tl.store(out_ptr + even + 1, to_dtype(second * scale, DTYPE, INTERPRET), mask=mask & (even + 1 < numel))
 
 
-def dequantize(qweight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The dense weight in ``dtype`` and its original shape.
+def dequantize(
+    qweight: QuantizedWeight, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The dense weight in ``dtype`` and its original shape (written into ``out``, contiguous, when given).
 
     Raises:
-        NibbleError: CPU tensors outside the interpreter, or a dtype the kernels lack.
+        NibbleError: CPU tensors outside the interpreter, a dtype the kernels lack, or an ``out`` that does not fit.
     """
     check_device(qweight.packed)
     tl_out = tl_dtype(dtype)
-    out = torch.empty(qweight.shape, dtype=dtype, device=qweight.device)
+    if out is None:
+        out = torch.empty(qweight.shape, dtype=dtype, device=qweight.device)
+    elif out.shape != torch.Size(qweight.shape) or out.dtype != dtype or not out.is_contiguous():
+        raise NibbleError(f"dequantize out= must be a contiguous {dtype} tensor of shape {tuple(qweight.shape)}")
     nbytes = qweight.packed.numel()
     if nbytes == 0:
         return out
