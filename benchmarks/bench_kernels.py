@@ -3,6 +3,8 @@
 On CUDA (bf16): nibble's fused Triton kernels against (a) dense bf16 ``F.linear`` (cuBLAS), (b) dequantize the
 whole NF4 weight then matmul (the default 4-bit stack; nibble's torch reference path) and (c) bitsandbytes'
 ``matmul_4bit`` when it is installed. Targets: fused >= 0.9x dense at M >= 512 and >= 3x faster at M = 1.
+"nibble dispatch" is what a model runs: the fused kernels below ``triton_ops.DENSE_FROM_ROWS`` rows, dequantize +
+cuBLAS from there; where "nibble fused" and "dequant+mm" cross over over M is where that constant belongs.
 
 Without CUDA it runs the CPU path instead (fp32, small shapes): dense ``F.linear`` vs what nibble runs on CPU
 (the torch reference: dequantize then matmul) vs bitsandbytes' CPU path. Triton only runs on CPU through its
@@ -83,9 +85,10 @@ def providers(
             "dequant+mm": (lambda: reference.matmul(x, qweight), q_bytes),
         }
         if cuda:
-            from nibble.kernels import triton_ops
+            from nibble.kernels import triton_gemm, triton_ops
 
-            calls["nibble fused"] = (lambda: triton_ops.matmul(x, qweight), q_bytes)
+            calls["nibble fused"] = (lambda: triton_gemm.matmul(x, qweight), q_bytes)
+            calls["nibble dispatch"] = (lambda: triton_ops.matmul(x, qweight), q_bytes)  # what runs (crossover)
         if bnb is not None:
             import bitsandbytes
 
@@ -97,9 +100,10 @@ def providers(
         "dequant+mm": (lambda: reference.matmul_grad_input(x, qweight), q_bytes),
     }
     if cuda:
-        from nibble.kernels import triton_ops
+        from nibble.kernels import triton_grad_input, triton_ops
 
-        calls["nibble fused"] = (lambda: triton_ops.matmul_grad_input(x, qweight), q_bytes)
+        calls["nibble fused"] = (lambda: triton_grad_input.matmul_grad_input(x, qweight), q_bytes)
+        calls["nibble dispatch"] = (lambda: triton_ops.matmul_grad_input(x, qweight), q_bytes)
     if bnb is not None:
         import bitsandbytes.functional as bnbf
 
