@@ -193,11 +193,35 @@ def measure(name: str, load, args: argparse.Namespace, work: Path, data, pad: in
         if s >= WARMUP:
             rates.append(tokens / (time.perf_counter() - t0))
     peak = torch.cuda.max_memory_allocated() - before
+    if args.profile and name == "nibble":
+        profile(stack["step"], Path(args.profile))
     result = {"name": name, "losses": losses, "rates": rates, "peak": peak, "load_s": load_s, "note": stack["note"]}
     del stack
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+def profile(step, trace: Path) -> None:
+    """Two more steps under the profiler: the top CUDA kernels, the cross-entropy kernels' share of GPU time, the
+    host time per kernel launch; a Chrome trace written to ``trace``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(str(trace))
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cuda_time_total", row_limit=15))
+    kernels = [e for e in events if e.self_device_time_total > 0 and e.device_type.name == "CUDA"]
+    gpu = sum(e.self_device_time_total for e in kernels) or 1
+    ce = sum(e.self_device_time_total for e in kernels if any(w in e.key.lower() for w in ("cross", "logsumexp")))
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    host = sum(e.self_cpu_time_total for e in events if e.key.startswith(("cudaLaunch", "cuLaunch")))
+    print(f"cross-entropy kernels: {100 * ce / gpu:.1f}% of GPU time; {launches} launches, "
+          f"{host / max(launches, 1):.1f} us host time each; trace: {trace}")  # fmt: skip
 
 
 def versions() -> str:
@@ -225,6 +249,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help=f"timed steps after {WARMUP} warm-up steps")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--profile", metavar="TRACE.json", help="profile two more nibble steps; write a Chrome trace")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit(
