@@ -31,7 +31,7 @@ def add_config_flags(parser: argparse.ArgumentParser, names: Iterable[str] | Non
     hints = typing.get_type_hints(TrainConfig)
     wanted = None if names is None else set(names)
     for f in dataclasses.fields(TrainConfig):
-        if wanted is not None and f.name not in wanted:
+        if (wanted is not None and f.name not in wanted) or not f.metadata.get("flag", True):
             continue
         flag = "--" + f.name.replace("_", "-")
         default = "auto" if f.name == "cache_budget_mb" else f.default
