@@ -43,6 +43,30 @@ def write_json(path: str | Path, data: Any) -> None:
     Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+_SAMPLE = 1 << 16
+_MODEL_FILES = ("config.json", "tokenizer.json", "*.safetensors", "*.safetensors.index.json", "*.gguf")
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """A cheap SHA-256 that tells two models apart (a model directory's config, tokenizer and weight files, or one
+    file): each file's name and size and 64 KiB at its start, middle and end. Two trainings of the same
+    architecture share shapes but no weight bytes, so the samples differ; a file rewritten in place is read anew.
+    """
+    path = Path(path)
+    files = [path] if path.is_file() else sorted({f for pattern in _MODEL_FILES for f in path.glob(pattern)})
+    digest = hashlib.sha256()
+    for file in files:
+        if not file.is_file():
+            continue
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            for offset in (0, max(size // 2 - _SAMPLE // 2, 0), max(size - _SAMPLE, 0)):
+                f.seek(offset)
+                digest.update(f.read(_SAMPLE))
+    return digest.hexdigest()
+
+
 def sha256_file(path: str | Path) -> str:
     """The SHA-256 of a file's bytes, as hex (read through one 1 MiB buffer)."""
     digest = hashlib.sha256()

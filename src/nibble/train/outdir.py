@@ -27,7 +27,7 @@ from nibble.train.checkpoint import (
     read_state,
     verify_checkpoint,
 )
-from nibble.train.config import TrainConfig
+from nibble.train.config import TrainConfig, field_names, read_yaml
 from nibble.train.optim import WarmupCosine
 from nibble.train.progress import read_progress
 
@@ -49,6 +49,46 @@ REPLACED, REPLACING = ".replaced", ".replacing"
 # The names of RUN_OUTPUTS that nibble wrote in the directory: all --overwrite may remove.
 WRITTEN = ".nibble-outputs.json"
 _BOOKKEEPING = (LOCK_NAME, WRITTEN, REPLACED, REPLACING)
+
+
+# What a resumed run may change: the step budget, the cadences, the reporting, and where and how it runs (the
+# global batch a different number of ranks keeps is checked by the data position). Every other key of the
+# checkpoint's config.yaml defines the run (FIXED_ON_RESUME) and must stay as it was; the model is compared by its
+# content (see nibble.io.files.model_fingerprint), not by its path.
+MAY_CHANGE_ON_RESUME = (
+    *("max_steps", "epochs"),
+    *("log_every", "eval_every", "save_every", "keep_checkpoints", "early_stopping_patience", "eval_at_start"),
+    "report_to",
+    *("output", "resume", "overwrite", "config_file", "device", "dist_backend", "batch_size", "eval_batch_size"),
+    *("memory_budget", "cache_budget_mb", "compile", "gradient_checkpointing", "shard_base"),
+)
+FIXED_ON_RESUME = tuple(name for name in field_names() if name not in MAY_CHANGE_ON_RESUME)
+
+
+def check_same_run(checkpoint: Path, config: TrainConfig, fingerprint: str) -> None:
+    """Refuse to resume ``checkpoint`` as a different run: every key of :data:`FIXED_ON_RESUME` must have the
+    value the checkpoint's own resolved config.yaml records, and the model the content it was trained on
+    (``fingerprint``; state.json's ``identity``).
+
+    Raises:
+        NibbleError: the first key that changed, naming it and both values.
+    """
+    saved = read_yaml(checkpoint / "config.yaml")
+    identity = read_state(checkpoint).get("identity")
+    mine = config.to_dict()
+    for key in FIXED_ON_RESUME:
+        if key == "model" and isinstance(identity, dict) and "model" in identity:
+            if identity["model"] != fingerprint:
+                raise NibbleError(
+                    f"--resume {checkpoint}: the model {config.model} is not the one the run was trained on "
+                    f"({saved.get('model')}, other content); resume with that model, or start a new run"
+                )
+            continue
+        if key in saved and saved[key] != mine[key]:
+            raise NibbleError(
+                f"--resume {checkpoint}: '{key}' was {saved[key]!r}, now {mine[key]!r}; a resumed run keeps it "
+                f"(only {', '.join(MAY_CHANGE_ON_RESUME[:9])}, ... may change); drop the change or start a new run"
+            )
 
 
 def check_output(out: Path, config: TrainConfig) -> Path | None:

@@ -80,8 +80,10 @@ class Trainer:
         meter: MemoryMeter | None = None,
         on_save: Callable[[Path], None] | None = None,
         flops_per_token: int | None = None,
+        identity: dict[str, str] | None = None,
     ):
         self.model, self.stream, self.config, self.out = model, stream, config, out
+        self.identity = identity  # what the run is of, beyond its config (the model's fingerprint), for resuming
         self.forward = task.forward or (lambda m, batch: m(batch["input_ids"], batch["attention_mask"]))
         self.total_steps, self.loss_fn, self.on_best = total_steps, task.loss, on_best
         self.evaluate: Callable[[nn.Module], dict[str, Any]] | None = None
@@ -198,6 +200,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "last_eval": self.last_eval,
             "window": window.to_json() if window is not None else None,
+            "identity": self.identity,
         }
         path = save_checkpoint(
             self.checkpoints,
