@@ -43,6 +43,27 @@ def write_json(path: str | Path, data: Any) -> None:
     Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def file_identity(path: str | Path) -> list[Any]:
+    """What tells a file's versions apart without reading it: resolved path, size, modification time, inode and
+    status-change time (a copy of the same size with the mtime set back still gets a new inode or ctime)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
+
+
+def _fsync_tree(directory: Path) -> None:
+    """fsync every file under ``directory`` and the directory itself, before it is renamed into place."""
+    for file in directory.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 _SAMPLE = 1 << 16
 _MODEL_FILES = ("config.json", "tokenizer.json", "*.safetensors", "*.safetensors.index.json", "*.gguf")
 
@@ -183,6 +204,7 @@ def staged_dir(target: str | Path, overwrite: bool = False, needed: int | None =
         target.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()  # (not mkdtemp: its mode 0700 would stay on the finished directory)
         yield staging
+        _fsync_tree(staging)
         _install(staging, target)
     except OSError as exc:
         raise write_error(target.parent, exc, needed) from None
