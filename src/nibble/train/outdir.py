@@ -84,11 +84,16 @@ def check_same_run(checkpoint: Path, config: TrainConfig, fingerprint: str) -> N
                     f"({saved.get('model')}, other content); resume with that model, or start a new run"
                 )
             continue
-        if key in saved and saved[key] != mine[key]:
+        if key in saved and _comparable(key, saved[key]) != _comparable(key, mine[key]):
             raise NibbleError(
                 f"--resume {checkpoint}: '{key}' was {saved[key]!r}, now {mine[key]!r}; a resumed run keeps it "
                 f"(only {', '.join(MAY_CHANGE_ON_RESUME[:9])}, ... may change); drop the change or start a new run"
             )
+
+
+def _comparable(key: str, value: object) -> object:
+    """A path-valued key resolved (``./d.jsonl`` and ``d.jsonl`` are the same data), any other value as it is."""
+    return Path(value).resolve() if key in ("data", "val_data", "chat_template") and isinstance(value, str) else value
 
 
 def check_output(out: Path, config: TrainConfig) -> Path | None:
