@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -416,3 +417,57 @@ def test_checkpoint_state(scratch, checkpoint, changes, inner):
     write_manifest(path)
     resumed, _ = make_trainer(scratch / "resumed", total=4)
     one_line_or_loads(lambda: resumed.resume(path), len(content) + (path / "trainable.safetensors").stat().st_size)
+
+
+MUTATIONS = ("reshape", "resize", "dtype", "nan", "inf", "negative", "drop", "extra", "rename")
+
+
+@FUZZ
+@given(
+    file=st.sampled_from(["trainable", "optimizer", "rng"]),
+    pick=st.integers(0, 1 << 16),
+    mutation=st.sampled_from(MUTATIONS),
+    shape=st.lists(st.integers(1, 7), min_size=0, max_size=3),
+)
+def test_checkpoint_tensors(scratch, checkpoint, file, pick, mutation, shape):
+    # A checkpoint's bytes can be proven (the manifest) and still not fit: each of its tensors is checked for
+    # name, shape, dtype and finiteness against what the run builds before anything uses it. Before, a reshaped
+    # optimizer moment reached the fused AdamW kernel and corrupted the heap (free(): invalid next size).
+    from safetensors.torch import load_file, save_file
+
+    from nibble.train.checkpoint import write_manifest
+    from train.test_trainer import make_trainer
+
+    path = scratch / "fuzz-tensors"
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.copytree(checkpoint, path)
+    tensors = load_file(path / f"{file}.safetensors")
+    name = sorted(tensors)[pick % len(tensors)]
+    value = tensors[name]
+    if mutation == "reshape":
+        tensors[name] = torch.zeros(shape, dtype=value.dtype)
+    elif mutation == "resize":
+        tensors[name] = torch.zeros(value.numel() + 1, dtype=value.dtype)
+    elif mutation == "dtype":
+        tensors[name] = value.to(torch.float64 if value.dtype != torch.float64 else torch.float32)
+    elif mutation in ("nan", "inf", "negative"):
+        flat = value.to(torch.float32).flatten().clone()
+        flat[pick % max(flat.numel(), 1)] = {"nan": math.nan, "inf": math.inf, "negative": -(2.0**40)}[mutation]
+        tensors[name] = flat.view(value.shape).to(value.dtype) if value.is_floating_point() else flat.view(
+            value.shape).to(torch.int64 if value.dtype == torch.int64 else value.dtype)  # fmt: skip
+    elif mutation == "drop":
+        del tensors[name]
+    elif mutation == "extra":
+        tensors[name + "x"] = value.clone()
+    else:
+        tensors[name + "x"] = tensors.pop(name)
+    save_file(tensors, path / f"{file}.safetensors")
+    (path / "manifest.json").unlink()
+    write_manifest(path)
+    resumed, _ = make_trainer(scratch / "resumed-tensors", total=4)
+    size = (path / f"{file}.safetensors").stat().st_size
+    result = one_line_or_loads(lambda: resumed.resume(path), size)
+    if isinstance(result, NibbleError):
+        assert name in str(result) or f"{file}.safetensors" in str(result), str(result)
+    else:  # it fitted (a mutation that changed nothing the run relies on): the run goes on from it
+        resumed.train()

@@ -108,3 +108,60 @@ def test_an_early_stopped_run_stays_stopped_unless_the_patience_grows(toy, tmp_p
     assert main(args(toy, out, "--max-steps", 20, *stopping, "--early-stopping-patience", 2, "--resume")) == 0
     assert "early stop at step 3" in capsys.readouterr().out
     assert [r["step"] for r in records(out, "train")] == [1, 2, 3]
+
+
+def test_the_keys_a_resume_may_change_and_those_it_keeps_cover_every_setting():
+    from nibble.train.config import field_names
+    from nibble.train.outdir import FIXED_ON_RESUME, MAY_CHANGE_ON_RESUME
+
+    assert set(MAY_CHANGE_ON_RESUME) <= set(field_names()) and not set(MAY_CHANGE_ON_RESUME) & set(FIXED_ON_RESUME)
+    assert sorted([*MAY_CHANGE_ON_RESUME, *FIXED_ON_RESUME]) == sorted(field_names())
+    for key in ("model", "method", "quant_format", "lora_rank", "lora_alpha", "lora_targets", "dtype", "task"):
+        assert key in FIXED_ON_RESUME
+    assert "max_seq_len" in FIXED_ON_RESUME and "max_steps" in MAY_CHANGE_ON_RESUME
+
+
+def test_resume_refuses_each_fixed_key_changed_and_takes_each_key_that_may_change(tmp_path):
+    # The check against the checkpoint's own resolved config.yaml, key by key over both lists.
+    import yaml
+
+    from nibble.errors import NibbleError
+    from nibble.train.outdir import FIXED_ON_RESUME, MAY_CHANGE_ON_RESUME, check_same_run
+    from train.test_trainer import make_trainer
+
+    trainer, _ = make_trainer(tmp_path, total=2)
+    trainer.identity = {"model": "abc"}
+    path = trainer.save()
+    config = trainer.config
+    saved = yaml.safe_load((path / "config.yaml").read_text())
+    check_same_run(path, config, "abc")
+    with pytest.raises(NibbleError, match="the model m is not the one the run was trained on"):
+        check_same_run(path, config, "other")
+    for key in [*FIXED_ON_RESUME, *MAY_CHANGE_ON_RESUME]:
+        if key == "model":
+            continue
+        (path / "config.yaml").write_text(yaml.safe_dump({**saved, key: "changed!"}))
+        if key in MAY_CHANGE_ON_RESUME:
+            check_same_run(path, config, "abc")
+        else:
+            with pytest.raises(NibbleError, match=rf"'{key}' was 'changed!', now ") as exc:
+                check_same_run(path, config, "abc")
+            assert "\n" not in str(exc.value)
+
+
+def test_resume_with_another_model_or_rank_is_one_line_naming_it(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = tmp_path / "base"
+    helpers.make_hf_checkpoint(base, "qwen3", seed=0)
+    assert main(args(toy, out, "--max-steps", 2, "--model", base)) == 0
+    capsys.readouterr()
+    assert main(args(toy, out, "--max-steps", 4, "--model", base, "--resume", "--lora-rank", 4)) == 2
+    err = capsys.readouterr().err
+    assert "'lora_rank' was 8, now 4" in err and err.count("\n") == 1
+    helpers.make_hf_checkpoint(tmp_path / "same-shapes", "qwen3", seed=1)  # the same shapes, other weights
+    capsys.readouterr()
+    for name in ("model.safetensors",):
+        (base / name).write_bytes((tmp_path / "same-shapes" / name).read_bytes())
+    assert main(args(toy, out, "--max-steps", 4, "--model", base, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "is not the one the run was trained on" in err and err.count("\n") == 1

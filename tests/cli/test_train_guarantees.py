@@ -198,7 +198,57 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(toy, tmp
         2,
         3,
     ]
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".nibble-outputs.json"]
+
+
+def tree(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def test_overwrite_removes_only_what_nibble_wrote_and_never_a_path_the_run_reads(toy, tmp_path, capsys):
+    import shutil
+
+    # A project directory holding the run's own --model and a hand-written config.yaml: --overwrite lost both.
+    proj = tmp_path / "proj"
+    shutil.copytree(toy.base, proj / "model")
+    (proj / "config.yaml").write_text("max_steps: 2\n")
+    before = tree(proj)
+    args = ["train", str(proj / "config.yaml"), *train_args(toy, proj, "--overwrite")[1:]]
+    args[args.index("--model") + 1] = str(proj / "model")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "which nibble did not write there" in err and err.count("\n") == 1
+    assert tree(proj) == before
+    # A user's file beside a run of nibble's: refused, nothing removed.
+    out = tmp_path / "run"
+    assert main(train_args(toy, out, "--max-steps", "2")) == 0
+    (out / "notes.txt").write_text("mine")
+    before = tree(out)
+    assert main(train_args(toy, out, "--max-steps", "2", "--overwrite")) == 2
+    assert "'notes.txt' is not a file nibble wrote" in capsys.readouterr().err and tree(out) == before
+    (out / "notes.txt").unlink()
+    # Data, validation data or a config file read from inside the old run's outputs: refused by name.
+    shutil.copy(toy.data, out / "adapter" / "rows.jsonl")
+    (out / "adapter" / "run.yaml").write_text("max_steps: 2\n")
+    before = tree(out)
+    rows = out / "adapter" / "rows.jsonl"
+    for extra, named in (
+        (["--data", rows], f"--data {rows}"),
+        (["--val-data", rows], f"--val-data {rows}"),
+        ([], f"the config file {out / 'adapter' / 'run.yaml'}"),
+    ):
+        args = train_args(toy, out, "--overwrite", *extra)
+        if not extra:
+            args.insert(1, str(out / "adapter" / "run.yaml"))
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"{named} is read from it" in err and err.count("\n") == 1, err
+        assert tree(out) == before
+    (out / "adapter" / "rows.jsonl").unlink()
+    (out / "adapter" / "run.yaml").unlink()
+    # What nibble wrote is replaced as before.
+    assert main(train_args(toy, out, "--max-steps", "3", "--overwrite")) == 0
+    assert checkpoint_steps(out) == [3]
 
 
 def test_overwrite_killed_before_its_first_checkpoint_gives_the_old_run_back(toy, tmp_path):

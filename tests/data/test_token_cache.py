@@ -117,3 +117,75 @@ def test_ragged_and_packed_views_match_lists():
     assert packed.total(skip_first=True) == sum(sum(p[1:]) for p in packed.tolist())
     with pytest.raises(IndexError):
         packed[len(packed)]
+
+
+def test_a_same_size_same_mtime_swap_is_noticed(tmp_path, cache_root, tokenizer):
+    data = write_rows(tmp_path / "d.jsonl", 20, seed=0)
+    first = load_classification(data, tokenizer, max_seq_len=8)
+    stat = data.stat()
+    swapped = tmp_path / "swap.jsonl"
+    swapped.write_bytes(data.read_bytes()[:-1].replace(b'"a"', b'"b"', 1) + b"\n")
+    os.utime(swapped, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(swapped, data)  # same path, size and mtime; another inode
+    assert (data.stat().st_size, data.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    again = load_classification(data, tokenizer, max_seq_len=8)
+    assert again.targets.tolist() != first.targets.tolist()
+
+
+def damage_cases(directory, rng):
+    """Seeded mutations of a built cache directory: truncated, grown, or overwritten files, offsets out of
+    order, meta.json counts and dtypes changed."""
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    file = files[rng.randrange(len(files))]
+    data = bytearray(file.read_bytes())
+    kind = rng.choice(["truncate", "grow", "offsets", "meta"])
+    if kind == "truncate" and data:
+        file.write_bytes(bytes(data[: rng.randrange(len(data))]))
+    elif kind == "grow":
+        file.write_bytes(bytes(data) + b"\0" * rng.randint(1, 64))
+    elif kind == "offsets":
+        offsets = next(p for p in files if p.name.endswith(".offsets.bin"))
+        values = np.fromfile(offsets, dtype=np.int64)
+        values[rng.randrange(1, len(values))] = rng.choice([-5, 10**12, values[-1] + 1])
+        values.tofile(offsets)
+    else:
+        meta = json.loads((directory / "meta.json").read_text())
+        column = rng.choice(sorted(meta["columns"]))
+        meta["columns"][column][rng.choice(["values", "dtype"])] = rng.choice([-1, 10**9, "int8", "x"])
+        (directory / "meta.json").write_text(json.dumps(meta))
+    return kind
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_damaged_cache_is_rebuilt_saying_so(tmp_path, cache_root, tokenizer, capsys, seed):
+    data = write_rows(tmp_path / "d.jsonl", 20)
+    first = load_classification(data, tokenizer, max_seq_len=8)
+    expected = (first.ids.tolist(), first.targets.tolist())  # (read now: the views map the files damaged below)
+    [built] = entries(cache_root)
+    kind = damage_cases(cache_root / built, random.Random(seed))
+    capsys.readouterr()
+    again = load_classification(data, tokenizer, max_seq_len=8)
+    out = capsys.readouterr().out
+    assert (again.ids.tolist(), again.targets.tolist()) == expected, (kind, out)
+    if f"tokens: reusing {cache_root / built}" not in out:  # every mutation but a no-op is noticed
+        lines = [line for line in out.splitlines() if "is damaged" in line]
+        assert len(lines) == 1 and "tokenizing again" in lines[0], (kind, out)
+
+
+def test_an_unwritable_cache_is_skipped_with_one_line(tmp_path, monkeypatch, tokenizer, capsys):
+    data = write_rows(tmp_path / "d.jsonl", 10)
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv("NIBBLE_TOKEN_CACHE", str(tmp_path / "file" / "tokens"))
+    loaded = load_classification(data, tokenizer, max_seq_len=8)
+    out = capsys.readouterr().out
+    assert len(loaded.ids) == 10 and out.count("note: cannot write the token cache") == 1
+
+
+@pytest.mark.parametrize("path", ["/dev/zero", "/proc", "fifo"])
+def test_no_reads_from_a_fifo_a_device_or_proc(tmp_path, cache_root, tokenizer, path):
+    if path == "fifo":
+        path = tmp_path / "fifo"
+        os.mkfifo(path)
+    with pytest.raises(NibbleError) as exc:
+        load_classification(path, tokenizer, max_seq_len=8)
+    assert "\n" not in str(exc.value) and str(path) in str(exc.value)

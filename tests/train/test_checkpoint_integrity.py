@@ -126,7 +126,14 @@ def test_resuming_from_any_step_repeats_the_same_metrics_lines(tmp_path, stop_at
             lambda s: s.update(window={"first_step": 1, "losses": ["a"], "grad_norms": [1], "lr": 0, "tokens": 0}),
             r"incomplete checkpoint state",
         ),  # fmt: skip
-        (lambda s: s["rng"]["numpy"].update(pos="x"), r"incomplete checkpoint state"),
+        (lambda s: s["rng"]["numpy"].update(pos="x"), r"'rng' is not a generator state"),
+        (lambda s: s["rng"]["numpy"].update(pos=10**6), r"'rng' is not a generator state"),  # numpy: SIGSEGV
+        (lambda s: s["optimizer_groups"][0].update(betas=[0.9, "x"]), r"optimizer_groups\[0\] 'betas'"),
+        (lambda s: s["optimizer_groups"][0].update(eps=-1.0), r"optimizer_groups\[0\] 'eps' is -1.0"),
+        (lambda s: s["optimizer_groups"][0].update(params=["score.bias"]), r"lists other parameters"),
+        (lambda s: s["optimizer_groups"].pop(), r"must be a list of 2 groups"),
+        (lambda s: s["data"].update(position=7), r"data position 7 is not step 4 x 1 micro-batches"),
+        (lambda s: s["scheduler"].update(step=2), r"not the warmup\+cosine schedule at step 4"),
     ],
 )
 def test_a_bad_checkpoint_state_is_one_line(tmp_path, change, message):
@@ -145,3 +152,24 @@ def test_a_bad_checkpoint_state_is_one_line(tmp_path, change, message):
     with pytest.raises(NibbleError, match=message) as exc:
         resumed.resume(path)
     assert "\n" not in str(exc.value)
+
+
+def test_a_reshaped_optimizer_moment_is_one_line_naming_it(tmp_path):
+    # The manifest recomputed, so the bytes are "intact": exp_avg reshaped to (3, 5) reached the fused AdamW kernel
+    # and corrupted the heap (free(): invalid next size, SIGSEGV) before its shape was checked.
+    from safetensors.torch import load_file, save_file
+
+    from nibble.train.checkpoint import write_manifest
+
+    trainer, _ = make_trainer(tmp_path, total=4)
+    trainer.train()
+    path = tmp_path / "checkpoints" / "step-4"
+    tensors = load_file(path / "optimizer.safetensors")
+    tensors["embed.weight.exp_avg"] = torch.zeros(3, 5)
+    save_file(tensors, path / "optimizer.safetensors")
+    write_manifest(path)
+    resumed, model = make_trainer(tmp_path, total=8)
+    before = weights(model)
+    with pytest.raises(NibbleError, match=r"optimizer.safetensors: 'embed.weight.exp_avg' has shape \(3, 5\)"):
+        resumed.resume(path)
+    assert all(torch.equal(v, weights(model)[k]) for k, v in before.items())  # nothing was taken from it

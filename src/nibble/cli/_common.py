@@ -11,6 +11,28 @@ from typing import Any, Literal
 
 from nibble.train.config import TrainConfig
 
+MAX_TOKENS = 1 << 20  # the most tokens a flag may ask for (a sequence, new tokens): beyond any model's context
+MAX_BATCH = 1 << 16
+
+
+def bounded(kind: type, low: float, high: float, *, open_low: bool = False) -> Any:
+    """An argparse ``type`` for numbers of ``kind`` in ``[low, high]`` (``(low, high]`` with ``open_low``): NaN,
+    infinities and values outside are one usage error naming the range."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        inside = (low < value if open_low else low <= value) and value <= high  # (False for NaN)
+        if not inside:
+            bracket = "(" if open_low else "["
+            raise argparse.ArgumentTypeError(f"must be in {bracket}{kind(low)}, {kind(high)}], got {text}")
+        return value
+
+    return parse
+
 
 def cache_budget(text: str) -> int | None:
     """``--cache-budget-mb``: ``auto`` (None) or a number of MiB."""
@@ -31,7 +53,7 @@ def add_config_flags(parser: argparse.ArgumentParser, names: Iterable[str] | Non
     hints = typing.get_type_hints(TrainConfig)
     wanted = None if names is None else set(names)
     for f in dataclasses.fields(TrainConfig):
-        if wanted is not None and f.name not in wanted:
+        if (wanted is not None and f.name not in wanted) or not f.metadata.get("flag", True):
             continue
         flag = "--" + f.name.replace("_", "-")
         default = "auto" if f.name == "cache_budget_mb" else f.default
@@ -85,9 +107,15 @@ def add_inference_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", required=True, help=".jsonl, .csv/.tsv, .parquet or .arrow file, or a datasets save_to_disk directory"
     )
-    parser.add_argument("--batch-size", type=int, default=16, help="rows per batch (default: 16)")
+    parser.add_argument(
+        "--batch-size", type=bounded(int, 1, MAX_BATCH), default=16, help="rows per batch (default: 16)"
+    )
     parser.add_argument("--text-column", help="classify: field holding the text (default: as in training)")
-    parser.add_argument("--max-seq-len", type=int, help="truncate texts to this many tokens (default: as in training)")
+    parser.add_argument(
+        "--max-seq-len",
+        type=bounded(int, 1, MAX_TOKENS),
+        help="truncate texts to this many tokens (default: as in training)",
+    )
     add_cache_budget_flag(parser)
     add_device_flag(parser)
 

@@ -6,29 +6,8 @@ import argparse
 import sys
 import time
 
-from nibble.cli._common import add_cache_budget_flag, add_device_flag
+from nibble.cli._common import MAX_TOKENS, add_cache_budget_flag, add_device_flag, bounded
 from nibble.quant.spec import FORMATS
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
-
-
-def _temperature(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,10 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", required=True, help="the text to answer or continue")
     parser.add_argument("--system", help="a system message (chat template only)")
     parser.add_argument("--no-chat", action="store_true", help="feed the prompt as plain text, no chat template")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=128, help="at most this many new tokens")
-    parser.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default 0)")
-    parser.add_argument("--top-k", type=_positive_int, help="sample from the k most likely tokens only")
-    parser.add_argument("--top-p", type=_probability, help="sample from the smallest set holding this much mass")
+    tokens = bounded(int, 1, MAX_TOKENS)
+    parser.add_argument("--max-new-tokens", type=tokens, default=128, help="at most this many new tokens")
+    parser.add_argument("--temperature", type=bounded(float, 0, 100), default=0.0, help="0 = greedy (default 0)")
+    parser.add_argument("--top-k", type=tokens, help="sample from the k most likely tokens only")
+    mass = bounded(float, 0, 1, open_low=True)
+    parser.add_argument("--top-p", type=mass, help="sample from the smallest set holding this much mass")
     parser.add_argument("--seed", type=int, help="seed for sampling (default: unseeded)")
     parser.add_argument("--quantize", choices=FORMATS, help="store the base in 4 bits (no adapter only)")
     parser.add_argument(

@@ -30,6 +30,24 @@ _INT_TEXT = re.compile(r"-?\d+")
 Record = tuple[int, dict[str, Any]]
 
 
+def check_data_path(path: str | Path) -> Path:
+    """``path`` as a data source nibble may read: a regular file, or a directory written by ``save_to_disk``
+    (never a FIFO, a device or a pseudo file system's directory such as /proc, which would block or never end).
+
+    Raises:
+        NibbleError: a missing path, or one of another kind, naming it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise NibbleError(f"{path}: no such data file; check the path")
+    if path.is_dir():
+        if not any((path / name).is_file() for name in ("state.json", "dataset_dict.json")):
+            raise NibbleError(f"{path}: a directory, but not one written by datasets' save_to_disk; use {FORMATS}")
+    elif not path.is_file():
+        raise NibbleError(f"{path}: not a regular file (a FIFO, socket or device); give a data file: {FORMATS}")
+    return path
+
+
 def read_records(path: str | Path) -> Iterator[Record]:
     """``(number, object)`` for every row of a data file or ``datasets`` directory (see the module docstring).
 
@@ -40,11 +58,9 @@ def read_records(path: str | Path) -> Iterator[Record]:
         NibbleError: a missing path, an unknown format, a missing optional package, or a row that cannot be
             read (naming the line).
     """
-    path = Path(path)
+    path = check_data_path(path)
     if path.is_dir():
         return dataset_dir_records(path)
-    if not path.is_file():
-        raise NibbleError(f"{path}: no such data file; check the path")
     suffix = path.suffix.lower()
     if suffix in JSONL_SUFFIXES:
         return jsonl_records(path)

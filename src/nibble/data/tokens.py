@@ -14,11 +14,13 @@ looks finished; building it anew for a changed file removes the caches of the fi
 from __future__ import annotations
 
 import array
+import atexit
 import hashlib
 import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,11 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from nibble.data.records import check_data_path
 from nibble.errors import NibbleError
 from nibble.io.fetch import cache_dir
-from nibble.io.files import read_json_object, staged_dir
+from nibble.io.files import file_identity, read_json_object, staged_dir
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+_NAME_CHARS = 100  # of the data file's name in the cache entry's (a name may have 255 bytes)
 TOKENIZER_IDENTITY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _FLUSH_VALUES = 1 << 16  # buffered values per column before a write: bounded memory, few system calls
 _GATHER_VALUES = 1 << 22  # values read at once when summing over many rows
@@ -249,6 +253,33 @@ class TokenCache:
         self.meta = read_json_object(directory / "meta.json", "delete the directory; it is rebuilt on the next run")
         self.rows: int = self.meta["rows"]
 
+    def damage(self, columns: dict[str, Column]) -> str | None:
+        """What is wrong with the cache, cheaply (None: nothing): the columns asked for with their dtypes, every
+        file of the size its counts give, and each ragged column's offsets from 0, monotone, ending at its count."""
+        layout, rows = self.meta.get("columns"), self.rows
+        if type(rows) is not int or rows < 0 or not isinstance(layout, dict) or set(layout) != set(columns):
+            return "meta.json does not describe these columns"
+        for name, column in columns.items():
+            entry = layout[name]
+            kind = (entry.get("dtype"), entry.get("ragged")) if isinstance(entry, dict) else None
+            if kind != (column.dtype, column.ragged):
+                return f"column '{name}' is not {column.dtype}"
+            values = entry.get("values")
+            if type(values) is not int or values < 0 or (not column.ragged and values != rows):
+                return f"column '{name}' has a bad count"
+            files = {f"{name}.bin": values * np.dtype(column.dtype).itemsize}
+            if column.ragged:
+                files[f"{name}.offsets.bin"] = (rows + 1) * 8
+            for file, size in files.items():
+                path = self.directory / file
+                if not path.is_file() or path.stat().st_size != size:
+                    return f"{file} is not {size} bytes"
+            if column.ragged:
+                offsets = self._array(f"{name}.offsets.bin", "int64", rows + 1)
+                if offsets[0] != 0 or offsets[-1] != values or bool((np.diff(offsets) < 0).any()):
+                    return f"{name}.offsets.bin is not monotone from 0 to {values}"
+        return None
+
     def _array(self, file: str, dtype: str, count: int) -> np.ndarray:
         if count == 0:  # an empty file cannot be memory-mapped
             return np.zeros(0, dtype=dtype)
@@ -267,15 +298,13 @@ class TokenCache:
 
 
 def source_identity(path: Path) -> dict[str, Any]:
-    """What identifies a data file's contents cheaply: resolved path, size and modification time (of every file
+    """What identifies a data file's contents cheaply: its :func:`nibble.io.files.file_identity` (of every file
     under it, for a directory)."""
     path = path.resolve()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
-        stats = [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-        return {"path": str(path), "files": stats}
-    stat = path.stat()
-    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        return {"path": str(path), "files": [[str(p.relative_to(path)), *file_identity(p)[1:]] for p in files]}
+    return {"path": str(path), "file": file_identity(path)[1:]}
 
 
 def tokenizer_identity(tokenizer_dir: Path) -> str:
@@ -302,23 +331,29 @@ def cached_tokens(
     Raises:
         NibbleError: a missing ``source``, or whatever ``build`` raises about the data (nothing is left behind).
     """
-    source = Path(source)
-    if not source.exists():
-        raise NibbleError(f"{source}: no such data file; check the path")
+    source = check_data_path(source)
     identity = source_identity(source)
     key = {"format": CACHE_FORMAT, "source": identity, "tokenizer": tokenizer_identity(tokenizer_dir), **settings}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
     root = token_cache_root()
-    directory = root / f"{source.name}-{digest}"
+    directory = root / f"{source.name[:_NAME_CHARS]}-{digest}"
     if (directory / "meta.json").is_file():
-        print(f"tokens: reusing {directory}", flush=True)
-        return TokenCache(directory)
+        try:
+            problem = TokenCache(directory).damage(columns)
+        except (NibbleError, KeyError, ValueError, OSError) as exc:
+            problem = str(exc)
+        if problem is None:
+            print(f"tokens: reusing {directory}", flush=True)
+            return TokenCache(directory)
+        print(f"tokens: {directory} is damaged ({problem}); tokenizing again", flush=True)
+        shutil.rmtree(directory, ignore_errors=True)
     started = time.perf_counter()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise NibbleError(f"{root}: cannot create the token cache ({exc.strerror}); set NIBBLE_TOKEN_CACHE") from None
-    _remove_stale(root, identity)
+    if not _writable(root):
+        directory = Path(tempfile.mkdtemp(prefix="nibble-tokens-")) / directory.name
+        atexit.register(shutil.rmtree, directory.parent, True)
+        print(f"note: cannot write the token cache in {root}; tokenizing into {directory} for this run", flush=True)
+    else:
+        _remove_stale(root, identity)
     with staged_dir(directory, overwrite=True) as tmp:
         writer = CacheWriter(tmp, columns)
         writer.finish({"key": key, **build(writer)})
@@ -331,6 +366,16 @@ def cached_tokens(
         flush=True,
     )
     return TokenCache(directory)
+
+
+def _writable(root: Path) -> bool:
+    """Whether a cache can be built under ``root`` (a directory that takes a new file)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            return True
+    except OSError:
+        return False
 
 
 def _remove_stale(root: Path, identity: dict[str, Any]) -> None:

@@ -43,6 +43,51 @@ def write_json(path: str | Path, data: Any) -> None:
     Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def file_identity(path: str | Path) -> list[Any]:
+    """What tells a file's versions apart without reading it: resolved path, size, modification time, inode and
+    status-change time (a copy of the same size with the mtime set back still gets a new inode or ctime)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
+
+
+def _fsync_tree(directory: Path) -> None:
+    """fsync every file under ``directory`` and the directory itself, before it is renamed into place."""
+    for file in directory.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_SAMPLE = 1 << 16
+_MODEL_FILES = ("config.json", "tokenizer.json", "*.safetensors", "*.safetensors.index.json", "*.gguf")
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """A cheap SHA-256 that tells two models apart (a model directory's config, tokenizer and weight files, or one
+    file): each file's name and size and 64 KiB at its start, middle and end. Two trainings of the same
+    architecture share shapes but no weight bytes, so the samples differ; a file rewritten in place is read anew.
+    """
+    path = Path(path)
+    files = [path] if path.is_file() else sorted({f for pattern in _MODEL_FILES for f in path.glob(pattern)})
+    digest = hashlib.sha256()
+    for file in files:
+        if not file.is_file():
+            continue
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            for offset in (0, max(size // 2 - _SAMPLE // 2, 0), max(size - _SAMPLE, 0)):
+                f.seek(offset)
+                digest.update(f.read(_SAMPLE))
+    return digest.hexdigest()
+
+
 def sha256_file(path: str | Path) -> str:
     """The SHA-256 of a file's bytes, as hex (read through one 1 MiB buffer)."""
     digest = hashlib.sha256()
@@ -159,6 +204,7 @@ def staged_dir(target: str | Path, overwrite: bool = False, needed: int | None =
         target.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()  # (not mkdtemp: its mode 0700 would stay on the finished directory)
         yield staging
+        _fsync_tree(staging)
         _install(staging, target)
     except OSError as exc:
         raise write_error(target.parent, exc, needed) from None

@@ -237,11 +237,20 @@ def write_streamed(
         os.fsync(f.fileno())
 
 
-def copy_into(targets: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], source: str, fix: str) -> None:
-    """Copy ``tensors`` into ``targets`` (parameters, by name): the names and shapes must match exactly.
+def check_fit(
+    targets: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor],
+    source: str,
+    fix: str,
+    *,
+    same_dtype: bool = False,
+) -> None:
+    """Check that ``tensors`` are exactly what ``targets`` (what the run builds) hold: the same names and shapes,
+    the same dtypes where ``same_dtype``, and finite values, before anything uses them.
 
     Raises:
-        NibbleError: a missing or unexpected tensor (followed by ``fix``), or a shape mismatch, naming ``source``.
+        NibbleError: a missing or unexpected tensor (followed by ``fix``), another shape or dtype, or a NaN or
+            infinity, naming ``source`` and the tensor.
     """
     missing = sorted(set(targets) - set(tensors))
     unexpected = sorted(set(tensors) - set(targets))
@@ -249,12 +258,34 @@ def copy_into(targets: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.T
         raise NibbleError(f"{source}: missing tensor '{missing[0]}'; {fix}")
     if unexpected:
         raise NibbleError(f"{source}: unexpected tensor '{unexpected[0]}'; {fix}")
+    for name, target in targets.items():
+        value = tensors[name]
+        if value.shape != target.shape:
+            raise NibbleError(
+                f"{source}: '{name}' has shape {tuple(value.shape)}, the model needs {tuple(target.shape)}; {fix}"
+            )
+        if same_dtype and value.dtype != target.dtype:
+            raise NibbleError(f"{source}: '{name}' is {value.dtype}, the run needs {target.dtype}; {fix}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise NibbleError(f"{source}: '{name}' holds NaN or infinite values; the file is damaged")
+
+
+def copy_into(
+    targets: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor],
+    source: str,
+    fix: str,
+    *,
+    same_dtype: bool = False,
+) -> None:
+    """Copy ``tensors`` into ``targets`` (parameters, by name) once :func:`check_fit` holds.
+
+    Raises:
+        NibbleError: see :func:`check_fit`.
+    """
+    check_fit(targets, tensors, source, fix, same_dtype=same_dtype)
     with torch.no_grad():
         for name, target in targets.items():
-            if tensors[name].shape != target.shape:
-                raise NibbleError(
-                    f"{source}: '{name}' has shape {tuple(tensors[name].shape)}, the model needs {tuple(target.shape)}"
-                )
             target.copy_(tensors[name])
 
 

@@ -13,6 +13,7 @@ once into an HF directory in the cache (see :func:`resolve_model_dir`) and loade
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch import nn
 from nibble.devices import resolve_device
 from nibble.errors import NibbleError
 from nibble.io import bnb
+from nibble.io.files import file_identity
 from nibble.io.peft import MULTIMODAL_DECODER
 from nibble.io.safetensors import Checkpoint, read_checkpoint
 from nibble.model import moe
@@ -49,8 +51,8 @@ def resolve_model_dir(path: str | Path) -> Path:
 
     A GGUF file is converted (float32, exact dequantized values) once into
     ``<cache>/converted/<name>-<key>`` (``$NIBBLE_CACHE`` or ``~/.cache/nibble``; the key hashes the
-    file's absolute path, size and mtime); later calls find it there, and a changed file is converted
-    again. The conversion appears under that name only when complete, so an interrupted one is redone.
+    file's identity: absolute path, size, mtime, inode and ctime); later calls find it there, and a changed file
+    is converted again. The conversion appears under that name only when complete, so an interrupted one is redone.
 
     Raises:
         NibbleError: a missing path, or a GGUF file that cannot be converted (see ``nibble.io.gguf``).
@@ -66,8 +68,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     if not is_gguf(path):
         raise NibbleError(f"{path}: not a directory (expected a model directory with config.json, or a .gguf file)")
 
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps(file_identity(path)).encode()).hexdigest()[:16]
     target = cache_dir() / "converted" / f"{path.stem}-{key}"
     if not (target / SOURCE_NAME).is_file():  # a conversion by a nibble that did not record its source is redone
         # overwrite: a concurrent conversion of the same file may have finished first; both are identical

@@ -4,9 +4,10 @@ Quantizing every projection of a model takes most of a 4-bit load (seconds to mi
 predict, generate and merge would each pay it again. :func:`load_model` therefore keeps the quantized
 projections in ``<cache>/quantized/<model dir name>-<key>.safetensors`` (``<cache>`` is
 :func:`nibble.io.fetch.cache_dir`, where GGUF conversions also go). The key hashes the model directory's
-absolute path and the :class:`QuantSpec`; the file's metadata records each source file's path, size and
-modification time, so a changed source is quantized again and its entry replaced. Entries are written to a
-temporary name and renamed (a crash never leaves a partial one), and the tensors are the quantizer's own
+absolute path and the :class:`QuantSpec`; the file's metadata records each source file's path, size,
+modification time, inode and status-change time, so a changed source (even one of the same size and mtime) is
+quantized again and its entry replaced; an entry that cannot be read is made again, saying so. Entries are
+written to a temporary name and renamed (a crash never leaves a partial one), and the tensors are the quantizer's own
 bytes: a load from the cache gives bit-identical weights.
 """
 
@@ -22,21 +23,18 @@ import torch
 
 from nibble.errors import NibbleError
 from nibble.io.fetch import cache_dir
+from nibble.io.files import file_identity
 from nibble.io.safetensors import Checkpoint, SafetensorsFile, save_file_atomic
 from nibble.quant import INT4Weight, NF4Weight, QuantizedWeight, QuantSpec
 
 _META_KEY = "nibble.quantized"
 _KEYS = "nibble.weights"
-_VERSION = 1  # bump when quantization or the stored layout changes: older entries are then made again
+_VERSION = 2  # bump when quantization or the stored layout changes: older entries are then made again
 
 
 def _sources(ckpt: Checkpoint) -> list[list]:
-    """``[path, size, mtime_ns]`` of each file the checkpoint's tensors come from."""
-    out = []
-    for f in ckpt.files:
-        stat = f.path.stat()
-        out.append([str(f.path.resolve()), stat.st_size, stat.st_mtime_ns])
-    return out
+    """The identity (see :func:`nibble.io.files.file_identity`) of each file the checkpoint's tensors come from."""
+    return [file_identity(f.path) for f in ckpt.files]
 
 
 class QuantCache:
@@ -46,7 +44,7 @@ class QuantCache:
         self.spec = spec
         key = json.dumps([str(model_dir.resolve()), spec.to_json(), _VERSION])
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        self.path = cache_dir() / "quantized" / f"{model_dir.resolve().name}-{spec.name}-{digest}.safetensors"
+        self.path = cache_dir() / "quantized" / f"{model_dir.resolve().name[:100]}-{spec.name}-{digest}.safetensors"
         self.stamp = json.dumps({"version": _VERSION, "spec": spec.to_json(), "sources": _sources(ckpt)})
 
     def load(self, dtype: torch.dtype) -> dict[str, QuantizedWeight]:
@@ -61,7 +59,8 @@ class QuantCache:
                 return {}
             tensors = {name: stored.read(name) for name in stored.tensors}
             return {key: _weight(tensors, key, self.spec, dtype, str(self.path)) for key in json.loads(metadata[_KEYS])}
-        except (NibbleError, KeyError, ValueError):
+        except (NibbleError, KeyError, ValueError, OSError) as exc:
+            print(f"note: {self.path} is damaged ({exc}); quantizing again", file=sys.stderr, flush=True)
             return {}
 
     def store(self, weights: Iterable[tuple[str, QuantizedWeight]]) -> None:

@@ -20,6 +20,7 @@ lists them as ``shards/NAME``); the directory is renamed only after every rank f
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from contextlib import nullcontext
@@ -31,7 +32,7 @@ from torch import nn
 
 from nibble.errors import NibbleError, first_line
 from nibble.io.files import read_json_object, remove_stale_staging, sha256_file, staged_dir, write_json
-from nibble.io.safetensors import copy_into, load_file, save_file_atomic
+from nibble.io.safetensors import check_fit, copy_into, load_file, save_file_atomic
 from nibble.train.distributed import barrier, broadcast_text, current, is_sharded
 from nibble.train.rng import rng_state
 
@@ -65,25 +66,74 @@ def load_optimizer_state(
     groups: list[dict[str, Any]],
     source: str,
 ) -> None:
+    """Give ``optimizer`` the checkpointed state once it is proven to fit (see :func:`check_optimizer_state`).
+
+    Raises:
+        NibbleError: the state does not fit this run's optimizer; names the tensor or the group key.
+    """
+    check_optimizer_state(optimizer, names, tensors, groups, source)
     index_of = {name: i for i, name in names.items()}
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, _, slot = key.rpartition(".")
-        if name not in index_of:
-            raise NibbleError(f"{source}: optimizer state for unknown parameter '{name}'; resume with the same config")
         state.setdefault(index_of[name], {})[slot] = value
     restored = []
     for group in groups:
         g = {k: (tuple(v) if k == "betas" else v) for k, v in group.items()}
-        missing = [n for n in group["params"] if n not in index_of]
-        if missing:
-            raise NibbleError(f"{source}: optimizer group names unknown parameter '{missing[0]}'")
         g["params"] = [index_of[n] for n in group["params"]]
         restored.append(g)
-    try:
-        optimizer.load_state_dict({"state": state, "param_groups": restored})
-    except (ValueError, KeyError) as exc:
-        raise NibbleError(f"{source}: optimizer state does not fit this run ({exc}); use the same config") from None
+    optimizer.load_state_dict({"state": state, "param_groups": restored})
+
+
+def check_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    names: dict[int, str],
+    tensors: dict[str, torch.Tensor],
+    groups: Any,
+    source: str,
+) -> None:
+    """Check a checkpoint's optimizer state against the state this run's optimizer builds (created first when
+    it has none): the same tensor names, shapes and dtypes (a parameter may have no state at all, as torch
+    leaves one that never had a gradient), finite values, second moments and step counts not negative; and
+    the same groups over the same parameters, each setting of the same kind, finite and in range.
+
+    Raises:
+        NibbleError: the first tensor or group key that does not fit, naming it.
+    """
+    if not optimizer.state:
+        _create_state(optimizer)
+    built, built_groups = optimizer_state(optimizer, names)
+    stored = {key.rpartition(".")[0] for key in tensors}
+    expected = {key: value for key, value in built.items() if key.rpartition(".")[0] in stored}
+    check_fit(expected, tensors, f"{source}/optimizer.safetensors", "resume with the same config", same_dtype=True)
+    for key, value in tensors.items():
+        if key.rpartition(".")[2] in ("exp_avg_sq", "max_exp_avg_sq", "step") and bool((value < 0).any()):
+            raise NibbleError(f"{source}/optimizer.safetensors: '{key}' is negative; the checkpoint is damaged")
+    where = f"{source}/{STATE_FILE}: optimizer_groups"
+    if not isinstance(groups, list) or len(groups) != len(built_groups):
+        raise NibbleError(f"{where} must be a list of {len(built_groups)} groups; resume with the same config")
+    for i, (group, mine) in enumerate(zip(groups, built_groups, strict=True)):
+        if not isinstance(group, dict) or set(group) != set(mine):
+            raise NibbleError(f"{where}[{i}] must hold exactly {sorted(mine)}; resume with the same config")
+        if group["params"] != mine["params"]:
+            raise NibbleError(f"{where}[{i}] lists other parameters than this run trains; resume with the same config")
+        for key, value in group.items():
+            if key != "params" and not _same_kind(value, mine[key]):
+                raise NibbleError(f"{where}[{i}] '{key}' is {value!r}; the checkpoint is damaged")
+
+
+def _same_kind(value: Any, built: Any) -> bool:
+    """Whether an optimizer group setting read from JSON is of the kind the run's own is, finite and in range
+    (numbers are not negative; betas are below 1)."""
+    if isinstance(built, bool) or built is None:
+        return value is None or isinstance(value, bool)
+    if isinstance(built, int | float):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        return number and math.isfinite(value) and value >= 0
+    if isinstance(built, list):
+        items = isinstance(value, list) and len(value) == len(built)
+        return items and all(_same_kind(v, b) and v < 1 for v, b in zip(value, built, strict=True))
+    return type(value) is type(built)
 
 
 def save_checkpoint(
@@ -295,4 +345,5 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
 def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy checkpointed values into the model's trainable parameters (exact names and shapes required)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    copy_into(params, tensors, source, "the trainable weights do not fit this model; resume with the same config")
+    fix = "the trainable weights do not fit this model; resume with the same config"
+    copy_into(params, tensors, source, fix, same_dtype=True)

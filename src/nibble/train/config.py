@@ -194,10 +194,17 @@ class TrainConfig:
         default=False,
         metadata=_help(
             "replace a previous run in --output: its files are moved aside (OUT/.replaced) and deleted once the "
-            "new run has written its first checkpoint; a new run that stops before that puts them back"
+            "new run has written its first checkpoint; a new run that stops before that puts them back. Only what "
+            "nibble wrote there (OUT/.nibble-outputs.json) is replaced: a directory holding anything else, or a "
+            "path the run reads inside the old run, is refused"
         ),
     )
     val_data: str | None = field(default=None, metadata=_help("validation data file (default: split from --data)"))
+    config_file: str | None = field(
+        default=None,
+        compare=False,
+        metadata=_help("the YAML file the config was read from (set by nibble, not a flag)", flag=False),
+    )
     val_split: float = field(default=0.1, metadata=_help("stratified fraction of --data held out for validation"))
     text_column: str = field(default="text", metadata=_help("field holding the text"))
     label_column: str = field(default="label", metadata=_help("field holding the label (or list of labels)"))
@@ -414,6 +421,8 @@ def resolve_config(
     """
     values: dict[str, Any] = read_yaml(yaml_path) if yaml_path is not None else {}
     values.update(overrides)
+    if yaml_path is not None:
+        values["config_file"] = str(yaml_path)
     try:
         config = TrainConfig(**values)
     except TypeError as exc:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import random
+import re
 from typing import Any
 
 import numpy as np
 import torch
+
+from nibble.errors import NibbleError
+
+_MT_WORDS = 624  # the Mersenne Twister's state: 624 32-bit words and a position in them
+_RANK_KEY = re.compile(r"(torch|cuda)\.rank[1-9]\d*")
+_CUDA_KEY = re.compile(r"cuda\.\d+")
 
 
 def seed_everything(seed: int) -> None:
@@ -31,6 +39,51 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         "python": {"version": version, "gauss_next": gauss_next},
     }
     return tensors, scalars
+
+
+def check_rng_state(tensors: dict[str, torch.Tensor], scalars: Any, source: str) -> None:
+    """Check saved generator states against the ones this process builds before any generator sees them: the
+    known names only, each of the same shape and dtype, the Mersenne Twister words and positions in range
+    (numpy's position is not bounds-checked by numpy itself: a wrong one crashes the process).
+
+    Raises:
+        NibbleError: the first state that does not fit, naming it.
+    """
+    built, _ = rng_state()
+    where = f"{source}/rng.safetensors"
+    for key, value in tensors.items():
+        if _RANK_KEY.fullmatch(key):
+            like = built["torch"] if key.startswith("torch") else built.get("cuda.0")
+        elif _CUDA_KEY.fullmatch(key):
+            like = built.get(key, built.get("cuda.0"))
+        else:
+            like = built.get(key)
+        if like is None and not key.startswith("cuda"):
+            raise NibbleError(f"{where}: unexpected generator state '{key}'; the checkpoint is damaged")
+        like = like if like is not None else torch.zeros(16, dtype=torch.uint8)  # (no CUDA here: never used)
+        if value.shape != like.shape or value.dtype != like.dtype:
+            raise NibbleError(
+                f"{where}: '{key}' is {value.dtype}{list(value.shape)}, a generator state here is "
+                f"{like.dtype}{list(like.shape)}; the checkpoint is damaged"
+            )
+    for key in ("torch", "numpy", "python"):
+        if key not in tensors:
+            raise NibbleError(f"{where}: missing generator state '{key}'; the checkpoint is damaged")
+    words = (tensors["numpy"], tensors["python"][:-1])
+    if any(bool(((w < 0) | (w >= 2**32)).any()) for w in words) or not 0 <= int(tensors["python"][-1]) <= _MT_WORDS:
+        raise NibbleError(f"{where}: a Mersenne Twister state is out of range; the checkpoint is damaged")
+    n = scalars.get("numpy") if isinstance(scalars, dict) else None
+    p = scalars.get("python") if isinstance(scalars, dict) else None
+    numpy_ok = isinstance(n, dict) and n.get("name") == "MT19937" and n.get("has_gauss") in (0, 1)
+    numpy_ok = numpy_ok and type(n.get("pos")) is int and 0 <= n["pos"] <= _MT_WORDS
+    numpy_ok = numpy_ok and isinstance(n.get("cached_gaussian"), float) and math.isfinite(n["cached_gaussian"])
+    gauss = p.get("gauss_next") if isinstance(p, dict) else None
+    python_ok = isinstance(p, dict) and p.get("version") == random.getstate()[0]
+    python_ok = python_ok and (gauss is None or (isinstance(gauss, float) and math.isfinite(gauss)))
+    if not (numpy_ok and python_ok):
+        raise NibbleError(
+            f"{source}/state.json: 'rng' is not a generator state this process can take; the checkpoint is damaged"
+        )
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict[str, Any], rank: int = 0) -> None:

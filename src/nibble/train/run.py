@@ -24,7 +24,7 @@ from nibble import kernels
 from nibble.data.batching import BatchStream
 from nibble.devices import MemoryMeter, describe, dtype_name, resolve_device, resolve_dtype
 from nibble.errors import NibbleError
-from nibble.io.files import read_json_object, staged_dir, write_text_atomic
+from nibble.io.files import model_fingerprint, read_json_object, staged_dir, write_text_atomic
 from nibble.io.lock import locked_directory
 from nibble.io.tokenizer import Tokenizer, load_tokenizer
 from nibble.model.config import ModelConfig
@@ -41,6 +41,7 @@ from nibble.train.export import copy_export, export
 from nibble.train.metrics import MetricsLog, plot_run
 from nibble.train.outdir import (
     check_output,
+    check_same_run,
     drop_replaced_run,
     finished_already,
     global_micro_batch,
@@ -270,6 +271,9 @@ class Run:
         if self.plan is not None:
             print(f"plan: {self.plan.describe()} ({source})", flush=True)
         self.config = global_micro_batch(self.config, self.resume_from, self.part)
+        self.fingerprint = model_fingerprint(self.model_dir)
+        if self.resume_from is not None:
+            check_same_run(self.resume_from, self.config, self.fingerprint)
 
     def _plan_options(self, cache_budget: int):
         opts = plan_options(self.config, self.model_config, num_labels=self.task.num_labels, device=self.device)
@@ -365,6 +369,7 @@ class Run:
             meter=self.meter,
             on_save=on_save,
             flops_per_token=train_flops_per_token(self.model_config, self.config.method),
+            identity={"model": self.fingerprint},
         )
 
     def resume(self) -> None:

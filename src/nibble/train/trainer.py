@@ -22,6 +22,7 @@ from nibble.devices import MemoryMeter, autocast, peak_flops, resolve_dtype, to_
 from nibble.errors import Interrupted, NibbleError
 from nibble.train.checkpoint import (
     SHARDS,
+    check_optimizer_state,
     discard_checkpoints_after,
     load_checkpoint,
     load_optimizer_state,
@@ -36,7 +37,7 @@ from nibble.train.interrupt import GracefulStop
 from nibble.train.metrics import MetricsLog, headline
 from nibble.train.optim import WarmupCosine, build_optimizer
 from nibble.train.progress import Progress, Window
-from nibble.train.rng import rank_rng_states, set_rng_state
+from nibble.train.rng import check_rng_state, rank_rng_states, set_rng_state
 from nibble.train.tasks.base import TaskRun
 
 
@@ -79,8 +80,10 @@ class Trainer:
         meter: MemoryMeter | None = None,
         on_save: Callable[[Path], None] | None = None,
         flops_per_token: int | None = None,
+        identity: dict[str, str] | None = None,
     ):
         self.model, self.stream, self.config, self.out = model, stream, config, out
+        self.identity = identity  # what the run is of, beyond its config (the model's fingerprint), for resuming
         self.forward = task.forward or (lambda m, batch: m(batch["input_ids"], batch["attention_mask"]))
         self.total_steps, self.loss_fn, self.on_best = total_steps, task.loss, on_best
         self.evaluate: Callable[[nn.Module], dict[str, Any]] | None = None
@@ -121,8 +124,12 @@ class Trainer:
         return autocast(self.device, self.dtype)
 
     def resume(self, path: Path) -> None:
-        """Restore weights, optimizer, data position, progress and RNG from a checkpoint directory."""
+        """Restore weights, optimizer, data position, progress and RNG from a checkpoint directory. Every tensor
+        and value is checked against what this run builds (names, shapes, dtypes, finite, in range) before
+        any of it is used (sharded weights, read in place, before training uses them); the first that does not fit
+        is one line naming it."""
         trainable, opt_tensors, state, rng = load_checkpoint(path)
+        check_rng_state(rng, state.get("rng"), str(path))
         if (path / SHARDS).is_dir():
             opt_tensors = load_sharded(path, dict(self.named_params), self.optimizer, self.param_names)
         elif is_sharded(self._params):
@@ -132,10 +139,16 @@ class Trainer:
                 "process, or without --shard-base"
             )
         else:
+            check_optimizer_state(
+                self.optimizer, self.param_names, opt_tensors, state.get("optimizer_groups"), str(path)
+            )
             load_trainable(self.model, trainable, str(path))
         try:
-            load_optimizer_state(self.optimizer, self.param_names, opt_tensors, state["optimizer_groups"], str(path))
+            load_optimizer_state(
+                self.optimizer, self.param_names, opt_tensors, state.get("optimizer_groups"), str(path)
+            )
             self.stream.load_state_dict(state["data"], str(path))
+            self._check_position(state, path)
             self.progress = Progress.from_json(state["progress"], str(path))
             self.progress.apply_patience(self.config.early_stopping_patience)
             if state.get("scaler") and self.scaler.is_enabled():
@@ -156,6 +169,28 @@ class Trainer:
             discard_checkpoints_after(self.checkpoints, self.progress.step)
         self.last_checkpoint = path
 
+    def _check_position(self, state: dict[str, Any], path: Path) -> None:
+        """The data position and the schedule of a checkpoint agree with its step: ``grad_accum`` micro-batches
+        per step, the warmup+cosine schedule at that step."""
+        progress = Progress.from_json(state["progress"], str(path))
+        position, scheduler = state["data"]["position"], state.get("scheduler")
+        if position != progress.step * self.config.grad_accum:
+            raise NibbleError(
+                f"{path}: data position {position!r} is not step {progress.step} x {self.config.grad_accum} "
+                "micro-batches; resume from another checkpoint, with the same --grad-accum"
+            )
+        if scheduler is not None:
+            total = scheduler.get("total_steps")
+            if (
+                scheduler.get("name") != "warmup_cosine"
+                or scheduler.get("step") != progress.step
+                or not (type(total) is int and total > 0)
+            ):
+                raise NibbleError(
+                    f"{path}: scheduler {scheduler!r} is not the warmup+cosine schedule at step {progress.step}; "
+                    "resume from another checkpoint"
+                )
+
     def save(self, window: Window | None = None) -> Path:
         """Checkpoint the run at the current step (with the unlogged steps of ``window``, when given)."""
         state = {
@@ -165,6 +200,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "last_eval": self.last_eval,
             "window": window.to_json() if window is not None else None,
+            "identity": self.identity,
         }
         path = save_checkpoint(
             self.checkpoints,
