@@ -28,6 +28,13 @@ Columns as above (tokens/s counts every rank's tokens); the peak RSS is rank 0's
 dense copies, so the DDP rows run with ``--cache-budget-mb 0`` too, for the same arithmetic).
 
     .venv/bin/python benchmarks/bench_train.py --nproc 2 --dtypes float32 --steps 12 --batch-size 8
+
+``--baseline-src DIR`` adds the stack ``nibble-baseline``: the same CLI run from another source tree's ``src``
+(e.g. ``git archive REV src | tar -x -C DIR``), alternating with the others, so a change is measured before and
+after in one run; with ``--ref nibble-baseline`` the ratios are to it.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py --baseline-src /tmp/before/src --stacks nibble \
+        --ref nibble-baseline --dtypes float32 --repeats 2 --steps 20
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from pathlib import Path
 STACKS = ("nibble", "nibble-nocache", "nibble-compile", "nibble-mmap", "hf")
 NAMES = {
     "nibble": "nibble (defaults)",
+    "nibble-baseline": "nibble (defaults), --baseline-src",
     "nibble-nocache": "nibble (--cache-budget-mb 0)",
     "nibble-compile": "nibble (--compile)",
     "nibble-mmap": "nibble (MALLOC_MMAP_THRESHOLD_=4 MiB)",
@@ -310,6 +318,8 @@ def measure(kind: str, args: argparse.Namespace, dtype: str, data, work: Path, s
             out = work / f"{kind}-{dtype}-{stack}-{repeat}"
             make = classify_commands if kind == "classify" else instruct_commands
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            if stack == "nibble-baseline":
+                env["PYTHONPATH"] = str(args.baseline_src)
             if stack == "nibble-compile":  # an empty kernel cache: the compile time of a first run
                 env["TORCHINDUCTOR_CACHE_DIR"] = str(out.with_name(out.name + "-kernels"))
             if stack == "nibble-mmap":  # glibc maps blocks of 4 MiB and more on their own (README: memory)
@@ -426,6 +436,8 @@ def main() -> None:
         "--dropout", type=float, default=None, help="LoRA dropout for both (default: each stack's own default)"
     )
     parser.add_argument("--stacks", default=",".join(STACKS))
+    parser.add_argument("--baseline-src", type=Path, help="also run nibble from this src directory (see above)")
+    parser.add_argument("--ref", default="hf", help="the stack the ratios are to (default hf)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -463,7 +475,7 @@ def main() -> None:
     from nibble.model.loading import resolve_model_dir
 
     args.model = resolve_model_dir(args.model or fetch_smollm2())
-    stacks = tuple(args.stacks.split(","))
+    stacks = tuple(args.stacks.split(",")) + (("nibble-baseline",) if args.baseline_src else ())
     tables = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -473,13 +485,13 @@ def main() -> None:
                 continue
             if not args.skip_classify:
                 results = measure("classify", args, dtype, split_data(args.data, work), work, stacks)
-                tables.append((f"classification, {dtype}", table(results)))
+                tables.append((f"classification, {dtype}", table(results, args.ref)))
             if not args.skip_instruct:
                 data = work / "instruct.jsonl"
                 write_instruct_data(data, 8 * args.instruct_batch)
                 lm_stacks = tuple(s for s in stacks if s != "nibble-nocache")
                 results = measure("instruct", args, dtype, data, work, lm_stacks)
-                tables.append((f"instruction tuning, {dtype}", table(results, accuracy=False)))
+                tables.append((f"instruction tuning, {dtype}", table(results, args.ref, accuracy=False)))
 
     import torch
 

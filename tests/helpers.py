@@ -145,6 +145,16 @@ def make_hf_checkpoint(
     return Path(path), model
 
 
+def plan_opts(model_config, *, num_labels: int | None = None, device: str = "cpu", **fields: Any):
+    """The memory planner's options for a run of ``TrainConfig(**fields)`` (dtype float32 unless given), built the
+    one way a run builds them (``nibble.train.planning.plan_options``)."""
+    from nibble.train.config import TrainConfig
+    from nibble.train.planning import plan_options
+
+    config = TrainConfig(**{"dtype": "float32", **fields})
+    return plan_options(config, model_config, num_labels=num_labels, device=torch.device(device))
+
+
 def save_fused_experts(path: str | Path) -> Path:
     """Rewrite the checkpoint at ``path`` with transformers' in-memory tensor names: each layer's experts fused as
     ``experts.gate_up_proj`` [E, 2I, H] and ``experts.down_proj`` [E, H, I] (``save_pretrained`` writes them per

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import nibble
+from helpers import plan_opts
 from nibble.cli.main import main
 from nibble.errors import NibbleError
 from nibble.model import ModelConfig
-from nibble.model.memory import PlanOptions, dense_copies, format_rows, plan_rows, projections_bytes, weight_bytes
+from nibble.model.memory import dense_copies, format_rows, plan_rows, projections_bytes, weight_bytes
 from nibble.nn import QuantLinear
 from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
 from nibble.quant import QuantSpec
@@ -57,7 +58,7 @@ def test_qwen3_4b_shape_gives_the_known_sizes():
     assert 2.0e9 < projections_bytes(config, QuantSpec("nf4")) < 2.1e9
     rows = {name: sizes for name, _, sizes in format_rows(config)}
     assert 16.0e9 < rows["all weights"]["fp32"] < 16.2e9
-    plan = {name: size for name, _, size in plan_rows(config, PlanOptions())}
+    plan = {name: size for name, _, size in plan_rows(config, plan_opts(config, task="instruct", lora_rank=16))}
     assert plan["block projections, frozen [nf4]"] == projections_bytes(config, QuantSpec("nf4"))
     lora = 16 * (4096 + 2560 + 1024 + 2560) * 36  # r * (in + out) for q_proj and v_proj, every layer
     assert plan["LoRA r=16 on q_proj,v_proj [fp32]"] == 4 * lora
@@ -69,10 +70,12 @@ def test_int4_needs_divisible_group_and_options_are_checked():
     assert weight_bytes(8, 256, QuantSpec("int4", group_size=128)) == 8 * 128 + 8 * 2 * 2
     with pytest.raises(NibbleError, match="not divisible by INT4 group_size 128"):
         weight_bytes(8, 96, QuantSpec("int4"))
+    config = ModelConfig(**QWEN3_4B)
+    opts = plan_opts(config)
     with pytest.raises(NibbleError, match="LoRA targets"):
-        PlanOptions(lora_targets=("qkv",))
+        replace(opts, lora_targets=("qkv",))
     with pytest.raises(NibbleError, match="method 'dpo'"):
-        PlanOptions(method="dpo")
+        replace(opts, method="dpo")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -81,7 +84,7 @@ def test_the_plan_counts_the_dense_copies_a_run_makes(shared_checkpoint, capsys,
     model = nibble.load_model(path, quantize="nf4", dtype=dtype)
     made = cache_dense_weights(model, cache_budget_bytes(model, dtype), dtype)
     name = str(dtype).removeprefix("torch.")
-    opts = PlanOptions(method="qlora", dtype=name, device="cpu")
+    opts = plan_opts(model.config, method="qlora", dtype=name, device="cpu")
     assert dense_copies(model.config, opts) == made and 0 < made[0] < made[1]
     assert dense_copies(model.config, replace(opts, device="cuda")) == (0, made[1], 0)  # none by default on GPUs
     assert dense_copies(model.config, opts, limit=made[2] // 2)[0] < made[0]  # a planned run's budget bounds them
@@ -126,7 +129,6 @@ def test_block_activations_are_what_autograd_saves(shared_checkpoint, method, ta
     1,024 to 2,048 tokens, which cancels every per-layer constant (autocast's weight casts) and the layers
     around the blocks."""
     from nibble.model.memory import block_activation_bytes
-    from nibble.nn.lora import resolve_targets
 
     path, _ = shared_checkpoint("qwen3", num_labels=3, hidden_size=256, intermediate_size=512, num_hidden_layers=4)
     torch.manual_seed(0)
@@ -144,7 +146,15 @@ def test_block_activations_are_what_autograd_saves(shared_checkpoint, method, ta
     model.train()
     s = {(n, t): saved_bytes(model, n, t, compute) for n in (2, 4) for t in (1024, 2048)}
     measured = (s[4, 2048] - s[2, 2048] - s[4, 1024] + s[2, 1024]) / (2 * 1024)
-    opts = PlanOptions(
-        method=method, dtype=dtype, lora_dropout=dropout, lora_targets=resolve_targets(targets or "q_proj")
+    opts = plan_opts(
+        model.config,
+        task="classify",
+        num_labels=3,
+        method=method,
+        dtype=dtype,
+        lora_dropout=dropout,
+        lora_targets=targets or "q_proj",
+        lora_rank=16,
+        max_seq_len=512,  # (the attention term is per token of a sequence this long)
     )
     assert block_activation_bytes(model.config, opts) == pytest.approx(measured, rel=0.1)

@@ -202,8 +202,9 @@ def test_router_aux_loss_flag():
 
 @pytest.mark.parametrize("spec", [QuantSpec("nf4"), QuantSpec("nf4", double_quant=True)], ids=str)
 def test_plan_counts_what_a_loaded_model_holds(moe_checkpoint, spec):
-    from nibble.model.memory import PlanOptions, plan_rows, projections_bytes
-    from nibble.nn.lora import apply_lora, resolve_targets
+    from helpers import plan_opts
+    from nibble.model.memory import plan_rows, projections_bytes
+    from nibble.nn.lora import apply_lora
 
     model = load_model(moe_checkpoint[0], quantize=spec)
     held = sum(m.qweight.memory_bytes() for m in model.modules() if getattr(m, "qweight", None) is not None)
@@ -212,7 +213,9 @@ def test_plan_counts_what_a_loaded_model_holds(moe_checkpoint, spec):
         block.gate.weight.requires_grad_(True)
     apply_lora(model, "all-linear", rank=4, alpha=8.0)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    opts = PlanOptions(quant=spec, lora_rank=4, lora_targets=resolve_targets("all-linear"), train_router=True)
+    quant = dict(quant_format=spec.format, double_quant=spec.double_quant, blocksize=spec.blocksize)
+    opts = plan_opts(model.config, **quant, task="instruct", lora_rank=4, lora_targets="all-linear", train_router=True)
+    assert opts.quant == spec
     rows = {name: params for name, params, _ in plan_rows(model.config, opts)}
     assert rows["gradients of trainable params [fp32]"] == trainable
 

@@ -157,7 +157,8 @@ def test_prompt_in_pieces_equals_it_at_once(shared_checkpoint):
 
 
 def test_plan_counts_the_weights_a_loaded_qwen35_holds(shared_checkpoint):
-    from nibble.model.memory import DELTANET_DENSE_ROW, PlanOptions, format_rows, plan_rows, projections_bytes
+    from helpers import plan_opts
+    from nibble.model.memory import DELTANET_DENSE_ROW, format_rows, plan_rows, projections_bytes
     from nibble.nn import QuantLinear
     from nibble.quant import QuantSpec
 
@@ -176,7 +177,8 @@ def test_plan_counts_the_weights_a_loaded_qwen35_holds(shared_checkpoint):
         if not n.startswith(("in_proj_qkv", "in_proj_z", "out_proj"))
     )
     assert rows[DELTANET_DENSE_ROW] == stays_dense
-    plan = {name: size for name, _, size in plan_rows(dense.config, PlanOptions(seq_len=128, batch_size=2))}
+    opts = plan_opts(dense.config, max_seq_len=128, batch_size=2)
+    plan = {name: size for name, _, size in plan_rows(dense.config, opts)}
     states = 2 * 4 * 2 * 16 * 16 * 4  # rows x value heads x chunks x d_k x d_v x fp32
     assert (
         plan["delta rule backward: chunk states, chunk matrices (in activations)"]

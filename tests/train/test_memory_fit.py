@@ -24,7 +24,6 @@ from nibble.io.fetch import fetch_smollm2
 from nibble.model.config import ModelConfig
 from nibble.model.memory import (
     METHODS_BY_PREFERENCE,
-    PlanOptions,
     RunPlan,
     choose_plan,
     estimate_bytes,
@@ -35,7 +34,12 @@ from nibble.train.planning import fit_to_memory
 
 SMALL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4)
 SMALL.update(num_key_value_heads=2, head_dim=64)
-OPTS = PlanOptions(task="classify", num_labels=4, seq_len=64, batch_size=8, lora_rank=8, lora_dropout=0.05)
+RUN = dict(task="classify", max_seq_len=64, batch_size=8, lora_rank=8, lora_dropout=0.05)
+
+
+def opts(config: ModelConfig):
+    """The planner's options for a QLoRA classification run of ``RUN`` on ``config``."""
+    return helpers.plan_opts(config, num_labels=4, **RUN)
 
 
 @pytest.fixture(scope="module")
@@ -55,30 +59,30 @@ def small(tmp_path_factory):
 
     def smallest(method: str) -> int:
         return min(
-            estimate_bytes(config, replace(OPTS, method=method, batch_size=1, checkpointing=c), cache_limit=0)
+            estimate_bytes(config, replace(opts(config), method=method, batch_size=1, checkpointing=c), cache_limit=0)
             for c in (False, True)
         )
 
     full, lora, qlora = smallest("full"), smallest("lora"), smallest("qlora")
     assert full > lora > qlora
-    whole_batch = estimate_bytes(config, replace(OPTS, method="full"), cache_limit=0)  # micro-batch 8
+    whole_batch = estimate_bytes(config, replace(opts(config), method="full"), cache_limit=0)  # micro-batch 8
     budgets = {"full": whole_batch, "lora": (full + lora) // 2, "qlora": (lora + qlora) // 2}
     return path, config, data, root, budgets
 
 
 def test_a_smaller_budget_moves_the_choice_from_full_to_lora_to_qlora(small):
     _, config, _, _, budgets = small
-    chosen = {name: choose_plan(plan_candidates(config, OPTS, b, 8), b) for name, b in budgets.items()}
+    chosen = {name: choose_plan(plan_candidates(config, opts(config), b, 8), b) for name, b in budgets.items()}
     assert {name: plan.method for name, plan in chosen.items()} == {"full": "full", "lora": "lora", "qlora": "qlora"}
     for plan in chosen.values():
         assert plan.estimate_bytes <= plan.budget_bytes and plan.batch_size * plan.grad_accum == 8
     assert chosen["full"] == RunPlan("full", 8, 1, False, chosen["full"].estimate_bytes, budgets["full"])
     # Within a method: a smaller budget takes a smaller micro-batch first, checkpointing only when none fits.
     lora_budgets = [budgets["lora"] - cut for cut in (0, 2**20, 4 * 2**20)]
-    lora = [choose_plan(plan_candidates(config, OPTS, b, 8, ("lora",)), b) for b in lora_budgets]
+    lora = [choose_plan(plan_candidates(config, opts(config), b, 8, ("lora",)), b) for b in lora_budgets]
     assert [p.batch_size for p in lora] == sorted((p.batch_size for p in lora), reverse=True)
     with pytest.raises(NibbleError, match=r"no run fits the memory budget of 0\.010 GB: the smallest, qlora"):
-        choose_plan(plan_candidates(config, OPTS, 10**7, 8, METHODS_BY_PREFERENCE), 10**7)
+        choose_plan(plan_candidates(config, opts(config), 10**7, 8, METHODS_BY_PREFERENCE), 10**7)
 
 
 def test_nibble_plan_prints_the_choice_and_its_candidates(small, capsys):

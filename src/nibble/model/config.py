@@ -177,20 +177,22 @@ class ModelConfig:
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
 
     @classmethod
-    def from_hf(cls, source: dict[str, Any] | str | Path) -> ModelConfig:
-        """Build from a ``config.json`` dict, a path to one, or a model directory holding one.
+    def from_hf(cls, source: dict[str, Any] | str | Path, *, tensors: int | None = None) -> ModelConfig:
+        """Build from a ``config.json`` dict, a path to one, or a model directory holding one. ``tensors`` (the
+        count the checkpoint holds, when known) bounds the layer count: every layer stores tensors of its own.
 
         Raises:
             NibbleError: missing or invalid JSON, an unsupported architecture or feature, a missing or
-                invalid size; the message names the file (or "config.json") and the key.
+                invalid size, more layers than ``tensors``; the message names the file (or "config.json") and
+                the key.
         """
         if isinstance(source, dict):
-            return _from_dict(source, "config.json")
+            return _from_dict(source, "config.json", tensors)
         path = Path(source)
         if path.is_dir():
             path = path / "config.json"
         data = read_json_object(path, "a model directory needs a valid config.json")
-        return _from_dict(data, str(path))
+        return _from_dict(data, str(path), tensors)
 
     def to_hf(self, architecture: str | None = None) -> dict[str, Any]:
         """A ``config.json`` dict transformers (4.x and 5.x) loads: ``*ForCausalLM``, or
@@ -343,7 +345,7 @@ def _field(data: dict[str, Any], key: str, source: str, default: Any, kind: str)
     return value
 
 
-def _from_dict(data: dict[str, Any], source: str) -> ModelConfig:
+def _from_dict(data: dict[str, Any], source: str, tensors: int | None = None) -> ModelConfig:
     model_type = _model_type(data, source)
     multimodal = data.get("model_type") in MULTIMODAL_TYPES
     if multimodal:
@@ -358,6 +360,11 @@ def _from_dict(data: dict[str, Any], source: str) -> ModelConfig:
         if key not in data:
             raise NibbleError(f"{source}: missing '{key}'")
         _field(data, key, source, None, "int")
+    if tensors is not None and data["num_hidden_layers"] > tensors:  # checked before anything is built per layer
+        raise NibbleError(
+            f"{source}: 'num_hidden_layers' is {data['num_hidden_layers']}, but the checkpoint holds {tensors} "
+            "tensors, fewer than one per layer; the config is corrupt"
+        )
     act = data.get("hidden_act", data.get("hidden_activation", "silu"))
     if act != "silu":
         raise NibbleError(f"{source}: hidden_act '{act}' is not supported (only silu)")

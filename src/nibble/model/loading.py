@@ -126,9 +126,9 @@ def load_model(
         ckpt = gguf_model.checkpoint()
     else:
         path = resolve_model_dir(path)
-        config = ModelConfig.from_hf(path)
-        bnb.check_quantization_config(config.quantization_config, str(path / "config.json"))
         ckpt = read_checkpoint(path)
+        config = ModelConfig.from_hf(path, tensors=len(ckpt))
+        bnb.check_quantization_config(config.quantization_config, str(path / "config.json"))
     if task == "classify":
         num_labels = _num_labels(ckpt, config, num_labels)
         config = replace(config, num_labels=num_labels)

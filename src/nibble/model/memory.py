@@ -7,7 +7,7 @@ estimate of what autograd keeps for backward, documented in :func:`activation_by
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -199,30 +199,32 @@ def projections_bytes(config: ModelConfig, fmt: str | QuantSpec) -> int:
     return sum(n * weight_bytes(o, i, fmt) for n, o, i in frozen_shapes(config))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PlanOptions:
-    """What a training run would look like.
+    """What a training run would look like, built from its config (``nibble.train.planning.plan_options``, the one
+    place that does: the run's settings keep their defaults there, in ``TrainConfig``, and nowhere here).
 
     ``dtype`` is the compute dtype (activations; the dense frozen base of ``lora``/``qlora`` runs too; ``full``
-    keeps fp32 master weights); ``batch_size`` is the micro-batch; ``device`` (a device type) and
-    ``cache_budget`` (bytes, None for the per-device default) decide the dense copies of frozen 4-bit weights.
+    keeps fp32 master weights); ``batch_size`` is the micro-batch; ``task`` the model head (``causal_lm`` or
+    ``classify``); ``device`` (a device type) and ``cache_budget`` (bytes, None for the per-device default) decide
+    the dense copies of frozen 4-bit weights.
     """
 
-    method: str = "qlora"
-    quant: QuantSpec = field(default_factory=QuantSpec)
-    task: str = "causal_lm"
-    num_labels: int = 2
-    seq_len: int = 512
-    batch_size: int = 4
-    lora_rank: int = 16
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    lora_dropout: float = 0.0
-    dtype: str = "float32"
-    checkpointing: bool = False
-    train_embeddings: bool = False
-    device: str = "cpu"
-    cache_budget: int | None = None
-    train_router: bool = False
+    method: str
+    quant: QuantSpec
+    task: str
+    num_labels: int
+    seq_len: int
+    batch_size: int
+    lora_rank: int
+    lora_targets: tuple[str, ...]
+    lora_dropout: float
+    dtype: str
+    checkpointing: bool
+    train_embeddings: bool
+    device: str
+    cache_budget: int | None
+    train_router: bool
     # bytes of the block projections as a .gguf file stores them (the ``gguf`` format keeps them so)
     gguf_projection_bytes: int | None = None
     # the most real (non-pad) tokens a micro-batch of the run holds, where its data is known; else every row

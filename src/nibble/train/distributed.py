@@ -156,13 +156,19 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
 _host_group: dist.ProcessGroup | None = None
 
 
+def host_sum(values: list[float]) -> list[float]:
+    """``values`` (host numbers, the same count on every rank) summed over the ranks, on the host: one gloo
+    all-reduce that never waits for a device (``values`` itself in a single process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    summed = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(summed, group=_host_group)
+    return summed.tolist()
+
+
 def any_rank(flag: bool) -> bool:
     """Whether ``flag`` is set on any rank (``flag`` itself in a single process), agreed on the host."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    value = torch.tensor([float(flag)])
-    dist.all_reduce(value, group=_host_group)
-    return bool(value.item() > 0)
+    return host_sum([float(flag)])[0] > 0
 
 
 def barrier() -> None:

@@ -14,7 +14,7 @@ import torch
 
 from nibble.errors import NibbleError
 from nibble.train.checkpoint import STATE_FILE, read_state
-from nibble.train.distributed import all_sum, current
+from nibble.train.distributed import all_sum, current, host_sum
 
 
 @dataclass
@@ -119,7 +119,7 @@ class Window:
                 self.losses[i], self.grad_norms[i] = values[0], norm
                 self.metrics[i] = dict(zip(names, values[1:], strict=True))
         if parallel:
-            self.unsummed_tokens = int(all_sum(torch.tensor(float(self.unsummed_tokens), dtype=torch.float64)))
+            self.unsummed_tokens = int(host_sum([float(self.unsummed_tokens)])[0])  # host numbers, summed on the host
         self.tokens, self.unsummed_tokens = self.tokens + self.unsummed_tokens, 0
         return [
             (self.first_step + i, loss, norm)

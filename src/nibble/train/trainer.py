@@ -32,7 +32,7 @@ from nibble.train.checkpoint import (
     save_checkpoint,
 )
 from nibble.train.config import TrainConfig
-from nibble.train.distributed import DataParallel, all_sum, any_rank, barrier, current, full_value, is_sharded
+from nibble.train.distributed import DataParallel, any_rank, barrier, current, full_value, host_sum, is_sharded
 from nibble.train.interrupt import GracefulStop
 from nibble.train.metrics import MetricsLog, headline
 from nibble.train.optim import WarmupCosine, build_optimizer
@@ -268,16 +268,19 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches. Returns its mean loss and gradient norm as device
         tensors (reading them would wait for the device), the number of real tokens it saw and the task's metrics
         (device tensors, averaged over the micro-batches). Under torchrun the loss, the metrics and the tokens are
-        this rank's share, summed over the ranks once per log window (see :class:`Window`)."""
+        this rank's share, summed over the ranks once per log window (see :class:`Window`); the shares come from
+        the CPU batches, agreed on the host (:meth:`_shares`), so the step never reads the device."""
         cfg = self.config
         loss_sum = torch.zeros((), device=self.device)
         metric_sums: dict[str, torch.Tensor] = {}
-        tokens = 0
+        batches, units = [], []
+        for _ in range(cfg.grad_accum):
+            batches.append(self.stream.next_batch())
+            units.append(0.0 if self.stream.stand_in else float(self.loss_units(batches[-1])))
+        # counted on the host, before the batches move
+        tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
         engine = self.data_parallel
-        for micro in range(cfg.grad_accum):
-            batch = self.stream.next_batch()
-            tokens += int(batch["attention_mask"].sum())  # counted on the host, before the batch moves
-            share = self._share(batch)
+        for micro, (batch, share) in enumerate(zip(batches, self._shares(units), strict=True)):
             batch = to_device(batch, self.device)
             syncing = engine.no_sync(micro < cfg.grad_accum - 1) if engine is not None else nullcontext()
             with syncing:
@@ -301,20 +304,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, grad_norm, tokens, metric_sums
 
-    def _part(self, value: torch.Tensor, share: torch.Tensor | float) -> torch.Tensor:
+    def _part(self, value: torch.Tensor, share: float) -> torch.Tensor:
         """A micro-batch's ``value`` as its part of the step's mean (under torchrun: this rank's share of it)."""
         if self.parallel.active:
             return value.detach().float() * share / self.config.grad_accum
         return value.detach().float() / self.config.grad_accum
 
-    def _share(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
-        """This rank's share of the units (rows, target tokens) the loss of the global micro-batch averages over
-        (1 in a single process)."""
+    def _shares(self, units: list[float]) -> list[float]:
+        """This rank's share of the units (rows, target tokens) each global micro-batch's loss averages over (all 1
+        in a single process): one host all-reduce per step, for all its micro-batches."""
         if not self.parallel.active:
-            return 1.0
-        mine = 0.0 if self.stream.stand_in else float(self.loss_units(batch))
-        total = all_sum(torch.tensor(mine, dtype=torch.float64, device=self.device))
-        return (mine / total.clamp_min(1e-30)).float()
+            return [1.0] * len(units)
+        totals = host_sum(units)
+        return [mine / max(total, 1e-30) for mine, total in zip(units, totals, strict=True)]
 
     def _stop_asked(self, stop: GracefulStop) -> bool:
         """Whether a stop signal arrived, on any rank under torchrun (so that every rank stops after the same
@@ -375,9 +377,10 @@ class Trainer:
         if bar.disable:
             elapsed = now - session[0]
             eta = elapsed / max(p.step - session[1], 1) * (self.total_steps - p.step)
+            mfu_text = f"  mfu {record['mfu']:.1%}" if "mfu" in record else ""
             print(
                 f"step {p.step}/{self.total_steps}  loss {record['loss']:.4f}  lr {window.lr:.2e}  "
-                f"tokens/s {record['tokens_per_s']:,.0f}  elapsed {_clock(elapsed)}  eta {_clock(eta)}",
+                f"tokens/s {record['tokens_per_s']:,.0f}{mfu_text}  elapsed {_clock(elapsed)}  eta {_clock(eta)}",
                 file=sys.stderr,
                 flush=True,
             )
