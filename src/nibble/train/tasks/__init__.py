@@ -23,6 +23,7 @@ from nibble.train.tasks.base import SavedModel, Task, TaskRun
 TASKS: dict[str, str] = {
     "classify": "nibble.train.tasks.classify:ClassifyTask",
     "instruct": "nibble.train.tasks.instruct:InstructTask",
+    "preference": "nibble.train.tasks.preference:PreferenceTask",
 }
 ENTRY_POINTS = "nibble.tasks"
 

@@ -1,0 +1,159 @@
+"""Every ``--loss`` of ``--task preference`` against TRL on the same tiny model, adapter and batch: the loss and the
+gradient of every LoRA weight equal TRL's loss code (CPOTrainer.cpo_loss for sigmoid/cDPO, hinge, ipo and simpo;
+ORPOTrainer.odds_ratio_loss plus the chosen NLL for orpo; DPOTrainer's robust formula written out) fed by
+log-probabilities from transformers + PEFT. And the reference (adapters off) equals the base model loaded alone."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nibble.data.preference import PairData, Truncation
+from nibble.data.tokens import Ragged
+from nibble.model import load_model
+from nibble.model.adapter import load_adapted
+from nibble.train.tasks.preference import Objective, reference_logps, sequence_logps
+from peft_adapters import save_peft_adapter
+
+PROMPTS = [[5, 9, 12, 7], [3, 4], [8, 8, 1, 2, 6, 11]]
+CHOSEN = [[20, 21, 22], [30, 31, 32, 33, 34], [40]]
+REJECTED = [[23, 24], [35], [41, 42, 43, 44]]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import helpers
+
+    root = tmp_path_factory.mktemp("pref")
+    base, hf = helpers.make_hf_checkpoint(root / "base", "qwen3")
+    peft_model = save_peft_adapter(hf, root / "adapter", targets=("q_proj", "v_proj", "down_proj"))
+    ours, _ = load_adapted(base, root / "adapter")
+    for name, p in ours.named_parameters():
+        p.requires_grad_("lora_" in name)
+    data = PairData(
+        Ragged.from_lists(PROMPTS),
+        Ragged.from_lists(CHOSEN),
+        Ragged.from_lists(REJECTED),
+        np.zeros(3, np.float32),
+        np.arange(1, 4),
+        Truncation(max_seq_len=64),
+    )
+    return SimpleNamespace(base=base, peft=peft_model, ours=ours.train(), batch=data.collate([0, 1, 2], pad_id=0))
+
+
+def hf_logps(model, prompts, completions):
+    """Summed log-probs of each completion under a transformers (PEFT) model, one sequence at a time."""
+    out, counts = [], []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        ids = torch.tensor([prompt + completion])
+        logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)  # [T-1, V]
+        targets = ids[0, len(prompt) :]
+        out.append(logp[len(prompt) - 1 :].gather(1, targets[:, None]).sum())
+        counts.append(len(completion))
+    return torch.stack(out), torch.tensor(counts, dtype=torch.float32)
+
+
+def trl_loss(loss_type, beta, label_smoothing, gamma, pc, pr, rc, rr, nc, nr):
+    """TRL's own loss code on the sequence log-probs (pc/pr policy, rc/rr reference; nc/nr completion tokens)."""
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    trainer = SimpleNamespace(
+        beta=beta, label_smoothing=label_smoothing, simpo_gamma=gamma, loss_type=loss_type, alpha=0.0,
+        accelerator=SimpleNamespace(device=torch.device("cpu")),
+    )  # fmt: skip
+    if loss_type in ("sigmoid", "hinge"):  # DPO: CPO's loss on the log-ratios is DPO's
+        return CPOTrainer.cpo_loss(trainer, pc - rc, pr - rr)[0].mean()
+    if loss_type == "ipo":  # TRL's DPO normalizes IPO's log-ratios by the completion's tokens
+        return CPOTrainer.cpo_loss(trainer, (pc - rc) / nc, (pr - rr) / nr)[0].mean()
+    if loss_type == "simpo":
+        return CPOTrainer.cpo_loss(trainer, pc / nc, pr / nr)[0].mean()
+    if loss_type == "orpo":
+        nll = -pc.sum() / nc.sum()  # cross-entropy over the chosen completions' tokens
+        return nll - ORPOTrainer.odds_ratio_loss(trainer, pc / nc, pr / nr)[0].mean()
+    # robust: DPOTrainer._compute_loss's formula
+    delta = (pc - rc) - (pr - rr)
+    clean = -(1 - label_smoothing) * F.logsigmoid(beta * delta)
+    flipped = -label_smoothing * F.logsigmoid(-beta * delta)
+    return ((clean - flipped) / (1 - 2 * label_smoothing)).mean()
+
+
+def lora_grads(model, prefix=""):
+    """{nibble parameter name: gradient} of the LoRA weights (PEFT's names mapped to nibble's)."""
+    grads = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name and p.grad is not None:
+            grads[name.removeprefix(prefix).replace(".default", "")] = p.grad.clone()
+            p.grad = None
+    return grads
+
+
+CASES = [
+    ("sigmoid", 0.1, 0.0),
+    ("sigmoid", 0.5, 0.2),  # conservative DPO
+    ("hinge", 0.3, 0.0),
+    ("ipo", 0.1, 0.0),
+    ("robust", 0.2, 0.1),
+    ("simpo", 2.0, 0.0),
+    ("simpo", 2.5, 0.1),
+    ("orpo", 0.1, 0.0),
+]
+
+
+@pytest.mark.parametrize("loss,beta,smoothing", CASES)
+def test_loss_and_gradients_equal_trl(setup, loss, beta, smoothing):
+    objective = Objective(loss, beta, smoothing, simpo_gamma=0.7)
+    objective.check()
+    ours_loss, metrics = objective.batch_loss(objective.forward(setup.ours, setup.batch), setup.batch)
+    ours_loss.backward()
+    ours = lora_grads(setup.ours)
+
+    peft = setup.peft
+    pc, nc = hf_logps(peft, PROMPTS, CHOSEN)
+    pr, nr = hf_logps(peft, PROMPTS, REJECTED)
+    with torch.no_grad(), peft.disable_adapter():
+        rc, _ = hf_logps(peft, PROMPTS, CHOSEN)
+        rr, _ = hf_logps(peft, PROMPTS, REJECTED)
+    theirs_loss = trl_loss(loss, beta, smoothing, 0.7, pc, pr, rc, rr, nc, nr)
+    theirs_loss.backward()
+    theirs = lora_grads(peft, "base_model.model.")
+
+    torch.testing.assert_close(ours_loss, theirs_loss.float(), atol=1e-5, rtol=1e-5)
+    assert ours.keys() == theirs.keys() and len(ours) == 12
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-4, msg=name)
+    # TRL's reward metrics: beta x log-ratio (simpo, orpo: beta x mean token log-prob)
+    reward_c = beta * (pc / nc if loss in ("simpo", "orpo") else pc - rc)
+    reward_r = beta * (pr / nr if loss in ("simpo", "orpo") else pr - rr)
+    torch.testing.assert_close(metrics["rewards/chosen"], reward_c.mean().detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(metrics["rewards/margins"], (reward_c - reward_r).mean().detach(), atol=1e-6, rtol=1e-5)
+    assert metrics["rewards/accuracies"] == (reward_c > reward_r).float().mean()
+    torch.testing.assert_close(metrics["logps/rejected"], pr.mean().detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_reference_with_adapters_off_equals_the_base_loaded_alone(setup):
+    base = load_model(setup.base)
+    with torch.no_grad():
+        alone = sequence_logps(base, setup.batch)
+        adapted = sequence_logps(setup.ours, setup.batch)
+    reference = reference_logps(setup.ours, setup.batch)
+    assert torch.equal(reference, alone)
+    assert not reference.requires_grad
+    assert not torch.allclose(adapted, alone, atol=1e-3)  # the adapter does change the log-probs
+    hf_chosen, _ = hf_logps(load_model_hf(setup.base), PROMPTS, CHOSEN)
+    torch.testing.assert_close(reference[:3], hf_chosen.detach(), atol=1e-5, rtol=1e-5)
+
+
+def load_model_hf(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_precomputed_reference_log_probs_are_used_as_given(setup):
+    batch = {**setup.batch, "ref_logps": torch.arange(6, dtype=torch.float32)}
+    assert torch.equal(reference_logps(setup.ours, batch), batch["ref_logps"])
