@@ -12,10 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nibble.data.preference import PairData, Truncation
+from nibble.data.preference import PairData, Truncation, UnpairedData
 from nibble.data.tokens import Ragged
 from nibble.model import load_model
 from nibble.model.adapter import load_adapted
+from nibble.train.tasks.kto import KTOObjective
 from nibble.train.tasks.preference import Objective, reference_logps, sequence_logps
 from peft_adapters import save_peft_adapter
 
@@ -157,3 +158,43 @@ def load_model_hf(path):
 def test_precomputed_reference_log_probs_are_used_as_given(setup):
     batch = {**setup.batch, "ref_logps": torch.arange(6, dtype=torch.float32)}
     assert torch.equal(reference_logps(setup.ours, batch), batch["ref_logps"])
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.33, 0.5)])
+def test_kto_loss_and_gradients_equal_the_paper_formula(setup, weights):
+    """Eq. 7 of Ethayarajh et al. 2024 as TRL's KTOTrainer computes it, on transformers + PEFT log-probs."""
+    completions = CHOSEN
+    labels = [True, False, True]
+    data = UnpairedData(
+        Ragged.from_lists(PROMPTS), Ragged.from_lists(completions), np.array(labels, np.uint8), np.arange(1, 4),
+        Truncation(max_seq_len=64),
+    )  # fmt: skip
+    batch = data.collate([0, 1, 2], pad_id=0)
+    objective = KTOObjective(0.2, *weights)
+    ours_loss, metrics = objective.batch_loss(objective.forward(setup.ours, batch), batch)
+    ours_loss.backward()
+    ours = lora_grads(setup.ours)
+
+    peft = setup.peft
+    mismatched = [completions[-1], *completions[:-1]]  # row i's prompt with row i - 1's completion
+    policy, _ = hf_logps(peft, PROMPTS, completions)
+    with torch.no_grad():
+        kl_policy, _ = hf_logps(peft, PROMPTS, mismatched)
+        with peft.disable_adapter():
+            ref, _ = hf_logps(peft, PROMPTS, completions)
+            kl_ref, _ = hf_logps(peft, PROMPTS, mismatched)
+    kl = (kl_policy - kl_ref).mean().clamp(min=0)
+    logratio = policy - ref
+    desirable = torch.tensor(labels)
+    chosen = weights[0] * (1 - torch.sigmoid(0.2 * (logratio[desirable] - kl)))
+    rejected = weights[1] * (1 - torch.sigmoid(0.2 * (kl - logratio[~desirable])))
+    theirs_loss = torch.cat([chosen, rejected]).mean()
+    theirs_loss.backward()
+    theirs = lora_grads(peft, "base_model.model.")
+
+    torch.testing.assert_close(ours_loss, theirs_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(metrics["kl"], kl, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(metrics["rewards/rejected"], 0.2 * logratio[~desirable].mean().detach())
+    assert ours.keys() == theirs.keys() and len(ours) == 12
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-4, msg=name)

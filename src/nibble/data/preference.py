@@ -36,6 +36,8 @@ from nibble.data.tokens import Column, Ragged, cached_tokens
 from nibble.errors import NibbleError
 from nibble.io.tokenizer import Tokenizer
 
+Batch = dict[str, torch.Tensor]
+
 PAIR_COLUMNS = {
     "prompt": Column("uint32"),
     "chosen": Column("uint32"),
@@ -168,7 +170,8 @@ class Skipped:
 
     def report(self, path: str | Path) -> None:
         if self.count:
-            print(f"{path}: skipped {self.count} bad rows (the first: {self.first})", flush=True)
+            rows = "row" if self.count == 1 else "rows"
+            print(f"{path}: skipped {self.count} bad {rows} (the first: {self.first})", flush=True)
 
 
 def _build(path: str | Path, tokenizer: Tokenizer, skip_bad_rows: bool, columns: dict[str, Column], row_fn):
@@ -230,10 +233,10 @@ def _kept(prompt: Ragged, truncation: Truncation, lines: np.ndarray, path: str |
     return np.flatnonzero(~bad)
 
 
-def _sequences_batch(seqs: list[np.ndarray], prompt_lens: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+def _sequences_batch(seqs: list[np.ndarray], prompt_lens: list[int], pad_id: int, prefix: str = "") -> Batch:
     """A padded batch of ``seqs`` and where its completion tokens are predicted: ``target_index`` [N] (flat
     positions in [B, T - 1]: position t predicts token t + 1), ``targets`` [N], ``target_row`` [N] and
-    ``completion_tokens`` [B], all computed on the host."""
+    ``completion_tokens`` [B], all computed on the host; every key after ``prefix``."""
     batch = pad_batch([s.tolist() for s in seqs], pad_id)
     width = batch["input_ids"].shape[1] - 1
     index, targets, rows, counts = [], [], [], []
@@ -247,7 +250,12 @@ def _sequences_batch(seqs: list[np.ndarray], prompt_lens: list[int], pad_id: int
     batch["targets"] = torch.from_numpy(np.concatenate(targets).astype(np.int64))
     batch["target_row"] = torch.from_numpy(np.concatenate(rows).astype(np.int64))
     batch["completion_tokens"] = torch.tensor(counts, dtype=torch.long)
-    return batch
+    return {prefix + key: value for key, value in batch.items()}
+
+
+def sub_batch(batch: Batch, prefix: str) -> Batch:
+    """The keys of ``batch`` that start with ``prefix``, without it (a second set of sequences in one batch)."""
+    return {key[len(prefix) :]: value for key, value in batch.items() if key.startswith(prefix)}
 
 
 @dataclass
@@ -310,9 +318,10 @@ class PairData:
 class UnpairedData:
     """Single completions labelled desirable (1) or not (0), for KTO, under a :class:`Truncation`.
 
-    A batch of B rows holds B sequences, then B mismatched ones for the KL estimate (row i's prompt with the
-    completion of row i - 1 of the batch, as TRL pairs them), plus ``desirable`` [B] (bool) and, when precomputed,
-    ``ref_logps`` [B] (``reference``: [rows]).
+    A batch of B rows holds their B sequences, plus ``desirable`` [B] (bool), and under the prefix ``kl_`` the B
+    mismatched sequences of the KL estimate: row i's prompt with the completion of row i - 1 of the data (a fixed
+    pairing, as TRL's rotation of completions, so that its reference log-probs can be precomputed). Precomputed
+    reference log-probs come as ``ref_logps`` [B] and ``kl_ref_logps`` [B] (``reference``: [rows, 2]).
     """
 
     prompt: Ragged
@@ -327,7 +336,7 @@ class UnpairedData:
         return len(self.lines)
 
     def lengths(self) -> np.ndarray:
-        """Tokens of each row's sequence (int64 [N]) -- the mismatched KL sequence runs without gradients."""
+        """Tokens of each row's sequence (int64 [N]); the mismatched KL sequence runs without gradients."""
         lp = self.truncation.prompt_lengths(self.prompt.lengths())
         return np.minimum(lp + self.completion.lengths(), self.truncation.max_seq_len)
 
@@ -345,18 +354,20 @@ class UnpairedData:
     def with_reference(self, reference: np.ndarray) -> UnpairedData:
         return replace(self, reference=reference)
 
-    def collate(self, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+    def collate(self, indices: Sequence[int], pad_id: int) -> Batch:
         rows = [int(i) for i in indices]
-        mismatched = rows[-1:] + rows[:-1]
-        seqs, prompt_lens = [], []
-        for i, j in [*zip(rows, rows, strict=True), *zip(rows, mismatched, strict=True)]:
-            seq, lp = self.truncation.sequence(self.prompt[i], self.completion[j])
-            seqs.append(seq)
-            prompt_lens.append(lp)
-        batch = _sequences_batch(seqs, prompt_lens, pad_id)
+        parts = {"": [(i, i) for i in rows], "kl_": [(i, (i - 1) % len(self)) for i in rows]}
+        batch: Batch = {}
+        for prefix, pairs in parts.items():
+            seqs, prompt_lens = zip(*(self.truncation.sequence(self.prompt[i], self.completion[j]) for i, j in pairs))
+            batch.update(_sequences_batch(list(seqs), list(prompt_lens), pad_id, prefix))
         batch["desirable"] = torch.from_numpy(np.asarray(self.label[rows], dtype=bool))
         if self.reference is not None:
-            batch["ref_logps"] = torch.from_numpy(np.asarray(self.reference[rows], dtype=np.float32))
+            ref = np.asarray(self.reference[rows], dtype=np.float32)  # [B, 2]
+            batch["ref_logps"], batch["kl_ref_logps"] = (
+                torch.from_numpy(ref[:, 0].copy()),
+                torch.from_numpy(ref[:, 1].copy()),
+            )
         return batch
 
 

@@ -24,6 +24,7 @@ TASKS: dict[str, str] = {
     "classify": "nibble.train.tasks.classify:ClassifyTask",
     "instruct": "nibble.train.tasks.instruct:InstructTask",
     "preference": "nibble.train.tasks.preference:PreferenceTask",
+    "kto": "nibble.train.tasks.kto:KTOTask",
 }
 ENTRY_POINTS = "nibble.tasks"
 

@@ -275,7 +275,7 @@ class PreferenceTask:
     def setup(self, config: TrainConfig, model_dir: Path, tokenizer: Tokenizer) -> TaskRun:
         from nibble.train.tasks.instruct import set_chat_template
 
-        set_chat_template(tokenizer, config.chat_template, model_dir)
+        template = set_chat_template(tokenizer, config.chat_template, model_dir)
         objective = Objective.from_config(config)
         truncation = truncation_of(config)
 
@@ -289,7 +289,7 @@ class PreferenceTask:
             return evaluate_pairs(m, objective, val, batch_size, pad_id)
 
         def save(directory: Path) -> None:
-            write_json(directory / OBJECTIVE_FILE, {**objective.to_json(), "max_prompt_len": config.max_prompt_len})
+            save_run_files(directory, template, OBJECTIVE_FILE, objective.to_json(), config)
 
         reference = "adapters off" if objective.needs_reference else "none"
         summary = (
@@ -328,6 +328,14 @@ class PreferenceTask:
         return metrics
 
 
+def save_run_files(directory: Path, template: str | None, name: str, objective: dict, config: TrainConfig) -> None:
+    """What an export of a preference or KTO run carries beside its weights: the chat template it rendered with
+    (when not the tokenizer's own) and its objective with the prompt truncation, read back by ``nibble eval``."""
+    if template is not None:
+        (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
+    write_json(directory / name, {**objective, "max_prompt_len": config.max_prompt_len})
+
+
 def open_policy(request: SavedModel):
     """A trained causal LM for ``nibble eval`` of a preference or KTO run: ``(model, tokenizer, run info, the
     directory holding the run's files)``, with the chat template it was trained with."""
@@ -347,6 +355,9 @@ def open_policy(request: SavedModel):
         model_dir, request.adapter, cache_budget_mb=request.cache_budget_mb, dtype=dtype, device=device
     )
     print(describe(device, info.torch_dtype), flush=True)
+    from nibble.train.tasks.instruct import set_chat_template
+
+    set_chat_template(tokenizer, request.options.get("chat_template"), model_dir)
     return model, tokenizer, info, Path(source)
 
 
