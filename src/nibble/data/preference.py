@@ -359,8 +359,8 @@ class UnpairedData:
         parts = {"": [(i, i) for i in rows], "kl_": [(i, (i - 1) % len(self)) for i in rows]}
         batch: Batch = {}
         for prefix, pairs in parts.items():
-            seqs, prompt_lens = zip(*(self.truncation.sequence(self.prompt[i], self.completion[j]) for i, j in pairs))
-            batch.update(_sequences_batch(list(seqs), list(prompt_lens), pad_id, prefix))
+            cut = [self.truncation.sequence(self.prompt[i], self.completion[j]) for i, j in pairs]
+            batch.update(_sequences_batch([c[0] for c in cut], [c[1] for c in cut], pad_id, prefix))
         batch["desirable"] = torch.from_numpy(np.asarray(self.label[rows], dtype=bool))
         if self.reference is not None:
             ref = np.asarray(self.reference[rows], dtype=np.float32)  # [B, 2]
