@@ -25,6 +25,7 @@ TASKS: dict[str, str] = {
     "instruct": "nibble.train.tasks.instruct:InstructTask",
     "preference": "nibble.train.tasks.preference:PreferenceTask",
     "kto": "nibble.train.tasks.kto:KTOTask",
+    "reward": "nibble.train.tasks.reward:RewardTask",
 }
 ENTRY_POINTS = "nibble.tasks"
 

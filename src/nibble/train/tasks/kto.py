@@ -23,16 +23,18 @@ from nibble.data.batching import MAX_SEQ_LEN
 from nibble.data.preference import Truncation, UnpairedData, load_unpaired, sub_batch
 from nibble.devices import autocast, to_device
 from nibble.errors import NibbleError
-from nibble.io.files import read_json_object
 from nibble.io.tokenizer import Tokenizer
 from nibble.model.config import ModelConfig
 from nibble.train.config import TrainConfig
 from nibble.train.distributed import all_sum, current, eval_batches
 from nibble.train.tasks.base import Batch, LossResult, SavedModel, TaskRun
 from nibble.train.tasks.preference import (
+    base_logps,
     check_reference,
-    open_policy,
+    open_scored,
     pair_memory,
+    prepare_reference,
+    read_objective,
     reference_logps,
     save_run_files,
     sequence_logps,
@@ -143,12 +145,25 @@ def objective_of(config: TrainConfig) -> KTOObjective:
     return KTOObjective(beta, config.desirable_weight, config.undesirable_weight)
 
 
+def unpaired_reference(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """[B, 2] the reference log-probs of a KTO batch's completions and of its mismatched KL sequences."""
+    return torch.stack([base_logps(model, batch), base_logps(model, sub_batch(batch, "kl_"))], dim=1)
+
+
 class KTOTask:
     """``--task kto``: KTO on labelled single completions (see the module docstring)."""
 
     name = "kto"
     head = "causal_lm"
-    options = ("beta", "desirable_weight", "undesirable_weight", "max_prompt_len", "chat_template", "skip_bad_rows")
+    options = (
+        "beta",
+        "desirable_weight",
+        "undesirable_weight",
+        "max_prompt_len",
+        "precompute_reference",
+        "chat_template",
+        "skip_bad_rows",
+    )
 
     def check(self, config: TrainConfig) -> None:
         objective_of(config).check()
@@ -182,14 +197,14 @@ class KTOTask:
             ),
             save=save,
             report=kto_report,
+            prepare=prepare_reference(config, model_dir, [data, val], unpaired_reference, pad_id),
         )
 
     def loss_memory(self, model: ModelConfig, config: TrainConfig) -> tuple[int, int]:
         return pair_memory(model, config)
 
     def evaluate_saved(self, request: SavedModel) -> dict[str, Any]:
-        model, tokenizer, info, source = open_policy(request)
-        saved = read_json_object(source / OBJECTIVE_FILE, "export the model again with nibble train --task kto")
+        saved, info, source = read_objective(request, OBJECTIVE_FILE, "kto")
         max_prompt_len = saved.pop("max_prompt_len", None)
         try:
             objective = KTOObjective(**saved)
@@ -197,7 +212,8 @@ class KTOTask:
         except (TypeError, NibbleError) as exc:
             raise NibbleError(f"{source / OBJECTIVE_FILE}: not a KTO objective ({exc})") from None
         truncation = Truncation(request.max_seq_len or info.max_seq_len or MAX_SEQ_LEN, max_prompt_len)
-        data = load_unpaired(request.data, tokenizer, truncation)
+        load = lambda path, tokenizer: load_unpaired(path, tokenizer, truncation)  # noqa: E731
+        model, tokenizer, data = open_scored(request, info, load, unpaired_reference)
         with autocast(next(model.parameters()).device, info.torch_dtype):
             metrics = evaluate_unpaired(model, objective, data, request.batch_size, tokenizer.pad_id)
         print(kto_report(metrics))

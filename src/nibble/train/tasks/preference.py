@@ -79,6 +79,90 @@ def reference_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
         return sequence_logps(model, batch)
 
 
+def base_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """[R] :func:`sequence_logps` of the model as loaded: its adapters off (a fully fine-tuned model: before any
+    step), without gradients."""
+    with torch.no_grad(), model.adapters_disabled():
+        return sequence_logps(model, batch)
+
+
+def pair_reference(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """[B, 2] the reference log-probs of a pair batch's chosen and rejected completions."""
+    return torch.stack(base_logps(model, batch).chunk(2), dim=1)
+
+
+def precompute_reference(
+    model: nn.Module,
+    data,
+    *,
+    columns,
+    key: dict[str, Any],
+    batch_size: int,
+    pad_id: int,
+    dtype: torch.dtype,
+) -> None:
+    """Set ``data.reference`` ([rows, 2]: ``columns(model, batch)`` of every batch, in file order) from the file
+    beside the data's token cache that ``key`` (the model, how it was loaded, the truncation) and the rows name, or
+    compute it there once (before training; a resumed run reads it back). Under torchrun every rank computes it (a
+    sharded model needs them all) and rank 0 writes it."""
+    import hashlib
+    import json
+    import time
+
+    from nibble.data.batching import iter_batches
+    from nibble.io.safetensors import load_file, save_file_atomic
+    from nibble.train.distributed import barrier, broadcast_text, current
+
+    lines = hashlib.sha256(np.ascontiguousarray(data.lines, dtype=np.int64).tobytes()).hexdigest()
+    text = json.dumps({**key, "rows": lines}, sort_keys=True)
+    path = Path(data.cache_dir) / f"reference-{hashlib.sha256(text.encode()).hexdigest()[:20]}.safetensors"
+    if broadcast_text("found" if path.is_file() else ""):
+        reference = load_file(path)["logps"]
+        if tuple(reference.shape) != (len(data), 2):
+            raise NibbleError(f"{path}: holds {tuple(reference.shape)} log-probs for {len(data)} rows; delete it")
+        print(f"reference: reusing {path}", flush=True)
+    else:
+        started, device, parts = time.perf_counter(), next(model.parameters()).device, []
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), autocast(device, dtype):
+            for _, batch in iter_batches(data, batch_size, pad_id):
+                parts.append(columns(model, to_device(batch, device)).float().cpu())
+        model.train(was_training)
+        reference = torch.cat(parts)
+        if current().is_main:
+            save_file_atomic({"logps": reference}, path, metadata={"key": text})
+        barrier()
+        took = time.perf_counter() - started
+        print(f"reference: log-probs of {len(data)} rows computed in {took:.1f} s, stored in {path}", flush=True)
+    data.reference = reference.numpy()
+
+
+def reference_key(config: TrainConfig, model_dir: Path, dtype: torch.dtype) -> dict[str, Any]:
+    """What the reference log-probs depend on besides the rows: the model's files, how it is loaded, the truncation."""
+    from nibble.data.tokens import source_identity
+
+    quant = config.quant_spec.to_json() if config.method == "qlora" else None
+    return {"model": source_identity(model_dir), "method": "full" if config.method == "full" else "lora",
+            "quant": quant, "dtype": str(dtype), "max_seq_len": config.max_seq_len,
+            "max_prompt_len": config.max_prompt_len}  # fmt: skip
+
+
+def prepare_reference(config: TrainConfig, model_dir: Path, datasets: list, columns, pad_id: int):
+    """The TaskRun ``prepare`` hook of ``--precompute-reference`` (None without it)."""
+    if not config.precompute_reference:
+        return None
+
+    def prepare(model: nn.Module, batch_size: int, dtype: torch.dtype) -> None:
+        key = {**reference_key(config, model_dir, dtype), "task": config.task}
+        for data in datasets:
+            if data is not None:
+                precompute_reference(model, data, columns=columns, key=key, batch_size=batch_size, pad_id=pad_id,
+                                     dtype=dtype)  # fmt: skip
+
+    return prepare
+
+
 class PairOutputs(NamedTuple):
     """What the forward hands the loss: the completions' summed log-probs, chosen rows first."""
 
@@ -264,13 +348,24 @@ class PreferenceTask:
 
     name = "preference"
     head = "causal_lm"
-    options = ("loss", "beta", "label_smoothing", "simpo_gamma", "max_prompt_len", "chat_template", "skip_bad_rows")
+    options = (
+        "loss",
+        "beta",
+        "label_smoothing",
+        "simpo_gamma",
+        "max_prompt_len",
+        "precompute_reference",
+        "chat_template",
+        "skip_bad_rows",
+    )
 
     def check(self, config: TrainConfig) -> None:
         Objective.from_config(config).check()
         if config.max_prompt_len is not None and config.max_prompt_len < 1:
             raise NibbleError(f"'max_prompt_len' must be >= 1, got {config.max_prompt_len}")
         check_reference(config, Objective.from_config(config).needs_reference)
+        if config.precompute_reference and not Objective.from_config(config).needs_reference:
+            raise NibbleError(f"'precompute_reference': loss {config.loss} has no reference; drop it")
 
     def setup(self, config: TrainConfig, model_dir: Path, tokenizer: Tokenizer) -> TaskRun:
         from nibble.train.tasks.instruct import set_chat_template
@@ -291,7 +386,9 @@ class PreferenceTask:
         def save(directory: Path) -> None:
             save_run_files(directory, template, OBJECTIVE_FILE, objective.to_json(), config)
 
-        reference = "adapters off" if objective.needs_reference else "none"
+        reference = "none"
+        if objective.needs_reference:
+            reference = "precomputed" if config.precompute_reference else "adapters off"
         summary = (
             f"{len(data)} pairs, {len(val) if val else 0} val pairs; loss {objective.loss}, beta {objective.beta:g}, "
             f"reference {reference}"
@@ -306,14 +403,14 @@ class PreferenceTask:
             summary=summary,
             save=save,
             report=pair_report,
+            prepare=prepare_reference(config, model_dir, [data, val], pair_reference, pad_id),
         )
 
     def loss_memory(self, model: ModelConfig, config: TrainConfig) -> tuple[int, int]:
         return pair_memory(model, config)
 
     def evaluate_saved(self, request: SavedModel) -> dict[str, Any]:
-        model, tokenizer, info, source = open_policy(request)
-        saved = read_json_object(source / OBJECTIVE_FILE, "export the model again with nibble train --task preference")
+        saved, info, source = read_objective(request, OBJECTIVE_FILE, "preference")
         max_prompt_len = saved.pop("max_prompt_len", None)
         try:
             objective = Objective(**saved)
@@ -321,11 +418,60 @@ class PreferenceTask:
         except (TypeError, NibbleError) as exc:
             raise NibbleError(f"{source / OBJECTIVE_FILE}: not a preference objective ({exc})") from None
         truncation = Truncation(request.max_seq_len or info.max_seq_len or MAX_SEQ_LEN, max_prompt_len)
-        data = load_pairs(request.data, tokenizer, truncation)
+        load = lambda path, tokenizer: load_pairs(path, tokenizer, truncation)  # noqa: E731
+        model, tokenizer, data = open_scored(request, info, load, pair_reference if objective.needs_reference else None)
         with autocast(next(model.parameters()).device, info.torch_dtype):
             metrics = evaluate_pairs(model, objective, data, request.batch_size, tokenizer.pad_id)
         print(pair_report(metrics))
         return metrics
+
+
+def read_objective(request: SavedModel, name: str, task: str) -> tuple[dict[str, Any], Any, Path]:
+    """The objective file ``name`` of a trained adapter or model, its run info and the directory holding them."""
+    from nibble.io.runinfo import RUN_INFO, RunInfo
+    from nibble.model.adapter import read_adapter_info
+
+    if request.adapter:
+        adapter = read_adapter_info(request.adapter)
+        info, source = adapter.run, Path(adapter.directory)
+    else:
+        source = resolve_model_dir(request.model)
+        info = RunInfo.load(source / RUN_INFO)
+    saved = read_json_object(source / name, f"export the model again with nibble train --task {task}")
+    return saved, info, source
+
+
+def open_scored(request: SavedModel, info, load, columns):
+    """``(model, tokenizer, data)`` for ``nibble eval`` of a preference or KTO run: ``load(path, tokenizer)`` reads
+    the data; with ``columns`` (the reference log-probs of a batch) a fully fine-tuned model's reference is its base
+    model, loaded first and alone to compute them (see :func:`precompute_reference`), then dropped; an adapter's
+    reference is its base with the adapter off."""
+    from nibble.model.generate import load_generator
+    from nibble.train.tasks.instruct import set_chat_template
+
+    device = resolve_device(request.device)
+    data = None
+    if columns is not None and not request.adapter:
+        if not info.base_model:
+            raise NibbleError(f"{request.model}: nibble.json names no base model, the reference; pass --adapter")
+        base_dir = resolve_model_dir(info.base_model)
+        base, tokenizer = load_generator(base_dir, None, cache_budget_mb=request.cache_budget_mb, device=device)
+        set_chat_template(tokenizer, request.options.get("chat_template"), base_dir)
+        data = load(request.data, tokenizer)
+        from nibble.data.tokens import source_identity
+
+        key = {"model": source_identity(base_dir), "method": "full", "truncation": str(data.truncation), "task": "eval"}
+        precompute_reference(base, data, columns=columns, key=key, batch_size=request.batch_size,
+                             pad_id=tokenizer.pad_id, dtype=info.torch_dtype)  # fmt: skip
+        del base
+    model_dir = resolve_model_dir(request.model)
+    dtype = info.torch_dtype if request.adapter else torch.float32
+    model, tokenizer = load_generator(
+        model_dir, request.adapter, cache_budget_mb=request.cache_budget_mb, dtype=dtype, device=device
+    )
+    print(describe(device, info.torch_dtype), flush=True)
+    set_chat_template(tokenizer, request.options.get("chat_template"), model_dir)
+    return model, tokenizer, data if data is not None else load(request.data, tokenizer)
 
 
 def save_run_files(directory: Path, template: str | None, name: str, objective: dict, config: TrainConfig) -> None:
@@ -334,31 +480,6 @@ def save_run_files(directory: Path, template: str | None, name: str, objective: 
     if template is not None:
         (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
     write_json(directory / name, {**objective, "max_prompt_len": config.max_prompt_len})
-
-
-def open_policy(request: SavedModel):
-    """A trained causal LM for ``nibble eval`` of a preference or KTO run: ``(model, tokenizer, run info, the
-    directory holding the run's files)``, with the chat template it was trained with."""
-    from nibble.io.runinfo import RUN_INFO, RunInfo
-    from nibble.model.adapter import read_adapter_info
-    from nibble.model.generate import load_generator
-
-    model_dir = resolve_model_dir(request.model)
-    if request.adapter:
-        adapter = read_adapter_info(request.adapter)
-        info, source = adapter.run, adapter.directory
-    else:
-        info, source = RunInfo.load(model_dir / RUN_INFO), model_dir
-    dtype = info.torch_dtype if request.adapter else torch.float32
-    device = resolve_device(request.device)
-    model, tokenizer = load_generator(
-        model_dir, request.adapter, cache_budget_mb=request.cache_budget_mb, dtype=dtype, device=device
-    )
-    print(describe(device, info.torch_dtype), flush=True)
-    from nibble.train.tasks.instruct import set_chat_template
-
-    set_chat_template(tokenizer, request.options.get("chat_template"), model_dir)
-    return model, tokenizer, info, Path(source)
 
 
 __all__ = ["Objective", "PreferenceTask", "evaluate_pairs", "reference_logps", "sequence_logps"]
