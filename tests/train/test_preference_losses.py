@@ -198,3 +198,19 @@ def test_kto_loss_and_gradients_equal_the_paper_formula(setup, weights):
     assert ours.keys() == theirs.keys() and len(ours) == 12
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_the_planner_counts_both_sequences_of_a_pair(setup):
+    from nibble.model.config import ModelConfig
+    from nibble.train.config import TrainConfig
+    from nibble.train.planning import plan_options
+
+    model = ModelConfig.from_hf(setup.base)
+    for task, sequences in (("preference", 2), ("reward", 2), ("kto", 1), ("instruct", 1)):
+        config = TrainConfig(task=task, batch_size=3, dtype="float32")
+        assert plan_options(config, model, num_labels=None, device=torch.device("cpu")).batch_size == 3 * sequences
+    # the run's own batches: a pair's tokens are both its sequences' (what BatchStream.most_tokens reads)
+    data = PairData(Ragged.from_lists(PROMPTS), Ragged.from_lists(CHOSEN), Ragged.from_lists(REJECTED),
+                    np.zeros(3, np.float32), np.arange(1, 4), Truncation(max_seq_len=7))  # fmt: skip
+    mask = data.collate([0, 1, 2], pad_id=0)["attention_mask"]
+    assert data.lengths().tolist() == (mask[:3].sum(1) + mask[3:].sum(1)).tolist()

@@ -82,6 +82,8 @@ class Task(Protocol):
         name: the value of ``--task``.
         head: the model head it trains: ``"classify"`` (a ``score`` layer on a pooled token) or ``"causal_lm"``.
         options: the TrainConfig fields only this task reads (its config section); another task refuses them.
+        sequences_per_row: (optional, default 1) the sequences one example of its data computes with gradients,
+            for the memory planner (a preference pair: 2).
     """
 
     name: str

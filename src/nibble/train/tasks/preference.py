@@ -348,6 +348,7 @@ class PreferenceTask:
 
     name = "preference"
     head = "causal_lm"
+    sequences_per_row = 2
     options = (
         "loss",
         "beta",

@@ -73,6 +73,7 @@ class RewardTask:
 
     name = "reward"
     head = "classify"
+    sequences_per_row = 2
     options = ("max_prompt_len", "chat_template", "skip_bad_rows", "pooling")
 
     def check(self, config: TrainConfig) -> None:
