@@ -214,3 +214,59 @@ def test_the_planner_counts_both_sequences_of_a_pair(setup):
                     np.zeros(3, np.float32), np.arange(1, 4), Truncation(max_seq_len=7))  # fmt: skip
     mask = data.collate([0, 1, 2], pad_id=0)["attention_mask"]
     assert data.lengths().tolist() == (mask[:3].sum(1) + mask[3:].sum(1)).tolist()
+
+
+@pytest.mark.parametrize("loss,beta,smoothing", [("sigmoid", 0.1, 0.0), ("hinge", 0.3, 0.0), ("ipo", 0.1, 0.0),
+                                                 ("robust", 0.2, 0.1)])  # fmt: skip
+def test_dpo_losses_and_gradients_equal_trl_dpo_trainers_compute_loss(setup, tmp_path, loss, beta, smoothing):
+    """TRL's own DPOTrainer (its tokenization, collator and compute_loss) on string rows, with a random PEFT
+    adapter it made itself (its reference: the adapter off): our loss and LoRA gradients on the same rows, with that
+    adapter loaded, equal its."""
+    import json
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from trl import DPOConfig, DPOTrainer
+
+    from nibble.data.preference import load_pairs
+    from nibble.io.tokenizer import load_tokenizer
+
+    rows = [{"prompt": "3+4=", "chosen": "7", "rejected": "8"}, {"prompt": "Say hi.", "chosen": " Hello there!",
+            "rejected": " No."}, {"prompt": "Capital of France: ", "chosen": "Paris", "rejected": "Lyon, I think"}]  # fmt: skip
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(setup.base / "tokenizer.json"), eos_token="<eos>",
+                                  pad_token="<pad>")  # fmt: skip
+    config = DPOConfig(output_dir=str(tmp_path / "trl"), loss_type=[loss], beta=beta, label_smoothing=smoothing,
+                       report_to=[], use_cpu=True, per_device_train_batch_size=3)  # fmt: skip
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                      task_type="CAUSAL_LM")  # fmt: skip
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_pretrained(setup.base, dtype=torch.float32)
+    trainer = DPOTrainer(model=hf, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         peft_config=lora)  # fmt: skip
+    trainer.model.save_pretrained(str(tmp_path / "adapter"))
+    trainer.model.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    theirs_loss = trainer.compute_loss(trainer.model, batch)
+    theirs_loss.backward()
+    theirs = lora_grads(trainer.model, "base_model.model.")
+    ours_model, _ = load_adapted(setup.base, tmp_path / "adapter")
+    for name, p in ours_model.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+    data = load_pairs(path, load_tokenizer(setup.base), Truncation(1024))
+    ours_batch = data.collate([0, 1, 2], pad_id=0)
+    objective = Objective(loss, beta, smoothing)
+    ours_loss, metrics = objective.batch_loss(objective.forward(ours_model.train(), ours_batch), ours_batch)
+    ours_loss.backward()
+    ours = lora_grads(ours_model)
+    assert metrics["rewards/margins"].abs() > 1e-3  # the adapter is not the reference
+    torch.testing.assert_close(ours_loss, theirs_loss.detach().float(), atol=1e-5, rtol=1e-5)
+    assert ours.keys() == theirs.keys() and len(ours) == 8
+    for name in ours:  # (float noise of two implementations: within 1e-5 of the gradient's own scale)
+        scale = float(theirs[name].abs().max())
+        torch.testing.assert_close(
+            ours[name], theirs[name], atol=1e-5 * scale, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
+        )
