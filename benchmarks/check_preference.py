@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_pairs import make_pairs  # noqa: E402
-
 import nibble  # noqa: E402
+from make_pairs import make_pairs  # noqa: E402
 from nibble.data.preference import Truncation, load_pairs  # noqa: E402
 from nibble.devices import autocast  # noqa: E402
 from nibble.io.fetch import fetch_smollm2  # noqa: E402
