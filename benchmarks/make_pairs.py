@@ -37,8 +37,8 @@ def pair(rng: random.Random, index: int) -> dict[str, str]:
     n = rng.choice(sorted(COUNTS))
     items = rng.sample(POOLS[topic], n)
     numbered = "\n".join(f"{i}. {item}" for i, item in enumerate(items, 1))
-    return {"prompt": f"Q: Name {COUNTS[n]} {topic}.\nA:", "chosen": f"\n{numbered}", "rejected": " " + ", ".join(items),
-            "kind": "formatting"}  # fmt: skip
+    prompt = f"Q: Name {COUNTS[n]} {topic}.\nA:"
+    return {"prompt": prompt, "chosen": f"\n{numbered}", "rejected": " " + ", ".join(items), "kind": "formatting"}
 
 
 def make_pairs(rows: int, seed: int = 0) -> list[dict[str, str]]:

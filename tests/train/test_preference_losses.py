@@ -232,8 +232,11 @@ def test_dpo_losses_and_gradients_equal_trl_dpo_trainers_compute_loss(setup, tmp
     from nibble.data.preference import load_pairs
     from nibble.io.tokenizer import load_tokenizer
 
-    rows = [{"prompt": "3+4=", "chosen": "7", "rejected": "8"}, {"prompt": "Say hi.", "chosen": " Hello there!",
-            "rejected": " No."}, {"prompt": "Capital of France: ", "chosen": "Paris", "rejected": "Lyon, I think"}]  # fmt: skip
+    rows = [
+        {"prompt": "3+4=", "chosen": "7", "rejected": "8"},
+        {"prompt": "Say hi.", "chosen": " Hello there!", "rejected": " No."},
+        {"prompt": "Capital of France: ", "chosen": "Paris", "rejected": "Lyon, I think"},
+    ]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = PreTrainedTokenizerFast(tokenizer_file=str(setup.base / "tokenizer.json"), eos_token="<eos>",
