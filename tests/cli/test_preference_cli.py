@@ -100,6 +100,7 @@ def test_dpo_trains_evaluates_resumes_bit_exact_after_sigkill_and_merges(tiny, t
 
     report = json.loads((whole / "eval_report.json").read_text())
     assert 0 <= report["accuracy"] <= 1 and report["pairs"] == 6
+    assert {p.name for p in (whole / "plots").iterdir()} >= {"loss.png", "accuracy.png", "rewards.png"}
     assert main(["eval", "--model", str(tiny.base), "--adapter", str(whole / "adapter"), "--data", str(tiny.val),
                  "--device", "cpu", "--output", str(tmp_path / "eval.json")]) == 0  # fmt: skip
     scored = json.loads((tmp_path / "eval.json").read_text())
