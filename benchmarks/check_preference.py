@@ -2,10 +2,11 @@
 generated pairs (benchmarks/make_pairs.py: arithmetic right/wrong, numbered list/run-on line), 80% trained, 20%
 held out.
 
-For the base model and for each tuned adapter it prints the held-out preference accuracy by likelihood (the share
-of pairs whose chosen completion has the higher mean token log-probability: what the base model prefers, and the
-tuned policy), by kind; for DPO also the accuracy of its implicit reward (``beta`` x log-ratio to the base, the
-run's own ``accuracy``); and the greedy continuation of a held-out list prompt by the base and by each adapter.
+For the base model and for each tuned adapter it prints the held-out preference accuracy by likelihood (the shares
+of pairs whose chosen completion has the higher summed and the higher mean token log-probability: what the base
+model prefers, and the tuned policy), by kind; for DPO also the accuracy of its implicit reward (``beta`` x
+log-ratio to the base, the run's own ``accuracy``); and the greedy continuation of a held-out list prompt by the
+base and by each adapter.
 
     .venv/bin/python benchmarks/check_preference.py                 # ~10 min on 2 busy cores
 """
@@ -24,11 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import nibble  # noqa: E402
 from make_pairs import make_pairs  # noqa: E402
+from nibble.data.batching import iter_batches  # noqa: E402
 from nibble.data.preference import Truncation, load_pairs  # noqa: E402
 from nibble.devices import autocast  # noqa: E402
 from nibble.io.fetch import fetch_smollm2  # noqa: E402
 from nibble.model.generate import generate, load_generator  # noqa: E402
-from nibble.train.tasks.preference import Objective, evaluate_pairs  # noqa: E402
+from nibble.train.tasks.preference import sequence_logps  # noqa: E402
 
 PROMPT = "Q: Name three birds.\nA:"  # a topic the pairs never ask for
 
@@ -38,11 +40,17 @@ def write(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def likelihood_accuracy(model, tokenizer, path: Path) -> float:
-    """Held-out pairs whose chosen completion has the higher mean token log-prob under ``model``."""
+def likelihood_accuracy(model, tokenizer, path: Path) -> tuple[float, float]:
+    """The shares of held-out pairs whose chosen completion has the higher summed / mean token log-prob."""
     data = load_pairs(path, tokenizer, Truncation(64))
+    by_sum = by_mean = 0
     with torch.no_grad(), autocast(torch.device("cpu"), torch.float32):
-        return evaluate_pairs(model, Objective("orpo", beta=1.0), data, 32, tokenizer.pad_id)["accuracy"]
+        for _, batch in iter_batches(data, 16, tokenizer.pad_id):
+            chosen, rejected = sequence_logps(model, batch).chunk(2)
+            n_chosen, n_rejected = batch["completion_tokens"].float().chunk(2)
+            by_sum += int((chosen > rejected).sum())
+            by_mean += int((chosen / n_chosen > rejected / n_rejected).sum())
+    return by_sum / len(data), by_mean / len(data)
 
 
 def continuation(model, tokenizer) -> str:
@@ -51,8 +59,10 @@ def continuation(model, tokenizer) -> str:
 
 
 def report(name: str, model, tokenizer, held: dict[str, Path]) -> None:
-    accs = "  ".join(f"{kind} {likelihood_accuracy(model, tokenizer, p):.3f}" for kind, p in held.items())
-    print(f"{name:<16} likelihood accuracy: {accs}   continuation: {continuation(model, tokenizer)!r}", flush=True)
+    accs = "  ".join(
+        "{} {:.3f}/{:.3f}".format(kind, *likelihood_accuracy(model, tokenizer, path)) for kind, path in held.items()
+    )
+    print(f"{name:<10} likelihood accuracy (sum/mean): {accs}   continuation: {continuation(model, tokenizer)!r}")
 
 
 def main() -> None:
