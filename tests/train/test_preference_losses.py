@@ -273,3 +273,24 @@ def test_dpo_losses_and_gradients_equal_trl_dpo_trainers_compute_loss(setup, tmp
         torch.testing.assert_close(
             ours[name], theirs[name], atol=1e-5 * scale, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(loss="hinge", label_smoothing=0.1), "'label_smoothing' applies to loss sigmoid, robust and simpo"),
+        (dict(loss="sigmoid", simpo_gamma=1.0), "'simpo_gamma' applies to loss simpo only"),
+        (dict(loss="orpo", precompute_reference=True), "loss orpo has no reference"),
+        (dict(loss="robust", label_smoothing=0.5), "'label_smoothing' must be in [0, 0.5)"),
+        (dict(method="full"), "needs --precompute-reference"),
+        (dict(task="kto", loss="ipo"), "'loss' applies to task preference only"),
+        (dict(task="reward", beta=0.2), "'beta' applies to task preference and kto only"),
+    ],
+)
+def test_bad_preference_settings_are_one_line_naming_the_key(settings, message):
+    from nibble.errors import NibbleError
+    from nibble.train.config import TrainConfig
+
+    with pytest.raises(NibbleError) as err:
+        TrainConfig(**{"task": "preference", **settings}).validate(required=())
+    assert message in str(err.value)

@@ -365,6 +365,8 @@ class PreferenceTask:
         if config.max_prompt_len is not None and config.max_prompt_len < 1:
             raise NibbleError(f"'max_prompt_len' must be >= 1, got {config.max_prompt_len}")
         check_reference(config, Objective.from_config(config).needs_reference)
+        if config.loss != "simpo" and config.simpo_gamma != TrainConfig().simpo_gamma:
+            raise NibbleError(f"'simpo_gamma' applies to loss simpo only; drop it for {config.loss}")
         if config.precompute_reference and not Objective.from_config(config).needs_reference:
             raise NibbleError(f"'precompute_reference': loss {config.loss} has no reference; drop it")
 
