@@ -13,6 +13,13 @@ paired ratios.
 Instruction tuning: sequences of ~512 tokens (vocab 49k), the loss on the responses; training tokens/s and
 peak RSS, nibble's CLI against the reference fed the very same batches (nibble's own tokenization).
 
+Preference tuning (DPO, ``--loss sigmoid``, beta 0.1): pairs of ~250 tokens per sequence generated from the shipped
+messages (a list of support messages; chosen: their topics in order, rejected: shuffled), QLoRA on both stacks:
+``nibble train --task preference`` (the reference with the adapters off) against TRL's DPOTrainer on the PEFT +
+bitsandbytes NF4 model (its reference likewise the adapter off), the same rows, steps, batch, LoRA and learning
+rate; pairs/s (nibble: its per-step tokens/s over a mean pair's tokens; TRL: pairs per step time, both after the
+first step), peak RSS, and the held-out preference accuracy (rewards/accuracies) after training.
+
 Columns: wall = process start to adapter on disk; tokens/s = real (non-pad) training tokens per second of the
 training loop (median of 10-step windows); peak RSS = the process's maximum resident set; accuracy on the
 held-out rows.
@@ -206,6 +213,48 @@ def hf_instruct(args: argparse.Namespace) -> dict:
     return {"tokens_per_s": statistics.median(_window_rates(tokens, seconds))}
 
 
+def hf_preference(args: argparse.Namespace) -> dict:
+    """DPO with TRL's DPOTrainer (PEFT LoRA on the bitsandbytes NF4 model, the adapter off as reference) on the
+    same rows; returns pairs/s (median over the steps after the first) and the held-out preference accuracy."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(42)
+    rows = [json.loads(line) for line in Path(args.train).read_text().splitlines()]
+    held = [json.loads(line) for line in Path(args.val_data).read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = _hf_model(args, "causal_lm")
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.start)
+
+    config = DPOConfig(
+        output_dir=str(Path(args.output) / "trl"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_ratio=0.03, weight_decay=0.01, beta=0.1,
+        max_length=args.max_seq_len, report_to=[], use_cpu=True, save_strategy="no", logging_steps=10**6,
+        bf16=args.dtype == "bfloat16", per_device_eval_batch_size=2 * args.batch_size, dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list(held),
+        processing_class=tokenizer,
+        callbacks=[Clock()],
+    )
+    trainer.train()
+    accuracy = trainer.evaluate()["eval_rewards/accuracies"]
+    model.save_pretrained(Path(args.output) / "adapter")
+    return {"pairs_per_s": args.batch_size / statistics.median(times[1:]), "accuracy": accuracy}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The driver: data, commands, alternating timed runs, tables.
 
@@ -268,6 +317,68 @@ def write_instruct_data(path: Path, rows: int) -> None:
     path.write_text("\n".join(out) + "\n")
 
 
+def write_preference_data(path: Path, rows: int, seed: int = 0) -> None:
+    """Pairs of ~256 tokens from the shipped messages: a prompt listing support messages, the chosen answer their
+    topics in order, the rejected one the same topics shuffled."""
+    import random
+    from importlib import resources
+
+    lines = resources.files("nibble.data").joinpath("demo_classify.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    rng, out = random.Random(seed), []
+    while len(out) < rows:
+        picked = rng.sample(records, 9)
+        prompt = "Give the topic of each support message, one per line.\n" + "\n".join(
+            f"{i + 1}. {p['text']}" for i, p in enumerate(picked)
+        )
+        labels = [p["label"] for p in picked]
+        wrong = labels[:]
+        rng.shuffle(wrong)
+        if wrong == labels:
+            continue
+        answer = lambda ls: "\n" + "\n".join(f"{i + 1}. {label}" for i, label in enumerate(ls))  # noqa: E731
+        out.append(json.dumps({"prompt": prompt + "\nTopics:", "chosen": answer(labels), "rejected": answer(wrong)}))
+    path.write_text("\n".join(out) + "\n")
+
+
+def preference_commands(stack: str, args: argparse.Namespace, dtype: str, data: tuple[Path, Path], out: Path):
+    if stack == "hf":
+        argv = [sys.executable, __file__, "--child", "preference", "--model", str(args.model), "--train", str(data[0])]
+        argv += ["--val-data", str(data[1]), "--output", str(out), "--dtype", dtype, "--dropout", "0.05"]
+    else:
+        argv = [sys.executable, "-m", "nibble", "train", "--task", "preference", "--model", str(args.model)]
+        argv += ["--data", str(data[0]), "--val-data", str(data[1]), "--output", str(out), "--overwrite"]
+        argv += ["--dtype", dtype, "--eval-every", "0", "--save-every", "0", "--log-every", "1"]
+        argv += NIBBLE_FLAGS.get(stack, [])
+    argv += ["--max-steps", str(args.preference_steps), "--batch-size", str(args.preference_batch)]
+    argv += ["--max-seq-len", str(args.preference_seq_len), "--lora-rank", str(args.rank)]
+    argv += ["--lora-alpha", str(2 * args.rank), "--lora-targets", args.targets, "--lr", str(args.lr)]
+    return argv
+
+
+def mean_pair_tokens(path: Path, model: Path, max_seq_len: int) -> float:
+    """Tokens of a pair's two sequences, on average over ``path`` (as nibble and TRL tokenize them)."""
+    from nibble.data.preference import Truncation, load_pairs
+    from nibble.io.tokenizer import load_tokenizer
+
+    return float(load_pairs(path, load_tokenizer(model), Truncation(max_seq_len)).lengths().mean())
+
+
+def preference_table(results: dict) -> list[str]:
+    """Pairs/s, peak RSS and held-out preference accuracy (medians), with nibble's ratios to TRL."""
+    med = {s: {k: statistics.median(r[k] for r in runs) for k in ("pairs_per_s", "rss", "accuracy")}
+           for s, runs in results.items()}  # fmt: skip
+    rows = [
+        "| stack | pairs/s | peak RSS MiB | held-out accuracy | pairs/s vs TRL | RSS vs TRL |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stack, m in med.items():
+        name = "TRL DPOTrainer+PEFT+bnb" if stack == "hf" else NAMES[stack]
+        ratios = f"{m['pairs_per_s'] / med['hf']['pairs_per_s']:.2f}x | {m['rss'] / med['hf']['rss']:.2f}x"
+        rows.append(f"| {name} | {m['pairs_per_s']:.3f} | {m['rss']:.0f} | {m['accuracy']:.3f} | {ratios} |")
+    return rows
+
+
 def classify_commands(stack: str, args: argparse.Namespace, dtype: str, data: tuple[Path, Path], out: Path):
     common = dict(steps=args.steps, batch=args.batch_size, seq=args.max_seq_len, rank=args.rank, lr=args.lr)
     if stack == "hf":
@@ -316,7 +427,7 @@ def measure(kind: str, args: argparse.Namespace, dtype: str, data, work: Path, s
     for repeat in range(args.repeats):
         for stack in stacks if repeat % 2 == 0 else stacks[::-1]:
             out = work / f"{kind}-{dtype}-{stack}-{repeat}"
-            make = classify_commands if kind == "classify" else instruct_commands
+            make = {"classify": classify_commands, "instruct": instruct_commands}.get(kind, preference_commands)
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             if stack == "nibble-baseline":
                 env["PYTHONPATH"] = str(args.baseline_src)
@@ -330,7 +441,11 @@ def measure(kind: str, args: argparse.Namespace, dtype: str, data, work: Path, s
                 run.update(child_result(stdout))
             else:
                 run["tokens_per_s"] = nibble_rates(out)
-                if kind == "classify":
+                if kind == "preference":  # per-step tokens/s (after the first step) over a mean pair's tokens
+                    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+                    rates = [r["tokens_per_s"] for r in records if r["kind"] == "train"][1:]
+                    run["pairs_per_s"] = statistics.median(rates) / args.pair_tokens
+                if kind in ("classify", "preference"):
                     run["accuracy"] = json.loads((out / "eval_report.json").read_text())["accuracy"]
                 run["note"] = next((line for line in stdout.splitlines() if line.startswith("cache:")), "")
             results[stack].append(run)
@@ -452,7 +567,11 @@ def main() -> None:
     parser.add_argument("--skip-instruct", action="store_true")
     parser.add_argument("--instruct-steps", type=int, default=20)
     parser.add_argument("--instruct-batch", type=int, default=4)
-    parser.add_argument("--child", choices=("classify", "instruct"), help=argparse.SUPPRESS)
+    parser.add_argument("--skip-preference", action="store_true")
+    parser.add_argument("--preference-steps", type=int, default=12)
+    parser.add_argument("--preference-batch", type=int, default=4)
+    parser.add_argument("--preference-seq-len", type=int, default=512)
+    parser.add_argument("--child", choices=("classify", "instruct", "preference"), help=argparse.SUPPRESS)
     parser.add_argument("--train", help=argparse.SUPPRESS)
     parser.add_argument("--val-data", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -467,7 +586,7 @@ def main() -> None:
         args.steps, args.rank, args.targets = args.child_steps, args.child_rank, args.child_targets
         if args.dropout is None:
             args.dropout = 0.0  # PEFT's default
-        result = hf_classify(args) if args.child == "classify" else hf_instruct(args)
+        result = {"classify": hf_classify, "instruct": hf_instruct, "preference": hf_preference}[args.child](args)
         print(json.dumps(result), flush=True)
         return
 
@@ -492,6 +611,13 @@ def main() -> None:
                 lm_stacks = tuple(s for s in stacks if s != "nibble-nocache")
                 results = measure("instruct", args, dtype, data, work, lm_stacks)
                 tables.append((f"instruction tuning, {dtype}", table(results, args.ref, accuracy=False)))
+            if not args.skip_preference:
+                pairs = (work / "pairs.jsonl", work / "pairs-heldout.jsonl")
+                write_preference_data(pairs[0], args.preference_batch * args.preference_steps)
+                write_preference_data(pairs[1], 32, seed=1)
+                args.pair_tokens = mean_pair_tokens(pairs[0], args.model, args.preference_seq_len)
+                results = measure("preference", args, dtype, pairs, work, ("nibble", "hf"))
+                tables.append((f"DPO, {dtype}, pairs of {args.pair_tokens:.0f} tokens", preference_table(results)))
 
     import torch
 

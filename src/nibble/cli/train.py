@@ -1,5 +1,6 @@
 """``nibble train [CONFIG.yaml] --model DIR|FILE --data FILE --output DIR [...]``: fine-tune a classifier
-(``--task classify``) or a chat model (``--task instruct``).
+(``--task classify``), a chat model (``--task instruct``), a preference-tuned one (``--task preference``, ``kto``)
+or a reward model (``--task reward``).
 
 Every field of :class:`nibble.train.TrainConfig` is both a YAML key and a flag (``lora_rank`` ->
 ``--lora-rank``); flags given on the command line win over the file.

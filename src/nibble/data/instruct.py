@@ -146,7 +146,7 @@ def _text(record: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _messages(value: Any, key: str, where: str) -> list[dict[str, str]]:
+def parse_messages(value: Any, key: str, where: str) -> list[dict[str, str]]:
     """A list of ``{"role", "content"}`` messages, or ShareGPT's ``{"from", "value"}`` turns, as role/content."""
     if not isinstance(value, list) or not value:
         raise NibbleError(f"{where}: '{key}' must be a non-empty list of {{'role', 'content'}} objects")
@@ -181,16 +181,18 @@ def conversation(
         if missing:
             raise NibbleError(f"{where}: no column '{missing[0]}' (fields: {fields}); fix --columns")
         if "messages" in columns:
-            messages = _messages(record[columns["messages"]], columns["messages"], where)
+            messages = parse_messages(record[columns["messages"]], columns["messages"], where)
         else:
             parts = {role: _text(record, column, where) for role, column in columns.items()}
             messages = _single_turn(parts.get("system"), parts["prompt"], parts.get("input"), parts["response"])
     elif "messages" in record:
-        messages = _messages(record["messages"], "messages", where)
+        messages = parse_messages(record["messages"], "messages", where)
     elif "conversations" in record:
-        messages = _messages(record["conversations"], "conversations", where)
+        messages = parse_messages(record["conversations"], "conversations", where)
     elif "prompt" in record and "completion" in record and isinstance(record["prompt"], list):
-        messages = _messages(record["prompt"], "prompt", where) + _messages(record["completion"], "completion", where)
+        messages = parse_messages(record["prompt"], "prompt", where) + parse_messages(
+            record["completion"], "completion", where
+        )
     else:
         for prompt, response in (("instruction", "output"), ("instruction", "response"), ("prompt", "completion")):
             if prompt in record and response in record:

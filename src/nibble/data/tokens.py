@@ -189,7 +189,13 @@ class Column:
     ragged: bool = True
 
 
-_TYPECODES = {"uint8": "B", "int32": "i", "uint32": "I", "int64": "q"}  # numpy dtype -> array.array typecode
+_TYPECODES = {
+    "uint8": "B",
+    "int32": "i",
+    "uint32": "I",
+    "int64": "q",
+    "float32": "f",
+}  # numpy dtype -> array.array typecode
 
 
 class CacheWriter:

@@ -1,7 +1,8 @@
 """Linear + cross-entropy in chunks of rows: the loss of an LM head without its [N, vocab] logits.
 
 ``linear_cross_entropy(hidden, weight, targets)`` equals ``F.cross_entropy((hidden @ weight.T).float(),
-targets)``. The logits of one chunk of rows exist at a time: the forward computes each chunk's loss and,
+targets)``; ``linear_log_probs`` gives each row's log-probability of its target instead (what preference losses
+sum per sequence). The logits of one chunk of rows exist at a time: the forward computes each chunk's loss and,
 while its logits are at hand, the chunk's gradients for ``hidden`` and ``weight``; the backward only scales
 them. The memory the loss needs is one chunk of fp32 logits instead of several [N, vocab] tensors (logits,
 their fp32 copy, the log-softmax kept for backward and its gradient).
@@ -78,3 +79,65 @@ def linear_cross_entropy(
         raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
     rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, targets, reduction == "sum", rows)
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows):  # type: ignore[override]
+        n = hidden.shape[0]
+        w = weight.to(hidden.dtype)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        # d logp / d hidden per row at unit upstream gradient; backward scales each row by its own gradient
+        unit_h = torch.empty_like(hidden) if need_h else None
+        for start in range(0, n, chunk_rows):
+            h = hidden[start : start + chunk_rows]  # [c, H]
+            t = targets[start : start + chunk_rows]  # [c]
+            logits = kernels.linear(h, w).float()  # [c, V]
+            lse = torch.logsumexp(logits, dim=-1)  # [c]
+            out[start : start + chunk_rows] = logits.gather(1, t[:, None]).squeeze(1) - lse
+            if need_h:
+                grad_logits = logits.sub_(lse[:, None]).exp_().neg_()  # one_hot(target) - softmax
+                grad_logits[torch.arange(t.numel(), device=t.device), t] += 1.0
+                unit_h[start : start + chunk_rows] = kernels.linear(grad_logits.to(hidden.dtype), w.T)
+        # the weight's gradient needs each row's upstream gradient: recomputed chunk by chunk in backward
+        ctx.save_for_backward(unit_h, hidden if need_w else None, weight if need_w else None, targets)
+        ctx.chunk_rows = chunk_rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        unit_h, hidden, weight, targets = ctx.saved_tensors
+        gh = unit_h * grad_out[:, None].to(unit_h.dtype) if unit_h is not None else None
+        gw = None
+        if weight is not None:
+            w, rows = weight.to(hidden.dtype), ctx.chunk_rows
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            for start in range(0, hidden.shape[0], rows):
+                h, t = hidden[start : start + rows], targets[start : start + rows]
+                logits = kernels.linear(h, w).float()  # [c, V]
+                g = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_().neg_()
+                g[torch.arange(t.numel(), device=t.device), t] += 1.0
+                g = g.mul_(grad_out[start : start + rows, None].float()).to(hidden.dtype)
+                grad_w.addmm_(g.T.float(), h.float())
+            gw = grad_w.to(weight.dtype)
+        return gh, gw, None, None
+
+
+def linear_log_probs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """Each row's log-probability of its target under the logits ``hidden @ weight.T`` (fp32 log-softmax), chunk by
+    chunk: ``log_softmax((hidden @ weight.T).float(), -1).gather(1, targets[:, None]).squeeze(1)``.
+
+    Args:
+        hidden: [N, H] in the compute dtype.
+        weight: [V, H] the LM head (its gradient, when it needs one, is recomputed chunk by chunk in backward).
+        targets: [N] token ids.
+        chunk_rows: rows per chunk (default: as many as fit :data:`CHUNK_ELEMENTS` fp32 logits).
+
+    Returns:
+        [N] fp32 log-probabilities.
+    """
+    rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    return _LinearLogProbs.apply(hidden, weight, targets, rows)

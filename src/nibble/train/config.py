@@ -53,8 +53,10 @@ class TrainConfig:
     task: str = field(
         default="classify",
         metadata=_help(
-            "classify: a sequence classifier; instruct: a chat model, loss on the responses only; or a task of your "
-            "own: an installed 'nibble.tasks' entry point's name, or module:Class (see nibble.train.tasks)"
+            "classify: a sequence classifier; instruct: a chat model, loss on the responses only; preference: DPO and "
+            "its family on prompt/chosen/rejected pairs (see --loss); kto: prompt/completion/label rows; reward: a "
+            "Bradley-Terry reward model on pairs; or a task of your own: an installed 'nibble.tasks' entry point's "
+            "name, or module:Class (see nibble.train.tasks)"
         ),
     )
     method: Method = field(
@@ -212,6 +214,43 @@ class TrainConfig:
         default="none", metadata=_help("weight the loss by class frequency")
     )
     oversample: bool = field(default=False, metadata=_help("repeat minority-class rows up to the largest class"))
+
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = field(
+        default="sigmoid",
+        metadata=_help(
+            "preference: sigmoid (DPO), ipo, hinge, robust (DPO under label noise), simpo or orpo (both without a "
+            "reference), TRL's loss_type names"
+        ),
+    )
+    beta: float | None = field(
+        default=None,
+        metadata=_help(
+            "preference, kto: the strength of the reference (ipo: tau; orpo: lambda, the odds-ratio weight); default "
+            "the paper's: 0.1, simpo 2.0"
+        ),
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata=_help("preference: the probability that a pair's labels are flipped (sigmoid: cDPO, robust, simpo)"),
+    )
+    simpo_gamma: float = field(default=0.5, metadata=_help("preference, loss simpo: the target reward margin gamma"))
+    desirable_weight: float = field(default=1.0, metadata=_help("kto: weight of the desirable rows' losses"))
+    undesirable_weight: float = field(default=1.0, metadata=_help("kto: weight of the undesirable rows' losses"))
+    max_prompt_len: int | None = field(
+        default=None,
+        metadata=_help("preference, kto, reward: keep each prompt's last N tokens (before --max-seq-len cuts the end)"),
+    )
+    precompute_reference: bool = field(
+        default=False,
+        metadata=_help(
+            "preference, kto: compute the reference log-probs once before training, stored beside the token cache and "
+            "reused (required for --method full)"
+        ),
+    )
+    skip_bad_rows: bool = field(
+        default=False,
+        metadata=_help("preference, kto, reward: count and leave out bad rows instead of stopping at the first"),
+    )
 
     def validate(self, required: tuple[str, ...] = ("model", "data", "output")) -> TrainConfig:
         """Check every value (and that the ``required`` paths are set); raises NibbleError naming the first bad

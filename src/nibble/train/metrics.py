@@ -153,7 +153,8 @@ def plot_run(
 ) -> None:
     """Write the plots of a run into ``directory``, each titled with the run's ``name``: loss.png (train and val
     loss, with the learning rate and the gradient norm in panels below), and what the evaluations hold:
-    accuracy.png (val accuracy), perplexity.png (val perplexity), confusion_matrix.png (single-label)."""
+    accuracy.png (val accuracy), perplexity.png (val perplexity), rewards.png (a preference run's chosen and rejected
+    rewards and their margin), confusion_matrix.png (single-label)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,6 +175,17 @@ def plot_run(
             ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         figures[key] = fig
+    train = [r for r in records if r.get("kind") == "train"]
+    if any("rewards/margins" in r for r in train):  # a preference run: its implicit rewards over the steps
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+            points = [(r["step"], r[key]) for r in train if key in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), label=key.split("/")[1])
+        ax.set(xlabel="step", ylabel="reward", title=f"{prefix}train rewards")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        figures["rewards"] = fig
     matrix = (final_eval or {}).get("confusion_matrix")
     if matrix and not isinstance(matrix[0][0], list):
         at = f" at step {final_eval['step']}" if "step" in final_eval else ""

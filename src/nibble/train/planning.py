@@ -45,7 +45,8 @@ def plan_options(
         task=task.head,
         num_labels=num_labels or 2,
         seq_len=config.max_seq_len,
-        batch_size=config.batch_size,
+        # a row of a pair task is two sequences (a preference pair's chosen and rejected completion)
+        batch_size=config.batch_size * getattr(task, "sequences_per_row", 1),
         lora_rank=config.lora_rank,
         lora_targets=resolve_targets(config.lora_targets),
         train_router=config.train_router,

@@ -253,6 +253,8 @@ class Run:
         self.meter = MemoryMeter(self.device)
         self._load_model()
         self.estimate = estimate_bytes(self.model_config, self._plan_options(self._cache_weights()))
+        if self.task.prepare is not None:
+            self.task.prepare(self.model, cfg.eval_batch_size or 2 * cfg.batch_size, cfg.torch_dtype)
         with distributed.main_first() as main:
             if main:
                 prepare_output(self.out, cfg, self.resume_from)

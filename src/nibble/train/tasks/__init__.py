@@ -23,6 +23,9 @@ from nibble.train.tasks.base import SavedModel, Task, TaskRun
 TASKS: dict[str, str] = {
     "classify": "nibble.train.tasks.classify:ClassifyTask",
     "instruct": "nibble.train.tasks.instruct:InstructTask",
+    "preference": "nibble.train.tasks.preference:PreferenceTask",
+    "kto": "nibble.train.tasks.kto:KTOTask",
+    "reward": "nibble.train.tasks.reward:RewardTask",
 }
 ENTRY_POINTS = "nibble.tasks"
 

@@ -40,7 +40,9 @@ class TaskRun:
     validation data); ``sample_groups`` (one group per training example) makes the batch stream repeat minority
     groups up to the largest; ``num_labels`` sizes a classification head; ``labels`` name the classes in plots;
     ``save(directory)`` writes the files every export carries beside the weights (a label map, a chat template);
-    ``report`` formats the final evaluation; ``summary`` describes the data on the start line.
+    ``report`` formats the final evaluation; ``summary`` describes the data on the start line; ``prepare(model,
+    eval_batch_size, dtype)`` runs once the model is loaded, before training starts or resumes (what the data needs
+    from the model before any step, such as precomputed reference log-probs).
     """
 
     train: Dataset
@@ -55,6 +57,7 @@ class TaskRun:
     labels: list[Any] = field(default_factory=list)
     save: Callable[[Path], None] | None = None
     report: Callable[[dict[str, Any]], str] = headline
+    prepare: Callable[[nn.Module, int, torch.dtype], None] | None = None
 
 
 @dataclass(kw_only=True)
@@ -79,6 +82,8 @@ class Task(Protocol):
         name: the value of ``--task``.
         head: the model head it trains: ``"classify"`` (a ``score`` layer on a pooled token) or ``"causal_lm"``.
         options: the TrainConfig fields only this task reads (its config section); another task refuses them.
+        sequences_per_row: (optional, default 1) the sequences one example of its data computes with gradients,
+            for the memory planner (a preference pair: 2).
     """
 
     name: str
