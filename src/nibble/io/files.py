@@ -151,9 +151,10 @@ def atomic_file(path: str | Path, needed: int | None = None) -> Iterator[Path]:
             the ``needed`` bytes when known.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = _temporary(path, "tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temporaries(path.parent)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -174,6 +175,42 @@ def open_atomic(path: str | Path, newline: str | None = None) -> Iterator[TextIO
     """
     with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline=newline) as f:
         yield f
+
+
+def _temporary(path: Path, kind: str) -> Path:
+    """A temporary sibling of ``path`` that names its writer: ``.NAME.tmp-PID-RANDOM`` (``kind`` tmp or old)."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _writer_gone(name: str) -> bool:
+    """Whether the process named in the temporary ``name`` (see :func:`_temporary`) no longer runs."""
+    kind = ".tmp-" if ".tmp-" in name else ".old-"
+    pid, _, tag = name.rsplit(kind, 1)[-1].partition("-")
+    if not pid.isdigit() or len(tag) != 8:
+        return False  # (named before writers were: not known to be gone)
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
+
+
+def remove_dead_temporaries(directory: str | Path) -> None:
+    """Delete what a killed writer (SIGKILL, power loss) left in ``directory``: temporary files and staged
+    directories whose process is gone. Any writer's next start beside them does this, so none outlives the next
+    run; those of a live process (a concurrent write) are left alone."""
+    try:
+        entries = [e for e in os.scandir(directory) if e.name.startswith(".")]
+    except OSError:
+        return
+    for entry in entries:
+        if (".tmp-" in entry.name or ".old-" in entry.name) and _writer_gone(entry.name):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                Path(entry.path).unlink(missing_ok=True)
 
 
 def _occupied(path: Path) -> bool:
@@ -199,9 +236,10 @@ def staged_dir(target: str | Path, overwrite: bool = False, needed: int | None =
         raise NibbleError(f"{target}: is a file, not a directory; choose another output path")
     if _occupied(target) and not overwrite:
         raise NibbleError(f"{target}: already exists; choose another output directory or pass --overwrite")
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging = _temporary(target, "tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temporaries(target.parent)
         staging.mkdir()  # (not mkdtemp: its mode 0700 would stay on the finished directory)
         yield staging
         _fsync_tree(staging)
@@ -225,7 +263,7 @@ def _install(staging: Path, target: Path) -> None:
     if _exchange(staging, target):
         shutil.rmtree(staging)  # now the old directory
         return
-    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    retired = _temporary(target, "old")
     os.rename(target, retired)
     os.rename(staging, target)
     shutil.rmtree(retired, ignore_errors=True)

@@ -72,7 +72,9 @@ class RunInfo:
     built it. ``quant`` is the 4-bit format of the frozen base (None: a dense base); with the ``gguf`` format,
     ``gguf_base`` names the .gguf file whose blocks it was (``{"file": name, "bytes": size}``); ``base_model`` the
     model the run started from as the user named it (a directory or a .gguf file; adapter_config.json names the
-    loadable HF directory instead); ``step`` the optimizer step the weights come from."""
+    loadable HF directory instead), ``base_fingerprint`` that model's content (see
+    :func:`nibble.io.files.model_fingerprint` of its HF directory); ``step`` the optimizer step the weights come
+    from."""
 
     task: str | None = None
     method: str | None = None
@@ -87,6 +89,7 @@ class RunInfo:
     base_model: str | None = None
     step: int | None = None
     gguf_base: dict[str, Any] | None = None
+    base_fingerprint: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

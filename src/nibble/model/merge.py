@@ -154,6 +154,7 @@ def merge_adapter(
     overwrite: bool = False,
     shard_bytes: int = SHARD_BYTES,
     device: torch.device | str = "cpu",
+    any_base: bool = False,
 ) -> tuple[Path, AdapterInfo]:
     """Write ``output``: ``model`` (directory or .gguf) with ``adapter`` merged in, as a plain HF checkpoint.
 
@@ -176,7 +177,7 @@ def merge_adapter(
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise NibbleError(f"{output}: already exists; choose another --output or pass --overwrite")
     model_dir = resolve_model_dir(model)
-    adapted, info = load_adapted(model_dir, adapter, device=device)
+    adapted, info = load_adapted(model_dir, adapter, device=device, any_base=any_base)
     with staged_dir(output, overwrite=overwrite) as staging:
         write_checkpoint(adapted, staging, dtype, shard_bytes, info.labels, source=model_dir)
         tokenizer_source = info.directory if (info.directory / "tokenizer.json").is_file() else model_dir

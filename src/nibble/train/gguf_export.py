@@ -26,7 +26,7 @@ from nibble.errors import NibbleError
 from nibble.io.files import write_text_atomic
 from nibble.io.gguf import is_gguf, open_gguf
 from nibble.io.tokenizer import Tokenizer, load_tokenizer
-from nibble.model.adapter import check_gguf_base, load_adapted, read_adapter_info
+from nibble.model.adapter import check_base, check_gguf_base, load_adapted, read_adapter_info
 from nibble.model.config import ModelConfig
 from nibble.model.export import ExportResult, export_adapter, export_model
 from nibble.model.loading import load_model, resolve_model_dir
@@ -132,6 +132,7 @@ def export_gguf(
     eval_data: str | Path | None = None,
     eval_tokens: int = 2048,
     overwrite: bool = False,
+    any_base: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Export ``model`` (+ ``adapter``) to the GGUF file ``output`` and write the report beside it
@@ -158,6 +159,8 @@ def export_gguf(
         if info is None:
             raise NibbleError("--adapter-only needs --adapter DIR")
         check_gguf_base(info, model)
+        if not any_base:
+            check_base(info, model)
         result = export_adapter(_base_config(model), info, output, quant, overwrite=overwrite)
         if info.quant is not None and info.quant.format == "gguf":
             base = "the very .gguf file it was trained on"
@@ -170,7 +173,7 @@ def export_gguf(
 
     model_dir = resolve_model_dir(model)
     if info is not None:
-        merged, _ = load_adapted(model_dir, info.directory, task="causal_lm")
+        merged, _ = load_adapted(model_dir, info.directory, task="causal_lm", any_base=any_base)
         tokenizer = load_tokenizer(info.directory if (info.directory / "tokenizer.json").is_file() else model_dir)
     else:
         merged = load_model(model_dir)
