@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+import helpers
 from nibble.errors import NibbleError
 from nibble.io.files import read_json_object, remove_stale_staging, staged_dir, write_text_atomic
 
@@ -95,40 +96,19 @@ def test_write_text_atomic_and_stale_staging_cleanup(tmp_path):
         read_json_object(write_text_atomic(tmp_path / "bad.json", "{]"), "fix it")
 
 
-def killed_writer(directory, name: str, kind: str = "staged_dir"):
-    """Start a process that begins writing ``directory/name`` (a staged directory or an atomic file), SIGKILL
-    it half-way, and return the temporaries it left."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    code = (
-        "import sys, time; from nibble.io.files import staged_dir, atomic_file\n"
-        f"with {kind}(sys.argv[1]) as tmp:\n"
-        "    (tmp / 'half' if tmp.is_dir() else tmp).write_text('half'); print('ready', flush=True); time.sleep(60)\n"
-    )
-    process = subprocess.Popen([sys.executable, "-c", code, str(directory / name)], stdout=subprocess.PIPE, text=True)
-    assert process.stdout.readline() == "ready\n"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    time.sleep(0.01)
-    return [p.name for p in directory.iterdir() if ".tmp-" in p.name]
-
-
 @pytest.mark.parametrize("kind", ["staged_dir", "atomic_file"])
 def test_what_a_killed_writer_left_is_removed_by_the_next_write_beside_it(tmp_path, kind):
     from nibble.io.files import atomic_file, staged_dir
 
     (tmp_path / "live").mkdir()
-    left = killed_writer(tmp_path, "merged", kind)
+    left = helpers.killed_writer(tmp_path, "merged", kind)
     assert len(left) == 1 and left[0].startswith(".merged.tmp-")
     with staged_dir(tmp_path / "live") as tmp:  # a concurrent writer's own staging stays while it runs
         assert tmp.name in [p.name for p in tmp_path.iterdir()]
         write_text_atomic(tmp_path / "report.json", "{}")
         assert tmp.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live", "report.json"]
-    killed_writer(tmp_path, "merged", kind)
+    helpers.killed_writer(tmp_path, "merged", kind)
     with atomic_file(tmp_path / "other.bin") as tmp:
         tmp.write_bytes(b"x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live", "other.bin", "report.json"]

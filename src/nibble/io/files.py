@@ -129,6 +129,26 @@ def write_error(directory: str | Path, exc: OSError, needed: int | None = None) 
     return WriteError(message, exc)
 
 
+def writable_parent(path: str | Path) -> None:
+    """Check, before any work, that ``path`` can be written: its nearest existing parent is a directory in which a
+    file can be created (a read-only file system, permissions and a file where a directory should be show here,
+    not after a model was loaded and merged).
+
+    Raises:
+        NibbleError: one line naming the parent and the reason.
+    """
+    path = Path(path)
+    parent = next((p for p in path.parents if p.exists() or p.is_symlink()), Path("."))
+    if not parent.is_dir():
+        raise NibbleError(f"{parent}: is a file, not a directory; choose another output path than {path}")
+    probe = _temporary(parent / path.name, "tmp")
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise write_error(parent, exc) from None
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` to a temporary name beside ``path``, fsync, then rename it onto ``path``.
 
@@ -228,10 +248,13 @@ def staged_dir(target: str | Path, overwrite: bool = False, needed: int | None =
     ``needed`` (bytes, when known) is named in the error when the disk fills up.
 
     Raises:
-        NibbleError: ``target`` exists (a file, or a non-empty directory) and ``overwrite`` is false; or a
+        NibbleError: ``target`` is a symbolic link, or exists (a file, or a non-empty directory) and ``overwrite``
+            is false; or a
             write failed (full disk, permissions), after the partial directory was removed.
     """
     target = Path(target)
+    if target.is_symlink():
+        raise NibbleError(f"{target}: is a symbolic link; write to the directory it names, or choose another path")
     if target.exists() and not target.is_dir():
         raise NibbleError(f"{target}: is a file, not a directory; choose another output path")
     if _occupied(target) and not overwrite:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from nibble.errors import NibbleError
-from nibble.io.files import read_json_object, staged_dir, write_json
+from nibble.io.files import read_json_object, staged_dir, writable_parent, write_json
 from nibble.io.peft import MULTIMODAL_DECODER
 from nibble.io.runinfo import LABEL_MAP, RUN_INFO
 from nibble.io.safetensors import INDEX_NAME, SINGLE_NAME, read_checkpoint, save_file_atomic
@@ -164,7 +164,8 @@ def merge_adapter(
     The base is loaded and merged on ``device``; each shard is copied to the host as it is written.
 
     Raises:
-        NibbleError: a bad dtype, an ``output`` that exists (without ``overwrite``), or anything
+        NibbleError: a bad dtype, an ``output`` that exists (without ``overwrite``) or is a symbolic link, a parent
+            that cannot be written, or anything
             :func:`load_adapted` rejects.
     """
     if isinstance(dtype, str):
@@ -174,8 +175,11 @@ def merge_adapter(
     if dtype not in MERGE_DTYPES.values():
         raise NibbleError(f"dtype {dtype} is not supported for merging; use float32 or bfloat16")
     output = Path(output)
+    if output.is_symlink():
+        raise NibbleError(f"{output}: is a symbolic link; merge writes a directory: pass the one it names or another")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise NibbleError(f"{output}: already exists; choose another --output or pass --overwrite")
+    writable_parent(output)
     model_dir = resolve_model_dir(model)
     adapted, info = load_adapted(model_dir, adapter, device=device, any_base=any_base)
     with staged_dir(output, overwrite=overwrite) as staging:

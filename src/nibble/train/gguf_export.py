@@ -23,7 +23,7 @@ from nibble.data.batching import Dataset
 from nibble.data.instruct import IGNORE_INDEX, collate_lm, read_instruct
 from nibble.data.records import stratified_split
 from nibble.errors import NibbleError
-from nibble.io.files import write_text_atomic
+from nibble.io.files import writable_parent, write_text_atomic
 from nibble.io.gguf import is_gguf, open_gguf
 from nibble.io.tokenizer import Tokenizer, load_tokenizer
 from nibble.model.adapter import check_base, check_gguf_base, load_adapted, read_adapter_info
@@ -140,14 +140,16 @@ def export_gguf(
 
     Raises:
         NibbleError: a classification adapter, ``adapter_only`` without an adapter, a bad ``quant``, an
-            ``output`` that exists (without ``overwrite``), unreadable evaluation data, or anything loading
-            the model and adapter rejects.
+            ``output`` or report that exists (without ``overwrite``), a parent that cannot be written,
+            unreadable evaluation data, or anything loading the model and adapter rejects.
     """
     output = Path(output)
     if eval_tokens < 0:
         raise NibbleError(f"--eval-tokens must be >= 0, got {eval_tokens}")
-    if output.exists() and not overwrite:
-        raise NibbleError(f"{output}: already exists; choose another --output or pass --overwrite")
+    for path in (output, report_path(output)):
+        if (path.exists() or path.is_symlink()) and not overwrite:
+            raise NibbleError(f"{path}: already exists; choose another --output or pass --overwrite")
+    writable_parent(output)
     info = read_adapter_info(adapter) if adapter is not None else None
     if info is not None and info.task != "causal_lm":
         raise NibbleError(
