@@ -178,3 +178,30 @@ def test_a_target_pattern_matches_whole_names_without_backtracking(peft_adapter,
             load_model(base, task="classify", num_labels=3),
             _with_config(adapter, tmp_path / "b", target_modules=r"(q)\1"),
         )
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("task", 3),
+        ("dtype", 7),
+        ("pooling", ["last"]),
+        ("max_seq_len", "128"),
+        ("max_seq_len", 0),
+        ("max_seq_len", True),
+        ("step", -1),
+        ("step", 1.5),
+        ("text_column", {"a": 1}),
+        ("base_model", 12),
+        ("base_fingerprint", 12),
+        ("gguf_base", "model.gguf"),
+        ("gguf_base", {"file": "m.gguf", "bytes": "12"}),
+        ("quant", "nf4"),
+    ],
+)
+def test_a_nibble_json_field_of_the_wrong_type_is_one_line(tmp_path, key, value):
+    from nibble.io.runinfo import RunInfo
+
+    (tmp_path / "nibble.json").write_text(json.dumps({"task": "classify", key: value}))
+    with pytest.raises(NibbleError, match=rf"^{tmp_path / 'nibble.json'}: '{key}'"):
+        RunInfo.load(tmp_path / "nibble.json")
