@@ -1,6 +1,6 @@
 """Outputs and inputs outside train under hostile conditions, through the real CLI on a tiny model: an adapter
 applied to another base than its own, writes into a file or read-only parent or onto a full disk, a symlink as
-merge --overwrite's target, predict writing over its data, an existing report."""
+merge --overwrite's target, predict writing over its data, an existing report, a tokenizer larger than the model."""
 
 from __future__ import annotations
 
@@ -200,3 +200,19 @@ def test_what_a_killed_merge_left_is_gone_after_the_next(run, tmp_path):
     assert len(left) == 1
     assert main(merge_args(run, tmp_path / "m")) == 0
     assert (tmp_path / "m" / "config.json").is_file() and not litter(tmp_path)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_one_line_at_load(run, tmp_path, capsys):
+    small, _ = helpers.make_hf_checkpoint(
+        tmp_path / "small", "qwen3", vocab_size=200, pad_token_id=0
+    )  # its tokenizer: 259
+    capsys.readouterr()
+    commands = [
+        ["train", "--model", str(small), "--data", str(run.data), "--output", str(tmp_path / "o"), "--max-steps", "1"],
+        ["generate", "--model", str(small), "--prompt", "hi", "--max-new-tokens", "2"],
+        ["export", "--model", str(small), "--output", str(tmp_path / "s.gguf"), "--eval-tokens", "0"],
+    ]
+    for args in commands:
+        assert main(args) == 2, args
+        one_line_error(capsys, f"{small / 'tokenizer.json'}: 259 tokens, but", "embeds 200 (vocab_size)")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s.gguf").exists()

@@ -224,4 +224,6 @@ def load_generator(
         lm, info = load_adapted(model_dir, adapter, task="causal_lm", dtype=dtype, device=device, any_base=any_base)
         source = info.directory if (info.directory / "tokenizer.json").is_file() else model_dir
     cache_dense_weights(lm, cache_budget_bytes(lm, dtype, cache_budget_mb), dtype)
-    return lm, load_tokenizer(source)
+    tokenizer = load_tokenizer(source)
+    tokenizer.check_fits(lm.config.vocab_size, model)
+    return lm, tokenizer

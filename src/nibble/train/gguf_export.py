@@ -180,6 +180,7 @@ def export_gguf(
     else:
         merged = load_model(model_dir)
         tokenizer = load_tokenizer(model_dir)
+    tokenizer.check_fits(merged.config.vocab_size, model)
     texts, source = eval_texts(tokenizer, eval_data, info.directory if info else None, eval_tokens)
     cache_dense_weights(merged, cache_budget_bytes(merged, torch.float32), torch.float32)
     name = info.directory.parent.name if info is not None else Path(model).stem

@@ -280,4 +280,5 @@ def load_classifier(
         )
     cache_dense_weights(model, cache_budget_bytes(model, run.torch_dtype, cache_budget_mb), run.torch_dtype)
     tokenizer = load_tokenizer(source if (source / "tokenizer.json").is_file() else model_dir)
+    tokenizer.check_fits(model.config.vocab_size, model_dir)
     return model.eval(), tokenizer, label_map, run
