@@ -192,5 +192,8 @@ def merge_adapter(
         if info.task == "classify" and (info.directory / LABEL_MAP).is_file():
             shutil.copyfile(info.directory / LABEL_MAP, staging / LABEL_MAP)
         if (info.directory / RUN_INFO).is_file():
-            replace(info.run, quant=None, gguf_base=None, merged_from=str(info.directory)).save(staging / RUN_INFO)
+            merged = replace(
+                info.run, quant=None, gguf_base=None, base_fingerprint=None, merged_from=str(info.directory)
+            )
+            merged.save(staging / RUN_INFO)
     return output, info
