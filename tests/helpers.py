@@ -284,3 +284,22 @@ def label_task(data, loss_fn=None, evaluate=None, forward=None):
         forward=forward,
         summary="",
     )
+
+
+def killed_writer(directory, name: str, kind: str = "staged_dir"):
+    """Start a process that begins writing ``directory/name`` (a staged directory or an atomic file), SIGKILL
+    it half-way, and return the temporaries it left."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time; from nibble.io.files import staged_dir, atomic_file\n"
+        f"with {kind}(sys.argv[1]) as tmp:\n"
+        "    (tmp / 'half' if tmp.is_dir() else tmp).write_text('half'); print('ready', flush=True); time.sleep(60)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code, str(directory / name)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "ready\n"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return [p.name for p in directory.iterdir() if ".tmp-" in p.name]

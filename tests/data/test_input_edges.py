@@ -121,3 +121,34 @@ def test_json_that_python_refuses_is_a_bad_line(tmp_path, line):
     path.write_text('{"text": "a", "label": 1}\n' + line + "\n")
     with pytest.raises(NibbleError, match=r"rows.jsonl line 2: not valid JSON"):
         list(read_records(path))
+
+
+@pytest.mark.parametrize(
+    ("values", "arrow_type", "shown"),
+    [
+        (["1.50", "2.25"], "decimal", "Decimal 1.50"),
+        ([0, 86_400], "timestamp", "datetime 1970-01-01"),
+        ([0, 1], "date", "date 1970-01-01"),
+        ([b"\x00a", b"b"], "binary", "bytes"),
+        ([1.5, 2.5], "float", "1.5"),
+    ],
+)
+def test_a_decimal_timestamp_or_binary_label_column_is_one_line(tmp_path, values, arrow_type, shown):
+    from decimal import Decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    types = {
+        "decimal": (pa.decimal128(5, 2), [Decimal(v) for v in values] if arrow_type == "decimal" else values),
+        "timestamp": (pa.timestamp("s"), values),
+        "date": (pa.date32(), values),
+        "binary": (pa.binary(), values),
+        "float": (pa.float64(), values),
+    }
+    kind, cells = types[arrow_type]
+    table = pa.table({"text": pa.array(["a", "b"]), "label": pa.array(cells, type=kind)})
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pytest.raises(NibbleError, match=r"d.parquet.*'label' must be an integer >= 0, a string") as caught:
+        read_rows(tmp_path / "d.parquet")
+    assert f"got {shown}" in str(caught.value) and "\n" not in str(caught.value)

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+import helpers
 from nibble.errors import NibbleError
 from nibble.io.files import read_json_object, remove_stale_staging, staged_dir, write_text_atomic
 
@@ -93,3 +94,21 @@ def test_write_text_atomic_and_stale_staging_cleanup(tmp_path):
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["report.json"]
     with pytest.raises(NibbleError, match="not valid JSON.*fix it"):
         read_json_object(write_text_atomic(tmp_path / "bad.json", "{]"), "fix it")
+
+
+@pytest.mark.parametrize("kind", ["staged_dir", "atomic_file"])
+def test_what_a_killed_writer_left_is_removed_by_the_next_write_beside_it(tmp_path, kind):
+    from nibble.io.files import atomic_file, staged_dir
+
+    (tmp_path / "live").mkdir()
+    left = helpers.killed_writer(tmp_path, "merged", kind)
+    assert len(left) == 1 and left[0].startswith(".merged.tmp-")
+    with staged_dir(tmp_path / "live") as tmp:  # a concurrent writer's own staging stays while it runs
+        assert tmp.name in [p.name for p in tmp_path.iterdir()]
+        write_text_atomic(tmp_path / "report.json", "{}")
+        assert tmp.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live", "report.json"]
+    helpers.killed_writer(tmp_path, "merged", kind)
+    with atomic_file(tmp_path / "other.bin") as tmp:
+        tmp.write_bytes(b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live", "other.bin", "report.json"]

@@ -382,3 +382,75 @@ def test_a_global_micro_batch_the_ranks_cannot_share_names_the_batch_size(tmp_pa
     assert global_micro_batch(config, step, Parallel(0, 1, 0)).batch_size == 9
     with pytest.raises(NibbleError, match=r"which 2 ranks cannot share evenly; .* with --batch-size 9 // ranks"):
         global_micro_batch(config, step, Parallel(1, 2, 1))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("variables", "said"),
+    [
+        ({"WORLD_SIZE": "1", "RANK": "1"}, "RANK=1 and WORLD_SIZE=1: ranks run from 0 to 0"),
+        ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "2"}, "LOCAL_RANK=2 and WORLD_SIZE=2"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0: a launch has at least one rank"),
+        ({"WORLD_SIZE": "2", "RANK": "x"}, "RANK='x' is not a rank number"),
+        ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR is not set, and WORLD_SIZE=2"),
+        ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "MASTER_PORT is not set"),
+        ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"}, "not a port number"),
+    ],
+)
+def test_torchrun_environment_misuse_is_one_line(toy, tmp_path, capfd, monkeypatch, variables, said):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in variables.items():
+        monkeypatch.setenv(key, value)
+    capfd.readouterr()
+    assert main(train_args(toy, tmp_path / "out", 4)) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("error: environment variable") and err.count("\n") == 1 and said in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_that_never_comes_is_one_line_after_a_bounded_wait(toy, tmp_path, capfd, monkeypatch, rank):
+    from datetime import timedelta
+
+    from nibble.train import distributed
+
+    monkeypatch.setattr(distributed, "JOIN_TIMEOUT", timedelta(seconds=2))
+    env = {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)}
+    for key, value in {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    capfd.readouterr()
+    assert main(train_args(toy, tmp_path / "out", 4)) == 2
+    err = capfd.readouterr().err
+    said = "only 1 of 2 ranks arrived at 127.0.0.1:" if rank == 0 else "rank 1 of 2: nothing answered at MASTER_ADDR"
+    assert err.startswith("error: rank ") and err.count("\n") == 1 and said in err and "within 2 s" in err, err
+
+
+def test_ranks_launched_by_hand_meet_at_master_addr():
+    """Without torchrun's agent rank 0 hosts the store the ranks meet at."""
+    code = (
+        "import torch, torch.distributed as dist\n"
+        "from nibble.train import distributed\n"
+        "part = distributed.from_environment()\n"
+        "distributed.start(part, torch.device('cpu'), 'gloo')\n"
+        "t = torch.tensor([part.rank + 1.0]); dist.all_reduce(t); print(int(t.item()), file=__import__('sys').stderr)\n"
+        "distributed.stop()\n"
+    )
+    port = str(free_port())
+    ranks = []
+    for rank in (1, 0):  # the second rank starts first: it waits for rank 0
+        env = {**environment(), "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+        ranks.append(subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True))
+    for process in ranks:
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 0 and err.strip().endswith("3"), err

@@ -98,6 +98,14 @@ def add_device_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", metavar="DEVICE", help=f"{_field_help('device')} (default: auto)")
 
 
+def add_any_base_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--any-base",
+        action="store_true",
+        help="apply the adapter to --model even where it differs from the base the adapter was trained on",
+    )
+
+
 def add_inference_flags(parser: argparse.ArgumentParser) -> None:
     """Flags eval and predict share."""
     parser.add_argument(
@@ -116,6 +124,7 @@ def add_inference_flags(parser: argparse.ArgumentParser) -> None:
         type=bounded(int, 1, MAX_TOKENS),
         help="truncate texts to this many tokens (default: as in training)",
     )
+    add_any_base_flag(parser)
     add_cache_budget_flag(parser)
     add_device_flag(parser)
 
@@ -132,6 +141,7 @@ def saved_model(args: argparse.Namespace, options: dict[str, Any]) -> Any:
         device=args.device,
         cache_budget_mb=args.cache_budget_mb,
         max_seq_len=args.max_seq_len,
+        any_base=args.any_base,
         options=options,
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from nibble.cli._common import add_inference_flags, saved_model, trained_task
 
@@ -28,15 +29,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--chat-template", help="instruct: a Jinja file or built-in name (default: the adapter's or model's template)"
     )
-    parser.add_argument("--output", help="also write the metrics to this JSON file")
+    parser.add_argument("--output", help="also write the metrics to this JSON file (a new one: see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the --output file if it exists")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from nibble.io.files import write_text_atomic
+    from nibble.errors import NibbleError
+    from nibble.io.files import writable_parent, write_text_atomic
     from nibble.train.tasks import get_task
 
     task = get_task(args.task) if args.task else trained_task(args.model, args.adapter)
+    if args.output:
+        if Path(args.output).exists() and not args.overwrite:
+            raise NibbleError(f"{args.output}: already exists; choose another --output or pass --overwrite")
+        writable_parent(args.output)
     options = {k: getattr(args, k) for k in ("text_column", "label_column", "columns", "chat_template")}
     metrics = task.evaluate_saved(saved_model(args, options))
     if args.output:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from nibble.cli._common import add_any_base_flag
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from nibble.model.export import QUANTS
@@ -45,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="score about this many tokens of it (default 2048; 0 skips the perplexity)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+    add_any_base_flag(parser)
     parser.set_defaults(func=run)
 
 
@@ -61,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         eval_data=args.eval_data,
         eval_tokens=args.eval_tokens,
         overwrite=args.overwrite,
+        any_base=args.any_base,
     )
     print(f"export: done in {time.perf_counter() - start:.1f} s")
     return 0

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from nibble.cli._common import MAX_TOKENS, add_cache_budget_flag, add_device_flag, bounded
+from nibble.cli._common import MAX_TOKENS, add_any_base_flag, add_cache_budget_flag, add_device_flag, bounded
 from nibble.quant.spec import FORMATS
 
 
@@ -40,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "float16 on older CUDA GPUs, else float32)",
     )
     add_cache_budget_flag(parser)
+    add_any_base_flag(parser)
     add_device_flag(parser)
     parser.set_defaults(func=run)
 
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         cache_budget_mb=args.cache_budget_mb,
         device=device,
         dtype=dtype,
+        any_base=args.any_base,
     )
     print(describe(device, dtype, args.dtype), file=sys.stderr, flush=True)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from nibble.cli._common import add_device_flag
+from nibble.cli._common import add_any_base_flag, add_device_flag
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dtype", choices=["float32", "bfloat16"], default="float32", help="weight dtype (default float32)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    add_any_base_flag(parser)
     add_device_flag(parser)
     parser.set_defaults(func=run)
 
@@ -36,7 +37,13 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     print(describe(device), flush=True)
     output, info = merge_adapter(
-        args.model, args.adapter, args.output, dtype=args.dtype, overwrite=args.overwrite, device=device
+        args.model,
+        args.adapter,
+        args.output,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        device=device,
+        any_base=args.any_base,
     )
     targets = info.config.get("target_modules")
     targets = ",".join(targets) if isinstance(targets, list) else targets

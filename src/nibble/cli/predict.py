@@ -29,11 +29,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nibble.errors import NibbleError
+    from nibble.io.files import writable_parent
 
     task = trained_task(args.model, args.adapter)
     if not hasattr(task, "predict"):
         raise NibbleError(f"--model/--adapter: trained for task {task.name}, which has no predictions; use nibble eval")
     output = Path(args.output)
+    data = Path(args.data)
+    if output.resolve() == data.resolve() or (output.exists() and data.exists() and output.samefile(data)):
+        raise NibbleError(f"{output}: is the --data file; predictions go to another file")
+    writable_parent(output)
     count = task.predict(saved_model(args, {"text_column": args.text_column}), output, args.id_column)
     print(f"wrote {count} predictions to {output}")
     return 0

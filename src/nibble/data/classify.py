@@ -90,7 +90,7 @@ def iter_rows(path: str | Path, text_column: str = "text", label_column: str | N
             elif not is_label(label):
                 raise NibbleError(
                     f"{place(path, line)}: '{column}' must be an integer >= 0, a string, or a list of those; "
-                    f"got {json.dumps(label)}"
+                    f"got {_shown(label)} (cast a decimal, timestamp or binary column to strings)"
                 )
         row = Row(text, label, line)
         if column is not None and first is not None:
@@ -99,6 +99,16 @@ def iter_rows(path: str | Path, text_column: str = "text", label_column: str | N
         yield row
     if first is None:
         raise NibbleError(f"{path}: holds no rows; add data or fix the path")
+
+
+def _shown(value: object) -> str:
+    """``value`` as the row holds it, for an error: JSON where it is JSON, else its type and text (a parquet
+    decimal, timestamp or binary cell)."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = f"{type(value).__name__} {value!s:.60}"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def read_rows(path: str | Path, text_column: str = "text", label_column: str | None = "label") -> list[Row]:

@@ -129,6 +129,26 @@ def write_error(directory: str | Path, exc: OSError, needed: int | None = None) 
     return WriteError(message, exc)
 
 
+def writable_parent(path: str | Path) -> None:
+    """Check, before any work, that ``path`` can be written: its nearest existing parent is a directory in which a
+    file can be created (a read-only file system, permissions and a file where a directory should be show here,
+    not after a model was loaded and merged).
+
+    Raises:
+        NibbleError: one line naming the parent and the reason.
+    """
+    path = Path(path)
+    parent = next((p for p in path.parents if p.exists() or p.is_symlink()), Path("."))
+    if not parent.is_dir():
+        raise NibbleError(f"{parent}: is a file, not a directory; choose another output path than {path}")
+    probe = _temporary(parent / path.name, "tmp")
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise write_error(parent, exc) from None
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` to a temporary name beside ``path``, fsync, then rename it onto ``path``.
 
@@ -151,9 +171,10 @@ def atomic_file(path: str | Path, needed: int | None = None) -> Iterator[Path]:
             the ``needed`` bytes when known.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = _temporary(path, "tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temporaries(path.parent)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -176,6 +197,42 @@ def open_atomic(path: str | Path, newline: str | None = None) -> Iterator[TextIO
         yield f
 
 
+def _temporary(path: Path, kind: str) -> Path:
+    """A temporary sibling of ``path`` that names its writer: ``.NAME.tmp-PID-RANDOM`` (``kind`` tmp or old)."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _writer_gone(name: str) -> bool:
+    """Whether the process named in the temporary ``name`` (see :func:`_temporary`) no longer runs."""
+    kind = ".tmp-" if ".tmp-" in name else ".old-"
+    pid, _, tag = name.rsplit(kind, 1)[-1].partition("-")
+    if not pid.isdigit() or len(tag) != 8:
+        return False  # (named before writers were: not known to be gone)
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
+
+
+def remove_dead_temporaries(directory: str | Path) -> None:
+    """Delete what a killed writer (SIGKILL, power loss) left in ``directory``: temporary files and staged
+    directories whose process is gone. Any writer's next start beside them does this, so none outlives the next
+    run; those of a live process (a concurrent write) are left alone."""
+    try:
+        entries = [e for e in os.scandir(directory) if e.name.startswith(".")]
+    except OSError:
+        return
+    for entry in entries:
+        if (".tmp-" in entry.name or ".old-" in entry.name) and _writer_gone(entry.name):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                Path(entry.path).unlink(missing_ok=True)
+
+
 def _occupied(path: Path) -> bool:
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
@@ -191,17 +248,21 @@ def staged_dir(target: str | Path, overwrite: bool = False, needed: int | None =
     ``needed`` (bytes, when known) is named in the error when the disk fills up.
 
     Raises:
-        NibbleError: ``target`` exists (a file, or a non-empty directory) and ``overwrite`` is false; or a
+        NibbleError: ``target`` is a symbolic link, or exists (a file, or a non-empty directory) and ``overwrite``
+            is false; or a
             write failed (full disk, permissions), after the partial directory was removed.
     """
     target = Path(target)
+    if target.is_symlink():
+        raise NibbleError(f"{target}: is a symbolic link; write to the directory it names, or choose another path")
     if target.exists() and not target.is_dir():
         raise NibbleError(f"{target}: is a file, not a directory; choose another output path")
     if _occupied(target) and not overwrite:
         raise NibbleError(f"{target}: already exists; choose another output directory or pass --overwrite")
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging = _temporary(target, "tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temporaries(target.parent)
         staging.mkdir()  # (not mkdtemp: its mode 0700 would stay on the finished directory)
         yield staging
         _fsync_tree(staging)
@@ -225,7 +286,7 @@ def _install(staging: Path, target: Path) -> None:
     if _exchange(staging, target):
         shutil.rmtree(staging)  # now the old directory
         return
-    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    retired = _temporary(target, "old")
     os.rename(target, retired)
     os.rename(staging, target)
     shutil.rmtree(retired, ignore_errors=True)

@@ -17,7 +17,7 @@ gate/up adapter's keys are ``...mlp.experts.base_layer.lora_A.weight`` and the d
 from __future__ import annotations
 
 import json
-import re
+import math
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from torch import nn
 
 from nibble.errors import NibbleError
 from nibble.io.files import read_json_object
+from nibble.io.pattern import FullMatch
 from nibble.io.safetensors import copy_into, load_file, save_file_atomic
 from nibble.nn.lora import EXPERTS, apply_lora, expert_lora_layers, lora_layers
 
@@ -57,6 +58,7 @@ ROUTER_TO_SAVE = f"mlp.{ROUTER}"
 # PEFT's nested base_layer wrappers around each (the first registered parameter is wrapped first, innermost).
 EXPERT_PARAMETERS = ("mlp.experts.down_proj", "mlp.experts.gate_up_proj")
 EXPERT_NESTING = {"gate_up_proj": "base_layer.", "down_proj": ""}
+MAX_RANK = 1 << 16  # beyond any layer's width
 
 
 def adapter_config(
@@ -182,6 +184,7 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     config = read_json_object(path, "--adapter must be a directory written by nibble train or PEFT")
     if config.get("peft_type") != "LORA":
         raise NibbleError(f"{path}: not a LoRA adapter (peft_type must be LORA)")
+    _check_values(config, path)
     unsupported = {
         "use_dora": False,
         "lora_bias": False,
@@ -209,6 +212,50 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _check_values(config: dict[str, Any], path: Path) -> None:
+    """Each value nibble reads has the type and range PEFT writes; the first that has not is one line."""
+    checks: dict[str, tuple[Any, str]] = {
+        "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_RANK, f"1..{MAX_RANK}"),
+        "lora_alpha": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+        "lora_dropout": (lambda v: v is None or (_is_number(v) and 0 <= v < 1), "a number in [0, 1)"),
+        "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+        "target_modules": (
+            lambda v: v is None or isinstance(v, str) or _is_names(v),
+            "a list of module names or a regular expression",
+        ),
+        "modules_to_save": (lambda v: v is None or _is_names(v), "a list of module names or null"),
+        "target_parameters": (lambda v: v is None or _is_names(v), "a list of parameter names or null"),
+        "task_type": (lambda v: v is None or isinstance(v, str), "a string such as CAUSAL_LM or SEQ_CLS"),
+        "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a path or null"),
+    }
+    for key, (ok, want) in checks.items():
+        if key in config and not ok(config[key]):
+            raise NibbleError(f"{path}: '{key}' must be {want}, got {config[key]!r:.80}")
+
+
+def module_targets(config: dict[str, Any], model: nn.Module, source: str) -> list[str] | str:
+    """The adapter's ``target_modules`` as a list of module names (or ``all-linear``): a string other than
+    ``all-linear`` is a pattern that must match a module's whole name (as PEFT reads it), matched without
+    backtracking (see :mod:`nibble.io.pattern`)."""
+    targets = config["target_modules"] or []
+    if not isinstance(targets, str) or targets == "all-linear":
+        return targets
+    what = f"{source}: 'target_modules' {targets!r:.80}"
+    match = FullMatch(targets, what)
+    found = [path for path, m in model.named_modules() if hasattr(m, "in_features") and match(path)]
+    if not found:
+        raise NibbleError(f"{what} matches no linear layer of the model; the adapter is for another model")
+    return found
+
+
 def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, Any]:
     """Attach the adapter in ``directory`` to ``model`` (LoRA layers + head weights); returns its config.
 
@@ -222,10 +269,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, Any]:
     if not weights.is_file():
         raise NibbleError(f"{weights}: missing; the adapter directory is incomplete")
     tensors = load_file(weights)
-    targets = config["target_modules"] or []
-    if isinstance(targets, str) and targets != "all-linear":
-        pattern = re.compile(targets)
-        targets = [path for path, m in model.named_modules() if pattern.fullmatch(path) and hasattr(m, "in_features")]
+    targets = module_targets(config, model, str(directory / CONFIG_NAME))
     if config.get("target_parameters"):
         if isinstance(targets, str):
             raise NibbleError(f"{directory / CONFIG_NAME}: 'target_modules' {targets!r} with 'target_parameters'")
@@ -233,7 +277,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, Any]:
     wrapped = apply_lora(
         model,
         targets,
-        rank=int(config["r"]),
+        rank=config["r"],
         alpha=float(config["lora_alpha"]),
         dropout=0.0,
         use_rslora=bool(config.get("use_rslora", False)),

@@ -66,13 +66,38 @@ class LabelMap:
         return cls.from_json(read_json_object(path, "the adapter or model directory needs its label map"), str(path))
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _gguf_base(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("file"), str) and _count(value.get("bytes"))
+
+
+# What each field of nibble.json must hold where it is not null (dtype and pooling are checked by value).
+_TYPES: dict[str, tuple[Any, str]] = {
+    **{
+        key: (lambda v: isinstance(v, str), "a string")
+        for key in (
+            *("task", "method", "dtype", "pooling", "text_column", "label_column", "columns"),
+            *("merged_from", "base_model", "base_fingerprint"),
+        )
+    },
+    "max_seq_len": (lambda v: _count(v) and v > 0, "an integer > 0"),
+    "step": (_count, "an integer >= 0"),
+    "gguf_base": (_gguf_base, 'an object {"file": name, "bytes": size}'),
+}
+
+
 @dataclass
 class RunInfo:
     """``nibble.json``: what eval, predict, generate and merge need to rebuild a trained model the way training
     built it. ``quant`` is the 4-bit format of the frozen base (None: a dense base); with the ``gguf`` format,
     ``gguf_base`` names the .gguf file whose blocks it was (``{"file": name, "bytes": size}``); ``base_model`` the
     model the run started from as the user named it (a directory or a .gguf file; adapter_config.json names the
-    loadable HF directory instead); ``step`` the optimizer step the weights come from."""
+    loadable HF directory instead), ``base_fingerprint`` that model's content (see
+    :func:`nibble.io.files.model_fingerprint` of its HF directory); ``step`` the optimizer step the weights come
+    from."""
 
     task: str | None = None
     method: str | None = None
@@ -87,6 +112,7 @@ class RunInfo:
     base_model: str | None = None
     step: int | None = None
     gguf_base: dict[str, Any] | None = None
+    base_fingerprint: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -103,6 +129,9 @@ class RunInfo:
         if quant is None and legacy.get("quantize"):
             quant = {"format": legacy.pop("quantize"), **{k: v for k, v in legacy.items() if k != "quantize"}}
         known = {f.name for f in fields(cls)} - {"quant", "extra"}
+        for key, value in data.items():
+            if key in _TYPES and value is not None and not _TYPES[key][0](value):
+                raise NibbleError(f"{source}: '{key}' must be {_TYPES[key][1]}, got {value!r:.80}; {_RESTORE}")
         info = cls(**{k: v for k, v in data.items() if k in known})
         for key, allowed in (("dtype", ("float32", "bfloat16", "float16")), ("pooling", ("last", "mean"))):
             if getattr(info, key) not in allowed:

@@ -106,6 +106,19 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    def check_fits(self, vocab_size: int, model: str | Path) -> None:
+        """Every token id has a row in the embedding of ``model`` (``vocab_size`` rows), checked at load rather
+        than as an IndexError in the first step.
+
+        Raises:
+            NibbleError: the tokenizer has more tokens than the model embeds.
+        """
+        if len(self) > vocab_size:
+            raise NibbleError(
+                f"{self.path / 'tokenizer.json'}: {len(self)} tokens, but {model} embeds {vocab_size} (vocab_size); "
+                f"ids from {vocab_size} on have no embedding: use the tokenizer the model was trained with"
+            )
+
     def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
         """Token ids of ``text`` (special tokens as the post-processor adds them), cut to ``max_length``."""
         return self.encode_batch([text], add_special_tokens, max_length)[0]

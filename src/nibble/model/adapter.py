@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from nibble.errors import NibbleError
+from nibble.io.files import model_fingerprint
 from nibble.io.peft import PREFIX, TASK_TYPES, WEIGHTS_NAME, load_adapter, read_adapter_config
 from nibble.io.runinfo import LABEL_MAP, RUN_INFO, LabelMap, RunInfo
 from nibble.io.safetensors import SafetensorsFile
@@ -87,6 +88,7 @@ def load_adapted(
     dtype: torch.dtype = torch.float32,
     task: str | None = None,
     device: torch.device | str = "cpu",
+    any_base: bool = False,
 ) -> tuple[DecoderModel, AdapterInfo]:
     """Load the base ``model`` (directory or .gguf) as the adapter was trained, with the adapter attached.
 
@@ -96,9 +98,11 @@ def load_adapted(
         dtype: dtype of the base's dense weights.
         task: the task the caller needs ("causal_lm" or "classify"); None accepts either.
         device: where the model lives (see :func:`nibble.model.loading.load_model`).
+        any_base: apply the adapter to a base other than the one it records (see :func:`check_base`).
 
     Raises:
-        NibbleError: an adapter for another task, or one that does not fit the base (see ``load_adapter``).
+        NibbleError: an adapter for another task, one trained on another base (without ``any_base``), or one
+            that does not fit the base (see ``load_adapter``).
     """
     info = read_adapter_info(adapter)
     if task is not None and info.task != task:
@@ -108,6 +112,8 @@ def load_adapted(
             f"(trained with {'--task instruct' if task == 'causal_lm' else '--task classify'})"
         )
     check_gguf_base(info, model)
+    if not any_base:
+        check_base(info, model)
     base = load_model(
         resolve_model_dir(model),
         task=info.task,
@@ -140,4 +146,25 @@ def check_gguf_base(info: AdapterInfo, model: str | Path) -> None:
         raise NibbleError(
             f"{info.directory / RUN_INFO}: the adapter was trained on the blocks of {trained.get('file')} "
             f"({trained.get('bytes')} bytes), but --model is {source} ({size} bytes); pass that .gguf file"
+        )
+
+
+def check_base(info: AdapterInfo, model: str | Path) -> None:
+    """An adapter applies to the base it was trained on: the content nibble.json records
+    (``base_fingerprint``), or for an adapter without one the local directory adapter_config.json names
+    (``base_model_name_or_path``, when it still exists). Nothing recorded or nothing left to compare: accepted.
+
+    Raises:
+        NibbleError: ``model`` differs from the recorded base; ``--any-base`` applies it anyway.
+    """
+    model_dir = resolve_model_dir(model)
+    recorded, where = info.run.base_fingerprint, info.directory / RUN_INFO
+    named = info.config.get("base_model_name_or_path")
+    if recorded is None and named and Path(named).is_dir() and Path(named).resolve() != model_dir.resolve():
+        recorded, where = model_fingerprint(named), info.directory / "adapter_config.json"
+    if recorded is not None and model_fingerprint(model_dir) != recorded:
+        trained = info.run.base_model or named or "another model"
+        raise NibbleError(
+            f"{where}: the adapter was trained on {trained}, but --model {model} holds other weights; pass that "
+            "model, or --any-base to apply it anyway"
         )

@@ -197,6 +197,7 @@ def load_generator(
     cache_budget_mb: int | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    any_base: bool = False,
 ) -> tuple[DecoderModel, Tokenizer]:
     """A causal LM and its tokenizer from a model directory or .gguf file, optionally with a LoRA adapter.
 
@@ -220,7 +221,9 @@ def load_generator(
     else:
         if quantize is not None:
             raise NibbleError("--quantize applies to a base without adapter; an adapter's base loads as it was trained")
-        lm, info = load_adapted(model_dir, adapter, task="causal_lm", dtype=dtype, device=device)
+        lm, info = load_adapted(model_dir, adapter, task="causal_lm", dtype=dtype, device=device, any_base=any_base)
         source = info.directory if (info.directory / "tokenizer.json").is_file() else model_dir
     cache_dense_weights(lm, cache_budget_bytes(lm, dtype, cache_budget_mb), dtype)
-    return lm, load_tokenizer(source)
+    tokenizer = load_tokenizer(source)
+    tokenizer.check_fits(lm.config.vocab_size, model)
+    return lm, tokenizer

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from nibble.errors import NibbleError
-from nibble.io.files import read_json_object, staged_dir, write_json
+from nibble.io.files import read_json_object, staged_dir, writable_parent, write_json
 from nibble.io.peft import MULTIMODAL_DECODER
 from nibble.io.runinfo import LABEL_MAP, RUN_INFO
 from nibble.io.safetensors import INDEX_NAME, SINGLE_NAME, read_checkpoint, save_file_atomic
@@ -154,6 +154,7 @@ def merge_adapter(
     overwrite: bool = False,
     shard_bytes: int = SHARD_BYTES,
     device: torch.device | str = "cpu",
+    any_base: bool = False,
 ) -> tuple[Path, AdapterInfo]:
     """Write ``output``: ``model`` (directory or .gguf) with ``adapter`` merged in, as a plain HF checkpoint.
 
@@ -163,7 +164,8 @@ def merge_adapter(
     The base is loaded and merged on ``device``; each shard is copied to the host as it is written.
 
     Raises:
-        NibbleError: a bad dtype, an ``output`` that exists (without ``overwrite``), or anything
+        NibbleError: a bad dtype, an ``output`` that exists (without ``overwrite``) or is a symbolic link, a parent
+            that cannot be written, or anything
             :func:`load_adapted` rejects.
     """
     if isinstance(dtype, str):
@@ -173,10 +175,13 @@ def merge_adapter(
     if dtype not in MERGE_DTYPES.values():
         raise NibbleError(f"dtype {dtype} is not supported for merging; use float32 or bfloat16")
     output = Path(output)
+    if output.is_symlink():
+        raise NibbleError(f"{output}: is a symbolic link; merge writes a directory: pass the one it names or another")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise NibbleError(f"{output}: already exists; choose another --output or pass --overwrite")
+    writable_parent(output)
     model_dir = resolve_model_dir(model)
-    adapted, info = load_adapted(model_dir, adapter, device=device)
+    adapted, info = load_adapted(model_dir, adapter, device=device, any_base=any_base)
     with staged_dir(output, overwrite=overwrite) as staging:
         write_checkpoint(adapted, staging, dtype, shard_bytes, info.labels, source=model_dir)
         tokenizer_source = info.directory if (info.directory / "tokenizer.json").is_file() else model_dir
@@ -187,5 +192,8 @@ def merge_adapter(
         if info.task == "classify" and (info.directory / LABEL_MAP).is_file():
             shutil.copyfile(info.directory / LABEL_MAP, staging / LABEL_MAP)
         if (info.directory / RUN_INFO).is_file():
-            replace(info.run, quant=None, gguf_base=None, merged_from=str(info.directory)).save(staging / RUN_INFO)
+            merged = replace(
+                info.run, quant=None, gguf_base=None, base_fingerprint=None, merged_from=str(info.directory)
+            )
+            merged.save(staging / RUN_INFO)
     return output, info

@@ -15,7 +15,10 @@ import gc
 import json
 import math
 import os
+import re
+import socket
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -32,6 +35,11 @@ from nibble.devices import return_large_blocks_to_os
 from nibble.errors import NibbleError
 
 BACKENDS = ("auto", "gloo", "nccl")
+# How long the ranks of a launch wait for each other to arrive; collectives then wait COLLECTIVE_TIMEOUT (rank 0
+# may write a checkpoint or evaluate while the others wait).
+JOIN_TIMEOUT = timedelta(minutes=10)
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+_LAUNCH = "launch the ranks with torchrun --nproc-per-node N"
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,8 @@ def from_environment() -> Parallel:
     """The torchrun placement of this process (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), or :data:`SINGLE`.
 
     Raises:
-        NibbleError: one of the variables is not a non-negative integer.
+        NibbleError: one of the variables is not a non-negative integer, ``WORLD_SIZE`` is 0, or ``RANK`` or
+            ``LOCAL_RANK`` is not below it (``WORLD_SIZE=1 RANK=1`` once ran as a rank that writes nothing).
     """
     if "WORLD_SIZE" not in os.environ:
         return SINGLE
@@ -67,9 +76,76 @@ def from_environment() -> Parallel:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         raw = os.environ.get(key, "0")
         if not raw.isdigit():
-            raise NibbleError(f"environment variable {key}={raw!r} is not a rank number; launch with torchrun")
+            raise NibbleError(f"environment variable {key}={raw!r} is not a rank number; {_LAUNCH}")
         values[key] = int(raw)
-    return Parallel(values["RANK"], max(values["WORLD_SIZE"], 1), values["LOCAL_RANK"])
+    world = values["WORLD_SIZE"]
+    if world < 1:
+        raise NibbleError(f"environment variable WORLD_SIZE=0: a launch has at least one rank; {_LAUNCH}")
+    for key in ("RANK", "LOCAL_RANK"):
+        if values[key] >= world:
+            raise NibbleError(
+                f"environment variables {key}={values[key]} and WORLD_SIZE={world}: ranks run from 0 to "
+                f"{world - 1}; {_LAUNCH} (or unset WORLD_SIZE, RANK and LOCAL_RANK for one process)"
+            )
+    return Parallel(values["RANK"], world, values["LOCAL_RANK"])
+
+
+def _master() -> tuple[str, int]:
+    """``MASTER_ADDR`` and ``MASTER_PORT``, where the ranks meet.
+
+    Raises:
+        NibbleError: one is unset or the port is not a port number.
+    """
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    for key, value in (("MASTER_ADDR", addr), ("MASTER_PORT", port)):
+        if not value:
+            raise NibbleError(
+                f"environment variable {key} is not set, and WORLD_SIZE={os.environ['WORLD_SIZE']} asks for several "
+                f"ranks that meet there; {_LAUNCH}, which sets it"
+            )
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise NibbleError(f"environment variable MASTER_PORT={port!r} is not a port number (1-65535); {_LAUNCH}")
+    return addr, int(port)
+
+
+def _join(part: Parallel) -> dist.Store:
+    """The store every rank of ``part`` meets at, once all of them have arrived within :data:`JOIN_TIMEOUT`.
+
+    Rank 0 hosts it (unless torchrun's agent does) and waits for the others; the others wait for it to answer.
+    A rank that never comes is one line after the timeout, never a silent hang.
+
+    Raises:
+        NibbleError: no environment to meet in, or a rank that did not arrive in time.
+    """
+    addr, port = _master()
+    wait = int(JOIN_TIMEOUT.total_seconds())
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # (torchrun's agent hosts it and counts ranks)
+    host = part.is_main and not agent
+    if not host:
+        deadline = time.monotonic() + JOIN_TIMEOUT.total_seconds()
+        while True:  # (probed here: torch's own client retries for the whole timeout, logging a trace each time)
+            try:
+                socket.create_connection((addr, port), timeout=5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise NibbleError(
+                        f"rank {part.rank} of {part.world}: nothing answered at MASTER_ADDR:MASTER_PORT "
+                        f"{addr}:{port} within {wait} s (rank 0 never started, or listens elsewhere); {_LAUNCH}"
+                    ) from None
+                time.sleep(0.5)
+    try:
+        # (each rank counts itself in with wait_for_workers; only the host waits for the count)
+        store = dist.TCPStore(addr, port, part.world, host, JOIN_TIMEOUT, wait_for_workers=not agent)
+    except (dist.DistError, RuntimeError) as exc:  # (torch says "1/2 clients joined")
+        joined = re.search(r"(\d+)/\d+ clients joined", str(exc))
+        arrived = f"only {joined.group(1)} of {part.world} ranks" if joined else f"not all {part.world} ranks"
+        raise NibbleError(
+            f"rank {part.rank}: {arrived} arrived at {addr}:{port} within {wait} s; the others never started "
+            f"or meet elsewhere; {_LAUNCH}"
+        ) from None
+    store.set_timeout(COLLECTIVE_TIMEOUT)
+    return dist.PrefixStore(f"nibble-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def rank_device(device: str, part: Parallel) -> str:
@@ -92,7 +168,8 @@ def start(part: Parallel, device: torch.device, backend: str) -> None:
     ``backend`` names one. Ranks other than 0 stop printing to stdout (their errors still reach stderr).
 
     Raises:
-        NibbleError: NCCL asked for without a CUDA device, or an unknown backend.
+        NibbleError: NCCL asked for without a CUDA device, an unknown backend, or ranks that do not meet (see
+            :func:`_join`).
     """
     if not part.active or dist.is_initialized():
         return
@@ -107,7 +184,10 @@ def start(part: Parallel, device: torch.device, backend: str) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, rank=part.rank, world_size=part.world, timeout=timedelta(minutes=30), **kwargs)
+    store = _join(part)
+    dist.init_process_group(
+        backend, store=store, rank=part.rank, world_size=part.world, timeout=COLLECTIVE_TIMEOUT, **kwargs
+    )
     global _host_group
     _host_group = dist.new_group(backend="gloo") if backend == "nccl" else None
     if not part.is_main:

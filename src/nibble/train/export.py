@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nibble.io.files import staged_dir
+from nibble.io.files import model_fingerprint, staged_dir
 from nibble.io.gguf import gguf_source
 from nibble.io.peft import adapter_config, save_adapter
 from nibble.io.runinfo import RUN_INFO, RunInfo
@@ -20,9 +20,10 @@ from nibble.train.config import TrainConfig
 from nibble.train.tasks import TaskRun, get_task
 
 
-def run_info(config: TrainConfig, step: int | None = None) -> RunInfo:
+def run_info(config: TrainConfig, step: int | None = None, model_dir: Path | None = None) -> RunInfo:
     """How the model was trained: what eval/predict/generate/merge need to rebuild it the same way, the model
-    the run started from, and the optimizer step the weights come from."""
+    the run started from (and the content of its HF directory ``model_dir``), and the optimizer step the weights
+    come from."""
     quant = config.quant_spec if config.method == "qlora" else None
     gguf_base = None
     if quant is not None and quant.format == "gguf":
@@ -41,6 +42,7 @@ def run_info(config: TrainConfig, step: int | None = None) -> RunInfo:
         columns=config.columns,
         base_model=str(Path(config.model).resolve()) if config.model else None,
         step=step,
+        base_fingerprint=model_fingerprint(model_dir) if model_dir is not None else None,
     )
 
 
@@ -74,7 +76,7 @@ def export(
                 task=get_task(config.task).head,
             )
             save_adapter(model, tmp, peft_config)
-        run_info(config, step).save(tmp / RUN_INFO)
+        run_info(config, step, model_dir).save(tmp / RUN_INFO)
         tokenizer.save(tmp)
         if task.save is not None:  # after the tokenizer's files: a chat template of the run's replaces the model's
             task.save(tmp)

@@ -23,10 +23,10 @@ from nibble.data.batching import Dataset
 from nibble.data.instruct import IGNORE_INDEX, collate_lm, read_instruct
 from nibble.data.records import stratified_split
 from nibble.errors import NibbleError
-from nibble.io.files import write_text_atomic
+from nibble.io.files import writable_parent, write_text_atomic
 from nibble.io.gguf import is_gguf, open_gguf
 from nibble.io.tokenizer import Tokenizer, load_tokenizer
-from nibble.model.adapter import check_gguf_base, load_adapted, read_adapter_info
+from nibble.model.adapter import check_base, check_gguf_base, load_adapted, read_adapter_info
 from nibble.model.config import ModelConfig
 from nibble.model.export import ExportResult, export_adapter, export_model
 from nibble.model.loading import load_model, resolve_model_dir
@@ -132,6 +132,7 @@ def export_gguf(
     eval_data: str | Path | None = None,
     eval_tokens: int = 2048,
     overwrite: bool = False,
+    any_base: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Export ``model`` (+ ``adapter``) to the GGUF file ``output`` and write the report beside it
@@ -139,14 +140,16 @@ def export_gguf(
 
     Raises:
         NibbleError: a classification adapter, ``adapter_only`` without an adapter, a bad ``quant``, an
-            ``output`` that exists (without ``overwrite``), unreadable evaluation data, or anything loading
-            the model and adapter rejects.
+            ``output`` or report that exists (without ``overwrite``), a parent that cannot be written,
+            unreadable evaluation data, or anything loading the model and adapter rejects.
     """
     output = Path(output)
     if eval_tokens < 0:
         raise NibbleError(f"--eval-tokens must be >= 0, got {eval_tokens}")
-    if output.exists() and not overwrite:
-        raise NibbleError(f"{output}: already exists; choose another --output or pass --overwrite")
+    for path in (output, report_path(output)):
+        if (path.exists() or path.is_symlink()) and not overwrite:
+            raise NibbleError(f"{path}: already exists; choose another --output or pass --overwrite")
+    writable_parent(output)
     info = read_adapter_info(adapter) if adapter is not None else None
     if info is not None and info.task != "causal_lm":
         raise NibbleError(
@@ -158,6 +161,8 @@ def export_gguf(
         if info is None:
             raise NibbleError("--adapter-only needs --adapter DIR")
         check_gguf_base(info, model)
+        if not any_base:
+            check_base(info, model)
         result = export_adapter(_base_config(model), info, output, quant, overwrite=overwrite)
         if info.quant is not None and info.quant.format == "gguf":
             base = "the very .gguf file it was trained on"
@@ -170,11 +175,12 @@ def export_gguf(
 
     model_dir = resolve_model_dir(model)
     if info is not None:
-        merged, _ = load_adapted(model_dir, info.directory, task="causal_lm")
+        merged, _ = load_adapted(model_dir, info.directory, task="causal_lm", any_base=any_base)
         tokenizer = load_tokenizer(info.directory if (info.directory / "tokenizer.json").is_file() else model_dir)
     else:
         merged = load_model(model_dir)
         tokenizer = load_tokenizer(model_dir)
+    tokenizer.check_fits(merged.config.vocab_size, model)
     texts, source = eval_texts(tokenizer, eval_data, info.directory if info else None, eval_tokens)
     cache_dense_weights(merged, cache_budget_bytes(merged, torch.float32), torch.float32)
     name = info.directory.parent.name if info is not None else Path(model).stem

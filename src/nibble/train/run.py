@@ -164,6 +164,8 @@ def run_training(config: TrainConfig) -> TrainResult:
     if not (model_dir / "config.json").is_file():
         raise NibbleError(f"{model_dir}: not a model directory (no config.json); check --model")
     tokenizer = load_tokenizer(model_dir)
+    model_config = ModelConfig.from_hf(model_dir)
+    tokenizer.check_fits(model_config.vocab_size, model_dir)
     task = get_task(config.task).setup(config, model_dir, tokenizer)
     part = distributed.from_environment()
     if config.shard_base and not part.active:
@@ -176,7 +178,7 @@ def run_training(config: TrainConfig) -> TrainResult:
     try:
         distributed.check_same_config(config.to_dict())
         out = Path(config.output)
-        check_lora_rank(config, ModelConfig.from_hf(model_dir))
+        check_lora_rank(config, model_config)
         with locked_directory(out) if part.is_main else nullcontext():
             with distributed.main_first() as main:
                 if main:

@@ -63,7 +63,7 @@ class TaskRun:
 @dataclass(kw_only=True)
 class SavedModel:
     """What ``nibble eval`` / ``predict`` asked for: a trained model (``model`` with ``adapter``), the data to score
-    and the flags given (None: as in training)."""
+    and the flags given (None: as in training); ``any_base`` applies the adapter to a base other than its own."""
 
     model: str
     adapter: str | None
@@ -72,6 +72,7 @@ class SavedModel:
     device: str
     cache_budget_mb: int | None
     max_seq_len: int | None
+    any_base: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
 

@@ -236,7 +236,7 @@ def _read(
 def open_classifier(request: SavedModel) -> tuple[nn.Module, Tokenizer, LabelMap, RunInfo]:
     """:func:`load_classifier` for ``request`` on its device, printing the device line."""
     device = resolve_device(request.device)
-    loaded = load_classifier(request.model, request.adapter, request.cache_budget_mb, device)
+    loaded = load_classifier(request.model, request.adapter, request.cache_budget_mb, device, any_base=request.any_base)
     print(describe(device, loaded[3].torch_dtype), flush=True)
     return loaded
 
@@ -246,6 +246,8 @@ def load_classifier(
     adapter_dir: str | Path | None = None,
     cache_budget_mb: int | None = None,
     device: torch.device | str = "cpu",
+    *,
+    any_base: bool = False,
 ) -> tuple[nn.Module, Tokenizer, LabelMap, RunInfo]:
     """A trained classifier for eval/predict: ``(model, tokenizer, label_map, run info)``.
 
@@ -261,7 +263,9 @@ def load_classifier(
     model_dir = resolve_model_dir(model_dir)
     if adapter_dir is not None:
         info = read_adapter_info(adapter_dir)
-        model, info = load_adapted(model_dir, adapter_dir, dtype=info.run.torch_dtype, task="classify", device=device)
+        model, info = load_adapted(
+            model_dir, adapter_dir, dtype=info.run.torch_dtype, task="classify", device=device, any_base=any_base
+        )
         run, source = info.run, info.directory
         label_map = LabelMap.load(source / LABEL_MAP) if (source / LABEL_MAP).is_file() else None
         label_map = label_map or LabelMap(list(range(info.num_labels)))
@@ -276,4 +280,5 @@ def load_classifier(
         )
     cache_dense_weights(model, cache_budget_bytes(model, run.torch_dtype, cache_budget_mb), run.torch_dtype)
     tokenizer = load_tokenizer(source if (source / "tokenizer.json").is_file() else model_dir)
+    tokenizer.check_fits(model.config.vocab_size, model_dir)
     return model.eval(), tokenizer, label_map, run

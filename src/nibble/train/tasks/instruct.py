@@ -196,7 +196,12 @@ class InstructTask:
         dtype = info.torch_dtype if request.adapter else torch.float32
         device = resolve_device(request.device)
         model, tokenizer = load_generator(
-            model_dir, request.adapter, cache_budget_mb=request.cache_budget_mb, dtype=dtype, device=device
+            model_dir,
+            request.adapter,
+            cache_budget_mb=request.cache_budget_mb,
+            dtype=dtype,
+            device=device,
+            any_base=request.any_base,
         )
         print(describe(device, info.torch_dtype), flush=True)
         set_chat_template(tokenizer, request.options.get("chat_template"), model_dir)
