@@ -53,7 +53,7 @@ def test_classify_qlora_on_experts_and_router(moe, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["train", "--model", moe.base, "--data", moe.train, "--val-data", moe.val, "--output", out,
             "--lora-targets", "all-linear", "--train-router", "--router-aux-loss", "0.01", "--max-steps", "6",
-            "--batch-size", "8", "--lr", "5e-3", "--log-every", "2"]  # fmt: skip
+            "--batch-size", "8", "--lr", "5e-3", "--log-every", "2", "--dtype", "float32"]  # fmt: skip
     assert main([str(a) for a in args]) == 0
     printed = capsys.readouterr().out
     assert "trainable by part: attention" in printed and "experts" in printed
@@ -92,11 +92,13 @@ def test_instruct_on_experts_generates_what_transformers_generates_merged(moe, t
 
     out = tmp_path / "out"
     args = ["train", "--task", "instruct", "--model", moe.base, "--data", moe.chat, "--output", out,
-            "--lora-targets", "experts", "--max-steps", "4", "--batch-size", "4", "--lr", "1e-2"]  # fmt: skip
+            "--dtype", "float32", "--lora-targets", "experts", "--max-steps", "4", "--batch-size", "4",
+            "--lr", "0.01"]  # fmt: skip
     assert main([str(a) for a in args]) == 0
     capsys.readouterr()
     adapter = out / "adapter"
-    gen = ["generate", "--model", moe.base, "--adapter", adapter, "--prompt", "Repeat red.", "--max-new-tokens", "8"]
+    gen = ["generate", "--model", moe.base, "--adapter", adapter, "--prompt", "Repeat red.", "--max-new-tokens", "8",
+           "--dtype", "float32"]  # fmt: skip
     assert main([str(a) for a in gen]) == 0
     generated = capsys.readouterr().out
     merged = tmp_path / "merged"
@@ -106,3 +108,17 @@ def test_instruct_on_experts_generates_what_transformers_generates_merged(moe, t
     tokens = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8, eos_token_id=[])[0, len(ids) :]
     text = load_tokenizer(moe.base).decode(tokens.tolist())
     assert text.strip() and text.strip() in generated
+
+
+@pytest.mark.cpu_bf16
+def test_a_trained_router_keeps_fp32_weights_and_trains_in_bf16(moe, tmp_path):
+    """Under bf16 compute the router's fp32 master weights meet bf16 hidden states (as autocast would cast them)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    args = ["train", "--model", moe.base, "--data", moe.train, "--output", out, "--dtype", "bfloat16",
+            "--lora-targets", "q_proj,v_proj", "--train-router", "--max-steps", "2", "--batch-size", "4"]  # fmt: skip
+    assert main([str(a) for a in args]) == 0
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    routers = [t for name, t in saved.items() if name.endswith("mlp.gate.weight")]
+    assert len(routers) == moe.sparse and all(t.dtype == torch.float32 and t.isfinite().all() for t in routers)

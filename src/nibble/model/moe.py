@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from nibble.errors import NibbleError
 from nibble.model.config import ModelConfig
@@ -68,7 +69,7 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x`` [T, H] -> router probabilities [T, E] (fp32), top-k weights [T, k] (fp32) and experts [T, k]."""
-        probs = torch.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # [T, E]
+        probs = torch.softmax(in_dtype_of(self.gate, x), dim=-1, dtype=torch.float32)  # [T, E]
         top_weight, top_index = probs.topk(self.top_k, dim=-1)  # [T, k]
         if self.norm_topk_prob:
             top_weight = top_weight / top_weight.sum(dim=-1, keepdim=True)
@@ -87,7 +88,12 @@ class SparseMoE(nn.Module):
             out = self.experts(x, top_index, top_weight.to(x.dtype), self.ops.swiglu)
             if self.shared_expert is None:
                 return out
-            return out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            return out + torch.sigmoid(in_dtype_of(self.shared_expert_gate, x)) * self.shared_expert(x)
+
+
+def in_dtype_of(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` computed in ``x``'s dtype, as autocast would (a trained router keeps fp32 master weights)."""
+    return F.linear(x, linear.weight.to(x.dtype))
 
 
 def sparse_blocks(model: nn.Module) -> Iterator[SparseMoE]:
