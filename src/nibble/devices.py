@@ -137,6 +137,18 @@ def _host_has_native_bf16() -> bool:
         return False
 
 
+def under_memory_limit() -> bool:
+    """Whether this process runs under a finite address-space or data-segment limit (``ulimit -v`` / ``-d``).
+
+    Near such a limit oneDNN's run-time generated bf16 kernels were seen to crash the process (SIGSEGV, an
+    AVX512-BF16 EPYC under RLIMIT_DATA) rather than raise, so nothing could fall back from them afterwards.
+    """
+    return any(resource.getrlimit(kind)[0] != resource.RLIM_INFINITY for kind in _MEMORY_LIMITS)
+
+
+_MEMORY_LIMITS = (resource.RLIMIT_AS, resource.RLIMIT_DATA)
+
+
 # What oneDNN (the CPU kernels of torch's bf16 matmuls on native-bf16 CPUs) raises when it cannot build a kernel
 # for a shape, or cannot allocate its code and scratch memory (seen under RLIMIT_DATA on an AVX512-BF16 EPYC).
 _ONEDNN_FAILURES = ("could not create a primitive", "could not construct a memory descriptor", "onednn", "mkldnn")

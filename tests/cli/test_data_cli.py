@@ -271,7 +271,7 @@ HEADROOM = 12 * 2**20
 def test_a_file_larger_than_the_process_may_hold_trains_under_a_memory_limit(tmp_path, dtype):
     """Token ids stream into the on-disk cache and are read back memory-mapped, so the heap stays flat. Long
     texts of a whole-word vocabulary keep tokenizing fast while the file grows past the headroom. In bf16 on a
-    native-bf16 CPU, a matmul oneDNN cannot build under the limit runs on fp32 units instead."""
+    native-bf16 CPU under the limit, matmuls run on fp32 units with oneDNN off (its kernels crashed the process)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     base, _ = helpers.make_hf_checkpoint(tmp_path / "base", "qwen3")
@@ -297,6 +297,7 @@ def test_a_file_larger_than_the_process_may_hold_trains_under_a_memory_limit(tmp
     result = subprocess.run([str(c) for c in command], capture_output=True, text=True, env={**os.environ})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "TRAINED 0" in result.stdout and "CANNOT HOLD THE FILE" in result.stdout, result.stdout[-2000:]
+    assert ("runs under a memory limit: bf16 matmuls run on fp32 units" in result.stderr) == (dtype == "bfloat16")
     assert "train: 4554 rows, 46 val rows, 2 labels" in result.stdout  # the split and the label map, streamed
     report = json.loads((tmp_path / "big.jsonl.out" / "eval_report.json").read_text())
     assert {k: v["support"] for k, v in report["per_class"].items()} == {"neg": 23, "pos": 23}

@@ -130,6 +130,7 @@ def _ops(device: torch.device, qweight: QuantizedWeight) -> ModuleType:
 # Dense matmuls (a cached dequantized weight, LoRA, a head) run the torch way on every device.
 linear = reference.linear
 on_fp32_units = reference.on_fp32_units
+fp32_units_reason = reference.fp32_units_reason
 
 
 def dequantize(qweight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -11,7 +11,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from nibble.devices import cpu_has_native_bf16, is_onednn_failure
+from nibble.devices import cpu_has_native_bf16, is_onednn_failure, under_memory_limit
 from nibble.errors import first_line
 from nibble.quant.base import QuantizedWeight
 
@@ -25,13 +25,34 @@ FP32_UNITS_MIN_ROWS = 16
 # Set once oneDNN failed to build a low-precision CPU matmul: from then on this process multiplies them on fp32
 # units, whose kernels (BLAS sgemm) need no code generated at run time.
 _onednn_failed = False
+_limit_noted = False
 
 
 def on_fp32_units(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether :func:`linear` multiplies ``dtype`` operands on ``device`` as fp32: bf16/fp16 on a CPU without
-    native bf16 arithmetic (see :func:`nibble.devices.cpu_has_native_bf16`), or on any CPU once its native
-    bf16 kernels failed to build in this process (see :func:`linear`)."""
-    return device.type == "cpu" and dtype in _LOW_PRECISION and (_onednn_failed or not cpu_has_native_bf16())
+    """Whether :func:`linear` multiplies ``dtype`` operands on ``device`` as fp32 (see :func:`fp32_units_reason`)."""
+    return fp32_units_reason(dtype, device) is not None
+
+
+def fp32_units_reason(dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why :func:`linear` multiplies ``dtype`` operands on ``device`` as fp32, or None where it does not: bf16/fp16
+    on a CPU without native bf16 arithmetic (see :func:`nibble.devices.cpu_has_native_bf16`), or on any CPU whose
+    native kernels cannot be trusted: they failed to build in this process, or it runs under a memory limit (see
+    :func:`nibble.devices.under_memory_limit`; oneDNN is then switched off for every other op too)."""
+    global _limit_noted
+    if device.type != "cpu" or dtype not in _LOW_PRECISION:
+        return None
+    limited = under_memory_limit()
+    if limited and not _limit_noted:
+        torch.backends.mkldnn.enabled = False  # its run-time generated kernels may crash near the limit
+        print("note: the process runs under a memory limit: bf16 matmuls run on fp32 units", file=sys.stderr)
+        _limit_noted = True
+    if not cpu_has_native_bf16():
+        return "the CPU has no native bf16 arithmetic"
+    if _onednn_failed:
+        return "the CPU's native bf16 kernels (oneDNN) failed to build"
+    if not limited:
+        return None
+    return "the process runs under a memory limit"
 
 
 def _linear_on_fp32_units(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -48,12 +69,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     itself). Gradients flow through the casts, so they are rounded where a native bf16 backward rounds them.
 
     A native low-precision CPU matmul that oneDNN cannot build (near a memory limit, or a shape it does not
-    support) is computed on fp32 units instead, and so is every later one in this process (one warning says so).
+    support) is computed on fp32 units instead, and so is every later one in this process (one warning says so);
+    under a memory limit every one is, since oneDNN may crash there rather than raise.
     """
     global _onednn_failed
     weight = weight.to(x.dtype)
     bias = None if bias is None else bias.to(x.dtype)
-    if on_fp32_units(x.dtype, x.device) and x.numel() >= FP32_UNITS_MIN_ROWS * x.shape[-1]:
+    if on_fp32_units(x.dtype, x.device) and (
+        x.numel() >= FP32_UNITS_MIN_ROWS * x.shape[-1] or cpu_has_native_bf16()  # native: only when unsafe
+    ):
         return _linear_on_fp32_units(x, weight, bias)
     try:
         return F.linear(x, weight, bias)

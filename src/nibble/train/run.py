@@ -320,10 +320,10 @@ class Run:
     def _cache_weights(self) -> int:
         """Keep dense copies of frozen 4-bit weights within the cache budget; returns the budget."""
         cfg, dtype = self.config, self.config.torch_dtype
-        if kernels.on_fp32_units(dtype, self.device):
+        if why := kernels.fp32_units_reason(dtype, self.device):
             print(
-                f"dtype: {cfg.dtype} on a CPU without native {cfg.dtype} arithmetic: matmuls and attention take "
-                f"{cfg.dtype} operands and give results in it, multiplied on fp32 units (exact products, fp32 sums)",
+                f"dtype: {cfg.dtype} here ({why}): matmuls and attention take {cfg.dtype} operands and give "
+                "results in it, multiplied on fp32 units (exact products, fp32 sums)",
                 flush=True,
             )
         if cfg.method != "qlora":
