@@ -131,6 +131,7 @@ def _ops(device: torch.device, qweight: QuantizedWeight) -> ModuleType:
 linear = reference.linear
 on_fp32_units = reference.on_fp32_units
 fp32_units_reason = reference.fp32_units_reason
+attention_on_fp32_units = reference.attention_on_fp32_units
 
 
 def dequantize(qweight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -55,6 +55,20 @@ def fp32_units_reason(dtype: torch.dtype, device: torch.device) -> str | None:
     return "the process runs under a memory limit"
 
 
+# Up to this many keys, a native bf16 CPU's fused attention (forward + backward) is slower than the same
+# attention on fp32 units: SmolLM2's heads (9 of 64 over 3), 640 tokens a batch, 2 threads, AVX512-BF16 EPYC:
+# 2.0-2.4x at 40 keys, 1.7-1.9x at 64, 1.45-1.6x at 128, 1.04-1.1x at 256, 0.91-0.94x at 512 (0.74x at 1024
+# for Qwen3's 16 of 128 over 8).
+FP32_ATTENTION_MAX_KEYS = 256
+
+
+def attention_on_fp32_units(dtype: torch.dtype, device: torch.device, keys: int) -> bool:
+    """Whether attention over ``keys`` keys in ``dtype`` runs on fp32 units: where :func:`linear` does, and on a
+    CPU with native bf16 arithmetic up to :data:`FP32_ATTENTION_MAX_KEYS` keys, where that is faster."""
+    short = device.type == "cpu" and dtype in _LOW_PRECISION and keys <= FP32_ATTENTION_MAX_KEYS
+    return short or on_fp32_units(dtype, device)
+
+
 def _linear_on_fp32_units(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
 

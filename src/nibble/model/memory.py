@@ -13,7 +13,7 @@ import torch
 
 from nibble.devices import DTYPES
 from nibble.errors import NibbleError
-from nibble.kernels import on_fp32_units
+from nibble.kernels import attention_on_fp32_units, on_fp32_units
 from nibble.model.config import ModelConfig
 from nibble.nn.delta_rule import CHUNK
 from nibble.nn.lora import ALL_LINEAR, EXPERTS, MLP_PROJECTIONS, RECOMPUTE_MIN_ELEMENTS
@@ -283,8 +283,9 @@ def block_activation_bytes(config: ModelConfig, opts: PlanOptions, kind: str = "
     if kind == "linear_attention":
         return _deltanet_block_bytes(config, opts)
     e = DTYPES[opts.dtype].itemsize
-    fp32_units = opts.device == "cpu" and on_fp32_units(DTYPES[opts.dtype], torch.device("cpu"))
-    a = 4 if fp32_units else e
+    on_cpu, cpu = opts.device == "cpu", torch.device("cpu")
+    fp32_units = on_cpu and on_fp32_units(DTYPES[opts.dtype], cpu)
+    a = 4 if on_cpu and attention_on_fp32_units(DTYPES[opts.dtype], cpu, opts.seq_len) else e
     h, q, kv, i = config.hidden_size, config.q_dim, config.kv_dim, config.intermediate_size
     kept = 4 * 2 * h + a * (2 * q + 2 * kv) + e * (_mlp_kept(config) + (q + kv) * config.qk_norm)
     if opts.method == "full":

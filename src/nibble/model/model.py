@@ -181,12 +181,13 @@ def attend(
     tokens, where :func:`~nibble.nn.attention.blocked_causal_attention` is 1.2-1.5x faster than flash at 512
     (``benchmarks/bench_attention.py``). bf16 on a CPU without bf16 arithmetic runs on fp32 units (inputs
     rounded to bf16 first, the output rounded back): 7.2 / 19.2 / 23.4 / 52.3 / 95.8 ms there, against 24 /
-    53 / 105 / 195 / 506 ms for the bf16 kernel.
+    53 / 105 / 195 / 506 ms for the bf16 kernel. So does short attention on a CPU with bf16 arithmetic, where it
+    is faster than the native kernel (see :data:`nibble.kernels.reference.FP32_ATTENTION_MAX_KEYS`).
     """
     device = q.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
     gqa = q.shape[1] != k.shape[1]
-    if dtype != torch.float32 and not kernels.on_fp32_units(dtype, q.device):
+    if dtype != torch.float32 and not kernels.attention_on_fp32_units(dtype, q.device, k.shape[2]):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
     q, k, v = (t.to(dtype).float() for t in (q, k, v))
     blocked = (
