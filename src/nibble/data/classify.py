@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from nibble.data.batching import MAX_SEQ_LEN, pad_batch
+from nibble.data.ragged import Ragged
 from nibble.data.records import place, read_records
-from nibble.data.tokens import Column, Ragged, cached_tokens
+from nibble.data.tokens import Column, cached_tokens
 from nibble.errors import NibbleError
 from nibble.io.runinfo import Label, LabelMap, is_label
 
@@ -313,7 +314,7 @@ def load_classification(
         flush()
         return {"labels": list(first), "multi_label": multi}
 
-    cache = cached_tokens(path, tokenizer.path, settings, columns, build)
+    cache = cached_tokens(path, tokenizer.path, settings, columns, build, bounds={"ids": len(tokenizer)})
     lines = cache.column("lines")
     if label_column is None:
         return ClassificationData(cache.ragged("ids"), None, label_map or LabelMap([]), lines)

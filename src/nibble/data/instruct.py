@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from nibble.data.batching import MAX_SEQ_LEN, pad_batch, pad_sequences
+from nibble.data.ragged import Packed, Ragged
 from nibble.data.records import place, read_records
-from nibble.data.tokens import Column, Packed, Ragged, cached_tokens
+from nibble.data.tokens import Column, cached_tokens
 from nibble.errors import NibbleError
 from nibble.io.tokenizer import Tokenizer
 
@@ -342,7 +343,8 @@ def read_instruct(path: str | Path, tokenizer: Tokenizer, columns: str | None = 
             raise NibbleError(f"{path}: holds no rows; add data or fix the path")
         return {}
 
-    cache = cached_tokens(path, tokenizer.path, settings, CACHE_COLUMNS, build)
+    bounds = {"ids": len(tokenizer), "mask": 2}
+    cache = cached_tokens(path, tokenizer.path, settings, CACHE_COLUMNS, build, bounds)
     return InstructData(cache.ragged("ids"), cache.ragged("mask"), cache.column("lines"), cache.column("first_target"))
 
 

@@ -31,8 +31,9 @@ import torch
 
 from nibble.data.batching import pad_batch
 from nibble.data.instruct import parse_messages
+from nibble.data.ragged import Ragged
 from nibble.data.records import place, read_records
-from nibble.data.tokens import Column, Ragged, cached_tokens
+from nibble.data.tokens import Column, cached_tokens
 from nibble.errors import NibbleError
 from nibble.io.tokenizer import Tokenizer
 
@@ -195,7 +196,8 @@ def _build(path: str | Path, tokenizer: Tokenizer, skip_bad_rows: bool, columns:
             raise NibbleError(f"{path}: holds no usable rows; add data or fix the path")
         return {"skipped": skipped.count, "first_skipped": skipped.first}
 
-    cache = cached_tokens(path, tokenizer.path, settings, columns, build)
+    bounds = dict.fromkeys((name for name, c in columns.items() if c.dtype == "uint32"), len(tokenizer))
+    cache = cached_tokens(path, tokenizer.path, settings, columns, build, bounds)
     Skipped(cache.meta.get("skipped", 0), cache.meta.get("first_skipped")).report(path)
     return cache
 
