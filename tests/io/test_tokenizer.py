@@ -121,3 +121,31 @@ def test_errors_name_the_file(tmp_path):
     (path / "tokenizer_config.json").write_text("[1, 2]")
     with pytest.raises(NibbleError, match="tokenizer_config.json: expected a JSON object"):
         load_tokenizer(path)
+
+
+def test_a_cut_text_gives_the_ids_of_the_whole_texts_truncation(tmp_path):
+    """Texts are cut to a bound from ``max_length`` before tokenizing; the ids still equal AutoTokenizer's
+    truncation of the whole text, across post-processors, a normalizer that drops characters (runs of which
+    make the first cut too short) and lengths from 1, and the count of cut texts is exact."""
+    import random
+
+    rng = random.Random(0)
+    words = " ".join(CORPUS).split() + ["~" * 3000, "\n\n", "🙂" * 50]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 400))) for _ in range(40)]
+    texts += ["~" * 20000 + " the end of a long run", "x" * 70000]
+    for name, drop in (("plain", False), ("add_eos", True), ("no_post_processor", False)):
+        config, post = CONFIGS[name]
+        path = build(tmp_path / name, config, post)
+        if drop:  # "~" normalized away: a token covers more text than it spells
+            spec = json.loads((path / "tokenizer.json").read_text())
+            spec["normalizer"] = {
+                "type": "Sequence",
+                "normalizers": [spec["normalizer"], {"type": "Replace", "pattern": {"String": "~"}, "content": ""}],
+            }
+            (path / "tokenizer.json").write_text(json.dumps(spec))
+        ours, theirs = load_tokenizer(path), AutoTokenizer.from_pretrained(path)
+        for n in (1, 5, 16, 120):
+            ids, cut = ours.encode_truncated(texts, n)
+            assert ids == [theirs(t, truncation=True, max_length=n)["input_ids"] for t in texts], (name, n)
+            assert cut == sum(len(theirs(t)["input_ids"]) > n for t in texts), (name, n)
+            assert ours.encode_batch(texts, max_length=n) == ids

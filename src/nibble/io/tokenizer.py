@@ -27,6 +27,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+_CUT_MARGIN = 8  # tokens tokenized beyond a cut's length, so the cut's own end is never kept
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
@@ -127,13 +128,46 @@ class Tokenizer:
         self, texts: Sequence[str], add_special_tokens: bool = True, max_length: int | None = None
     ) -> list[list[int]]:
         """Token ids of many texts; truncation keeps the special tokens and cuts the text (from the right)."""
-        if max_length is not None:
-            self.backend.enable_truncation(max_length)
+        if max_length is None:
+            return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        return self.encode_truncated(texts, max_length, add_special_tokens)[0]
+
+    @cached_property
+    def longest_token(self) -> int:
+        """The most characters a token of the vocabulary spells (at least 1)."""
+        return max(1, *map(len, self.backend.get_vocab(with_added_tokens=True)))
+
+    def encode_truncated(
+        self, texts: Sequence[str], max_length: int, add_special_tokens: bool = True
+    ) -> tuple[list[list[int]], int]:
+        """Token ids of many texts cut to ``max_length`` (as :meth:`encode_batch`), and how many were cut.
+
+        Work and memory follow ``max_length``, not the texts: a text is cut to ``_CUT_MARGIN`` tokens beyond
+        ``max_length`` of the vocabulary's longest before it is tokenized (a 200 MB row once allocated 4 GiB of
+        encodings), and cut twice as long again while that yields too few tokens (a normalizer that drops
+        characters). The margin keeps the tokens a cut could change (those at its end) out of the result.
+        """
+        extra = self.backend.num_special_tokens_to_add(is_pair=False) if add_special_tokens else 0
+        out: list[list[int]] = [[] for _ in texts]
+        truncated = 0
+        todo, cut = list(range(len(texts))), (max_length + _CUT_MARGIN) * self.longest_token
+        self.backend.enable_truncation(max_length)
         try:
-            encodings = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+            while todo:
+                parts = [texts[i][:cut] for i in todo]
+                encodings = self.backend.encode_batch(parts, add_special_tokens=add_special_tokens)
+                retry = []
+                for i, part, e in zip(todo, parts, encodings, strict=True):
+                    beyond = sum(len(o.ids) - extra for o in e.overflowing)
+                    if len(part) < len(texts[i]) and beyond < _CUT_MARGIN:
+                        retry.append(i)
+                    else:
+                        out[i] = e.ids
+                        truncated += bool(beyond) or len(part) < len(texts[i])
+                todo, cut = retry, cut * 2
         finally:
             self.backend.no_truncation()
-        return [e.ids for e in encodings]
+        return out, truncated
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
