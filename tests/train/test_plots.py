@@ -26,7 +26,7 @@ def test_confusion_counts_contrast_with_their_cells():
     from matplotlib.colors import to_rgb
 
     matrix = [[120, 3, 0, 9], [14, 60, 31, 2], [0, 45, 77, 1], [5, 0, 18, 99]]  # light to dark cells
-    fig = confusion_figure(matrix, ["a", "b", "c", "d"], "intent: confusion matrix")
+    fig = confusion_figure(matrix, ["a", "b", "c", "d"], ["a", "b", "c", "d"], "intent: confusion matrix")
     ax = fig.axes[0]
     image = ax.images[0]
     texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t for t in ax.texts}
