@@ -234,16 +234,29 @@ def plot_run(
     final_eval = final_eval or {}
     at = f" at step {final_eval['step']}" if "step" in final_eval else ""
     matrix, top = final_eval.get("confusion_matrix"), final_eval.get("confusion_top")
-    if matrix and not isinstance(matrix[0][0], list):
+    # (a multi-label run's per-label 2 x 2 counts are not drawn)
+    if len(labels) <= DENSE_LABELS and _counts(matrix, len(labels), len(labels)):
         figures["confusion_matrix"] = confusion_figure(matrix, labels, labels, f"{prefix}confusion matrix{at}")
-    elif top:  # many labels: those with most rows, every other prediction in one column
-        title = f"{prefix}confusion matrix{at}, the {len(top['labels'])} of {len(labels):,} labels with most rows"
-        columns = [*top["labels"], "other"]
-        figures["confusion_matrix"] = confusion_figure(top["matrix"], top["labels"], columns, title)
+    elif isinstance(top, dict) and isinstance(top.get("labels"), list) and top["labels"]:
+        shown = top["labels"]  # many labels: those with most rows, every other prediction in one column
+        if len(shown) <= DENSE_LABELS and _counts(top.get("matrix"), len(shown), len(shown) + 1):
+            title = f"{prefix}confusion matrix{at}, the {len(shown)} of {len(labels):,} labels with most rows"
+            figures["confusion_matrix"] = confusion_figure(top["matrix"], shown, [*shown, "other"], title)
     for key, fig in figures.items():
         fig.tight_layout()
         fig.savefig(directory / f"{key}.png", dpi=100)
         plt.close(fig)
+
+
+def _counts(matrix: Any, rows: int, columns: int) -> bool:
+    """Whether ``matrix`` is ``rows`` lists of ``columns`` counts (what an evaluation wrote; a checkpoint's
+    ``last_eval`` is read back from disk)."""
+    return (
+        isinstance(matrix, list)
+        and len(matrix) == rows
+        and all(isinstance(row, list) and len(row) == columns for row in matrix)
+        and all(type(n) is int and n >= 0 for row in matrix for n in row)
+    )
 
 
 def training_figure(records: list[dict[str, Any]], title: str):
