@@ -45,7 +45,7 @@ _NAME_CHARS = 100  # of the data file's name in the cache entry's (a name may ha
 TOKENIZER_IDENTITY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _FLUSH_VALUES = 1 << 16  # buffered values per column before a write: bounded memory, few system calls
 _STALE_STAGING_S = 24 * 3600  # a build staged longer ago than this was killed
-_CHECK_BYTES = 1 << 24  # read at once when verifying a cache on open
+_CHECK_BYTES = 1 << 20  # read at once when verifying a cache on open (a small, fixed part of memory)
 _WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
 
