@@ -187,3 +187,16 @@ def test_an_entry_that_does_not_fit_the_model_is_made_again_in_one_line(tmp_path
     no_quantizing(monkeypatch)
     assert_identical(quantized(load_model(path, quantize=spec)), first)
     assert "note:" not in capsys.readouterr().err
+
+
+def test_a_gguf_read_natively_writes_no_entry(tmp_path, monkeypatch, capsys):
+    """``--quant gguf`` keeps the file's own blocks: there is nothing to quantize, so nothing to cache (an entry
+    was written on every load and read back as damaged)."""
+    from gguf_files import tiny_model, write_gguf
+
+    monkeypatch.setenv("NIBBLE_CACHE", str(tmp_path / "cache"))
+    path = write_gguf(tmp_path / "m.gguf", tiny_model("llama"))
+    for _ in range(2):
+        load_model(path, quantize="gguf")
+    assert not (tmp_path / "cache" / "quantized").exists()
+    assert "note:" not in capsys.readouterr().err

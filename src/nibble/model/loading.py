@@ -180,8 +180,11 @@ def load_model(
 
 def _quant_cache(path: Path, ckpt: Checkpoint, spec: QuantSpec | None, loader: _Loader) -> QuantCache | None:
     """Hand ``loader`` the projections quantized by an earlier load of ``path`` as ``spec`` says (see
-    :mod:`nibble.model.quant_cache`); returns the cache entry (None: the checkpoint is 4-bit already)."""
-    if spec is None or bnb.is_quantized(ckpt, loader.stored("model.layers.0.mlp.gate_proj.weight")):
+    :mod:`nibble.model.quant_cache`); returns the cache entry (None: no 4-bit format, a .gguf read natively, or a
+    checkpoint 4-bit already)."""
+    if spec is None or spec.format == "gguf":  # (a .gguf read as it is keeps its own blocks: nothing to cache)
+        return None
+    if bnb.is_quantized(ckpt, loader.stored("model.layers.0.mlp.gate_proj.weight")):
         return None
     cache = QuantCache(path, ckpt, spec)
     loader.quantized = cache.load(loader.dtype)
