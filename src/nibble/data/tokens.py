@@ -103,7 +103,11 @@ class CacheWriter:
         for name, column in self.columns.items():
             values = self._values[name]
             if column.ragged:
-                values.extend(row[name])  # type: ignore[arg-type]
+                seq = row[name]
+                if isinstance(seq, np.ndarray):  # (a long row: its bytes, not one Python int per value)
+                    values.frombytes(memoryview(np.ascontiguousarray(seq, dtype=column.dtype)).cast("B"))
+                else:
+                    values.extend(seq)  # type: ignore[arg-type]
                 self._offsets[name].append(self._written[name] + len(values))
             else:
                 values.append(row[name])  # type: ignore[arg-type]
