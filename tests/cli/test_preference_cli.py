@@ -186,3 +186,29 @@ def test_a_reward_model_scores_in_transformers_and_peft_what_predict_writes(tiny
             with torch.no_grad():
                 expected = hf(input_ids=ids).logits[0, 0].item()
             assert abs(row[key] - expected) < 1e-4, (i, key)
+
+
+def test_a_full_disk_under_the_token_cache_trains_from_memory_with_a_precomputed_reference(
+    tiny, tmp_path, capsys, monkeypatch
+):
+    """The token cache cannot be written mid-build: the pairs are tokenized into memory (one note per file), the
+    reference log-probs are computed but not stored beside a cache that is not there, and the run completes."""
+    import errno
+
+    from nibble.data import tokens
+
+    write = tokens.CacheWriter._write
+
+    def full(self, file, f, values):
+        if self.directory is not None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(self, file, f, values)
+
+    monkeypatch.setattr(tokens.CacheWriter, "_write", full)
+    out = tmp_path / "run"
+    assert main(args(tiny, out, "--max-steps", "2", "--precompute-reference")) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("note: cannot write the token cache") == 2 and "into memory" in printed  # train, val
+    assert printed.count("reference: log-probs of") == 2 and "stored in" not in printed
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert not any(p.name.startswith("reference-") for p in tokens.token_cache_root().rglob("*"))

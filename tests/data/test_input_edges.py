@@ -152,3 +152,46 @@ def test_a_decimal_timestamp_or_binary_label_column_is_one_line(tmp_path, values
     with pytest.raises(NibbleError, match=r"d.parquet.*'label' must be an integer >= 0, a string") as caught:
         read_rows(tmp_path / "d.parquet")
     assert f"got {shown}" in str(caught.value) and "\n" not in str(caught.value)
+
+
+# Tokenizes a small file first (imports, the tokenizer's own memory), then limits RLIMIT_DATA to what the process
+# holds plus LIMIT_ROWS times the big row, and loads the file holding it with --max-seq-len 16.
+UNDER_LIMIT = """
+import resource, sys
+from nibble.data.classify import load_classification
+from nibble.io.tokenizer import load_tokenizer
+
+tok, small, big, row_bytes = sys.argv[1:]
+tokenizer = load_tokenizer(tok)
+load_classification(small, tokenizer, max_seq_len=16)
+held = int([line for line in open("/proc/self/status") if line.startswith("VmData")][0].split()[1]) * 1024
+limit = held + 4 * int(row_bytes)
+resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+data = load_classification(big, tokenizer, max_seq_len=16)
+print("LOADED", data.ids.lengths().tolist(), flush=True)
+"""
+
+
+def test_one_huge_row_is_cut_before_tokenizing_under_a_memory_limit(tmp_path):
+    """One 200 MB JSON row with --max-seq-len 16: its text is cut to a bound from the length before it is
+    tokenized (tokenizing all of it once allocated gigabytes), so the load fits in 4x the row's size, and the
+    cut is counted."""
+    import os
+    import subprocess
+    import sys
+
+    tok = write_tokenizer(tmp_path / "tok")
+    small = tmp_path / "small.jsonl"
+    small.write_text('{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n')
+    big = tmp_path / "big.jsonl"
+    row_bytes = 200 * 2**20
+    with open(big, "w") as f:
+        f.write('{"text": "ok", "label": "pos"}\n{"text": "')
+        for _ in range(row_bytes // 2**20):
+            f.write("word " * (2**20 // 5))
+        f.write('", "label": "neg"}\n{"text": "fine", "label": "pos"}\n')
+    env = {**os.environ, "NIBBLE_TOKEN_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-c", UNDER_LIMIT, tok, small, big, row_bytes]
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "LOADED [2, 16, 4]" in result.stdout and "tokens: 1 of 3 rows cut to --max-seq-len 16" in result.stdout

@@ -239,3 +239,45 @@ def test_chat_templates_by_name_or_file(tmp_path):
         NibbleError, match=r"--chat-template vicuna: no such file and not a built-in template \(chatml\)"
     ):
         resolve_chat_template("vicuna")
+
+
+INSTRUCT_UNDER_LIMIT = """
+import json, resource, sys
+from nibble.data.instruct import read_instruct
+from nibble.io.tokenizer import load_tokenizer
+
+tok, small, big, row_bytes = sys.argv[1:]
+tokenizer = load_tokenizer(tok)
+read_instruct(small, tokenizer)
+held = int([line for line in open("/proc/self/status") if line.startswith("VmData")][0].split()[1]) * 1024
+limit = held + 24 * int(row_bytes) + 64 * 2**20  # (64 MiB: one window's encoding)
+resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+data = read_instruct(big, tokenizer)
+print("LOADED " + json.dumps([[len(row) for row in data.ids], int(data.mask[1].sum())]), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_long_conversation_is_tokenized_in_memory_linear_in_its_tokens(tmp_path):
+    """A 4 MB assistant turn, one token per byte (the fixture's byte-level vocabulary, the worst case): the
+    conversation is tokenized in windows into compact arrays, within 24x the row plus 64 MiB for a window under
+    RLIMIT_DATA (the whole encoding and Python lists took ~350x), with the assistant turn as the targets."""
+    import os
+    import subprocess
+    import sys
+
+    tok = helpers.write_tokenizer(tmp_path / "tok", chat_template=CHATML)
+    small = helpers.write_jsonl(tmp_path / "small.jsonl", [{"messages": CHAT}])
+    row_bytes = 4 * 2**20
+    answer = "word " * (row_bytes // 5)
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}]
+    big = helpers.write_jsonl(tmp_path / "big.jsonl", [{"messages": CHAT}, {"messages": turn}])
+    env = {**os.environ, "NIBBLE_TOKEN_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-c", INSTRUCT_UNDER_LIMIT, tok, small, big, row_bytes]
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lengths, targets = json.loads(result.stdout.split("LOADED ", 1)[1])
+    reference = load_tokenizer(tok)
+    rendered = reference.apply_chat_template(turn)
+    assert lengths[1] == len(reference.encode(rendered, add_special_tokens=False))
+    assert targets == len(reference.encode(rendered[rendered.index("word") :], add_special_tokens=False))

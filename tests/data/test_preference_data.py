@@ -148,3 +148,44 @@ def test_kto_rows_and_their_mismatched_kl_sequences(tmp_path, tok_dir):
     with pytest.raises(NibbleError, match=r"line 1: 'label' must be true \(desirable\) or false"):
         load_unpaired(write(tmp_path / "b.jsonl", [{"prompt": "p", "completion": "c", "label": 1}]), tokenizer,
                       Truncation(64))  # fmt: skip
+
+
+PAIRS_UNDER_LIMIT = """
+import json, resource, sys
+from nibble.data.preference import Truncation, load_pairs
+from nibble.io.tokenizer import load_tokenizer
+
+tok, small, big, row_bytes = sys.argv[1:]
+tokenizer = load_tokenizer(tok)
+load_pairs(small, tokenizer, Truncation(16, 8))
+held = int([line for line in open("/proc/self/status") if line.startswith("VmData")][0].split()[1]) * 1024
+limit = held + 64 * int(row_bytes) + 64 * 2**20  # (64 MiB: one window's encoding)
+resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+data = load_pairs(big, tokenizer, Truncation(16, 8))
+print("LOADED " + json.dumps([len(data), len(data.prompt[1]), len(data.chosen[1]), len(data.rejected[1])]))
+"""
+
+
+@pytest.mark.slow
+def test_a_long_pair_is_tokenized_in_memory_linear_in_its_tokens(tmp_path, tok_dir):
+    """A 2 MB prompt, tokenized three times as TRL does (alone, with each completion), one token per byte: in
+    windows into compact arrays, within 64x the row plus 64 MiB for a window under RLIMIT_DATA (whole encodings
+    and Python lists took ~310x), with the lengths of whole encodings."""
+    import os
+    import subprocess
+    import sys
+
+    small = write(tmp_path / "small.jsonl", [{"prompt": "Q", "chosen": "yes", "rejected": "no"}])
+    row_bytes = 2 * 2**20
+    long = {"prompt": "word " * (row_bytes // 5), "chosen": " fine", "rejected": " bad"}
+    big = write(tmp_path / "big.jsonl", [{"prompt": "Q", "chosen": "yes", "rejected": "no"}, long])
+    env = {**os.environ, "NIBBLE_TOKEN_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-c", PAIRS_UNDER_LIMIT, tok_dir, small, big, row_bytes]
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    tokenizer = load_tokenizer(tok_dir)
+    eos = tokenizer.special_tokens["eos_token"]
+    prompt = len(tokenizer.encode(long["prompt"], add_special_tokens=False))
+    chosen = len(tokenizer.encode(long["prompt"] + long["chosen"] + eos, add_special_tokens=False)) - prompt
+    rejected = len(tokenizer.encode(long["prompt"] + long["rejected"] + eos, add_special_tokens=False)) - prompt
+    assert json.loads(result.stdout.split("LOADED ", 1)[1]) == [2, prompt, chosen, rejected]

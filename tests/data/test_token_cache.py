@@ -4,9 +4,12 @@ operations on Python lists."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import shutil
+import zlib
 
 import numpy as np
 import pytest
@@ -14,7 +17,8 @@ import pytest
 import helpers
 from nibble.data import tokens
 from nibble.data.classify import load_classification
-from nibble.data.tokens import CacheWriter, Column, Packed, Ragged, TokenCache
+from nibble.data.ragged import Packed, Ragged
+from nibble.data.tokens import CacheWriter, Column, TokenCache
 from nibble.errors import NibbleError
 from nibble.io.tokenizer import load_tokenizer
 
@@ -189,3 +193,69 @@ def test_no_reads_from_a_fifo_a_device_or_proc(tmp_path, cache_root, tokenizer, 
     with pytest.raises(NibbleError) as exc:
         load_classification(path, tokenizer, max_seq_len=8)
     assert "\n" not in str(exc.value) and str(path) in str(exc.value)
+
+
+def test_ids_beyond_the_vocabulary_or_a_changed_byte_are_rebuilt(tmp_path, cache_root, tokenizer, capsys):
+    """A cache whose files keep their sizes: one byte changed (the checksum differs), and an id at or beyond the
+    vocabulary with meta.json's checksum recomputed to match (the bound catches it)."""
+    data = write_rows(tmp_path / "d.jsonl", 20)
+    expected = load_classification(data, tokenizer, max_seq_len=8).ids.tolist()
+    [built] = entries(cache_root)
+    directory = cache_root / built
+    for kind in ("byte", "id"):
+        ids = np.fromfile(directory / "ids.bin", dtype=np.uint32)
+        if kind == "byte":
+            ids[3] ^= 1
+        else:
+            ids[5] = len(tokenizer)
+            meta = json.loads((directory / "meta.json").read_text())
+            meta["crc32"]["ids.bin"] = zlib.crc32(ids.tobytes())
+            (directory / "meta.json").write_text(json.dumps(meta))
+        ids.tofile(directory / "ids.bin")
+        capsys.readouterr()
+        assert load_classification(data, tokenizer, max_seq_len=8).ids.tolist() == expected
+        [line] = [line for line in capsys.readouterr().out.splitlines() if "is damaged" in line]
+        assert ("checksum" if kind == "byte" else f"not below the vocabulary's {len(tokenizer)}") in line
+
+
+@pytest.mark.parametrize("errno_", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
+def test_a_full_disk_mid_write_is_one_note_and_leaves_no_entry(
+    tmp_path, cache_root, tokenizer, monkeypatch, capsys, errno_
+):
+    """The disk fills up after the first flush: the rows come from memory, nothing is left in the cache, and
+    the next run (with space again) builds and reuses a cache as usual."""
+    monkeypatch.setattr(tokens, "_FLUSH_VALUES", 8)  # several writes per build
+    data = write_rows(tmp_path / "d.jsonl", 40)
+    reference = load_classification(data, tokenizer, max_seq_len=8)
+    expected = (reference.ids.tolist(), reference.targets.tolist())
+    for entry in cache_root.iterdir():
+        shutil.rmtree(entry)
+    write = tokens.CacheWriter._write
+    calls = []
+
+    def full(self, file, f, values):
+        calls.append(file)
+        if self.directory is not None and len(calls) > 2:
+            raise OSError(errno_, os.strerror(errno_))
+        write(self, file, f, values)
+
+    monkeypatch.setattr(tokens.CacheWriter, "_write", full)
+    capsys.readouterr()
+    loaded = load_classification(data, tokenizer, max_seq_len=8)
+    out = capsys.readouterr().out
+    assert (loaded.ids.tolist(), loaded.targets.tolist()) == expected
+    assert out.count("note: cannot write the token cache") == 1 and "into memory" in out, out
+    assert entries(cache_root) == []
+    monkeypatch.setattr(tokens.CacheWriter, "_write", write)
+    load_classification(data, tokenizer, max_seq_len=8)
+    assert len(entries(cache_root)) == 1
+
+
+def test_another_write_error_is_not_hidden(tmp_path, cache_root, tokenizer, monkeypatch):
+    def broken(self, file, f, values):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(tokens.CacheWriter, "_write", broken)
+    with pytest.raises(NibbleError, match="Bad file descriptor"):
+        load_classification(write_rows(tmp_path / "d.jsonl", 5), tokenizer, max_seq_len=8)
+    assert entries(cache_root) == []

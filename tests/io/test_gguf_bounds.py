@@ -124,3 +124,25 @@ def test_a_block_count_the_tensors_cannot_fill_is_refused_in_one_line(tmp_path, 
     assert str(path) in message and f"says {blocks} blocks" in message and "\n" not in message, message
     assert peak < 20 * path.stat().st_size + (8 << 20), peak
     assert not out.exists()
+
+
+@pytest.mark.parametrize("quantize", ["gguf", "nf4", None])
+@pytest.mark.parametrize(("arch", "blocks"), [("llama", 10**7), ("qwen2", 10**8)])
+def test_a_block_count_claim_is_refused_on_every_load_path(tmp_path, monkeypatch, arch, blocks, quantize):
+    """The same claim through load_model: read natively, converted then quantized, or converted dense."""
+    from nibble.model import load_model
+
+    monkeypatch.setenv("NIBBLE_CACHE", str(tmp_path / "cache"))
+    model = tiny_model(arch)
+    model.config.num_hidden_layers = blocks
+    path = write_gguf(tmp_path / "claims.gguf", model)
+    holder = {}
+
+    def load():
+        with pytest.raises(NibbleError) as info:
+            load_model(path, quantize=quantize)
+        holder["message"] = str(info.value)
+
+    peak = peak_bytes(load)
+    assert f"'{arch}.block_count' says {blocks} blocks" in holder["message"] and "\n" not in holder["message"]
+    assert peak < 20 * path.stat().st_size + (8 << 20), peak

@@ -205,3 +205,25 @@ def test_a_nibble_json_field_of_the_wrong_type_is_one_line(tmp_path, key, value)
     (tmp_path / "nibble.json").write_text(json.dumps({"task": "classify", key: value}))
     with pytest.raises(NibbleError, match=rf"^{tmp_path / 'nibble.json'}: '{key}'"):
         RunInfo.load(tmp_path / "nibble.json")
+
+
+@pytest.mark.parametrize("case", ["alpha 1e300", "weights 3e38", "int64 weights"])
+def test_an_update_beyond_float32_or_integer_weights_are_one_line(peft_adapter, tmp_path, case):
+    """Finite values that still break the model: a huge ``lora_alpha`` or huge weights make ``scaling * B @ A``
+    overflow (eval reported nan, merge wrote infinities); an integer tensor is no LoRA weight."""
+    from safetensors.torch import save_file
+
+    base, _, adapter = peft_adapter
+    changed = _with_config(adapter, tmp_path, **({"lora_alpha": 1e300} if case == "alpha 1e300" else {}))
+    tensors = load_file(changed / WEIGHTS_NAME)
+    name = next(k for k in sorted(tensors) if "lora_B" in k)
+    if case == "weights 3e38":
+        tensors[name] = torch.full_like(tensors[name], 3e38)
+    elif case == "int64 weights":
+        tensors[name] = tensors[name].to(torch.int64)
+    save_file(tensors, changed / WEIGHTS_NAME)
+    with pytest.raises(NibbleError) as info:
+        load_adapter(load_model(base, task="classify", num_labels=3), changed)
+    message = str(info.value)
+    assert "\n" not in message and str(changed) in message
+    assert ("not a floating-point tensor" if case == "int64 weights" else "beyond float32") in message

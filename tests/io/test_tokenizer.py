@@ -121,3 +121,67 @@ def test_errors_name_the_file(tmp_path):
     (path / "tokenizer_config.json").write_text("[1, 2]")
     with pytest.raises(NibbleError, match="tokenizer_config.json: expected a JSON object"):
         load_tokenizer(path)
+
+
+def test_a_cut_text_gives_the_ids_of_the_whole_texts_truncation(tmp_path):
+    """Texts are cut to a bound from ``max_length`` before tokenizing; the ids still equal AutoTokenizer's
+    truncation of the whole text, across post-processors, a normalizer that drops characters (runs of which
+    make the first cut too short) and lengths from 1, and the count of cut texts is exact."""
+    import random
+
+    rng = random.Random(0)
+    words = " ".join(CORPUS).split() + ["~" * 3000, "\n\n", "🙂" * 50]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 400))) for _ in range(40)]
+    texts += ["~" * 20000 + " the end of a long run", "x" * 70000]
+    for name, drop in (("plain", False), ("add_eos", True), ("no_post_processor", False)):
+        config, post = CONFIGS[name]
+        path = build(tmp_path / name, config, post)
+        if drop:  # "~" normalized away: a token covers more text than it spells
+            spec = json.loads((path / "tokenizer.json").read_text())
+            spec["normalizer"] = {
+                "type": "Sequence",
+                "normalizers": [spec["normalizer"], {"type": "Replace", "pattern": {"String": "~"}, "content": ""}],
+            }
+            (path / "tokenizer.json").write_text(json.dumps(spec))
+        ours, theirs = load_tokenizer(path), AutoTokenizer.from_pretrained(path)
+        for n in (1, 5, 16, 120):
+            ids, cut = ours.encode_truncated(texts, n)
+            assert ids == [theirs(t, truncation=True, max_length=n)["input_ids"] for t in texts], (name, n)
+            assert cut == sum(len(theirs(t)["input_ids"]) > n for t in texts), (name, n)
+            assert ours.encode_batch(texts, max_length=n) == ids
+
+
+def test_a_long_text_tokenized_in_windows_gives_the_whole_texts_tokens(tmp_path, monkeypatch):
+    """Windows of 300 characters overlapping by 64: the ids and token starts equal one encoding of the whole
+    text (special tokens, multi-byte characters and long runs crossing the window edges), for a byte-level
+    BPE and a Metaspace one (whose first piece differs: it falls back to the whole text), and the windows were
+    used where they can be."""
+    import random
+
+    import numpy as np
+
+    from nibble.io import tokenizer as module
+
+    monkeypatch.setattr(module, "_WINDOW_CHARS", 300)
+    monkeypatch.setattr(module, "_OVERLAP_CHARS", 64)
+    rng = random.Random(1)
+    words = " ".join(CORPUS).split() + ["<|im_end|>", "<|im_start|>", "東京🙂", "  ", "\n", "x" * 90]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(50, 600))) for _ in range(12)]
+    texts += ["a" * 5000, "🙂" * 700]
+    metaspace = build(tmp_path / "meta", CONFIGS["plain"][0])
+    spec = json.loads((metaspace / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": True}
+    spec["decoder"] = None
+    (metaspace / "tokenizer.json").write_text(json.dumps(spec))
+    for path in (build(tmp_path / "bpe", CONFIGS["plain"][0]), metaspace):
+        ours = load_tokenizer(path)
+        windows = 0
+        for text in texts:
+            whole = ours.backend.encode(text, add_special_tokens=False)
+            windowed = ours._windowed(text)
+            windows += windowed is not None
+            ids, starts = ours.encode_positions(text)
+            assert ids.tolist() == whole.ids and starts.tolist() == [o[0] for o in whole.offsets], text[:40]
+            if windowed is not None:
+                assert np.array_equal(windowed[0], ids) and np.array_equal(windowed[1], starts)
+        assert windows >= (len(texts) - 2 if path.name == "bpe" else 0), (path.name, windows)

@@ -3,13 +3,15 @@ weights), a changed or damaged source entry is quantized again, and eval/predict
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import helpers
 import nibble.model.loading as loading
 from nibble.cli.main import main
-from nibble.io.safetensors import load_file
+from nibble.io.safetensors import SafetensorsFile, load_file, save_file_atomic
 from nibble.model import load_model, moe
 from nibble.nn import QuantLinear
 from nibble.nn.experts import ExpertLinear
@@ -105,3 +107,96 @@ def test_predict_after_train_reuses_the_4bit_base(tmp_path, monkeypatch):
     predict += ["--output", tmp_path / "p.jsonl"]
     assert main([str(a) for a in predict]) == 0
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == len(rows)
+
+
+def rewrite_entry(entry, change):
+    """The entry with ``change(tensors, keys)`` applied, its metadata stamp kept (a hostile or stale writer)."""
+    stored = SafetensorsFile(entry)
+    tensors = {name: stored.read(name) for name in stored.tensors}
+    keys = json.loads(stored.metadata["nibble.weights"])
+    keys = change(tensors, keys) or keys
+    save_file_atomic(tensors, entry, metadata={**stored.metadata, "nibble.weights": json.dumps(keys)})
+
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+K = "model.layers.0.self_attn.k_proj.weight"
+
+
+def other_shape(tensors, keys):  # q_proj replaced by a valid NF4 weight of k_proj's shape
+    for name in [n for n in tensors if n.startswith(Q)]:
+        tensors[name] = tensors[K + name[len(Q) :]]
+
+
+def int8_packed(tensors, keys):  # (the loader's view as uint8 would take it silently)
+    tensors[Q] = tensors[Q].view(torch.int8)
+
+
+def float32_scales(tensors, keys):  # INT4 (its constructor would convert them to float16 silently)
+    name = Q.removesuffix("weight") + "scales_4bit"
+    tensors[name] = tensors[name].float()
+
+
+def nan_absmax(tensors, keys):
+    tensors[f"{Q}.absmax"][0] = float("nan")
+
+
+def one_fewer(tensors, keys):
+    for name in [n for n in tensors if n.startswith(Q)]:
+        del tensors[name]
+    return [k for k in keys if k != Q]
+
+
+def one_more(tensors, keys):
+    extra = "model.layers.9.self_attn.q_proj.weight"
+    for name in [n for n in tensors if n.startswith(Q)]:
+        tensors[extra + name[len(Q) :]] = tensors[name]
+    return [*keys, extra]
+
+
+def stray_tensor(tensors, keys):
+    tensors["stray"] = torch.zeros(3)
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (other_shape, "does not fit this model ('model.layers.0.self_attn.q_proj.weight' is"),
+        (int8_packed, "is damaged (tensor 'model.layers.0.self_attn.q_proj.weight' is torch.int8"),
+        (float32_scales, "is damaged (tensor 'model.layers.0.self_attn.q_proj.scales_4bit' is torch.float32"),
+        (nan_absmax, "NaN or infinite"),
+        (one_fewer, "does not fit this model (it holds"),
+        (one_more, "does not fit this model (it holds"),
+        (stray_tensor, "is damaged (it holds tensors no weight uses)"),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
+def test_an_entry_that_does_not_fit_the_model_is_made_again_in_one_line(tmp_path, monkeypatch, capsys, change, said):
+    """Shapes, dtypes, finiteness and counts of an entry's tensors that disagree with what the model needs: the
+    load quantizes again (the weights equal a fresh quantization), says so once, and the next load reads the
+    remade entry without quantizing."""
+    monkeypatch.setenv("NIBBLE_CACHE", str(tmp_path / "cache"))
+    path, _ = helpers.make_hf_checkpoint(tmp_path / "m", "llama")
+    spec = QuantSpec("int4", group_size=64) if change is float32_scales else QuantSpec("nf4")
+    first = quantized(load_model(path, quantize=spec))
+    (entry,) = (tmp_path / "cache" / "quantized").iterdir()
+    rewrite_entry(entry, change)
+    capsys.readouterr()
+    assert_identical(quantized(load_model(path, quantize=spec)), first)
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and said in err and "quantiz" in err, err
+    no_quantizing(monkeypatch)
+    assert_identical(quantized(load_model(path, quantize=spec)), first)
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_a_gguf_read_natively_writes_no_entry(tmp_path, monkeypatch, capsys):
+    """``--quant gguf`` keeps the file's own blocks: there is nothing to quantize, so nothing to cache (an entry
+    was written on every load and read back as damaged)."""
+    from gguf_files import tiny_model, write_gguf
+
+    monkeypatch.setenv("NIBBLE_CACHE", str(tmp_path / "cache"))
+    path = write_gguf(tmp_path / "m.gguf", tiny_model("llama"))
+    for _ in range(2):
+        load_model(path, quantize="gguf")
+    assert not (tmp_path / "cache" / "quantized").exists()
+    assert "note:" not in capsys.readouterr().err

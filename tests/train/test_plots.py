@@ -26,7 +26,7 @@ def test_confusion_counts_contrast_with_their_cells():
     from matplotlib.colors import to_rgb
 
     matrix = [[120, 3, 0, 9], [14, 60, 31, 2], [0, 45, 77, 1], [5, 0, 18, 99]]  # light to dark cells
-    fig = confusion_figure(matrix, ["a", "b", "c", "d"], "intent: confusion matrix")
+    fig = confusion_figure(matrix, ["a", "b", "c", "d"], ["a", "b", "c", "d"], "intent: confusion matrix")
     ax = fig.axes[0]
     image = ax.images[0]
     texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t for t in ax.texts}
@@ -58,3 +58,21 @@ def test_plot_run_writes_titled_pngs(tmp_path):
     final = {"step": 1, "confusion_matrix": [[1, 1], [0, 2]]}
     plot_run(records, final, ["n", "p"], tmp_path, name="intent")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "confusion_matrix.png", "loss.png"]
+
+
+@pytest.mark.parametrize(
+    "final",
+    [
+        {"confusion_matrix": [["x", 1], [0, 2]]},
+        {"confusion_matrix": [[1, 1, 1], [0, 2]]},
+        {"confusion_matrix": [[1]]},
+        {"confusion_top": 5},
+        {"confusion_top": {"labels": ["n"], "matrix": [[1]]}},
+        {"confusion_top": {"labels": ["n"] * 10**4, "matrix": [[0] * (10**4 + 1)] * 10**4}},
+    ],
+)
+def test_confusion_counts_that_an_evaluation_did_not_write_are_not_drawn(tmp_path, final):
+    """A checkpoint's last_eval is read back from disk: counts of the wrong shape or kind (or more classes than
+    an evaluation keeps) draw no confusion plot, and the other plots are written."""
+    plot_run([{"kind": "train", "step": 1, "loss": 1.0}], {"step": 1, **final}, ["n", "p"], tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png"]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from nibble.data.preference import PairData, Truncation, UnpairedData
-from nibble.data.tokens import Ragged
+from nibble.data.ragged import Ragged
 from nibble.model import load_model
 from nibble.model.adapter import load_adapted
 from nibble.train.tasks.kto import KTOObjective

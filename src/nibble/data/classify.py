@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from nibble.data.batching import MAX_SEQ_LEN, pad_batch
+from nibble.data.ragged import Ragged
 from nibble.data.records import place, read_records
-from nibble.data.tokens import Column, Ragged, cached_tokens
+from nibble.data.tokens import Column, cached_tokens
 from nibble.errors import NibbleError
 from nibble.io.runinfo import Label, LabelMap, is_label
 
@@ -214,13 +215,15 @@ class ClassificationData:
         return np.bincount(flat, minlength=self.label_map.num_labels).tolist()
 
 
-def tokenize_rows(rows: Sequence[Row], tokenizer, max_seq_len: int, source: str | Path) -> list[list[int]]:
-    """Token ids per row, truncated to ``max_seq_len``; a row that yields no tokens is an error."""
-    ids = tokenizer.encode_batch([r.text for r in rows], max_length=max_seq_len)
+def tokenize_rows(rows: Sequence[Row], tokenizer, max_seq_len: int, source: str | Path) -> tuple[list[list[int]], int]:
+    """Token ids per row, truncated to ``max_seq_len`` (work bounded by it, not by the text: see
+    :meth:`nibble.io.tokenizer.Tokenizer.encode_truncated`), and how many rows were cut; a row that yields no
+    tokens is an error."""
+    ids, cut = tokenizer.encode_truncated([r.text for r in rows], max_seq_len)
     for row, seq in zip(rows, ids, strict=True):
         if not seq:
             raise NibbleError(f"{place(source, row.line)}: the text is empty; remove the row or give it text")
-    return ids
+    return ids, cut
 
 
 def class_weights(data: ClassificationData, scheme: str) -> torch.Tensor | None:
@@ -294,10 +297,13 @@ def load_classification(
         first: dict[Label, int] = {}  # label -> its number, in the order labels first appear
         multi = False
         batch: list[Row] = []
-        chars = 0
+        chars = truncated = 0
 
         def flush() -> None:
-            for row, ids in zip(batch, tokenize_rows(batch, tokenizer, max_seq_len, path), strict=True):
+            nonlocal truncated
+            rows, cut = tokenize_rows(batch, tokenizer, max_seq_len, path)
+            truncated += cut
+            for row, ids in zip(batch, rows, strict=True):
                 labels = row.label if isinstance(row.label, list) else [row.label]
                 targets = sorted({first.setdefault(label, len(first)) for label in labels}) if label_column else []
                 writer.append(ids=ids, lines=row.line, targets=targets)
@@ -311,10 +317,14 @@ def load_classification(
                 flush()
                 chars = 0
         flush()
-        return {"labels": list(first), "multi_label": multi}
+        return {"labels": list(first), "multi_label": multi, "truncated": truncated}
 
-    cache = cached_tokens(path, tokenizer.path, settings, columns, build)
+    cache = cached_tokens(path, tokenizer.path, settings, columns, build, bounds={"ids": len(tokenizer)})
     lines = cache.column("lines")
+    if cache.meta.get("truncated"):
+        print(
+            f"tokens: {cache.meta['truncated']:,} of {cache.rows:,} rows cut to --max-seq-len {max_seq_len}", flush=True
+        )
     if label_column is None:
         return ClassificationData(cache.ragged("ids"), None, label_map or LabelMap([]), lines)
     seen, multi = cache.meta["labels"], cache.meta["multi_label"]

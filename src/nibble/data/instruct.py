@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from nibble.data.batching import MAX_SEQ_LEN, pad_batch, pad_sequences
+from nibble.data.ragged import Packed, Ragged
 from nibble.data.records import place, read_records
-from nibble.data.tokens import Column, Packed, Ragged, cached_tokens
+from nibble.data.tokens import Column, cached_tokens
 from nibble.errors import NibbleError
 from nibble.io.tokenizer import Tokenizer
 
@@ -271,18 +272,30 @@ class InstructData:
         return self.mask.total(skip_first=True)
 
 
-def first_target(mask: Sequence[int]) -> int:
+def first_target(mask: Sequence[int] | np.ndarray) -> int:
     """The first position >= 1 whose mask is set, or ``NO_TARGET``."""
-    return next((i for i in range(1, len(mask)) if mask[i]), NO_TARGET)
+    rest = np.asarray(mask[1:])
+    first = int(np.argmax(rest)) if len(rest) else 0  # (the first set position, without an index per token)
+    return first + 1 if len(rest) and rest[first] else NO_TARGET
 
 
 def encode_conversation(
     tokenizer: Tokenizer, messages: list[dict[str, str]], where: str = "conversation"
 ) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered conversation and its labels (the ids of assistant turns, else IGNORE_INDEX).
+    """Token ids of the rendered conversation and its labels (the ids of assistant turns, else IGNORE_INDEX);
+    see :func:`conversation_tokens`."""
+    ids, mask = conversation_tokens(tokenizer, messages, where)
+    return ids.tolist(), np.where(mask == 1, ids.astype(np.int64), IGNORE_INDEX).tolist()
+
+
+def conversation_tokens(
+    tokenizer: Tokenizer, messages: list[dict[str, str]], where: str = "conversation"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids (uint32) of the rendered conversation and its target mask (uint8: 1 on assistant turns).
 
     An assistant turn spans from the end of the conversation rendered up to it with the generation prompt,
     to the end of the conversation rendered through it. A token belongs to the turn when it starts inside.
+    Memory follows the tokens (see :meth:`nibble.io.tokenizer.Tokenizer.encode_positions`).
 
     Raises:
         NibbleError: a template that renders earlier turns differently once later ones follow (the turn
@@ -301,13 +314,11 @@ def encode_conversation(
                 "later turns follow), so the response tokens cannot be located; train on single-turn rows"
             )
         spans.append((len(before), len(through)))
-    encoding = tokenizer.backend.encode(full, add_special_tokens=False)
-    ids = list(encoding.ids)
-    labels = [
-        token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
-        for token, (begin, _) in zip(ids, encoding.offsets, strict=True)
-    ]
-    return ids, labels
+    ids, starts = tokenizer.encode_positions(full)
+    mask = np.zeros(len(ids), dtype=np.uint8)
+    for start, end in spans:
+        mask[(starts >= start) & (starts < end)] = 1
+    return ids, mask
 
 
 def pack(data: InstructData, max_seq_len: int) -> InstructData:
@@ -335,14 +346,14 @@ def read_instruct(path: str | Path, tokenizer: Tokenizer, columns: str | None = 
     def build(writer) -> dict:
         for line, record in read_records(path):
             where = place(path, line)
-            ids, labels = encode_conversation(tokenizer, conversation(record, path, line, mapping), where)
-            mask = [int(t != IGNORE_INDEX) for t in labels]
+            ids, mask = conversation_tokens(tokenizer, conversation(record, path, line, mapping), where)
             writer.append(ids=ids, mask=mask, lines=line, first_target=first_target(mask))
         if writer.rows == 0:
             raise NibbleError(f"{path}: holds no rows; add data or fix the path")
         return {}
 
-    cache = cached_tokens(path, tokenizer.path, settings, CACHE_COLUMNS, build)
+    bounds = {"ids": len(tokenizer), "mask": 2}
+    cache = cached_tokens(path, tokenizer.path, settings, CACHE_COLUMNS, build, bounds)
     return InstructData(cache.ragged("ids"), cache.ragged("mask"), cache.column("lines"), cache.column("first_target"))
 
 

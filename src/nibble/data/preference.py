@@ -31,8 +31,9 @@ import torch
 
 from nibble.data.batching import pad_batch
 from nibble.data.instruct import parse_messages
+from nibble.data.ragged import Ragged
 from nibble.data.records import place, read_records
-from nibble.data.tokens import Column, Ragged, cached_tokens
+from nibble.data.tokens import Column, cached_tokens
 from nibble.errors import NibbleError
 from nibble.io.tokenizer import Tokenizer
 
@@ -66,6 +67,14 @@ def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
     return n
 
 
+def _common_ids(a: np.ndarray, b: np.ndarray) -> int:
+    """The length of the common prefix of two id arrays (no index per token)."""
+    n = min(len(a), len(b))
+    differ = a[:n] != b[:n]
+    first = int(np.argmax(differ)) if n else 0
+    return first if n and differ[first] else n
+
+
 class _Encoder:
     """Prompt and completion ids of one row's texts or messages, as TRL's DPO and KTO trainers tokenize them."""
 
@@ -73,21 +82,21 @@ class _Encoder:
         self.tokenizer = tokenizer
         self.eos = tokenizer.special_tokens.get("eos_token")
 
-    def encode(self, prompt: Any, completions: list[Any], where: str) -> tuple[list[int], list[list[int]]]:
-        """``(prompt ids, [completion ids, ...])``; the prompt ids end where every completion's tokens leave them."""
+    def encode(self, prompt: Any, completions: list[Any], where: str) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``(prompt ids, [completion ids, ...])`` (uint32 arrays: memory follows the tokens, see
+        :meth:`nibble.io.tokenizer.Tokenizer.encode_positions`); the prompt ids end where every completion's
+        tokens leave them."""
         tok = self.tokenizer
         if isinstance(prompt, str):
             texts = [c if self.eos is None or c.endswith(self.eos) else c + self.eos for c in completions]
-            prompt_ids = tok.encode(prompt, add_special_tokens=False)
-            full = [tok.encode(prompt + c, add_special_tokens=False) for c in texts]
+            prompt_ids = tok.encode_positions(prompt)[0]
+            full = [tok.encode_positions(prompt + c)[0] for c in texts]
         else:
-            prompt_ids = tok.encode(
-                tok.apply_chat_template(prompt, add_generation_prompt=True), add_special_tokens=False
-            )
-            full = [tok.encode(tok.apply_chat_template(prompt + c), add_special_tokens=False) for c in completions]
-        cut = min(_common_prefix(prompt_ids, ids) for ids in full)
+            prompt_ids = tok.encode_positions(tok.apply_chat_template(prompt, add_generation_prompt=True))[0]
+            full = [tok.encode_positions(tok.apply_chat_template(prompt + c))[0] for c in completions]
+        cut = min(_common_ids(prompt_ids, ids) for ids in full)
         parts = [ids[cut:] for ids in full]
-        if any(not p for p in parts):
+        if any(not len(p) for p in parts):
             raise BadRow(f"{where}: a completion has no tokens; give every completion some text")
         return prompt_ids[:cut], parts
 
@@ -195,7 +204,8 @@ def _build(path: str | Path, tokenizer: Tokenizer, skip_bad_rows: bool, columns:
             raise NibbleError(f"{path}: holds no usable rows; add data or fix the path")
         return {"skipped": skipped.count, "first_skipped": skipped.first}
 
-    cache = cached_tokens(path, tokenizer.path, settings, columns, build)
+    bounds = dict.fromkeys((name for name, c in columns.items() if c.dtype == "uint32"), len(tokenizer))
+    cache = cached_tokens(path, tokenizer.path, settings, columns, build, bounds)
     Skipped(cache.meta.get("skipped", 0), cache.meta.get("first_skipped")).report(path)
     return cache
 

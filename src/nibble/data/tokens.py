@@ -8,21 +8,25 @@ array per column: a ragged column ``name`` is ``name.bin`` (all rows' values, co
 ``~/.cache/nibble``), named after the data file and a key over everything that changes the tokens: the file's
 identity (resolved path, size, modification time), the tokenizer files, the ``tokenizers`` version and the
 caller's settings. It is built under a temporary name and renamed when complete, so a killed build never
-looks finished; building it anew for a changed file removes the caches of the file's older versions.
+looks finished; building it anew for a changed file removes the caches of the file's older versions. On open,
+one pass over its bytes checks each file's size, CRC-32 and (for token columns) that every id is below the
+vocabulary; a cache that disagrees is built again, and one that cannot be written is built in memory instead.
 """
 
 from __future__ import annotations
 
 import array
 import atexit
+import errno
 import hashlib
+import io
 import json
-import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -30,155 +34,25 @@ from typing import Any
 
 import numpy as np
 
+from nibble.data.ragged import Ragged
 from nibble.data.records import check_data_path
 from nibble.errors import NibbleError
 from nibble.io.fetch import cache_dir
-from nibble.io.files import file_identity, read_json_object, staged_dir
+from nibble.io.files import WriteError, file_identity, read_json_object, staged_dir
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: each file's CRC-32 in meta.json
 _NAME_CHARS = 100  # of the data file's name in the cache entry's (a name may have 255 bytes)
 TOKENIZER_IDENTITY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _FLUSH_VALUES = 1 << 16  # buffered values per column before a write: bounded memory, few system calls
-_GATHER_VALUES = 1 << 22  # values read at once when summing over many rows
 _STALE_STAGING_S = 24 * 3600  # a build staged longer ago than this was killed
+_CHECK_BYTES = 1 << 20  # read at once when verifying a cache on open (a small, fixed part of memory)
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
 
 def token_cache_root() -> Path:
     """Where token caches live: ``$NIBBLE_TOKEN_CACHE``, else ``<nibble cache>/tokens``."""
     configured = os.environ.get("NIBBLE_TOKEN_CACHE")
     return Path(configured).expanduser() if configured else cache_dir() / "tokens"
-
-
-class Ragged:
-    """Rows of integers of varying length over one flat array: row ``r`` is ``values[offsets[r]:offsets[r + 1]]``.
-
-    ``index`` selects and orders the visible rows (None: all, in order) and ``limit`` cuts each to its first
-    ``limit`` values, both without copying ``values``, which may be a memory map. Rows come out as int64 arrays.
-    """
-
-    def __init__(
-        self, values: np.ndarray, offsets: np.ndarray, index: np.ndarray | None = None, limit: int | None = None
-    ):
-        self.values, self.offsets, self.index, self.limit = values, offsets, index, limit
-
-    @classmethod
-    def from_lists(cls, rows: Sequence[Sequence[int]], dtype: Any = np.int64) -> Ragged:
-        """Rows held in memory (tests, small data)."""
-        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum([len(r) for r in rows], out=offsets[1:])
-        return cls(np.fromiter(chain.from_iterable(rows), dtype, int(offsets[-1])), offsets)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1 if self.index is None else len(self.index)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        if not 0 <= i < len(self):
-            raise IndexError(f"row {i} of {len(self)}")
-        row = i if self.index is None else int(self.index[i])
-        start, end = int(self.offsets[row]), int(self.offsets[row + 1])
-        if self.limit is not None:
-            end = min(end, start + self.limit)
-        return np.asarray(self.values[start:end], dtype=np.int64)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return (self[i] for i in range(len(self)))
-
-    def tolist(self) -> list[list[int]]:
-        return [row.tolist() for row in self]
-
-    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(starts, ends)`` of the visible rows in ``values`` (int64 [N] each)."""
-        starts = self.offsets[:-1] if self.index is None else self.offsets[self.index]
-        ends = self.offsets[1:] if self.index is None else self.offsets[self.index + 1]
-        starts, ends = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
-        return starts, ends if self.limit is None else np.minimum(ends, starts + self.limit)
-
-    def lengths(self) -> np.ndarray:
-        starts, ends = self.bounds()
-        return ends - starts
-
-    def subset(self, indices: Sequence[int] | np.ndarray) -> Ragged:
-        """The rows at ``indices`` (of the visible rows), in that order."""
-        indices = np.asarray(indices, dtype=np.int64)
-        return Ragged(self.values, self.offsets, indices if self.index is None else self.index[indices], self.limit)
-
-    def cut(self, limit: int) -> Ragged:
-        """Every row cut to its first ``limit`` values."""
-        return Ragged(self.values, self.offsets, self.index, limit if self.limit is None else min(limit, self.limit))
-
-    def concat(self) -> np.ndarray:
-        """The visible rows' values, concatenated (int64)."""
-        parts = list(_gather(self.values, *self.bounds()))
-        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
-
-    def total(self, skip_first: bool = False) -> int:
-        """The sum of every visible value (without each row's first one with ``skip_first``)."""
-        starts, ends = self.bounds()
-        if skip_first:
-            starts = np.minimum(starts + 1, ends)
-        return sum(int(block.sum(dtype=np.int64)) for block in _gather(self.values, starts, ends))
-
-
-class Packed:
-    """The rows of a :class:`Ragged` concatenated in order and cut into pieces of ``length`` values (the last
-    piece may be shorter); piece ``c`` covers positions ``[c * length, (c + 1) * length)`` of the concatenation."""
-
-    def __init__(self, rows: Ragged, length: int):
-        self.rows, self.length = rows, length
-        self.starts, ends = rows.bounds()
-        self.cum = np.concatenate([[0], np.cumsum(ends - self.starts)])  # [N + 1] row start in the concatenation
-        self.size = int(self.cum[-1])
-
-    def __len__(self) -> int:
-        return math.ceil(self.size / self.length)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        if not 0 <= i < len(self):
-            raise IndexError(f"piece {i} of {len(self)}")
-        begin, end = i * self.length, min((i + 1) * self.length, self.size)
-        first = int(np.searchsorted(self.cum, begin, side="right")) - 1
-        last = int(np.searchsorted(self.cum, end, side="left"))  # rows [first, last) overlap the piece
-        parts = []
-        for r in range(first, last):
-            lo, hi = max(begin, int(self.cum[r])), min(end, int(self.cum[r + 1]))
-            offset = int(self.starts[r]) - int(self.cum[r])
-            parts.append(np.asarray(self.rows.values[offset + lo : offset + hi], dtype=np.int64))
-        return np.concatenate(parts)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return (self[i] for i in range(len(self)))
-
-    def tolist(self) -> list[list[int]]:
-        return [piece.tolist() for piece in self]
-
-    def first_rows(self) -> np.ndarray:
-        """The row (of ``rows``) each piece starts in."""
-        return np.searchsorted(self.cum, np.arange(0, self.size, self.length), side="right") - 1
-
-    def lengths(self) -> np.ndarray:
-        starts = np.arange(0, self.size, self.length)
-        return np.minimum(starts + self.length, self.size) - starts
-
-    def total(self, skip_first: bool = False) -> int:
-        """The sum of every value (without each piece's first one with ``skip_first``)."""
-        total = self.rows.total()
-        if skip_first and self.size:
-            rows = self.first_rows()
-            positions = self.starts[rows] + np.arange(0, self.size, self.length) - self.cum[rows]
-            total -= int(np.asarray(self.rows.values[positions], dtype=np.int64).sum())
-        return total
-
-
-def _gather(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> Iterator[np.ndarray]:
-    """``values[starts[k]:ends[k]]`` of every row k, concatenated, in blocks of about ``_GATHER_VALUES`` values."""
-    lengths = ends - starts
-    cum = np.concatenate([[0], np.cumsum(lengths)])
-    row = 0
-    while row < len(lengths):
-        stop = max(row + 1, int(np.searchsorted(cum, cum[row] + _GATHER_VALUES, side="right")) - 1)
-        positions = np.repeat(starts[row:stop] - cum[row:stop], lengths[row:stop]) + np.arange(cum[row], cum[stop])
-        yield np.asarray(values[positions])
-        row = stop
 
 
 @dataclass(frozen=True)
@@ -199,27 +73,41 @@ _TYPECODES = {
 
 
 class CacheWriter:
-    """Appends rows to the columns of a cache directory being built (see :func:`cached_tokens`).
+    """Appends rows to the columns of a cache directory being built (see :func:`cached_tokens`), or to buffers
+    in memory when ``directory`` is None.
 
     Values wait in compact ``array.array`` buffers (at most ``_FLUSH_VALUES`` per column) and are appended to
     the column files, so memory stays flat however many rows are written.
     """
 
-    def __init__(self, directory: Path, columns: dict[str, Column]):
+    def __init__(self, directory: Path | None, columns: dict[str, Column]):
         self.directory, self.columns, self.rows = directory, columns, 0
-        self._files = {name: open(directory / f"{name}.bin", "wb") for name in columns}
+        self.buffers: dict[str, io.BytesIO] = {}  # file name -> its bytes, without a directory
+        self.crc: dict[str, int] = {}  # file name -> CRC-32 of what was written
+        self._files = {name: self._open(f"{name}.bin") for name in columns}
         self._values = {name: array.array(_TYPECODES[c.dtype]) for name, c in columns.items()}
         self._written = dict.fromkeys(columns, 0)
         ragged = [name for name, c in columns.items() if c.ragged]
-        self._offset_files = {name: open(directory / f"{name}.offsets.bin", "wb") for name in ragged}
+        self._offset_files = {name: self._open(f"{name}.offsets.bin") for name in ragged}
         self._offsets = {name: array.array("q", [0]) for name in ragged}
+
+    def _open(self, file: str) -> Any:
+        self.crc[file] = 0
+        if self.directory is None:
+            self.buffers[file] = io.BytesIO()
+            return self.buffers[file]
+        return open(self.directory / file, "wb")
 
     def append(self, **row: Sequence[int] | int) -> None:
         """One row: a sequence for each ragged column, a number for each per-row column."""
         for name, column in self.columns.items():
             values = self._values[name]
             if column.ragged:
-                values.extend(row[name])  # type: ignore[arg-type]
+                seq = row[name]
+                if isinstance(seq, np.ndarray):  # (a long row: its bytes, not one Python int per value)
+                    values.frombytes(memoryview(np.ascontiguousarray(seq, dtype=column.dtype)).cast("B"))
+                else:
+                    values.extend(seq)  # type: ignore[arg-type]
                 self._offsets[name].append(self._written[name] + len(values))
             else:
                 values.append(row[name])  # type: ignore[arg-type]
@@ -229,42 +117,53 @@ class CacheWriter:
 
     def _flush(self, name: str) -> None:
         values = self._values[name]
-        values.tofile(self._files[name])
+        self._write(f"{name}.bin", self._files[name], values)
         self._written[name] += len(values)
         self._values[name] = array.array(values.typecode)
         if name in self._offsets:
-            self._offsets[name].tofile(self._offset_files[name])
+            self._write(f"{name}.offsets.bin", self._offset_files[name], self._offsets[name])
             self._offsets[name] = array.array("q")
+
+    def _write(self, file: str, f: Any, values: array.array) -> None:
+        values.tofile(f)
+        self.crc[file] = zlib.crc32(memoryview(values).cast("B"), self.crc[file])
 
     def finish(self, meta: dict[str, Any]) -> None:
         """Write what is buffered and ``meta.json`` (with the row count and the column layout)."""
         for name in self.columns:
             self._flush(name)
-        for f in chain(self._files.values(), self._offset_files.values()):
-            f.close()
+        if self.directory is not None:
+            for f in chain(self._files.values(), self._offset_files.values()):
+                f.close()
         layout = {
             name: {"dtype": c.dtype, "ragged": c.ragged, "values": self._written[name]}
             for name, c in self.columns.items()
         }
-        (self.directory / "meta.json").write_text(
-            json.dumps({**meta, "rows": self.rows, "columns": layout}, ensure_ascii=False), encoding="utf-8"
-        )
+        self.meta = {**meta, "rows": self.rows, "columns": layout, "crc32": self.crc}
+        if self.directory is not None:
+            (self.directory / "meta.json").write_text(json.dumps(self.meta, ensure_ascii=False), encoding="utf-8")
 
 
 class TokenCache:
-    """An opened cache directory: its ``meta`` and its columns as memory maps."""
+    """An opened cache: its ``meta`` and its columns as memory maps of a directory's files (or views of a
+    :class:`CacheWriter`'s buffers built without one)."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, writer: CacheWriter | None = None):
         self.directory = directory
-        self.meta = read_json_object(directory / "meta.json", "delete the directory; it is rebuilt on the next run")
+        self.buffers = {file: b.getbuffer() for file, b in writer.buffers.items()} if writer else {}
+        self.meta = writer.meta if writer else read_json_object(directory / "meta.json", "delete the directory")
         self.rows: int = self.meta["rows"]
 
-    def damage(self, columns: dict[str, Column]) -> str | None:
-        """What is wrong with the cache, cheaply (None: nothing): the columns asked for with their dtypes, every
-        file of the size its counts give, and each ragged column's offsets from 0, monotone, ending at its count."""
-        layout, rows = self.meta.get("columns"), self.rows
+    def damage(self, columns: dict[str, Column], bounds: dict[str, int]) -> str | None:
+        """What is wrong with the cache (None: nothing): the columns asked for with their dtypes, every file of
+        the size its counts give and of the CRC-32 meta.json records, each ragged column's offsets from 0,
+        monotone, ending at its count, and the values of each column in ``bounds`` below its bound (a vocabulary
+        size). One pass over the bytes, in blocks."""
+        layout, rows, crc = self.meta.get("columns"), self.rows, self.meta.get("crc32")
         if type(rows) is not int or rows < 0 or not isinstance(layout, dict) or set(layout) != set(columns):
             return "meta.json does not describe these columns"
+        if not isinstance(crc, dict):
+            return "meta.json records no checksums"
         for name, column in columns.items():
             entry = layout[name]
             kind = (entry.get("dtype"), entry.get("ragged")) if isinstance(entry, dict) else None
@@ -280,6 +179,10 @@ class TokenCache:
                 path = self.directory / file
                 if not path.is_file() or path.stat().st_size != size:
                     return f"{file} is not {size} bytes"
+                bound = bounds.get(name) if file == f"{name}.bin" else None
+                problem = _check_file(path, crc.get(file), column.dtype if bound else None, bound)
+                if problem:
+                    return f"{file}: {problem}"
             if column.ragged:
                 offsets = self._array(f"{name}.offsets.bin", "int64", rows + 1)
                 if offsets[0] != 0 or offsets[-1] != values or bool((np.diff(offsets) < 0).any()):
@@ -287,6 +190,8 @@ class TokenCache:
         return None
 
     def _array(self, file: str, dtype: str, count: int) -> np.ndarray:
+        if file in self.buffers:
+            return np.frombuffer(self.buffers[file], dtype=dtype, count=count)
         if count == 0:  # an empty file cannot be memory-mapped
             return np.zeros(0, dtype=dtype)
         return np.memmap(self.directory / file, dtype=dtype, mode="r", shape=(count,))
@@ -301,6 +206,22 @@ class TokenCache:
         layout = self.meta["columns"][name]
         values = self._array(f"{name}.bin", layout["dtype"], layout["values"])
         return Ragged(values, self._array(f"{name}.offsets.bin", "int64", self.rows + 1))
+
+
+def _check_file(path: Path, crc: Any, dtype: str | None, bound: int | None) -> str | None:
+    """What is wrong with one cache file: a CRC-32 other than ``crc``, or (with a ``bound``) a ``dtype`` value
+    not below it; read in blocks of ``_CHECK_BYTES`` (a multiple of every item size)."""
+    found, top = 0, -1
+    with open(path, "rb") as f:
+        while block := f.read(_CHECK_BYTES):
+            found = zlib.crc32(block, found)
+            if bound is not None:
+                top = max(top, int(np.frombuffer(block, dtype=dtype).max()))
+    if found != crc:
+        return "its checksum differs from meta.json's"
+    if bound is not None and top >= bound:
+        return f"holds id {top}, not below the vocabulary's {bound}"
+    return None
 
 
 def source_identity(path: Path) -> dict[str, Any]:
@@ -330,9 +251,12 @@ def cached_tokens(
     settings: dict[str, Any],
     columns: dict[str, Column],
     build: Callable[[CacheWriter], dict[str, Any]],
+    bounds: dict[str, int] | None = None,
 ) -> TokenCache:
-    """The token cache of ``source`` for these settings: reused when its key matches, else built by
-    ``build(writer)`` (which appends every row and returns extra metadata) and installed atomically.
+    """The token cache of ``source`` for these settings: reused when its key matches and it passes
+    :meth:`TokenCache.damage` (``bounds``: column -> the number its values stay below, a vocabulary size), else
+    built by ``build(writer)`` (which appends every row and returns extra metadata) and installed atomically.
+    A cache that cannot be written (a full disk, permissions) is said in one line and built in memory.
 
     Raises:
         NibbleError: a missing ``source``, or whatever ``build`` raises about the data (nothing is left behind).
@@ -345,7 +269,7 @@ def cached_tokens(
     directory = root / f"{source.name[:_NAME_CHARS]}-{digest}"
     if (directory / "meta.json").is_file():
         try:
-            problem = TokenCache(directory).damage(columns)
+            problem = TokenCache(directory).damage(columns, bounds or {})
         except (NibbleError, KeyError, ValueError, OSError) as exc:
             problem = str(exc)
         if problem is None:
@@ -360,11 +284,21 @@ def cached_tokens(
         print(f"note: cannot write the token cache in {root}; tokenizing into {directory} for this run", flush=True)
     else:
         _remove_stale(root, identity)
-    with staged_dir(directory, overwrite=True) as tmp:
-        writer = CacheWriter(tmp, columns)
+
+    def fill(writer: CacheWriter) -> CacheWriter:
         writer.finish({"key": key, **build(writer)})
         if source_identity(source) != identity:
             raise NibbleError(f"{source}: changed while it was being read; run again once it is complete")
+        return writer
+
+    try:
+        with staged_dir(directory, overwrite=True) as tmp:
+            writer = fill(CacheWriter(tmp, columns))
+    except WriteError as exc:
+        if exc.cause.errno not in _WRITE_ERRORS:
+            raise
+        print(f"note: cannot write the token cache ({exc}); tokenizing into memory for this run", flush=True)
+        return TokenCache(directory, fill(CacheWriter(None, columns)))
     size = sum(f.stat().st_size for f in directory.iterdir())
     print(
         f"tokens: {writer.rows:,} rows of {source.name} tokenized in {time.perf_counter() - started:.1f} s, "

@@ -306,4 +306,26 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, Any]:
             e, out, r = layer.lora_B.shape
             layer.lora_A.copy_(expected[a_key].view(e, r, -1))  # [E*r, in] -> [E, r, in]
             layer.lora_B.copy_(expected[b_key].view(out, r, e).permute(2, 0, 1))  # [out, r*E] -> [E, out, r]
+    _check_update_bounds(model, directory)
     return config
+
+
+def _check_update_bounds(model: nn.Module, source: Path) -> None:
+    """Refuse an adapter whose update ``scaling * B @ A`` could overflow float32 (a huge finite ``lora_alpha``,
+    or huge weights: eval then reported nan and merge wrote infinities). The bound ``scaling * r * max|B| *
+    max|A|`` is cheap (no product is formed) and above every entry of the update.
+
+    Raises:
+        NibbleError: one line naming the layer, its alpha and the bound.
+    """
+    limit = torch.finfo(torch.float32).max
+    layers = [(p, m.lora_A.weight, m.lora_B.weight, m) for p, m in lora_layers(model).items()]
+    layers += [(p, m.lora_A, m.lora_B, m) for p, m in expert_lora_layers(model).items()]
+    for path, a, b, layer in layers:
+        bound = layer.scaling * a.shape[-2] * float(b.detach().abs().max()) * float(a.detach().abs().max())
+        if not bound <= limit:
+            raise NibbleError(
+                f"{source}: the update of '{path}' (lora_alpha {layer.alpha:g}, weights up to "
+                f"{max(float(a.detach().abs().max()), float(b.detach().abs().max())):g}) can reach {bound:g}, beyond "
+                "float32; the adapter is corrupt"
+            )

@@ -266,6 +266,8 @@ def check_fit(
             )
         if same_dtype and value.dtype != target.dtype:
             raise NibbleError(f"{source}: '{name}' is {value.dtype}, the run needs {target.dtype}; {fix}")
+        if target.is_floating_point() and not value.is_floating_point():
+            raise NibbleError(f"{source}: '{name}' is {value.dtype}, not a floating-point tensor; the file is damaged")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise NibbleError(f"{source}: '{name}' holds NaN or infinite values; the file is damaged")
 

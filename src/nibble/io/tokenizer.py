@@ -9,11 +9,14 @@ Chat templates render in a bounded jinja2 sandbox (see :mod:`nibble.io.chat_temp
 
 from __future__ import annotations
 
+import array
 import shutil
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from nibble.errors import NibbleError
 from nibble.io.chat_template import render
@@ -27,7 +30,14 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+_CUT_MARGIN = 8  # tokens tokenized beyond a cut's length, so the cut's own end is never kept
+_WINDOW_CHARS, _OVERLAP_CHARS = 1 << 18, 1 << 12  # a long text tokenized in windows (see encode_positions)
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _position_type(text: str) -> type:
+    """The narrowest integer type that holds every character position of ``text``."""
+    return np.int32 if len(text) < 2**31 else np.int64
 
 
 def _token_text(value: Any) -> str | None:
@@ -127,13 +137,90 @@ class Tokenizer:
         self, texts: Sequence[str], add_special_tokens: bool = True, max_length: int | None = None
     ) -> list[list[int]]:
         """Token ids of many texts; truncation keeps the special tokens and cuts the text (from the right)."""
-        if max_length is not None:
-            self.backend.enable_truncation(max_length)
+        if max_length is None:
+            return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        return self.encode_truncated(texts, max_length, add_special_tokens)[0]
+
+    @cached_property
+    def longest_token(self) -> int:
+        """The most characters a token of the vocabulary spells (at least 1)."""
+        return max(1, *map(len, self.backend.get_vocab(with_added_tokens=True)))
+
+    def encode_truncated(
+        self, texts: Sequence[str], max_length: int, add_special_tokens: bool = True
+    ) -> tuple[list[list[int]], int]:
+        """Token ids of many texts cut to ``max_length`` (as :meth:`encode_batch`), and how many were cut.
+
+        Work and memory follow ``max_length``, not the texts: a text is cut to ``_CUT_MARGIN`` tokens beyond
+        ``max_length`` of the vocabulary's longest before it is tokenized (a 200 MB row once allocated 4 GiB of
+        encodings), and cut twice as long again while that yields too few tokens (a normalizer that drops
+        characters). The margin keeps the tokens a cut could change (those at its end) out of the result.
+        """
+        extra = self.backend.num_special_tokens_to_add(is_pair=False) if add_special_tokens else 0
+        out: list[list[int]] = [[] for _ in texts]
+        truncated = 0
+        todo, cut = list(range(len(texts))), (max_length + _CUT_MARGIN) * self.longest_token
+        self.backend.enable_truncation(max_length)
         try:
-            encodings = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+            while todo:
+                parts = [texts[i][:cut] for i in todo]
+                encodings = self.backend.encode_batch(parts, add_special_tokens=add_special_tokens)
+                retry = []
+                for i, part, e in zip(todo, parts, encodings, strict=True):
+                    beyond = sum(len(o.ids) - extra for o in e.overflowing)
+                    if len(part) < len(texts[i]) and beyond < _CUT_MARGIN:
+                        retry.append(i)
+                    else:
+                        out[i] = e.ids
+                        truncated += bool(beyond) or len(part) < len(texts[i])
+                todo, cut = retry, cut * 2
         finally:
             self.backend.no_truncation()
-        return [e.ids for e in encodings]
+        return out, truncated
+
+    def encode_positions(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids (uint32) of ``text`` without special tokens, and the character each token starts at.
+
+        A long text is tokenized in windows of ``_WINDOW_CHARS``, so memory follows the ids, not the library's
+        ~80 bytes of encoding per token (a 20 MB row once took 7 GB): a window's tokens are kept up to a token
+        start ``_OVERLAP_CHARS`` before its end, where the next window begins, and the next window must give the
+        same tokens over the overlap (up to a guard before the earlier window's end). Where it does not (a
+        tokenizer whose tokens reach further), the whole text is tokenized at once.
+        """
+        if len(text) > _WINDOW_CHARS:
+            windowed = self._windowed(text)
+            if windowed is not None:
+                return windowed
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        return np.array(encoding.ids, np.uint32), np.array([o[0] for o in encoding.offsets], _position_type(text))
+
+    def _windowed(self, text: str) -> tuple[np.ndarray, np.ndarray] | None:
+        kind = _position_type(text)
+        all_ids, all_starts = array.array("I"), array.array("i" if kind is np.int32 else "q")  # (grown in place)
+        pos, check = 0, None  # check: the earlier window's tokens the next one must repeat
+        while True:
+            end = min(len(text), pos + _WINDOW_CHARS)
+            encoding = self.backend.encode(text[pos:end], add_special_tokens=False)
+            ids = np.array(encoding.ids, np.uint32)
+            starts = np.array([o[0] for o in encoding.offsets], kind) + pos
+            del encoding
+            if check is not None:
+                n = len(check[0])
+                if not (np.array_equal(ids[:n], check[0]) and np.array_equal(starts[:n], check[1])):
+                    return None
+            if end == len(text):
+                all_ids.frombytes(ids.tobytes())
+                all_starts.frombytes(starts.tobytes())
+                return np.frombuffer(all_ids, np.uint32), np.frombuffer(all_starts, kind)
+            cut = int(np.searchsorted(starts, end - _OVERLAP_CHARS))
+            while 0 < cut < len(starts) and starts[cut] == starts[cut - 1]:  # (tokens of one character)
+                cut += 1
+            guard = int(np.searchsorted(starts, end - _OVERLAP_CHARS // 4))
+            if not 0 < cut < guard:  # no token starts in the overlap (one very long token)
+                return None
+            all_ids.frombytes(ids[:cut].tobytes())
+            all_starts.frombytes(starts[:cut].tobytes())
+            check, pos = (ids[cut:guard], starts[cut:guard]), int(starts[cut])
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

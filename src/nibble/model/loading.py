@@ -137,6 +137,7 @@ def load_model(
     _check_unexpected(ckpt, model, config)
     loader = _Loader(ckpt, dtype, device, MULTIMODAL_DECODER if config.multimodal else "model.")
     cache = _quant_cache(path, ckpt, spec, loader)
+    loaded = set(loader.quantized)  # the projections read from the cache
     backbone = model.model
     backbone.embed_tokens.weight = loader.parameter("model.embed_tokens.weight", backbone.embed_tokens.weight)
     for i, layer in enumerate(backbone.layers):
@@ -168,22 +169,26 @@ def load_model(
     else:
         _load_score(model, loader, config)
     if cache is not None:  # QuantLinear weights as "<module>.weight", a sparse layer's experts as "<module>"
-        cache.store(
-            (f"{name}.weight" if isinstance(m, QuantLinear) else name, m.qweight)
+        weights = {
+            f"{name}.weight" if isinstance(m, QuantLinear) else name: m.qweight
             for name, m in model.named_modules()
             if isinstance(m, (QuantLinear, ExpertLinear)) and m.qweight is not None
-        )
+        }
+        cache.refresh(loaded, weights, loader.misfit)
     return model.eval()
 
 
 def _quant_cache(path: Path, ckpt: Checkpoint, spec: QuantSpec | None, loader: _Loader) -> QuantCache | None:
     """Hand ``loader`` the projections quantized by an earlier load of ``path`` as ``spec`` says (see
-    :mod:`nibble.model.quant_cache`); returns the cache entry to fill when there were none, else None."""
-    if spec is None or bnb.is_quantized(ckpt, loader.stored("model.layers.0.mlp.gate_proj.weight")):
+    :mod:`nibble.model.quant_cache`); returns the cache entry (None: no 4-bit format, a .gguf read natively, or a
+    checkpoint 4-bit already)."""
+    if spec is None or spec.format == "gguf":  # (a .gguf read as it is keeps its own blocks: nothing to cache)
+        return None
+    if bnb.is_quantized(ckpt, loader.stored("model.layers.0.mlp.gate_proj.weight")):
         return None
     cache = QuantCache(path, ckpt, spec)
     loader.quantized = cache.load(loader.dtype)
-    return None if loader.quantized else cache
+    return cache
 
 
 def _num_labels(ckpt: Checkpoint, config: ModelConfig, num_labels: int | None) -> int:
@@ -261,6 +266,16 @@ class _Loader:
         self.dtype = dtype
         self.device = device
         self.quantized: dict[str, QuantizedWeight] = {}  # projections quantized earlier, by weight key
+        self.misfit: str | None = None  # why one of them does not fit the model
+
+    def cached(self, key: str, shape: tuple[int, ...]) -> QuantizedWeight | None:
+        """The projection ``key`` quantized earlier, when it has the ``shape`` the model needs (else None: it is
+        quantized again, and the cache entry remade)."""
+        weight = self.quantized.pop(key, None)
+        if weight is not None and tuple(weight.shape) != tuple(shape):
+            self.misfit = self.misfit or f"'{key}' is {list(weight.shape)}, the model needs {list(shape)}"
+            return None
+        return weight
 
     def stored(self, key: str) -> str:
         """The checkpoint's name for the model's tensor ``key``."""
@@ -301,7 +316,7 @@ class _Loader:
             qweight.dtype = self.dtype
             return QuantLinear(qweight.to(self.device), bias)
         if spec is not None:
-            qweight = self.quantized.pop(weight_key, None)
+            qweight = self.cached(weight_key, tuple(linear.weight.shape))
             if qweight is None:
                 dense = self.tensor(weight_key, linear.weight.shape, torch.float32)
                 qweight = quantize(dense, spec)  # on the device, by the torch reference

@@ -200,8 +200,9 @@ def load_sparse_block(block: SparseMoE, loader: Any, prefix: str, spec: QuantSpe
     for name in EXPERT_PROJECTIONS:
         proj: ExpertLinear = getattr(block.experts, name)
         fused_key = f"{prefix}.experts.{name}"
-        cached = loader.quantized.pop(fused_key, None) if spec is not None else None
-        if cached is not None and tuple(cached.shape) == (proj.num_experts * proj.out_features, proj.in_features):
+        shape = (proj.num_experts * proj.out_features, proj.in_features)
+        cached = loader.cached(fused_key, shape) if spec is not None else None
+        if cached is not None:
             cached = cached.to(loader.device)
             cached.dtype = loader.dtype
             proj.set_weight(cached)

@@ -6,7 +6,9 @@ projections in ``<cache>/quantized/<model dir name>-<key>.safetensors`` (``<cach
 :func:`nibble.io.fetch.cache_dir`, where GGUF conversions also go). The key hashes the model directory's
 absolute path and the :class:`QuantSpec`; the file's metadata records each source file's path, size,
 modification time, inode and status-change time, so a changed source (even one of the same size and mtime) is
-quantized again and its entry replaced; an entry that cannot be read is made again, saying so. Entries are
+quantized again and its entry replaced; an entry that cannot be read, whose tensors are not exactly what its
+weights write (names, dtypes, shapes, finite scales), or that does not fit the model (a projection's shape,
+the count of projections: see :meth:`QuantCache.refresh`) is made again, saying so in one line. Entries are
 written to a temporary name and renamed (a crash never leaves a partial one), and the tensors are the quantizer's own
 bytes: a load from the cache gives bit-identical weights.
 """
@@ -58,10 +60,28 @@ class QuantCache:
             if metadata.get(_META_KEY) != self.stamp:
                 return {}
             tensors = {name: stored.read(name) for name in stored.tensors}
-            return {key: _weight(tensors, key, self.spec, dtype, str(self.path)) for key in json.loads(metadata[_KEYS])}
+            keys = json.loads(metadata[_KEYS])
+            if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(set(keys)) < len(keys):
+                raise NibbleError(f"'{_KEYS}' is not a list of distinct names")
+            weights = {key: _weight(tensors, key, self.spec, dtype) for key in keys}
+            if set(tensors) != set().union(*(w.state_dict(k) for k, w in weights.items())):
+                raise NibbleError("it holds tensors no weight uses")
+            return weights
         except (NibbleError, KeyError, ValueError, OSError) as exc:
             print(f"note: {self.path} is damaged ({exc}); quantizing again", file=sys.stderr, flush=True)
             return {}
+
+    def refresh(self, loaded: set[str], weights: dict[str, QuantizedWeight], misfit: str | None) -> None:
+        """After a load: write the entry when nothing came from it (``loaded`` empty), or when what came from it
+        does not fit the model (``misfit``: a projection of another shape; or other projections than ``weights``,
+        the ones the model holds), saying so; else leave it."""
+        if loaded and misfit is None and loaded != set(weights):
+            misfit = f"it holds {len(loaded)} 4-bit weights, the model {len(weights)}"
+        if loaded and misfit is None:
+            return
+        if misfit is not None:
+            print(f"note: {self.path} does not fit this model ({misfit}); quantized again", file=sys.stderr)
+        self.store(weights.items())
 
     def store(self, weights: Iterable[tuple[str, QuantizedWeight]]) -> None:
         """Write the entry (atomically); a cache that cannot be written is reported on stderr and skipped."""
@@ -76,11 +96,19 @@ class QuantCache:
             print(f"note: cannot keep the 4-bit weights in {self.path.parent} ({exc.strerror})", file=sys.stderr)
 
 
-def _weight(
-    tensors: dict[str, torch.Tensor], key: str, spec: QuantSpec, dtype: torch.dtype, source: str
-) -> QuantizedWeight:
+def _weight(tensors: dict[str, torch.Tensor], key: str, spec: QuantSpec, dtype: torch.dtype) -> QuantizedWeight:
+    """The weight ``key`` of the entry's ``tensors``, which must be exactly what it writes (the constructors
+    convert some dtypes and views silently) with finite floats; compute dtype ``dtype``."""
     if spec.format == "int4":
-        return INT4Weight.from_state_dict(tensors, key, source, dtype=dtype)
-    weight = NF4Weight.from_state_dict(tensors, key, source)
+        weight: QuantizedWeight = INT4Weight.from_state_dict(tensors, key, "entry", dtype=dtype)
+    else:
+        weight = NF4Weight.from_state_dict(tensors, key, "entry")
+    for name, canonical in weight.state_dict(key).items():  # (before the dtype changes NF4's quant state)
+        held = tensors[name]
+        if (held.dtype, held.shape) != (canonical.dtype, canonical.shape):
+            want = f"{canonical.dtype} {list(canonical.shape)}"
+            raise NibbleError(f"tensor '{name}' is {held.dtype} {list(held.shape)}, not {want}")
+        if held.is_floating_point() and not bool(torch.isfinite(held).all()):
+            raise NibbleError(f"tensor '{name}' holds NaN or infinite values")
     weight.dtype = dtype
     return weight

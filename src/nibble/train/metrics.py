@@ -28,16 +28,29 @@ def classification_loss(
     return torch.nn.functional.cross_entropy(logits, labels, weight=weights)
 
 
+# Up to DENSE_LABELS labels a single-label evaluation keeps its whole K x K confusion matrix; above, memory
+# and records stay linear in K: the matrix among the DENSE_LABELS labels with most rows (and a column for every
+# other prediction), and the CONFUSED_PAIRS most frequent confusions.
+DENSE_LABELS = 30
+CONFUSED_PAIRS = 50
+SHOWN_CLASSES = 30  # per-class lines printed at most
+
+
 def classification_metrics(
     probs: torch.Tensor, labels: torch.Tensor, label_map: LabelMap, loss: float
 ) -> dict[str, Any]:
-    """Loss, accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix.
+    """Loss, accuracy, macro-F1, per-class precision/recall/F1/support and the confusion counts.
 
     ``probs`` is [N, K]; ``labels`` is [N] class ids, or [N, K] multi-hot for multi-label data (a label
     is predicted when its probability is >= 0.5; accuracy is then the exact-match rate and the confusion
-    matrix holds per-label [[tn, fp], [fn, tp]]).
+    matrix holds per-label [[tn, fp], [fn, tp]]). Single-label with at most ``DENSE_LABELS`` labels:
+    ``confusion_matrix`` [K, K] (rows: true, columns: predicted); with more, ``confusion_top`` (``labels``: the
+    ``DENSE_LABELS`` labels with most rows; ``matrix``: their rows' counts [n, n + 1], the last column every
+    other prediction) and ``confused_pairs`` ([true, predicted, count], most frequent first). Time and memory
+    are linear in N and K.
     """
     k = label_map.num_labels
+    out: dict[str, Any] = {}
     if label_map.multi_label:
         pred = probs >= 0.5
         truth = labels.bool()
@@ -46,29 +59,23 @@ def classification_metrics(
         fn = (~pred & truth).sum(0).double()
         tn = (~pred & ~truth).sum(0)
         accuracy = float((pred == truth).all(1).double().mean())
-        confusion = [[[int(tn[c]), int(fp[c])], [int(fn[c]), int(tp[c])]] for c in range(k)]
+        out["confusion_matrix"] = [[[int(tn[c]), int(fp[c])], [int(fn[c]), int(tp[c])]] for c in range(k)]
         support = truth.sum(0)
     else:
         pred = probs.argmax(1)
-        matrix = torch.zeros(k, k, dtype=torch.long)
-        matrix.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
-        tp = matrix.diag().double()
-        fp = matrix.sum(0).double() - tp
-        fn = matrix.sum(1).double() - tp
+        support = torch.bincount(labels, minlength=k)
+        tp = torch.bincount(labels[pred == labels], minlength=k).double()
+        fp = torch.bincount(pred, minlength=k).double() - tp
+        fn = support.double() - tp
         accuracy = float((pred == labels).double().mean())
-        confusion = matrix.tolist()
-        support = matrix.sum(1)
+        out.update(_confusion(labels, pred, support, label_map))
     precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), torch.zeros_like(tp))
     recall = torch.where(tp + fn > 0, tp / (tp + fn).clamp(min=1), torch.zeros_like(tp))
     f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(tp))
+    rows = torch.stack([precision, recall, f1]).tolist()  # one conversion, not 3 K tensor reads
     per_class = {
-        str(label): {
-            "precision": float(precision[c]),
-            "recall": float(recall[c]),
-            "f1": float(f1[c]),
-            "support": int(support[c]),
-        }
-        for c, label in enumerate(label_map.labels)
+        str(label): {"precision": rows[0][c], "recall": rows[1][c], "f1": rows[2][c], "support": n}
+        for (c, label), n in zip(enumerate(label_map.labels), support.tolist(), strict=True)
     }
     return {
         "loss": loss,
@@ -76,7 +83,38 @@ def classification_metrics(
         "macro_f1": float(f1.mean()),
         "examples": int(probs.shape[0]),
         "per_class": per_class,
-        "confusion_matrix": confusion,
+        **out,
+    }
+
+
+def _confusion(labels: torch.Tensor, pred: torch.Tensor, support: torch.Tensor, label_map: LabelMap) -> dict:
+    """The single-label confusion counts of :func:`classification_metrics`, from the (true, predicted) pairs
+    that occur (never a K x K table above ``DENSE_LABELS``)."""
+    k = label_map.num_labels
+    if k <= DENSE_LABELS:
+        matrix = torch.zeros(k, k, dtype=torch.long)
+        matrix.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+        return {"confusion_matrix": matrix.tolist()}
+    names = label_map.labels
+    top = torch.argsort(-support, stable=True)[:DENSE_LABELS]  # the labels with most rows, ties by id
+    column = torch.full((k,), DENSE_LABELS, dtype=torch.long)  # predicted label -> its column (other: last)
+    column[top] = torch.arange(len(top))
+    position = torch.full((k,), -1, dtype=torch.long)
+    position[top] = torch.arange(len(top))
+    shown = position[labels] >= 0
+    matrix = torch.zeros(len(top), DENSE_LABELS + 1, dtype=torch.long)
+    matrix.index_put_(
+        (position[labels[shown]], column[pred[shown]]), torch.ones(int(shown.sum()), dtype=torch.long), accumulate=True
+    )
+    wrong = pred != labels
+    pairs, counts = torch.unique(labels[wrong] * k + pred[wrong], return_counts=True)
+    order = torch.argsort(-counts, stable=True)[:CONFUSED_PAIRS]
+    confused = [
+        [names[int(p) // k], names[int(p) % k], int(c)] for p, c in zip(pairs[order], counts[order], strict=True)
+    ]
+    return {
+        "confusion_top": {"labels": [names[int(i)] for i in top], "matrix": matrix.tolist()},
+        "confused_pairs": confused,
     }
 
 
@@ -89,14 +127,21 @@ def headline(metrics: dict[str, Any]) -> str:
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
-    """A few lines for the terminal: headline numbers, then precision/recall per class."""
+    """A few lines for the terminal: headline numbers, then precision/recall per class (the ``SHOWN_CLASSES``
+    with most rows, when there are more, then a line saying how many are left out)."""
     lines = [f"{headline(metrics)}  ({metrics['examples']} rows)"]
-    width = max(len(label) for label in metrics["per_class"])
-    for label, m in metrics["per_class"].items():
+    classes = list(metrics["per_class"].items())
+    if len(classes) > SHOWN_CLASSES:
+        classes = sorted(classes, key=lambda item: -item[1]["support"])[:SHOWN_CLASSES]
+    width = max(len(label) for label, _ in classes)
+    for label, m in classes:
         lines.append(
             f"  {label:<{width}}  precision {m['precision']:.3f}  recall {m['recall']:.3f}  "
             f"f1 {m['f1']:.3f}  support {m['support']}"
         )
+    if len(classes) < len(metrics["per_class"]):
+        left = len(metrics["per_class"]) - len(classes)
+        lines.append(f"  ({left:,} classes with fewer rows not shown; every class is in the report's per_class)")
     return "\n".join(lines)
 
 
@@ -186,14 +231,32 @@ def plot_run(
         ax.legend()
         ax.grid(alpha=0.3)
         figures["rewards"] = fig
-    matrix = (final_eval or {}).get("confusion_matrix")
-    if matrix and not isinstance(matrix[0][0], list):
-        at = f" at step {final_eval['step']}" if "step" in final_eval else ""
-        figures["confusion_matrix"] = confusion_figure(matrix, labels, f"{prefix}confusion matrix{at}")
+    final_eval = final_eval or {}
+    at = f" at step {final_eval['step']}" if "step" in final_eval else ""
+    matrix, top = final_eval.get("confusion_matrix"), final_eval.get("confusion_top")
+    # (a multi-label run's per-label 2 x 2 counts are not drawn)
+    if len(labels) <= DENSE_LABELS and _counts(matrix, len(labels), len(labels)):
+        figures["confusion_matrix"] = confusion_figure(matrix, labels, labels, f"{prefix}confusion matrix{at}")
+    elif isinstance(top, dict) and isinstance(top.get("labels"), list) and top["labels"]:
+        shown = top["labels"]  # many labels: those with most rows, every other prediction in one column
+        if len(shown) <= DENSE_LABELS and _counts(top.get("matrix"), len(shown), len(shown) + 1):
+            title = f"{prefix}confusion matrix{at}, the {len(shown)} of {len(labels):,} labels with most rows"
+            figures["confusion_matrix"] = confusion_figure(top["matrix"], shown, [*shown, "other"], title)
     for key, fig in figures.items():
         fig.tight_layout()
         fig.savefig(directory / f"{key}.png", dpi=100)
         plt.close(fig)
+
+
+def _counts(matrix: Any, rows: int, columns: int) -> bool:
+    """Whether ``matrix`` is ``rows`` lists of ``columns`` counts (what an evaluation wrote; a checkpoint's
+    ``last_eval`` is read back from disk)."""
+    return (
+        isinstance(matrix, list)
+        and len(matrix) == rows
+        and all(isinstance(row, list) and len(row) == columns for row in matrix)
+        and all(type(n) is int and n >= 0 for row in matrix for n in row)
+    )
 
 
 def training_figure(records: list[dict[str, Any]], title: str):
@@ -221,17 +284,15 @@ def training_figure(records: list[dict[str, Any]], title: str):
     return fig
 
 
-def confusion_figure(matrix: list[list[int]], labels: list, title: str):
-    """The confusion matrix (rows: true label, columns: predicted), each count written in black or white,
+def confusion_figure(matrix: list[list[int]], rows: list, columns: list, title: str):
+    """A confusion matrix (``rows``: true labels, ``columns``: predicted), each count written in black or white,
     whichever contrasts more with its cell's colour."""
     import matplotlib.pyplot as plt
 
-    size = max(3.5, 0.6 * len(labels) + 2.5)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig, ax = plt.subplots(figsize=(max(3.5, 0.6 * len(columns) + 2.5), max(3.5, 0.6 * len(rows) + 2.5)))
     image = ax.imshow(matrix, cmap="Blues")
-    ticks = range(len(labels))
-    ax.set_xticks(ticks, [str(x) for x in labels], rotation=45, ha="right")
-    ax.set_yticks(ticks, [str(x) for x in labels])
+    ax.set_xticks(range(len(columns)), [str(x)[:24] for x in columns], rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), [str(x)[:24] for x in rows])
     for i, row in enumerate(matrix):
         for j, count in enumerate(row):
             cell = image.cmap(image.norm(count))

@@ -110,6 +110,7 @@ def precompute_reference(
     import time
 
     from nibble.data.batching import iter_batches
+    from nibble.io.files import WriteError
     from nibble.io.safetensors import load_file, save_file_atomic
     from nibble.train.distributed import barrier, broadcast_text, current
 
@@ -130,11 +131,17 @@ def precompute_reference(
                 parts.append(columns(model, to_device(batch, device)).float().cpu())
         model.train(was_training)
         reference = torch.cat(parts)
-        if current().is_main:
-            save_file_atomic({"logps": reference}, path, metadata={"key": text})
+        stored = current().is_main and path.parent.is_dir()  # (not beside a token cache held in memory)
+        if stored:
+            try:
+                save_file_atomic({"logps": reference}, path, metadata={"key": text})
+            except WriteError as exc:  # a cache: the run goes on without it
+                print(f"note: cannot keep the reference log-probs ({exc}); they are computed again next time")
+                stored = False
         barrier()
         took = time.perf_counter() - started
-        print(f"reference: log-probs of {len(data)} rows computed in {took:.1f} s, stored in {path}", flush=True)
+        where = f", stored in {path}" if stored else ""
+        print(f"reference: log-probs of {len(data)} rows computed in {took:.1f} s{where}", flush=True)
     data.reference = reference.numpy()
 
 
