@@ -54,9 +54,10 @@ def tiny(tmp_path_factory):
 
 def args(tiny, out, *extra):
     common = ["train", tiny.config, "--task", "grpo", "--model", tiny.base, "--data", tiny.train,
-              "--val-data", tiny.val, "--output", out, "--device", "cpu", "--dtype", "float32", "--batch-size", "8", "--num-generations",
-              "4", "--max-completion-len", "6", "--lr", "5e-3", "--log-every", "1",
-              "--eval-every", "0", "--method", "lora", "--lora-dropout", "0", "--max-seq-len", "64"]  # fmt: skip
+              "--val-data", tiny.val, "--output", out, "--device", "cpu", "--dtype", "float32",
+              "--batch-size", "8", "--num-generations", "4", "--max-completion-len", "6", "--lr", "5e-3",
+              "--log-every", "1", "--eval-every", "0", "--method", "lora", "--lora-dropout", "0",
+              "--max-seq-len", "64"]  # fmt: skip
     return [str(a) for a in [*common, *extra]]
 
 
