@@ -124,3 +124,32 @@ def test_a_non_finite_reward_names_the_function_and_the_row(tiny, tmp_path, caps
     err = capsys.readouterr().err
     assert "reward my_rewards:picky returned inf for completion 5" in err
     assert re.search(rf"\({re.escape(str(tiny.train))} line \d+\)", err)  # the data row of that completion
+
+
+def test_python_api_with_a_planned_method(tiny, tmp_path):
+    """``nibble.train`` runs the task, and a memory-planned method keeps whole groups in each micro-batch."""
+    import nibble
+
+    result = nibble.train(
+        {
+            "task": "grpo",
+            "model": str(tiny.base),
+            "data": str(tiny.train),
+            "output": str(tmp_path / "api"),
+            "device": "cpu",
+            "dtype": "float32",
+            "batch_size": 8,
+            "num_generations": 4,
+            "max_completion_len": 4,
+            "max_seq_len": 64,
+            "max_steps": 2,
+            "eval_every": 0,
+            "val_split": 0.0,
+            "method": "auto",
+            "rewards": [{"type": "regex", "pattern": "[0-9]"}],
+            "log_every": 1,
+        }  # fmt: skip
+    )
+    assert result.step == 2
+    records = [r for r in result.metrics if r["kind"] == "train"]
+    assert [r["step"] for r in records] == [1, 2] and all(0 <= r["reward_regex"] <= 1 for r in records)

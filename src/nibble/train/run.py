@@ -274,6 +274,7 @@ class Run:
         )
         if self.plan is not None:
             print(f"plan: {self.plan.describe()} ({source})", flush=True)
+            get_task(self.config.task).check(self.config)  # the plan's method and micro-batch must suit the task too
         self.config = global_micro_batch(self.config, self.resume_from, self.part, self.task.rows_per_example)
         self.fingerprint = model_fingerprint(self.model_dir)
         if self.resume_from is not None:
