@@ -33,11 +33,16 @@ def tiny(tmp_path_factory):
     base, _ = helpers.make_hf_checkpoint(root / "base", "qwen3")
     rows = [{"prompt": f"{i % 5}+{i % 3}=", "answer": str(i % 5 + i % 3)} for i in range(12)]
     chat = [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows[:4]]
-    (root / "my_rewards.py").write_text(
+    (root / "cli_rewards.py").write_text(
         textwrap.dedent(
             """
+            calls = []
+
             def picky(prompts, completions, answer, **_):
-                return [float(len(c) % 2) if i < 5 else float("inf") for i, c in enumerate(completions)]
+                # fine the first time it is called, then infinite for completion 5
+                calls.append(1)
+                bad = len(calls) > 1
+                return [float("inf") if i == 5 and bad else float(len(c) % 2) for i, c in enumerate(completions)]
             """
         )
     )
@@ -118,12 +123,16 @@ def test_bad_settings_are_one_line(tiny, tmp_path, capsys, extra, message):
     assert message in err and "Traceback" not in err
 
 
-def test_a_non_finite_reward_names_the_function_and_the_row(tiny, tmp_path, capsys, monkeypatch):
+def test_a_non_finite_reward_names_the_function_and_the_row_after_checkpointing(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(tiny.root))
-    assert main([*args(tiny, tmp_path / "out", "--max-steps", "1"), "--rewards", "my_rewards:picky"]) == 2
+    out = tmp_path / "out"
+    run = [*args(tiny, out, "--max-steps", "3", "--save-every", "0"), "--rewards", "cli_rewards:picky"]
+    assert main(run) == 2
     err = capsys.readouterr().err
-    assert "reward my_rewards:picky returned inf for completion 5" in err
+    assert "reward cli_rewards:picky returned inf for completion 5" in err and "Traceback" not in err
     assert re.search(rf"\({re.escape(str(tiny.train))} line \d+\)", err)  # the data row of that completion
+    assert f"step 2 did not finish and {out / 'checkpoints' / 'step-1'} holds step 1" in err
+    assert (out / "checkpoints" / "step-1").is_dir() and [r["step"] for r in train_records(out)] == [1]
 
 
 def test_python_api_with_a_planned_method(tiny, tmp_path):

@@ -82,7 +82,7 @@ def test_schema_keywords_it_cannot_check_are_refused():
 
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text(
+    (tmp_path / "unit_rewards.py").write_text(
         textwrap.dedent(
             """
             def brevity(prompts, completions, answer, **_):
@@ -98,21 +98,21 @@ def user_module(tmp_path, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield
-    sys.modules.pop("my_rewards", None)
+    sys.modules.pop("unit_rewards", None)
 
 
 def test_user_function_is_batched_and_weighted(user_module):
-    assert "my_rewards" not in sys.modules  # imported only when named
-    per_function, total = rewards_of([{"type": "my_rewards:brevity", "weight": 3}], ["ab", "c"], answer=["x", "y"])
-    assert "my_rewards" in sys.modules
+    assert "unit_rewards" not in sys.modules  # imported only when named
+    per_function, total = rewards_of([{"type": "unit_rewards:brevity", "weight": 3}], ["ab", "c"], answer=["x", "y"])
+    assert "unit_rewards" in sys.modules
     torch.testing.assert_close(total, torch.tensor([3 * (1 / 3 + 1), 3 * 0.5], dtype=torch.float64))
 
 
 @pytest.mark.parametrize(
     ("target", "message", "row"),
     [
-        ("my_rewards:broken", "reward my_rewards:broken returned nan for completion 1", 1),
-        ("my_rewards:raising", "reward my_rewards:raising raised ValueError: no scores today", None),
+        ("unit_rewards:broken", "reward unit_rewards:broken returned nan for completion 1", 1),
+        ("unit_rewards:raising", "reward unit_rewards:raising raised ValueError: no scores today", None),
     ],
 )
 def test_failing_rewards_name_function_and_row(user_module, target, message, row):

@@ -27,7 +27,7 @@ from nibble.model.sampler import SamplingConfig, sample
 from nibble.nn.cross_entropy import linear_log_probs
 from nibble.train.tasks.base import Batch, LossResult, SavedModel, TaskRun
 from nibble.train.tasks.grpo_loss import GRPOObjective, group_advantages, grpo_loss
-from nibble.train.tasks.grpo_rewards import Reward, build_rewards, score
+from nibble.train.tasks.grpo_rewards import Reward, RewardError, build_rewards, score
 
 if TYPE_CHECKING:
     from nibble.io.tokenizer import Tokenizer
@@ -146,10 +146,9 @@ class Rollout:
         columns = {k: [v[r] for r in owners] for k, v in data.columns.items()}
         try:
             per_fn, total = score(self.rewards, [data.texts[r] for r in owners], texts, columns)
-        except NibbleError as exc:
-            row = getattr(exc, "row", None)
-            where = f" ({data.path} line {data.lines[owners[row]]})" if row is not None else ""
-            raise NibbleError(f"{exc}{where}") from None
+        except RewardError as exc:
+            where = f" ({data.path} line {data.lines[owners[exc.row]]})" if exc.row is not None else ""
+            raise RewardError(f"{exc}{where}", function=exc.function, row=exc.row) from None
         return completions, texts, per_fn, total
 
     def forward(self, model: nn.Module, data: PromptData, batch: Batch) -> dict[str, Any]:

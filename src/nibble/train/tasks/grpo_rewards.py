@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from nibble.errors import NibbleError
+from nibble.errors import NibbleError, StepFailed
 from nibble.train.tasks.json_schema import schema_errors, validates
 
 RewardFn = Callable[..., Sequence[float]]
@@ -40,7 +40,7 @@ NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?
 PARSE_RULES = ("last_number", "boxed", "tag", "regex", "text")
 
 
-class RewardError(NibbleError):
+class RewardError(StepFailed):
     """A reward function failed on a batch: ``row`` is the completion's index in the batch (None: the whole call)."""
 
     def __init__(self, message: str, *, function: str, row: int | None):
