@@ -162,3 +162,18 @@ def test_python_api_with_a_planned_method(tiny, tmp_path):
     assert result.step == 2
     records = [r for r in result.metrics if r["kind"] == "train"]
     assert [r["step"] for r in records] == [1, 2] and all(0 <= r["reward_regex"] <= 1 for r in records)
+
+
+def test_two_ranks_sample_whole_groups_of_their_own_prompts(tiny, tmp_path):
+    """A run under torchrun: the stream hands each rank whole prompts (batch_size / G of them), whose groups it
+    samples and scores itself; the gradients all-reduce as for any task."""
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "nibble"]
+    flags = args(tiny, out, "--max-steps", "2", "--batch-size", "4", "--val-data", "")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([*launch, *flags], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = train_records(out)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(0 <= r["reward_exact"] <= 1 and r["completion_len"] >= 1 for r in records)
+    assert "G=4" in result.stdout and (out / "adapter" / "adapter_model.safetensors").is_file()
