@@ -13,7 +13,8 @@ from nibble.model.sampler import SamplingConfig, filter_logits, sample
 from nibble.nn import apply_lora
 from nibble.nn.lora import lora_layers
 
-# Two prompts of one length and one of another: both the shared batch and a second length bucket run.
+# Two prompts of one length and one of another: Qwen3 left-pads them into one batch, Qwen3.5 (recurrent layers)
+# decodes each length as its own batch.
 PROMPTS = [[5, 17, 99, 3, 42], [7, 7, 1, 200, 9], [11, 12, 13]]
 
 
@@ -61,14 +62,14 @@ def test_recorded_logps_equal_a_separate_forward(shared_checkpoint, family):
     # rounding differs by up to ~4e-6 of the log-prob (1.3e-5 at -3 seen), so it gets a relative term as well.
     rtol = 1e-5 if family == "qwen3_5_text" else 0.0
     config = SamplingConfig(
-        max_new_tokens=10, temperature=0.8, stop_token_ids=tuple(range(0, model.config.vocab_size, 7))
+        max_new_tokens=10, temperature=0.8, stop_token_ids=tuple(range(0, model.config.vocab_size, 11))
     )
     out = sample(model, PROMPTS, 4, config, generator=torch.Generator().manual_seed(3))
     lengths = {len(c.tokens) for c in out}
     assert len(lengths) > 1 and any(c.truncated for c in out) and not all(c.truncated for c in out)
     for completion in out:
-        assert completion.truncated == (completion.tokens[-1] % 7 != 0)
-        assert all(t % 7 for t in completion.tokens[:-1])
+        assert completion.truncated == (completion.tokens[-1] % 11 != 0)
+        assert all(t % 11 for t in completion.tokens[:-1])
         expected = forward_logps(model, PROMPTS[completion.prompt_index], completion.tokens, 0.8)
         torch.testing.assert_close(torch.tensor(completion.logps), expected, rtol=rtol, atol=1e-5)
 

@@ -1,10 +1,11 @@
 """Batched sampling for online RL: G completions of each prompt at once, with the log-prob of every sampled token.
 
-All ``prompts x G`` sequences of one prompt length decode together from one preallocated cache (KV for full
-attention, conv window + recurrent state for Gated DeltaNet layers); each prompt is prefilled once and its cache
-copied to its G rows. The LoRA adapters stay active and unmerged, so the sampled policy is the trained one.
-Prompts of different lengths decode in separate batches (same-length rows need no padding, which the recurrent
-layers could not take), and a row that stops (an end token, a stop string) leaves its batch at once.
+All ``prompts x G`` sequences decode together from one preallocated cache (KV for full attention, conv window +
+recurrent state for Gated DeltaNet layers); each prompt is prefilled once and its cache copied to its G rows. The
+LoRA adapters stay active and unmerged, so the sampled policy is the trained one. Prompts of different lengths are
+left-padded into one batch on full-attention models; a model with recurrent layers (which take no padding with a
+cache) decodes each prompt length as its own batch. A row that stops (an end token, a stop string) leaves its
+batch at once.
 
 Each sampled token's log-prob is recorded from the logits it was drawn from, as TRL scores its old policy:
 ``log_softmax(logits / temperature)`` before top-k / top-p / min-p filtering (temperature 1 when greedy).
@@ -126,9 +127,11 @@ def sample(
     if any(len(p) == 0 for p in prompts):
         raise NibbleError("a prompt is empty; every prompt needs at least one token")
     completions = [Completion(i) for i in range(len(prompts)) for _ in range(num_generations)]
+    layers = range(model.config.num_hidden_layers)
+    recurrent = any(model.config.layer_type(i) != "full_attention" for i in layers)
     by_length: dict[int, list[int]] = {}
     for i, prompt in enumerate(prompts):
-        by_length.setdefault(len(prompt), []).append(i)
+        by_length.setdefault(len(prompt) if recurrent else 0, []).append(i)
     for indices in by_length.values():
         rows = [completions[i * num_generations + g] for i in indices for g in range(num_generations)]
         sample_batch(model, [prompts[i] for i in indices], num_generations, rows, config, generator, decode)
@@ -144,13 +147,21 @@ def sample_batch(
     generator: torch.Generator | None,
     decode: Callable[[list[int]], str] | None,
 ) -> None:
-    """Fill ``rows`` (G per prompt, in order) with completions of the equal-length ``prompts``."""
+    """Fill ``rows`` (G per prompt, in order) with completions of ``prompts``, left-padded to one length when they
+    differ (full-attention models only: the pad keys are masked, and RoPE sees each row shifted as a whole)."""
     device = model.model.embed_tokens.weight.device
-    ids = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=device)  # [P, T]
-    cache = model.new_cache(len(prompts), ids.shape[1] + config.max_new_tokens)
-    hidden = model.hidden_states(ids, cache=cache)[:, -1]  # [P, H]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    keys = torch.zeros_like(ids)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = torch.tensor(list(prompt))
+        keys[i, width - len(prompt) :] = 1
+    keys = keys.to(device) if not bool(keys.all()) else None  # [P, T]: which cached positions are real
+    cache = model.new_cache(len(prompts), width + config.max_new_tokens)
+    hidden = model.hidden_states(ids.to(device), keys, cache=cache)[:, -1]  # [P, H]: the last position is real
     repeat = torch.arange(len(prompts), device=device).repeat_interleave(num_generations)  # [P * G]
     keep_rows(cache, repeat)
+    keys = keys.index_select(0, repeat) if keys is not None else None  # [B, T]
     logits = model.lm_head(hidden).index_select(0, repeat)  # [B, V]
     stops = torch.tensor(config.stop_token_ids, dtype=torch.long, device=device)
     live = list(range(len(rows)))  # the rows still in the batch, in batch order
@@ -179,8 +190,11 @@ def sample_batch(
             index = torch.tensor(kept, dtype=torch.long, device=device)
             keep_rows(cache, index)
             tokens = tokens.index_select(0, index)
+            keys = keys.index_select(0, index) if keys is not None else None
             live = [live[b] for b in kept]
-        hidden = model.hidden_states(tokens[:, None], cache=cache)[:, -1]  # [B, H]
+        if keys is not None:
+            keys = torch.cat((keys, keys.new_ones(len(live), 1)), 1)  # [B, past + 1]
+        hidden = model.hidden_states(tokens[:, None], keys, cache=cache)[:, -1]  # [B, H]
         logits = model.lm_head(hidden)
 
 
