@@ -92,6 +92,13 @@ def test_grpo_trains_logs_samples_and_resumes_bit_exact_after_sigkill(tiny, tmp_
     assert len(samples) == 4 and {s["evaluation"] for s in samples} == {0}
     assert set(samples[0]["rewards"]) == {"exact", "length"} and samples[0]["prompt"][0]["role"] == "user"
 
+    report = json.loads((whole / "eval_report.json").read_text())
+    scored = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tiny.base), "--adapter", str(whole / "adapter"), "--data", str(tiny.val),
+                 "--device", "cpu", "--output", str(scored)]) == 0  # fmt: skip
+    assert json.loads(scored.read_text())["reward"] == report["reward"]  # the run's own rewards, read back
+    assert "mean reward" in capsys.readouterr().out
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.Popen([sys.executable, str(PAUSING), "step", "4", *args(tiny, killed, *common)], env=env,
                            text=True, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)  # fmt: skip

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from nibble.errors import NibbleError
-from nibble.io.files import open_atomic
+from nibble.io.files import open_atomic, write_json
 from nibble.model.sampler import SamplingConfig, sample
 from nibble.nn.cross_entropy import linear_log_probs
 from nibble.train.tasks.base import Batch, LossResult, SavedModel, TaskRun
@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from nibble.train.config import TrainConfig
 
 SAMPLES = "samples.jsonl"
+SETTINGS_FILE = "grpo.json"
+# What an export carries for nibble eval: the rewards and how completions were drawn.
+SAVED = ("rewards", "max_completion_len", "temperature", "top_p", "top_k", "min_p", "max_seq_len")
 
 
 @dataclass
@@ -220,7 +223,8 @@ class Rollout:
                 scored = {reward.name: v for reward, v in zip(self.rewards, values, strict=True)}
                 records.append({"prompt": data.texts[r], "completion": text, "rewards": scored})
         total, per_fn = torch.cat(totals), torch.cat(per_fns)
-        append_samples(Path(self.config.output) / SAMPLES, records)
+        if self.config.output:  # a run's evaluations (nibble eval prints its scores only)
+            append_samples(Path(self.config.output) / SAMPLES, records)
         metrics = {"loss": -float(total.mean()), "reward": float(total.mean())}
         metrics.update({f"reward_{r.name}": float(per_fn[:, i].mean()) for i, r in enumerate(self.rewards)})
         return metrics
@@ -330,6 +334,8 @@ class GRPOTask:
             summary=f"{len(train)} prompts, {len(val) if val else 0} val prompts; G={config.num_generations}; "
             f"loss {config.loss_type}; rewards {names}",
             rows_per_example=config.num_generations,
+            save=lambda directory: write_json(directory / SETTINGS_FILE, {k: getattr(config, k) for k in SAVED}),
+            report=reward_report,
         )
 
     def loss_memory(self, model: ModelConfig, config: TrainConfig) -> tuple[int, int]:
@@ -341,4 +347,36 @@ class GRPOTask:
         return per_token, config.batch_size * config.max_seq_len * kv
 
     def evaluate_saved(self, request: SavedModel) -> dict[str, Any]:
-        raise NibbleError("nibble eval does not score GRPO adapters yet; use nibble generate on the prompts")
+        """``nibble eval``: greedy completions of ``request.data``'s prompts, scored by the run's own rewards."""
+        from nibble.devices import autocast, describe, resolve_device
+        from nibble.model.generate import load_generator
+        from nibble.model.loading import resolve_model_dir
+        from nibble.train.config import TrainConfig
+        from nibble.train.tasks.instruct import set_chat_template
+        from nibble.train.tasks.preference import read_objective
+
+        saved, info, source = read_objective(request, SETTINGS_FILE, "grpo")
+        if set(saved) != set(SAVED):
+            raise NibbleError(f"{source / SETTINGS_FILE}: not GRPO settings; export it again with nibble train")
+        config = TrainConfig(task="grpo", **saved)
+        model_dir = resolve_model_dir(request.model)
+        device = resolve_device(request.device)
+        dtype = info.torch_dtype if request.adapter else torch.float32
+        model, tokenizer = load_generator(
+            model_dir, request.adapter, cache_budget_mb=request.cache_budget_mb, dtype=dtype, device=device,
+            any_base=request.any_base,
+        )  # fmt: skip
+        print(describe(device, info.torch_dtype), flush=True)
+        set_chat_template(tokenizer, request.options.get("chat_template"), model_dir)
+        data = load_prompts(request.data, tokenizer, config.max_seq_len - config.max_completion_len)
+        rollout = Rollout(config, tokenizer, build_rewards(reward_entries(config)))
+        with autocast(device, info.torch_dtype), torch.no_grad():
+            metrics = rollout.evaluate(model, data, request.batch_size)
+        print(reward_report(metrics))
+        return metrics
+
+
+def reward_report(metrics: dict[str, Any]) -> str:
+    """The final evaluation in one line: the mean total reward of the greedy completions, and each reward's."""
+    parts = [f"{k[len('reward_') :]} {v:.4f}" for k, v in metrics.items() if k.startswith("reward_")]
+    return f"mean reward {metrics['reward']:.4f}" + (f" ({', '.join(parts)})" if parts else "")
