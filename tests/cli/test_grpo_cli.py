@@ -92,6 +92,7 @@ def test_grpo_trains_logs_samples_and_resumes_bit_exact_after_sigkill(tiny, tmp_
     assert len(samples) == 4 and {s["evaluation"] for s in samples} == {0}
     assert set(samples[0]["rewards"]) == {"exact", "length"} and samples[0]["prompt"][0]["role"] == "user"
 
+    assert {p.name for p in (whole / "plots").iterdir()} >= {"loss.png", "reward.png", "length.png"}
     report = json.loads((whole / "eval_report.json").read_text())
     scored = tmp_path / "eval.json"
     assert main(["eval", "--model", str(tiny.base), "--adapter", str(whole / "adapter"), "--data", str(tiny.val),
