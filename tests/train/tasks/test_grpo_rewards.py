@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nibble.errors import NibbleError
-from nibble.train.tasks.grpo_rewards import RewardError, build_rewards, score
+from nibble.train.tasks.grpo_rewards import RewardError, build_rewards, check_columns, score
 from nibble.train.tasks.json_schema import schema_errors, validates
 
 COMPLETIONS = [
@@ -146,3 +146,10 @@ def test_missing_column_is_named():
 def test_names_are_unique():
     names = [r.name for r in build_rewards(["exact", {"type": "exact", "parse": "boxed"}, "numeric", "exact"])]
     assert names == ["exact", "exact_2", "numeric", "exact_3"]
+
+
+def test_columns_a_built_in_reads_are_checked_against_the_data():
+    rewards = build_rewards([{"type": "numeric", "column": "solution"}, {"type": "length", "target": 3}])
+    check_columns(rewards, ["solution"], "data.jsonl")
+    with pytest.raises(NibbleError, match="data.jsonl: reward numeric reads column 'solution', which the rows lack"):
+        check_columns(rewards, ["answer"], "data.jsonl")

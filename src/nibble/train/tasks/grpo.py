@@ -27,7 +27,7 @@ from nibble.model.sampler import SamplingConfig, sample
 from nibble.nn.cross_entropy import linear_log_probs
 from nibble.train.tasks.base import Batch, LossResult, SavedModel, TaskRun
 from nibble.train.tasks.grpo_loss import GRPOObjective, group_advantages, grpo_loss
-from nibble.train.tasks.grpo_rewards import Reward, RewardError, build_rewards, score
+from nibble.train.tasks.grpo_rewards import Reward, RewardError, build_rewards, check_columns, score
 
 if TYPE_CHECKING:
     from nibble.io.tokenizer import Tokenizer
@@ -324,6 +324,9 @@ class GRPOTask:
         data = load_prompts(config.data, tokenizer, max_prompt)
         train, val = split_val(config, data, lambda path: load_prompts(path, tokenizer, max_prompt))
         rollout = Rollout(config, tokenizer, build_rewards(reward_entries(config)))
+        for part in (train, val):
+            if part is not None:
+                check_columns(rollout.rewards, list(part.columns), part.path)
         names = ", ".join(f"{r.name} x{r.weight:g}" for r in rollout.rewards)
         return TaskRun(
             train=train,

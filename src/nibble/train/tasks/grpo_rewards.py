@@ -111,11 +111,12 @@ def same_answer(found: str | None, expected: Any, numeric: bool) -> bool:
 
 @dataclass(frozen=True)
 class Reward:
-    """One named reward with its weight in the total."""
+    """One named reward with its weight in the total; ``columns`` are the data columns a built-in reads."""
 
     name: str
     weight: float
     fn: RewardFn
+    columns: tuple[str, ...] = ()
 
     def __call__(self, prompts: list, completions: list[str], columns: Mapping[str, list]) -> list[float]:
         """The reward of each completion.
@@ -277,7 +278,19 @@ def build_reward(entry: str | Mapping[str, Any], index: int) -> Reward:
         fn = BUILT_INS[kind](**spec)
     except TypeError as exc:
         raise NibbleError(f"{where}: bad settings for {kind} ({exc}); see the GRPO section of the README") from None
-    return Reward(str(name), float(weight), fn)
+    reads = (spec.get("column", "answer"),) if kind in ("exact", "numeric") else ()
+    return Reward(str(name), float(weight), fn, reads)
+
+
+def check_columns(rewards: Sequence[Reward], columns: Sequence[str], source: str) -> None:
+    """Raise NibbleError when a built-in reward reads a column the data ``source`` lacks."""
+    for reward in rewards:
+        for column in reward.columns:
+            if column not in columns:
+                raise NibbleError(
+                    f"{source}: reward {reward.name} reads column '{column}', which the rows lack; add it or set "
+                    "the reward's 'column'"
+                )
 
 
 def build_rewards(entries: Sequence[str | Mapping[str, Any]]) -> list[Reward]:
@@ -290,7 +303,7 @@ def build_rewards(entries: Sequence[str | Mapping[str, Any]]) -> list[Reward]:
     for reward in rewards:
         seen[reward.name] = seen.get(reward.name, 0) + 1
         name = reward.name if seen[reward.name] == 1 else f"{reward.name}_{seen[reward.name]}"
-        unique.append(Reward(name, reward.weight, reward.fn))
+        unique.append(Reward(name, reward.weight, reward.fn, reward.columns))
     return unique
 
 
