@@ -9,6 +9,11 @@ class NibbleError(Exception):
     """
 
 
+class StepFailed(NibbleError):
+    """A user-fixable failure inside a training step (a reward function that raised, say): the run first checkpoints
+    its last completed step, so that after the fix ``--resume`` goes on from there."""
+
+
 class Interrupted(BaseException):
     """A training run stopped by SIGINT or SIGTERM.
 

@@ -225,8 +225,8 @@ class TrainConfig:
     beta: float | None = field(
         default=None,
         metadata=_help(
-            "preference, kto: the strength of the reference (ipo: tau; orpo: lambda, the odds-ratio weight); default "
-            "the paper's: 0.1, simpo 2.0"
+            "preference, kto, grpo: the strength of the reference (ipo: tau; orpo: lambda, the odds-ratio weight; "
+            "grpo: the k3 KL's weight); default the paper's: 0.1, simpo 2.0, grpo 0 (no reference pass)"
         ),
     )
     label_smoothing: float = field(
@@ -250,6 +250,36 @@ class TrainConfig:
     skip_bad_rows: bool = field(
         default=False,
         metadata=_help("preference, kto, reward: count and leave out bad rows instead of stopping at the first"),
+    )
+
+    # GRPO (names and defaults as TRL's GRPOConfig)
+    num_generations: int = field(default=8, metadata=_help("grpo: completions sampled per prompt (G)"))
+    max_completion_len: int = field(default=512, metadata=_help("grpo: sample at most N tokens per completion"))
+    temperature: float = field(default=1.0, metadata=_help("grpo: sampling temperature"))
+    top_p: float = field(default=1.0, metadata=_help("grpo: nucleus sampling mass (1: off)"))
+    top_k: int = field(default=0, metadata=_help("grpo: sample among the k most likely tokens (0: off)"))
+    min_p: float | None = field(default=None, metadata=_help("grpo: drop tokens below min_p x the top probability"))
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = field(
+        default="dapo", metadata=_help("grpo: the loss's normalization (TRL's loss_type)")
+    )
+    epsilon: float = field(default=0.2, metadata=_help("grpo: the ratio's lower clip 1 - epsilon"))
+    epsilon_high: float | None = field(
+        default=None, metadata=_help("grpo: the ratio's upper clip 1 + epsilon_high (default: epsilon; DAPO: 0.28)")
+    )
+    importance_level: Literal["token", "sequence"] = field(
+        default="token", metadata=_help("grpo: importance ratio per token, or per sequence (GSPO)")
+    )
+    scale_rewards: Literal["group", "batch", "none"] = field(
+        default="group", metadata=_help("grpo: divide advantages by the group's or batch's reward std, or not")
+    )
+    mask_truncated_completions: bool = field(
+        default=False, metadata=_help("grpo: leave completions cut at --max-completion-len out of the loss")
+    )
+    rewards: str | list | None = field(
+        default=None,
+        metadata=_help(
+            "grpo: the rewards, comma-separated built-ins or module:function (YAML: a list, with weights and settings)"
+        ),
     )
 
     def validate(self, required: tuple[str, ...] = ("model", "data", "output")) -> TrainConfig:
@@ -375,6 +405,8 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return
         if option is str and isinstance(value, str):
+            return
+        if option is list and isinstance(value, list):
             return
     literal = [typing.get_args(o) for o in options if typing.get_origin(o) is Literal]
     want = (

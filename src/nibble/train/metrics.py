@@ -199,7 +199,8 @@ def plot_run(
     """Write the plots of a run into ``directory``, each titled with the run's ``name``: loss.png (train and val
     loss, with the learning rate and the gradient norm in panels below), and what the evaluations hold:
     accuracy.png (val accuracy), perplexity.png (val perplexity), rewards.png (a preference run's chosen and rejected
-    rewards and their margin), confusion_matrix.png (single-label)."""
+    rewards and their margin), reward.png and length.png (a GRPO run's rewards and completion lengths),
+    confusion_matrix.png (single-label)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,6 +232,20 @@ def plot_run(
         ax.legend()
         ax.grid(alpha=0.3)
         figures["rewards"] = fig
+    if any("completion_len" in r for r in train):  # a GRPO run: its rewards and completion lengths over the steps
+        for key, series, label in (
+            ("reward", (("reward", "train"),), "mean total reward"),
+            ("length", (("completion_len", "mean"), ("completion_len_max", "max")), "completion tokens"),
+        ):
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for field, name in series:
+                ax.plot([r["step"] for r in train], [r[field] for r in train], label=name)
+            if key == "reward" and any("reward" in r for r in evals):
+                ax.plot(*zip(*[(r["step"], r["reward"]) for r in evals], strict=True), marker="o", label="val")
+            ax.set(xlabel="step", ylabel=label, title=f"{prefix}{label}")
+            ax.legend()
+            ax.grid(alpha=0.3)
+            figures[key] = fig
     final_eval = final_eval or {}
     at = f" at step {final_eval['step']}" if "step" in final_eval else ""
     matrix, top = final_eval.get("confusion_matrix"), final_eval.get("confusion_top")

@@ -285,9 +285,12 @@ def finished_already(out: Path, final: Path, checkpoint: Path, total_steps: int,
     return False
 
 
-def global_micro_batch(config: TrainConfig, resume_from: Path | None, part: distributed.Parallel) -> TrainConfig:
+def global_micro_batch(
+    config: TrainConfig, resume_from: Path | None, part: distributed.Parallel, rows_per_example: int = 1
+) -> TrainConfig:
     """The config with the per-rank ``batch_size`` a resumed run needs to keep the global micro-batch (per-rank
-    batch x ranks) its checkpoint was trained with, whatever the number of ranks now (an elastic resume).
+    batch x ranks) its checkpoint was trained with, whatever the number of ranks now (an elastic resume). The
+    checkpoint counts examples; ``batch_size`` counts rows, ``rows_per_example`` of them per example.
 
     Raises:
         NibbleError: the checkpoint's global micro-batch does not split evenly over this many ranks.
@@ -295,6 +298,8 @@ def global_micro_batch(config: TrainConfig, resume_from: Path | None, part: dist
     if resume_from is None:
         return config
     saved = read_state(resume_from).get("data", {}).get("batch_size")
+    if isinstance(saved, int):
+        saved *= rows_per_example
     if not isinstance(saved, int) or saved == config.batch_size * part.world:
         return config
     if saved % part.world:

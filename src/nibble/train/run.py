@@ -234,7 +234,7 @@ class Run:
         self._resolve()
         self.stream = BatchStream(
             self.task.train,
-            self.config.batch_size * self.part.world,
+            self.config.batch_size // self.task.rows_per_example * self.part.world,
             self.tokenizer.pad_id,
             self.config.seed,
             self.task.sample_groups,
@@ -274,7 +274,8 @@ class Run:
         )
         if self.plan is not None:
             print(f"plan: {self.plan.describe()} ({source})", flush=True)
-        self.config = global_micro_batch(self.config, self.resume_from, self.part)
+            get_task(self.config.task).check(self.config)  # the plan's method and micro-batch must suit the task too
+        self.config = global_micro_batch(self.config, self.resume_from, self.part, self.task.rows_per_example)
         self.fingerprint = model_fingerprint(self.model_dir)
         if self.resume_from is not None:
             check_same_run(self.resume_from, self.config, self.fingerprint)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from nibble.data.batching import BatchStream
 from nibble.devices import MemoryMeter, autocast, peak_flops, resolve_dtype, to_device
-from nibble.errors import Interrupted, NibbleError
+from nibble.errors import Interrupted, NibbleError, StepFailed
 from nibble.train.checkpoint import (
     SHARDS,
     check_optimizer_state,
@@ -37,7 +37,7 @@ from nibble.train.interrupt import GracefulStop
 from nibble.train.metrics import MetricsLog, headline
 from nibble.train.optim import WarmupCosine, build_optimizer
 from nibble.train.progress import Progress, Window
-from nibble.train.rng import check_rng_state, rank_rng_states, set_rng_state
+from nibble.train.rng import check_rng_state, rank_rng_states, rng_state, set_rng_state
 from nibble.train.tasks.base import TaskRun
 
 
@@ -304,6 +304,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, grad_norm, tokens, metric_sums
 
+    def _step_failed(self, exc: StepFailed, window: Window, bar: tqdm, before: tuple, saved_at: int) -> NibbleError:
+        """The error that ends a run whose step failed, once the last completed step is checkpointed: the data
+        position and generators go back to where the step began, so the resumed run retakes it. (Under torchrun the
+        other ranks are elsewhere: nothing is saved.)"""
+        p = self.progress
+        if self.parallel.active:
+            return exc
+        self.optimizer.zero_grad(set_to_none=True)
+        self.stream.position = before[0]
+        set_rng_state(*before[1])
+        self._check(window, bar)
+        if saved_at != p.step:
+            self.save(window)
+        return StepFailed(
+            f"{exc}; step {p.step + 1} did not finish and {self.last_checkpoint} holds step {p.step}: "
+            "fix it and run again with --resume"
+        )
+
     def _part(self, value: torch.Tensor, share: float) -> torch.Tensor:
         """A micro-batch's ``value`` as its part of the step's mean (under torchrun: this rank's share of it)."""
         if self.parallel.active:
@@ -415,7 +433,12 @@ class Trainer:
                 evaluated_at = 0
             while not p.finished(self.total_steps) and not self._stop_asked(stop):
                 lr = self.schedule.apply(self.optimizer, cfg.lr, p.step)
-                loss, grad_norm, tokens, metrics = self.step()
+                before = (self.stream.position, rng_state())
+                try:
+                    loss, grad_norm, tokens, metrics = self.step()
+                except StepFailed as exc:
+                    bar.close()
+                    raise self._step_failed(exc, window, bar, before, saved_at) from None
                 p.step += 1
                 window.add(loss, grad_norm, lr, tokens, metrics)
                 bar.update(1)

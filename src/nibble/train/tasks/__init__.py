@@ -26,6 +26,7 @@ TASKS: dict[str, str] = {
     "preference": "nibble.train.tasks.preference:PreferenceTask",
     "kto": "nibble.train.tasks.kto:KTOTask",
     "reward": "nibble.train.tasks.reward:RewardTask",
+    "grpo": "nibble.train.tasks.grpo:GRPOTask",
 }
 ENTRY_POINTS = "nibble.tasks"
 

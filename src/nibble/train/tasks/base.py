@@ -42,7 +42,9 @@ class TaskRun:
     ``save(directory)`` writes the files every export carries beside the weights (a label map, a chat template);
     ``report`` formats the final evaluation; ``summary`` describes the data on the start line; ``prepare(model,
     eval_batch_size, dtype)`` runs once the model is loaded, before training starts or resumes (what the data needs
-    from the model before any step, such as precomputed reference log-probs).
+    from the model before any step, such as precomputed reference log-probs); ``rows_per_example`` is how many of
+    ``--batch-size``'s rows one example makes (GRPO: a prompt makes G completions), so a micro-batch takes
+    ``batch_size / rows_per_example`` examples.
     """
 
     train: Dataset
@@ -58,6 +60,7 @@ class TaskRun:
     save: Callable[[Path], None] | None = None
     report: Callable[[dict[str, Any]], str] = headline
     prepare: Callable[[nn.Module, int, torch.dtype], None] | None = None
+    rows_per_example: int = 1
 
 
 @dataclass(kw_only=True)
