@@ -7,6 +7,10 @@ prints the largest difference of the outputs and gradients. ``nibble.model.model
 path where this table shows it faster: training with grouped heads at ``BLOCKED_TOKENS`` tokens.
 
     .venv/bin/python benchmarks/bench_attention.py [--tokens 2048] [--threads 1] [--repeats 3]
+
+With ``--bf16`` it times instead, for training (forward + backward), PyTorch's bf16 SDPA kernel against the same
+attention on fp32 units (bf16 inputs upcast, the output rounded back), which ``attend`` uses on a CPU with
+native bf16 arithmetic up to ``FP32_ATTENTION_MAX_KEYS`` keys (and always on a CPU without it).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nibble.devices import cpu_has_native_bf16
+from nibble.kernels.reference import FP32_ATTENTION_MAX_KEYS
 from nibble.model.model import BLOCKED_TOKENS
 from nibble.nn.attention import blocked_causal_attention
 
@@ -59,13 +65,40 @@ def largest_difference(inputs, grad_out) -> float:
     return max((a - b).abs().max().item() for a, b in zip(*results, strict=True))
 
 
+def sdpa_on_fp32_units(q, k, v):
+    return sdpa(q.float(), k.float(), v.float()).to(q.dtype)
+
+
+def bf16_table(tokens: int, repeats: int) -> None:
+    flags = " ".join(sorted({f for f in open("/proc/cpuinfo").read().split() if "bf16" in f})) or "none"
+    native = cpu_has_native_bf16()
+    print(f"# bf16 attention, train (fwd + bwd); CPU bf16 flags: {flags}; native bf16 as nibble sees it: {native}; ")
+    print(f"# attend uses fp32 units up to {FP32_ATTENTION_MAX_KEYS} keys\n")
+    print("| model heads | T | bf16 SDPA ms | fp32 units ms | fp32 units speed-up |")
+    print("|---|---:|---:|---:|---:|")
+    gen = torch.Generator().manual_seed(0)
+    for name, hq, hkv, dim in LAYOUTS:
+        for length in (40, 64, 128, 256, 512, 1024):
+            batch = max(1, tokens // length)
+            inputs = [torch.randn(batch, h, length, dim, generator=gen).bfloat16() for h in (hq, hkv, hkv)]
+            inputs = [t.requires_grad_(True) for t in inputs]
+            grad_out = torch.randn(batch, hq, length, dim, generator=gen).bfloat16()
+            native = best_ms(sdpa, inputs, grad_out, True, repeats)
+            upcast = best_ms(sdpa_on_fp32_units, inputs, grad_out, True, repeats)
+            print(f"| {name} {hq}/{hkv}x{dim} | {length} | {native:.2f} | {upcast:.2f} | {native / upcast:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048, help="batch x sequence length of every case")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true", help="bf16 SDPA against attention on fp32 units")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.bf16:
+        bf16_table(args.tokens, args.repeats)
+        return
     window = f"{BLOCKED_TOKENS.start}-{BLOCKED_TOKENS.stop - 1}"
     print(
         f"# torch {torch.__version__}, {args.threads} thread(s), {args.tokens} tokens a case, fp32, best of "
