@@ -287,7 +287,7 @@ def test_dpo_losses_and_gradients_equal_trl_dpo_trainers_compute_loss(setup, tmp
         (dict(loss="robust", label_smoothing=0.5), "'label_smoothing' must be in [0, 0.5)"),
         (dict(method="full"), "needs --precompute-reference"),
         (dict(task="kto", loss="ipo"), "'loss' applies to task preference only"),
-        (dict(task="reward", beta=0.2), "'beta' applies to task preference and kto only"),
+        (dict(task="reward", beta=0.2), "'beta' applies to the preference, kto and grpo tasks only"),
     ],
 )
 def test_bad_preference_settings_are_one_line_naming_the_key(settings, message):

@@ -346,8 +346,9 @@ class TrainConfig:
         defaults = TrainConfig()
         for key, owners in option_owners().items():
             if key not in task.options and getattr(self, key) != getattr(defaults, key):
-                tasks = " and ".join(owners)
-                raise NibbleError(f"'{key}' applies to task {tasks} only; drop it for {self.task}")
+                *others, last = owners
+                tasks = f"the {', '.join(others)} and {last} tasks" if others else f"task {last}"
+                raise NibbleError(f"'{key}' applies to {tasks} only; drop it for {self.task}")
         task.check(self)
 
     @property
