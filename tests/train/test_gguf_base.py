@@ -62,7 +62,7 @@ def test_native_base_computes_what_the_dense_file_computes(k_source, k_quant_fil
         path = Path(path["file"])
     else:  # Q8_0 / Q4_0 / Q4_1 / Q5_1 / F16 / BF16 projections (see gguf_files), q/k/v biases for qwen2
         path = write_gguf(tmp_path / f"{variant}.gguf", tiny_model(variant))
-    native = load_model(path, quantize="gguf")
+    native = load_model(str(path), quantize="gguf")  # (a path as a str, as users write it)
     dense = load_model(path)
     torch.testing.assert_close(logits(native), logits(dense), rtol=0, atol=1e-5)
     layers = [m for m in native.modules() if isinstance(m, QuantLinear)]

@@ -113,6 +113,7 @@ def load_model(
     """
     if task not in TASKS:
         raise NibbleError(f"task '{task}' is not supported; use one of {TASKS}")
+    path = Path(path)
     spec = None if quantize is None else QuantSpec.of(quantize)
     if dtype not in DTYPES:
         raise NibbleError(f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
