@@ -70,7 +70,11 @@ def test_missing_required_key():
 @pytest.mark.parametrize(
     "text,message",
     [
-        ("lr: 0.1\nlearning_rate: 2", r"unknown key 'learning_rate'"),
+        ("lr: 0.1\nlearning_rate: 2", r"unknown key 'learning_rate'; did you mean 'lr'\?"),
+        ("num_train_epochs: 2", r"unknown key 'num_train_epochs'; did you mean 'epochs'\?"),
+        ("per_device_train_batch_size: 2", r"unknown key 'per_device_train_batch_size'; did you mean 'batch_size'\?"),
+        ("gradient_accumulation_steps: 2", r"unknown key 'gradient_accumulation_steps'; did you mean 'grad_accum'\?"),
+        ("zzzz: 2", r"unknown key 'zzzz'$"),
         ("lora_rnak: 4", r"unknown key 'lora_rnak'; did you mean 'lora_rank'\?"),
         ("- a\n- b", "expected a mapping"),
         ("lr: [1", "not valid YAML"),
@@ -104,3 +108,10 @@ def test_columns_in_yaml_as_text_mapping_or_list(tmp_path, columns):
     path.write_text(f"model: m\ndata: d\noutput: o\n{columns}\n")
     with pytest.raises(NibbleError, match="'columns' applies to task instruct only"):
         resolve_config(path, {})
+
+
+def test_key_aliases_name_real_fields():
+    from nibble.train.config import _KEY_ALIASES, field_names
+
+    assert set(_KEY_ALIASES.values()) <= set(field_names())
+    assert not set(_KEY_ALIASES) & set(field_names())

@@ -418,12 +418,36 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
     raise NibbleError(f"'{name}' must be {want}, got {value!r}")
 
 
+# Names other trainers (transformers TrainingArguments, PEFT LoraConfig, TRL) use for TrainConfig fields.
+_KEY_ALIASES = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "num_train_epochs": "epochs",
+    "gradient_accumulation_steps": "grad_accum",
+    "warmup": "warmup_ratio",
+    "max_length": "max_seq_len",
+    "max_seq_length": "max_seq_len",
+    "r": "lora_rank",
+    "target_modules": "lora_targets",
+    "logging_steps": "log_every",
+    "eval_steps": "eval_every",
+    "save_steps": "save_every",
+    "save_total_limit": "keep_checkpoints",
+    "output_dir": "output",
+    "model_name_or_path": "model",
+    "resume_from_checkpoint": "resume",
+}
+
+
 def check_keys(data: Mapping[str, Any], source: str) -> None:
-    """Raise NibbleError, naming ``source`` and suggesting a close field name, for a key TrainConfig lacks."""
+    """Raise NibbleError, naming ``source`` and suggesting the field meant, for a key TrainConfig lacks."""
     known = field_names()
     for key in data:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
+            alias = _KEY_ALIASES.get(str(key))
+            close = [alias] if alias in known else difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise NibbleError(f"{source}: unknown key '{key}'{hint}")
 
