@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 
 import pytest
@@ -12,6 +14,7 @@ from safetensors.torch import save_file
 
 from nibble.errors import NibbleError
 from nibble.io import safetensors as st
+from nibble.io.files import write_text_atomic
 from nibble.io.safetensors import load_file, read_checkpoint, save_file_atomic
 
 ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
@@ -173,3 +176,16 @@ def test_atomic_save_replaces_whole_files_and_leaves_no_temporaries(tmp_path):
         save_file_atomic({"a": torch.ones(1)}, path, metadata={"step": 3})
     assert torch.equal(load_file(path)["embed"], weight)  # the failed writes left the old file intact
     assert [p.name for p in path.parent.iterdir()] == ["w.safetensors"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_saved_file_mode_follows_the_umask(tmp_path, mask):
+    # safetensors creates its file 0600; outputs must get what open() gives, as the JSON and text outputs do
+    old = os.umask(mask)
+    try:
+        save_file_atomic({"a": torch.zeros(2)}, tmp_path / "w.safetensors")
+        write_text_atomic(tmp_path / "t.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE((tmp_path / "t.txt").stat().st_mode) == 0o666 & ~mask

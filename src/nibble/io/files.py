@@ -178,6 +178,8 @@ def atomic_file(path: str | Path, needed: int | None = None) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+            # some writers (safetensors) create their file 0600; every output gets the mode open() would give
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as exc:
         raise write_error(path.parent, exc, needed) from None
@@ -195,6 +197,19 @@ def open_atomic(path: str | Path, newline: str | None = None) -> Iterator[TextIO
     """
     with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline=newline) as f:
         yield f
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _temporary(path: Path, kind: str) -> Path:
