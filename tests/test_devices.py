@@ -152,3 +152,22 @@ def test_batches_stay_as_they_are_on_the_cpu():
     batch = {"input_ids": torch.arange(6).view(2, 3), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
     moved = to_device(batch, torch.device("cpu"))
     assert moved.keys() == batch.keys() and all(moved[k] is batch[k] for k in batch)
+
+
+def test_nibble_threads_env_sets_torch_threads(monkeypatch):
+    from nibble.devices import apply_threads
+
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("NIBBLE_THREADS", "1")
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        assert apply_threads() is None and torch.get_num_threads() == 1
+        assert apply_threads(2) is None and torch.get_num_threads() == 2  # the flag wins over the environment
+        monkeypatch.setattr(os, "getloadavg", lambda: (os.cpu_count() + 1.5, 0.0, 0.0))
+        assert apply_threads(1).startswith(f"note: load average {os.cpu_count() + 1.5:.1f} exceeds the ")
+        for bad in ("0", "two", "-1"):
+            monkeypatch.setenv("NIBBLE_THREADS", bad)
+            with pytest.raises(NibbleError, match=f"NIBBLE_THREADS={bad}: expected a whole number"):
+                apply_threads()
+    finally:
+        torch.set_num_threads(threads)

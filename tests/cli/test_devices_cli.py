@@ -91,3 +91,39 @@ def test_load_model_takes_auto_and_device_strings(shared_checkpoint):
     assert all(m.qweight.device.type == "cpu" for m in model.modules() if hasattr(m, "qweight"))
     with pytest.raises(NibbleError, match="device 'tpu' is not valid"):
         nibble.load_model(path, device="tpu")
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eval", "--model", "{base}", "--adapter", "{adapter}", "--data", "{data}", "--output", "{out}"],
+        ["predict", "--model", "{base}", "--adapter", "{adapter}", "--data", "{data}", "--output", "{out}/p.jsonl"],
+        ["generate", "--model", "{base}", "--prompt", "hi", "--max-new-tokens", "1"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_threads_flag_sets_torch_threads_and_the_device_line_says_so(
+    run_dir, tmp_path, capsys, restore_threads, command
+):
+    path, data, root, _ = run_dir
+    fill = {"base": path, "adapter": root / "cpu" / "adapter", "data": data, "out": tmp_path / "o"}
+    torch.set_num_threads(2)
+    capsys.readouterr()
+    assert main([a.format(**fill) for a in command] + ["--device", "cpu", "--threads", "1"]) == 0
+    assert torch.get_num_threads() == 1
+    captured = capsys.readouterr()
+    assert "device cpu (1 thread," in captured.out + captured.err
+
+
+def test_train_takes_threads():
+    from nibble.cli.main import build_parser
+
+    args = build_parser("train").parse_args(["train", "--model", "m", "--data", "d", "--output", "o", "--threads", "3"])
+    assert args.threads == 3

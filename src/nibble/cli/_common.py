@@ -96,6 +96,16 @@ def add_cache_budget_flag(parser: argparse.ArgumentParser) -> None:
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", metavar="DEVICE", help=f"{_field_help('device')} (default: auto)")
+    add_threads_flag(parser)
+
+
+def add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=bounded(int, 1, 4096),
+        metavar="N",
+        help="CPU threads for torch (default: $NIBBLE_THREADS, else torch's choice); the device line shows it",
+    )
 
 
 def add_any_base_flag(parser: argparse.ArgumentParser) -> None:

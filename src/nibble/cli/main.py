@@ -11,7 +11,7 @@ import sys
 
 import nibble
 import nibble.cli
-from nibble.devices import is_onednn_failure, onednn_failure_message
+from nibble.devices import apply_threads, is_onednn_failure, onednn_failure_message
 from nibble.errors import Interrupted, NibbleError
 
 
@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if hasattr(args, "threads"):  # (before any work: torch fixes its thread pool at first use)
+            note = apply_threads(args.threads)
+            if note:
+                print(note, file=sys.stderr)
         result = args.func(args)
     except NibbleError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from nibble.cli._common import add_config_flags, config_overrides
+from nibble.cli._common import add_config_flags, add_threads_flag, config_overrides
 from nibble.train.config import resolve_config
 
 
@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="YAML file with any of the options below")
     add_config_flags(parser)
+    add_threads_flag(parser)
     parser.set_defaults(func=run)
 
 
