@@ -64,3 +64,16 @@ def test_lazy_attributes_of_nibble():
 
     assert nibble.train is sys.modules["nibble.train"] and callable(nibble.train)
     assert (nibble.TrainConfig, nibble.TrainResult) == (TrainConfig, TrainResult)
+
+
+def test_paths_may_be_path_objects(tmp_path, monkeypatch):
+    import nibble.train.api as api
+    import nibble.train.run
+
+    monkeypatch.setattr(nibble.train.run, "run_training", lambda config: config)
+    config = api.train({"model": tmp_path / "m", "data": tmp_path / "d.jsonl"}, output=tmp_path / "o")
+    assert (config.model, config.data, config.output) == (
+        str(tmp_path / "m"),
+        str(tmp_path / "d.jsonl"),
+        str(tmp_path / "o"),
+    )

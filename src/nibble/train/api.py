@@ -4,6 +4,7 @@ also takes."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,17 @@ def train(config: TrainConfig | Mapping[str, Any] | str | Path, **overrides: Any
 
     check_keys(overrides, "train()")
     if isinstance(config, TrainConfig):
-        config = dataclasses.replace(config, **overrides).validate()
+        config = dataclasses.replace(config, **_paths_as_str(overrides)).validate()
     elif isinstance(config, Mapping):
         check_keys(config, "config")
-        config = resolve_config(None, {**config, **overrides})
+        config = resolve_config(None, {**_paths_as_str(config), **_paths_as_str(overrides)})
     elif isinstance(config, (str, Path)):
-        config = resolve_config(config, overrides)
+        config = resolve_config(config, _paths_as_str(overrides))
     else:
         raise NibbleError(f"config must be a TrainConfig, a dict or a YAML path, got {type(config).__name__}")
     return run_training(config)
+
+
+def _paths_as_str(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``model=Path(...)`` as ``model="..."``: the fields hold paths as str, as YAML and the flags give them."""
+    return {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in values.items()}
