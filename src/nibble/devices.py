@@ -211,11 +211,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 THREADS_ENV = "NIBBLE_THREADS"
 
 
-def apply_threads(threads: int | None = None) -> str | None:
+def apply_threads(threads: int | None = None) -> None:
     """Set torch's CPU thread count to ``threads``, else ``$NIBBLE_THREADS``, else leave torch's default.
-
-    Returns a one-line note when the machine is already busier than its cores (1-minute load average over
-    ``os.cpu_count()``), else None.
 
     Raises:
         NibbleError: ``$NIBBLE_THREADS`` is not a whole number >= 1.
@@ -227,14 +224,6 @@ def apply_threads(threads: int | None = None) -> str | None:
             raise NibbleError(f"{THREADS_ENV}={text}: expected a whole number of threads >= 1")
     if threads is not None:
         torch.set_num_threads(threads)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    cores = os.cpu_count() or 1
-    if load <= cores:
-        return None
-    return (
-        f"note: load average {load:.1f} exceeds the {cores} CPU cores; {torch.get_num_threads()} threads here "
-        "compete with other work (fewer with --threads N may be faster)"
-    )
 
 
 def describe(device: torch.device, dtype: torch.dtype | None = None, asked: str | None = None) -> str:

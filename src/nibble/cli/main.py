@@ -78,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if hasattr(args, "threads"):  # (before any work: torch fixes its thread pool at first use)
-            note = apply_threads(args.threads)
-            if note:
-                print(note, file=sys.stderr)
+            apply_threads(args.threads)
         result = args.func(args)
     except NibbleError as exc:
         print(f"error: {exc}", file=sys.stderr)
