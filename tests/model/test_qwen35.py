@@ -228,14 +228,3 @@ def test_merge_of_a_text_checkpoint_loads_in_transformers(shared_checkpoint, tmp
     ids, _ = right_padded_batch([66, 66])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=ATOL_HF, rtol=0)
-
-
-def test_gguf_export_is_refused_in_one_line(shared_checkpoint, tmp_path, capsys):
-    from nibble.cli.main import main
-
-    base, _ = shared_checkpoint("qwen3_5_text")
-    out = tmp_path / "m.gguf"
-    capsys.readouterr()
-    assert main(["export", "--model", str(base), "--output", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "qwen35" in err and "\n" not in err and not out.exists()

@@ -87,6 +87,7 @@ class ModelConfig:
     linear_conv_kernel_dim: int = 0
     attn_output_gate: bool = False
     partial_rotary_factor: float = 1.0
+    mrope_section: tuple[int, ...] | None = None
     zero_centred_norm: bool = False
     linear_fused_projections: bool = False
     multimodal: bool = False
@@ -231,6 +232,8 @@ class ModelConfig:
             out.update(self.moe.to_hf())
         if self.model_type in HYBRID_TYPES:
             out["rope_parameters"]["partial_rotary_factor"] = self.partial_rotary_factor
+            if self.mrope_section is not None:
+                out["rope_parameters"].update(mrope_section=list(self.mrope_section), mrope_interleaved=True)
             out["layer_types"] = list(self.layer_types or ["full_attention"] * self.num_hidden_layers)
             for name in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
                          "linear_value_head_dim", "linear_conv_kernel_dim"):  # fmt: skip
@@ -303,6 +306,17 @@ def _rope(
         if key != "rope_type" and not _is_positive_number(value):
             raise NibbleError(f"{source}: rope scaling '{key}' must be a positive number, got {value!r}")
     return float(theta), scaling, float(partial)
+
+
+def _mrope_section(data: dict[str, Any], source: str) -> tuple[int, ...] | None:
+    """The mRoPE sections of ``rope_parameters`` (channel pairs per position axis), None when absent; on text
+    every axis holds the same position, so they change nothing nibble computes (GGUF export writes them)."""
+    sections = (data.get("rope_parameters") or data.get("rope_scaling") or {}).get("mrope_section")
+    if sections is None:
+        return None
+    if not isinstance(sections, list) or not all(type(s) is int and s >= 0 for s in sections):
+        raise NibbleError(f"{source}: 'mrope_section' must be a list of channel-pair counts, got {sections!r}")
+    return tuple(sections)
 
 
 def _is_positive_number(value: Any) -> bool:
@@ -409,6 +423,7 @@ def _from_dict(data: dict[str, Any], source: str, tensors: int | None = None) ->
             rms_norm_eps=float(_field(data, "rms_norm_eps", source, 1e-6, "number")),
             rope_theta=theta,
             rope_scaling=scaling,
+            mrope_section=_mrope_section(data, source) if hybrid else None,
             max_position_embeddings=_field(data, "max_position_embeddings", source, 4096, "int"),
             tie_word_embeddings=_field(data, "tie_word_embeddings", source, False, "bool"),
             # Qwen2 always biases q/k/v and never o_proj; Mistral has no biases.

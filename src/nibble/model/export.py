@@ -5,15 +5,18 @@ with ``W`` the dequantized base the adapter was trained on (never a re-quantized
 quantized once, into the GGUF type chosen for it. Layout facts (llama.cpp's converter):
 
 - architectures: Llama, SmolLM and Mistral are ``llama`` (no sliding window); Qwen2 ``qwen2`` (q/k/v
-  biases); Qwen3 ``qwen3`` (per-head q/k RMSNorm);
-- ``llama`` q/k weight rows (and biases) are stored with each head's two rotary halves interleaved;
+  biases); Qwen3 ``qwen3`` (per-head q/k RMSNorm); Qwen3-MoE ``qwen3moe``; Qwen3.5 ``qwen35``, Qwen3.5-MoE
+  ``qwen35moe`` and Qwen3-Next ``qwen3next`` (full attention every ``full_attention_interval`` layers, Gated
+  DeltaNet in the others); where each tensor goes and how its values change is
+  :mod:`nibble.io.gguf.names`' business;
 - a tied LM head is left out (llama.cpp reuses ``token_embd``); Llama 3 RoPE scaling is a ``rope_freqs``
   tensor of per-frequency divisors, linear scaling two metadata keys;
 - a LoRA adapter file has ``general.type`` ``adapter``, ``adapter.type`` ``lora``, ``adapter.lora.alpha``
   and tensors ``<weight name>.lora_a`` ``[r, in]`` / ``.lora_b`` ``[out, r]``; llama.cpp scales ``B A`` by
   ``alpha / r``.
 
-Tensor types: norms, biases and RoPE factors are F32; a 2-D weight takes the requested type, except the
+Tensor types: norms, biases, RoPE factors, routers and the DeltaNet conv kernel are F32; a weight (2-D, or
+3-D expert stacks) takes the requested type, except the
 LM head (or the token embedding standing in for a tied one), which takes Q6_K when a 4-bit type is
 requested, as ``llama-quantize`` does. A K-quant needs rows that are a multiple of 256 values: other rows
 fall back to Q5_0 (for Q4_K) or Q8_0 (for Q6_K), and rows no 32-block type tiles to F16.
@@ -32,6 +35,7 @@ import torch
 
 from nibble.errors import NibbleError
 from nibble.io.gguf import GGUFTensor, gguf_name, llama3_rope_factors, permute_rotary, tokenizer_metadata, write_gguf
+from nibble.io.gguf.names import FULL_PRECISION, HYBRID, MOE, Geometry, Link, check_links, links
 from nibble.io.peft import PREFIX, WEIGHTS_NAME
 from nibble.io.safetensors import load_file
 from nibble.io.tokenizer import Tokenizer
@@ -54,7 +58,18 @@ QUANTS = {
     "q4_0": "Q4_0",
 }
 ADAPTER_QUANTS = ("f32", "f16", "bf16")
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+GGUF_ARCHITECTURES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3moe",
+    "qwen3_5_text": "qwen35",
+    "qwen3_5_moe_text": "qwen35moe",
+    "qwen3_next": "qwen3next",
+}
+# Families whose LoRA adapters llama.cpp applies one projection at a time, as nibble writes them.
+ADAPTER_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _FILE_TYPES = {
     "F32": gguf.LlamaFileType.ALL_F32,
     "F16": gguf.LlamaFileType.MOSTLY_F16,
@@ -110,22 +125,82 @@ def architecture(config: ModelConfig) -> str:
     """The llama.cpp architecture that runs ``config``'s model.
 
     Raises:
-        NibbleError: a model llama.cpp's architecture would compute differently (a Qwen3 with an o_proj bias),
-            or one whose GGUF layout nibble does not write yet (Qwen3.5, llama.cpp's ``qwen35``).
+        NibbleError: a model llama.cpp's architecture would compute differently: a Qwen3 with an o_proj bias, a
+            sparse model with dense layers among its sparse ones or top-k weights not renormalized, a hybrid
+            whose full-attention layers are not every ``full_attention_interval``-th, or ungated attention.
     """
     if config.model_type not in GGUF_ARCHITECTURES:
         raise NibbleError(
-            f"GGUF export of {config.model_type} models (llama.cpp's qwen35) is not supported yet; export the PEFT "
-            "adapter or a merged checkpoint (nibble merge) and convert that with llama.cpp's convert_hf_to_gguf.py"
+            f"GGUF export of {config.model_type} models is not supported; export the PEFT adapter or a merged "
+            "checkpoint (nibble merge)"
         )
-    if config.model_type == "qwen3" and config.attention_out_bias:
-        raise NibbleError("a Qwen3 model with attention biases has no llama.cpp counterpart (its qwen3 has none)")
-    return GGUF_ARCHITECTURES[config.model_type]
+    arch = GGUF_ARCHITECTURES[config.model_type]
+    if arch not in ("llama", "qwen2") and config.attention_out_bias:
+        raise NibbleError(f"a {config.model_type} model with attention biases has no llama.cpp counterpart")
+    moe = config.moe
+    if arch in MOE and moe is not None:
+        if moe.mlp_only_layers or moe.decoder_sparse_step != 1:
+            raise NibbleError(
+                f"a {config.model_type} model with dense layers among its sparse ones (mlp_only_layers "
+                f"{list(moe.mlp_only_layers)}, decoder_sparse_step {moe.decoder_sparse_step}) has no llama.cpp "
+                f"counterpart: its {arch} makes every layer sparse"
+            )
+        if not moe.norm_topk_prob:
+            raise NibbleError(
+                f"a {config.model_type} model with norm_topk_prob false has no llama.cpp counterpart: its {arch} "
+                "always renormalizes the top-k expert weights"
+            )
+    if arch in HYBRID:
+        interval = _full_attention_interval(config)
+        if interval is None:
+            raise NibbleError(
+                f"layer_types {list(config.layer_types or ())} do not put full attention on every n-th layer; "
+                f"llama.cpp's {arch} reads the layer kinds from one full_attention_interval"
+            )
+        if not config.attn_output_gate:
+            raise NibbleError(f"a {config.model_type} model without attn_output_gate has no llama.cpp counterpart")
+    return arch
 
 
-def tensor_type(shape: tuple[int, ...], wanted: str, head: bool = False) -> tuple[str, bool]:
-    """``(ggml type, fell back)`` for a tensor of ``shape`` when ``wanted`` is requested (see the module doc)."""
-    if len(shape) == 1:
+def _full_attention_interval(config: ModelConfig) -> int | None:
+    """``n`` when layer ``i`` is full attention exactly when ``i + 1`` is a multiple of ``n``, else None."""
+    kinds = list(config.layer_types or ())
+    full = [i for i, kind in enumerate(kinds) if kind == "full_attention"]
+    n = full[0] + 1 if full else len(kinds) + 1
+    expected = ["full_attention" if (i + 1) % n == 0 else "linear_attention" for i in range(len(kinds))]
+    return n if kinds == expected else None
+
+
+def geometry(config: ModelConfig, arch: str) -> Geometry:
+    """The tensor sizes of ``config``'s model in llama.cpp's ``arch`` layout."""
+    fields: dict[str, object] = {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "intermediate_size": config.intermediate_size,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "attention_bias": config.attention_bias,
+        "layer_types": list(config.layer_types or ()),
+        "linear_num_key_heads": config.linear_num_key_heads,
+        "linear_num_value_heads": config.linear_num_value_heads,
+        "linear_key_head_dim": config.linear_key_head_dim,
+        "linear_value_head_dim": config.linear_value_head_dim,
+        "linear_conv_kernel_dim": config.linear_conv_kernel_dim,
+    }
+    if config.moe is not None:
+        fields["num_experts"] = config.moe.num_experts
+        fields["moe_intermediate_size"] = config.moe.moe_intermediate_size
+        fields["shared_expert_intermediate_size"] = config.moe.shared_expert_intermediate_size
+    return Geometry.of(fields, arch)
+
+
+def tensor_type(shape: tuple[int, ...], wanted: str, head: bool = False, name: str = "") -> tuple[str, bool]:
+    """``(ggml type, fell back)`` for tensor ``name`` of ``shape`` when ``wanted`` is requested (see the module
+    doc)."""
+    if len(shape) == 1 or name.endswith(FULL_PRECISION):
         return "F32", False
     if head:
         wanted = _HEAD_TYPES.get(wanted, wanted)
@@ -158,6 +233,25 @@ def model_metadata(config: ModelConfig, arch: str, name: str, file_type: str) ->
         f"{arch}.rope.dimension_count": config.head_dim,
         f"{arch}.rope.freq_base": float(config.rope_theta),
     }
+    moe = config.moe
+    if arch in MOE and moe is not None:
+        meta[f"{arch}.expert_count"] = moe.num_experts
+        meta[f"{arch}.expert_used_count"] = moe.num_experts_per_tok
+        meta[f"{arch}.expert_feed_forward_length"] = moe.moe_intermediate_size
+        if moe.shared_expert_intermediate_size:
+            meta[f"{arch}.expert_shared_feed_forward_length"] = moe.shared_expert_intermediate_size
+    if arch in HYBRID:
+        v_heads = config.linear_num_value_heads
+        meta[f"{arch}.rope.dimension_count"] = int(config.head_dim * config.partial_rotary_factor)
+        meta[f"{arch}.full_attention_interval"] = _full_attention_interval(config)
+        meta[f"{arch}.ssm.conv_kernel"] = config.linear_conv_kernel_dim
+        meta[f"{arch}.ssm.state_size"] = config.linear_key_head_dim
+        meta[f"{arch}.ssm.group_count"] = config.linear_num_key_heads
+        meta[f"{arch}.ssm.time_step_rank"] = v_heads
+        meta[f"{arch}.ssm.inner_size"] = config.linear_value_head_dim * v_heads
+    if arch in ("qwen35", "qwen35moe"):  # (llama.cpp requires the mRoPE sections; text positions use them all alike)
+        sections = list(config.mrope_section or (11, 11, 10))
+        meta[f"{arch}.rope.dimension_sections"] = [int(s) for s in sections] + [0] * (4 - len(sections))
     scaling = config.rope_scaling or {}
     if scaling.get("rope_type") == "linear":
         meta[f"{arch}.rope.scaling.type"] = "linear"
@@ -179,20 +273,18 @@ def _rotary_fix(config: ModelConfig, arch: str, hf_name: str) -> Callable[[torch
 def model_tensors(model: DecoderModel, wanted: str, arch: str) -> tuple[list[GGUFTensor], list[ExportedTensor]]:
     """The tensors of ``model`` (LoRA merged, 4-bit bases dequantized) to write, in model order, with types."""
     config = model.config
-    head = "lm_head.weight" if not config.tie_word_embeddings else "model.embed_tokens.weight"
+    layout = geometry(config, arch)
+    check_links(layout, "the model")
+    head = "output.weight" if not config.tie_word_embeddings else "token_embd.weight"
+    hf = dense_tensors(model, fused_experts=True)
     out: list[GGUFTensor] = []
     chosen: list[ExportedTensor] = []
-    for hf_name, (shape, produce) in dense_tensors(model).items():
-        name = gguf_name(hf_name)
-        kind, fell_back = tensor_type(shape, wanted, head=hf_name == head)
-        fix = _rotary_fix(config, arch, hf_name)
-
-        def values(produce=produce, fix=fix) -> torch.Tensor:
-            with torch.no_grad():
-                return fix(produce(torch.float32))
-
-        out.append(GGUFTensor(name, tuple(shape), kind, values))
-        chosen.append(ExportedTensor(name, kind, tuple(shape), fell_back))
+    for link in links(layout):
+        values = _link_values(link, hf[link.hf][1])
+        for j, (name, shape) in enumerate(link.gguf):
+            kind, fell_back = tensor_type(shape, wanted, head=name == head, name=name)
+            out.append(GGUFTensor(name, shape, kind, lambda j=j, values=values: values(j)))
+            chosen.append(ExportedTensor(name, kind, shape, fell_back))
     scaling = config.rope_scaling or {}
     if scaling.get("rope_type") == "llama3":
         params = {"rope_type": "llama3", **scaling}
@@ -201,6 +293,23 @@ def model_tensors(model: DecoderModel, wanted: str, arch: str) -> tuple[list[GGU
         out.append(GGUFTensor("rope_freqs.weight", shape, "F32", lambda: factors))
         chosen.append(ExportedTensor("rope_freqs.weight", "F32", shape))
     return out, chosen
+
+
+def _link_values(link: Link, produce: Callable[[torch.dtype], torch.Tensor]) -> Callable[[int], torch.Tensor]:
+    """``values(j)``: the ``j``-th GGUF tensor of ``link``, the HF tensor produced once for all of them (they are
+    written one after another, and the last one drops it)."""
+    held: list[tuple[torch.Tensor, ...]] = []
+
+    def values(j: int) -> torch.Tensor:
+        if not held:
+            with torch.no_grad():
+                held.append(link.to_gguf(produce(torch.float32)))
+        parts = held[0]
+        if j == len(parts) - 1:
+            held.clear()
+        return parts[j]
+
+    return values
 
 
 def export_model(
@@ -258,6 +367,11 @@ def export_adapter(
     if quant not in ADAPTER_QUANTS:
         raise NibbleError(f"--quant {quant}: a LoRA adapter is written as {', '.join(ADAPTER_QUANTS)}")
     arch = architecture(config)
+    if arch not in ADAPTER_ARCHITECTURES:
+        raise NibbleError(
+            f"{info.directory}: a LoRA adapter GGUF is written for {', '.join(ADAPTER_ARCHITECTURES)} models; for "
+            f"{arch}, export the model with the adapter merged instead (nibble export without --adapter-only)"
+        )
     rank, alpha = int(info.config["r"]), float(info.config["lora_alpha"])
     if info.config.get("use_rslora"):
         alpha *= math.sqrt(rank)

@@ -36,12 +36,12 @@ _COPIED = (*TOKENIZER_FILES, "generation_config.json")
 Producer = Callable[[torch.dtype], torch.Tensor]
 
 
-def dense_tensors(model: DecoderModel) -> dict[str, tuple[tuple[int, ...], Producer]]:
+def dense_tensors(model: DecoderModel, fused_experts: bool = False) -> dict[str, tuple[tuple[int, ...], Producer]]:
     """Every weight of ``model`` under its Hugging Face name, as ``(shape, produce(dtype))`` in model order.
 
     LoRA layers give their merged weight, 4-bit layers their dequantized weight, experts theirs in the layout the
-    checkpoint had (see :func:`nibble.model.moe.expert_tensors`); a tied LM head is left out (transformers ties it
-    again).
+    checkpoint had, or fused stacks with ``fused_experts`` (see :func:`nibble.model.moe.expert_tensors`); a tied
+    LM head is left out (transformers ties it again).
     """
     out: dict[str, tuple[tuple[int, ...], Producer]] = {}
     whole: list[str] = []  # layers written as one weight: their submodules are skipped
@@ -51,7 +51,7 @@ def dense_tensors(model: DecoderModel) -> dict[str, tuple[tuple[int, ...], Produ
         prefix = f"{path}." if path else ""
         if isinstance(module, Experts):
             whole.append(path)
-            out.update(expert_tensors(path, module))
+            out.update(expert_tensors(path, module, fused_experts))
             continue
         if isinstance(module, (LoRALinear, QuantLinear)):
             whole.append(path)

@@ -159,15 +159,16 @@ def checkpoint_keys(config: ModelConfig) -> set[str]:
     return keys
 
 
-def expert_tensors(path: str, experts: Experts) -> dict[str, tuple[tuple[int, ...], Any]]:
+def expert_tensors(path: str, experts: Experts, fused: bool = False) -> dict[str, tuple[tuple[int, ...], Any]]:
     """The checkpoint tensors of the experts at module ``path`` (``model.layers.i.mlp.experts``) in the layout
-    they were loaded from, as ``name -> (shape, produce(dtype))``; each produces the merged weight (LoRA added,
-    4-bit dequantized), one expert at a time in the per-expert layout."""
+    they were loaded from (fused stacks whatever it was, with ``fused``), as ``name -> (shape, produce(dtype))``;
+    each produces the merged weight (LoRA added, 4-bit dequantized), one expert at a time in the per-expert
+    layout."""
     out: dict[str, tuple[tuple[int, ...], Any]] = {}
     for name in EXPERT_PROJECTIONS:
         proj: ExpertLinear = getattr(experts, name)
         e, n, k = proj.num_experts, proj.out_features, proj.in_features
-        if experts.fused:
+        if experts.fused or fused:
             stack = lambda dtype, p=proj: torch.stack([p.merged_weight(i, dtype) for i in range(p.num_experts)])  # noqa: E731
             out[f"{path}.{name}"] = ((e, n, k), stack)
             continue

@@ -3,15 +3,17 @@ alone as a llama.cpp LoRA file.
 
 The report says, per ggml type, which tensors were written in it and what they weigh, and what the
 chosen quantization costs: the perplexity of the exported file (read back in its own blocks, the weights
-llama.cpp computes with) against the float merged model, on held-out text. That text is, in order of
-preference: ``--eval-data`` (instruction JSONL, scored on the response tokens as training scores them, or
-plain text), the validation data of the run the adapter came from (its ``config.yaml``: ``val_data``, or
-the same seeded split of ``data``), or the sample text shipped with nibble.
+llama.cpp computes with; dequantized through a temporary conversion for the MoE and hybrid Qwen layouts)
+against the float merged model, on held-out text. That text is, in order of preference: ``--eval-data``
+(instruction JSONL, scored on the response tokens as training scores them, or plain text), the validation
+data of the run the adapter came from (its ``config.yaml``: ``val_data``, or the same seeded split of
+``data``), or the sample text shipped with nibble.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -24,7 +26,7 @@ from nibble.data.instruct import IGNORE_INDEX, collate_lm, read_instruct
 from nibble.data.records import stratified_split
 from nibble.errors import NibbleError
 from nibble.io.files import writable_parent, write_text_atomic
-from nibble.io.gguf import is_gguf, open_gguf
+from nibble.io.gguf import NATIVE_ARCHITECTURES, convert_gguf, is_gguf, open_gguf
 from nibble.io.tokenizer import Tokenizer, load_tokenizer
 from nibble.model.adapter import check_base, check_gguf_base, load_adapted, read_adapter_info
 from nibble.model.config import ModelConfig
@@ -191,10 +193,13 @@ def export_gguf(
         log(f"export: perplexity of the float merged model on {source}")
         float_eval = evaluate_lm(merged, texts, EVAL_BATCH, tokenizer.pad_id)
         del merged
-        log("export: perplexity of the exported file, read back in its own blocks")
-        exported = load_model(output, quantize=QuantSpec("gguf"))
-        cache_dense_weights(exported, cache_budget_bytes(exported, torch.float32), torch.float32)
-        export_eval = evaluate_lm(exported, texts, EVAL_BATCH, tokenizer.pad_id)
+        if result.architecture in NATIVE_ARCHITECTURES:
+            log("export: perplexity of the exported file, read back in its own blocks")
+            export_eval = _evaluate_file(output, texts, tokenizer.pad_id)
+        else:  # (no native blocks for these layouts: read through a temporary conversion, removed after)
+            log("export: perplexity of the exported file, read back dequantized")
+            with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as scratch:
+                export_eval = _evaluate_file(convert_gguf(output, Path(scratch) / "model"), texts, tokenizer.pad_id)
         report["perplexity"] = {
             "text": source,
             "tokens": float_eval["tokens"],
@@ -204,6 +209,13 @@ def export_gguf(
         }
     _save_report(output, report, log)
     return report
+
+
+def _evaluate_file(path: Path, texts, pad_id: int) -> dict[str, Any]:
+    """Perplexity on ``texts`` of the exported model at ``path`` (a .gguf in its own blocks, or a directory)."""
+    model = load_model(path, quantize=QuantSpec("gguf") if path.is_file() else None)
+    cache_dense_weights(model, cache_budget_bytes(model, torch.float32), torch.float32)
+    return evaluate_lm(model, texts, EVAL_BATCH, pad_id)
 
 
 def _describe(result: ExportResult) -> dict[str, Any]:

@@ -9,20 +9,29 @@ time), ``tokenizer()`` (a ``tokenizers.Tokenizer``), ``tokenizer_config()`` and 
 for files without model tensors. ``write_gguf`` and ``tokenizer_metadata`` are the way out.
 
 One module per job: ``reader`` (the bounded parser), ``metadata`` (typed metadata, ``GGUFFile``), ``tokenizer``
-(both directions), ``config`` (the HF config), ``names`` (tensor names and llama.cpp's rotary row order),
+(both directions), ``config`` (the HF config), ``names`` (where each tensor lives in llama.cpp's layouts),
 ``model`` (``GGUFModel``), ``convert`` and ``write``.
 """
 
-from nibble.io.gguf.config import ARCHITECTURES, llama3_rope_factors
+from nibble.io.gguf.config import llama3_rope_factors
 from nibble.io.gguf.convert import convert_gguf
 from nibble.io.gguf.metadata import GGUFFile, is_gguf
-from nibble.io.gguf.model import SOURCE_NAME, GGUFCheckpoint, GGUFModel, gguf_source, native_model, open_gguf
-from nibble.io.gguf.names import gguf_name, permute_rotary, unpermute_rotary
+from nibble.io.gguf.model import (
+    NATIVE_ARCHITECTURES,
+    SOURCE_NAME,
+    GGUFCheckpoint,
+    GGUFModel,
+    gguf_source,
+    native_model,
+    open_gguf,
+)
+from nibble.io.gguf.names import ARCHITECTURES, gguf_name, permute_rotary, unpermute_rotary
 from nibble.io.gguf.tokenizer import tokenizer_metadata
 from nibble.io.gguf.write import GGUFTensor, write_gguf
 
 __all__ = [
     "ARCHITECTURES",
+    "NATIVE_ARCHITECTURES",
     "SOURCE_NAME",
     "GGUFCheckpoint",
     "GGUFFile",

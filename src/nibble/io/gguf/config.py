@@ -14,18 +14,28 @@ import numpy as np
 
 from nibble.errors import NibbleError
 from nibble.io.gguf.metadata import decimal
-from nibble.io.gguf.names import block_tensors
+from nibble.io.gguf.names import HYBRID, MOE, Geometry, links
 from nibble.io.rope import rope_config_keys
 
 if TYPE_CHECKING:
     from nibble.io.gguf.model import GGUFModel
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
-_HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# llama.cpp architecture -> (transformers class, model_type)
+_HF_CLASSES = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    "qwen35": ("Qwen3_5ForCausalLM", "qwen3_5_text"),
+    "qwen35moe": ("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text"),
+    "qwen3next": ("Qwen3NextForCausalLM", "qwen3_next"),
+}
+# mRoPE sections llama.cpp's converter writes when a Qwen3.5 checkpoint names none
+_DEFAULT_MROPE = (11, 11, 10)
 
 
 def hf_config(model: GGUFModel) -> dict[str, Any]:
-    """The model's HF ``config.json`` as a dict (LlamaConfig / Qwen2Config / Qwen3Config fields).
+    """The model's HF ``config.json`` as a dict (the fields of the transformers config of its family).
 
     Raises:
         NibbleError: missing or inconsistent metadata, or more blocks than the file has tensors for.
@@ -37,18 +47,19 @@ def hf_config(model: GGUFModel) -> dict[str, Any]:
     head_dim = int(meta("{arch}.attention.key_length", hidden // heads))
     value_dim = int(meta("{arch}.attention.value_length", head_dim))
     rotary_dim = int(meta("{arch}.rope.dimension_count", head_dim))
-    if value_dim != head_dim or rotary_dim != head_dim:
+    partial = arch in HYBRID  # (the hybrid families rotate a fraction of each head)
+    if value_dim != head_dim or (rotary_dim != head_dim and not partial) or rotary_dim > head_dim:
         raise NibbleError(
             f"{model.path}: key/value/rotary head sizes {head_dim}/{value_dim}/{rotary_dim} differ, "
-            "which llama/qwen models do not support"
+            f"which llama.cpp's {arch} does not support"
         )
     theta = decimal(meta("{arch}.rope.freq_base", 10000.0))
+    hf_class, model_type = _HF_CLASSES[arch]
     config: dict[str, Any] = {
-        "architectures": [_HF_CLASSES[arch]],
-        "model_type": arch,
+        "architectures": [hf_class],
+        "model_type": model_type,
         "vocab_size": int(model.gguf_tensor("token_embd.weight").shape[1]),
         "hidden_size": hidden,
-        "intermediate_size": int(meta("{arch}.feed_forward_length")),
         "num_hidden_layers": int(meta("{arch}.block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
@@ -59,7 +70,9 @@ def hf_config(model: GGUFModel) -> dict[str, Any]:
         "tie_word_embeddings": "output.weight" not in model.gguf_tensors,
         "dtype": "float32",
     }
-    if arch in ("llama", "qwen3"):
+    if arch != "qwen35moe" or meta("{arch}.feed_forward_length", None) is not None:  # (no dense MLP there)
+        config["intermediate_size"] = int(meta("{arch}.feed_forward_length"))
+    if arch in ("llama", "qwen3", "qwen3moe"):
         config["attention_bias"] = "blk.0.attn_q.bias" in model.gguf_tensors
     if arch == "llama":
         config["mlp_bias"] = False
@@ -69,19 +82,86 @@ def hf_config(model: GGUFModel) -> dict[str, Any]:
             raise NibbleError(f"{model.path}: qwen2 heads of size {head_dim} do not tile hidden size {hidden}")
         del config["head_dim"]
         config["use_sliding_window"] = False
+    if arch in MOE:
+        config.update(_experts(model))
+    if partial:
+        config.update(_hybrid(model, config["num_hidden_layers"]))
+        sections = [int(s) for s in meta("{arch}.rope.dimension_sections", list(_DEFAULT_MROPE))][:3]
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
+        rope["partial_rotary_factor"] = rotary_dim / head_dim
+        if arch != "qwen3next":
+            rope.update(mrope_section=sections, mrope_interleaved=True)
+        config["rope_parameters"] = rope
     # a block has this many tensors: a count the file cannot hold is refused before anything is built per block
-    per_block, stored = len(block_tensors(config, arch)), len(model.gguf_tensors)
+    stored, per_block = len(model.gguf_tensors), _fewest_block_tensors(config, arch)
     if config["num_hidden_layers"] * per_block > stored:
         raise NibbleError(
-            f"{model.path}: metadata key '{arch}.block_count' says {config['num_hidden_layers']} blocks of "
-            f"{per_block} tensors, but the file holds {stored} tensors; the file is corrupt"
+            f"{model.path}: metadata key '{arch}.block_count' says {config['num_hidden_layers']} blocks of at "
+            f"least {per_block} tensors, but the file holds {stored} tensors; the file is corrupt"
         )
-    config.update(rope_config_keys(theta, _rope_scaling(model, theta, head_dim) or None))
+    if not partial:
+        config.update(rope_config_keys(theta, _rope_scaling(model, theta, head_dim) or None))
     for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
         token_id = meta(f"tokenizer.ggml.{key}", None)
         if token_id is not None:
             config[f"{name}_token_id"] = int(token_id)
     return config
+
+
+def _experts(model: GGUFModel) -> dict[str, Any]:
+    """The expert keys of a sparse family's config (every layer sparse, top-k weights renormalized, as
+    llama.cpp computes these families)."""
+    meta = model.meta
+    keys: dict[str, Any] = {
+        "num_experts": int(meta("{arch}.expert_count")),
+        "num_experts_per_tok": int(meta("{arch}.expert_used_count")),
+        "moe_intermediate_size": int(meta("{arch}.expert_feed_forward_length")),
+    }
+    if keys["num_experts_per_tok"] > keys["num_experts"] or keys["num_experts_per_tok"] < 1:
+        raise NibbleError(
+            f"{model.path}: metadata says {keys['num_experts_per_tok']} of {keys['num_experts']} experts per "
+            "token; the file is corrupt"
+        )
+    if model.architecture == "qwen3moe":
+        keys.update(norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    else:
+        keys["shared_expert_intermediate_size"] = int(meta("{arch}.expert_shared_feed_forward_length"))
+        if model.architecture == "qwen3next":
+            keys.update(norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    return keys
+
+
+def _hybrid(model: GGUFModel, layers: int) -> dict[str, Any]:
+    """The Gated DeltaNet keys of a hybrid family's config (layer ``i`` is full attention when ``i + 1`` is a
+    multiple of ``full_attention_interval``)."""
+    meta = model.meta
+    interval = int(meta("{arch}.full_attention_interval", 4))
+    v_heads = int(meta("{arch}.ssm.time_step_rank"))
+    inner = int(meta("{arch}.ssm.inner_size"))
+    if interval < 1 or v_heads < 1 or inner % v_heads:
+        raise NibbleError(
+            f"{model.path}: DeltaNet metadata (full_attention_interval {interval}, {v_heads} value heads, inner "
+            f"size {inner}) is inconsistent; the file is corrupt"
+        )
+    return {
+        "layer_types": ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(layers)],
+        "full_attention_interval": interval,
+        "linear_num_key_heads": int(meta("{arch}.ssm.group_count")),
+        "linear_num_value_heads": v_heads,
+        "linear_key_head_dim": int(meta("{arch}.ssm.state_size")),
+        "linear_value_head_dim": inner // v_heads,
+        "linear_conv_kernel_dim": int(meta("{arch}.ssm.conv_kernel")),
+        "attn_output_gate": True,
+    }
+
+
+def _fewest_block_tensors(config: dict[str, Any], arch: str) -> int:
+    """The fewest tensors any block of ``config`` has."""
+    counts = []
+    for kind in ("full_attention", "linear_attention") if arch in HYBRID else ("full_attention",):
+        block = Geometry.of({**config, "num_hidden_layers": 1, "layer_types": [kind]}, arch)
+        counts.append(sum(name.startswith("blk.") for link in links(block) for name, _ in link.gguf))
+    return min(counts)
 
 
 def _rope_scaling(model: GGUFModel, theta: float, head_dim: int) -> dict[str, Any]:

@@ -18,21 +18,32 @@ import torch
 
 from nibble.errors import NibbleError
 from nibble.io.files import read_json_object
-from nibble.io.gguf.config import ARCHITECTURES, hf_config
+from nibble.io.gguf.config import hf_config
 from nibble.io.gguf.metadata import GGUFFile
-from nibble.io.gguf.names import PROJECTION, expected_tensors, hf_name, is_rotary_permuted, unpermute_rotary
+from nibble.io.gguf.names import (
+    ARCHITECTURES,
+    PROJECTION,
+    Geometry,
+    Link,
+    check_links,
+    is_rotary_permuted,
+    links,
+    unpermute_rotary,
+)
 from nibble.io.safetensors import Checkpoint, TensorInfo
 from nibble.quant.gguf import NATIVE_TYPES, GGUFWeight
 
 # Written into a converted directory: the GGUF file it came from (for bases that keep the file's own blocks).
 SOURCE_NAME = "gguf_source.json"
+# Architectures whose projections a GGUF-native base keeps in the file's own blocks.
+NATIVE_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
 class GGUFModel(GGUFFile):
     """A validated GGUF file of a supported decoder: HF config, HF-named tensors and tokenizer, read on demand.
 
     Raises:
-        NibbleError: everything :class:`GGUFFile` rejects, an architecture other than llama/qwen2/qwen3,
+        NibbleError: everything :class:`GGUFFile` rejects, an architecture nibble does not read (see ``ARCHITECTURES``),
             missing metadata, missing/unknown/misshapen tensors, or a tensor type the gguf package cannot
             dequantize -- all found when the file is opened, before anything is written.
     """
@@ -67,9 +78,12 @@ class GGUFModel(GGUFFile):
             raise NibbleError(f"{self.path}: missing tensor '{name}'; the file is incomplete")
         return tensor
 
-    def _plan_tensors(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """HF name -> (GGUF name, torch shape) for every tensor, checked against the config."""
-        expected = expected_tensors(self.config, self.architecture)
+    def _plan_tensors(self) -> dict[str, Link]:
+        """HF name -> its link to the file's tensors, every tensor checked against the config."""
+        geometry = Geometry.of(self.config, self.architecture)
+        check_links(geometry, str(self.path))
+        plan = {link.hf: link for link in links(geometry)}
+        expected = {name: shape for link in plan.values() for name, shape in link.gguf}
         for name in self.gguf_tensors:
             if name not in expected and name != "rope_freqs.weight":  # read into the config, not a weight
                 raise NibbleError(
@@ -77,38 +91,43 @@ class GGUFModel(GGUFFile):
                     f"{self.architecture} model; the file's metadata and tensors disagree or it holds parts nibble "
                     "does not support"
                 )
-        plan: dict[str, tuple[str, tuple[int, ...]]] = {}
         for name, shape in expected.items():
             tensor = self.gguf_tensor(name)
             actual = tuple(int(d) for d in reversed(tensor.shape.tolist()))
             if actual != shape:
                 raise NibbleError(f"{self.path}: tensor '{name}' has shape {list(actual)}, expected {list(shape)}")
             _check_dequantizable(self.path, tensor)
-            plan[hf_name(name)] = (name, shape)
         return plan
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """HF name -> torch shape of every tensor the model has, known without reading tensor data."""
-        return {hf: shape for hf, (_, shape) in self._plan.items()}
+        return {hf: link.shape for hf, link in self._plan.items()}
 
     def tensor(self, hf_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """One tensor by HF name, dequantized to fp32 (then cast to ``dtype``), q/k rows back in HF order."""
-        name, shape = self._plan[hf_name]
-        gguf_tensor = self.gguf_tensor(name)
-        values = gguf.quants.dequantize(gguf_tensor.data, gguf_tensor.tensor_type)
-        # F32 data comes back as a view of the read-only file map: copy only then
-        weight = torch.from_numpy(np.require(values, np.float32, ["C", "W"])).reshape(shape)
-        if is_rotary_permuted(self.architecture, name):
-            weight = unpermute_rotary(weight, self._rotary_heads(name))
-        return weight.to(dtype)
+        """One tensor by HF name, dequantized to fp32 (then cast to ``dtype``), in HF's layout."""
+        link = self._plan[hf_name]
+        parts = []
+        for name, shape in link.gguf:
+            gguf_tensor = self.gguf_tensor(name)
+            values = gguf.quants.dequantize(gguf_tensor.data, gguf_tensor.tensor_type)
+            # F32 data comes back as a view of the read-only file map: copy only then
+            parts.append(torch.from_numpy(np.require(values, np.float32, ["C", "W"])).reshape(shape))
+        return link.to_hf(*parts).to(dtype)
 
     def quantized(self, hf_name: str) -> GGUFWeight:
         """A 2-D weight by HF name in the file's own block type (q/k rows back in HF order; no value changes).
 
         Raises:
-            NibbleError: a tensor stored in a type nibble does not keep as it is (see ``NATIVE_TYPES``).
+            NibbleError: an architecture whose layout changes values or merges tensors (kept blocks exist for
+                llama, qwen2 and qwen3), or a tensor stored in a type nibble does not keep as it is (see
+                ``NATIVE_TYPES``).
         """
-        name, shape = self._plan[hf_name]
+        if self.architecture not in NATIVE_ARCHITECTURES:
+            raise NibbleError(
+                f"{self.path}: a GGUF-native base keeps the blocks of {', '.join(NATIVE_ARCHITECTURES)} files; "
+                f"this is {self.architecture}: use --quant-format nf4 or int4 for it"
+            )
+        ((name, shape),) = self._plan[hf_name].gguf
         gguf_tensor = self.gguf_tensor(name)
         kind = gguf_tensor.tensor_type.name
         if kind not in NATIVE_TYPES:
@@ -125,11 +144,12 @@ class GGUFModel(GGUFFile):
 
     def projection_bytes(self) -> int:
         """Bytes the file stores the seven block projections' weights in (what a GGUF-native base holds)."""
-        return sum(int(self.gguf_tensor(g).n_bytes) for g, _ in self._plan.values() if PROJECTION.fullmatch(g))
+        names = (name for link in self._plan.values() for name, _ in link.gguf)
+        return sum(int(self.gguf_tensor(name).n_bytes) for name in names if PROJECTION.fullmatch(name))
 
     def tensor_type(self, hf_name: str) -> str:
         """The ggml type name (``Q4_K``, ``F32``, ...) the file stores tensor ``hf_name`` in."""
-        return self.gguf_tensor(self._plan[hf_name][0]).tensor_type.name
+        return self.gguf_tensor(self._plan[hf_name].gguf[0][0]).tensor_type.name
 
     def _rotary_heads(self, name: str) -> int:
         return self.config["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"]
