@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from nibble.data.batching import MAX_SEQ_LEN
+from nibble.data.chat import RenderOptions
 from nibble.data.instruct import (
     CHATML,
     IGNORE_INDEX,
@@ -132,7 +133,7 @@ class InstructTask:
 
     name = "instruct"
     head = "causal_lm"
-    options = ("packing", "columns", "chat_template")
+    options = ("packing", "columns", "chat_template", "thinking", "train_turns")
 
     def check(self, config: TrainConfig) -> None:
         parse_columns(config.columns)
@@ -140,10 +141,11 @@ class InstructTask:
     def setup(self, config: TrainConfig, model_dir: Path, tokenizer: Tokenizer) -> TaskRun:
         template = set_chat_template(tokenizer, config.chat_template, model_dir)
         pad_id = tokenizer.pad_id
-        rows = read_instruct(config.data, tokenizer, config.columns)
+        rendering = RenderOptions(config.thinking, config.train_turns)
+        rows = read_instruct(config.data, tokenizer, config.columns, rendering)
         val: InstructData | None = None
         if config.val_data:
-            val_rows = read_instruct(config.val_data, tokenizer, config.columns)
+            val_rows = read_instruct(config.val_data, tokenizer, config.columns, rendering)
             val = fit_length(val_rows, config.max_seq_len, False, config.val_data)
         elif config.val_split > 0:
             everything = np.zeros(len(rows), dtype=np.int64)  # one group: a seeded random fraction
