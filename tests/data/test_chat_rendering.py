@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 import helpers
 from gguf_files import CHATML
 from nibble.data.chat import THINKING, RenderOptions, chat_rows, parse_messages, resolve_thinking
-from nibble.data.instruct import load_instruct
+from nibble.data.instruct import conversation, load_instruct
 from nibble.errors import NibbleError
 from nibble.io.tokenizer import load_tokenizer
 from nibble.model.generate import prompt_ids
@@ -270,3 +270,34 @@ def test_bad_chat_rows_are_one_line_naming_the_row(qwen, tmp_path, messages, ext
 def test_generate_thinking_needs_the_chat_template(qwen):
     with pytest.raises(NibbleError, match="--thinking needs the chat template"):
         prompt_ids(qwen, "Hi", chat=False, thinking=True)
+
+
+def test_the_readme_row_becomes_the_rows_the_readme_shows(qwen):
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "reasoning_content": "I need the weather tool.", "tool_calls": [TOOL_CALL]},
+        {"role": "tool", "content": "sunny, 21 C"},
+        {"role": "assistant", "reasoning_content": "The tool says sunny.", "content": "Sunny, 21 C."},
+        {"role": "user", "content": "And tomorrow?"},
+        {"role": "assistant", "content": "I can only see today."},
+    ]
+    call = '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
+    first, second = rows_of(qwen, messages, TOOLS)
+    assert targets(qwen, first) == [
+        "<think>\nI need the weather tool.\n</think>\n\n" + call,
+        "<think>\nThe tool says sunny.\n</think>\n\nSunny, 21 C.<|im_end|>\n",
+    ]
+    assert targets(qwen, second) == ["<think>\n\n</think>\n\nI can only see today.<|im_end|>\n"]
+    assert "I need the weather tool." not in qwen.decode(second.ids)
+    dropped = rows_of(qwen, messages, TOOLS, thinking="drop")
+    assert [targets(qwen, r) for r in dropped] == [
+        [call],
+        ["Sunny, 21 C.<|im_end|>\n"],
+        ["I can only see today.<|im_end|>\n"],
+    ]
+    # a TRL prompt/completion row may split a call from its result
+    row = {"prompt": messages[:2], "completion": messages[2:4]}
+    assert [m["role"] for m in conversation(row, "f.jsonl", 1)] == ["user", "assistant", "tool", "assistant"]
+
+
+TOOL_CALL = {"name": "weather", "arguments": {"city": "Paris"}}

@@ -176,9 +176,9 @@ def conversation(
     elif "conversations" in record:
         messages = parse_messages(record["conversations"], "conversations", where)
     elif "prompt" in record and "completion" in record and isinstance(record["prompt"], list):
-        messages = parse_messages(record["prompt"], "prompt", where) + parse_messages(
-            record["completion"], "completion", where
-        )
+        if not isinstance(record["completion"], list) or not record["completion"]:
+            raise NibbleError(f"{where}: 'completion' must be a non-empty list of messages like the prompt")
+        messages = parse_messages(record["prompt"] + record["completion"], "prompt + completion", where)
     else:
         for prompt, response in (("instruction", "output"), ("instruction", "response"), ("prompt", "completion")):
             if prompt in record and response in record:

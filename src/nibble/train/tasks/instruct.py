@@ -212,6 +212,7 @@ class InstructTask:
             tokenizer,
             max_seq_len=request.max_seq_len or info.max_seq_len or MAX_SEQ_LEN,
             columns=request.options.get("columns") or info.columns,
+            options=RenderOptions(info.thinking, info.train_turns or "all"),
         )
         with autocast(device, info.torch_dtype):
             metrics = evaluate_lm(model, data, request.batch_size, tokenizer.pad_id)
