@@ -301,3 +301,15 @@ def test_the_readme_row_becomes_the_rows_the_readme_shows(qwen):
 
 
 TOOL_CALL = {"name": "weather", "arguments": {"city": "Paris"}}
+
+
+def test_a_val_split_keeps_the_rows_of_a_conversation_together(qwen, tmp_path):
+    from nibble.train.config import TrainConfig
+    from nibble.train.tasks.instruct import InstructTask
+
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": TWO_QUESTIONS}) + "\n" for _ in range(10)))
+    config = TrainConfig(task="instruct", data=str(path), val_split=0.3, max_seq_len=512)
+    run = InstructTask().setup(config, tmp_path, qwen)
+    train, val = set(run.train.lines.tolist()), set(run.val.lines.tolist())
+    assert len(run.train) + len(run.val) == 20 and len(val) == 3 and not train & val

@@ -92,9 +92,10 @@ def _tool_call(call: Any, i: int, j: int, where: str) -> dict[str, Any]:
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
             raise NibbleError(
-                f"{where}: message {i} tool call {j} ({name}): 'arguments' is not JSON ({exc.msg}); give an object"
+                f"{where}: message {i} tool call {j} ({name}): 'arguments' is not JSON ({why}); give an object"
             ) from None
     if not isinstance(arguments, dict):
         raise NibbleError(
@@ -178,10 +179,9 @@ def row_tools(record: dict[str, Any], where: str) -> list[dict[str, Any]] | None
     if isinstance(tools, str):
         try:
             tools = json.loads(tools)
-        except json.JSONDecodeError as exc:
-            raise NibbleError(
-                f"{where}: 'tools' is a string but not JSON ({exc.msg}); give a list of schemas"
-            ) from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            raise NibbleError(f"{where}: 'tools' is a string but not JSON ({why}); give a list of schemas") from None
     if tools is None or (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         return tools or None
     raise NibbleError(f"{where}: 'tools' must be a list of JSON schema objects")

@@ -196,6 +196,13 @@ def conversation(
     return messages
 
 
+def _is_chat(record: dict[str, Any], columns: dict[str, str]) -> bool:
+    """Whether the row is a list of messages (the schemas whose ``tools`` field reaches the template)."""
+    if columns:
+        return "messages" in columns
+    return "messages" in record or "conversations" in record or isinstance(record.get("prompt"), list)
+
+
 def _single_turn(system: str | None, prompt: str, extra: str | None, response: str) -> list[dict[str, str]]:
     user = f"{prompt}\n\n{extra}" if extra else prompt
     return [
@@ -324,7 +331,8 @@ def read_instruct(
         for line, record in read_records(path):
             where = place(path, line)
             messages = conversation(record, path, line, mapping)
-            for row in chat_rows(tokenizer, messages, where, row_tools(record, where), resolved):
+            tools = row_tools(record, where) if _is_chat(record, mapping) else None
+            for row in chat_rows(tokenizer, messages, where, tools, resolved):
                 writer.append(ids=row.ids, mask=row.mask, lines=line, first_target=first_target(row.mask))
             conversations += 1
         if writer.rows == 0:

@@ -148,8 +148,11 @@ class InstructTask:
             val_rows = read_instruct(config.val_data, tokenizer, config.columns, rendering)
             val = fit_length(val_rows, config.max_seq_len, False, config.val_data)
         elif config.val_split > 0:
-            everything = np.zeros(len(rows), dtype=np.int64)  # one group: a seeded random fraction
-            train_idx, val_idx = stratified_split(everything, config.val_split, config.seed)
+            # a seeded random fraction of the conversations (the rows one became stay together)
+            lines, conversation_of = np.unique(rows.lines, return_inverse=True)
+            train_conv, val_conv = stratified_split(np.zeros(len(lines), dtype=np.int64), config.val_split, config.seed)
+            train_idx = np.flatnonzero(np.isin(conversation_of, train_conv))
+            val_idx = np.flatnonzero(np.isin(conversation_of, val_conv))
             rows, val = rows.subset(train_idx), (rows.subset(val_idx) if len(val_idx) else None)
             val = fit_length(val, config.max_seq_len, False, config.data) if val else None
         data = fit_length(rows, config.max_seq_len, config.packing, config.data)
