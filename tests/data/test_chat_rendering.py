@@ -313,3 +313,19 @@ def test_a_val_split_keeps_the_rows_of_a_conversation_together(qwen, tmp_path):
     run = InstructTask().setup(config, tmp_path, qwen)
     train, val = set(run.train.lines.tolist()), set(run.val.lines.tolist())
     assert len(run.train) + len(run.val) == 20 and len(val) == 3 and not train & val
+
+
+def test_data_show_marks_the_trained_tokens_and_where_history_is_rewritten(qwen, tmp_path, capsys):
+    from nibble.cli.main import main
+
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": TWO_QUESTIONS}) + "\n" + json.dumps({"messages": TWO_QUESTIONS}) + "\n")
+    assert main(["data", "show", "--model", str(qwen.path), "--data", str(path), "--rows", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "thinking: empty, train turns: all" in out and "line 2" not in out
+    assert f"{path} line 1: 2 training rows (the template rewrites history: message 1 (assistant) renders as" in out
+    assert "-- row 1: 98 tokens, 44 trained\n" in out
+    assert "<|im_start|>assistant\n[[<think>\nTwo and two.\n</think>\n\n4.<|im_end|>\n]]" in out
+    assert "<|im_start|>assistant\n4.<|im_end|>\n<|im_start|>user" in out  # the history row, not trained
+    assert main(["data", "show", "--model", str(qwen.path), "--data", str(path), "--thinking", "drop"]) == 0
+    assert "thinking: drop" in capsys.readouterr().out

@@ -318,3 +318,38 @@ def _tokenized(
             last = int(np.searchsorted(starts, b - 1, "right")) - 1
             mask[first : last + 1] = 1
     return ChatRow(text, ids, mask)
+
+
+def history_mismatch(
+    tokenizer: Tokenizer,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    options: RenderOptions = DEFAULT_RENDERING,
+) -> str | None:
+    """Where the template first rewrites history: the first message whose rendering as the last one is not how
+    the whole conversation renders it, with the text from the first character that differs; None when none is."""
+    rendered = apply_thinking(tokenizer, messages, resolve_thinking(tokenizer, options.thinking))
+    variables = {"tools": tools} if tools else {}
+    full = tokenizer.apply_chat_template(rendered, **variables)
+    for i in range(len(rendered) - 1):
+        alone = tokenizer.apply_chat_template(rendered[: i + 1], **variables)
+        if not full.startswith(alone):
+            at = next(k for k, (a, b) in enumerate(zip(alone, full, strict=False)) if a != b)
+            return (
+                f"message {i} ({rendered[i]['role']}) renders as {alone[at : at + 40]!r}... as the last message but "
+                f"as {full[at : at + 40]!r}... once later ones follow"
+            )
+    return None
+
+
+def marked_text(tokenizer: Tokenizer, row: ChatRow, colour: bool) -> str:
+    """The row's text with its targets marked: green on a terminal (``colour``), else between ``[[`` and ``]]``."""
+    opening, closing = ("\x1b[32m", "\x1b[0m") if colour else ("[[", "]]")
+    ids, mask = row.ids.tolist(), row.mask.tolist()
+    pieces, start = [], 0
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or mask[end] != mask[start]:
+            text = tokenizer.decode(ids[start:end])
+            pieces.append(opening + text + closing if mask[start] else text)
+            start = end
+    return "".join(pieces)

@@ -24,7 +24,7 @@ mask per conversation, full length; see :mod:`nibble.data.tokens`); truncation a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,16 @@ import numpy as np
 import torch
 
 from nibble.data.batching import MAX_SEQ_LEN, pad_batch, pad_sequences
-from nibble.data.chat import DEFAULT_RENDERING, RenderOptions, chat_rows, parse_messages, resolve_thinking, row_tools
+from nibble.data.chat import (
+    DEFAULT_RENDERING,
+    RenderOptions,
+    chat_rows,
+    history_mismatch,
+    marked_text,
+    parse_messages,
+    resolve_thinking,
+    row_tools,
+)
 from nibble.data.ragged import Packed, Ragged
 from nibble.data.records import place, read_records
 from nibble.data.tokens import Column, cached_tokens
@@ -350,6 +359,41 @@ def read_instruct(
             flush=True,
         )
     return InstructData(cache.ragged("ids"), cache.ragged("mask"), cache.column("lines"), cache.column("first_target"))
+
+
+def show_conversations(
+    path: str | Path,
+    tokenizer: Tokenizer,
+    rows: int,
+    columns: str | None = None,
+    options: RenderOptions = DEFAULT_RENDERING,
+    colour: bool = False,
+) -> Iterator[str]:
+    """Lines showing how the first ``rows`` conversations of ``path`` train (see :func:`read_instruct`): for each,
+    its training rows with token and target counts and the text with its targets marked (see
+    :func:`nibble.data.chat.marked_text`), and where the template rewrites history when it does.
+
+    Raises:
+        NibbleError: a missing or unreadable file, or a bad row; names the file and line.
+    """
+    mapping = parse_columns(columns)
+    options.check()
+    options = RenderOptions(resolve_thinking(tokenizer, options.thinking), options.train_turns)
+    yield f"thinking: {options.thinking}, train turns: {options.train_turns}"
+    for shown, (line, record) in enumerate(read_records(path)):
+        if shown == rows:
+            break
+        where = place(path, line)
+        messages = conversation(record, path, line, mapping)
+        tools = row_tools(record, where) if _is_chat(record, mapping) else None
+        found = chat_rows(tokenizer, messages, where, tools, options)
+        mismatch = history_mismatch(tokenizer, messages, tools, options) if len(found) > 1 else None
+        yield f"{where}: {len(found)} training row{'s' if len(found) > 1 else ''}" + (
+            f" (the template rewrites history: {mismatch})" if mismatch else ""
+        )
+        for i, row in enumerate(found, 1):
+            yield f"-- row {i}: {len(row.ids)} tokens, {int(row.mask.sum())} trained"
+            yield marked_text(tokenizer, row, colour)
 
 
 def fit_length(data: InstructData, max_seq_len: int, packing: bool, source: str | Path) -> InstructData:

@@ -28,6 +28,7 @@ from nibble.data.instruct import (
     parse_columns,
     read_instruct,
     resolve_chat_template,
+    show_conversations,
     use_chat_template,
 )
 from nibble.data.records import stratified_split
@@ -116,6 +117,26 @@ def set_chat_template(tokenizer: Tokenizer, override: str | None, model_dir: Pat
             flush=True,
         )
     return saved
+
+
+def show_data(
+    model: str | Path,
+    data: str | Path,
+    rows: int,
+    columns: str | None = None,
+    chat_template: str | None = None,
+    options: RenderOptions | None = None,
+    colour: bool = False,
+) -> None:
+    """Print how training would render the first ``rows`` conversations of ``data`` with ``model``'s tokenizer
+    (or ``chat_template``): see :func:`nibble.data.instruct.show_conversations`."""
+    from nibble.io.tokenizer import load_tokenizer
+
+    model_dir = resolve_model_dir(model)
+    tokenizer = load_tokenizer(model_dir)
+    set_chat_template(tokenizer, chat_template, model_dir)
+    for line in show_conversations(data, tokenizer, rows, columns, options or RenderOptions(), colour):
+        print(line, flush=True)
 
 
 def lm_report(metrics: dict[str, Any]) -> str:
