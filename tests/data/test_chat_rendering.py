@@ -329,3 +329,11 @@ def test_data_show_marks_the_trained_tokens_and_where_history_is_rewritten(qwen,
     assert "<|im_start|>assistant\n4.<|im_end|>\n<|im_start|>user" in out  # the history row, not trained
     assert main(["data", "show", "--model", str(qwen.path), "--data", str(path), "--thinking", "drop"]) == 0
     assert "thinking: drop" in capsys.readouterr().out
+
+
+def test_a_conversation_ending_after_its_last_answer_trains_only_real_contexts(qwen):
+    # ends with a user message: the whole text trains nothing (its answers are trained where they were last)
+    messages = [*TWO_QUESTIONS[:2], {"role": "user", "content": "Thanks."}]
+    (row,) = rows_of(qwen, messages)
+    assert targets(qwen, row) == ["<think>\nTwo and two.\n</think>\n\n4.<|im_end|>\n"]
+    assert "Thanks." not in qwen.decode(row.ids)

@@ -233,9 +233,8 @@ def apply_thinking(tokenizer: Tokenizer, messages: list[dict[str, Any]], thinkin
 
 @dataclass
 class ChatRow:
-    """One training row of a conversation: its rendered text, token ids (uint32), target mask (uint8)."""
+    """One training row of a conversation: token ids (uint32) and the target mask (uint8)."""
 
-    text: str
     ids: np.ndarray
     mask: np.ndarray
 
@@ -295,8 +294,8 @@ def chat_rows(
             rows.append(row)
         row[2].append((start, end))
     marked = has_generation_blocks(tokenizer.chat_template or "")
-    rows.reverse()  # in the order of their first trained turn
-    return [_tokenized(tokenizer, text, turn_spans, blocks if marked else None) for text, blocks, turn_spans in rows]
+    rows.reverse()  # in the order of their first trained turn; a conversation's text without a trained turn is no row
+    return [_tokenized(tokenizer, text, spans, blocks if marked else None) for text, blocks, spans in rows if spans]
 
 
 def _tokenized(
@@ -311,13 +310,13 @@ def _tokenized(
     if blocks is None:
         for start, end in turns:
             mask[(starts >= start) & (starts < end)] = 1
-        return ChatRow(text, ids, mask)
+        return ChatRow(ids, mask)
     for a, b in blocks:
         if b > a and any(a < end and start < b for start, end in turns):
             first = max(int(np.searchsorted(starts, a, "right")) - 1, 0)
             last = int(np.searchsorted(starts, b - 1, "right")) - 1
             mask[first : last + 1] = 1
-    return ChatRow(text, ids, mask)
+    return ChatRow(ids, mask)
 
 
 def history_mismatch(
