@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 import helpers
 from gguf_files import CHATML
+from nibble.data.chat import chat_rows
 from nibble.data.instruct import (
     BUILTIN_TEMPLATES,
     IGNORE_INDEX,
@@ -119,15 +120,22 @@ def test_bad_rows_name_the_line(chat_dir, tmp_path, row, message):
         load_instruct(path, load_tokenizer(chat_dir))
 
 
-def test_a_template_that_rewrites_earlier_turns_is_refused(tmp_path):
+def test_a_template_that_rewrites_earlier_turns_trains_each_turn_in_its_own_context(tmp_path):
     # renders only the last assistant turn in full: earlier turns change once later ones follow
     template = (
         "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}[old]{% else %}"
         "<{{ m['role'] }}>{{ m['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
     )
     tokenizer = load_tokenizer(helpers.write_tokenizer(tmp_path, chat_template=template))
-    with pytest.raises(NibbleError, match="does not render this conversation turn by turn"):
+    with pytest.raises(NibbleError, match="f.jsonl line 1: the chat template rewrites earlier turns; .* is 2 rows"):
         encode_conversation(tokenizer, CHAT, "f.jsonl line 1")
+    first, last = chat_rows(tokenizer, CHAT)
+    assert tokenizer.decode(first.ids) == "<system>Be brief.<user>Colour of the sky?<assistant>Blue."
+    assert tokenizer.decode(last.ids) == (
+        "<system>Be brief.<user>Colour of the sky?[old]<user>And grass?<assistant>Green, mostly."
+    )
+    assert tokenizer.decode(first.ids[first.mask == 1]) == "Blue."
+    assert tokenizer.decode(last.ids[last.mask == 1]) == "Green, mostly."
     ids, labels = encode_conversation(tokenizer, CHAT[:3])
     assert targets(tokenizer, ids, labels) == "Blue."
 

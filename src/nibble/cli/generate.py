@@ -24,6 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", required=True, help="the text to answer or continue")
     parser.add_argument("--system", help="a system message (chat template only)")
     parser.add_argument("--no-chat", action="store_true", help="feed the prompt as plain text, no chat template")
+    parser.add_argument(
+        "--thinking",
+        choices=("on", "off"),
+        help="pass enable_thinking to the chat template (Qwen3: off opens the answer with an empty think block); "
+        "default: the template's own default",
+    )
     tokens = bounded(int, 1, MAX_TOKENS)
     parser.add_argument("--max-new-tokens", type=tokens, default=128, help="at most this many new tokens")
     parser.add_argument("--temperature", type=bounded(float, 0, 100), default=0.0, help="0 = greedy (default 0)")
@@ -73,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         args.prompt,
         chat=False if args.no_chat else None,
         system=args.system,
+        thinking=None if args.thinking is None else args.thinking == "on",
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,

@@ -2,7 +2,8 @@
 
 A row is one of these schemas (checked in this order):
 
-- ``{"messages": [{"role", "content"}, ...]}`` (OpenAI/TRL chat);
+- ``{"messages": [{"role", "content", ...}, ...], "tools"?}`` (OpenAI/TRL chat: system, user, assistant and tool
+  messages, assistant reasoning and tool calls, the row's tool schemas; see :mod:`nibble.data.chat`);
 - ``{"conversations": [{"from", "value"}, ...]}`` (ShareGPT; ``human`` -> user, ``gpt`` -> assistant);
 - ``{"instruction", "output", "input"?}`` (Alpaca; a non-empty input follows the instruction after a blank line);
 - ``{"instruction", "response"}``;
@@ -10,10 +11,12 @@ A row is one of these schemas (checked in this order):
 
 each with an optional ``system`` string; or any columns named by a mapping (:func:`parse_columns`).
 Each conversation is rendered with the tokenizer's chat template (ChatML when it has none) and tokenized
-as transformers tokenizes a rendered chat (no extra special tokens). The tokens of every assistant turn,
-its end-of-turn markup included, are the targets; everything else (system, user, the assistant's
-opening) is masked. ``labels`` are aligned with ``ids`` (not shifted): the loss at position t predicts
-``labels[t + 1]``; a masked position holds ``IGNORE_INDEX``.
+as transformers tokenizes a rendered chat (no extra special tokens). The tokens of every assistant turn
+(reasoning, answer, tool calls, its end-of-turn markup) are the targets, found by rendering (see
+:mod:`nibble.data.chat`, which also turns a conversation whose template rewrites history into several rows);
+everything else (system, user, tool results, the assistant's opening) is masked. ``labels`` are aligned
+with ``ids`` (not shifted): the loss at position t predicts ``labels[t + 1]``; a masked position holds
+``IGNORE_INDEX``.
 
 Conversations are rendered and tokenized once, as a stream, into a token cache on disk (ids and a response
 mask per conversation, full length; see :mod:`nibble.data.tokens`); truncation and packing are views over it.
@@ -21,7 +24,7 @@ mask per conversation, full length; see :mod:`nibble.data.tokens`); truncation a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,16 @@ import numpy as np
 import torch
 
 from nibble.data.batching import MAX_SEQ_LEN, pad_batch, pad_sequences
+from nibble.data.chat import (
+    DEFAULT_RENDERING,
+    RenderOptions,
+    chat_rows,
+    history_mismatch,
+    marked_text,
+    parse_messages,
+    resolve_thinking,
+    row_tools,
+)
 from nibble.data.ragged import Packed, Ragged
 from nibble.data.records import place, read_records
 from nibble.data.tokens import Column, cached_tokens
@@ -47,7 +60,6 @@ CHATML = (
 BUILTIN_TEMPLATES = {"chatml": CHATML}
 # The roles a column mapping may name: the parts of a single-turn row, or a whole list of messages.
 ROLES = ("prompt", "response", "system", "input", "messages")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 NO_TARGET = int(np.iinfo(np.int32).max)  # first_target of a sequence without a target after position 0
 CACHE_COLUMNS = {
     "ids": Column("uint32"),
@@ -147,27 +159,9 @@ def _text(record: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def parse_messages(value: Any, key: str, where: str) -> list[dict[str, str]]:
-    """A list of ``{"role", "content"}`` messages, or ShareGPT's ``{"from", "value"}`` turns, as role/content."""
-    if not isinstance(value, list) or not value:
-        raise NibbleError(f"{where}: '{key}' must be a non-empty list of {{'role', 'content'}} objects")
-    out = []
-    for i, m in enumerate(value):
-        if isinstance(m, dict) and "from" in m and "role" not in m:
-            role = SHAREGPT_ROLES.get(m["from"]) if isinstance(m["from"], str) else None
-            if role is None:
-                known = ", ".join(SHAREGPT_ROLES)
-                raise NibbleError(f"{where}: message {i} is from {m['from']!r}; ShareGPT turns are from {known}")
-            m = {"role": role, "content": m.get("value")}
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise NibbleError(f"{where}: message {i} must be an object with string 'role' and 'content'")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
 def conversation(
     record: dict[str, Any], source: str | Path, line: int, columns: dict[str, str] | None = None
-) -> list[dict[str, str]]:
+) -> list[dict[str, Any]]:
     """The messages of one row (see the module docstring for the schemas), through ``columns`` when given.
 
     Raises:
@@ -191,9 +185,9 @@ def conversation(
     elif "conversations" in record:
         messages = parse_messages(record["conversations"], "conversations", where)
     elif "prompt" in record and "completion" in record and isinstance(record["prompt"], list):
-        messages = parse_messages(record["prompt"], "prompt", where) + parse_messages(
-            record["completion"], "completion", where
-        )
+        if not isinstance(record["completion"], list) or not record["completion"]:
+            raise NibbleError(f"{where}: 'completion' must be a non-empty list of messages like the prompt")
+        messages = parse_messages(record["prompt"] + record["completion"], "prompt + completion", where)
     else:
         for prompt, response in (("instruction", "output"), ("instruction", "response"), ("prompt", "completion")):
             if prompt in record and response in record:
@@ -209,6 +203,13 @@ def conversation(
     if not any(m["role"] == "assistant" for m in messages):
         raise NibbleError(f"{where}: no message with role 'assistant'; there is nothing to learn from this row")
     return messages
+
+
+def _is_chat(record: dict[str, Any], columns: dict[str, str]) -> bool:
+    """Whether the row is a list of messages (the schemas whose ``tools`` field reaches the template)."""
+    if columns:
+        return "messages" in columns
+    return "messages" in record or "conversations" in record or isinstance(record.get("prompt"), list)
 
 
 def _single_turn(system: str | None, prompt: str, extra: str | None, response: str) -> list[dict[str, str]]:
@@ -280,45 +281,23 @@ def first_target(mask: Sequence[int] | np.ndarray) -> int:
 
 
 def encode_conversation(
-    tokenizer: Tokenizer, messages: list[dict[str, str]], where: str = "conversation"
+    tokenizer: Tokenizer,
+    messages: list[dict[str, Any]],
+    where: str = "conversation",
+    tools: list[dict[str, Any]] | None = None,
+    options: RenderOptions = DEFAULT_RENDERING,
 ) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered conversation and its labels (the ids of assistant turns, else IGNORE_INDEX);
-    see :func:`conversation_tokens`."""
-    ids, mask = conversation_tokens(tokenizer, messages, where)
-    return ids.tolist(), np.where(mask == 1, ids.astype(np.int64), IGNORE_INDEX).tolist()
-
-
-def conversation_tokens(
-    tokenizer: Tokenizer, messages: list[dict[str, str]], where: str = "conversation"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids (uint32) of the rendered conversation and its target mask (uint8: 1 on assistant turns).
-
-    An assistant turn spans from the end of the conversation rendered up to it with the generation prompt,
-    to the end of the conversation rendered through it. A token belongs to the turn when it starts inside.
-    Memory follows the tokens (see :meth:`nibble.io.tokenizer.Tokenizer.encode_positions`).
+    """Token ids of a conversation that renders as one training row and its labels (the ids of assistant
+    turns, else IGNORE_INDEX); see :func:`nibble.data.chat.chat_rows` for conversations that become several.
 
     Raises:
-        NibbleError: a template that renders earlier turns differently once later ones follow (the turn
-            boundaries cannot be found then).
+        NibbleError: the conversation becomes several rows (its template rewrites earlier turns).
     """
-    full = tokenizer.apply_chat_template(messages)
-    spans: list[tuple[int, int]] = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: i + 1])
-        if not (through.startswith(before) and full.startswith(through)):
-            raise NibbleError(
-                f"{where}: the chat template does not render this conversation turn by turn (a prefix changes when "
-                "later turns follow), so the response tokens cannot be located; train on single-turn rows"
-            )
-        spans.append((len(before), len(through)))
-    ids, starts = tokenizer.encode_positions(full)
-    mask = np.zeros(len(ids), dtype=np.uint8)
-    for start, end in spans:
-        mask[(starts >= start) & (starts < end)] = 1
-    return ids, mask
+    rows = chat_rows(tokenizer, messages, where, tools, options)
+    if len(rows) != 1:
+        raise NibbleError(f"{where}: the chat template rewrites earlier turns; this conversation is {len(rows)} rows")
+    ids, mask = rows[0].ids, rows[0].mask
+    return ids.tolist(), np.where(mask == 1, ids.astype(np.int64), IGNORE_INDEX).tolist()
 
 
 def pack(data: InstructData, max_seq_len: int) -> InstructData:
@@ -333,28 +312,88 @@ def pack(data: InstructData, max_seq_len: int) -> InstructData:
     return InstructData(ids, Packed(data.mask, max_seq_len), data.lines[ids.first_rows()])
 
 
-def read_instruct(path: str | Path, tokenizer: Tokenizer, columns: str | None = None) -> InstructData:
+def read_instruct(
+    path: str | Path, tokenizer: Tokenizer, columns: str | None = None, options: RenderOptions = DEFAULT_RENDERING
+) -> InstructData:
     """Read, render and tokenize an instruction file (see the module docstring) at full length, through its
-    token cache; ``columns`` maps other column names (see :func:`parse_columns`).
+    token cache (keyed by the template and the rendering ``options``); ``columns`` maps other column names (see
+    :func:`parse_columns`). When conversations become more rows than there are (a template that rewrites
+    history), one line says how many.
 
     Raises:
         NibbleError: a missing or unreadable file, or a bad row; the message names the file and line.
     """
     mapping = parse_columns(columns)
-    settings = {"task": "instruct", "chat_template": tokenizer.chat_template, "columns": mapping}
+    options.check()
+    thinking = resolve_thinking(tokenizer, options.thinking)
+    settings = {
+        "task": "instruct",
+        "chat_template": tokenizer.chat_template,
+        "columns": mapping,
+        "thinking": thinking,
+        "train_turns": options.train_turns,
+    }
+    resolved = RenderOptions(thinking, options.train_turns)
 
     def build(writer) -> dict:
+        conversations = 0
         for line, record in read_records(path):
             where = place(path, line)
-            ids, mask = conversation_tokens(tokenizer, conversation(record, path, line, mapping), where)
-            writer.append(ids=ids, mask=mask, lines=line, first_target=first_target(mask))
+            messages = conversation(record, path, line, mapping)
+            tools = row_tools(record, where) if _is_chat(record, mapping) else None
+            for row in chat_rows(tokenizer, messages, where, tools, resolved):
+                writer.append(ids=row.ids, mask=row.mask, lines=line, first_target=first_target(row.mask))
+            conversations += 1
         if writer.rows == 0:
             raise NibbleError(f"{path}: holds no rows; add data or fix the path")
-        return {}
+        return {"conversations": conversations}
 
     bounds = {"ids": len(tokenizer), "mask": 2}
     cache = cached_tokens(path, tokenizer.path, settings, CACHE_COLUMNS, build, bounds)
+    conversations = cache.meta.get("conversations", cache.rows)
+    if cache.rows != conversations:
+        print(
+            f"{Path(path).name}: {conversations:,} conversations became {cache.rows:,} training rows: the chat "
+            "template renders earlier turns differently once later ones follow (it drops their reasoning), so those "
+            "turns are trained in the context inference gives them (--train-turns last: the final turn only)",
+            flush=True,
+        )
     return InstructData(cache.ragged("ids"), cache.ragged("mask"), cache.column("lines"), cache.column("first_target"))
+
+
+def show_conversations(
+    path: str | Path,
+    tokenizer: Tokenizer,
+    rows: int,
+    columns: str | None = None,
+    options: RenderOptions = DEFAULT_RENDERING,
+    colour: bool = False,
+) -> Iterator[str]:
+    """Lines showing how the first ``rows`` conversations of ``path`` train (see :func:`read_instruct`): for each,
+    its training rows with token and target counts and the text with its targets marked (see
+    :func:`nibble.data.chat.marked_text`), and where the template rewrites history when it does.
+
+    Raises:
+        NibbleError: a missing or unreadable file, or a bad row; names the file and line.
+    """
+    mapping = parse_columns(columns)
+    options.check()
+    options = RenderOptions(resolve_thinking(tokenizer, options.thinking), options.train_turns)
+    yield f"thinking: {options.thinking}, train turns: {options.train_turns}"
+    for shown, (line, record) in enumerate(read_records(path)):
+        if shown == rows:
+            break
+        where = place(path, line)
+        messages = conversation(record, path, line, mapping)
+        tools = row_tools(record, where) if _is_chat(record, mapping) else None
+        found = chat_rows(tokenizer, messages, where, tools, options)
+        mismatch = history_mismatch(tokenizer, messages, tools, options) if len(found) > 1 else None
+        yield f"{where}: {len(found)} training row{'s' if len(found) > 1 else ''}" + (
+            f" (the template rewrites history: {mismatch})" if mismatch else ""
+        )
+        for i, row in enumerate(found, 1):
+            yield f"-- row {i}: {len(row.ids)} tokens, {int(row.mask.sum())} trained"
+            yield marked_text(tokenizer, row, colour)
 
 
 def fit_length(data: InstructData, max_seq_len: int, packing: bool, source: str | Path) -> InstructData:
@@ -383,9 +422,10 @@ def load_instruct(
     max_seq_len: int = MAX_SEQ_LEN,
     packing: bool = False,
     columns: str | None = None,
+    options: RenderOptions = DEFAULT_RENDERING,
 ) -> InstructData:
     """:func:`read_instruct` then :func:`fit_length`."""
-    return fit_length(read_instruct(path, tokenizer, columns), max_seq_len, packing, path)
+    return fit_length(read_instruct(path, tokenizer, columns, options), max_seq_len, packing, path)
 
 
 def collate_lm(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from nibble.data.batching import pad_batch
-from nibble.data.instruct import parse_messages
+from nibble.data.chat import parse_messages
 from nibble.data.ragged import Ragged
 from nibble.data.records import place, read_records
 from nibble.data.tokens import Column, cached_tokens

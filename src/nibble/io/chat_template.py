@@ -56,6 +56,17 @@ class _Budget:
 _BUDGET: contextvars.ContextVar[_Budget] = contextvars.ContextVar("chat_template_budget")
 
 
+class _Tracker:
+    """The characters a rendering has produced so far and the ``{% generation %}`` spans it has seen."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self.spans: list[tuple[int, int]] = []
+
+
+_TRACKER: contextvars.ContextVar[_Tracker] = contextvars.ContextVar("chat_template_tracker")
+
+
 def _budget() -> _Budget:
     return _BUDGET.get(None) or _Budget(BASE_CHARS, BASE_STEPS)  # (unset while jinja folds constants)
 
@@ -228,14 +239,23 @@ def _environment():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class Generation(jinja2.ext.Extension):
-        """``{% generation %}...{% endgeneration %}`` marks assistant text for masking; it renders as is."""
+        """``{% generation %}...{% endgeneration %}`` marks assistant text for masking; it renders as is, and its
+        character span in the output is recorded (as transformers records it: the block's text is placed after
+        everything yielded before it)."""
 
         tags = {"generation"}
 
         def parse(self, parser):
             lineno = next(parser.stream).lineno
             body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.Scope(body).set_lineno(lineno)
+            return nodes.CallBlock(self.call_method("_mark"), [], [], body).set_lineno(lineno)
+
+        def _mark(self, caller):
+            text = caller()
+            tracker = _TRACKER.get(None)
+            if tracker is not None:
+                tracker.spans.append((tracker.chars, tracker.chars + len(text)))
+            return text
 
     class BoundedSandbox(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset({"*", "**", "%", "+"})
@@ -345,8 +365,20 @@ def _line(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-def render(template: str, source: str, messages: list[dict[str, Any]], **variables: Any) -> str:
-    """Render ``template`` with ``messages`` and ``variables`` within the bounds above.
+def has_generation_blocks(template: str) -> bool:
+    """Whether ``template`` marks assistant text with ``{% generation %}`` blocks."""
+    return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+
+
+def render(
+    template: str,
+    source: str,
+    messages: list[dict[str, Any]],
+    generation_spans: list[tuple[int, int]] | None = None,
+    **variables: Any,
+) -> str:
+    """Render ``template`` with ``messages`` and ``variables`` within the bounds above; the character spans of
+    the ``{% generation %}`` blocks it rendered are appended to ``generation_spans`` when given.
 
     Raises:
         NibbleError: a syntax error, a sandbox violation, an error raised by the template or while it runs,
@@ -358,12 +390,13 @@ def render(template: str, source: str, messages: list[dict[str, Any]], **variabl
     text_chars = sum(len(v) for m in messages if isinstance(m, dict) for v in m.values() if isinstance(v, str))
     budget = _Budget(BASE_CHARS + 8 * text_chars, BASE_STEPS + 256 * len(messages))
     token = _BUDGET.set(budget)
+    tracker = _Tracker()
+    tracked = _TRACKER.set(tracker)
     pieces: list[str] = []
-    total = 0
     try:
         for piece in compiled.generate(messages=messages, **variables):
-            total += len(piece)
-            budget.fits(total, "the rendered conversation")
+            tracker.chars += len(piece)
+            budget.fits(tracker.chars, "the rendered conversation")
             pieces.append(piece)
     except TemplateLimit as exc:
         raise NibbleError(f"{source}: chat template stopped: {_line(exc)}") from None
@@ -375,4 +408,7 @@ def render(template: str, source: str, messages: list[dict[str, Any]], **variabl
         raise NibbleError(f"{source}: the chat template failed ({type(exc).__name__}: {_line(exc)})") from None
     finally:
         _BUDGET.reset(token)
+        _TRACKER.reset(tracked)
+    if generation_spans is not None:
+        generation_spans.extend(tracker.spans)
     return "".join(pieces)

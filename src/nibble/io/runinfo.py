@@ -79,7 +79,8 @@ _TYPES: dict[str, tuple[Any, str]] = {
     **{
         key: (lambda v: isinstance(v, str), "a string")
         for key in (
-            *("task", "method", "dtype", "pooling", "text_column", "label_column", "columns"),
+            *("task", "method", "dtype", "pooling", "text_column", "label_column", "columns", "thinking"),
+            "train_turns",
             *("merged_from", "base_model", "base_fingerprint"),
         )
     },
@@ -108,6 +109,8 @@ class RunInfo:
     text_column: str = "text"
     label_column: str = "label"
     columns: str | None = None
+    thinking: str | None = None
+    train_turns: str | None = None
     merged_from: str | None = None
     base_model: str | None = None
     step: int | None = None

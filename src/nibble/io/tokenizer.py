@@ -250,9 +250,15 @@ class Tokenizer:
         return self._template_and_file[0]
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, **variables: Any
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = False,
+        generation_spans: list[tuple[int, int]] | None = None,
+        **variables: Any,
     ) -> str:
-        """Render ``messages`` with the chat template (the text; tokenize it with ``add_special_tokens=False``).
+        """Render ``messages`` with the chat template (the text; tokenize it with ``add_special_tokens=False``);
+        ``variables`` (``tools``, ``enable_thinking``, ...) reach the template as transformers passes them, and the
+        character spans of its ``{% generation %}`` blocks are appended to ``generation_spans`` when given.
 
         Raises:
             NibbleError: no template, or one that fails, breaks the sandbox or exceeds its bounds (see
@@ -263,16 +269,9 @@ class Tokenizer:
             raise NibbleError(f"{self.path}: the tokenizer has no chat_template; use a model with one")
         stored, file = self._template_and_file
         source = str(file) if template == stored else "the built-in ChatML template"
-        context = {**self.special_tokens, **variables}
-        return render(
-            template,
-            source,
-            messages,
-            tools=None,
-            documents=None,
-            add_generation_prompt=add_generation_prompt,
-            **context,
-        )
+        context = {"tools": None, "documents": None, **self.special_tokens, **variables}
+        context["add_generation_prompt"] = add_generation_prompt
+        return render(template, source, messages, generation_spans, **context)
 
     def save(self, directory: str | Path) -> None:
         """Copy the tokenizer files into ``directory`` (as loaded: the same files give the same ids)."""

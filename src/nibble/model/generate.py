@@ -95,10 +95,17 @@ def generate(
     return out
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str, *, chat: bool | None = None, system: str | None = None) -> list[int]:
+def prompt_ids(
+    tokenizer: Tokenizer,
+    prompt: str,
+    *,
+    chat: bool | None = None,
+    system: str | None = None,
+    thinking: bool | None = None,
+) -> list[int]:
     """Token ids of ``prompt``: a user turn rendered with the chat template (plus the assistant's opening) when
     ``chat`` (default: when the tokenizer has a template), else the plain text with the tokenizer's own
-    special tokens.
+    special tokens. ``thinking`` reaches the template as ``enable_thinking`` (None: the template's default).
 
     Raises:
         NibbleError: ``chat=True`` for a tokenizer without a chat template, or an empty prompt.
@@ -106,11 +113,13 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, *, chat: bool | None = None, s
     use_chat = tokenizer.chat_template is not None if chat is None else chat
     if use_chat:
         messages = [{"role": "system", "content": system}] if system is not None else []
-        text = tokenizer.apply_chat_template([*messages, {"role": "user", "content": prompt}], True)
+        switch = {} if thinking is None else {"enable_thinking": thinking}
+        text = tokenizer.apply_chat_template([*messages, {"role": "user", "content": prompt}], True, **switch)
         ids = tokenizer.encode(text, add_special_tokens=False)
     else:
-        if system is not None:
-            raise NibbleError("a system message needs the chat template; drop --system or --no-chat")
+        if system is not None or thinking is not None:
+            flag = "--system" if system is not None else "--thinking"
+            raise NibbleError(f"{flag} needs the chat template; drop {flag} or --no-chat")
         ids = tokenizer.encode(prompt)
     if not ids:
         raise NibbleError("the prompt is empty; give some text")
@@ -161,6 +170,7 @@ def generate_text(
     *,
     chat: bool | None = None,
     system: str | None = None,
+    thinking: bool | None = None,
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -173,7 +183,7 @@ def generate_text(
     Greedy at temperature 0; otherwise sampled (``seed`` makes it reproducible). Stops at an end-of-sequence
     token (see :func:`stop_ids`), which is not part of the text.
     """
-    ids = prompt_ids(tokenizer, prompt, chat=chat, system=system)
+    ids = prompt_ids(tokenizer, prompt, chat=chat, system=system, thinking=thinking)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     stream = TextStream(tokenizer)
 

@@ -163,6 +163,22 @@ class TrainConfig:
         default=None,
         metadata=_help("instruct: a Jinja chat template file, or a built-in name (chatml), instead of the model's"),
     )
+    thinking: Literal["keep", "empty", "drop"] | None = field(
+        default=None,
+        metadata=_help(
+            "instruct: what the model learns about reasoning. keep: reasoning is trained, an answer without any is "
+            "trained after the thinking-off prompt (its empty think block is context); empty: as keep, but an answer "
+            "without reasoning is trained with its empty think block (Qwen3's recipe); drop: reasoning is removed. "
+            "Default: empty where the template renders reasoning (Qwen3), else keep"
+        ),
+    )
+    train_turns: Literal["all", "last"] = field(
+        default="all",
+        metadata=_help(
+            "instruct: all: every assistant turn is a target (a conversation whose template drops earlier reasoning "
+            "becomes one row per context inference gives a turn); last: only each conversation's final turn"
+        ),
+    )
     pooling: Literal["last", "mean"] = field(default="last", metadata=_help("classifier input: last token or mean"))
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto",

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from nibble.data.batching import MAX_SEQ_LEN
+from nibble.data.chat import RenderOptions
 from nibble.data.instruct import (
     CHATML,
     IGNORE_INDEX,
@@ -27,6 +28,7 @@ from nibble.data.instruct import (
     parse_columns,
     read_instruct,
     resolve_chat_template,
+    show_conversations,
     use_chat_template,
 )
 from nibble.data.records import stratified_split
@@ -117,6 +119,26 @@ def set_chat_template(tokenizer: Tokenizer, override: str | None, model_dir: Pat
     return saved
 
 
+def show_data(
+    model: str | Path,
+    data: str | Path,
+    rows: int,
+    columns: str | None = None,
+    chat_template: str | None = None,
+    options: RenderOptions | None = None,
+    colour: bool = False,
+) -> None:
+    """Print how training would render the first ``rows`` conversations of ``data`` with ``model``'s tokenizer
+    (or ``chat_template``): see :func:`nibble.data.instruct.show_conversations`."""
+    from nibble.io.tokenizer import load_tokenizer
+
+    model_dir = resolve_model_dir(model)
+    tokenizer = load_tokenizer(model_dir)
+    set_chat_template(tokenizer, chat_template, model_dir)
+    for line in show_conversations(data, tokenizer, rows, columns, options or RenderOptions(), colour):
+        print(line, flush=True)
+
+
 def lm_report(metrics: dict[str, Any]) -> str:
     """One line: the response loss, its perplexity, and what it covers."""
     return f"{headline(metrics)}  ({metrics['tokens']} response tokens in {metrics['examples']} sequences)"
@@ -132,7 +154,7 @@ class InstructTask:
 
     name = "instruct"
     head = "causal_lm"
-    options = ("packing", "columns", "chat_template")
+    options = ("packing", "columns", "chat_template", "thinking", "train_turns")
 
     def check(self, config: TrainConfig) -> None:
         parse_columns(config.columns)
@@ -140,14 +162,18 @@ class InstructTask:
     def setup(self, config: TrainConfig, model_dir: Path, tokenizer: Tokenizer) -> TaskRun:
         template = set_chat_template(tokenizer, config.chat_template, model_dir)
         pad_id = tokenizer.pad_id
-        rows = read_instruct(config.data, tokenizer, config.columns)
+        rendering = RenderOptions(config.thinking, config.train_turns)
+        rows = read_instruct(config.data, tokenizer, config.columns, rendering)
         val: InstructData | None = None
         if config.val_data:
-            val_rows = read_instruct(config.val_data, tokenizer, config.columns)
+            val_rows = read_instruct(config.val_data, tokenizer, config.columns, rendering)
             val = fit_length(val_rows, config.max_seq_len, False, config.val_data)
         elif config.val_split > 0:
-            everything = np.zeros(len(rows), dtype=np.int64)  # one group: a seeded random fraction
-            train_idx, val_idx = stratified_split(everything, config.val_split, config.seed)
+            # a seeded random fraction of the conversations (the rows one became stay together)
+            lines, conversation_of = np.unique(rows.lines, return_inverse=True)
+            train_conv, val_conv = stratified_split(np.zeros(len(lines), dtype=np.int64), config.val_split, config.seed)
+            train_idx = np.flatnonzero(np.isin(conversation_of, train_conv))
+            val_idx = np.flatnonzero(np.isin(conversation_of, val_conv))
             rows, val = rows.subset(train_idx), (rows.subset(val_idx) if len(val_idx) else None)
             val = fit_length(val, config.max_seq_len, False, config.data) if val else None
         data = fit_length(rows, config.max_seq_len, config.packing, config.data)
@@ -210,6 +236,7 @@ class InstructTask:
             tokenizer,
             max_seq_len=request.max_seq_len or info.max_seq_len or MAX_SEQ_LEN,
             columns=request.options.get("columns") or info.columns,
+            options=RenderOptions(info.thinking, info.train_turns or "all"),
         )
         with autocast(device, info.torch_dtype):
             metrics = evaluate_lm(model, data, request.batch_size, tokenizer.pad_id)
