@@ -126,22 +126,60 @@ def test_dequantize_then_matmul_equals_the_fused_kernels_and_the_reference(close
     close(y2, kernels.reference.matmul(x * 2, qweight))
 
 
-def test_an_old_or_missing_triton_falls_back_to_the_reference_with_the_reason(monkeypatch):
+def test_an_old_broken_or_missing_triton_falls_back_to_the_reference_with_one_note(monkeypatch, capsys):
+    import builtins
     import sys
     import types
 
     assert kernels.version_tuple("3.3.0+git1a2b") == (3, 3, 0) and kernels.version_tuple("3.4.0rc1") == (3, 4, 0)
     assert kernels.triton_unavailable() is None  # the installed Triton runs the kernels
-    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.1.0"))
-    assert "Triton 3.1.0 is older than the 3.3" in kernels.triton_unavailable()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the note is for CUDA machines
+    real_import = builtins.__import__
     kernels._triton_ops.cache_clear()
     try:
+        monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="2.3.1"))
+        assert "Triton 2.3.1 is older than the 3.0" in kernels.triton_unavailable()
         with kernels.use_backend("auto"):
             assert kernels.backend_name(torch.device("cuda")) == "torch"
-        with kernels.use_backend("triton"), pytest.raises(NibbleError, match="NIBBLE_KERNELS=triton but Triton 3.1"):
+            assert kernels.backend_name(torch.device("cuda")) == "torch"
+        with kernels.use_backend("triton"), pytest.raises(NibbleError, match="NIBBLE_KERNELS=triton but Triton 2.3"):
             kernels.backend_name(torch.device("cpu"))
+        assert capsys.readouterr().err.count("note: Triton 2.3.1 is older") == 1  # one note, at the first use
+
+        def broken(name, *args, **kwargs):  # an install whose import raises something other than ImportError
+            if name == "triton":
+                raise RuntimeError("libcuda.so.1: cannot open shared object file\nmore")
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.delitem(sys.modules, "triton")
+        monkeypatch.setattr(builtins, "__import__", broken)
+        assert kernels.triton_unavailable() == (
+            "Triton does not import (RuntimeError: libcuda.so.1: cannot open shared object file)"
+        )
+        monkeypatch.setattr(builtins, "__import__", real_import)
         monkeypatch.setitem(sys.modules, "triton", None)  # an import of it fails
         assert kernels.triton_unavailable() == "Triton is not installed (pip install triton)"
+        monkeypatch.undo()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setitem(sys.modules, "nibble.kernels.triton_ops", None)  # Triton imports, the kernels do not
+        kernels._triton_ops.cache_clear()
+        with kernels.use_backend("auto"):
+            assert kernels.backend_name(torch.device("cuda")) == "torch"
+        assert "note: nibble's Triton kernels do not load (ModuleNotFoundError" in capsys.readouterr().err
     finally:
         monkeypatch.undo()
         kernels._triton_ops.cache_clear()
+
+
+def test_the_interpreter_setting_is_read_from_knobs_only_where_triton_has_them(monkeypatch):
+    import types
+
+    from nibble.kernels.triton_common import interpreting
+
+    old = types.SimpleNamespace(__version__="3.2.0")  # no triton.knobs
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert interpreting(old) is True
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert interpreting(old) is False
+    new = types.SimpleNamespace(knobs=types.SimpleNamespace(runtime=types.SimpleNamespace(interpret=True)))
+    assert interpreting(new) is True  # the knob wins over the variable
