@@ -19,7 +19,6 @@ from torch import nn
 from nibble.data.batching import MAX_SEQ_LEN
 from nibble.data.instruct import (
     CHATML,
-    IGNORE_INDEX,
     InstructData,
     default_system_prompt,
     fit_length,
@@ -42,37 +41,38 @@ from nibble.train.tasks.base import Batch, LossResult, SavedModel, TaskRun
 
 
 class LMOutputs(NamedTuple):
-    """What :func:`lm_forward` hands :func:`lm_loss`: the hidden states that predict a target and the LM head."""
+    """What :func:`lm_forward` hands :func:`lm_loss`: the hidden states that predict a target, the LM head and the
+    target tokens."""
 
     hidden: torch.Tensor  # [N, H], in the compute dtype
     weight: torch.Tensor  # [V, H]
+    targets: torch.Tensor  # [N]
 
 
 def lm_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> LMOutputs:
-    """The final hidden states at the N positions whose next token is a target (``labels[:, 1:] != IGNORE_INDEX``)
-    and the LM head's weight; :func:`lm_loss` turns them into the loss without building [N, V] logits."""
-    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])  # [B, T, H]
-    predicts = batch["labels"][:, 1:] != IGNORE_INDEX  # [B, T-1]: position t predicts token t + 1
-    selected = hidden[:, :-1][predicts]  # [N, H]
+    """The final hidden states at the N positions whose next token is a target (the batch's ``target_index``, found
+    when it was collated: see :func:`nibble.data.instruct.collate_lm`), the LM head's weight and those targets;
+    :func:`lm_loss` turns them into the loss without building [N, V] logits."""
+    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], token_index=batch["token_index"])
+    width = hidden.shape[2]
+    selected = hidden[:, :-1].reshape(-1, width).index_select(0, batch["target_index"])  # [N, H]
     if torch.is_autocast_enabled(selected.device.type):  # the head's matmul runs in the autocast dtype
         selected = selected.to(torch.get_autocast_dtype(selected.device.type))
-    return LMOutputs(selected, model.lm_head.weight)
+    return LMOutputs(selected, model.lm_head.weight, batch["targets"])
 
 
-def lm_loss(outputs: LMOutputs, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy (fp32 softmax) of the LM head at :func:`lm_forward`'s positions against the target tokens
-    of ``labels`` [B, T], computed in chunks of rows (:func:`nibble.nn.cross_entropy.linear_cross_entropy`).
+def lm_loss(outputs: LMOutputs, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy (fp32 softmax) of the LM head at :func:`lm_forward`'s positions against their target tokens,
+    computed in chunks of rows (:func:`nibble.nn.cross_entropy.linear_cross_entropy`).
 
     A batch without targets gives a zero loss that still backpropagates (to nothing).
     """
-    targets = labels[:, 1:]
-    targets = targets[targets != IGNORE_INDEX]  # [N], in the order lm_forward selected the positions
-    return linear_cross_entropy(outputs.hidden, outputs.weight, targets, reduction)
+    return linear_cross_entropy(outputs.hidden, outputs.weight, outputs.targets, reduction)
 
 
 def target_count(batch: dict[str, torch.Tensor]) -> int:
-    """The target tokens of a batch: what :func:`lm_loss` averages over."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    """The target tokens of a batch: what :func:`lm_loss` averages over (from its shape: nothing is read)."""
+    return batch["targets"].shape[0]
 
 
 def evaluate_lm(model: nn.Module, data: InstructData, batch_size: int, pad_id: int) -> dict[str, Any]:
@@ -84,7 +84,7 @@ def evaluate_lm(model: nn.Module, data: InstructData, batch_size: int, pad_id: i
         for chunk, batch in eval_batches(data, batch_size, pad_id):
             targets = target_count(batch)  # counted on the host, before the batch moves
             batch = to_device(batch, device)
-            loss = lm_loss(lm_forward(model, batch), batch["labels"], reduction="sum")
+            loss = lm_loss(lm_forward(model, batch), reduction="sum")
             if chunk:  # (not a stand-in batch: this rank's rows ran out)
                 total += loss
                 count += targets
@@ -124,7 +124,7 @@ def lm_report(metrics: dict[str, Any]) -> str:
 
 def lm_batch_loss(outputs: LMOutputs, batch: Batch) -> LossResult:
     """The training loss of a batch (:func:`lm_loss`; no other metrics)."""
-    return lm_loss(outputs, batch["labels"]), {}
+    return lm_loss(outputs), {}
 
 
 class InstructTask:

@@ -56,7 +56,7 @@ OBJECTIVE_FILE = "preference.json"  # beside an exported adapter: how eval score
 def sequence_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
     """[R] each sequence's summed log-probability of its completion tokens (the batch's ``target_*``, see
     :func:`nibble.data.preference._sequences_batch`), through the chunked LM head."""
-    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])  # [R, T, H]
+    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], token_index=batch["token_index"])
     rows, width = hidden.shape[0], hidden.shape[2]
     selected = hidden[:, :-1].reshape(-1, width).index_select(0, batch["target_index"])  # [N, H]
     if torch.is_autocast_enabled(selected.device.type):  # the head's matmul runs in the autocast dtype
