@@ -33,7 +33,7 @@ from nibble.devices import autocast, describe, resolve_device, to_device
 from nibble.io.tokenizer import Tokenizer
 from nibble.model.config import ModelConfig
 from nibble.model.loading import resolve_model_dir
-from nibble.nn.cross_entropy import CHUNK_ELEMENTS, linear_cross_entropy
+from nibble.nn.cross_entropy import chunk_elements, linear_cross_entropy
 from nibble.train.config import TrainConfig
 from nibble.train.distributed import all_sum, current, eval_batches
 from nibble.train.metrics import headline
@@ -181,7 +181,8 @@ class InstructTask:
         full run's fp32 gradient of the LM head, which the loss accumulates itself (no [N, vocab] logits)."""
         e = config.torch_dtype.itemsize
         head_grad = 4 * model.vocab_size * model.hidden_size if config.method == "full" else 0
-        return 2 * e * model.hidden_size, CHUNK_ELEMENTS * (4 + e) + head_grad
+        chunk = chunk_elements(resolve_device(config.device).type)
+        return 2 * e * model.hidden_size, chunk * (4 + e) + head_grad
 
     def evaluate_saved(self, request: SavedModel) -> dict[str, Any]:
         import torch

@@ -41,7 +41,7 @@ from nibble.io.files import read_json_object, write_json
 from nibble.io.tokenizer import Tokenizer
 from nibble.model.config import ModelConfig
 from nibble.model.loading import resolve_model_dir
-from nibble.nn.cross_entropy import CHUNK_ELEMENTS, linear_log_probs
+from nibble.nn.cross_entropy import chunk_elements, linear_log_probs
 from nibble.nn.lora import lora_layers
 from nibble.train.config import TrainConfig
 from nibble.train.distributed import all_sum, eval_batches
@@ -347,7 +347,8 @@ def pair_memory(model: ModelConfig, config: TrainConfig) -> tuple[int, int]:
     gradient of the LM head. The reference pass keeps nothing for backward (no_grad, before the policy pass)."""
     e = config.torch_dtype.itemsize
     head_grad = 4 * model.vocab_size * model.hidden_size if config.method == "full" else 0
-    return 2 * e * model.hidden_size, CHUNK_ELEMENTS * (4 + e) + head_grad
+    chunk = chunk_elements(resolve_device(config.device).type)
+    return 2 * e * model.hidden_size, chunk * (4 + e) + head_grad
 
 
 class PreferenceTask:
