@@ -78,7 +78,7 @@ def make_data(args: argparse.Namespace, pad: int):
         prompt = int(torch.randint(length // 4, length // 2 + 1, (1,), generator=gen))
         ids.append(row)
         labels.append([IGNORE_INDEX] * prompt + row[prompt:])
-    return InstructData(ids, labels)
+    return InstructData.from_lists(ids, labels)
 
 
 def run_nibble(args: argparse.Namespace, work: Path, data, pad: int) -> dict:
@@ -131,7 +131,7 @@ def run_nibble(args: argparse.Namespace, work: Path, data, pad: int) -> dict:
     note = f"{kernels.backend_name(layer.qweight.device)} kernels, {copies[0]}/{copies[1]} dense copies"
 
     def step() -> tuple[float, int]:
-        loss, _, tokens = trainer.step()
+        loss, _, tokens, _ = trainer.step()
         return float(loss), tokens
 
     return {"step": step, "note": note}

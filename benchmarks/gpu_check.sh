@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The checks a GPU session runs first (about 9 minutes at most; each part under its own timeout). Everything it
-# prints also goes to $OUT (default ./gpu_check_out): versions.txt, kernel_tests.txt, bench_kernels.txt,
-# bench_train_cuda.txt, profile.txt. Record the tables in benchmarks/README.md with the GPU's name and the date.
+# The checks a GPU session runs first (9 minutes at most: each part under its own timeout, the limits summing to
+# 525 s). Everything it prints also goes to $OUT (default ./gpu_check_out): versions.txt, kernel_tests.txt (the
+# kernel tests compiled, not interpreted), sync_detector.txt (device reads per training step on CUDA, the bf16
+# head gradient), bench_kernels.txt (Qwen3-0.6B/4B shapes over M 1-4096: where the fused kernel and
+# dequantize + cuBLAS cross sets triton_ops.DENSE_FROM_ROWS), bench_train_cuda.txt, profile.txt (+ trace.json).
+# Record the tables in benchmarks/README.md with the GPU's name and the date.
 #
-#   PYTHON=.venv/bin/python benchmarks/gpu_check.sh
+#   PYTHON=.venv/bin/python OUT=gpu_check_out benchmarks/gpu_check.sh
 #
-# Without CUDA it runs its CPU-side parts (versions, the kernel tests through the Triton interpreter on a few
-# files, bench_kernels' CPU path at one small shape) and says which parts it skipped.
+# Without CUDA it runs its CPU-side parts (versions, the dispatch tests through the Triton interpreter, the sync
+# detector on CPU, bench_kernels' CPU path at one small shape) and prints one line naming the parts it skipped.
 set -u
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-gpu_check_out}
@@ -24,7 +27,7 @@ part() {  # part NAME SECONDS COMMAND...: run one part under its own time limit,
     return 0
 }
 
-part versions 60 "$PYTHON" -c '
+part versions 30 "$PYTHON" -c '
 import platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
 try:
@@ -39,15 +42,21 @@ if torch.cuda.is_available():
 else:
     print("device: no CUDA")'
 
+SYNC_TESTS="tests/train/test_step_syncs.py tests/train/test_sync_counter.py tests/nn/test_cross_entropy.py"
 if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     # compiled (not interpreted) kernels: tests/kernels/conftest.py puts the tensors on CUDA when there is one
-    part kernel_tests 150 "$PYTHON" -m pytest tests/kernels -x -q -p no:randomly
-    part bench_kernels 150 "$PYTHON" benchmarks/bench_kernels.py --models qwen3-0.6b,qwen3-4b --m 1,16,64,256,1024,4096
-    part bench_train_cuda 180 "$PYTHON" benchmarks/bench_train_cuda.py --steps 10
-    part profile 90 "$PYTHON" benchmarks/bench_train_cuda.py --steps 2 --layers 4 --profile "$OUT/trace.json"
+    part kernel_tests 120 "$PYTHON" -m pytest tests/kernels -x -q -p no:randomly
+    # nibble.train picks CUDA (--device auto): the step's reads there, device-to-host copies included; the torch
+    # kernels, so that autotuning the tiny test model's shapes does not eat the part's time (no kernel reads back)
+    part sync_detector 75 env NIBBLE_KERNELS=torch "$PYTHON" -m pytest $SYNC_TESTS -q -p no:randomly
+    part bench_kernels 120 "$PYTHON" benchmarks/bench_kernels.py --models qwen3-0.6b,qwen3-4b \
+        --m 1,16,64,256,512,1024,2048,4096
+    part bench_train_cuda 120 "$PYTHON" benchmarks/bench_train_cuda.py --steps 10
+    part profile 60 "$PYTHON" benchmarks/bench_train_cuda.py --steps 2 --layers 4 --profile "$OUT/trace.json"
 else
-    part kernel_tests 240 env TRITON_INTERPRET=1 "$PYTHON" -m pytest tests/kernels/test_triton_dispatch.py -x -q \
+    part kernel_tests 150 env TRITON_INTERPRET=1 "$PYTHON" -m pytest tests/kernels/test_triton_dispatch.py -x -q \
         -p no:randomly
-    part bench_kernels 120 "$PYTHON" benchmarks/bench_kernels.py --models qwen3-0.6b --m 16
-    echo "== skipped without CUDA: bench_train_cuda, profile"
+    part sync_detector 120 "$PYTHON" -m pytest $SYNC_TESTS -q -p no:randomly
+    part bench_kernels 60 "$PYTHON" benchmarks/bench_kernels.py --models qwen3-0.6b --m 16
+    echo "== no CUDA: skipped the compiled kernel tests, bench_kernels on CUDA, bench_train_cuda and the profile"
 fi

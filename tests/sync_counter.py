@@ -16,7 +16,8 @@ _SYNCING = {
 
 
 class SyncCounter(TorchDispatchMode):
-    """Record each device read-back: scalar reads, nonzero, boolean-mask indexing, masked_select, unique."""
+    """Record each device read-back: scalar reads, nonzero, boolean-mask indexing, masked_select, unique, and
+    copies from a device to the host (``.cpu()``, ``.tolist()`` of a CUDA tensor; none exist in a CPU run)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -29,6 +30,8 @@ class SyncCounter(TorchDispatchMode):
             self.counts[name] += 1
         elif name in ("index", "index_put", "index_put_") and _has_bool_index(args):
             self.counts["boolean-mask indexing"] += 1
+        elif name in ("_to_copy", "copy_") and _to_host(name, args, kwargs):
+            self.counts["device-to-host copy"] += 1
         return func(*args, **kwargs)
 
     @property
@@ -39,3 +42,12 @@ class SyncCounter(TorchDispatchMode):
 def _has_bool_index(args) -> bool:
     indices = args[1] if len(args) > 1 else ()
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
+
+
+def _to_host(name, args, kwargs) -> bool:
+    """Whether a copy op moves a tensor off a device onto the host."""
+    if name == "_to_copy":
+        source, target = args[0].device, torch.device(kwargs.get("device") or args[0].device)
+    else:
+        source, target = args[1].device, args[0].device
+    return source.type != "cpu" and target.type == "cpu"

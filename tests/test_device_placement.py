@@ -25,7 +25,7 @@ from helpers import label_task
 from nibble import kernels
 from nibble.data.batching import BatchStream, pad_sequences
 from nibble.data.classify import ClassificationData
-from nibble.data.instruct import IGNORE_INDEX
+from nibble.data.instruct import IGNORE_INDEX, collate_lm
 from nibble.io.runinfo import LabelMap
 from nibble.model.generate import generate
 from nibble.model.model import KVCache
@@ -129,19 +129,16 @@ def test_classifier_step_and_evaluation_stay_on_the_model_device(shared_checkpoi
     assert metrics["examples"] == 3
 
 
-def test_instruct_step_and_generation_stay_on_the_model_device(shared_checkpoint, monkeypatch):
-    # Selecting the positions that predict a response token is data-dependent; meta assumes all of them.
-    monkeypatch.setattr(torch.fx.experimental._config, "meta_nonzero_assume_all_nonzero", True)
+def test_instruct_step_and_generation_stay_on_the_model_device(shared_checkpoint):
     path, _ = shared_checkpoint("qwen3")
     model, _ = meta_model(path, "qlora", "causal_lm")
-    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]], device=META)
-    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 7, 8, 9], [IGNORE_INDEX, 11, 12, IGNORE_INDEX] + [-100]])
-    batch = {"input_ids": ids, "attention_mask": torch.ones(2, 5, dtype=torch.long, device=META)}
-    batch["labels"] = labels.to(META)
+    labels = [[IGNORE_INDEX, IGNORE_INDEX, 7, 8, 9], [IGNORE_INDEX, 11, 12]]
+    host = collate_lm([[5, 6, 7, 8, 9], [10, 11, 12]], labels, pad_id=0)  # built on the host, then moved
+    batch = {key: value.to(META) for key, value in host.items()}
     watch = OffMetaTensors()
     with kernels.use_backend("torch"), watch:
         model.train()
-        lm_loss(lm_forward(model, batch), batch["labels"]).backward()
+        lm_loss(lm_forward(model, batch)).backward()
         model.eval()
         generate(model, [5, 6, 7], max_new_tokens=2, eos_token_id=[])
     assert not watch.found, "\n".join(watch.found)

@@ -90,46 +90,96 @@ def test_quant_linear_input_gradient_passes_gradcheck_through_triton(device, qua
         assert torch.autograd.gradcheck(layer, (x,), fast_mode=True, nondet_tol=1e-12)
 
 
-@pytest.mark.parametrize("rows", [triton_ops.DENSE_FROM_ROWS - 1, triton_ops.DENSE_FROM_ROWS, 130])
-def test_training_sizes_dequantize_then_matmul_and_small_ones_run_fused(monkeypatch, device, rows):
-    """From DENSE_FROM_ROWS rows the Triton backend dequantizes (its dequantize kernel, into a reused temporary)
-    and calls the dense matmul, forward and grad-input; below it the fused kernels run. Both equal the reference."""
+def test_the_crossover_sends_training_sizes_to_dequantize_then_matmul():
+    crossover = triton_ops.DENSE_FROM_ROWS
+    assert [triton_ops.dequantize_then_matmul(m) for m in (1, 16, crossover - 1)] == [False] * 3
+    assert [triton_ops.dequantize_then_matmul(m) for m in (crossover, 4096, 65536)] == [True] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [23, 24, 40])
+def test_dequantize_then_matmul_equals_the_fused_kernels_and_the_reference(close, monkeypatch, device, rows, dtype):
+    """From DENSE_FROM_ROWS rows (lowered to 24 here, to keep the interpreter fast) the Triton backend dequantizes
+    (its dequantize kernel, into a reused temporary) and calls the dense matmul, forward and grad-input; below it
+    the fused kernels run. Both paths give the fused kernels' results and the reference's."""
     from nibble.kernels import triton_gemm, triton_grad_input
 
+    monkeypatch.setattr(triton_ops, "DENSE_FROM_ROWS", 24)
     calls = []
+    fused = {}
     for module, name in ((triton_gemm, "matmul"), (triton_grad_input, "matmul_grad_input")):
-        fused = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, f=fused, n=name: calls.append(n) or f(*a))
+        fused[name] = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, f=fused[name], n=name: calls.append(n) or f(*a))
     generator = torch.Generator().manual_seed(3)
     qweight = nf4.quantize(torch.randn(45, 128, generator=generator) * 0.1, blocksize=64).to(device)
-    x = torch.randn(rows, 128, generator=generator).to(device)
-    grad_y = torch.randn(rows, 45, generator=generator).to(device)
+    x = torch.randn(rows, 128, generator=generator).to(device, dtype)
+    grad_y = torch.randn(rows, 45, generator=generator).to(device, dtype)
     with kernels.use_backend("triton"):
         y, dx = kernels.matmul(x, qweight), kernels.matmul_grad_input(grad_y, qweight)
         y2 = kernels.matmul(x * 2, qweight)  # the temporary is refilled, the first result untouched
-    torch.testing.assert_close(y, kernels.reference.matmul(x, qweight), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dx, kernels.reference.matmul_grad_input(grad_y, qweight), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(y2, 2 * y, rtol=1e-5, atol=1e-5)
-    dense = rows >= triton_ops.DENSE_FROM_ROWS
+    dense = rows >= 24
     assert calls == ([] if dense else ["matmul", "matmul_grad_input", "matmul"])
+    close(y, fused["matmul"](x, qweight))
+    close(dx, fused["matmul_grad_input"](grad_y, qweight))
+    close(y, kernels.reference.matmul(x, qweight))
+    close(dx, kernels.reference.matmul_grad_input(grad_y, qweight))
+    close(y2, kernels.reference.matmul(x * 2, qweight))
 
 
-def test_an_old_or_missing_triton_falls_back_to_the_reference_with_the_reason(monkeypatch):
+def test_an_old_broken_or_missing_triton_falls_back_to_the_reference_with_one_note(monkeypatch, capsys):
+    import builtins
     import sys
     import types
 
     assert kernels.version_tuple("3.3.0+git1a2b") == (3, 3, 0) and kernels.version_tuple("3.4.0rc1") == (3, 4, 0)
     assert kernels.triton_unavailable() is None  # the installed Triton runs the kernels
-    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.1.0"))
-    assert "Triton 3.1.0 is older than the 3.3" in kernels.triton_unavailable()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the note is for CUDA machines
+    real_import = builtins.__import__
     kernels._triton_ops.cache_clear()
     try:
+        monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="2.3.1"))
+        assert "Triton 2.3.1 is older than the 3.0" in kernels.triton_unavailable()
         with kernels.use_backend("auto"):
             assert kernels.backend_name(torch.device("cuda")) == "torch"
-        with kernels.use_backend("triton"), pytest.raises(NibbleError, match="NIBBLE_KERNELS=triton but Triton 3.1"):
+            assert kernels.backend_name(torch.device("cuda")) == "torch"
+        with kernels.use_backend("triton"), pytest.raises(NibbleError, match="NIBBLE_KERNELS=triton but Triton 2.3"):
             kernels.backend_name(torch.device("cpu"))
+        assert capsys.readouterr().err.count("note: Triton 2.3.1 is older") == 1  # one note, at the first use
+
+        def broken(name, *args, **kwargs):  # an install whose import raises something other than ImportError
+            if name == "triton":
+                raise RuntimeError("libcuda.so.1: cannot open shared object file\nmore")
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.delitem(sys.modules, "triton")
+        monkeypatch.setattr(builtins, "__import__", broken)
+        assert kernels.triton_unavailable() == (
+            "Triton does not import (RuntimeError: libcuda.so.1: cannot open shared object file)"
+        )
+        monkeypatch.setattr(builtins, "__import__", real_import)
         monkeypatch.setitem(sys.modules, "triton", None)  # an import of it fails
         assert kernels.triton_unavailable() == "Triton is not installed (pip install triton)"
+        monkeypatch.undo()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setitem(sys.modules, "nibble.kernels.triton_ops", None)  # Triton imports, the kernels do not
+        kernels._triton_ops.cache_clear()
+        with kernels.use_backend("auto"):
+            assert kernels.backend_name(torch.device("cuda")) == "torch"
+        assert "note: nibble's Triton kernels do not load (ModuleNotFoundError" in capsys.readouterr().err
     finally:
         monkeypatch.undo()
         kernels._triton_ops.cache_clear()
+
+
+def test_the_interpreter_setting_is_read_from_knobs_only_where_triton_has_them(monkeypatch):
+    import types
+
+    from nibble.kernels.triton_common import interpreting
+
+    old = types.SimpleNamespace(__version__="3.2.0")  # no triton.knobs
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert interpreting(old) is True
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert interpreting(old) is False
+    new = types.SimpleNamespace(knobs=types.SimpleNamespace(runtime=types.SimpleNamespace(interpret=True)))
+    assert interpreting(new) is True  # the knob wins over the variable

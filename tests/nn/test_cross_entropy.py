@@ -7,7 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nibble.nn.cross_entropy import linear_cross_entropy, linear_log_probs
+from nibble.nn.cross_entropy import (
+    add_head_grad,
+    chunk_elements,
+    default_chunk_rows,
+    linear_cross_entropy,
+    linear_log_probs,
+)
 
 
 def full_path(hidden, weight, targets, reduction):
@@ -99,3 +105,50 @@ def test_chunked_log_probs_bf16():
     ours.sum().backward(), theirs.sum().backward()
     assert h1.grad.dtype == torch.bfloat16
     torch.testing.assert_close(h1.grad.float(), h2.grad.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_chunk_size_does_not_change_the_loss_or_its_gradients():
+    """27 rows a chunk (the CPU size at Qwen3's vocab) and 4096 (about the accelerator size) agree within fp32
+    rounding, in the loss and both gradients."""
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(4200, 32, generator=generator)
+    weight = torch.randn(300, 32, generator=generator) * 0.2
+    targets = torch.randint(0, 300, (4200,), generator=generator)
+    results = []
+    for chunk in (27, 4096):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss = linear_cross_entropy(h, w, targets, chunk_rows=chunk)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    for small, large in zip(*results, strict=True):
+        torch.testing.assert_close(small, large, rtol=1e-5, atol=1e-6)
+
+
+def test_chunks_are_sized_per_device():
+    qwen3_vocab = 151936
+    assert chunk_elements("cpu") // qwen3_vocab == 27
+    assert chunk_elements("cuda") // qwen3_vocab >= 1024 and chunk_elements("cuda") * 4 <= 2**30  # 1 GiB of fp32
+    assert default_chunk_rows(torch.empty(1, 8), qwen3_vocab) == 27
+    assert default_chunk_rows(torch.empty(1, 8, device="meta"), qwen3_vocab) == chunk_elements("cuda") // qwen3_vocab
+
+
+def test_head_gradient_widens_to_fp32_on_cpu_and_keeps_bf16_operands_on_cuda():
+    generator = torch.Generator().manual_seed(6)
+    g = torch.randn(9, 20, generator=generator).bfloat16()
+    h = torch.randn(9, 8, generator=generator).bfloat16()
+    grad_w = torch.ones(20, 8)
+    add_head_grad(grad_w, g, h)
+    assert torch.equal(grad_w, torch.ones(20, 8).addmm_(g.T.float(), h.float()))  # true fp32 on the CPU
+    on_meta = torch.zeros(20, 8, device="meta")  # CUDA's path (fp32 accumulation of bf16 products), shapes only
+    add_head_grad(on_meta, g.to("meta"), h.to("meta"))
+    assert on_meta.dtype == torch.float32 and on_meta.shape == (20, 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16-operand head gradient runs on CUDA")
+def test_head_gradient_on_cuda_is_the_fp32_gradient_within_bf16_product_rounding():
+    generator = torch.Generator().manual_seed(7)
+    g = torch.randn(512, 1000, generator=generator).bfloat16().cuda()
+    h = torch.randn(512, 64, generator=generator).bfloat16().cuda()
+    grad_w = torch.zeros(1000, 64, device="cuda")
+    add_head_grad(grad_w, g, h)
+    torch.testing.assert_close(grad_w, g.T.float() @ h.float(), rtol=1e-4, atol=1e-4)

@@ -53,7 +53,7 @@ def test_loss_is_the_cross_entropy_of_response_tokens_only(chat_model):
     batch = InstructData.from_lists([e[0] for e in encoded], [e[1] for e in encoded]).collate([0, 1], helpers.PAD_ID)
     ids, labels = batch["input_ids"], batch["labels"]
     with torch.no_grad():
-        ours = lm_loss(lm_forward(model, batch), labels)
+        ours = lm_loss(lm_forward(model, batch))
         logprobs = model(ids, batch["attention_mask"]).double().log_softmax(-1)  # [B, T, V]
     terms = [
         -logprobs[b, t, labels[b, t + 1]]
@@ -66,8 +66,8 @@ def test_loss_is_the_cross_entropy_of_response_tokens_only(chat_model):
 
     # Through the hidden states: no gradient reaches a position whose next token is a prompt token or padding.
     hidden = model.hidden_states(ids, batch["attention_mask"]).detach().requires_grad_(True)
-    stub = SimpleNamespace(hidden_states=lambda *_: hidden, lm_head=model.lm_head)
-    lm_loss(lm_forward(stub, batch), labels).backward()
+    stub = SimpleNamespace(hidden_states=lambda *_, **__: hidden, lm_head=model.lm_head)
+    lm_loss(lm_forward(stub, batch)).backward()
     predicts_target = torch.zeros_like(labels, dtype=torch.bool)
     predicts_target[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     norms = hidden.grad.norm(dim=-1)  # [B, T]

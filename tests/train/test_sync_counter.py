@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from sync_counter import SyncCounter
@@ -27,3 +28,14 @@ def test_ignores_ops_that_stay_on_the_device():
         y[torch.tensor([0, 2])]
         torch.where(x > 2, x, 0.0).sum()
     assert counter.total == 0
+
+
+def test_counts_copies_from_a_device_to_the_host():
+    on_device = torch.ones(3, device="meta")  # (a meta tensor cannot really be copied out: the op fails after)
+    with SyncCounter() as counter:
+        on_device.to("meta")
+        with pytest.raises(NotImplementedError):
+            on_device.cpu()
+        with pytest.raises(NotImplementedError):
+            torch.empty(3).copy_(on_device)
+    assert counter.counts == {"device-to-host copy": 2}

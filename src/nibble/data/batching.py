@@ -25,11 +25,22 @@ def pad_sequences(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
 
 
 def pad_batch(ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """``input_ids`` [B, T] right-padded with ``pad_id`` and the ``attention_mask`` [B, T] marking real tokens."""
-    lengths = torch.tensor([len(seq) for seq in ids])
+    """``input_ids`` [B, T] right-padded with ``pad_id``, the ``attention_mask`` [B, T] marking real tokens and
+    ``token_index`` [N]: the flat positions ``b * T + t`` of the N real tokens, row after row (what the model's
+    token layout needs, built here from the rows' lengths so that no step reads it back from the device; its
+    length is the batch's real-token count, see :func:`real_tokens`)."""
+    lengths = [len(seq) for seq in ids]
     input_ids = pad_sequences(ids, pad_id)
-    mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
-    return {"input_ids": input_ids, "attention_mask": mask}
+    width = input_ids.shape[1]
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    starts = np.repeat(np.arange(len(lengths), dtype=np.int64) * width, lengths)
+    within = np.arange(sum(lengths), dtype=np.int64) - np.repeat(np.cumsum([0, *lengths[:-1]]), lengths)
+    return {"input_ids": input_ids, "attention_mask": mask, "token_index": torch.from_numpy(starts + within)}
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The real (not padding) tokens of a :func:`pad_batch` batch, from its shapes alone (no tensor is read)."""
+    return batch["token_index"].shape[0]
 
 
 class Dataset(Protocol):

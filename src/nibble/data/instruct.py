@@ -429,5 +429,18 @@ def load_instruct(
 
 
 def collate_lm(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """A padded batch (see :func:`nibble.data.batching.pad_batch`) plus ``labels`` [B, T] padded with IGNORE_INDEX."""
-    return {**pad_batch(ids, pad_id), "labels": pad_sequences(labels, IGNORE_INDEX)}
+    """A padded batch (see :func:`nibble.data.batching.pad_batch`) plus ``labels`` [B, T] padded with IGNORE_INDEX
+    and where the loss is: ``target_index`` [N] (flat positions in [B, T - 1]: position t predicts token t + 1) and
+    ``targets`` [N] (those tokens), found on the host so that no step selects them on the device."""
+    batch = pad_batch(ids, pad_id)
+    width = batch["input_ids"].shape[1] - 1
+    index, targets = [], []
+    for row, seq in enumerate(labels):
+        following = np.asarray(seq, dtype=np.int64)[1:]
+        positions = np.flatnonzero(following != IGNORE_INDEX)
+        index.append(row * width + positions)
+        targets.append(following[positions])
+    batch["labels"] = pad_sequences(labels, IGNORE_INDEX)
+    batch["target_index"] = torch.from_numpy(np.concatenate(index).astype(np.int64))
+    batch["targets"] = torch.from_numpy(np.concatenate(targets).astype(np.int64))
+    return batch

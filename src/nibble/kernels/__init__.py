@@ -8,6 +8,7 @@ matmul; ``set_backend`` and ``use_backend`` override it from code.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
@@ -18,7 +19,7 @@ from types import ModuleType
 
 import torch
 
-from nibble.errors import NibbleError
+from nibble.errors import NibbleError, first_line
 from nibble.kernels import reference
 from nibble.quant.base import QuantizedWeight
 
@@ -27,9 +28,12 @@ BACKENDS = ("auto", "torch", "triton")
 TRITON_FORMATS = ("nf4", "int4")
 
 
-# The first Triton with what the kernels read (``triton.knobs``, today's interpreter settings); with an older one
-# the torch reference runs (one note says so) instead of every CUDA 4-bit matmul failing.
-MIN_TRITON = (3, 3)
+# The oldest Triton the kernels can compile on: the first whose ``tl.dot`` takes ``input_precision``, which every
+# kernel passes (older ones spell it ``allow_tf32``). ``triton.knobs`` (newer still) is read only where it exists.
+# The kernels were run on newer Tritons only; benchmarks/gpu_check.sh prints the one a GPU session has. With an
+# older Triton, or one that fails to import, the torch reference runs (one note says so on CUDA) instead of every
+# CUDA 4-bit matmul failing.
+MIN_TRITON = (3, 0)
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -44,27 +48,42 @@ def version_tuple(version: str) -> tuple[int, ...]:
 
 
 def triton_unavailable() -> str | None:
-    """Why the Triton kernels cannot run here (Triton missing or too old), or None when they can."""
+    """Why the Triton kernels cannot run here (Triton missing, broken or too old), or None when they can."""
     try:
         import triton
-    except ImportError:
-        return "Triton is not installed (pip install triton)"
-    if version_tuple(triton.__version__) < MIN_TRITON:
+    except ModuleNotFoundError as exc:
+        if exc.name == "triton":
+            return "Triton is not installed (pip install triton)"
+        return f"Triton does not import ({first_line(exc)})"
+    except Exception as exc:  # a broken install raises anything: a missing driver library, a torch mismatch
+        return f"Triton does not import ({type(exc).__name__}: {first_line(exc)})"
+    version = getattr(triton, "__version__", "0")
+    if version_tuple(str(version)) < MIN_TRITON:
         need = ".".join(map(str, MIN_TRITON))
-        return f"Triton {triton.__version__} is older than the {need} nibble's kernels need (pip install -U triton)"
+        return f"Triton {version} is older than the {need} nibble's kernels need (pip install -U triton)"
     return None
+
+
+def _note(reason: str) -> None:
+    if torch.cuda.is_available():
+        print(f"note: {reason}; 4-bit matmuls run the torch reference", file=sys.stderr)
+
+
+_unusable: str | None = None  # why the Triton kernels did not load (set by _triton_ops)
 
 
 @cache
 def _triton_ops() -> ModuleType | None:
-    reason = triton_unavailable()
-    if reason is not None:
-        if torch.cuda.is_available() and reason.startswith("Triton "):
-            print(f"note: {reason}; 4-bit matmuls run the torch reference", file=sys.stderr)
-        return None
-    from nibble.kernels import triton_ops
-
-    return triton_ops
+    """The Triton kernels, or None (with one note on a CUDA machine) where they cannot load."""
+    global _unusable
+    _unusable = triton_unavailable()
+    if _unusable is None:
+        try:
+            return importlib.import_module("nibble.kernels.triton_ops")
+        except Exception as exc:  # a Triton that imports but lacks what the kernels use
+            _unusable = f"nibble's Triton kernels do not load ({type(exc).__name__}: {first_line(exc)})"
+    _note(_unusable)
+    return None
 
 
 # The validated choice: set in code, or read from NIBBLE_KERNELS at first use; None = not read yet.
@@ -116,7 +135,7 @@ def backend_name(device: torch.device) -> str:
     available = _triton_ops() is not None
     if choice == "triton":
         if not available:
-            raise NibbleError(f"NIBBLE_KERNELS=triton but {triton_unavailable()}")
+            raise NibbleError(f"NIBBLE_KERNELS=triton but {_unusable}")
         return "triton"
     return "triton" if available and device.type == "cuda" else "torch"
 

@@ -15,6 +15,7 @@ tensor cores).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -26,8 +27,18 @@ from nibble.errors import NibbleError
 from nibble.quant.base import QuantizedWeight
 from nibble.quant.nf4 import NESTED_BLOCKSIZE, nf4_code
 
+
+def interpreting(triton_module=triton) -> bool:
+    """Whether ``@triton.jit`` kernels run in the interpreter: ``triton.knobs`` where this Triton has it, else the
+    ``TRITON_INTERPRET`` variable older ones read."""
+    knobs = getattr(triton_module, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 # Read once: @triton.jit decides at import time whether kernels run interpreted.
-INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+INTERPRET: bool = interpreting()
 
 _TL_DTYPES = {
     torch.float64: tl.float64,

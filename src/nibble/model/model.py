@@ -216,8 +216,11 @@ class TokenLayout:
     the packed rows there, :meth:`from_padded` gathers them back). Padding costs the token-wise work
     nothing; real short texts are ~40% padding when batched by 16.
 
-    Built by :meth:`DecoderModel.layout`. ``index`` [N] holds the flat positions ``b * T + t`` of the real
-    tokens row after row (None when every position is real); ``positions`` [N] their RoPE positions;
+    Built by :meth:`DecoderModel.layout`, from ``token_index`` where the batch carries it (the flat positions of its
+    real tokens under right padding, found when it was collated: see :func:`nibble.data.batching.pad_batch`), which
+    reads nothing back from the device; else from ``attention_mask``, which reads it (inference on a caller's
+    tensors). ``index`` [N] holds the flat positions ``b * T + t`` of the real tokens row after row (None when every
+    position is real); ``positions`` [N] their RoPE positions;
     ``cos``/``sin`` [N, 1, head_dim]; ``mask``/``is_causal`` what SDPA gets for all queries. For pooling,
     ``last`` [B] indexes each row's last real token among the N and ``last_mask`` [B, 1, 1, S] holds the
     keys it may attend to.
@@ -232,12 +235,20 @@ class TokenLayout:
         past: int,
         device: torch.device,
         dtype: torch.dtype,
+        token_index: torch.Tensor | None = None,
     ):
         self.batch, self.seq = batch, seq
         self.index: torch.Tensor | None = None
         self.lengths = torch.full((batch,), seq, dtype=torch.long, device=device)
         keys_mask = attention_mask
-        if attention_mask is not None and past == 0:
+        if token_index is not None and past == 0:
+            # Right padding: a real query's causal keys are all real, so no padding mask is needed.
+            keys_mask = None
+            if token_index.shape[0] != batch * seq:
+                self.index = token_index
+                rows = token_index // seq
+                self.lengths = torch.zeros_like(self.lengths).index_add_(0, rows, torch.ones_like(rows))
+        elif attention_mask is not None and past == 0:
             real = attention_mask.bool()
             self.lengths = real.sum(dim=1)
             if not bool(real.all()):
@@ -263,7 +274,7 @@ class TokenLayout:
     @cached_property
     def sequence_positions(self) -> torch.Tensor:
         """[N]: each packed token's index among its row's real tokens (0 at the first real token)."""
-        n = int(self.cu_seqlens[-1])
+        n = self.batch * self.seq if self.index is None else self.index.shape[0]
         return torch.arange(n, device=self.lengths.device) - self.cu_seqlens[self.rows]
 
     def last_mask(self) -> torch.Tensor:
@@ -478,7 +489,7 @@ class Backbone(nn.Module):
 class DecoderModel(nn.Module):
     """A decoder with an LM head (``task="causal_lm"``) or a classifier head ``score`` (``task="classify"``).
 
-    ``model(input_ids [B, T], attention_mask [B, T] | None)`` returns logits [B, T, vocab] or
+    ``model(input_ids [B, T], attention_mask [B, T] | None, token_index=...)`` returns logits [B, T, vocab] or
     [B, num_labels]. The classifier pools the final-normed hidden states first (the last real token per
     row, or the masked mean with ``pooling="mean"``) and then applies ``score``; with ``"last"`` the final
     block computes its queries, MLP and norm at the last tokens only.
@@ -515,15 +526,20 @@ class DecoderModel(nn.Module):
         self.num_labels = num_labels if task == "classify" else None
 
     def layout(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        token_index: torch.Tensor | None = None,
     ) -> TokenLayout:
-        """The :class:`TokenLayout` of a batch ``input_ids`` [B, T] (after the ``cache``'s positions)."""
+        """The :class:`TokenLayout` of a batch ``input_ids`` [B, T] (after the ``cache``'s positions); with the batch's
+        ``token_index`` (right padding) it never reads the device back."""
         if input_ids.dim() != 2:
             raise NibbleError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
         past = cache.length if cache is not None else 0
         dtype = self.model.embed_tokens.weight.dtype  # RoPE tables in the hidden states' dtype
-        return TokenLayout(self.config, attention_mask, b, t, past, input_ids.device, dtype)
+        return TokenLayout(self.config, attention_mask, b, t, past, input_ids.device, dtype, token_index)
 
     def packed_hidden_states(
         self, input_ids: torch.Tensor, layout: TokenLayout, cache: KVCache | None = None, last_only: bool = False
@@ -548,9 +564,11 @@ class DecoderModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        token_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-normed hidden states [B, T, hidden] for ``input_ids`` [B, T] (zeros at pad positions)."""
-        layout = self.layout(input_ids, attention_mask, cache)
+        """Final-normed hidden states [B, T, hidden] for ``input_ids`` [B, T] (zeros at pad positions); pass a
+        collated batch's ``token_index`` too (see :meth:`layout`)."""
+        layout = self.layout(input_ids, attention_mask, cache, token_index)
         return layout.unpack(self.packed_hidden_states(input_ids, layout, cache))
 
     def forward(
@@ -558,8 +576,9 @@ class DecoderModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        token_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        layout = self.layout(input_ids, attention_mask, cache)
+        layout = self.layout(input_ids, attention_mask, cache, token_index)
         if self.task == "causal_lm":
             return self.lm_head(layout.unpack(self.packed_hidden_states(input_ids, layout, cache)))  # [B, T, V]
         if self.pooling == "last":

@@ -14,8 +14,34 @@ import torch
 
 from nibble import kernels
 
-# fp32 logits of one chunk: 2**22 elements (16 MiB) — 85 rows at vocab 49152, 27 at 151936.
+# fp32 logits of one chunk on a CPU: 2**22 elements (16 MiB) — 85 rows at vocab 49152, 27 at 151936, which keeps a
+# chunk in the caches.
 CHUNK_ELEMENTS = 1 << 22
+# On an accelerator: 2**28 elements (1 GiB of fp32 logits, 1.5 GiB with its bf16 gradient) — 1766 rows at vocab
+# 151936, 5461 at 49152, 1024 at 262144. Each chunk reads the whole head twice (logits, grad-input) and its three
+# matmuls want thousands of rows to run at tensor-core speed; 27-row chunks would be ~93 memory-bound launches per
+# micro-batch of 2.5k targets.
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 28
+
+
+def chunk_elements(device_type: str) -> int:
+    """fp32 logits of one chunk on a device of ``device_type`` (what the memory planner counts, too)."""
+    return CHUNK_ELEMENTS if device_type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+
+
+def default_chunk_rows(hidden: torch.Tensor, vocab: int) -> int:
+    """Rows per chunk for ``hidden``'s device: as many as fit :func:`chunk_elements` fp32 logits (at least one)."""
+    return max(1, chunk_elements(hidden.device.type) // vocab)
+
+
+def add_head_grad(grad_w: torch.Tensor, grad_logits: torch.Tensor, h: torch.Tensor) -> None:
+    """``grad_w [V, H] (fp32) += grad_logits[c, V].T @ h [c, H]``. On CUDA the operands stay in the compute dtype
+    (bf16/fp16 tensor cores) and the products accumulate into fp32 (``out_dtype``); elsewhere they are widened to
+    fp32 first (a CPU has no faster bf16 path to trade the exactness for)."""
+    if grad_w.device.type in ("cuda", "meta") and grad_logits.dtype in (torch.bfloat16, torch.float16):
+        torch.addmm(grad_w, grad_logits.T, h.to(grad_logits.dtype), out_dtype=torch.float32, out=grad_w)
+    else:
+        grad_w.addmm_(grad_logits.T.float(), h.float())
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -43,7 +69,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[start : start + chunk_rows] = kernels.linear(grad_logits, w.T)  # @ w
                 if need_w:
-                    grad_w.addmm_(grad_logits.T.float(), h.float())
+                    add_head_grad(grad_w, grad_logits, h)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total * scale
@@ -70,14 +96,14 @@ def linear_cross_entropy(
         weight: [V, H] the LM head; cast to ``hidden.dtype`` for the matmul; its gradient is fp32-accumulated.
         targets: [N] token ids.
         reduction: "mean" or "sum" over the N rows.
-        chunk_rows: rows per chunk (default: as many as fit :data:`CHUNK_ELEMENTS` fp32 logits).
+        chunk_rows: rows per chunk (default: :func:`default_chunk_rows`).
 
     Returns:
         A scalar fp32 loss. Zero rows give a zero loss that still backpropagates (to nothing).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
-    rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    rows = chunk_rows or default_chunk_rows(hidden, weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, targets, reduction == "sum", rows)
 
 
@@ -119,7 +145,7 @@ class _LinearLogProbs(torch.autograd.Function):
                 g = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_().neg_()
                 g[torch.arange(t.numel(), device=t.device), t] += 1.0
                 g = g.mul_(grad_out[start : start + rows, None].float()).to(hidden.dtype)
-                grad_w.addmm_(g.T.float(), h.float())
+                add_head_grad(grad_w, g, h)
             gw = grad_w.to(weight.dtype)
         return gh, gw, None, None
 
@@ -134,10 +160,10 @@ def linear_log_probs(
         hidden: [N, H] in the compute dtype.
         weight: [V, H] the LM head (its gradient, when it needs one, is recomputed chunk by chunk in backward).
         targets: [N] token ids.
-        chunk_rows: rows per chunk (default: as many as fit :data:`CHUNK_ELEMENTS` fp32 logits).
+        chunk_rows: rows per chunk (default: :func:`default_chunk_rows`).
 
     Returns:
         [N] fp32 log-probabilities.
     """
-    rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    rows = chunk_rows or default_chunk_rows(hidden, weight.shape[0])
     return _LinearLogProbs.apply(hidden, weight, targets, rows)

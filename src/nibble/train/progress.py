@@ -114,10 +114,11 @@ class Window:
             summed = torch.stack(rows)  # [steps, 1 + metrics]: the ranks' shares
             if parallel:
                 summed = all_sum(summed)
-            norms = torch.stack([self.grad_norms[i].float() for i in fresh])
-            for i, values, norm in zip(fresh, summed.tolist(), norms.tolist(), strict=True):
-                self.losses[i], self.grad_norms[i] = values[0], norm
-                self.metrics[i] = dict(zip(names, values[1:], strict=True))
+            norms = torch.stack([self.grad_norms[i].float() for i in fresh]).to(summed.device)
+            host = torch.cat([summed, norms[:, None]], dim=1).tolist()  # one transfer for the whole window
+            for i, values in zip(fresh, host, strict=True):
+                self.losses[i], self.grad_norms[i] = values[0], values[-1]
+                self.metrics[i] = dict(zip(names, values[1:-1], strict=True))
         if parallel:
             self.unsummed_tokens = int(host_sum([float(self.unsummed_tokens)])[0])  # host numbers, summed on the host
         self.tokens, self.unsummed_tokens = self.tokens + self.unsummed_tokens, 0

@@ -17,7 +17,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from nibble.data.batching import BatchStream
+from nibble.data.batching import BatchStream, real_tokens
 from nibble.devices import MemoryMeter, autocast, peak_flops, resolve_dtype, to_device
 from nibble.errors import Interrupted, NibbleError, StepFailed
 from nibble.train.checkpoint import (
@@ -278,7 +278,7 @@ class Trainer:
             batches.append(self.stream.next_batch())
             units.append(0.0 if self.stream.stand_in else float(self.loss_units(batches[-1])))
         # counted on the host, before the batches move
-        tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+        tokens = sum(real_tokens(batch) for batch in batches)
         engine = self.data_parallel
         for micro, (batch, share) in enumerate(zip(batches, self._shares(units), strict=True)):
             batch = to_device(batch, self.device)

@@ -29,6 +29,12 @@ Batch = dict[str, torch.Tensor]
 LossResult = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 
+def decoder_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The model's output on a collated batch, with its ``token_index`` (so the model's token layout reads nothing
+    back from the device: see :func:`nibble.data.batching.pad_batch`)."""
+    return model(batch["input_ids"], batch["attention_mask"], token_index=batch["token_index"])
+
+
 @dataclass(kw_only=True)
 class TaskRun:
     """What a task gives one training run, once its data is read and checked.

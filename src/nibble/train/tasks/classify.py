@@ -31,7 +31,7 @@ from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
 from nibble.train.config import TrainConfig
 from nibble.train.distributed import all_sum, eval_batches, gather_rows
 from nibble.train.metrics import classification_loss, classification_metrics, format_metrics
-from nibble.train.tasks.base import Batch, LossResult, SavedModel, TaskRun
+from nibble.train.tasks.base import Batch, LossResult, SavedModel, TaskRun, decoder_forward
 
 # Prediction sorts by length within windows of this many batches, so that it streams rows in file order.
 PREDICT_WINDOW_BATCHES = 64
@@ -62,7 +62,7 @@ def iter_probs(
             probs = torch.empty(len(rows), data.label_map.num_labels)
             for chunk, batch in batches_by_length(data, batch_size, pad_id, rows):
                 batch = to_device(batch, device)
-                logits = model(batch["input_ids"], batch["attention_mask"]).float()
+                logits = decoder_forward(model, batch).float()
                 p = logits.sigmoid() if data.label_map.multi_label else logits.softmax(-1)
                 probs[torch.tensor(chunk) - start] = p.cpu()
             yield rows, probs
@@ -84,7 +84,7 @@ def evaluate(
         for chunk, batch in eval_batches(data, batch_size, pad_id, by_length):
             host_labels = batch["labels"]
             batch = to_device(batch, device)
-            logits = model(batch["input_ids"], batch["attention_mask"]).float()
+            logits = decoder_forward(model, batch).float()
             if not chunk:  # a stand-in batch: this rank's rows ran out
                 continue
             labels.append(host_labels)
@@ -102,7 +102,7 @@ class _Loss:
 
     def __init__(self, label_map: LabelMap, weights: torch.Tensor | None):
         self.multi_label, self.weights = label_map.multi_label, weights
-        self.host_weights = None if weights is None else weights.cpu()
+        self.host_weights = None if weights is None else weights.cpu().numpy()  # read once, for units
 
     def __call__(self, logits: torch.Tensor, batch: Batch) -> LossResult:
         if self.weights is not None and self.weights.device != logits.device:
@@ -113,7 +113,7 @@ class _Loss:
         """What the loss of ``batch`` averages over: its rows, or with class weights the weights of their classes."""
         if self.host_weights is None or self.multi_label:
             return batch["labels"].shape[0]
-        return float(self.host_weights[batch["labels"]].sum())
+        return float(self.host_weights[batch["labels"].numpy()].sum())  # the host batch, before it moves
 
 
 class ClassifyTask:
@@ -151,6 +151,7 @@ class ClassifyTask:
             train=data,
             val=val,
             loss=loss,
+            forward=decoder_forward,
             loss_units=loss.units,
             evaluate=run_eval if val is not None else None,
             summary=summary,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from nibble.data.batching import pad_batch
 from nibble.errors import NibbleError
 from nibble.io.files import open_atomic, write_json
 from nibble.model.sampler import SamplingConfig, sample
@@ -54,14 +55,10 @@ class PromptData:
         return len(self.prompts)
 
     def collate(self, indices, pad_id: int) -> dict[str, torch.Tensor]:
-        """The prompts' ids right-padded [P, T] with their mask, and ``rows`` [P] (their indices here)."""
-        width = max(len(self.prompts[i]) for i in indices)
-        ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(indices):
-            ids[r, : len(self.prompts[i])] = torch.tensor(self.prompts[i])
-            mask[r, : len(self.prompts[i])] = 1
-        return {"input_ids": ids, "attention_mask": mask, "rows": torch.tensor(list(indices), dtype=torch.long)}
+        """The prompts right-padded (see :func:`nibble.data.batching.pad_batch`), and ``rows`` [P] (their indices
+        here)."""
+        batch = pad_batch([self.prompts[i] for i in indices], pad_id)
+        return {**batch, "rows": torch.tensor(list(indices), dtype=torch.long)}
 
     def subset(self, indices) -> PromptData:
         keep = [int(i) for i in indices]

@@ -20,7 +20,6 @@ from nibble.data.batching import MAX_SEQ_LEN
 from nibble.data.chat import RenderOptions
 from nibble.data.instruct import (
     CHATML,
-    IGNORE_INDEX,
     InstructData,
     default_system_prompt,
     fit_length,
@@ -36,7 +35,7 @@ from nibble.devices import autocast, describe, resolve_device, to_device
 from nibble.io.tokenizer import Tokenizer
 from nibble.model.config import ModelConfig
 from nibble.model.loading import resolve_model_dir
-from nibble.nn.cross_entropy import CHUNK_ELEMENTS, linear_cross_entropy
+from nibble.nn.cross_entropy import chunk_elements, linear_cross_entropy
 from nibble.train.config import TrainConfig
 from nibble.train.distributed import all_sum, current, eval_batches
 from nibble.train.metrics import headline
@@ -44,37 +43,38 @@ from nibble.train.tasks.base import Batch, LossResult, SavedModel, TaskRun
 
 
 class LMOutputs(NamedTuple):
-    """What :func:`lm_forward` hands :func:`lm_loss`: the hidden states that predict a target and the LM head."""
+    """What :func:`lm_forward` hands :func:`lm_loss`: the hidden states that predict a target, the LM head and the
+    target tokens."""
 
     hidden: torch.Tensor  # [N, H], in the compute dtype
     weight: torch.Tensor  # [V, H]
+    targets: torch.Tensor  # [N]
 
 
 def lm_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> LMOutputs:
-    """The final hidden states at the N positions whose next token is a target (``labels[:, 1:] != IGNORE_INDEX``)
-    and the LM head's weight; :func:`lm_loss` turns them into the loss without building [N, V] logits."""
-    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])  # [B, T, H]
-    predicts = batch["labels"][:, 1:] != IGNORE_INDEX  # [B, T-1]: position t predicts token t + 1
-    selected = hidden[:, :-1][predicts]  # [N, H]
+    """The final hidden states at the N positions whose next token is a target (the batch's ``target_index``, found
+    when it was collated: see :func:`nibble.data.instruct.collate_lm`), the LM head's weight and those targets;
+    :func:`lm_loss` turns them into the loss without building [N, V] logits."""
+    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], token_index=batch["token_index"])
+    width = hidden.shape[2]
+    selected = hidden[:, :-1].reshape(-1, width).index_select(0, batch["target_index"])  # [N, H]
     if torch.is_autocast_enabled(selected.device.type):  # the head's matmul runs in the autocast dtype
         selected = selected.to(torch.get_autocast_dtype(selected.device.type))
-    return LMOutputs(selected, model.lm_head.weight)
+    return LMOutputs(selected, model.lm_head.weight, batch["targets"])
 
 
-def lm_loss(outputs: LMOutputs, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy (fp32 softmax) of the LM head at :func:`lm_forward`'s positions against the target tokens
-    of ``labels`` [B, T], computed in chunks of rows (:func:`nibble.nn.cross_entropy.linear_cross_entropy`).
+def lm_loss(outputs: LMOutputs, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy (fp32 softmax) of the LM head at :func:`lm_forward`'s positions against their target tokens,
+    computed in chunks of rows (:func:`nibble.nn.cross_entropy.linear_cross_entropy`).
 
     A batch without targets gives a zero loss that still backpropagates (to nothing).
     """
-    targets = labels[:, 1:]
-    targets = targets[targets != IGNORE_INDEX]  # [N], in the order lm_forward selected the positions
-    return linear_cross_entropy(outputs.hidden, outputs.weight, targets, reduction)
+    return linear_cross_entropy(outputs.hidden, outputs.weight, outputs.targets, reduction)
 
 
 def target_count(batch: dict[str, torch.Tensor]) -> int:
-    """The target tokens of a batch: what :func:`lm_loss` averages over."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    """The target tokens of a batch: what :func:`lm_loss` averages over (from its shape: nothing is read)."""
+    return batch["targets"].shape[0]
 
 
 def evaluate_lm(model: nn.Module, data: InstructData, batch_size: int, pad_id: int) -> dict[str, Any]:
@@ -86,7 +86,7 @@ def evaluate_lm(model: nn.Module, data: InstructData, batch_size: int, pad_id: i
         for chunk, batch in eval_batches(data, batch_size, pad_id):
             targets = target_count(batch)  # counted on the host, before the batch moves
             batch = to_device(batch, device)
-            loss = lm_loss(lm_forward(model, batch), batch["labels"], reduction="sum")
+            loss = lm_loss(lm_forward(model, batch), reduction="sum")
             if chunk:  # (not a stand-in batch: this rank's rows ran out)
                 total += loss
                 count += targets
@@ -146,7 +146,7 @@ def lm_report(metrics: dict[str, Any]) -> str:
 
 def lm_batch_loss(outputs: LMOutputs, batch: Batch) -> LossResult:
     """The training loss of a batch (:func:`lm_loss`; no other metrics)."""
-    return lm_loss(outputs, batch["labels"]), {}
+    return lm_loss(outputs), {}
 
 
 class InstructTask:
@@ -207,7 +207,8 @@ class InstructTask:
         full run's fp32 gradient of the LM head, which the loss accumulates itself (no [N, vocab] logits)."""
         e = config.torch_dtype.itemsize
         head_grad = 4 * model.vocab_size * model.hidden_size if config.method == "full" else 0
-        return 2 * e * model.hidden_size, CHUNK_ELEMENTS * (4 + e) + head_grad
+        chunk = chunk_elements(resolve_device(config.device).type)
+        return 2 * e * model.hidden_size, chunk * (4 + e) + head_grad
 
     def evaluate_saved(self, request: SavedModel) -> dict[str, Any]:
         import torch

@@ -41,7 +41,7 @@ from nibble.io.files import read_json_object, write_json
 from nibble.io.tokenizer import Tokenizer
 from nibble.model.config import ModelConfig
 from nibble.model.loading import resolve_model_dir
-from nibble.nn.cross_entropy import CHUNK_ELEMENTS, linear_log_probs
+from nibble.nn.cross_entropy import chunk_elements, linear_log_probs
 from nibble.nn.lora import lora_layers
 from nibble.train.config import TrainConfig
 from nibble.train.distributed import all_sum, eval_batches
@@ -56,7 +56,7 @@ OBJECTIVE_FILE = "preference.json"  # beside an exported adapter: how eval score
 def sequence_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
     """[R] each sequence's summed log-probability of its completion tokens (the batch's ``target_*``, see
     :func:`nibble.data.preference._sequences_batch`), through the chunked LM head."""
-    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])  # [R, T, H]
+    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], token_index=batch["token_index"])
     rows, width = hidden.shape[0], hidden.shape[2]
     selected = hidden[:, :-1].reshape(-1, width).index_select(0, batch["target_index"])  # [N, H]
     if torch.is_autocast_enabled(selected.device.type):  # the head's matmul runs in the autocast dtype
@@ -347,7 +347,8 @@ def pair_memory(model: ModelConfig, config: TrainConfig) -> tuple[int, int]:
     gradient of the LM head. The reference pass keeps nothing for backward (no_grad, before the policy pass)."""
     e = config.torch_dtype.itemsize
     head_grad = 4 * model.vocab_size * model.hidden_size if config.method == "full" else 0
-    return 2 * e * model.hidden_size, CHUNK_ELEMENTS * (4 + e) + head_grad
+    chunk = chunk_elements(resolve_device(config.device).type)
+    return 2 * e * model.hidden_size, chunk * (4 + e) + head_grad
 
 
 class PreferenceTask:

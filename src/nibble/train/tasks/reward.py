@@ -27,7 +27,7 @@ from nibble.io.tokenizer import Tokenizer
 from nibble.model.config import ModelConfig
 from nibble.train.config import TrainConfig
 from nibble.train.distributed import all_sum, eval_batches
-from nibble.train.tasks.base import Batch, LossResult, SavedModel, TaskRun
+from nibble.train.tasks.base import Batch, LossResult, SavedModel, TaskRun, decoder_forward
 from nibble.train.tasks.preference import pairs_of, split_val, truncation_of
 
 REWARD_FILE = "reward.json"  # beside an export: the prompt truncation eval and predict read the data with
@@ -53,7 +53,7 @@ def evaluate_rewards(model: nn.Module, data: PairData, batch_size: int, pad_id: 
     with torch.no_grad():
         for chunk, batch in eval_batches(data, batch_size, pad_id):
             batch = to_device(batch, device)
-            loss, diff = reward_terms(model(batch["input_ids"], batch["attention_mask"]), batch)
+            loss, diff = reward_terms(decoder_forward(model, batch), batch)
             if chunk:
                 sums += torch.stack([loss.sum(), (diff > 0).float().sum(), diff.sum()]).double()
     loss, right, margin = all_sum(sums).tolist()
@@ -101,6 +101,7 @@ class RewardTask:
             train=data,
             val=val,
             loss=reward_loss,
+            forward=decoder_forward,
             loss_units=pairs_of,
             evaluate=(lambda m, bs: evaluate_rewards(m, val, bs, pad_id)) if val is not None else None,
             summary=f"{len(data)} pairs, {len(val) if val else 0} val pairs; a one-output score head",
@@ -147,7 +148,7 @@ class RewardTask:
             for start in range(0, len(data), request.batch_size):
                 rows = list(range(start, min(start + request.batch_size, len(data))))
                 batch = to_device(data.collate(rows, tokenizer.pad_id), device)
-                chosen, rejected = model(batch["input_ids"], batch["attention_mask"]).float().squeeze(-1).chunk(2)
+                chosen, rejected = decoder_forward(model, batch).float().squeeze(-1).chunk(2)
                 for i, c, r in zip(rows, chosen.tolist(), rejected.tolist(), strict=True):
                     f.write(json.dumps({**ids[i], "chosen": c, "rejected": r}, ensure_ascii=False) + "\n")
         return len(data)
