@@ -200,6 +200,7 @@ def test_what_llama_cpp_cannot_hold_is_one_line(exported, tmp_path, capsys):
     # a LoRA adapter alone: llama.cpp's per-projection adapters do not cover the DeltaNet layout
     peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "in_proj_qkv"]))
     peft_model.save_pretrained(tmp_path / "adapter")
+    capsys.readouterr()
     args = ["export", "--model", str(source), "--adapter", str(tmp_path / "adapter"), "--adapter-only"]
     assert main([*args, "--output", str(tmp_path / "a.gguf")]) == 2
     err = capsys.readouterr().err
