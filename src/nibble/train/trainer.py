@@ -104,9 +104,9 @@ class Trainer:
         self.on_save = on_save
         self.flops_per_token = flops_per_token
         self.loss_units = task.loss_units or (lambda batch: batch["input_ids"].shape[0])
-        self.rollout, self.iterations = task.rollout, task.iterations
-        # the micro-batches the steps since the last draw train on (with their units), and their rollouts
-        self._drawn: tuple[list[Batch], list[float]] | None = None
+        self.rollout, self.iterations, self.step_units = task.rollout, task.iterations, task.step_units
+        # the micro-batches the steps since the last draw train on (and which are stand-ins), and their rollouts
+        self._drawn: tuple[list[Batch], list[bool]] | None = None
         self._rollouts: list[Batch] | None = None
         self.parallel = current()
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -276,13 +276,13 @@ class Trainer:
             )
         return [found[m] for m in range(ga)]
 
-    def _draw(self) -> tuple[list[Batch], list[float]]:
-        """The next ``grad_accum`` batches of the stream (CPU), with the units each one's loss averages over."""
-        batches, units = [], []
+    def _draw(self) -> tuple[list[Batch], list[bool]]:
+        """The next ``grad_accum`` batches of the stream (CPU), and whether each is a stand-in (counts nothing)."""
+        batches, stand_ins = [], []
         for _ in range(self.config.grad_accum):
             batches.append(self.stream.next_batch())
-            units.append(0.0 if self.stream.stand_in else float(self.loss_units(batches[-1])))
-        return batches, units
+            stand_ins.append(self.stream.stand_in)
+        return batches, stand_ins
 
     def _not_finite(self, what: str, value: float) -> NibbleError:
         last = self.last_checkpoint if self.last_checkpoint is not None and self.last_checkpoint.exists() else None
@@ -342,7 +342,7 @@ class Trainer:
         fresh = self._drawn is None or self.progress.step % self.iterations == 0
         if fresh:
             self._drawn = self._draw()
-        batches, units = self._drawn
+        batches, stand_ins = self._drawn
         # counted on the host, before the batches move
         tokens = sum(real_tokens(batch) for batch in batches)
         if self.rollout is not None and fresh:
@@ -350,6 +350,8 @@ class Trainer:
                 self._rollouts = [self.rollout(self.model, to_device(batch, self.device)) for batch in batches]
         engine = self.data_parallel
         inputs = self._rollouts if self.rollout is not None else batches
+        # what each loss averages over, from the CPU batches (a rollout's own host tensors)
+        units = [0.0 if stand_in else float(self.loss_units(b)) for b, stand_in in zip(inputs, stand_ins, strict=True)]
         for micro, (batch, share) in enumerate(zip(inputs, self._shares(units), strict=True)):
             batch = batch if self.rollout is not None else to_device(batch, self.device)
             syncing = engine.no_sync(micro < cfg.grad_accum - 1) if engine is not None else nullcontext()
@@ -360,6 +362,8 @@ class Trainer:
                 if self.parallel.active:
                     # DDP and FSDP average the ranks' gradients: x world undoes that, the share weighs each rank's mean
                     self.scaler.scale(loss * (share * self.parallel.world / cfg.grad_accum)).backward()
+                elif self.step_units:
+                    self.scaler.scale(loss * (share / cfg.grad_accum)).backward()
                 else:
                     self.scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += self._part(loss, share)
@@ -394,16 +398,21 @@ class Trainer:
 
     def _part(self, value: torch.Tensor, share: float) -> torch.Tensor:
         """A micro-batch's ``value`` as its part of the step's mean (under torchrun: this rank's share of it)."""
-        if self.parallel.active:
+        if self.parallel.active or self.step_units:
             return value.detach().float() * share / self.config.grad_accum
         return value.detach().float() / self.config.grad_accum
 
     def _shares(self, units: list[float]) -> list[float]:
         """This rank's share of the units (rows, target tokens) each global micro-batch's loss averages over (all 1
-        in a single process): one host all-reduce per step, for all its micro-batches."""
-        if not self.parallel.active:
+        in a single process): one host all-reduce per step, for all its micro-batches. With the task's
+        ``step_units`` the share is of the whole step's units, times ``grad_accum``: the step's loss is then the mean
+        over all its units, however they fall into micro-batches."""
+        if not self.parallel.active and not self.step_units:
             return [1.0] * len(units)
-        totals = host_sum(units)
+        totals = host_sum(units) if self.parallel.active else units
+        if self.step_units:
+            whole = max(sum(totals), 1e-30) / len(units)
+            return [mine / whole for mine in units]
         return [mine / max(total, 1e-30) for mine, total in zip(units, totals, strict=True)]
 
     def _stop_asked(self, stop: GracefulStop) -> bool:

@@ -177,7 +177,8 @@ class Rollout:
         advantages = group_advantages(total, g, self.objective.scale_rewards)
         scored = (ids, attention, targets, starts)
         rolled = {"ids": ids, "attention": attention, "targets": targets, "starts": starts}
-        rolled.update(mask=mask.to(device), advantages=advantages.to(device=device, dtype=torch.float32))
+        rolled["mask"] = mask  # (on the host: the trainer weighs micro-batches by it, see units)
+        rolled["advantages"] = advantages.to(device=device, dtype=torch.float32)
         if self.objective.needs_reference:  # computed once per sampling, as the reference never changes
             with model.adapters_disabled():
                 rolled["ref_logps"] = completion_logps(model, scored, self.config.temperature, device)
@@ -195,6 +196,13 @@ class Rollout:
             stats[f"reward_{reward.name}_std"] = per_fn[:, i].std()
         rolled.update({f"stat.{k}": v.to(device=device, dtype=torch.float32) for k, v in stats.items()})
         return rolled
+
+    def units(self, rolled: Batch) -> float:
+        """What a rolled-out micro-batch's loss averages over: its completion tokens that count for ``dapo`` (whose
+        token mean spans the whole step, as TRL's), else its completions."""
+        if self.objective.loss_type == "dapo":
+            return float(rolled["mask"].sum())
+        return float(rolled["ids"].shape[0])
 
     def forward(self, model: nn.Module, rolled: Batch) -> dict[str, torch.Tensor]:
         """The policy's log-probs of the rolled-out completions, with gradients."""
@@ -353,6 +361,8 @@ class GRPOTask:
             forward=rollout.forward,
             loss=rollout.loss,
             iterations=config.num_iterations,
+            loss_units=rollout.units,
+            step_units=config.loss_type == "dapo",
             evaluate=(lambda model, bs: rollout.evaluate(model, val, bs)) if val is not None else None,
             summary=f"{len(train)} prompts, {len(val) if val else 0} val prompts; G={config.num_generations}; "
             f"loss {config.loss_type}; rewards {names}",
