@@ -116,6 +116,40 @@ def test_grpo_trains_logs_samples_and_resumes_bit_exact_after_sigkill(tiny, tmp_
     assert (killed / weights).read_bytes() == (whole / weights).read_bytes()
 
 
+def test_num_iterations_reuses_each_sampling_and_resumes_bit_exact_between_its_steps(tiny, tmp_path, capsys):
+    """``--num-iterations 2``: each sampling feeds two steps (the second logs the same completions' rewards), a
+    checkpoint after the first holds the completions, and a run killed later resumes from it exactly as the
+    uninterrupted one."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    common = ("--max-steps", "5", "--save-every", "3", "--num-iterations", "2", "--beta", "0.04", "--val-data", "")
+    assert main(args(tiny, whole, *common)) == 0
+    records = train_records(whole)
+    assert [r["step"] for r in records] == list(range(1, 6))
+    for first, second in (records[0:2], records[2:4]):  # the same completions, trained on twice
+        assert [first[k] for k in ("reward", "completion_len", "truncated")] == [
+            second[k] for k in ("reward", "completion_len", "truncated")
+        ]
+    assert records[0]["reward"] != records[2]["reward"] or records[0]["completion_len"] != records[2]["completion_len"]
+    step3 = whole / "checkpoints" / "step-3"
+    assert (step3 / "rollouts.safetensors").is_file()
+    assert json.loads((step3 / "state.json").read_text())["data"]["position"] == 2  # two samplings so far
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen([sys.executable, str(PAUSING), "step", "5", *args(tiny, killed, *common)], env=env,
+                           text=True, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)  # fmt: skip
+    while "paused in step 5" not in (line := run.stderr.readline()):
+        assert line, "the run ended before step 5"
+    run.send_signal(signal.SIGKILL)
+    run.communicate(timeout=60)
+    capsys.readouterr()
+    assert main([*args(tiny, killed, *common), "--resume"]) == 0
+    assert "at step 3" in capsys.readouterr().out
+    keys = (*KEYS, "clip_region", "kl")
+    assert [[r[k] for k in keys] for r in train_records(killed)] == [[r[k] for k in keys] for r in records]
+    weights = "adapter/adapter_model.safetensors"
+    assert (killed / weights).read_bytes() == (whole / weights).read_bytes()
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -123,6 +157,13 @@ def test_grpo_trains_logs_samples_and_resumes_bit_exact_after_sigkill(tiny, tmp_
         (("--rewards", "nonsense"), "type 'nonsense' is not a reward"),
         (("--num-generations", "1", "--batch-size", "1"), "at least 2 completions"),
         (("--beta", "0.1", "--method", "full"), "needs adapters to switch off"),
+        (
+            (
+                "--num-iterations",
+                "0",
+            ),
+            "'num_iterations' 0 must be at least 1",
+        ),
     ],
 )
 def test_bad_settings_are_one_line(tiny, tmp_path, capsys, extra, message):

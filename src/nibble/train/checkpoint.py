@@ -4,6 +4,8 @@
 - ``trainable.safetensors``: every trainable parameter by name;
 - ``optimizer.safetensors``: the optimizer state tensors, ``{param name}.{state key}``;
 - ``rng.safetensors``: torch (CPU and CUDA), numpy and python generator states as integer tensors;
+- ``rollouts.safetensors`` (only between the steps that reuse one drawn batch, GRPO's ``num_iterations``): what the
+  task's rollout made of the batch (completions, old log-probs, advantages), ``{rank}.{micro-batch}.{name}``;
 - ``state.json``: step, data position, optimizer groups, scheduler, grad scaler, early stopping and
   the scalar parts of the RNG states; ``config.yaml``: the run's config;
 - ``manifest.json``: the size and SHA-256 of every other file, written last.
@@ -40,6 +42,7 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 STATE_FILE = "state.json"
 MANIFEST = "manifest.json"
 SHARDS = "shards"
+ROLLOUTS = "rollouts.safetensors"
 
 
 def optimizer_state(
@@ -145,9 +148,11 @@ def save_checkpoint(
     state: dict[str, Any],
     config_yaml: str,
     rank_rng: dict[str, torch.Tensor] | None = None,
+    rollouts: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``directory/step-{step}`` atomically (a staged directory, renamed when complete); returns its path.
-    ``rank_rng`` (see :func:`nibble.train.rng.rank_rng_states`) joins this process's generators in rng.safetensors.
+    ``rank_rng`` (see :func:`nibble.train.rng.rank_rng_states`) joins this process's generators in rng.safetensors;
+    ``rollouts`` (every rank's, gathered) go to rollouts.safetensors.
     Under torchrun every rank calls it; rank 0 writes, and with sharded (FSDP2) weights each rank its shard."""
     final = directory / f"step-{step}"
     main = current().is_main
@@ -171,6 +176,8 @@ def save_checkpoint(
             save_file_atomic({k: v.detach() for k, v in trainable.items()}, tmp / "trainable.safetensors")
             save_file_atomic(opt_tensors, tmp / "optimizer.safetensors")
         save_file_atomic({**rng_tensors, **(rank_rng or {})}, tmp / "rng.safetensors")
+        if rollouts:
+            save_file_atomic(rollouts, tmp / ROLLOUTS)
         full_state = {**state, "step": step, "optimizer_groups": groups, "rng": rng_scalars}
         (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1), encoding="utf-8")
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
@@ -340,6 +347,12 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
             raise NibbleError(f"{file}: missing; resume from an older checkpoint")
         files[name] = load_file(file)
     return files.get("trainable", {}), files.get("optimizer", {}), state, files["rng"]
+
+
+def load_rollouts(path: Path) -> dict[str, torch.Tensor]:
+    """The rollouts a checkpoint taken between two steps on one drawn batch saved (see :func:`save_checkpoint`);
+    empty when it holds none. (The manifest was verified by :func:`load_checkpoint`.)"""
+    return load_file(path / ROLLOUTS) if (path / ROLLOUTS).is_file() else {}
 
 
 def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -270,6 +270,9 @@ class TrainConfig:
 
     # GRPO (names and defaults as TRL's GRPOConfig)
     num_generations: int = field(default=8, metadata=_help("grpo: completions sampled per prompt (G)"))
+    num_iterations: int = field(
+        default=1, metadata=_help("grpo: optimizer steps on each sampled batch (μ; > 1 clips the ratio to the sampler)")
+    )
     max_completion_len: int = field(default=512, metadata=_help("grpo: sample at most N tokens per completion"))
     temperature: float = field(default=1.0, metadata=_help("grpo: sampling temperature"))
     top_p: float = field(default=1.0, metadata=_help("grpo: nucleus sampling mass (1: off)"))

@@ -241,7 +241,9 @@ class Run:
             part=(self.part.rank, self.part.world),
         )
         cfg = self.config
-        self.total_steps = cfg.max_steps or cfg.epochs * math.ceil(self.stream.batches_per_epoch / cfg.grad_accum)
+        # (each drawn batch feeds `iterations` steps: GRPO's num_iterations)
+        steps_per_epoch = math.ceil(self.stream.batches_per_epoch / cfg.grad_accum) * self.task.iterations
+        self.total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
         self.final_dir = self.out / ("model" if cfg.method == "full" else "adapter")
         if self.resume_from is not None and finished_already(
             self.out, self.final_dir, self.resume_from, self.total_steps, cfg
@@ -283,7 +285,8 @@ class Run:
     def _plan_options(self, cache_budget: int):
         opts = plan_options(self.config, self.model_config, num_labels=self.task.num_labels, device=self.device)
         # activations scale with the real tokens of the run's own largest micro-batch
-        tokens = self.stream.most_tokens(self.total_steps * self.config.grad_accum)
+        draws = -(-self.total_steps // self.task.iterations)
+        tokens = self.stream.most_tokens(draws * self.config.grad_accum)
         return replace(opts, cache_budget=cache_budget, batch_tokens=tokens)
 
     def _load_model(self) -> None:

@@ -26,19 +26,29 @@ from nibble.train.checkpoint import (
     discard_checkpoints_after,
     load_checkpoint,
     load_optimizer_state,
+    load_rollouts,
     load_sharded,
     load_trainable,
     prune_checkpoints,
     save_checkpoint,
 )
 from nibble.train.config import TrainConfig
-from nibble.train.distributed import DataParallel, any_rank, barrier, current, full_value, host_sum, is_sharded
+from nibble.train.distributed import (
+    DataParallel,
+    any_rank,
+    barrier,
+    current,
+    full_value,
+    gather_parts,
+    host_sum,
+    is_sharded,
+)
 from nibble.train.interrupt import GracefulStop
 from nibble.train.metrics import MetricsLog, headline
 from nibble.train.optim import WarmupCosine, build_optimizer
 from nibble.train.progress import Progress, Window
 from nibble.train.rng import check_rng_state, rank_rng_states, rng_state, set_rng_state
-from nibble.train.tasks.base import TaskRun
+from nibble.train.tasks.base import Batch, TaskRun
 
 
 class Trainer:
@@ -94,6 +104,10 @@ class Trainer:
         self.on_save = on_save
         self.flops_per_token = flops_per_token
         self.loss_units = task.loss_units or (lambda batch: batch["input_ids"].shape[0])
+        self.rollout, self.iterations, self.step_units = task.rollout, task.iterations, task.step_units
+        # the micro-batches the steps since the last draw train on (and which are stand-ins), and their rollouts
+        self._drawn: tuple[list[Batch], list[bool]] | None = None
+        self._rollouts: list[Batch] | None = None
         self.parallel = current()
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._params = [param for _, param in self.named_params]
@@ -129,6 +143,7 @@ class Trainer:
         any of it is used (sharded weights, read in place, before training uses them); the first that does not fit
         is one line naming it."""
         trainable, opt_tensors, state, rng = load_checkpoint(path)
+        rollouts = load_rollouts(path)
         check_rng_state(rng, state.get("rng"), str(path))
         if (path / SHARDS).is_dir():
             opt_tensors = load_sharded(path, dict(self.named_params), self.optimizer, self.param_names)
@@ -151,6 +166,10 @@ class Trainer:
             self._check_position(state, path)
             self.progress = Progress.from_json(state["progress"], str(path))
             self.progress.apply_patience(self.config.early_stopping_patience)
+            if self.progress.step % self.iterations:  # between the steps on one drawn batch: draw it again
+                self.stream.position -= self.config.grad_accum
+                self._drawn = self._draw()
+                self._rollouts = self._restore_rollouts(rollouts, path)
             if state.get("scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(state["scaler"])
             set_rng_state(rng, state["rng"], self.parallel.rank)
@@ -174,10 +193,12 @@ class Trainer:
         per step, the warmup+cosine schedule at that step."""
         progress = Progress.from_json(state["progress"], str(path))
         position, scheduler = state["data"]["position"], state.get("scheduler")
-        if position != progress.step * self.config.grad_accum:
+        draws = -(-progress.step // self.iterations)  # the batches drawn: one per `iterations` steps
+        if position != draws * self.config.grad_accum:
+            per = f" (a batch per {self.iterations} steps)" if self.iterations > 1 else ""
             raise NibbleError(
                 f"{path}: data position {position!r} is not step {progress.step} x {self.config.grad_accum} "
-                "micro-batches; resume from another checkpoint, with the same --grad-accum"
+                f"micro-batches{per}; resume from another checkpoint, with the same --grad-accum"
             )
         if scheduler is not None:
             total = scheduler.get("total_steps")
@@ -211,6 +232,7 @@ class Trainer:
             state,
             yaml.safe_dump(self.config.to_dict(), sort_keys=False),
             rank_rng_states(),  # every rank's generators (a collective)
+            self._rollout_state(),  # (a collective too)
         )
         if self.parallel.is_main:
             prune_checkpoints(self.checkpoints, self.config.keep_checkpoints)
@@ -219,6 +241,48 @@ class Trainer:
         if self.on_save is not None:
             self.on_save(path)
         return path
+
+    def _rollout_state(self) -> dict[str, torch.Tensor] | None:
+        """Every rank's rollouts as ``{rank}.{micro-batch}.{name}`` CPU tensors, when the next step trains on them
+        again (None otherwise). Under torchrun a collective: each tensor is gathered with its shape."""
+        if self._rollouts is None or self.progress.step % self.iterations == 0:
+            return None
+        mine = {f"{m}.{k}": v.detach() for m, rolled in enumerate(self._rollouts) for k, v in rolled.items()}
+        if not self.parallel.active:
+            return {f"0.{k}": v.cpu() for k, v in mine.items()}
+        state = {}
+        for key in sorted(mine):  # the same keys on every rank
+            value = mine[key]
+            shapes = gather_parts(torch.tensor(value.shape, dtype=torch.long)[None])
+            flats = gather_parts(value.reshape(-1))
+            for rank, (shape, flat) in enumerate(zip(shapes, flats, strict=True)):
+                state[f"{rank}.{key}"] = flat.reshape(shape[0].tolist()).cpu()
+        return state
+
+    def _restore_rollouts(self, tensors: dict[str, torch.Tensor], path: Path) -> list[Batch]:
+        """This rank's rollouts of the drawn batch from a checkpoint's (see :meth:`_rollout_state`), on the CPU."""
+        prefix, ga = f"{self.parallel.rank}.", self.config.grad_accum
+        found: dict[int, Batch] = {}
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                micro, _, name = key[len(prefix) :].partition(".")
+                found.setdefault(int(micro), {})[name] = value
+        if sorted(found) != list(range(ga)):
+            raise NibbleError(
+                f"{path}: step {self.progress.step} trains again on the completions sampled at step "
+                f"{self.progress.step // self.iterations * self.iterations + 1}, and the checkpoint holds none for "
+                f"rank {self.parallel.rank}'s {ga} micro-batches; resume with the same number of processes and "
+                "--grad-accum, or from another checkpoint"
+            )
+        return [found[m] for m in range(ga)]
+
+    def _draw(self) -> tuple[list[Batch], list[bool]]:
+        """The next ``grad_accum`` batches of the stream (CPU), and whether each is a stand-in (counts nothing)."""
+        batches, stand_ins = [], []
+        for _ in range(self.config.grad_accum):
+            batches.append(self.stream.next_batch())
+            stand_ins.append(self.stream.stand_in)
+        return batches, stand_ins
 
     def _not_finite(self, what: str, value: float) -> NibbleError:
         last = self.last_checkpoint if self.last_checkpoint is not None and self.last_checkpoint.exists() else None
@@ -265,23 +329,31 @@ class Trainer:
                     tqdm.write(f"early stop at step {p.step}: val loss has not improved for {patience} evaluations")
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, torch.Tensor]]:
-        """One optimizer step over ``grad_accum`` micro-batches. Returns its mean loss and gradient norm as device
-        tensors (reading them would wait for the device), the number of real tokens it saw and the task's metrics
-        (device tensors, averaged over the micro-batches). Under torchrun the loss, the metrics and the tokens are
-        this rank's share, summed over the ranks once per log window (see :class:`Window`); the shares come from
-        the CPU batches, agreed on the host (:meth:`_shares`), so the step never reads the device."""
+        """One optimizer step over ``grad_accum`` micro-batches: drawn from the stream every ``iterations`` steps
+        (and rolled out, for a task with a rollout), the same ones in the steps between. Returns its mean loss and
+        gradient norm as device tensors (reading them would wait for the device), the number of real tokens it saw
+        and the task's metrics (device tensors, averaged over the micro-batches). Under torchrun the loss, the
+        metrics and the tokens are this rank's share, summed over the ranks once per log window (see
+        :class:`Window`); the shares come from the CPU batches, agreed on the host (:meth:`_shares`), so the step
+        never reads the device."""
         cfg = self.config
         loss_sum = torch.zeros((), device=self.device)
         metric_sums: dict[str, torch.Tensor] = {}
-        batches, units = [], []
-        for _ in range(cfg.grad_accum):
-            batches.append(self.stream.next_batch())
-            units.append(0.0 if self.stream.stand_in else float(self.loss_units(batches[-1])))
+        fresh = self._drawn is None or self.progress.step % self.iterations == 0
+        if fresh:
+            self._drawn = self._draw()
+        batches, stand_ins = self._drawn
         # counted on the host, before the batches move
         tokens = sum(real_tokens(batch) for batch in batches)
+        if self.rollout is not None and fresh:
+            with torch.no_grad(), self.autocast():
+                self._rollouts = [self.rollout(self.model, to_device(batch, self.device)) for batch in batches]
         engine = self.data_parallel
-        for micro, (batch, share) in enumerate(zip(batches, self._shares(units), strict=True)):
-            batch = to_device(batch, self.device)
+        inputs = self._rollouts if self.rollout is not None else batches
+        # what each loss averages over, from the CPU batches (a rollout's own host tensors)
+        units = [0.0 if stand_in else float(self.loss_units(b)) for b, stand_in in zip(inputs, stand_ins, strict=True)]
+        for micro, (batch, share) in enumerate(zip(inputs, self._shares(units), strict=True)):
+            batch = batch if self.rollout is not None else to_device(batch, self.device)
             syncing = engine.no_sync(micro < cfg.grad_accum - 1) if engine is not None else nullcontext()
             with syncing:
                 with self.autocast():
@@ -290,6 +362,8 @@ class Trainer:
                 if self.parallel.active:
                     # DDP and FSDP average the ranks' gradients: x world undoes that, the share weighs each rank's mean
                     self.scaler.scale(loss * (share * self.parallel.world / cfg.grad_accum)).backward()
+                elif self.step_units:
+                    self.scaler.scale(loss * (share / cfg.grad_accum)).backward()
                 else:
                     self.scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += self._part(loss, share)
@@ -324,16 +398,21 @@ class Trainer:
 
     def _part(self, value: torch.Tensor, share: float) -> torch.Tensor:
         """A micro-batch's ``value`` as its part of the step's mean (under torchrun: this rank's share of it)."""
-        if self.parallel.active:
+        if self.parallel.active or self.step_units:
             return value.detach().float() * share / self.config.grad_accum
         return value.detach().float() / self.config.grad_accum
 
     def _shares(self, units: list[float]) -> list[float]:
         """This rank's share of the units (rows, target tokens) each global micro-batch's loss averages over (all 1
-        in a single process): one host all-reduce per step, for all its micro-batches."""
-        if not self.parallel.active:
+        in a single process): one host all-reduce per step, for all its micro-batches. With the task's
+        ``step_units`` the share is of the whole step's units, times ``grad_accum``: the step's loss is then the mean
+        over all its units, however they fall into micro-batches."""
+        if not self.parallel.active and not self.step_units:
             return [1.0] * len(units)
-        totals = host_sum(units)
+        totals = host_sum(units) if self.parallel.active else units
+        if self.step_units:
+            whole = max(sum(totals), 1e-30) / len(units)
+            return [mine / whole for mine in units]
         return [mine / max(total, 1e-30) for mine, total in zip(units, totals, strict=True)]
 
     def _stop_asked(self, stop: GracefulStop) -> bool:

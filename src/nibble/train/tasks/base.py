@@ -50,7 +50,14 @@ class TaskRun:
     eval_batch_size, dtype)`` runs once the model is loaded, before training starts or resumes (what the data needs
     from the model before any step, such as precomputed reference log-probs); ``rows_per_example`` is how many of
     ``--batch-size``'s rows one example makes (GRPO: a prompt makes G completions), so a micro-batch takes
-    ``batch_size / rows_per_example`` examples.
+    ``batch_size / rows_per_example`` examples. ``rollout(model, batch)`` (GRPO: sampling and scoring) runs once on
+    each micro-batch the stream gives, on the device, without gradients, before any forward of its step; what it
+    returns is the batch ``forward`` and ``loss`` see for ``iterations`` optimizer steps in a row (each batch drawn
+    feeds that many steps: GRPO's num_iterations). ``loss`` may add tensors to it for the later steps (GRPO: the
+    first pass's log-probs, as the sampling policy's), and a checkpoint taken between those steps saves it; with a
+    rollout, ``loss_units`` reads the rolled-out batch (its host tensors). ``step_units`` weighs the micro-batches
+    of a step by their ``loss_units`` too, so that the step's loss is the mean over all its units rather than the
+    mean of the micro-batches' means (GRPO's ``dapo``: a token mean over the step, as TRL's).
     """
 
     train: Dataset
@@ -67,6 +74,9 @@ class TaskRun:
     report: Callable[[dict[str, Any]], str] = headline
     prepare: Callable[[nn.Module, int, torch.dtype], None] | None = None
     rows_per_example: int = 1
+    rollout: Callable[[nn.Module, Batch], Batch] | None = None
+    iterations: int = 1
+    step_units: bool = False
 
 
 @dataclass(kw_only=True)

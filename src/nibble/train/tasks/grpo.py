@@ -2,7 +2,9 @@
 
 Each micro-batch takes ``batch_size / G`` prompts; the sampler (:mod:`nibble.model.sampler`) draws G completions
 of each with the current adapter, the rewards (:mod:`grpo_rewards`) score them, advantages are group-relative, and
-the loss (:mod:`grpo_loss`) is taken over the completions' log-probs through the chunked head. The reference of
+the loss (:mod:`grpo_loss`) is taken over the completions' log-probs through the chunked head, ``num_iterations``
+optimizer steps in a row on the same completions (μ, TRL's ``num_iterations``: the steps after the first clip the
+ratio to the policy that sampled them, whose log-probs the first pass recorded). The reference of
 ``--beta`` > 0 is the model with its adapters off; at β 0 (the default) no reference pass runs. Sampling draws from
 torch's default generator, which every checkpoint saves, so a resumed run samples what the uninterrupted one did.
 
@@ -151,7 +153,11 @@ class Rollout:
             raise RewardError(f"{exc}{where}", function=exc.function, row=exc.row) from None
         return completions, texts, per_fn, total
 
-    def forward(self, model: nn.Module, data: PromptData, batch: Batch) -> dict[str, Any]:
+    def rollout(self, model: nn.Module, data: PromptData, batch: Batch) -> Batch:
+        """Sample and score G completions of each of the micro-batch's prompts: the batch the loss trains on for
+        ``num_iterations`` steps -- the prompt + completion rows (host tensors, see :func:`completion_batch`), the
+        loss mask, the advantages, the reference's log-probs (β > 0) and the completions' statistics
+        (``stat.<name>``). The old policy's log-probs are the first pass's (see :meth:`loss`)."""
         rows = batch["rows"].tolist()
         g = self.config.num_generations
         was_training = model.training
@@ -164,16 +170,18 @@ class Rollout:
         device = batch["input_ids"].device
         lengths = torch.tensor([len(c.tokens) for c in completions], dtype=torch.float32)
         truncated = torch.tensor([c.truncated for c in completions], dtype=torch.float32)
-        scored = completion_batch(data, rows, completions, self.tokenizer.pad_id)
-        mask = (scored[2] >= 0).float()
+        ids, attention, targets, starts = completion_batch(data, rows, completions, self.tokenizer.pad_id)
+        mask = (targets >= 0).float()
         if self.config.mask_truncated_completions:
             mask = mask * (1 - truncated)[:, None]
-        logps = completion_logps(model, scored, self.config.temperature, device)
-        ref = None
-        if self.objective.needs_reference:
-            with torch.no_grad(), model.adapters_disabled():
-                ref = completion_logps(model, scored, self.config.temperature, device)
         advantages = group_advantages(total, g, self.objective.scale_rewards)
+        scored = (ids, attention, targets, starts)
+        rolled = {"ids": ids, "attention": attention, "targets": targets, "starts": starts}
+        rolled["mask"] = mask  # (on the host: the trainer weighs micro-batches by it, see units)
+        rolled["advantages"] = advantages.to(device=device, dtype=torch.float32)
+        if self.objective.needs_reference:  # computed once per sampling, as the reference never changes
+            with model.adapters_disabled():
+                rolled["ref_logps"] = completion_logps(model, scored, self.config.temperature, device)
         stats = {
             "reward": total.mean(),
             "reward_std": total.view(-1, g).std(dim=1).mean(),
@@ -186,25 +194,42 @@ class Rollout:
         for i, reward in enumerate(self.rewards):
             stats[f"reward_{reward.name}"] = per_fn[:, i].mean()
             stats[f"reward_{reward.name}_std"] = per_fn[:, i].std()
-        return {
-            "logps": logps,
-            "old_logps": logps.detach(),  # one iteration per sampling: the ratio is 1 in value, its gradient counts
-            "ref_logps": ref,
-            "mask": mask.to(device),
-            "advantages": advantages.to(device=device, dtype=logps.dtype),
-            "stats": {k: v.to(device=device, dtype=torch.float32) for k, v in stats.items()},
-        }
+        rolled.update({f"stat.{k}": v.to(device=device, dtype=torch.float32) for k, v in stats.items()})
+        return rolled
 
-    def loss(self, outputs: dict[str, Any], batch: Batch) -> LossResult:
+    def units(self, rolled: Batch) -> float:
+        """What a rolled-out micro-batch's loss averages over: its completion tokens that count for ``dapo`` (whose
+        token mean spans the whole step, as TRL's), else its completions."""
+        if self.objective.loss_type == "dapo":
+            return float(rolled["mask"].sum())
+        return float(rolled["ids"].shape[0])
+
+    def forward(self, model: nn.Module, rolled: Batch) -> dict[str, torch.Tensor]:
+        """The policy's log-probs of the rolled-out completions, with gradients."""
+        batch = (rolled["ids"], rolled["attention"], rolled["targets"], rolled["starts"])
+        return {"logps": completion_logps(model, batch, self.config.temperature, model.lm_head.weight.device)}
+
+    def loss(self, outputs: dict[str, torch.Tensor], rolled: Batch) -> LossResult:
+        """The GRPO loss against the sampling policy: on the first pass over a rollout its log-probs are the
+        policy's own, detached (the ratio is 1 in value, its gradient counts), and with ``num_iterations`` > 1 they
+        are kept in ``rolled`` for the passes after it, whose ratios then move away from 1."""
+        logps = outputs["logps"]
+        old = rolled.get("old_logps")
+        if old is None:
+            old = logps.detach()
+            if self.config.num_iterations > 1:
+                rolled["old_logps"] = old
+        on = lambda key: rolled[key].to(logps.device)  # noqa: E731 (a resumed rollout is read onto the CPU)
         loss, metrics = grpo_loss(
             self.objective,
-            outputs["logps"],
-            outputs["old_logps"],
-            outputs["advantages"],
-            outputs["mask"],
-            ref_logps=outputs["ref_logps"],
+            logps,
+            old.to(logps.device),
+            on("advantages"),
+            on("mask"),
+            ref_logps=on("ref_logps") if self.objective.needs_reference else None,
         )
-        return loss, {**metrics, **outputs["stats"]}
+        stats = {k[len("stat.") :]: on(k) for k in rolled if k.startswith("stat.")}
+        return loss, {**metrics, **stats}
 
     def evaluate(self, model: nn.Module, data: PromptData, batch_size: int) -> dict[str, Any]:
         """Greedy completions of every validation prompt, scored; ``loss`` is the negated mean total reward. Writes
@@ -249,6 +274,7 @@ def completion_logps(
     """[B, C] the log-probs of the completion tokens of ``batch`` (:func:`completion_batch`; 0 at padding), from the
     logits over ``temperature`` as they were sampled, through the chunked head."""
     ids, attention, targets, starts = batch
+    targets, starts = targets.cpu(), starts.cpu()  # (host tensors: no-ops, unless DDP moved them)
     real = targets >= 0  # [B, C]
     b, c = targets.shape
     positions = starts[:, None] + torch.arange(c)[None] - 1  # [B, C]: the position whose logits predict the token
@@ -280,6 +306,7 @@ class GRPOTask:
     head = "causal_lm"
     options = (
         "num_generations",
+        "num_iterations",
         "max_completion_len",
         "temperature",
         "top_p",
@@ -299,6 +326,8 @@ class GRPOTask:
         g = config.num_generations
         if g < 2:
             raise NibbleError(f"'num_generations' {g}: group-relative advantages need at least 2 completions a prompt")
+        if config.num_iterations < 1:
+            raise NibbleError(f"'num_iterations' {config.num_iterations} must be at least 1 (steps on each sampling)")
         if config.batch_size % g:
             raise NibbleError(
                 f"'batch_size' {config.batch_size} counts completions and must be a multiple of num_generations {g}; "
@@ -328,8 +357,12 @@ class GRPOTask:
         return TaskRun(
             train=train,
             val=val,
-            forward=lambda model, batch: rollout.forward(model, train, batch),
+            rollout=lambda model, batch: rollout.rollout(model, train, batch),
+            forward=rollout.forward,
             loss=rollout.loss,
+            iterations=config.num_iterations,
+            loss_units=rollout.units,
+            step_units=config.loss_type == "dapo",
             evaluate=(lambda model, bs: rollout.evaluate(model, val, bs)) if val is not None else None,
             summary=f"{len(train)} prompts, {len(val) if val else 0} val prompts; G={config.num_generations}; "
             f"loss {config.loss_type}; rewards {names}",
