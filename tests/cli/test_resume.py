@@ -165,3 +165,30 @@ def test_resume_with_another_model_or_rank_is_one_line_naming_it(toy, tmp_path, 
     assert main(args(toy, out, "--max-steps", 4, "--model", base, "--resume")) == 2
     err = capsys.readouterr().err
     assert "is not the one the run was trained on" in err and err.count("\n") == 1
+
+
+def test_run_paths_are_absolute_and_a_resume_works_from_another_directory(toy, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import yaml
+
+    # Relative paths in a YAML file are taken from the file's directory; relative flags from the current one.
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    shutil.copy(toy.train, project / "train.jsonl")
+    (project / "configs" / "run.yaml").write_text(
+        f"model: {toy.base}\ndata: ../train.jsonl\nval_data: {toy.val}\nbatch_size: 8\nlog_every: 1\n"
+    )
+    monkeypatch.chdir(project)
+    assert main(["train", "configs/run.yaml", "--output", "run", "--max-steps", "2"]) == 0
+    saved = yaml.safe_load((project / "run" / "config.yaml").read_text())
+    assert saved["data"] == str(project / "train.jsonl") and saved["output"] == str(project / "run")
+    assert saved["config_file"] == str(project / "configs" / "run.yaml") and Path(saved["model"]).is_absolute()
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", str(project / "run" / "config.yaml"), "--max-steps", "4", "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert state(project / "run", 4)["progress"]["step"] == 4 and not list(elsewhere.iterdir())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -506,6 +507,26 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# The fields naming a file or directory; stored absolute, so a run's config.yaml means the same from any directory.
+PATH_FIELDS = ("model", "data", "val_data", "output", "resume", "chat_template", "config_file")
+
+
+def absolute_paths(values: Mapping[str, Any], base: str | Path) -> dict[str, Any]:
+    """``values`` with every relative path of :data:`PATH_FIELDS` made absolute against ``base`` (``~`` expanded);
+    ``resume: latest`` and a built-in chat template's name stay as they are."""
+    from nibble.data.instruct import BUILTIN_TEMPLATES
+
+    keep = {"resume": ("latest",), "chat_template": tuple(BUILTIN_TEMPLATES)}
+    out = dict(values)
+    for key in PATH_FIELDS:
+        value = out.get(key)
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if isinstance(value, str) and value and value not in keep.get(key, ()):
+            out[key] = os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+    return out
+
+
 def resolve_config(
     yaml_path: str | Path | None,
     overrides: dict[str, Any],
@@ -513,12 +534,14 @@ def resolve_config(
 ) -> TrainConfig:
     """Defaults <- YAML file <- ``overrides`` (the flags given), validated (see :meth:`TrainConfig.validate`).
 
-    Relative paths inside the YAML file stay relative to the current directory, as flags are.
+    Paths come out absolute: relative ones in the YAML file are taken from the file's own directory, those in
+    ``overrides`` from the current directory (see :func:`absolute_paths`).
     """
-    values: dict[str, Any] = read_yaml(yaml_path) if yaml_path is not None else {}
-    values.update(overrides)
+    values: dict[str, Any] = {}
     if yaml_path is not None:
-        values["config_file"] = str(yaml_path)
+        values = absolute_paths(read_yaml(yaml_path), Path(yaml_path).parent)
+        values["config_file"] = os.path.abspath(yaml_path)
+    values.update(absolute_paths(overrides, os.getcwd()))
     try:
         config = TrainConfig(**values)
     except TypeError as exc:
