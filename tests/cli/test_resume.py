@@ -71,8 +71,25 @@ def test_resuming_a_finished_run_changes_nothing_and_a_larger_max_steps_trains_t
     assert main(args(toy, out, "--max-steps", 8, "--resume")) == 0
     said = capsys.readouterr()
     assert "early stop" not in said.out + said.err
-    assert f"{out}: the run is finished at step 8 of 8; nothing to do" in said.out, said.out
+    assert (
+        f"{out}: the run is finished at step 8 of 8; nothing to do. To train on, resume with a --max-steps above 8\n"
+        in said.out
+    )
     assert snapshot(out) == before  # not one byte, not one timestamp
+
+    # Fewer steps than the run has: said as it is (never "extending the run from 8 to 4"), and nothing changes;
+    # another per-process batch on one process keeps the global one, said without "each of the 1 ranks".
+    assert main(args(toy, out, "--max-steps", 4, "--batch-size", 4, "--resume")) == 0
+    said = capsys.readouterr().out
+    assert "the one process now takes --batch-size 8" in said and "ranks" not in said, said
+    assert f"{out}: the run is at step 8, already past the 4 steps asked; nothing to do" in said, said
+    assert "extending" not in said and snapshot(out) == before
+    from nibble.train.config import TrainConfig
+    from nibble.train.outdir import finished_already
+
+    config = TrainConfig(lr=3e-3, warmup_ratio=0.25, min_lr_ratio=0.1)
+    assert not finished_already(out, out / "adapter", out / "checkpoints" / "step-4", 6, config)
+    assert "resume: shortening the run from 8 to 6 steps;" in capsys.readouterr().out
 
     assert main(args(toy, out, "--max-steps", 12, "--resume")) == 0
     said = capsys.readouterr()
