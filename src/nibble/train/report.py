@@ -18,6 +18,7 @@ from typing import Any
 from nibble.errors import NibbleError
 
 TARGETS = ("tensorboard", "wandb")
+_MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # what each reporter imports
 
 
 def report_targets(value: str) -> tuple[str, ...]:
@@ -36,6 +37,14 @@ def report_targets(value: str) -> tuple[str, ...]:
             raise NibbleError(
                 f"'report_to': {name} is not installed; pip install {name} (or nibble[report]), or drop it"
             )
+        try:  # imported now, before the run touches its output directory: a broken install is one line
+            importlib.import_module(_MODULES[name])
+        except Exception as exc:  # a package can fail to import in any way (a mismatched protobuf, numpy, ...)
+            reason = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise NibbleError(
+                f"'report_to': {name} is installed but fails to import ({type(exc).__name__}: {reason}); "
+                f"reinstall it (pip install --force-reinstall {name}), or drop it"
+            ) from None
     return names
 
 
