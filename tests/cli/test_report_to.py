@@ -114,3 +114,23 @@ def test_a_target_that_fails_to_import_is_one_line_and_leaves_nothing(target, pa
         f"directly.); reinstall it (pip install --force-reinstall {target}), or drop it\n"
     )
     assert not out.exists()
+
+
+def test_a_target_that_fails_to_start_is_one_line_and_the_run_goes_on_with_resume(tmp_path, monkeypatch, capsys):
+    from nibble.train import report
+
+    def failing(out, config, resumed_at):
+        raise PermissionError("[Errno 13] Permission denied: 'events'\nmore")
+
+    monkeypatch.setitem(report._REPORTERS, "tensorboard", failing)
+    path, _ = helpers.make_hf_checkpoint(tmp_path / "m", "qwen3")
+    helpers.write_jsonl(tmp_path / "d.jsonl", [{"text": w, "label": w[0]} for w in ("apple", "berry")] * 4)
+    out = tmp_path / "run"
+    args = ["train", "--model", path, "--data", tmp_path / "d.jsonl", "--output", out, "--max-steps", 1]
+    capsys.readouterr()
+    assert main([str(a) for a in [*args, "--report-to", "tensorboard"]]) == 2
+    assert capsys.readouterr().err == (
+        "error: 'report_to': tensorboard failed to start (PermissionError: [Errno 13] Permission denied: 'events'); "
+        "fix that or drop it, then run again with --resume\n"
+    )
+    assert main([str(a) for a in [*args, "--resume"]]) == 0 and (out / "adapter").is_dir()
