@@ -513,17 +513,18 @@ PATH_FIELDS = ("model", "data", "val_data", "output", "resume", "chat_template",
 
 def absolute_paths(values: Mapping[str, Any], base: str | Path) -> dict[str, Any]:
     """``values`` with every relative path of :data:`PATH_FIELDS` made absolute against ``base`` (``~`` expanded);
-    ``resume: latest`` and a built-in chat template's name stay as they are."""
-    from nibble.data.instruct import BUILTIN_TEMPLATES
-
-    keep = {"resume": ("latest",), "chat_template": tuple(BUILTIN_TEMPLATES)}
+    ``resume: latest`` stays as it is, and a chat template only becomes a path where that file exists (else it
+    is a built-in template's name, or a mistake its error names as written)."""
     out = dict(values)
     for key in PATH_FIELDS:
         value = out.get(key)
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
-        if isinstance(value, str) and value and value not in keep.get(key, ()):
-            out[key] = os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+        if not isinstance(value, str) or not value or (key == "resume" and value == "latest"):
+            continue
+        path = os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+        if key != "chat_template" or os.path.isfile(path):
+            out[key] = path
     return out
 
 
