@@ -36,11 +36,9 @@ def truncation_note(
         return None
     share = 100 * dropped / tokens if tokens else 0.0
     bound = "at least " if at_least else ""
-    fix = (
-        "it was cut before tokenizing, so --max-seq-len must be larger still"
-        if at_least
-        else (f"--max-seq-len {longest} keeps every row whole")
-    )
+    fix = f"--max-seq-len {longest} keeps every row whole"
+    if at_least:
+        fix = "only its start was tokenized: keeping it whole takes a larger --max-seq-len still"
     return (
         f"{source}: {cut:,} of {rows:,} rows cut to --max-seq-len {max_seq_len}, dropping {bound}{share:.1f}% of the "
         f"{what} ({dropped:,} of {tokens:,}); the longest row has {bound}{longest:,} tokens ({fix})"
