@@ -3,7 +3,9 @@ template is applied as transformers applies it, tokens stream out as they come, 
 
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,12 +94,18 @@ def test_adapter_output_equals_peft_generate(shared_checkpoint, tmp_path, monkey
     assert "".join(run_cli(monkeypatch, *args, "--max-new-tokens", 20).writes) == want + "\n"
 
 
-def test_python_api_streams_samples_reproducibly_and_holds_back_partial_characters(shared_checkpoint):
+def test_python_api_streams_samples_reproducibly_and_holds_back_partial_characters(shared_checkpoint, capsys):
     path, _ = shared_checkpoint("qwen3")
     model, tokenizer = load_generator(path)
     pieces: list[str] = []
     text = generate_text(model, tokenizer, "abc", chat=False, max_new_tokens=12, on_text=pieces.append)
-    assert "".join(pieces) == text
+    assert "".join(pieces) == text and len(pieces) > 1
+    # the README's streaming callback prints the text as it is, not a piece per line
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    callback = eval(re.search(r"on_text=(lambda piece: print\(.*?\)),", readme).group(1))  # noqa: S307
+    capsys.readouterr()
+    assert generate_text(model, tokenizer, "abc", chat=False, max_new_tokens=12, on_text=callback) == text
+    assert capsys.readouterr().out == text
     sampled = [
         generate_text(model, tokenizer, "abc", max_new_tokens=12, temperature=1.0, top_k=20, seed=5) for _ in "ab"
     ]

@@ -89,3 +89,48 @@ def test_an_unknown_or_missing_target_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == (
         "error: 'report_to': unknown target 'mlflow'; use none, or one or more of tensorboard, wandb\n"
     )
+
+
+@pytest.mark.parametrize(("target", "package"), [("tensorboard", "tensorboard"), ("wandb", "wandb")])
+def test_a_target_that_fails_to_import_is_one_line_and_leaves_nothing(target, package, tmp_path, monkeypatch, capsys):
+    """A broken install (raising something other than ImportError on import) is refused before the output
+    directory exists, so the next run there is not refused as "already holds a run"."""
+    import sys
+
+    broken = tmp_path / "site" / package
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise TypeError('Descriptors cannot be created directly.\\nmore')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for name in [m for m in sys.modules if m.split(".")[0] == package or m.startswith("torch.utils.tensorboard")]:
+        monkeypatch.delitem(sys.modules, name)
+    path, _ = helpers.make_hf_checkpoint(tmp_path / "m", "qwen3")
+    helpers.write_jsonl(tmp_path / "d.jsonl", [{"text": w, "label": w[0]} for w in ("apple", "berry")] * 4)
+    out = tmp_path / "run"
+    args = ["train", "--model", path, "--data", tmp_path / "d.jsonl", "--output", out, "--report-to", target]
+    capsys.readouterr()
+    assert main([str(a) for a in args]) == 2
+    assert capsys.readouterr().err == (
+        f"error: 'report_to': {target} is installed but fails to import (TypeError: Descriptors cannot be created "
+        f"directly.); reinstall it (pip install --force-reinstall {target}), or drop it\n"
+    )
+    assert not out.exists()
+
+
+def test_a_target_that_fails_to_start_is_one_line_and_the_run_goes_on_with_resume(tmp_path, monkeypatch, capsys):
+    from nibble.train import report
+
+    def failing(out, config, resumed_at):
+        raise PermissionError("[Errno 13] Permission denied: 'events'\nmore")
+
+    monkeypatch.setitem(report._REPORTERS, "tensorboard", failing)
+    path, _ = helpers.make_hf_checkpoint(tmp_path / "m", "qwen3")
+    helpers.write_jsonl(tmp_path / "d.jsonl", [{"text": w, "label": w[0]} for w in ("apple", "berry")] * 4)
+    out = tmp_path / "run"
+    args = ["train", "--model", path, "--data", tmp_path / "d.jsonl", "--output", out, "--max-steps", 1]
+    capsys.readouterr()
+    assert main([str(a) for a in [*args, "--report-to", "tensorboard"]]) == 2
+    assert capsys.readouterr().err == (
+        "error: 'report_to': tensorboard failed to start (PermissionError: [Errno 13] Permission denied: 'events'); "
+        "fix that or drop it, then run again with --resume\n"
+    )
+    assert main([str(a) for a in [*args, "--resume"]]) == 0 and (out / "adapter").is_dir()

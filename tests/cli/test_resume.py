@@ -71,8 +71,25 @@ def test_resuming_a_finished_run_changes_nothing_and_a_larger_max_steps_trains_t
     assert main(args(toy, out, "--max-steps", 8, "--resume")) == 0
     said = capsys.readouterr()
     assert "early stop" not in said.out + said.err
-    assert f"{out}: the run is finished at step 8 of 8; nothing to do" in said.out, said.out
+    assert (
+        f"{out}: the run is finished at step 8 of 8; nothing to do. To train on, resume with a --max-steps above 8\n"
+        in said.out
+    )
     assert snapshot(out) == before  # not one byte, not one timestamp
+
+    # Fewer steps than the run has: said as it is (never "extending the run from 8 to 4"), and nothing changes;
+    # another per-process batch on one process keeps the global one, said without "each of the 1 ranks".
+    assert main(args(toy, out, "--max-steps", 4, "--batch-size", 4, "--resume")) == 0
+    said = capsys.readouterr().out
+    assert "the one process now takes --batch-size 8" in said and "ranks" not in said, said
+    assert f"{out}: the run is at step 8, already past the 4 steps asked; nothing to do" in said, said
+    assert "extending" not in said and snapshot(out) == before
+    from nibble.train.config import TrainConfig
+    from nibble.train.outdir import finished_already
+
+    config = TrainConfig(lr=3e-3, warmup_ratio=0.25, min_lr_ratio=0.1)
+    assert not finished_already(out, out / "adapter", out / "checkpoints" / "step-4", 6, config)
+    assert "resume: shortening the run from 8 to 6 steps;" in capsys.readouterr().out
 
     assert main(args(toy, out, "--max-steps", 12, "--resume")) == 0
     said = capsys.readouterr()
@@ -165,3 +182,30 @@ def test_resume_with_another_model_or_rank_is_one_line_naming_it(toy, tmp_path, 
     assert main(args(toy, out, "--max-steps", 4, "--model", base, "--resume")) == 2
     err = capsys.readouterr().err
     assert "is not the one the run was trained on" in err and err.count("\n") == 1
+
+
+def test_run_paths_are_absolute_and_a_resume_works_from_another_directory(toy, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import yaml
+
+    # Relative paths in a YAML file are taken from the file's directory; relative flags from the current one.
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    shutil.copy(toy.train, project / "train.jsonl")
+    (project / "configs" / "run.yaml").write_text(
+        f"model: {toy.base}\ndata: ../train.jsonl\nval_data: {toy.val}\nbatch_size: 8\nlog_every: 1\n"
+    )
+    monkeypatch.chdir(project)
+    assert main(["train", "configs/run.yaml", "--output", "run", "--max-steps", "2"]) == 0
+    saved = yaml.safe_load((project / "run" / "config.yaml").read_text())
+    assert saved["data"] == str(project / "train.jsonl") and saved["output"] == str(project / "run")
+    assert saved["config_file"] == str(project / "configs" / "run.yaml") and Path(saved["model"]).is_absolute()
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", str(project / "run" / "config.yaml"), "--max-steps", "4", "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert state(project / "run", 4)["progress"]["step"] == 4 and not list(elsewhere.iterdir())

@@ -61,9 +61,22 @@ def test_multi_label_rows(tmp_path, tokenizer):
     assert torch.equal(batch["labels"], torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
 
 
-def test_truncation_keeps_the_first_tokens(tmp_path, tokenizer):
+def test_truncation_keeps_the_first_tokens_and_says_what_it_cut(tmp_path, tokenizer, capsys):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "abcdefgh", "label": 0}, {"text": "xy", "label": 1}])
     assert load_classification(path, tokenizer, max_seq_len=3).ids.tolist() == [list(b"abc"), list(b"xy")]
+    said = [
+        f"tokens: {path}: 1 of 2 rows cut to --max-seq-len 3, dropping 50.0% of the tokens (5 of 10); the longest "
+        "row has 8 tokens (--max-seq-len 8 keeps every row whole)"
+    ]
+
+    def cuts() -> list[str]:
+        return [line for line in capsys.readouterr().out.splitlines() if "cut to" in line]
+
+    assert cuts() == said
+    load_classification(path, tokenizer, max_seq_len=3)  # from the token cache: the same line
+    assert cuts() == said
+    load_classification(path, tokenizer, max_seq_len=8)
+    assert cuts() == []
 
 
 @pytest.mark.parametrize(

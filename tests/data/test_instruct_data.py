@@ -72,7 +72,7 @@ def test_instruction_rows_and_the_chatml_fallback_end_turns_with_eos(tmp_path):
     assert targets(tokenizer, ids, labels) == "4<eos>\n"
 
 
-def test_load_truncates_or_packs(chat_dir, tmp_path):
+def test_load_truncates_or_packs(chat_dir, tmp_path, capsys):
     tokenizer = load_tokenizer(chat_dir)
     rows = [{"instruction": "x" * n, "response": "y" * 5} for n in (3, 8, 1)]
     path = tmp_path / "rows.jsonl"
@@ -82,6 +82,15 @@ def test_load_truncates_or_packs(chat_dir, tmp_path):
     cut = load_instruct(path, tokenizer, max_seq_len=60)  # the prompts take 51 to 58 tokens
     assert [len(ids) for ids in cut.ids] == [60, 60, 60] and cut.ids[0].tolist() == full.ids[0][:60].tolist()
     assert cut.target_tokens() == sum(60 - int(f) for f in full.first_target)  # every response runs past 60
+    longest = max(len(ids) for ids in full.ids)
+    dropped = full.target_tokens() - cut.target_tokens()
+    assert [line for line in capsys.readouterr().out.splitlines(True) if "cut to" in line] == [
+        f"tokens: {path}: 3 of 3 rows cut to --max-seq-len 60, dropping {100 * dropped / 48:.1f}% of the response "
+        f"tokens ({dropped} of 48); the longest row has {longest} tokens (--max-seq-len {longest} keeps every row "
+        "whole)\n"
+    ]
+    load_instruct(path, tokenizer, max_seq_len=longest)
+    assert "cut to" not in capsys.readouterr().out  # nothing cut, nothing said
     packed = load_instruct(path, tokenizer, max_seq_len=50, packing=True)
     assert [len(ids) for ids in packed.ids][:-1] == [50] * (len(packed) - 1)
     assert sum(packed.ids.tolist(), []) == sum(full.ids.tolist(), [])

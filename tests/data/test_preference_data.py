@@ -81,12 +81,17 @@ def test_conversational_pairs_with_implicit_and_explicit_prompt_render_the_same(
     assert tokenizer.decode(a.chosen[0].tolist()) == "Paris" + tokenizer.special_tokens["eos_token"] + "\n"
 
 
-def test_truncation_keeps_the_prompt_end_then_the_sequence_start(tmp_path, tok_dir):
+def test_truncation_keeps_the_prompt_end_then_the_sequence_start(tmp_path, tok_dir, capsys):
     rows = [{"prompt": "abcdefghij", "chosen": "XYZ", "rejected": "Q"}]
     tokenizer = load_tokenizer(tok_dir)
     full = load_pairs(write(tmp_path / "t.jsonl", rows), tokenizer, Truncation(64))
+    assert "cut to" not in capsys.readouterr().out
     cut = load_pairs(tmp_path / "t.jsonl", tokenizer, Truncation(max_seq_len=6, max_prompt_len=4))
     assert cut.lengths().tolist() == [6 + 4 + 2]  # chosen cut at 6, rejected 4 + 1 + EOS
+    assert [line for line in capsys.readouterr().out.splitlines() if "cut to" in line] == [
+        f"tokens: {tmp_path / 't.jsonl'}: 1 of 1 rows cut to --max-seq-len 6, dropping 33.3% of the completion tokens "
+        "(2 of 6); the longest row has 8 tokens (--max-seq-len 8 keeps every row whole)"
+    ]
     batch = cut.collate([0], pad_id=0)
     prompt, chosen = full.prompt[0].tolist(), full.chosen[0].tolist()
     assert batch["input_ids"][0].tolist() == (prompt[-4:] + chosen)[:6]

@@ -145,9 +145,12 @@ def test_a_cut_text_gives_the_ids_of_the_whole_texts_truncation(tmp_path):
             (path / "tokenizer.json").write_text(json.dumps(spec))
         ours, theirs = load_tokenizer(path), AutoTokenizer.from_pretrained(path)
         for n in (1, 5, 16, 120):
-            ids, cut = ours.encode_truncated(texts, n)
+            ids, beyond, partial = result = ours.encode_truncated(texts, n)
             assert ids == [theirs(t, truncation=True, max_length=n)["input_ids"] for t in texts], (name, n)
-            assert cut == sum(len(theirs(t)["input_ids"]) > n for t in texts), (name, n)
+            full = [len(theirs(t)["input_ids"]) for t in texts]
+            assert result.cut == sum(length > n for length in full), (name, n)
+            for length, over, part in zip(full, beyond, partial, strict=True):  # exact unless cut before tokenizing
+                assert over == max(length - n, 0) if not part else 0 < over <= length - n, (name, n)
             assert ours.encode_batch(texts, max_length=n) == ids
 
 

@@ -379,3 +379,13 @@ except NibbleError as exc:
     assert result.stdout.count("\n") == 1 and result.stdout.startswith(f"{tmp_path}: cannot write (")
     assert "needed); check the directory or write elsewhere" in result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_runs_validation_data_that_is_gone_is_one_line_not_the_sample_text(sources, tmp_path):
+    tokenizer = load_tokenizer(sources("qwen2")[0])
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    for key in ("val_data", "data"):
+        (run / "config.yaml").write_text(f"task: instruct\n{key}: {tmp_path / 'moved.jsonl'}\n")
+        with pytest.raises(NibbleError, match=rf"moved.jsonl: the run's {key} \(recorded in .*config.yaml\) is gone"):
+            eval_texts(tokenizer, None, run / "adapter", 1000)

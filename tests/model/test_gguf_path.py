@@ -53,3 +53,14 @@ def test_other_files_are_one_clear_line(tmp_path):
     with pytest.raises(NibbleError, match="no such model directory or .gguf file"):
         nibble.load_model(tmp_path / "missing.gguf")
     assert not is_gguf(tmp_path) and not is_gguf(tmp_path / "weights.bin")
+
+
+def test_a_float16_conversion_refuses_values_beyond_its_range(tmp_path):
+    model = tiny_model("qwen3")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = 1e5  # stored Q8_0: dequantizes past float16's 65504
+    path = write_gguf(tmp_path / "big.gguf", model)
+    with pytest.raises(NibbleError, match=r"big.gguf: tensor '.*q_proj.weight' holds values beyond float16's range"):
+        convert_gguf(path, tmp_path / "f16", dtype=torch.float16)
+    assert not (tmp_path / "f16").exists()
+    convert_gguf(path, tmp_path / "f32", dtype=torch.float32)  # the fix the message names

@@ -137,7 +137,7 @@ def test_bad_options_are_rejected(shared_checkpoint):
         ({"task": "seq2seq"}, "task 'seq2seq'"),
         ({"quantize": "fp8"}, "format 'fp8'"),
         ({"dtype": torch.int8}, "dtype torch.int8"),
-        ({"quantize": QuantSpec("int4", group_size=128)}, "not divisible by group_size 128"),
+        ({"quantize": QuantSpec("int4", group_size=128)}, "not divisible by INT4 group_size 128; use --group-size"),
         ({"pooling": "max", "task": "classify", "num_labels": 2}, "pooling 'max'"),
     ]
     for kwargs, fragment in cases:

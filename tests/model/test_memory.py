@@ -68,7 +68,7 @@ def test_qwen3_4b_shape_gives_the_known_sizes():
 
 def test_int4_needs_divisible_group_and_options_are_checked():
     assert weight_bytes(8, 256, QuantSpec("int4", group_size=128)) == 8 * 128 + 8 * 2 * 2
-    with pytest.raises(NibbleError, match="not divisible by INT4 group_size 128"):
+    with pytest.raises(NibbleError, match="96 is not divisible by INT4 group_size 128; use --group-size 32$"):
         weight_bytes(8, 96, QuantSpec("int4"))
     config = ModelConfig(**QWEN3_4B)
     opts = plan_opts(config)

@@ -59,7 +59,11 @@ def test_state_dict_round_trip(dtype):
 
 
 def test_errors_are_clear():
-    with pytest.raises(NibbleError, match="in_features 100 is not divisible by group_size 64"):
+    with pytest.raises(
+        NibbleError,
+        match="in_features 100 is not divisible by INT4 group_size 64; no INT4 group size "
+        "divides it: use --quant-format nf4",
+    ):
         int4.quantize(torch.randn(4, 100), group_size=64)
     with pytest.raises(NibbleError, match="2-D"):
         int4.quantize(torch.randn(128), group_size=64)

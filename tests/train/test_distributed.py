@@ -133,7 +133,7 @@ def test_two_ranks_of_four_train_as_one_process_of_eight_and_resume_on_one(toy, 
     # elastic: the 2-rank checkpoint resumed by one process, whose --batch-size 4 adapts to the global 8
     resume = train_args(toy, elastic, 4, "--lora-dropout", 0, "--resume", two / "checkpoints" / "step-3")
     said = single(resume, capsys)
-    assert "each of the 1 ranks now takes --batch-size 8" in said, said
+    assert "the one process now takes --batch-size 8" in said, said
     for run in (one, two, elastic):
         state = json.loads((run / "checkpoints" / "step-6" / "state.json").read_text())
         assert state["data"] == {"position": 6, "seed": 42, "examples": 37, "batch_size": 8}
@@ -454,3 +454,28 @@ def test_ranks_launched_by_hand_meet_at_master_addr():
     for process in ranks:
         _, err = process.communicate(timeout=120)
         assert process.returncode == 0 and err.strip().endswith("3"), err
+
+
+def test_rank_0_alone_speaks_its_data_lines_and_the_signal_line(toy, tmp_path):
+    """With an empty token cache both ranks tokenize, yet each file's token-cache line is printed once; the first
+    SIGTERM's line comes once; torch's deprecation warnings on the DDP wrapper are not printed per rank."""
+    out = tmp_path / "run"
+    steps = ["--max-steps", 40, "--save-every", 2, "--eval-every", 40]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "nibble"]
+    env = {**environment(), "NIBBLE_TOKEN_CACHE": str(tmp_path / "tokens")}
+    launcher = subprocess.Popen(
+        [*launch, *train_args(toy, out, 4, *steps)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "step-2").is_dir() and launcher.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    launcher.send_signal(signal.SIGTERM)
+    stdout, stderr = launcher.communicate(timeout=240)
+    assert launcher.returncode != 0, stderr[-3000:]
+    for name in ("train.jsonl", "val.jsonl"):
+        said = [line for line in stdout.splitlines() if line.startswith("tokens: ") and name in line]
+        assert len(said) == 1, stdout
+    assert stderr.count("SIGTERM: stopping after this step") == 1, stderr[-3000:]
+    assert "FutureWarning" not in stderr and "broadcast_buffers" not in stderr, stderr[-3000:]
+    assert stdout.count("train: ") == 1

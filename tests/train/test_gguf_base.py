@@ -18,7 +18,7 @@ import torch
 from gguf_files import save_tiny, tiny_model, write_gguf
 from nibble.cli.main import main
 from nibble.errors import NibbleError
-from nibble.io.gguf import open_gguf
+from nibble.io.gguf import convert_gguf, open_gguf
 from nibble.model import load_model
 from nibble.model.loading import resolve_model_dir
 from nibble.nn import QuantLinear
@@ -63,8 +63,14 @@ def test_native_base_computes_what_the_dense_file_computes(k_source, k_quant_fil
     else:  # Q8_0 / Q4_0 / Q4_1 / Q5_1 / F16 / BF16 projections (see gguf_files), q/k/v biases for qwen2
         path = write_gguf(tmp_path / f"{variant}.gguf", tiny_model(variant))
     native = load_model(str(path), quantize="gguf")  # (a path as a str, as users write it)
-    dense = load_model(path)
+    dense = load_model(convert_gguf(path, tmp_path / "exact", dtype=torch.float32))  # the dequantized values exactly
     torch.testing.assert_close(logits(native), logits(dense), rtol=0, atol=1e-5)
+    # --model FILE.gguf converts in the file's own precision: float16 for F16 and block types (within f16's rounding)
+    # (float32 where BF16 sits beside other types, as in the synthetic files)
+    implicit = load_model(path)
+    own = json.loads((resolve_model_dir(path) / "config.json").read_text())["dtype"]
+    assert own == ("float16" if variant in ("q4_k", "q6_k") else "float32")
+    torch.testing.assert_close(logits(implicit), logits(dense), rtol=0, atol=1e-2)
     layers = [m for m in native.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 7 * native.config.num_hidden_layers
     assert sum(m.qweight.memory_bytes() for m in layers) == open_gguf(path).projection_bytes()

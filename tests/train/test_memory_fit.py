@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -92,6 +93,13 @@ def test_nibble_plan_prints_the_choice_and_its_candidates(small, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "\nplan: lora, micro-batch " in out
+    # one total for the run: the plan line's estimate is the breakdown row marked as this run's (dense copies in)
+    planned = float(re.search(r"\nplan: .* estimate ([\d.]+) GB of a", out).group(1)) * 1e9
+    (marked,) = [line for line in out.splitlines() if line.endswith("<- this run")]
+    value, unit = marked.split()[-5:-3]
+    scale = {"GB": 1e9, "MB": 1e6, "KB": 1e3}[unit]
+    assert abs(planned - float(value) * scale) <= 0.005 * scale + 0.5e6  # each as rounded for printing
+    assert marked.startswith("total, no checkpointing")
     candidates = [line.split() for line in out.splitlines() if line.startswith(("full ", "lora ", "qlora "))]
     assert [(c[0], c[1], c[-1]) for c in candidates][:3] == [("full", "no", "no"), ("full", "yes", "no"),
                                                            ("lora", "no", "yes")]  # fmt: skip

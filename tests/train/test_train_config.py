@@ -1,6 +1,7 @@
 """TrainConfig: YAML keys and flags are the same fields, flags win, values are validated by key."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -26,9 +27,12 @@ def test_flags_override_yaml_and_yaml_overrides_defaults(tmp_path):
     )
     config = parse(str(path), "--lr", "0.02", "--no-use-rslora", "--max-steps", "7", "--resume")
     assert config.lr == 0.02 and config.max_steps == 7 and config.use_rslora is False
-    assert config.batch_size == 4 and config.model == "base" and config.lora_targets == "q_proj,o_proj"
+    assert config.batch_size == 4 and config.lora_targets == "q_proj,o_proj"
+    assert config.model == str(tmp_path / "base")  # relative in the YAML file: from the file's directory
     assert config.resume == "latest" and config.grad_accum == TrainConfig.grad_accum
-    assert parse(*REQUIRED, "--resume", "ckpt/step-5").resume == "ckpt/step-5"
+    assert parse(*REQUIRED, "--resume", "ckpt/step-5").resume == str(Path.cwd() / "ckpt/step-5")  # from the cwd
+    chat = parse(*REQUIRED, "--task", "instruct", "--chat-template", "chatml")
+    assert chat.chat_template == "chatml"  # a built-in name stays
     assert parse(*REQUIRED, "--cache-budget-mb", "auto").cache_budget_mb is None
     assert parse(*REQUIRED, "--cache-budget-mb", "64").cache_budget_mb == 64
 

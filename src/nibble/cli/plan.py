@@ -97,18 +97,23 @@ def run(args: argparse.Namespace) -> int:
             else:
                 row = (cand[0], cand[1], "1", cand[2], "no")
             print(f"{row[0]:<8}{'yes' if row[1] else 'no':>15}{row[2]:>13}{_gb(row[3]):>12}  {row[4]}")
-        print(f"plan: {plan.describe()}")
         cache_limit = plan.budget_bytes - plan.estimate_bytes
+    rows = plan_rows(model, plan_options(config, model, num_labels=args.num_labels, device=device), cache_limit)
+    # the run's own total (the dense copies of 4-bit weights fill what the plan leaves of the budget): one number
+    # in the plan line and the breakdown
+    ours = len(rows) - (1 if config.gradient_checkpointing else 2)
+    if plan is not None:
+        print(f"plan: {replace(plan, estimate_bytes=rows[ours][2]).describe()}")
     print()
     print(
         f"{config.method} run: task {config.task}, micro-batch {config.batch_size} x {config.max_seq_len} tokens"
         f"{f' x {config.grad_accum} accumulation steps' if config.grad_accum > 1 else ''}, compute dtype "
         f"{config.dtype}{', gradient checkpointing' if config.gradient_checkpointing else ''}"
     )
-    rows = plan_rows(model, plan_options(config, model, num_labels=args.num_labels, device=device), cache_limit)
     width = max(len(name) for name, _, _ in rows) + 2
-    for name, params, size in rows:
-        print(f"{name:<{width}}{_count(params) if params else '':>10}{_gb(size):>11}")
+    for i, (name, params, size) in enumerate(rows):
+        mark = "  <- this run" if i == ours else ""
+        print(f"{name:<{width}}{_count(params) if params else '':>10}{_gb(size):>11}{mark}")
     return 0
 
 

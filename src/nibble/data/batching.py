@@ -16,6 +16,35 @@ from nibble.errors import NibbleError
 MAX_SEQ_LEN = 256
 
 
+def truncation_note(
+    source: object,
+    max_seq_len: int,
+    *,
+    rows: int,
+    cut: int,
+    dropped: int,
+    tokens: int,
+    longest: int,
+    what: str = "tokens",
+    at_least: bool = False,
+) -> str | None:
+    """The one line saying what ``--max-seq-len`` cut from ``source``, or None when nothing was cut: ``cut`` of
+    ``rows`` rows, ``dropped`` of ``tokens`` counted ``what`` lost, and the longest row's tokens, which is the
+    --max-seq-len that keeps every row whole. ``at_least``: some rows were cut before being tokenized in full, so
+    ``dropped`` and ``longest`` are lower bounds."""
+    if not cut:
+        return None
+    share = 100 * dropped / tokens if tokens else 0.0
+    bound = "at least " if at_least else ""
+    fix = f"--max-seq-len {longest} keeps every row whole"
+    if at_least:
+        fix = "only its start was tokenized: keeping it whole takes a larger --max-seq-len still"
+    return (
+        f"{source}: {cut:,} of {rows:,} rows cut to --max-seq-len {max_seq_len}, dropping {bound}{share:.1f}% of the "
+        f"{what} ({dropped:,} of {tokens:,}); the longest row has {bound}{longest:,} tokens ({fix})"
+    )
+
+
 def pad_sequences(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     """Right-pad integer sequences with ``value`` to the longest: a long tensor [B, T]."""
     out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=torch.long)

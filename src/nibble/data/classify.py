@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nibble.data.batching import MAX_SEQ_LEN, pad_batch
+from nibble.data.batching import MAX_SEQ_LEN, pad_batch, truncation_note
 from nibble.data.ragged import Ragged
 from nibble.data.records import place, read_records
 from nibble.data.tokens import Column, cached_tokens
 from nibble.errors import NibbleError
 from nibble.io.runinfo import Label, LabelMap, is_label
+from nibble.io.tokenizer import Truncated
 
 CLASS_WEIGHTS = ("none", "inverse_freq", "sqrt_inverse")
 # Rows tokenized per batch while caching: at most this many rows or characters, since the tokenizer's output
@@ -215,15 +216,15 @@ class ClassificationData:
         return np.bincount(flat, minlength=self.label_map.num_labels).tolist()
 
 
-def tokenize_rows(rows: Sequence[Row], tokenizer, max_seq_len: int, source: str | Path) -> tuple[list[list[int]], int]:
+def tokenize_rows(rows: Sequence[Row], tokenizer, max_seq_len: int, source: str | Path) -> Truncated:
     """Token ids per row, truncated to ``max_seq_len`` (work bounded by it, not by the text: see
-    :meth:`nibble.io.tokenizer.Tokenizer.encode_truncated`), and how many rows were cut; a row that yields no
+    :meth:`nibble.io.tokenizer.Tokenizer.encode_truncated`), with what each cut dropped; a row that yields no
     tokens is an error."""
-    ids, cut = tokenizer.encode_truncated([r.text for r in rows], max_seq_len)
-    for row, seq in zip(rows, ids, strict=True):
+    result = tokenizer.encode_truncated([r.text for r in rows], max_seq_len)
+    for row, seq in zip(rows, result.ids, strict=True):
         if not seq:
             raise NibbleError(f"{place(source, row.line)}: the text is empty; remove the row or give it text")
-    return ids, cut
+    return result
 
 
 def class_weights(data: ClassificationData, scheme: str) -> torch.Tensor | None:
@@ -290,6 +291,7 @@ def load_classification(
         "text_column": text_column,
         "label_column": label_column,
         "max_seq_len": max_seq_len,
+        "cut_counts": True,  # the meta counts what the cuts drop (caches from before, without, are built anew)
     }
     columns = CACHE_COLUMNS if label_column is not None else {k: v for k, v in CACHE_COLUMNS.items() if k != "targets"}
 
@@ -297,13 +299,18 @@ def load_classification(
         first: dict[Label, int] = {}  # label -> its number, in the order labels first appear
         multi = False
         batch: list[Row] = []
-        chars = truncated = 0
+        chars = 0
+        cuts = {"truncated": 0, "dropped": 0, "tokens": 0, "longest": 0, "longest_partial": False}
 
         def flush() -> None:
-            nonlocal truncated
-            rows, cut = tokenize_rows(batch, tokenizer, max_seq_len, path)
-            truncated += cut
-            for row, ids in zip(batch, rows, strict=True):
+            result = tokenize_rows(batch, tokenizer, max_seq_len, path)
+            cuts["truncated"] += result.cut
+            for ids, beyond, partial in zip(*result, strict=True):
+                cuts["dropped"] += beyond
+                cuts["tokens"] += len(ids) + beyond
+                if len(ids) + beyond > cuts["longest"]:
+                    cuts["longest"], cuts["longest_partial"] = len(ids) + beyond, partial
+            for row, ids in zip(batch, result.ids, strict=True):
                 labels = row.label if isinstance(row.label, list) else [row.label]
                 targets = sorted({first.setdefault(label, len(first)) for label in labels}) if label_column else []
                 writer.append(ids=ids, lines=row.line, targets=targets)
@@ -317,14 +324,23 @@ def load_classification(
                 flush()
                 chars = 0
         flush()
-        return {"labels": list(first), "multi_label": multi, "truncated": truncated}
+        return {"labels": list(first), "multi_label": multi, **cuts}
 
     cache = cached_tokens(path, tokenizer.path, settings, columns, build, bounds={"ids": len(tokenizer)})
     lines = cache.column("lines")
-    if cache.meta.get("truncated"):
-        print(
-            f"tokens: {cache.meta['truncated']:,} of {cache.rows:,} rows cut to --max-seq-len {max_seq_len}", flush=True
+    meta = cache.meta
+    if meta.get("truncated"):
+        note = truncation_note(
+            path,
+            max_seq_len,
+            rows=cache.rows,
+            cut=meta["truncated"],
+            dropped=meta["dropped"],
+            tokens=meta["tokens"],
+            longest=meta["longest"],
+            at_least=meta["longest_partial"],
         )
+        print(f"tokens: {note}", flush=True)
     if label_column is None:
         return ClassificationData(cache.ragged("ids"), None, label_map or LabelMap([]), lines)
     seen, multi = cache.meta["labels"], cache.meta["multi_label"]

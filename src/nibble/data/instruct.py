@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nibble.data.batching import MAX_SEQ_LEN, pad_batch, pad_sequences
+from nibble.data.batching import MAX_SEQ_LEN, pad_batch, pad_sequences, truncation_note
 from nibble.data.chat import (
     DEFAULT_RENDERING,
     RenderOptions,
@@ -397,7 +397,9 @@ def show_conversations(
 
 
 def fit_length(data: InstructData, max_seq_len: int, packing: bool, source: str | Path) -> InstructData:
-    """Sequences of at most ``max_seq_len`` tokens: packed (see :func:`pack`), or each example cut to length.
+    """Sequences of at most ``max_seq_len`` tokens: packed (see :func:`pack`), or each example cut to length (with
+    one printed line saying how many were cut and how many response tokens that drops, see
+    :func:`nibble.data.batching.truncation_note`).
 
     Raises:
         NibbleError: (without packing) an example with no response token within ``max_seq_len``.
@@ -412,7 +414,22 @@ def fit_length(data: InstructData, max_seq_len: int, packing: bool, source: str 
             f"{place(source, int(data.lines[too_long[0]]))}: no response token within max_seq_len {max_seq_len}; "
             "raise --max-seq-len, shorten the prompt, or use --packing"
         )
-    return InstructData(data.ids.cut(max_seq_len), data.mask.cut(max_seq_len), data.lines, data.first_target)
+    cut = InstructData(data.ids.cut(max_seq_len), data.mask.cut(max_seq_len), data.lines, data.first_target)
+    lengths = data.ids.lengths()
+    if len(lengths) and int(lengths.max()) > max_seq_len:
+        targets = data.target_tokens()
+        note = truncation_note(
+            source,
+            max_seq_len,
+            rows=len(lengths),
+            cut=int((lengths > max_seq_len).sum()),
+            dropped=targets - cut.target_tokens(),
+            tokens=targets,
+            longest=int(lengths.max()),
+            what="response tokens",
+        )
+        print(f"tokens: {note}", flush=True)
+    return cut
 
 
 def load_instruct(

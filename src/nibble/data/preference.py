@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nibble.data.batching import pad_batch
+from nibble.data.batching import pad_batch, truncation_note
 from nibble.data.chat import parse_messages
 from nibble.data.ragged import Ragged
 from nibble.data.records import place, read_records
@@ -221,6 +221,28 @@ class Truncation:
     def prompt_lengths(self, lengths: np.ndarray) -> np.ndarray:
         return lengths if self.max_prompt_len is None else np.minimum(lengths, self.max_prompt_len)
 
+    def report(self, source: str | Path, prompt: Ragged, completions: Sequence[Ragged]) -> None:
+        """Print the line saying what ``max_seq_len`` cuts from the rows of ``prompt`` (kept to ``max_prompt_len``)
+        followed by each of ``completions`` (see :func:`nibble.data.batching.truncation_note`); nothing when
+        nothing is cut."""
+        lp = self.prompt_lengths(prompt.lengths())
+        if not len(lp):
+            return
+        full = [lp + c.lengths() for c in completions]  # each row's sequences before the cut
+        over = [np.maximum(f - self.max_seq_len, 0) for f in full]  # completion tokens past it (prompts fit)
+        note = truncation_note(
+            source,
+            self.max_seq_len,
+            rows=len(lp),
+            cut=int(np.logical_or.reduce([o > 0 for o in over]).sum()),
+            dropped=sum(int(o.sum()) for o in over),
+            tokens=sum(int(c.lengths().sum()) for c in completions),
+            longest=int(max(f.max() for f in full)),
+            what="completion tokens",
+        )
+        if note is not None:
+            print(f"tokens: {note}", flush=True)
+
     def sequence(self, prompt: np.ndarray, completion: np.ndarray) -> tuple[np.ndarray, int]:
         """The truncated sequence and its prompt's length in it."""
         if self.max_prompt_len is not None and len(prompt) > self.max_prompt_len:
@@ -398,7 +420,9 @@ def load_pairs(path: str | Path, tokenizer: Tokenizer, truncation: Truncation, s
     prompt, lines = cache.ragged("prompt"), cache.column("lines")
     chosen, rejected, margin = cache.ragged("chosen"), cache.ragged("rejected"), cache.column("margin")
     data = PairData(prompt, chosen, rejected, margin, lines, truncation, cache_dir=cache.directory)
-    return data.subset(_kept(prompt, truncation, lines, path, skip_bad_rows))
+    data = data.subset(_kept(prompt, truncation, lines, path, skip_bad_rows))
+    truncation.report(path, data.prompt, [data.chosen, data.rejected])
+    return data
 
 
 def load_unpaired(
@@ -425,4 +449,6 @@ def load_unpaired(
     data = UnpairedData(
         prompt, cache.ragged("completion"), cache.column("label"), lines, truncation, None, cache.directory
     )
-    return data.subset(_kept(prompt, truncation, lines, path, skip_bad_rows))
+    data = data.subset(_kept(prompt, truncation, lines, path, skip_bad_rows))
+    truncation.report(path, data.prompt, [data.completion])
+    return data

@@ -98,8 +98,30 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _size(n: int) -> str:
+def format_size(n: int) -> str:
+    """``n`` bytes as the short text nibble prints: ``1.5 GiB``, ``12.0 MiB`` or ``3.0 KiB``."""
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def tree_bytes(path: str | Path) -> int:
+    """The bytes of the file ``path``, or of every file under the directory ``path`` (links not followed; 0 for
+    what vanished meanwhile)."""
+    path = Path(path)
+    try:
+        if not path.is_dir() or path.is_symlink():
+            return path.lstat().st_size
+    except OSError:
+        return 0
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 class WriteError(NibbleError):
@@ -116,10 +138,10 @@ def write_error(directory: str | Path, exc: OSError, needed: int | None = None) 
     directory = Path(directory)
     probe = next((p for p in (directory, *directory.parents) if p.exists()), Path("."))
     try:
-        free = f"{_size(shutil.disk_usage(probe).free)} free"
+        free = f"{format_size(shutil.disk_usage(probe).free)} free"
     except OSError:
         free = "free space unknown"
-    need = f", about {_size(needed)} needed" if needed else ""
+    need = f", about {format_size(needed)} needed" if needed else ""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         message = f"{directory}: no space left on the device ({free}{need}); free some space or write elsewhere"
     else:

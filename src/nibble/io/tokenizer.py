@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -45,6 +45,21 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
+
+
+class Truncated(NamedTuple):
+    r"""Texts tokenized and cut (see :meth:`Tokenizer.encode_truncated`): the ``ids`` kept per text, the tokens
+    ``beyond`` the cut per text (0: not cut), and whether each text was ``partial``\ly tokenized (cut before
+    tokenizing, beyond its end: ``beyond`` counts only the tokens of the start that was tokenized, a lower bound)."""
+
+    ids: list[list[int]]
+    beyond: list[int]
+    partial: list[bool]
+
+    @property
+    def cut(self) -> int:
+        """How many texts were cut."""
+        return sum(b > 0 for b in self.beyond)
 
 
 class Tokenizer:
@@ -139,17 +154,16 @@ class Tokenizer:
         """Token ids of many texts; truncation keeps the special tokens and cuts the text (from the right)."""
         if max_length is None:
             return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
-        return self.encode_truncated(texts, max_length, add_special_tokens)[0]
+        return self.encode_truncated(texts, max_length, add_special_tokens).ids
 
     @cached_property
     def longest_token(self) -> int:
         """The most characters a token of the vocabulary spells (at least 1)."""
         return max(1, *map(len, self.backend.get_vocab(with_added_tokens=True)))
 
-    def encode_truncated(
-        self, texts: Sequence[str], max_length: int, add_special_tokens: bool = True
-    ) -> tuple[list[list[int]], int]:
-        """Token ids of many texts cut to ``max_length`` (as :meth:`encode_batch`), and how many were cut.
+    def encode_truncated(self, texts: Sequence[str], max_length: int, add_special_tokens: bool = True) -> Truncated:
+        """Token ids of many texts cut to ``max_length`` (as :meth:`encode_batch`), with the tokens each cut
+        dropped (see :class:`Truncated`).
 
         Work and memory follow ``max_length``, not the texts: a text is cut to ``_CUT_MARGIN`` tokens beyond
         ``max_length`` of the vocabulary's longest before it is tokenized (a 200 MB row once allocated 4 GiB of
@@ -158,7 +172,7 @@ class Tokenizer:
         """
         extra = self.backend.num_special_tokens_to_add(is_pair=False) if add_special_tokens else 0
         out: list[list[int]] = [[] for _ in texts]
-        truncated = 0
+        beyond, partial = [0] * len(texts), [False] * len(texts)
         todo, cut = list(range(len(texts))), (max_length + _CUT_MARGIN) * self.longest_token
         self.backend.enable_truncation(max_length)
         try:
@@ -167,16 +181,16 @@ class Tokenizer:
                 encodings = self.backend.encode_batch(parts, add_special_tokens=add_special_tokens)
                 retry = []
                 for i, part, e in zip(todo, parts, encodings, strict=True):
-                    beyond = sum(len(o.ids) - extra for o in e.overflowing)
-                    if len(part) < len(texts[i]) and beyond < _CUT_MARGIN:
+                    over = sum(len(o.ids) - extra for o in e.overflowing)
+                    if len(part) < len(texts[i]) and over < _CUT_MARGIN:
                         retry.append(i)
                     else:
-                        out[i] = e.ids
-                        truncated += bool(beyond) or len(part) < len(texts[i])
+                        out[i], partial[i] = e.ids, len(part) < len(texts[i])
+                        beyond[i] = max(over, int(partial[i]))
                 todo, cut = retry, cut * 2
         finally:
             self.backend.no_truncation()
-        return out, truncated
+        return Truncated(out, beyond, partial)
 
     def encode_positions(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """Token ids (uint32) of ``text`` without special tokens, and the character each token starts at.

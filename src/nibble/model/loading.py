@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nibble.devices import resolve_device
+from nibble.devices import dtype_name, resolve_device
 from nibble.errors import NibbleError
 from nibble.io import bnb
-from nibble.io.files import file_identity
+from nibble.io.files import file_identity, format_size, tree_bytes
 from nibble.io.peft import MULTIMODAL_DECODER
 from nibble.io.safetensors import Checkpoint, read_checkpoint
 from nibble.model import moe
@@ -49,10 +49,11 @@ DELTANET_PARAMETERS = ("conv1d.weight", "A_log", "dt_bias", "norm.weight")
 def resolve_model_dir(path: str | Path) -> Path:
     """The HF model directory behind ``path``: ``path`` itself, or for a ``.gguf`` file its conversion.
 
-    A GGUF file is converted (float32, exact dequantized values) once into
-    ``<cache>/converted/<name>-<key>`` (``$NIBBLE_CACHE`` or ``~/.cache/nibble``; the key hashes the
-    file's identity: absolute path, size, mtime, inode and ctime); later calls find it there, and a changed file
-    is converted again. The conversion appears under that name only when complete, so an interrupted one is redone.
+    A GGUF file is converted once, in the precision its weights hold (see :attr:`GGUFModel.own_dtype`: float16
+    for F16 and block types, bfloat16 for BF16, else float32), into ``<cache>/converted/<name>-<key>``
+    (``$NIBBLE_CACHE`` or ``~/.cache/nibble``; the key hashes the file's identity: absolute path, size, mtime,
+    inode and ctime), saying on stderr where and how big; later calls find it there, and a changed file is
+    converted again. The conversion appears under that name only when complete, so an interrupted one is redone.
 
     Raises:
         NibbleError: a missing path, or a GGUF file that cannot be converted (see ``nibble.io.gguf``).
@@ -63,7 +64,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     if not path.exists():
         raise NibbleError(f"{path}: no such model directory or .gguf file")
     from nibble.io.fetch import cache_dir
-    from nibble.io.gguf import SOURCE_NAME, convert_gguf, is_gguf
+    from nibble.io.gguf import SOURCE_NAME, convert_gguf, is_gguf, open_gguf
 
     if not is_gguf(path):
         raise NibbleError(f"{path}: not a directory (expected a model directory with config.json, or a .gguf file)")
@@ -71,8 +72,15 @@ def resolve_model_dir(path: str | Path) -> Path:
     key = hashlib.sha256(json.dumps(file_identity(path)).encode()).hexdigest()[:16]
     target = cache_dir() / "converted" / f"{path.stem}-{key}"
     if not (target / SOURCE_NAME).is_file():  # a conversion by a nibble that did not record its source is redone
+        dtype = open_gguf(path).own_dtype
         # overwrite: a concurrent conversion of the same file may have finished first; both are identical
-        convert_gguf(path, target, dtype=torch.float32, overwrite=True)
+        convert_gguf(path, target, dtype=dtype, overwrite=True)
+        print(
+            f"cache: converted {path.name} ({format_size(path.stat().st_size)}) into {target} "
+            f"({format_size(tree_bytes(target))}, {dtype_name(dtype)}); nibble cache lists and clears it",
+            file=sys.stderr,
+            flush=True,
+        )
     return target
 
 

@@ -20,6 +20,7 @@ from nibble.nn.lora import ALL_LINEAR, EXPERTS, MLP_PROJECTIONS, RECOMPUTE_MIN_E
 from nibble.nn.quant_linear import FrozenWeight, auto_cache_budget, plan_copies
 from nibble.quant import QuantSpec
 from nibble.quant.nf4 import NESTED_BLOCKSIZE
+from nibble.quant.spec import indivisible_group
 
 METHODS = ("qlora", "lora", "full")
 # What a memory budget picks first: the most weights trained, then the least memory.
@@ -138,10 +139,7 @@ def weight_bytes(out_features: int, in_features: int, fmt: str | QuantSpec) -> i
         # uint8 code per block, fp32 absmax per 256 blocks, and the 256-entry fp32 code table.
         return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + 4 * 256
     if in_features % fmt.group_size:
-        raise NibbleError(
-            f"in_features {in_features} is not divisible by INT4 group_size {fmt.group_size}; pick a group size "
-            "that divides it"
-        )
+        raise NibbleError(indivisible_group(in_features, fmt.group_size))
     return n // 2 + 2 * out_features * (in_features // fmt.group_size)
 
 

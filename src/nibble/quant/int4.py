@@ -14,6 +14,7 @@ import torch
 from nibble.errors import NibbleError
 from nibble.quant.base import QuantizedWeight, check_weight
 from nibble.quant.spec import INT4_GROUP_SIZES as VALID_GROUP_SIZES
+from nibble.quant.spec import indivisible_group
 
 
 class INT4Weight(QuantizedWeight):
@@ -28,7 +29,7 @@ class INT4Weight(QuantizedWeight):
         if group_size not in VALID_GROUP_SIZES:
             raise NibbleError(f"group_size {group_size} is not supported; use one of {VALID_GROUP_SIZES}")
         if in_features % group_size:
-            raise NibbleError(f"in_features {in_features} is not divisible by group_size {group_size}")
+            raise NibbleError(indivisible_group(in_features, group_size))
         if tuple(scales.shape) != (out_features, in_features // group_size):
             raise NibbleError(
                 f"INT4 scales must have shape {(out_features, in_features // group_size)}, got {tuple(scales.shape)}"
@@ -124,9 +125,7 @@ def quantize(weight: torch.Tensor, group_size: int = 128) -> INT4Weight:
         raise NibbleError(f"group_size {group_size} is not supported; use one of {VALID_GROUP_SIZES}")
     out_features, in_features = weight.shape
     if in_features % group_size:
-        raise NibbleError(
-            f"in_features {in_features} is not divisible by group_size {group_size}; pick a group size that divides it"
-        )
+        raise NibbleError(indivisible_group(in_features, group_size))
     groups = weight.detach().float().view(out_features, -1, group_size)  # [out, G, group]
     scales = (groups.abs().amax(dim=-1) / 7).to(torch.float16)
     inv = 1.0 / scales.float().clamp(min=torch.finfo(torch.float16).tiny).unsqueeze(-1)

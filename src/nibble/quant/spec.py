@@ -12,6 +12,14 @@ NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
+def indivisible_group(in_features: int, group_size: int) -> str:
+    """The error for an INT4 ``group_size`` that does not divide ``in_features``, naming the fix: the largest group
+    size that does, else NF4."""
+    fits = [g for g in INT4_GROUP_SIZES if in_features % g == 0]
+    fix = f"use --group-size {fits[-1]}" if fits else "no INT4 group size divides it: use --quant-format nf4"
+    return f"in_features {in_features} is not divisible by INT4 group_size {group_size}; {fix}"
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How frozen weights are stored in 4 bits.

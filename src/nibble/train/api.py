@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from nibble.errors import NibbleError
-from nibble.train.config import TrainConfig, check_keys, resolve_config
+from nibble.train.config import PATH_FIELDS, TrainConfig, absolute_paths, check_keys, resolve_config
 from nibble.train.run import TrainResult
 
 
@@ -34,7 +34,9 @@ def train(config: TrainConfig | Mapping[str, Any] | str | Path, **overrides: Any
 
     check_keys(overrides, "train()")
     if isinstance(config, TrainConfig):
-        config = dataclasses.replace(config, **_paths_as_str(overrides)).validate()
+        config = dataclasses.replace(config, **_paths_as_str(overrides))
+        paths = absolute_paths({key: getattr(config, key) for key in PATH_FIELDS}, os.getcwd())
+        config = dataclasses.replace(config, **paths).validate()
     elif isinstance(config, Mapping):
         check_keys(config, "config")
         config = resolve_config(None, {**_paths_as_str(config), **_paths_as_str(overrides)})

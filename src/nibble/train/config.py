@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -525,6 +526,27 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# The fields naming a file or directory; stored absolute, so a run's config.yaml means the same from any directory.
+PATH_FIELDS = ("model", "data", "val_data", "output", "resume", "chat_template", "config_file")
+
+
+def absolute_paths(values: Mapping[str, Any], base: str | Path) -> dict[str, Any]:
+    """``values`` with every relative path of :data:`PATH_FIELDS` made absolute against ``base`` (``~`` expanded);
+    ``resume: latest`` stays as it is, and a chat template only becomes a path where that file exists (else it
+    is a built-in template's name, or a mistake its error names as written)."""
+    out = dict(values)
+    for key in PATH_FIELDS:
+        value = out.get(key)
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str) or not value or (key == "resume" and value == "latest"):
+            continue
+        path = os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+        if key != "chat_template" or os.path.isfile(path):
+            out[key] = path
+    return out
+
+
 def resolve_config(
     yaml_path: str | Path | None,
     overrides: dict[str, Any],
@@ -532,12 +554,14 @@ def resolve_config(
 ) -> TrainConfig:
     """Defaults <- YAML file <- ``overrides`` (the flags given), validated (see :meth:`TrainConfig.validate`).
 
-    Relative paths inside the YAML file stay relative to the current directory, as flags are.
+    Paths come out absolute: relative ones in the YAML file are taken from the file's own directory, those in
+    ``overrides`` from the current directory (see :func:`absolute_paths`).
     """
-    values: dict[str, Any] = read_yaml(yaml_path) if yaml_path is not None else {}
-    values.update(overrides)
+    values: dict[str, Any] = {}
     if yaml_path is not None:
-        values["config_file"] = str(yaml_path)
+        values = absolute_paths(read_yaml(yaml_path), Path(yaml_path).parent)
+        values["config_file"] = os.path.abspath(yaml_path)
+    values.update(absolute_paths(overrides, os.getcwd()))
     try:
         config = TrainConfig(**values)
     except TypeError as exc:

@@ -12,6 +12,7 @@ are those of a one-process run with the global batch.
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import math
 import os
@@ -165,7 +166,7 @@ def rank_device(device: str, part: Parallel) -> str:
 
 def start(part: Parallel, device: torch.device, backend: str) -> None:
     """Join the process group of ``part`` (nothing for a single process): NCCL on CUDA, gloo otherwise, unless
-    ``backend`` names one. Ranks other than 0 stop printing to stdout (their errors still reach stderr).
+    ``backend`` names one. Ranks other than 0 stop printing to stdout (see :func:`quiet_other_ranks`).
 
     Raises:
         NibbleError: NCCL asked for without a CUDA device, an unknown backend, or ranks that do not meet (see
@@ -190,7 +191,13 @@ def start(part: Parallel, device: torch.device, backend: str) -> None:
     )
     global _host_group
     _host_group = dist.new_group(backend="gloo") if backend == "nccl" else None
-    if not part.is_main:
+    quiet_other_ranks(part)
+
+
+def quiet_other_ranks(part: Parallel) -> None:
+    """Ranks other than 0 stop printing to stdout, for the life of the process (rank 0 speaks for every rank;
+    errors still reach stderr). Called before a run reads anything, so its data lines come from rank 0 alone."""
+    if not part.is_main and getattr(sys.stdout, "name", None) != os.devnull:
         sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (for the life of the process)
 
 
@@ -329,8 +336,12 @@ class DataParallel:
             f"model.{name}" for name, p in model.named_parameters() if not p.requires_grad
         ] + [f"model.{name}" for name, _ in model.named_buffers()]
         device = next(p.device for p in model.parameters() if p.requires_grad)
+        # Every buffer is ignored above, so no buffer is synced either way; torch 2.13 renamed broadcast_buffers
+        # (which it now warns about on every rank) to forward_sync_buffers.
+        renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+        no_buffer_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
         self.ddp = DistributedDataParallel(
-            wrapped, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
+            wrapped, device_ids=[device] if device.type == "cuda" else None, **no_buffer_sync
         )
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

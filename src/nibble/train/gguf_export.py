@@ -65,24 +65,31 @@ class TextWindows:
 
 
 def _run_validation(adapter: Path, tokenizer: Tokenizer) -> tuple[Dataset, str] | None:
-    """The validation rows of the instruct run ``adapter`` came from (its ``config.yaml``), if still readable."""
+    """The validation rows of the instruct run ``adapter`` came from (its ``config.yaml``); None when no run's
+    config.yaml lies beside the adapter, or the run was no instruct run or held no validation data out.
+
+    Raises:
+        NibbleError: the run's config.yaml is unreadable, or the data file it records is gone.
+    """
     config_file = adapter.parent / "config.yaml"
     if not config_file.is_file():
         return None
-    try:
-        config = TrainConfig(**read_yaml(config_file))
-    except (TypeError, NibbleError):
-        return None
+    config = TrainConfig(**read_yaml(config_file))
     if config.task != "instruct":
         return None
-    if config.val_data and Path(config.val_data).is_file():
-        return read_instruct(config.val_data, tokenizer), f"{config.val_data} (the run's val_data)"
-    if config.data and Path(config.data).is_file() and config.val_split > 0:
-        rows = read_instruct(config.data, tokenizer)
-        _, val = stratified_split([0] * len(rows), config.val_split, config.seed)
-        if len(val):
-            return rows.subset(val), f"{config.data} (the run's {config.val_split:g} validation split)"
-    return None
+    key = "val_data" if config.val_data else "data" if config.data and config.val_split > 0 else None
+    if key is None:
+        return None
+    path = Path(getattr(config, key))
+    if not path.exists():
+        raise NibbleError(
+            f"{path}: the run's {key} (recorded in {config_file}) is gone; restore it, or pass --eval-data FILE"
+        )
+    if key == "val_data":
+        return read_instruct(path, tokenizer, config.columns), f"{path} (the run's val_data)"
+    rows = read_instruct(path, tokenizer, config.columns)
+    _, val = stratified_split([0] * len(rows), config.val_split, config.seed)
+    return (rows.subset(val), f"{path} (the run's {config.val_split:g} validation split)") if len(val) else None
 
 
 def eval_texts(

@@ -17,10 +17,11 @@ class GracefulStop:
     """While the ``with`` block runs (in the main thread), SIGINT/SIGTERM set :attr:`signum` instead of
     stopping the process; a second signal raises :class:`Interrupted` (``step=None``) wherever the code is.
     The previous handlers come back on exit. Elsewhere than the main thread it does nothing (Python only
-    delivers signals there)."""
+    delivers signals there). ``speak`` False keeps the first signal's line unsaid (ranks other than 0)."""
 
-    def __init__(self) -> None:
+    def __init__(self, speak: bool = True) -> None:
         self.signum: int | None = None
+        self.speak = speak  # whether the first signal prints its line (under torchrun: rank 0 alone)
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> GracefulStop:
@@ -38,6 +39,8 @@ class GracefulStop:
         if self.signum is not None:
             raise Interrupted(signum)
         self.signum = signum
+        if not self.speak:
+            return
         name = signal.Signals(signum).name
         print(
             f"\n{name}: stopping after this step with a checkpoint (send it again to stop at once)",

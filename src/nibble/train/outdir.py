@@ -258,13 +258,20 @@ def finished_already(out: Path, final: Path, checkpoint: Path, total_steps: int,
             print(
                 f"{out}: the run stopped early at step {progress.step} (val loss not lower for "
                 f"{progress.evals_without_improvement} evaluations; best at step {progress.best_step}); nothing to "
-                "do. A larger --early-stopping-patience (or 0) with --resume trains on",
+                "do. To train on, resume with a larger --early-stopping-patience (or 0)",
+                flush=True,
+            )
+        elif progress.step > total_steps:
+            print(
+                f"{out}: the run is at step {progress.step}, already past the {total_steps} steps asked; nothing to "
+                f"do (a resumed run never goes back: to train {total_steps} steps, start a new run in another "
+                "--output)",
                 flush=True,
             )
         else:
             print(
-                f"{out}: the run is finished at step {progress.step} of {total_steps}; nothing to do. "
-                "A larger --max-steps with --resume trains on",
+                f"{out}: the run is finished at step {progress.step} of {total_steps}; nothing to do. To train on, "
+                f"resume with a --max-steps above {total_steps}",
                 flush=True,
             )
         return True
@@ -276,8 +283,9 @@ def finished_already(out: Path, final: Path, checkpoint: Path, total_steps: int,
         )
     if schedule_steps is not None and schedule_steps != total_steps:
         schedule = WarmupCosine(total_steps, config.warmup_ratio, config.min_lr_ratio)
+        change = "extending" if total_steps > schedule_steps else "shortening"
         print(
-            f"resume: extending the run from {schedule_steps} to {total_steps} steps; the warmup+cosine schedule "
+            f"resume: {change} the run from {schedule_steps} to {total_steps} steps; the warmup+cosine schedule "
             f"is recomputed for {total_steps} steps, so step {progress.step + 1} trains at lr "
             f"{config.lr * schedule.factor(progress.step):.3g}",
             flush=True,
@@ -308,8 +316,9 @@ def global_micro_batch(
             f"share evenly; resume on a number of ranks that divides {saved}, with --batch-size {saved} // ranks"
         )
     print(
-        f"resume: {resume_from} was trained with {saved} rows per global micro-batch; each of the {part.world} "
-        f"ranks now takes --batch-size {saved // part.world}",
+        f"resume: {resume_from} was trained with {saved} rows per global micro-batch; "
+        + (f"each of the {part.world} ranks now takes" if part.world > 1 else "the one process now takes")
+        + f" --batch-size {saved // part.world}",
         flush=True,
     )
     return replace(config, batch_size=saved // part.world)

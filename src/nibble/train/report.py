@@ -18,6 +18,7 @@ from typing import Any
 from nibble.errors import NibbleError
 
 TARGETS = ("tensorboard", "wandb")
+_MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # what each reporter imports
 
 
 def report_targets(value: str) -> tuple[str, ...]:
@@ -36,6 +37,13 @@ def report_targets(value: str) -> tuple[str, ...]:
             raise NibbleError(
                 f"'report_to': {name} is not installed; pip install {name} (or nibble[report]), or drop it"
             )
+        try:  # imported now, before the run touches its output directory: a broken install is one line
+            importlib.import_module(_MODULES[name])
+        except Exception as exc:  # a package can fail to import in any way (a mismatched protobuf, numpy, ...)
+            raise NibbleError(
+                f"'report_to': {name} is installed but fails to import ({type(exc).__name__}: {_first_line(exc)}); "
+                f"reinstall it (pip install --force-reinstall {name}), or drop it"
+            ) from None
     return names
 
 
@@ -93,5 +101,24 @@ _REPORTERS = {"tensorboard": TensorBoardReporter, "wandb": WandbReporter}
 
 def open_reporters(targets: tuple[str, ...], out: Path, config: dict[str, Any], resumed_at: int) -> list:
     """One open reporter per target (each with ``write(record)`` and ``close()``); ``resumed_at`` is the step a
-    resumed run continues from (0 for a new run)."""
-    return [_REPORTERS[name](out, config, resumed_at) for name in targets]
+    resumed run continues from (0 for a new run).
+
+    Raises:
+        NibbleError: a target that fails to start (its library raised), naming it and the library's reason.
+    """
+    reporters = []
+    for name in targets:
+        try:
+            reporters.append(_REPORTERS[name](out, config, resumed_at))
+        except Exception as exc:  # the libraries fail in their own ways (a bad login, an unwritable directory)
+            for reporter in reporters:
+                reporter.close()
+            raise NibbleError(
+                f"'report_to': {name} failed to start ({type(exc).__name__}: {_first_line(exc)}); fix that or drop "
+                f"it, then run again with --resume"
+            ) from None
+    return reporters
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]

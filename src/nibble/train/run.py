@@ -160,6 +160,8 @@ def run_training(config: TrainConfig) -> TrainResult:
         NibbleError: a bad option or input, or a directory in use (naming the pid holding it).
         Interrupted: SIGINT/SIGTERM stopped the run (after a checkpoint; see :meth:`Trainer.train`).
     """
+    part = distributed.from_environment()
+    distributed.quiet_other_ranks(part)
     model_dir = resolve_model_dir(config.model)
     if not (model_dir / "config.json").is_file():
         raise NibbleError(f"{model_dir}: not a model directory (no config.json); check --model")
@@ -167,7 +169,6 @@ def run_training(config: TrainConfig) -> TrainResult:
     model_config = ModelConfig.from_hf(model_dir)
     tokenizer.check_fits(model_config.vocab_size, model_dir)
     task = get_task(config.task).setup(config, model_dir, tokenizer)
-    part = distributed.from_environment()
     if config.shard_base and not part.active:
         raise NibbleError(
             "--shard-base splits the frozen base over the ranks of a torchrun launch, and this is one process; "

@@ -506,7 +506,7 @@ class Trainer:
         window = Window.from_json(self._window_state, p.step)
         evaluated_at, saved_at = p.evaluated_step, -1
         session = (time.perf_counter(), p.step)
-        with GracefulStop() as stop:
+        with GracefulStop(speak=self.parallel.is_main) as stop:
             if cfg.eval_at_start and p.step == 0 and evaluated_at != 0:
                 self._evaluate()
                 evaluated_at = 0

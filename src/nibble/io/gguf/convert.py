@@ -61,7 +61,17 @@ def convert_gguf(
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         shapes = model.tensor_shapes()
         say(f"writing {len(shapes)} tensors ({sum(math.prod(s) for s in shapes.values()) / 1e6:.1f}M parameters)")
-        write_streamed(staging / "model.safetensors", shapes, dtype, lambda name: model.tensor(name, dtype))
+
+        def tensor(name: str) -> torch.Tensor:
+            value = model.tensor(name, dtype)
+            if dtype == torch.float16 and not bool(torch.isfinite(value).all()):
+                raise NibbleError(
+                    f"{model.path}: tensor '{name}' holds values beyond float16's range; convert it with nibble "
+                    "convert --dtype float32 and pass that directory as --model"
+                )
+            return value
+
+        write_streamed(staging / "model.safetensors", shapes, dtype, tensor)
         say("writing the tokenizer")
         model.save_tokenizer(staging)
         write_json(staging / SOURCE_NAME, source_record(model.path))

@@ -151,6 +151,16 @@ class GGUFModel(GGUFFile):
         """The ggml type name (``Q4_K``, ``F32``, ...) the file stores tensor ``hf_name`` in."""
         return self.gguf_tensor(self._plan[hf_name].gguf[0][0]).tensor_type.name
 
+    @property
+    def own_dtype(self) -> torch.dtype:
+        """The precision the file's weight matrices hold: float16 when each is F16 or in blocks (whose scales are
+        f16; their values then round to f16, within about 1/2048 of each), bfloat16 when each is BF16, else
+        float32 (F32 weights, or BF16 beside other types)."""
+        kinds = {self.tensor_type(hf) for hf, shape in self.tensor_shapes().items() if len(shape) >= 2}
+        if kinds == {"BF16"}:
+            return torch.bfloat16
+        return torch.float16 if not kinds & {"F32", "BF16"} else torch.float32
+
     def _rotary_heads(self, name: str) -> int:
         return self.config["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"]
 
