@@ -293,7 +293,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(toy, tmp_path
     assert main(train_args(toy, out, "--max-steps", "6", "--save-every", "2")) == 2
     err = without_progress(capsys.readouterr().err)
     assert re.fullmatch(
-        rf"error: {re.escape(str(out / 'checkpoints'))}: no space left on the device \([\d.]+ [KM]iB free, "
+        rf"error: {re.escape(str(out / 'checkpoints'))}: no space left on the device \([\d.]+ [KMG]iB free, "
         r"about [\d.]+ KiB needed\); free some space or write elsewhere\n",
         err,
     ), err

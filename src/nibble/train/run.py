@@ -200,6 +200,7 @@ def run_training(config: TrainConfig) -> TrainResult:
         distributed.barrier()  # no rank leaves the group while another still works in it
         return result
     finally:
+        run = None  # the model and its DDP/FSDP state go before the group they use (a later teardown can abort)
         distributed.stop()
 
 
