@@ -310,7 +310,9 @@ class Run:
             m.qweight.numel for m in model.modules() if getattr(m, "qweight", None) is not None
         )
         if self.sharded:
-            distributed.shard_model(model, device)
+            # full fine-tuning in 16 bits gathers its fp32 master weights in the compute dtype
+            gather = cfg.torch_dtype if cfg.method == "full" and cfg.torch_dtype != torch.float32 else None
+            distributed.shard_model(model, device, gather)
         if part.rank:  # its own dropout masks (DDP gives every rank rank 0's initial trainable weights)
             torch.manual_seed(cfg.seed + part.rank)
         model.gradient_checkpointing = cfg.gradient_checkpointing

@@ -32,7 +32,16 @@ from nibble.train.checkpoint import (
     save_checkpoint,
 )
 from nibble.train.config import TrainConfig
-from nibble.train.distributed import DataParallel, any_rank, barrier, current, full_value, host_sum, is_sharded
+from nibble.train.distributed import (
+    DataParallel,
+    any_rank,
+    barrier,
+    current,
+    full_value,
+    host_sum,
+    is_sharded,
+    sync_gradients,
+)
 from nibble.train.interrupt import GracefulStop
 from nibble.train.metrics import MetricsLog, headline
 from nibble.train.optim import WarmupCosine, build_optimizer
@@ -282,7 +291,9 @@ class Trainer:
         engine = self.data_parallel
         for micro, (batch, share) in enumerate(zip(batches, self._shares(units), strict=True)):
             batch = to_device(batch, self.device)
-            syncing = engine.no_sync(micro < cfg.grad_accum - 1) if engine is not None else nullcontext()
+            last = micro == cfg.grad_accum - 1
+            syncing = engine.no_sync(not last) if engine is not None else nullcontext()
+            sync_gradients(self.model, last)  # (FSDP2's own switch; nothing unless the model is sharded)
             with syncing:
                 with self.autocast():
                     outputs = engine(batch) if engine is not None else self.forward(self.model, batch)
