@@ -177,6 +177,27 @@ def test_full_fine_tuning_shards_with_fsdp2_and_trains_as_one_process(chat, tmp_
         torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0)
 
 
+def test_full_fine_tuning_in_bf16_gathers_16bit_weights_and_trains_as_one_process(chat, tmp_path, capsys):
+    """--dtype bfloat16: FSDP2 gathers the fp32 master weights in bf16 (the embeddings rounded where one process
+    reads them in fp32), reduces in fp32 once per step of 2 micro-batches; 2 ranks x 2 against 1 x 4."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    full = ["--task", "instruct", "--method", "full", "--lr", 1e-4, "--grad-accum", 2, "--dtype", "bfloat16"]
+    full += ["--max-steps", 3, "--eval-every", 0, "--save-every", 0]
+    single(train_args(chat, one, 4, *full), capsys)
+    ok(torchrun(2, train_args(chat, two, 2, *full)))
+    want, got = records(one, "train"), records(two, "train")
+    assert [r["step"] for r in got] == [1, 2, 3]
+    for a, b in zip(want, got, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=5e-3), (a, b)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-2), (a, b)
+    theirs, ours = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
+    for key in theirs:  # (exported from the fp32 master weights, not from a 16-bit gathered copy)
+        diff = (ours[key] - theirs[key]).abs()
+        # Adam moves a weight by up to about lr a step whatever the size of its gradient: a tiny gradient of another
+        # sign in one run moves it the other way; the bulk of the weights agree
+        assert diff.max() <= 2 * 3 * 1e-4 and diff.mean() < 1e-5, (key, diff.max(), diff.mean())
+
+
 def test_sharded_4bit_qlora_trains_as_one_process_and_resumes_bit_identical(toy, tmp_path, capsys):
     """--shard-base: FSDP2 over the NF4 base's bytes (double-quantized scales too), 2 ranks x 4 against 1 x 8."""
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
@@ -479,3 +500,57 @@ def test_rank_0_alone_speaks_its_data_lines_and_the_signal_line(toy, tmp_path):
     assert stderr.count("SIGTERM: stopping after this step") == 1, stderr[-3000:]
     assert "FutureWarning" not in stderr and "broadcast_buffers" not in stderr, stderr[-3000:]
     assert stdout.count("train: ") == 1
+
+
+def test_fsdp2_gathers_16bit_weights_and_reduces_gradients_once_per_accumulated_step(tmp_path, monkeypatch):
+    """In this process, a world of one: full fine-tuning sharded with bf16 gathering (fp32 master weights) reduces
+    each unit's gradients once in a step of 3 micro-batches, and computes what one process computes from the same
+    weights with the embeddings rounded to bf16 (the one input autocast does not round)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+    from helpers import label_task
+    from nibble.data import BatchStream, ClassificationData, LabelMap
+    from nibble.model import DecoderModel, ModelConfig
+    from nibble.train import TrainConfig
+    from nibble.train.distributed import shard_model
+    from nibble.train.trainer import Trainer
+
+    shape = dict(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
+    config = ModelConfig(**shape, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    ids = [[1 + (7 * i + j) % 60 for j in range(3 + i % 4)] for i in range(12)]
+    data = ClassificationData(ids, [i % 2 for i in range(12)], LabelMap([0, 1]))
+    cfg = TrainConfig(model="m", data="d", output=str(tmp_path), dtype="bfloat16", batch_size=2, grad_accum=3)
+
+    def step(shard: bool, round_embeddings: bool = False) -> tuple[float, float]:
+        torch.manual_seed(0)
+        model = DecoderModel(config, task="classify", num_labels=2)
+        if round_embeddings:
+            weight = model.model.embed_tokens.weight
+            weight.data = weight.data.bfloat16().float()
+        gathered = []
+        if shard:
+            shard_model(model, torch.device("cpu"), torch.bfloat16)
+            model.model.layers[0].register_forward_pre_hook(lambda m, _: gathered.append(m.mlp.up_proj.weight.dtype))
+        stream = BatchStream(data, cfg.batch_size, 0, cfg.seed)
+        trainer = Trainer(model=model, stream=stream, config=cfg, out=tmp_path, total_steps=1, task=label_task(data))
+        loss, norm, _, _ = trainer.step()
+        if shard:
+            assert gathered == [torch.bfloat16] * 3
+            assert {p.dtype for p in model.parameters()} == {torch.float32}  # the sharded master weights
+        return float(loss), float(norm)
+
+    reductions = []
+    reduce = _fsdp_param_group.foreach_reduce
+    monkeypatch.setattr(_fsdp_param_group, "foreach_reduce", lambda *a, **k: reductions.append(1) or reduce(*a, **k))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        loss, norm = step(shard=True)
+    finally:
+        dist.destroy_process_group()
+    assert len(reductions) == 4  # embeddings, 2 blocks, root: once each, not once per micro-batch
+    same_loss, same_norm = step(shard=False, round_embeddings=True)
+    assert loss == same_loss
+    # the gradients of the 16-bit weights are computed in bf16, then accumulated in fp32
+    assert norm == pytest.approx(same_norm, rel=1e-3)
+    assert step(shard=False)[0] == pytest.approx(loss, rel=1e-2)

@@ -163,6 +163,20 @@ def autotuned(
     return small, triton.autotune(large_m_configs, key=key)(kernel)
 
 
+_pinned: dict[int, Autotuner] = {}
+
+
+def pinned(kernel: Autotuner) -> Autotuner:
+    """``kernel`` with one config, never timed: its first, with ``SPLIT`` 1 (no atomic adds of partial sums in an
+    order that varies, and the same tile, so the same sums, in every process). What the kernels run under
+    ``torch.use_deterministic_algorithms(True)``."""
+    if id(kernel) not in _pinned:
+        first = kernel.configs[0]
+        config = triton.Config({**first.kwargs, "SPLIT": 1}, num_warps=first.num_warps, num_stages=first.num_stages)
+        _pinned[id(kernel)] = triton.autotune([config], key=kernel.keys)(kernel.fn)
+    return _pinned[id(kernel)]
+
+
 def launch_gemm(
     kernels: tuple[Autotuner, Autotuner],
     a: torch.Tensor,
@@ -211,6 +225,8 @@ def launch_gemm(
         torch.zeros((m, out_width), dtype=acc_dtype(a.dtype), device=a.device) if small else a.new_empty((m, out_width))
     )
     kernel = kernels[0] if small else kernels[1]
+    if torch.are_deterministic_algorithms_enabled():  # (--deterministic)
+        kernel = pinned(kernel)
     kernel[lambda meta: grid(m, n, k, meta)](
         M=m,
         N=n,

@@ -54,7 +54,8 @@ class RMSNorm(nn.Module):
         self.ops = EAGER
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.rms_norm(x, self.weight + 1 if self.zero_centred else self.weight, self.eps)
+        # (1 + w in fp32: a weight gathered in 16 bits by FSDP2 would round the sum to its 8 bits of mantissa)
+        return self.ops.rms_norm(x, self.weight.float() + 1 if self.zero_centred else self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:

@@ -149,6 +149,14 @@ class TrainConfig:
             "GPU); pays on long runs only (2-core CPU: steps 1.06x faster after ~22 s of compiling on a first run)"
         ),
     )
+    deterministic: bool = field(
+        default=False,
+        metadata=_help(
+            "GPU runs that repeat bit for bit: torch's deterministic algorithms, a fixed cuBLAS workspace, and "
+            "the fused 4-bit kernels on one tile with no split-K (atomic) reduction; decoding-size 4-bit matmuls "
+            "run slower"
+        ),
+    )
     max_seq_len: int = field(default=MAX_SEQ_LEN, metadata=_help("truncate texts to this many tokens"))
     packing: bool = field(
         default=False, metadata=_help("instruct: concatenate examples into full max-seq-len sequences")

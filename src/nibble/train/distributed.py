@@ -371,14 +371,19 @@ def broadcast_text(text: str) -> str:
     return bytes(gather_parts(torch.tensor(list(mine), dtype=torch.uint8))[0].tolist()).decode()
 
 
-def shard_model(model: nn.Module, device: torch.device) -> None:
+def shard_model(model: nn.Module, device: torch.device, gather_dtype: torch.dtype | None = None) -> None:
     """FSDP2 over every rank, computing on ``device``: each decoder block is its own unit, and so are the
     embeddings unless a head shares them; the root holds the rest (final norm, head). Parameters, gradients and
     the optimizer state built on them are sharded; the gradients reduce in fp32. Frozen parameters (a LoRA
     method's base) are sharded too and only ever gathered.
 
-    Parameters are gathered in their stored precision (fp32 master weights) and compute runs under the run's
+    Without ``gather_dtype`` parameters are gathered in their stored precision and compute runs under the run's
     autocast, as in a single process, so a sharded run takes the same steps as one process with the global batch.
+    With it (full fine-tuning in bf16 or fp16: the fp32 master weights stay sharded) every floating-point
+    parameter is gathered in that dtype, half the bytes, and its gradient is computed in it, then reduced and
+    accumulated in fp32. Matmuls read the same rounded weights autocast would give them; norms, routers and the
+    delta rule's gates read 16-bit weights where one process reads fp32 ones, and the embedding lookup is cast
+    back to fp32 so that the residual stream stays fp32 as in one process (block inputs are not cast down).
     ``hidden_states`` counts as a forward of the root (the instruct loss calls it, then the head), and the root
     keeps its parameters gathered after a forward so the head can run after it.
 
@@ -402,9 +407,12 @@ def shard_model(model: nn.Module, device: torch.device) -> None:
         # that glibc's heap would otherwise keep (a 660M-parameter NF4 base on 2 ranks: rank 0 at 1.80 GB after
         # 3 steps and growing, against 0.61 GB, flat, with each such block mapped on its own).
         return_large_blocks_to_os(128 << 10)
-    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # no param_dtype: nothing is cast when gathered
+    # cast_forward_inputs=False: a block's fp32 input (the residual stream) is not cast to gather_dtype
+    policy = MixedPrecisionPolicy(param_dtype=gather_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     embed, head = model.model.embed_tokens, getattr(model, "lm_head", None)
+    if gather_dtype is not None:  # (a hook, not the policy's output_dtype: a tied embedding is part of the root)
+        embed.register_forward_hook(lambda _module, _args, out: out.float())
     own_unit = head is None or head.weight is not embed.weight  # (a tied head needs it after the blocks too)
     if own_unit:  # gathered for the lookup alone, not kept with the root's parameters for the whole step
         fully_shard(embed, mesh=mesh, mp_policy=policy)
@@ -417,6 +425,17 @@ def shard_model(model: nn.Module, device: torch.device) -> None:
         # (SmolLM2-135M, fp32 embeddings of 113 MB: the backward's peak RSS 200 MB lower.)
         model.model.layers[0].set_modules_to_backward_prefetch([model])
     register_fsdp_forward_method(model, "hidden_states")
+
+
+def sync_gradients(model: nn.Module, sync: bool) -> None:
+    """Whether the next backward of an FSDP2-sharded ``model`` reduce-scatters its gradients (``sync``) or adds
+    them to the whole, unsharded gradients it accumulates in fp32 (the micro-batches before the last of a step,
+    as :meth:`DataParallel.no_sync`): one reduce-scatter per step instead of one per micro-batch, for the memory of
+    one process's fp32 gradients while the step accumulates. Nothing for a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
 
 
 def is_sharded(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> bool:
@@ -435,39 +454,35 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def gathered(model: nn.Module, trainable_only: bool = False) -> Iterator[None]:
-    """Inside, an FSDP2-sharded ``model`` holds its whole parameters on every rank (for an export by rank 0);
-    resharded on the way out. With ``trainable_only``, only the parameters that train are gathered (a LoRA
-    method's adapters and head: the frozen base, which may not fit one device, stays sharded). Nothing happens
-    for a model that is not sharded. Every rank must enter."""
+    """Inside, an FSDP2-sharded ``model`` holds its whole parameters on every rank, in their stored dtype (the fp32
+    master weights, also where forwards gather them in 16 bits), for an export by rank 0; resharded on the way
+    out. With ``trainable_only``, only the parameters that train are gathered (a LoRA method's adapters and head:
+    the frozen base, which may not fit one device, stays sharded). Nothing happens for a model that is not
+    sharded. Every rank must enter."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    if trainable_only:
-        sharded = [
-            (module, name, param)
-            for module in model.modules()
-            for name, param in module.named_parameters(recurse=False)
-            if param.requires_grad and isinstance(param, DTensor)
-        ]
-        for module, name, param in sharded:  # the same order on every rank: one all-gather each
-            # still marked trainable: an export tells what trains by it (a router is saved only when it trains)
-            module._parameters[name] = nn.Parameter(param.full_tensor().detach(), requires_grad=True)
-        try:
-            yield
-        finally:
-            barrier()
-            for module, name, param in sharded:
-                module._parameters[name] = param
-        return
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
-        unit.unshard()
+    for unit in model.modules():  # (the root keeps what its last forward gathered: its sharded parameters back)
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+    sharded = [
+        (module, name, param)
+        for module in model.modules()
+        for name, param in module.named_parameters(recurse=False)
+        if isinstance(param, DTensor) and (param.requires_grad or not trainable_only)
+    ]
+    whole: dict[int, nn.Parameter] = {}  # one parameter for a tied one
+    for module, name, param in sharded:  # the same order on every rank: one all-gather each
+        if id(param) not in whole:
+            # still marked as it was: an export tells what trains by it (a router is saved only when it trains)
+            whole[id(param)] = nn.Parameter(param.full_tensor().detach(), requires_grad=param.requires_grad)
+        module._parameters[name] = whole[id(param)]
     try:
         yield
     finally:
         barrier()
-        for unit in units:
-            unit.reshard()
+        for module, name, param in sharded:
+            module._parameters[name] = param
 
 
 def eval_batches(

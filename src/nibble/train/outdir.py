@@ -60,7 +60,7 @@ MAY_CHANGE_ON_RESUME = (
     *("log_every", "eval_every", "save_every", "keep_checkpoints", "early_stopping_patience", "eval_at_start"),
     "report_to",
     *("output", "resume", "overwrite", "config_file", "device", "dist_backend", "batch_size", "eval_batch_size"),
-    *("memory_budget", "cache_budget_mb", "compile", "gradient_checkpointing", "shard_base"),
+    *("memory_budget", "cache_budget_mb", "compile", "deterministic", "gradient_checkpointing", "shard_base"),
 )
 FIXED_ON_RESUME = tuple(name for name in field_names() if name not in MAY_CHANGE_ON_RESUME)
 

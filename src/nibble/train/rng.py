@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -15,6 +18,28 @@ from nibble.errors import NibbleError
 _MT_WORDS = 624  # the Mersenne Twister's state: 624 32-bit words and a position in them
 _RANK_KEY = re.compile(r"(torch|cuda)\.rank[1-9]\d*")
 _CUDA_KEY = re.compile(r"cuda\.\d+")
+
+
+@contextmanager
+def deterministic(on: bool) -> Iterator[None]:
+    """Inside, with ``on`` (``--deterministic``): ``torch.use_deterministic_algorithms(True)``, a fixed cuBLAS
+    workspace (``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless set: read when cuBLAS starts, so before the run's first
+    matmul), and the fused 4-bit kernels on one config each with no split reduction (see
+    :func:`nibble.kernels.triton_common.pinned`), so a run on a GPU repeats bit for bit. An op torch has no
+    deterministic form of warns, naming itself, rather than stopping the run. Undone on the way out."""
+    if not on:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace or ":4096:8"
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        if workspace is None:
+            del os.environ["CUBLAS_WORKSPACE_CONFIG"]
 
 
 def seed_everything(seed: int) -> None:

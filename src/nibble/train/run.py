@@ -51,7 +51,7 @@ from nibble.train.outdir import (
 from nibble.train.planning import check_lora_rank, fit_to_memory, plan_options, train_flops_per_token
 from nibble.train.progress import Progress, read_progress
 from nibble.train.report import open_reporters, report_targets
-from nibble.train.rng import seed_everything
+from nibble.train.rng import deterministic, seed_everything
 from nibble.train.tasks import TaskRun, get_task
 from nibble.train.trainer import Trainer
 
@@ -185,14 +185,17 @@ def run_training(config: TrainConfig) -> TrainResult:
                 if main:
                     settle_replaced_run(out)
             try:
-                run = Run(config=config, model_dir=model_dir, tokenizer=tokenizer, task=task, device=device, part=part)
-                result = run.setup()
-                if result is None:
-                    try:
-                        run.resume()
-                        result = run.finish(run.train())
-                    finally:
-                        run.close()
+                with deterministic(config.deterministic):
+                    run = Run(
+                        config=config, model_dir=model_dir, tokenizer=tokenizer, task=task, device=device, part=part
+                    )
+                    result = run.setup()
+                    if result is None:
+                        try:
+                            run.resume()
+                            result = run.finish(run.train())
+                        finally:
+                            run.close()
             except BaseException:
                 if part.is_main:
                     settle_replaced_run(out)
@@ -315,7 +318,9 @@ class Run:
             m.qweight.numel for m in model.modules() if getattr(m, "qweight", None) is not None
         )
         if self.sharded:
-            distributed.shard_model(model, device)
+            # full fine-tuning in 16 bits gathers its fp32 master weights in the compute dtype
+            gather = cfg.torch_dtype if cfg.method == "full" and cfg.torch_dtype != torch.float32 else None
+            distributed.shard_model(model, device, gather)
         if part.rank:  # its own dropout masks (DDP gives every rank rank 0's initial trainable weights)
             torch.manual_seed(cfg.seed + part.rank)
         model.gradient_checkpointing = cfg.gradient_checkpointing

@@ -42,6 +42,7 @@ from nibble.train.distributed import (
     gather_parts,
     host_sum,
     is_sharded,
+    sync_gradients,
 )
 from nibble.train.interrupt import GracefulStop
 from nibble.train.metrics import MetricsLog, headline
@@ -354,7 +355,9 @@ class Trainer:
         units = [0.0 if stand_in else float(self.loss_units(b)) for b, stand_in in zip(inputs, stand_ins, strict=True)]
         for micro, (batch, share) in enumerate(zip(inputs, self._shares(units), strict=True)):
             batch = batch if self.rollout is not None else to_device(batch, self.device)
-            syncing = engine.no_sync(micro < cfg.grad_accum - 1) if engine is not None else nullcontext()
+            last = micro == cfg.grad_accum - 1
+            syncing = engine.no_sync(not last) if engine is not None else nullcontext()
+            sync_gradients(self.model, last)  # (FSDP2's own switch; nothing unless the model is sharded)
             with syncing:
                 with self.autocast():
                     outputs = engine(batch) if engine is not None else self.forward(self.model, batch)
