@@ -126,11 +126,6 @@ def tile_config(
     )
 
 
-def autotune_configs(gpu: list[triton.Config], interpreted: triton.Config) -> list[triton.Config]:
-    """The GPU search space, or one fixed config under the interpreter so tests never benchmark."""
-    return [interpreted] if INTERPRET else gpu
-
-
 def m_bucket(m: int) -> int:
     """Autotune key for M: a power of two, so every batch size does not retune."""
     return min(triton.next_power_of_2(max(m, 1)), 16384)
@@ -139,28 +134,38 @@ def m_bucket(m: int) -> int:
 # Largest M served by the small-M (decode) configs of the GEMM-shaped kernels.
 SMALL_M = 16
 
-# Small-M search space of every GEMM-shaped kernel (measured on the GPU at first use; under the interpreter one
-# fixed config): M is one tile, so the reduction is split over SPLIT programs that add into a zeroed buffer.
-SMALL_M_CONFIGS = autotune_configs(
-    [
-        tile_config(16, bn, bk, split, 1, 4, 4)
-        for bn, bk in ((32, 64), (64, 64), (128, 64), (64, 128))
-        for split in (1, 2, 4, 8)
-    ],
-    tile_config(16, 32, 64, 2, 1, 1, 1),
-)
+# Small-M search space of every GEMM-shaped kernel (measured on the GPU at first use): M is one tile, so the
+# reduction is split over SPLIT programs that add into a zeroed buffer.
+SMALL_M_CONFIGS = [
+    tile_config(16, bn, bk, split, 1, 4, 4)
+    for bn, bk in ((32, 64), (64, 64), (128, 64), (64, 128))
+    for split in (1, 2, 4, 8)
+]
+
+# What the interpreter runs instead of the search spaces, so tests never benchmark: one (small-M, large-M) config.
+# Every config of every search space is run under the interpreter by the kernel tests, one at a time.
+INTERPRETED_CONFIGS = (tile_config(16, 32, 64, 2, 1, 1, 1), tile_config(32, 32, 64, 1, 2, 1, 1))
+
+
+def search_spaces(large_m_configs: list[triton.Config]) -> tuple[list[triton.Config], list[triton.Config]]:
+    """The (small-M, large-M) configs a GEMM-shaped kernel tunes over: :data:`SMALL_M_CONFIGS` and its own large-M
+    ones on a GPU, the one pair of :data:`INTERPRETED_CONFIGS` under the interpreter."""
+    if INTERPRET:
+        return [INTERPRETED_CONFIGS[0]], [INTERPRETED_CONFIGS[1]]
+    return SMALL_M_CONFIGS, large_m_configs
 
 
 def autotuned(
-    kernel: triton.JITFunction, large_m_configs: list[triton.Config], out: str
+    kernel: triton.JITFunction, configs: tuple[list[triton.Config], list[triton.Config]], out: str
 ) -> tuple[Autotuner, Autotuner]:
-    """The small-M and large-M autotuned forms of a GEMM-shaped kernel whose output pointer is named ``out``.
+    """The small-M and large-M autotuned forms of a GEMM-shaped kernel over ``configs`` (small-M, large-M; see
+    :func:`search_spaces`) whose output pointer is named ``out``.
 
     The small-M form adds split partial sums atomically into ``out``, so the autotuner zeroes it between trials.
     """
     key = ["M_BUCKET", "N", "K"]
-    small = triton.autotune(SMALL_M_CONFIGS, key=key, reset_to_zero=[out])(kernel)
-    return small, triton.autotune(large_m_configs, key=key)(kernel)
+    small = triton.autotune(configs[0], key=key, reset_to_zero=[out])(kernel)
+    return small, triton.autotune(configs[1], key=key)(kernel)
 
 
 def launch_gemm(
