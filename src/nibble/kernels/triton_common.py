@@ -15,7 +15,9 @@ tensor cores).
 
 from __future__ import annotations
 
+import inspect
 import os
+import time
 from collections.abc import Callable
 
 import torch
@@ -156,17 +158,43 @@ def search_spaces(large_m_configs: list[triton.Config]) -> tuple[list[triton.Con
     return SMALL_M_CONFIGS, large_m_configs
 
 
+def prune_by_m(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The configs worth timing for a call (Triton's ``early_config_prune``): those whose M tile is at most M's
+    autotune bucket (its next power of two), else those with the smallest M tile. A tile reaching far past the
+    last row computes masked rows only, so it never wins, yet the autotuner would compile and time it."""
+    bucket = {**named_args, **kwargs}["M_BUCKET"]
+    limit = max(bucket, min(c.kwargs["BLOCK_M"] for c in configs))
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= limit]
+
+
+# Keep the measured timings on disk (in Triton's cache) where this Triton can, so a later run with the same shapes
+# does not time the configs again.
+_CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
 def autotuned(
     kernel: triton.JITFunction, configs: tuple[list[triton.Config], list[triton.Config]], out: str
 ) -> tuple[Autotuner, Autotuner]:
     """The small-M and large-M autotuned forms of a GEMM-shaped kernel over ``configs`` (small-M, large-M; see
-    :func:`search_spaces`) whose output pointer is named ``out``.
+    :func:`search_spaces`) whose output pointer is named ``out``; each times only the configs :func:`prune_by_m`
+    keeps.
 
     The small-M form adds split partial sums atomically into ``out``, so the autotuner zeroes it between trials.
     """
     key = ["M_BUCKET", "N", "K"]
-    small = triton.autotune(configs[0], key=key, reset_to_zero=[out])(kernel)
-    return small, triton.autotune(configs[1], key=key)(kernel)
+    options = {"prune_configs_by": {"early_config_prune": prune_by_m}, **_CACHE_RESULTS}
+    small = triton.autotune(configs[0], key=key, reset_to_zero=[out], **options)(kernel)
+    return small, triton.autotune(configs[1], key=key, **options)(kernel)
+
+
+# Time the autotuners spent on new keys in this process (compiling and timing their configs), and how many keys.
+_tuning = {"seconds": 0.0, "keys": 0}
+
+
+def tuning_time() -> tuple[float, int]:
+    """Seconds the GEMM-shaped kernels' autotuners spent so far in this process (compiling and timing configs, or
+    compiling the one left after pruning) and the number of (kernel, shape, dtypes) keys they tuned."""
+    return _tuning["seconds"], _tuning["keys"]
 
 
 def launch_gemm(
@@ -217,6 +245,7 @@ def launch_gemm(
         torch.zeros((m, out_width), dtype=acc_dtype(a.dtype), device=a.device) if small else a.new_empty((m, out_width))
     )
     kernel = kernels[0] if small else kernels[1]
+    tuned, start = len(kernel.cache), time.perf_counter()
     kernel[lambda meta: grid(m, n, k, meta)](
         M=m,
         N=n,
@@ -233,6 +262,9 @@ def launch_gemm(
         **operands(out),
         **args,
     )
+    if len(kernel.cache) > tuned:  # a new key: this call tuned (on a GPU; one config under the interpreter)
+        _tuning["seconds"] += time.perf_counter() - start
+        _tuning["keys"] += len(kernel.cache) - tuned
     return out.to(a.dtype)
 
 
