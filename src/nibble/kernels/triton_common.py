@@ -18,7 +18,9 @@ from __future__ import annotations
 import inspect
 import os
 import time
+import weakref
 from collections.abc import Callable
+from functools import cache
 
 import torch
 import triton
@@ -87,8 +89,14 @@ def fused_supported(qweight: QuantizedWeight) -> bool:
     return len(qweight.shape) == 2 and qweight.shape[1] % 2 == 0
 
 
-def weight_operands(qweight: QuantizedWeight) -> dict[str, object]:
-    """Kernel arguments describing ``qweight``: pointers, the scale offset and the format constexprs."""
+@cache
+def _nf4_code(device: torch.device) -> torch.Tensor:
+    """The NF4 codebook on ``device``, built once: building it copies 16 floats from the host (and allocates) at
+    every call otherwise."""
+    return nf4_code(device)
+
+
+def _weight_operands(qweight: QuantizedWeight) -> dict[str, object]:
     if qweight.format == "nf4":
         dq = qweight.double_quant
         return {
@@ -96,7 +104,7 @@ def weight_operands(qweight: QuantizedWeight) -> dict[str, object]:
             "scale_ptr": qweight.absmax.contiguous(),
             "nested_absmax_ptr": qweight.nested_absmax.contiguous() if dq else None,
             "nested_code_ptr": qweight.nested_code.float().contiguous() if dq else None,
-            "code_ptr": nf4_code(qweight.device),
+            "code_ptr": _nf4_code(qweight.device),
             "offset": float(qweight.offset) if dq else 0.0,
             "BS": qweight.blocksize,
             "NF4": True,
@@ -115,6 +123,53 @@ def weight_operands(qweight: QuantizedWeight) -> dict[str, object]:
             "DOUBLE_QUANT": False,
         }
     raise NibbleError(f"the Triton kernels do not read the '{qweight.format}' format; use NIBBLE_KERNELS=torch")
+
+
+# Per weight (a layer's, alive as long as it is): its kernel arguments, and per compute dtype those of a GEMM launch.
+_operands: weakref.WeakKeyDictionary[QuantizedWeight, dict[str, object]] = weakref.WeakKeyDictionary()
+_gemm_constants: weakref.WeakKeyDictionary[QuantizedWeight, dict[torch.dtype, dict[str, object]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def weight_operands(qweight: QuantizedWeight) -> dict[str, object]:
+    """Kernel arguments describing ``qweight``: pointers, the scale offset and the format constexprs.
+
+    Built once per weight object and shared by every later call (read it, never change it): a QuantizedWeight's
+    tensors are never written after it is built (moving or cutting one makes a new weight). A weight rebuilt at
+    each use (held as FSDP2 parameters) builds them at each use.
+    """
+    args = _operands.get(qweight)
+    if args is None:
+        args = _operands[qweight] = _weight_operands(qweight)
+    return args
+
+
+def gemm_constants(qweight: QuantizedWeight, dtype: torch.dtype) -> dict[str, object]:
+    """The arguments of a GEMM-shaped kernel over ``qweight`` in ``dtype`` that do not change between calls: the
+    weight's operands, its shape and the dtype constexprs (built once per weight and dtype, shared: read only).
+
+    Raises:
+        NibbleError: a dtype the kernels lack, or a format they do not read.
+    """
+    per_dtype = _gemm_constants.setdefault(qweight, {})
+    constants = per_dtype.get(dtype)
+    if constants is None:
+        args = weight_operands(qweight)
+        n, k = qweight.shape
+        constants = per_dtype[dtype] = {
+            "N": n,
+            "K": k,
+            "ALIGNED": k % args["BS"] == 0,
+            "DTYPE": tl_dtype(dtype),
+            "ACC_DTYPE": tl_dtype(acc_dtype(dtype)),
+            "PRECISION": dot_precision(dtype),
+            "INTERPRET": INTERPRET,
+            # keeps double-quantized scales (code * absmax + offset) bit-identical to the reference's two roundings
+            "enable_fp_fusion": False,
+            **args,
+        }
+    return constants
 
 
 def tile_config(
@@ -227,7 +282,6 @@ def launch_gemm(
         NibbleError: CPU tensors outside the interpreter, a dtype the kernels lack, or ``a`` not ``[M, width]``.
     """
     check_device(a)
-    dtype = tl_dtype(a.dtype)
     if a.dim() != 2 or a.shape[1] != width:
         raise NibbleError(
             f"{op} expects {operand} of shape [M, {width}] for a weight {tuple(qweight.shape)}, got {tuple(a.shape)}"
@@ -235,33 +289,18 @@ def launch_gemm(
     if not fused_supported(qweight):
         # rows that start mid-byte (odd K): dense weight from the dequantize kernel instead
         return dense()
+    constants = gemm_constants(qweight, a.dtype)
     m = a.shape[0]
     if m == 0:
         return a.new_empty((0, out_width))
     n, k = qweight.shape
-    args = weight_operands(qweight)
     small = m <= SMALL_M
     out = (
         torch.zeros((m, out_width), dtype=acc_dtype(a.dtype), device=a.device) if small else a.new_empty((m, out_width))
     )
     kernel = kernels[0] if small else kernels[1]
     tuned, start = len(kernel.cache), time.perf_counter()
-    kernel[lambda meta: grid(m, n, k, meta)](
-        M=m,
-        N=n,
-        K=k,
-        M_BUCKET=m_bucket(m),
-        ALIGNED=k % args["BS"] == 0,
-        DTYPE=dtype,
-        ACC_DTYPE=tl_dtype(acc_dtype(a.dtype)),
-        PRECISION=dot_precision(a.dtype),
-        ATOMIC=small,
-        INTERPRET=INTERPRET,
-        # keeps double-quantized scales (code * absmax + offset) bit-identical to the reference's two roundings
-        enable_fp_fusion=False,
-        **operands(out),
-        **args,
-    )
+    kernel[lambda meta: grid(m, n, k, meta)](M=m, M_BUCKET=m_bucket(m), ATOMIC=small, **operands(out), **constants)
     if len(kernel.cache) > tuned:  # a new key: this call tuned (on a GPU; one config under the interpreter)
         _tuning["seconds"] += time.perf_counter() - start
         _tuning["keys"] += len(kernel.cache) - tuned
