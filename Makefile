@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test fuzz demo lint format clean
+.PHONY: test fuzz compile-check demo lint format clean
 
 $(BIN)/nibble: pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(BIN)/nibble
 # Longer fuzzing of every parser of outside input (the test suite runs 25 examples each).
 fuzz: $(BIN)/nibble
 	NIBBLE_FUZZ_EXAMPLES=$${NIBBLE_FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest -n 2 -p no:cacheprovider tests/test_fuzz.py
+
+# Every autotune config of the Triton kernels compiled for sm_80 and sm_90 (the test suite compiles a few).
+compile-check: $(BIN)/nibble
+	NIBBLE_COMPILE_ALL=1 $(BIN)/python -m pytest -n 2 tests/kernels/test_triton_compile.py
 
 demo: $(BIN)/nibble
 	$(BIN)/nibble demo

@@ -163,6 +163,13 @@ def matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None 
     return _ops(x.device, qweight).matmul(x, qweight, bias)
 
 
+def tuning_time() -> tuple[float, int]:
+    """Seconds the Triton kernels' autotuners spent so far in this process and how many shapes they tuned (see
+    ``triton_common.tuning_time``); ``(0.0, 0)`` where the Triton kernels have not been loaded."""
+    common = sys.modules.get("nibble.kernels.triton_common")
+    return (0.0, 0) if common is None else common.tuning_time()
+
+
 def matmul_grad_input(grad_y: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor:
     """``grad_y [M, N] @ dequant(W)[N, K] -> [M, K]``, in ``grad_y.dtype``."""
     return _ops(grad_y.device, qweight).matmul_grad_input(grad_y, qweight)

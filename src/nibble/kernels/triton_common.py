@@ -15,8 +15,12 @@ tensor cores).
 
 from __future__ import annotations
 
+import inspect
 import os
+import time
+import weakref
 from collections.abc import Callable
+from functools import cache
 
 import torch
 import triton
@@ -85,8 +89,14 @@ def fused_supported(qweight: QuantizedWeight) -> bool:
     return len(qweight.shape) == 2 and qweight.shape[1] % 2 == 0
 
 
-def weight_operands(qweight: QuantizedWeight) -> dict[str, object]:
-    """Kernel arguments describing ``qweight``: pointers, the scale offset and the format constexprs."""
+@cache
+def _nf4_code(device: torch.device) -> torch.Tensor:
+    """The NF4 codebook on ``device``, built once: building it copies 16 floats from the host (and allocates) at
+    every call otherwise."""
+    return nf4_code(device)
+
+
+def _weight_operands(qweight: QuantizedWeight) -> dict[str, object]:
     if qweight.format == "nf4":
         dq = qweight.double_quant
         return {
@@ -94,7 +104,7 @@ def weight_operands(qweight: QuantizedWeight) -> dict[str, object]:
             "scale_ptr": qweight.absmax.contiguous(),
             "nested_absmax_ptr": qweight.nested_absmax.contiguous() if dq else None,
             "nested_code_ptr": qweight.nested_code.float().contiguous() if dq else None,
-            "code_ptr": nf4_code(qweight.device),
+            "code_ptr": _nf4_code(qweight.device),
             "offset": float(qweight.offset) if dq else 0.0,
             "BS": qweight.blocksize,
             "NF4": True,
@@ -115,6 +125,53 @@ def weight_operands(qweight: QuantizedWeight) -> dict[str, object]:
     raise NibbleError(f"the Triton kernels do not read the '{qweight.format}' format; use NIBBLE_KERNELS=torch")
 
 
+# Per weight (a layer's, alive as long as it is): its kernel arguments, and per compute dtype those of a GEMM launch.
+_operands: weakref.WeakKeyDictionary[QuantizedWeight, dict[str, object]] = weakref.WeakKeyDictionary()
+_gemm_constants: weakref.WeakKeyDictionary[QuantizedWeight, dict[torch.dtype, dict[str, object]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def weight_operands(qweight: QuantizedWeight) -> dict[str, object]:
+    """Kernel arguments describing ``qweight``: pointers, the scale offset and the format constexprs.
+
+    Built once per weight object and shared by every later call (read it, never change it): a QuantizedWeight's
+    tensors are never written after it is built (moving or cutting one makes a new weight). A weight rebuilt at
+    each use (held as FSDP2 parameters) builds them at each use.
+    """
+    args = _operands.get(qweight)
+    if args is None:
+        args = _operands[qweight] = _weight_operands(qweight)
+    return args
+
+
+def gemm_constants(qweight: QuantizedWeight, dtype: torch.dtype) -> dict[str, object]:
+    """The arguments of a GEMM-shaped kernel over ``qweight`` in ``dtype`` that do not change between calls: the
+    weight's operands, its shape and the dtype constexprs (built once per weight and dtype, shared: read only).
+
+    Raises:
+        NibbleError: a dtype the kernels lack, or a format they do not read.
+    """
+    per_dtype = _gemm_constants.setdefault(qweight, {})
+    constants = per_dtype.get(dtype)
+    if constants is None:
+        args = weight_operands(qweight)
+        n, k = qweight.shape
+        constants = per_dtype[dtype] = {
+            "N": n,
+            "K": k,
+            "ALIGNED": k % args["BS"] == 0,
+            "DTYPE": tl_dtype(dtype),
+            "ACC_DTYPE": tl_dtype(acc_dtype(dtype)),
+            "PRECISION": dot_precision(dtype),
+            "INTERPRET": INTERPRET,
+            # keeps double-quantized scales (code * absmax + offset) bit-identical to the reference's two roundings
+            "enable_fp_fusion": False,
+            **args,
+        }
+    return constants
+
+
 def tile_config(
     block_m: int, block_n: int, block_k: int, split: int, group_m: int, warps: int, stages: int
 ) -> triton.Config:
@@ -126,11 +183,6 @@ def tile_config(
     )
 
 
-def autotune_configs(gpu: list[triton.Config], interpreted: triton.Config) -> list[triton.Config]:
-    """The GPU search space, or one fixed config under the interpreter so tests never benchmark."""
-    return [interpreted] if INTERPRET else gpu
-
-
 def m_bucket(m: int) -> int:
     """Autotune key for M: a power of two, so every batch size does not retune."""
     return min(triton.next_power_of_2(max(m, 1)), 16384)
@@ -139,28 +191,65 @@ def m_bucket(m: int) -> int:
 # Largest M served by the small-M (decode) configs of the GEMM-shaped kernels.
 SMALL_M = 16
 
-# Small-M search space of every GEMM-shaped kernel (measured on the GPU at first use; under the interpreter one
-# fixed config): M is one tile, so the reduction is split over SPLIT programs that add into a zeroed buffer.
-SMALL_M_CONFIGS = autotune_configs(
-    [
-        tile_config(16, bn, bk, split, 1, 4, 4)
-        for bn, bk in ((32, 64), (64, 64), (128, 64), (64, 128))
-        for split in (1, 2, 4, 8)
-    ],
-    tile_config(16, 32, 64, 2, 1, 1, 1),
-)
+# Small-M search space of every GEMM-shaped kernel (measured on the GPU at first use): M is one tile, so the
+# reduction is split over SPLIT programs that add into a zeroed buffer. The 64 x 128 tile has 3 stages: with 4 it
+# needs 212 KiB of shared memory (bf16, sm_80), over the 163 KiB an A100 gives a block.
+SMALL_M_CONFIGS = [
+    tile_config(16, bn, bk, split, 1, 4, stages)
+    for bn, bk, stages in ((32, 64, 4), (64, 64, 4), (128, 64, 4), (64, 128, 3))
+    for split in (1, 2, 4, 8)
+]
+
+# What the interpreter runs instead of the search spaces, so tests never benchmark: one (small-M, large-M) config.
+# Every config of every search space is run under the interpreter by the kernel tests, one at a time.
+INTERPRETED_CONFIGS = (tile_config(16, 32, 64, 2, 1, 1, 1), tile_config(32, 32, 64, 1, 2, 1, 1))
+
+
+def search_spaces(large_m_configs: list[triton.Config]) -> tuple[list[triton.Config], list[triton.Config]]:
+    """The (small-M, large-M) configs a GEMM-shaped kernel tunes over: :data:`SMALL_M_CONFIGS` and its own large-M
+    ones on a GPU, the one pair of :data:`INTERPRETED_CONFIGS` under the interpreter."""
+    if INTERPRET:
+        return [INTERPRETED_CONFIGS[0]], [INTERPRETED_CONFIGS[1]]
+    return SMALL_M_CONFIGS, large_m_configs
+
+
+def prune_by_m(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The configs worth timing for a call (Triton's ``early_config_prune``): those whose M tile is at most M's
+    autotune bucket (its next power of two), else those with the smallest M tile. A tile reaching far past the
+    last row computes masked rows only, so it never wins, yet the autotuner would compile and time it."""
+    bucket = {**named_args, **kwargs}["M_BUCKET"]
+    limit = max(bucket, min(c.kwargs["BLOCK_M"] for c in configs))
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= limit]
+
+
+# Keep the measured timings on disk (in Triton's cache) where this Triton can, so a later run with the same shapes
+# does not time the configs again.
+_CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
 def autotuned(
-    kernel: triton.JITFunction, large_m_configs: list[triton.Config], out: str
+    kernel: triton.JITFunction, configs: tuple[list[triton.Config], list[triton.Config]], out: str
 ) -> tuple[Autotuner, Autotuner]:
-    """The small-M and large-M autotuned forms of a GEMM-shaped kernel whose output pointer is named ``out``.
+    """The small-M and large-M autotuned forms of a GEMM-shaped kernel over ``configs`` (small-M, large-M; see
+    :func:`search_spaces`) whose output pointer is named ``out``; each times only the configs :func:`prune_by_m`
+    keeps.
 
     The small-M form adds split partial sums atomically into ``out``, so the autotuner zeroes it between trials.
     """
     key = ["M_BUCKET", "N", "K"]
-    small = triton.autotune(SMALL_M_CONFIGS, key=key, reset_to_zero=[out])(kernel)
-    return small, triton.autotune(large_m_configs, key=key)(kernel)
+    options = {"prune_configs_by": {"early_config_prune": prune_by_m}, **_CACHE_RESULTS}
+    small = triton.autotune(configs[0], key=key, reset_to_zero=[out], **options)(kernel)
+    return small, triton.autotune(configs[1], key=key, **options)(kernel)
+
+
+# Time the autotuners spent on new keys in this process (compiling and timing their configs), and how many keys.
+_tuning = {"seconds": 0.0, "keys": 0}
+
+
+def tuning_time() -> tuple[float, int]:
+    """Seconds the GEMM-shaped kernels' autotuners spent so far in this process (compiling and timing configs, or
+    compiling the one left after pruning) and the number of (kernel, shape, dtypes) keys they tuned."""
+    return _tuning["seconds"], _tuning["keys"]
 
 
 _pinned: dict[int, Autotuner] = {}
@@ -207,7 +296,6 @@ def launch_gemm(
         NibbleError: CPU tensors outside the interpreter, a dtype the kernels lack, or ``a`` not ``[M, width]``.
     """
     check_device(a)
-    dtype = tl_dtype(a.dtype)
     if a.dim() != 2 or a.shape[1] != width:
         raise NibbleError(
             f"{op} expects {operand} of shape [M, {width}] for a weight {tuple(qweight.shape)}, got {tuple(a.shape)}"
@@ -215,11 +303,11 @@ def launch_gemm(
     if not fused_supported(qweight):
         # rows that start mid-byte (odd K): dense weight from the dequantize kernel instead
         return dense()
+    constants = gemm_constants(qweight, a.dtype)
     m = a.shape[0]
     if m == 0:
         return a.new_empty((0, out_width))
     n, k = qweight.shape
-    args = weight_operands(qweight)
     small = m <= SMALL_M
     out = (
         torch.zeros((m, out_width), dtype=acc_dtype(a.dtype), device=a.device) if small else a.new_empty((m, out_width))
@@ -227,22 +315,11 @@ def launch_gemm(
     kernel = kernels[0] if small else kernels[1]
     if torch.are_deterministic_algorithms_enabled():  # (--deterministic)
         kernel = pinned(kernel)
-    kernel[lambda meta: grid(m, n, k, meta)](
-        M=m,
-        N=n,
-        K=k,
-        M_BUCKET=m_bucket(m),
-        ALIGNED=k % args["BS"] == 0,
-        DTYPE=dtype,
-        ACC_DTYPE=tl_dtype(acc_dtype(a.dtype)),
-        PRECISION=dot_precision(a.dtype),
-        ATOMIC=small,
-        INTERPRET=INTERPRET,
-        # keeps double-quantized scales (code * absmax + offset) bit-identical to the reference's two roundings
-        enable_fp_fusion=False,
-        **operands(out),
-        **args,
-    )
+    tuned, start = len(kernel.cache), time.perf_counter()
+    kernel[lambda meta: grid(m, n, k, meta)](M=m, M_BUCKET=m_bucket(m), ATOMIC=small, **operands(out), **constants)
+    if len(kernel.cache) > tuned:  # a new key: this call tuned (on a GPU; one config under the interpreter)
+        _tuning["seconds"] += time.perf_counter() - start
+        _tuning["keys"] += len(kernel.cache) - tuned
     return out.to(a.dtype)
 
 

@@ -19,10 +19,10 @@ import triton
 import triton.language as tl
 
 from nibble.kernels.triton_common import (
-    autotune_configs,
     autotuned,
     dot_operand,
     launch_gemm,
+    search_spaces,
     tile_config,
     tile_indices,
     tile_scales,
@@ -33,21 +33,17 @@ from nibble.kernels.triton_common import (
 from nibble.kernels.triton_dequant import dequantize
 from nibble.quant.base import QuantizedWeight
 
-# Large-M search space for the autotuner (small M: triton_common.SMALL_M_CONFIGS); under the interpreter one
-# fixed config.
-_LARGE_M_CONFIGS = autotune_configs(
-    [
-        tile_config(128, 128, 64, 1, 8, 8, 3),
-        tile_config(128, 256, 64, 1, 8, 8, 3),
-        tile_config(128, 256, 32, 1, 8, 8, 4),
-        tile_config(64, 128, 64, 1, 8, 4, 4),
-        tile_config(128, 64, 64, 1, 8, 4, 4),
-        tile_config(64, 256, 32, 1, 8, 4, 4),
-        tile_config(128, 128, 32, 1, 8, 4, 4),
-        tile_config(64, 64, 64, 1, 8, 4, 4),
-    ],
-    tile_config(32, 32, 64, 1, 2, 1, 1),
-)
+# Large-M search space for the autotuner (small M: triton_common.SMALL_M_CONFIGS).
+LARGE_M_CONFIGS = [
+    tile_config(128, 128, 64, 1, 8, 8, 3),
+    tile_config(128, 256, 64, 1, 8, 8, 3),
+    tile_config(128, 256, 32, 1, 8, 8, 4),
+    tile_config(64, 128, 64, 1, 8, 4, 4),
+    tile_config(128, 64, 64, 1, 8, 4, 4),
+    tile_config(64, 256, 32, 1, 8, 4, 4),
+    tile_config(128, 128, 32, 1, 8, 4, 4),
+    tile_config(64, 64, 64, 1, 8, 4, 4),
+]
 
 
 @triton.jit
@@ -134,7 +130,7 @@ def _matmul_kernel(
         tl.store(y_ptrs, to_dtype(acc, DTYPE, INTERPRET), mask=y_mask)
 
 
-_small_m, _large_m = autotuned(_matmul_kernel, _LARGE_M_CONFIGS, out="y_ptr")
+_small_m, _large_m = autotuned(_matmul_kernel, search_spaces(LARGE_M_CONFIGS), out="y_ptr")
 
 
 def _grid(m: int, n: int, k: int, meta: dict) -> tuple[int, int]:

@@ -17,6 +17,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from nibble import kernels
 from nibble.data.batching import BatchStream, real_tokens
 from nibble.devices import MemoryMeter, autocast, peak_flops, resolve_dtype, to_device
 from nibble.errors import Interrupted, NibbleError, StepFailed
@@ -437,6 +438,14 @@ class Trainer:
                 raise self._not_finite(*bad)
         return values
 
+    def _report_tuning(self) -> None:
+        """After this session's first step on CUDA: one line with the time the Triton 4-bit kernels spent tuning so
+        far (compiling and timing their configs for each new shape; later steps reuse the choices)."""
+        seconds, shapes = kernels.tuning_time()
+        if self.device.type == "cuda" and self.parallel.is_main and shapes:
+            note = f"note: by the end of the first step the 4-bit kernels tuned for {shapes} shapes in {seconds:.1f} s"
+            print(note, file=sys.stderr)
+
     def _log(self, window: Window, bar: tqdm, session: tuple[float, int]) -> None:
         """Write the window's metrics line; without a progress bar (stderr is not a terminal) also print it.
 
@@ -522,6 +531,8 @@ class Trainer:
                     bar.close()
                     raise self._step_failed(exc, window, bar, before, saved_at) from None
                 p.step += 1
+                if p.step == session[1] + 1:
+                    self._report_tuning()
                 window.add(loss, grad_norm, lr, tokens, metrics)
                 bar.update(1)
                 if p.step % cfg.log_every == 0 or p.step == self.total_steps:
