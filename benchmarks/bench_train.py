@@ -237,7 +237,8 @@ def hf_preference(args: argparse.Namespace) -> dict:
 
     config = DPOConfig(
         output_dir=str(Path(args.output) / "trl"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_ratio=0.03, weight_decay=0.01, beta=0.1,
+        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=math.ceil(0.03 * args.steps),
+        weight_decay=0.01, beta=0.1,
         max_length=args.max_seq_len, report_to=[], use_cpu=True, save_strategy="no", logging_steps=10**6,
         bf16=args.dtype == "bfloat16", per_device_eval_batch_size=2 * args.batch_size, dataloader_num_workers=0,
     )  # fmt: skip
