@@ -106,3 +106,66 @@ def test_padded_batch_gradients_equal_transformers(shared_checkpoint):
     theirs = {n: p.grad for n, p in theirs_model.named_parameters() if p.grad is not None}
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def dropout_model(path, task: str, pooling: str = "last"):
+    """A model with LoRA (dropout 0.3) on every linear layer, B non-zero so the masks reach the output."""
+    model = nibble.load_model(path, task=task, pooling=pooling)
+    apply_lora(model, "all-linear", rank=4, dropout=0.3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    return model.train()
+
+
+def same_gradients(ours, theirs):
+    """Equal up to fp32 summation order (relative to each gradient's largest element)."""
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        scale = theirs[name].abs().max().item()
+        assert (ours[name] - theirs[name]).abs().max().item() <= 1e-4 * scale, name
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "classify"])
+def test_lora_dropout_masks_follow_the_sequence_not_the_batch_layout(shared_checkpoint, task):
+    """The same sequences in another order, with other padding, split over two micro-batches (as ranks or
+    --grad-accum split a step), get the very masks they get in one batch: equal outputs and gradients with
+    dropout on; another step draws other masks, and eval mode none."""
+    from nibble.data.batching import pad_batch
+    from nibble.nn.lora import set_dropout_step
+
+    path, _ = shared_checkpoint("qwen3", num_labels=3) if task == "classify" else shared_checkpoint("qwen3")
+    model = dropout_model(path, task)
+    gen = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in LENGTHS]
+    weights = [torch.randn(n if task == "causal_lm" else 1, generator=gen) for n in LENGTHS]
+
+    def run(groups: list[list[int]], step: int = 3):
+        """Each example's output, and the summed gradients, over micro-batches of the examples in ``groups``."""
+        set_dropout_step(model, 42, step)
+        outputs = {}
+        for group in groups:
+            batch = pad_batch([seqs[i] for i in group], 0)
+            out = model(batch["input_ids"], batch["attention_mask"], token_index=batch["token_index"])
+            loss = 0
+            for row, i in enumerate(group):
+                outputs[i] = out[row, : LENGTHS[i]] if task == "causal_lm" else out[row]
+                loss = loss + (outputs[i].sum(-1) * weights[i]).sum()
+            loss.backward()
+        return [outputs[i].detach() for i in range(len(seqs))], grads(model)
+
+    whole, whole_grads = run([list(range(len(seqs)))])
+    split, split_grads = run([[4, 1], [3, 0, 2]])  # another order and padding width, two micro-batches
+    for a, b in zip(whole, split, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    same_gradients(whole_grads, split_grads)
+    model.gradient_checkpointing = True  # recomputed blocks draw the same masks again
+    same_gradients(whole_grads, run([list(range(len(seqs)))])[1])
+    model.gradient_checkpointing = False
+
+    other, _ = run([list(range(len(seqs)))], step=4)
+    model.eval()
+    plain, _ = run([list(range(len(seqs)))])
+    for a, b, c in zip(whole, other, plain, strict=True):
+        assert (a - b).abs().max() > 1e-3 and (a - c).abs().max() > 1e-3

@@ -9,7 +9,14 @@ from torch import nn
 
 from nibble.errors import NibbleError
 from nibble.nn import LoRALinear, QuantLinear, apply_lora
-from nibble.nn.lora import PROJECTIONS, RECOMPUTE_MIN_ELEMENTS, LoRADropout, lora_layers
+from nibble.nn.lora import (
+    PROJECTIONS,
+    RECOMPUTE_MIN_ELEMENTS,
+    DropoutKeys,
+    LoRADropout,
+    dropout_keys,
+    lora_layers,
+)
 from nibble.quant import QuantSpec
 
 
@@ -145,6 +152,47 @@ def test_dropout_drops_p_of_the_inputs_and_keeps_the_mean(p):
         lane = (first.view(-1)[: 4 * 40000].view(-1, 4)[:, column] == 0).float().mean().item()
         assert abs(lane - p) < 5 * math.sqrt(p * (1 - p) / 40000)
     assert drop.eval()(x) is x
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_keyed_dropout_drops_p_per_row_and_recomputes_the_same_mask(p):
+    """Masks drawn from per-row keys: p of the elements dropped, every lane alike, rows independent of each other
+    and of the salt; the same keys give the same mask, and a large input's recomputed mask is the forward's."""
+    drop = LoRADropout(p).train()
+    keys = torch.arange(400, dtype=torch.int64) * 7919
+    x = torch.ones(400, 500)
+    first = drop.mask(x, keys)
+    assert torch.equal(first, drop.mask(x, keys.clone()))  # counter-based: nothing but the keys
+    assert torch.equal(first[5:9], drop.mask(x[:4], keys[5:9]))  # a row's mask is its key's alone
+    dropped = (first == 0).float().mean().item()
+    assert abs(dropped - p) < 4 * math.sqrt(p * (1 - p) / x.numel())
+    for column in range(4):
+        lane = (first.view(-1, 4)[:, column] == 0).float().mean().item()
+        assert abs(lane - p) < 5 * math.sqrt(p * (1 - p) / (x.numel() / 4))
+    agree = (first == drop.mask(x, keys ^ 1)).float().mean().item()  # another salt: independent masks
+    assert abs(agree - (p * p + (1 - p) ** 2)) < 5 * math.sqrt(0.25 / x.numel())
+
+    layer = LoRALinear(nn.Linear(64, 32), 4, 8.0, p).train()
+    layer.lora_dropout.salt = 123
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(RECOMPUTE_MIN_ELEMENTS // 64, 64, requires_grad=True)
+    source = DropoutKeys(
+        torch.randint(0, 99, (x.shape[0],)),
+        torch.zeros(x.shape[0], dtype=torch.long),
+        torch.arange(x.shape[0]),
+        torch.tensor([x.shape[0] - 1]),
+    )
+    with dropout_keys(source):
+        y = layer(x)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, layer.lora_A.weight), g)  # the backward recomputes the mask, outside the context
+    mask = layer.lora_dropout.mask(x, source.tokens ^ 123)
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    expected_y = layer.base_layer(x) + ((x * mask) @ a.T) @ b.T * layer.scaling
+    torch.testing.assert_close(y, expected_y, rtol=0, atol=0)
+    for ours, theirs in zip(got, torch.autograd.grad(expected_y, (x, a), g), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "int4"])

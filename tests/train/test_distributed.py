@@ -145,6 +145,31 @@ def test_two_ranks_of_four_train_as_one_process_of_eight_and_resume_on_one(toy, 
         torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0)
 
 
+def test_with_lora_dropout_two_ranks_of_four_and_two_micro_batches_of_four_train_as_one_batch_of_eight(
+    toy, tmp_path, capsys
+):
+    """Dropout masks follow (seed, step, sequence, layer, position), not the rank or the micro-batch split: with
+    --lora-dropout 0.1 two ranks of 4 and --grad-accum 2 x 4 take the one-process steps of 8."""
+    one, two, accum, other = (tmp_path / name for name in ("one", "two", "accum", "other"))
+    short = ["--max-steps", 4, "--eval-every", 0, "--save-every", 0]
+    single(train_args(toy, one, 8, *short), capsys)
+    ok(torchrun(2, train_args(toy, two, 4, *short)))
+    single(train_args(toy, accum, 4, *short, "--grad-accum", 2), capsys)
+    single(train_args(toy, other, 8, *short, "--lora-dropout", 0), capsys)
+    want = records(one, "train")
+    for run in (two, accum):
+        got = records(run, "train")
+        assert [r["step"] for r in got] == [1, 2, 3, 4]
+        for a, b in zip(want, got, strict=True):
+            assert abs(a["loss"] - b["loss"]) < 1e-6, (run.name, a, b)
+            assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5, (run.name, a, b)
+        theirs, ours = adapter(one), adapter(run)
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0)
+    # the dropout is on: without it the same run takes other steps
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(want, records(other, "train"), strict=True)) > 1e-4
+
+
 def test_full_fine_tuning_shards_with_fsdp2_and_trains_as_one_process(chat, tmp_path, capsys):
     """Instruction tuning (each rank's loss weighed by its target tokens), with gradient accumulation."""
     one, two, elastic = tmp_path / "one", tmp_path / "two", tmp_path / "elastic"

@@ -26,7 +26,7 @@ from nibble.model.config import ModelConfig
 from nibble.model.deltanet import GatedDeltaNet
 from nibble.model.moe import SparseMoE
 from nibble.nn.attention import blocked_causal_attention
-from nibble.nn.lora import adapters_disabled
+from nibble.nn.lora import DropoutKeys, adapters_disabled, dropout_keys
 
 TASKS = ("causal_lm", "classify")
 POOLINGS = ("last", "mean")
@@ -266,6 +266,7 @@ class TokenLayout:
         self.mask, self.is_causal = build_attention_mask(keys_mask, seq, past, config.sliding_window, device)
         self.last = self.lengths.cumsum(0) - 1  # [B]
         self._keys_mask, self._window = keys_mask, config.sliding_window
+        self.dropout: DropoutKeys | None = None  # set by a training forward (see DecoderModel.packed_hidden_states)
 
     @cached_property
     def cu_seqlens(self) -> torch.Tensor:
@@ -468,9 +469,10 @@ class DecoderLayer(nn.Module):
         """[N, hidden] -> [N, hidden], or [B, hidden] at each row's last token with ``last_only`` (the keys
         and values still come from every token; the rest of the block runs for B rows only)."""
         mixer = self.linear_attn if self.linear else self.self_attn
-        h = mixer(self.input_layernorm(x), layout, cache, last_only)
-        x = (x[layout.last] if last_only else x) + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        with dropout_keys(layout.dropout):
+            h = mixer(self.input_layernorm(x), layout, cache, last_only)
+            x = (x[layout.last] if last_only else x) + h
+            return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Backbone(nn.Module):
@@ -547,7 +549,11 @@ class DecoderModel(nn.Module):
     ) -> torch.Tensor:
         """Final-normed hidden states of the real tokens, [N, hidden] in ``layout`` order; with ``last_only``
         [B, hidden] at each row's last real token, the final block computed there only."""
-        x = self.model.embed_tokens(layout.pack(input_ids))  # [N, H]
+        ids = layout.pack(input_ids)
+        x = self.model.embed_tokens(ids)  # [N, H]
+        if self.training and cache is None:
+            # LoRA dropout keyed by each sequence's tokens, so its masks do not depend on the batch layout
+            layout.dropout = DropoutKeys(ids, layout.rows, layout.sequence_positions, layout.last)
         recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
         last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):

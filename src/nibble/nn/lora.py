@@ -8,9 +8,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -42,13 +45,89 @@ DEFAULT_TARGETS = ("q_proj", "v_proj")
 RECOMPUTE_MIN_ELEMENTS = 1 << 18
 
 
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finalizer on int64 (wrapping arithmetic, logical shifts): a bijection whose every output bit
+    depends on every input bit, the same on every device."""
+    z = z ^ ((z >> 30) & ((1 << 34) - 1))
+    z = z * _MUL1
+    z = z ^ ((z >> 27) & ((1 << 37) - 1))
+    z = z * _MUL2
+    return z ^ ((z >> 31) & ((1 << 33) - 1))
+
+
+def _signed(value: int) -> int:
+    """A 64-bit unsigned value as the int64 with the same bits."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_MUL1, _MUL2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+
+
+def hash64(*parts: object) -> int:
+    """A stable int64 digest of ``parts`` (their ``str``), the same in every process."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+class DropoutKeys:
+    """One int64 key per real token of a packed batch, from the sequence's tokens and the token's position in it,
+    so a sequence's dropout masks are the same whatever batch, padding, micro-batch or rank it sits in.
+
+    ``ids`` [N] are the packed token ids, ``rows`` [N] each token's batch row, ``positions`` [N] its index among its
+    row's real tokens, ``last`` [B] where each row's last token sits among the N (the rows of a last-token-only
+    block). The keys are computed on first use, on the device, reading nothing back. Two identical sequences in
+    one step get the same keys, hence the same masks.
+    """
+
+    def __init__(self, ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, last: torch.Tensor):
+        self.ids, self.rows, self.positions, self.last = ids, rows, positions, last
+
+    @cached_property
+    def tokens(self) -> torch.Tensor:
+        """[N] the token keys: a hash of (the sequence's hash, the position)."""
+        step = self.positions * _GOLDEN
+        per_token = _mix(self.ids + step)  # (token, position) -> 64 bits; a row's sum of them is its content hash
+        sequence = torch.zeros(self.last.shape[0], dtype=torch.int64, device=self.ids.device)
+        sequence.index_add_(0, self.rows, per_token)  # integer sums: the same in any order
+        return _mix(_mix(sequence)[self.rows] + step)
+
+    def for_rows(self, rows: int) -> torch.Tensor:
+        """The keys of an input of ``rows`` rows: every token's, or each sequence's last token's."""
+        if rows == self.tokens.shape[0]:
+            return self.tokens
+        if rows == self.last.shape[0]:
+            return self.tokens[self.last]
+        tokens, sequences = self.tokens.shape[0], self.last.shape[0]
+        raise NibbleError(f"a LoRA input of {rows} rows in a batch of {tokens} tokens and {sequences} sequences")
+
+
+_KEYS: ContextVar[DropoutKeys | None] = ContextVar("nibble_dropout_keys", default=None)
+
+
+@contextmanager
+def dropout_keys(keys: DropoutKeys | None) -> Iterator[None]:
+    """Inside, every :class:`LoRALinear` in training draws its dropout mask from ``keys`` (None: from torch's
+    generator). The model enters it around each decoder block, so a recomputed block enters it again."""
+    token = _KEYS.set(keys)
+    try:
+        yield
+    finally:
+        _KEYS.reset(token)
+
+
 class LoRADropout(nn.Module):
     """Dropout of the adapter's input whose mask costs a tenth of ``nn.Dropout``'s.
 
     Each element keeps its value (scaled by ``1 / (1 - p)``) when a 16-bit random lane is past a threshold,
-    four lanes per 64-bit draw: on a [365, 576] input this drew the mask in 0.2 ms against 2.2 ms for
-    ``bernoulli_`` (2-core x86-64). ``p`` is rounded to a multiple of 1/65536 (0.05 becomes 0.0500031),
-    and the scale uses the rounded value, so the expected output is exactly the input.
+    four lanes per 64-bit word. ``p`` is rounded to a multiple of 1/65536 (0.05 becomes 0.0500031), and the scale
+    uses the rounded value, so the expected output is exactly the input.
+
+    With per-row ``keys`` (see :class:`DropoutKeys`) row ``i``'s words are a counter-based hash of
+    ``(keys[i], salt, word)``, where ``salt`` digests (run seed, optimizer step, this layer's path) once
+    :func:`set_dropout_step` named them (else it is drawn from torch's CPU generator per call): a token's mask
+    then depends on its sequence, its position, the step and the layer alone, not on the batch layout, the
+    micro-batch split or the rank. Without keys the words come from torch's generator (``random_``).
     """
 
     def __init__(self, p: float):
@@ -56,23 +135,46 @@ class LoRADropout(nn.Module):
         self.drop_lanes = round(p * 65536)  # lanes (of 65536 values) that drop an element
         self.p = self.drop_lanes / 65536
         self.scale = 1.0 / (1.0 - self.p)
+        self.path = ""  # the layer's module path (set by apply_lora): what tells layers' masks apart
+        self.salt: int | None = None  # see set_dropout_step
 
-    def mask(self, x: torch.Tensor) -> torch.Tensor:
-        """A keep-mask shaped like ``x``, already scaled: ``1 / (1 - p)`` or 0 per element, in fp32 (a bf16
-        scale would be 0.2% off)."""
-        n = x.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-        lanes = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
+    def salted(self, keys: torch.Tensor) -> torch.Tensor:
+        """``keys`` [rows] mixed with this layer's salt for the current step (what :meth:`mask` takes)."""
+        salt = self.salt if self.salt is not None else int(torch.randint(-(2**63), 2**63 - 1, ()))
+        return keys ^ salt
+
+    def mask(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """A keep-mask shaped like ``x`` [..., features], already scaled: ``1 / (1 - p)`` or 0 per element, in fp32
+        (a bf16 scale would be 0.2% off); from salted per-row ``keys`` (:meth:`salted`, one per row of ``x``'s
+        leading dimensions) or, without them, from torch's generator."""
+        if keys is None:
+            n = x.numel()
+            words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+            lanes = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
+        else:
+            features = x.shape[-1]
+            counter = torch.arange((features + 3) // 4, dtype=torch.int64, device=x.device) * _GOLDEN
+            words = _mix(keys.reshape(-1, 1) + counter)  # [rows, words]
+            lanes = words.view(torch.int16)[:, :features].reshape(x.shape)
         keep = lanes >= self.drop_lanes - 32768
         return keep.to(torch.float32).mul_(self.scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         if not self.training or self.drop_lanes == 0:
             return x
-        return x * self.mask(x)
+        return x * self.mask(x, keys)
 
     def extra_repr(self) -> str:
         return f"p={self.p:g}"
+
+
+def set_dropout_step(model: nn.Module, seed: int, step: int) -> None:
+    """Key every LoRA dropout of ``model`` to (``seed``, optimizer ``step``, its layer) for the step to come: with
+    the model's :class:`DropoutKeys` each sequence's masks are then the same whatever the world size, micro-batch
+    split or padding."""
+    for module in model.modules():
+        if isinstance(module, LoRADropout):
+            module.salt = hash64("lora-dropout", seed, step, module.path)
 
 
 class LoRALinear(nn.Module):
@@ -129,20 +231,25 @@ class LoRALinear(nn.Module):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lora_A.weight.dtype
         with torch.autocast(device, enabled=False):
-            dropping = self.training and isinstance(self.lora_dropout, LoRADropout)
+            drop = self.lora_dropout
+            dropping = self.training and isinstance(drop, LoRADropout) and drop.drop_lanes > 0
+            source = _KEYS.get() if dropping else None
+            keys = drop.salted(source.for_rows(x.numel() // x.shape[-1])) if source is not None else None
             if dropping and torch.is_grad_enabled() and x.numel() >= RECOMPUTE_MIN_ELEMENTS:
                 # Autograd would keep the dropped copy of x and its fp32 mask, 8 bytes per input element per
                 # adapter (0.8 of 3.9 GB in a 4 x 512-token SmolLM2 step, LoRA on q,v). Recomputed in the
-                # backward instead, with the same mask (checkpoint restores the RNG state), it keeps only x.
-                h = checkpoint(self._down, x, dtype, use_reentrant=False)
+                # backward instead, with the same mask (the same keys, or checkpoint restoring the RNG state), it
+                # keeps only x.
+                h = checkpoint(self._down, x, dtype, keys, use_reentrant=False)
             else:
-                h = self._down(x, dtype)
+                h = self._down(x, dtype, keys)
             update = kernels.linear(h, self.lora_B.weight) * self.scaling  # [..., out]
         return result + update.to(result.dtype)
 
-    def _down(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``A(dropout(x))`` [..., r] in ``dtype``."""
-        return kernels.linear(self.lora_dropout(x).to(dtype), self.lora_A.weight)
+    def _down(self, x: torch.Tensor, dtype: torch.dtype, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """``A(dropout(x))`` [..., r] in ``dtype``; ``keys``: the salted per-row dropout keys, if any."""
+        dropped = self.lora_dropout(x, keys) if keys is not None else self.lora_dropout(x)
+        return kernels.linear(dropped.to(dtype), self.lora_A.weight)
 
     def delta_weight(self) -> torch.Tensor:
         """``B @ A * scale`` [out, in] in fp32: what merging adds to the base weight."""
@@ -236,11 +343,14 @@ def apply_lora(
         raise NibbleError(
             f"lora_targets: no linear layer named {', '.join(missing)}; this model has {', '.join(sorted(available))}"
         )
-    for parent, name, _ in found:
+    for parent, name, path in found:
         if isinstance(parent, ExpertLinear):
             parent.add_lora(rank, alpha, use_rslora)
         else:
-            setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout, use_rslora))
+            layer = LoRALinear(getattr(parent, name), rank, alpha, dropout, use_rslora)
+            if isinstance(layer.lora_dropout, LoRADropout):
+                layer.lora_dropout.path = path
+            setattr(parent, name, layer)
     return [path for _, _, path in found]
 
 

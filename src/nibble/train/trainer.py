@@ -21,6 +21,7 @@ from nibble import kernels
 from nibble.data.batching import BatchStream, real_tokens
 from nibble.devices import MemoryMeter, autocast, peak_flops, resolve_dtype, to_device
 from nibble.errors import Interrupted, NibbleError, StepFailed
+from nibble.nn.lora import set_dropout_step
 from nibble.train.checkpoint import (
     SHARDS,
     check_optimizer_state,
@@ -342,6 +343,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         metric_sums: dict[str, torch.Tensor] = {}
         fresh = self._drawn is None or self.progress.step % self.iterations == 0
+        set_dropout_step(self.model, cfg.seed, self.progress.step)  # the step's masks: the same on any layout
         if fresh:
             self._drawn = self._draw()
         batches, stand_ins = self._drawn
