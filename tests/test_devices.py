@@ -16,6 +16,7 @@ from nibble.devices import (
     auto_dtype,
     cpu_flags,
     cpu_has_native_bf16,
+    describe,
     parse_bytes,
     resolve_device,
     resolve_dtype,
@@ -170,3 +171,13 @@ def test_nibble_threads_env_sets_torch_threads(monkeypatch):
                 apply_threads()
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_device_line_says_when_the_machine_is_busier_than_its_cores(monkeypatch):
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 1.5, 0.0, 0.0))
+    busy = describe(torch.device("cpu"), torch.float32)
+    assert f"; load {cores + 1.5:.1f} on {cores} cores: fewer threads may be faster)" in busy
+    assert busy.startswith("device cpu (") and busy.endswith(", dtype float32") and "\n" not in busy
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert "load" not in describe(torch.device("cpu"), torch.float32)

@@ -226,8 +226,17 @@ def apply_threads(threads: int | None = None) -> None:
         torch.set_num_threads(threads)
 
 
+def _busy_note() -> str:
+    """``; load L on N cores: fewer threads may be faster`` when the 1-minute load average exceeds the CPU's
+    cores (threads then compete with other work), else nothing."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cores = os.cpu_count() or 1
+    return f"; load {load:.1f} on {cores} cores: fewer threads may be faster" if load > cores else ""
+
+
 def describe(device: torch.device, dtype: torch.dtype | None = None, asked: str | None = None) -> str:
-    """One line for the start of a run: the device (with its name and memory), and the dtype.
+    """One line for the start of a run: the device (with its name and memory, and for a CPU its threads and, when
+    the machine is busier than its cores, a note saying so), and the dtype.
 
     ``asked`` is the dtype setting, shown when it was ``auto``.
     """
@@ -241,7 +250,7 @@ def describe(device: torch.device, dtype: torch.dtype | None = None, asked: str 
         _, total = device_memory(device)
         size = f", {total / 2**30:.1f} GiB" if total else ""
         threads = torch.get_num_threads()
-        what = f"cpu ({threads} thread{'s' if threads != 1 else ''}{size})"
+        what = f"cpu ({threads} thread{'s' if threads != 1 else ''}{size}{_busy_note()})"
     else:
         what = str(device)
     if dtype is None:
