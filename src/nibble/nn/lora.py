@@ -116,6 +116,20 @@ def dropout_keys(keys: DropoutKeys | None) -> Iterator[None]:
         _KEYS.reset(token)
 
 
+_FALLBACK = {"seed": None, "count": 0}
+
+
+def _fallback_salt() -> int:
+    """A fresh salt per call for a loop that never called :func:`set_dropout_step`: a hash of torch's seed
+    (``torch.initial_seed``) and the count of such calls under that seed in this process, made on the host
+    without a tensor (the model may live on any device, or on none)."""
+    seed = torch.initial_seed()
+    if _FALLBACK["seed"] != seed:
+        _FALLBACK.update(seed=seed, count=0)
+    _FALLBACK["count"] += 1
+    return hash((seed, _FALLBACK["count"]))  # (an int tuple's hash is the same in every process)
+
+
 class LoRADropout(nn.Module):
     """Dropout of the adapter's input whose mask costs a tenth of ``nn.Dropout``'s.
 
@@ -125,7 +139,7 @@ class LoRADropout(nn.Module):
 
     With per-row ``keys`` (see :class:`DropoutKeys`) row ``i``'s words are a counter-based hash of
     ``(keys[i], salt, word)``, where ``salt`` digests (run seed, optimizer step, this layer's path) once
-    :func:`set_dropout_step` named them (else it is drawn from torch's CPU generator per call): a token's mask
+    :func:`set_dropout_step` named them (else a fresh one per call, from torch's seed): a token's mask
     then depends on its sequence, its position, the step and the layer alone, not on the batch layout, the
     micro-batch split or the rank. Without keys the words come from torch's generator (``random_``).
     """
@@ -140,8 +154,7 @@ class LoRADropout(nn.Module):
 
     def salted(self, keys: torch.Tensor) -> torch.Tensor:
         """``keys`` [rows] mixed with this layer's salt for the current step (what :meth:`mask` takes)."""
-        salt = self.salt if self.salt is not None else int(torch.randint(-(2**63), 2**63 - 1, ()))
-        return keys ^ salt
+        return keys ^ (self.salt if self.salt is not None else _fallback_salt())
 
     def mask(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         """A keep-mask shaped like ``x`` [..., features], already scaled: ``1 / (1 - p)`` or 0 per element, in fp32
