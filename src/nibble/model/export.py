@@ -34,7 +34,7 @@ import gguf
 import torch
 
 from nibble.errors import NibbleError
-from nibble.io.gguf import GGUFTensor, gguf_name, llama3_rope_factors, permute_rotary, tokenizer_metadata, write_gguf
+from nibble.io.gguf import GGUFTensor, llama3_rope_factors, tokenizer_metadata, write_gguf
 from nibble.io.gguf.names import FULL_PRECISION, HYBRID, MOE, Geometry, Link, check_links, links
 from nibble.io.peft import PREFIX, WEIGHTS_NAME
 from nibble.io.safetensors import load_file
@@ -82,7 +82,6 @@ _FILE_TYPES = {
 }
 _HEAD_TYPES = {"Q4_0": "Q6_K", "Q4_1": "Q6_K", "Q4_K": "Q6_K"}
 _FALLBACKS = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
-_ROTARY = re.compile(r"model\.layers\.\d+\.self_attn\.([qk])_proj\.(weight|bias)")
 _LORA_KEY = re.compile(rf"{re.escape(PREFIX)}model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
 
 
@@ -171,32 +170,6 @@ def _full_attention_interval(config: ModelConfig) -> int | None:
     return n if kinds == expected else None
 
 
-def geometry(config: ModelConfig, arch: str) -> Geometry:
-    """The tensor sizes of ``config``'s model in llama.cpp's ``arch`` layout."""
-    fields: dict[str, object] = {
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": config.head_dim,
-        "intermediate_size": config.intermediate_size,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "attention_bias": config.attention_bias,
-        "layer_types": list(config.layer_types or ()),
-        "linear_num_key_heads": config.linear_num_key_heads,
-        "linear_num_value_heads": config.linear_num_value_heads,
-        "linear_key_head_dim": config.linear_key_head_dim,
-        "linear_value_head_dim": config.linear_value_head_dim,
-        "linear_conv_kernel_dim": config.linear_conv_kernel_dim,
-    }
-    if config.moe is not None:
-        fields["num_experts"] = config.moe.num_experts
-        fields["moe_intermediate_size"] = config.moe.moe_intermediate_size
-        fields["shared_expert_intermediate_size"] = config.moe.shared_expert_intermediate_size
-    return Geometry.of(fields, arch)
-
-
 def tensor_type(shape: tuple[int, ...], wanted: str, head: bool = False, name: str = "") -> tuple[str, bool]:
     """``(ggml type, fell back)`` for tensor ``name`` of ``shape`` when ``wanted`` is requested (see the module
     doc)."""
@@ -261,19 +234,10 @@ def model_metadata(config: ModelConfig, arch: str, name: str, file_type: str) ->
     return meta
 
 
-def _rotary_fix(config: ModelConfig, arch: str, hf_name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What turns an HF tensor into llama.cpp's row order: the q/k interleave for ``llama``, else nothing."""
-    match = _ROTARY.fullmatch(hf_name)
-    if arch != "llama" or match is None:
-        return lambda t: t
-    heads = config.num_attention_heads if match.group(1) == "q" else config.num_key_value_heads
-    return lambda t: permute_rotary(t, heads)
-
-
 def model_tensors(model: DecoderModel, wanted: str, arch: str) -> tuple[list[GGUFTensor], list[ExportedTensor]]:
     """The tensors of ``model`` (LoRA merged, 4-bit bases dequantized) to write, in model order, with types."""
     config = model.config
-    layout = geometry(config, arch)
+    layout = Geometry.of(config.to_hf(), arch)
     check_links(layout, "the model")
     head = "output.weight" if not config.tie_word_embeddings else "token_embd.weight"
     hf = dense_tensors(model, fused_experts=True)
@@ -387,13 +351,17 @@ def export_adapter(
     tensors: list[GGUFTensor] = []
     chosen: list[ExportedTensor] = []
     kind = QUANTS[quant]
+    by_hf = {link.hf: link for link in links(Geometry.of(config.to_hf(), arch))}
     for hf_name, pair in pairs.items():
         if set(pair) != {"A", "B"}:
             raise NibbleError(f"{weights}: '{hf_name}' lacks lora_{'B' if 'A' in pair else 'A'}")
-        a, b = pair["A"], _rotary_fix(config, arch, hf_name)(pair["B"])
+        if hf_name not in by_hf:
+            raise NibbleError(f"{weights}: '{hf_name}' is not a weight of the {config.num_hidden_layers}-layer base")
+        ((name, _),) = by_hf[hf_name].gguf
+        # B's rows follow the weight's row order in the file (the same map as the weight's: a row permutation)
+        a, (b,) = pair["A"], by_hf[hf_name].to_gguf(pair["B"])
         if a.shape[0] != rank or b.shape[1] != rank:
             raise NibbleError(f"{weights}: '{hf_name}' has rank {a.shape[0]}/{b.shape[1]}, the config says r={rank}")
-        name = gguf_name(hf_name)
         for suffix, value in (("lora_a", a), ("lora_b", b)):
             t_kind, _ = tensor_type(tuple(value.shape), kind)
             tensors.append(GGUFTensor(f"{name}.{suffix}", tuple(value.shape), t_kind, lambda v=value: v))

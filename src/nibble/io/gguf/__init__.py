@@ -25,7 +25,7 @@ from nibble.io.gguf.model import (
     native_model,
     open_gguf,
 )
-from nibble.io.gguf.names import ARCHITECTURES, gguf_name, permute_rotary, unpermute_rotary
+from nibble.io.gguf.names import ARCHITECTURES, permute_rotary, unpermute_rotary
 from nibble.io.gguf.tokenizer import tokenizer_metadata
 from nibble.io.gguf.write import GGUFTensor, write_gguf
 
@@ -38,7 +38,6 @@ __all__ = [
     "GGUFModel",
     "GGUFTensor",
     "convert_gguf",
-    "gguf_name",
     "gguf_source",
     "is_gguf",
     "llama3_rope_factors",

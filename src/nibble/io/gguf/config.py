@@ -122,12 +122,10 @@ def _experts(model: GGUFModel) -> dict[str, Any]:
             f"{model.path}: metadata says {keys['num_experts_per_tok']} of {keys['num_experts']} experts per "
             "token; the file is corrupt"
         )
-    if model.architecture == "qwen3moe":
-        keys.update(norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
-    else:
+    if model.architecture != "qwen3moe":
         keys["shared_expert_intermediate_size"] = int(meta("{arch}.expert_shared_feed_forward_length"))
-        if model.architecture == "qwen3next":
-            keys.update(norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    if model.architecture != "qwen35moe":  # (Qwen3.5-MoE's config has no such keys: always so)
+        keys.update(norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
     return keys
 
 

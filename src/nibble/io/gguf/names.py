@@ -327,31 +327,9 @@ def permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return grouped.transpose(1, 2).reshape(weight.shape).contiguous()
 
 
-# The block projections of the dense families, HF name (in ``model.layers.{i}.``) -> GGUF name (in ``blk.{i}.``).
-_PROJECTIONS = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-PROJECTION = re.compile(rf"blk\.\d+\.({'|'.join(_PROJECTIONS.values())})\.weight")
+# The dense families' seven block projections in GGUF (what a GGUF-native base keeps in the file's blocks).
+PROJECTION = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
 _ROTARY = re.compile(r"blk\.\d+\.attn_[qk]\.(weight|bias)")
-
-
-def gguf_name(hf_name: str) -> str:
-    """The GGUF name of a block projection's weight (``model.layers.3.self_attn.q_proj.weight`` ->
-    ``blk.3.attn_q.weight``), as a LoRA adapter file names it.
-
-    Raises:
-        NibbleError: a tensor that is no block projection of the llama/qwen2/qwen3 layout.
-    """
-    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf_name)
-    if match is None or match.group(2) not in _PROJECTIONS:
-        raise NibbleError(f"tensor '{hf_name}' has no GGUF name (llama.cpp's llama/qwen2/qwen3 adapters have none)")
-    return f"blk.{match.group(1)}.{_PROJECTIONS[match.group(2)]}.weight"
 
 
 def is_rotary_permuted(architecture: str, name: str) -> bool:
