@@ -303,3 +303,19 @@ def killed_writer(directory, name: str, kind: str = "staged_dir"):
     process.send_signal(signal.SIGKILL)
     process.wait()
     return [p.name for p in directory.iterdir() if ".tmp-" in p.name]
+
+
+def adapted(path: str | Path):
+    """The checkpoint at ``path`` with LoRA (rank 4) on every linear layer, B drawn non-zero (seed 0) so the
+    adapters change what the model computes and samples."""
+    import nibble
+    from nibble.nn import apply_lora
+    from nibble.nn.lora import lora_layers
+
+    model = nibble.load_model(path)
+    apply_lora(model, "all-linear", rank=4, alpha=8.0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.2)
+    return model

@@ -7,26 +7,14 @@ import pytest
 import torch
 
 import nibble
+from helpers import adapted
 from nibble.errors import NibbleError
 from nibble.model.generate import generate
 from nibble.model.sampler import SamplingConfig, filter_logits, sample
-from nibble.nn import apply_lora
-from nibble.nn.lora import lora_layers
 
 # Two prompts of one length and one of another: Qwen3 left-pads them into one batch, Qwen3.5 (recurrent layers)
 # decodes each length as its own batch.
 PROMPTS = [[5, 17, 99, 3, 42], [7, 7, 1, 200, 9], [11, 12, 13]]
-
-
-def adapted(path):
-    """The checkpoint with LoRA on every linear layer, B non-zero so the adapters change what is sampled."""
-    model = nibble.load_model(path)
-    apply_lora(model, "all-linear", rank=4, alpha=8.0)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.2)
-    return model
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_5_text"])

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import nibble
+from helpers import adapted
 from nibble.data.batching import BatchStream
 from nibble.io.tokenizer import load_tokenizer
 from nibble.model.sampler import SamplingConfig
@@ -35,12 +36,7 @@ PROMPTS = [[5, 17, 99, 3, 42], [11, 12, 13]]
 )
 def test_second_pass_equals_trl_with_the_first_pass_as_old_policy(shared_checkpoint, settings):
     path, _ = shared_checkpoint("qwen3")
-    model = nibble.load_model(path)
-    apply_lora(model, "all-linear", rank=4, alpha=8.0)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.2)
+    model = adapted(path)
     config = TrainConfig(
         task="grpo", num_generations=4, num_iterations=2, max_completion_len=6, temperature=0.9, **settings
     )

@@ -6,21 +6,15 @@ from __future__ import annotations
 
 import torch
 
-import nibble
+from helpers import adapted
 from nibble.model.sampler import SamplingConfig, sample
-from nibble.nn import apply_lora
 from nibble.nn.lora import lora_layers
 from nibble.train.tasks.grpo import PromptData, completion_batch, completion_logps
 
 
 def test_training_logps_equal_the_sampled_ones(shared_checkpoint):
     path, _ = shared_checkpoint("qwen3")
-    model = nibble.load_model(path)
-    apply_lora(model, "all-linear", rank=4, alpha=8.0)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.2)
+    model = adapted(path)
     prompts = [[5, 17, 99, 3, 42], [11, 12, 13], [7, 8, 9, 10]]
     data = PromptData("p.jsonl", prompts, ["a", "b", "c"], {}, [1, 2, 3])
     rows = [2, 0, 1]  # a micro-batch's prompts in stream order
