@@ -305,7 +305,7 @@ def links(g: Geometry) -> list[Link]:
 
 def check_links(g: Geometry, where: str) -> None:
     """Refuse geometries llama.cpp's layout cannot hold (value heads that do not tile the key heads)."""
-    if g.linear and any(g.linear) and (g.k_heads <= 0 or g.v_heads % g.k_heads):
+    if any(g.linear) and (g.k_heads <= 0 or g.v_heads % g.k_heads):
         raise NibbleError(f"{where}: {g.v_heads} DeltaNet value heads are not a multiple of the {g.k_heads} key heads")
 
 
