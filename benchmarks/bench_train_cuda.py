@@ -92,7 +92,7 @@ def run_nibble(args: argparse.Namespace, work: Path, data, pad: int) -> dict:
     from nibble.train.config import TrainConfig
     from nibble.train.run import prepare_model
     from nibble.train.tasks import TaskRun
-    from nibble.train.tasks.instruct import lm_batch_loss, lm_forward
+    from nibble.train.tasks.lm import lm_batch_loss, lm_forward
     from nibble.train.trainer import Trainer
 
     config = TrainConfig(

@@ -33,7 +33,7 @@ from nibble.train.config import TrainConfig
 from nibble.train.metrics import classification_loss
 from nibble.train.run import prepare_model
 from nibble.train.tasks.classify import evaluate
-from nibble.train.tasks.instruct import lm_forward, lm_loss
+from nibble.train.tasks.lm import lm_forward, lm_loss
 from nibble.train.trainer import Trainer
 
 SRC = Path(nibble.__file__).resolve().parent

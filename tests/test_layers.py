@@ -77,6 +77,23 @@ def test_every_module_is_on_the_map_and_the_map_names_no_other():
     assert not named - modules, f"remove from {MAP.name}: {sorted(named - modules)}"
 
 
+def test_only_the_registry_names_a_built_in_task_module():
+    """Outside train/tasks/, code reaches a task through the registry (``get_task``), never by its module."""
+    from nibble.train.tasks import TASKS
+
+    task_modules = {target.partition(":")[0] for target in TASKS.values()}
+    problems = []
+    for f in sorted(SRC.rglob("*.py")):
+        path = f.relative_to(SRC)
+        if path.parts[:2] == ("train", "tasks"):
+            continue
+        package = ".".join(("nibble", *path.with_suffix("").parts[:-1]))
+        for line, target in imported_modules(ast.parse(f.read_text(encoding="utf-8")), package):
+            if target in task_modules:
+                problems.append(f"{path}:{line}: imports {target}; look the task up with get_task")
+    assert not problems, "\n".join(problems)
+
+
 @pytest.mark.parametrize(
     ("path", "source", "fragment"),
     [

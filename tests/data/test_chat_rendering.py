@@ -337,3 +337,16 @@ def test_a_conversation_ending_after_its_last_answer_trains_only_real_contexts(q
     (row,) = rows_of(qwen, messages)
     assert targets(qwen, row) == ["<think>\nTwo and two.\n</think>\n\n4.<|im_end|>\n"]
     assert "Thanks." not in qwen.decode(row.ids)
+
+
+def test_data_show_of_a_task_that_cannot_show_its_data_is_one_line(qwen, tmp_path, capsys):
+    from nibble.cli.main import main
+
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": TWO_QUESTIONS}) + "\n")
+    assert main(["data", "show", "--task", "classify", "--model", str(qwen.path), "--data", str(path)]) == 2
+    assert (
+        capsys.readouterr().err
+        == "error: nibble data show: task 'classify' cannot show its data; use --task instruct\n"
+    )
+    assert main(["data", "show", "--task", "instruct", "--model", str(qwen.path), "--data", str(path)]) == 0

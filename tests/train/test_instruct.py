@@ -20,7 +20,7 @@ from nibble.data.instruct import IGNORE_INDEX, InstructData, encode_conversation
 from nibble.io.tokenizer import load_tokenizer
 from nibble.model import load_model
 from nibble.model.adapter import load_adapted
-from nibble.train.tasks.instruct import lm_forward, lm_loss
+from nibble.train.tasks.lm import lm_forward, lm_loss
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "A pear."}],

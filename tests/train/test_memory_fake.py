@@ -21,7 +21,7 @@ from nibble.quant.nf4 import NF4Weight
 from nibble.train import TrainConfig
 from nibble.train.planning import plan_options
 from nibble.train.run import prepare_model
-from nibble.train.tasks.instruct import lm_forward, lm_loss
+from nibble.train.tasks.lm import lm_forward, lm_loss
 
 QWEN3_8B = dict(
     model_type="qwen3",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nibble.cli._common import MAX_TOKENS, add_config_flags, bounded
+from nibble.cli._common import MAX_TOKENS, add_config_flags, bounded, config_overrides
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,25 +21,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "[[...]] otherwise), its token counts, and where the template rewrites history.",
     )
     add_config_flags(show, ("model", "data", "columns", "chat_template", "thinking", "train_turns"))
+    show.add_argument("--task", help="the task whose rendering to show (default: the first built-in task that has one)")
     show.add_argument("--rows", type=bounded(int, 1, MAX_TOKENS), default=3, help="conversations to show (default 3)")
     show.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from nibble.data.chat import RenderOptions
-    from nibble.errors import NibbleError
-    from nibble.train.tasks.instruct import show_data
+    from nibble.train.config import TrainConfig
+    from nibble.train.tasks import data_viewer
 
-    for flag in ("model", "data"):
-        if getattr(args, flag, None) is None:
-            raise NibbleError(f"nibble data show: --{flag} is required")
-    show_data(
-        args.model,
-        args.data,
-        args.rows,
-        getattr(args, "columns", None),
-        getattr(args, "chat_template", None),
-        RenderOptions(getattr(args, "thinking", None), getattr(args, "train_turns", "all")),
-        colour=sys.stdout.isatty(),
-    )
+    task = data_viewer(args.task)
+    config = TrainConfig(**{**config_overrides(args), "task": task.name}).validate(required=("model", "data"))
+    task.show_data(config, args.rows, colour=sys.stdout.isatty())
     return 0

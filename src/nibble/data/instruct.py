@@ -124,6 +124,29 @@ def default_system_prompt(tokenizer: Tokenizer) -> str | None:
     return injected or None
 
 
+def set_chat_template(tokenizer: Tokenizer, override: str | None, model_dir: Path) -> str | None:
+    """Give ``tokenizer`` the template ``override`` names (a file or a built-in name), or ChatML when it has
+    none, and say so; also say when the template adds a default system message to conversations without one.
+    Returns the template to save with the adapter (None: the tokenizer's own, which its files carry).
+    """
+    saved = None
+    if override is not None:
+        saved = tokenizer.chat_template = resolve_chat_template(override)
+        print(f"chat template: {override} (instead of the model's)", flush=True)
+    elif use_chat_template(tokenizer):
+        saved = CHATML
+        print(f"{model_dir}: the tokenizer has no chat template; rendering conversations as ChatML", flush=True)
+    system = default_system_prompt(tokenizer)
+    if system is not None:
+        shown = system if len(system) <= 80 else system[:77] + "..."
+        print(
+            f"chat template: conversations without a system message get the template's default one ({shown!r}); "
+            "give rows a system message or pass --chat-template to change it",
+            flush=True,
+        )
+    return saved
+
+
 def parse_columns(spec: str | None) -> dict[str, str]:
     """A column mapping ``"prompt=question,response=answer"`` as ``{role: column}`` (see ``ROLES``).
 

@@ -23,7 +23,6 @@ import torch
 
 from nibble.data.batching import Dataset
 from nibble.data.instruct import IGNORE_INDEX, collate_lm, read_instruct
-from nibble.data.records import stratified_split
 from nibble.errors import NibbleError
 from nibble.io.files import writable_parent, write_text_atomic
 from nibble.io.gguf import NATIVE_ARCHITECTURES, convert_gguf, is_gguf, open_gguf
@@ -35,7 +34,8 @@ from nibble.model.loading import load_model, resolve_model_dir
 from nibble.nn.quant_linear import cache_budget_bytes, cache_dense_weights
 from nibble.quant import QuantSpec
 from nibble.train.config import TrainConfig, read_yaml
-from nibble.train.tasks.instruct import evaluate_lm
+from nibble.train.tasks import get_task
+from nibble.train.tasks.lm import evaluate_lm
 
 SAMPLE_TEXT = "sample_text.txt"
 EVAL_SEQ_LEN = 512
@@ -65,8 +65,8 @@ class TextWindows:
 
 
 def _run_validation(adapter: Path, tokenizer: Tokenizer) -> tuple[Dataset, str] | None:
-    """The validation rows of the instruct run ``adapter`` came from (its ``config.yaml``); None when no run's
-    config.yaml lies beside the adapter, or the run was no instruct run or held no validation data out.
+    """The validation rows of the run ``adapter`` came from (its ``config.yaml``), as its task holds them out;
+    None when no run's config.yaml lies beside the adapter, or its task has no LM text to hold out (or held none).
 
     Raises:
         NibbleError: the run's config.yaml is unreadable, or the data file it records is gone.
@@ -75,21 +75,8 @@ def _run_validation(adapter: Path, tokenizer: Tokenizer) -> tuple[Dataset, str] 
     if not config_file.is_file():
         return None
     config = TrainConfig(**read_yaml(config_file))
-    if config.task != "instruct":
-        return None
-    key = "val_data" if config.val_data else "data" if config.data and config.val_split > 0 else None
-    if key is None:
-        return None
-    path = Path(getattr(config, key))
-    if not path.exists():
-        raise NibbleError(
-            f"{path}: the run's {key} (recorded in {config_file}) is gone; restore it, or pass --eval-data FILE"
-        )
-    if key == "val_data":
-        return read_instruct(path, tokenizer, config.columns), f"{path} (the run's val_data)"
-    rows = read_instruct(path, tokenizer, config.columns)
-    _, val = stratified_split([0] * len(rows), config.val_split, config.seed)
-    return (rows.subset(val), f"{path} (the run's {config.val_split:g} validation split)") if len(val) else None
+    held_out = getattr(get_task(config.task), "held_out", None)
+    return held_out(config, tokenizer) if held_out is not None else None
 
 
 def eval_texts(

@@ -66,6 +66,23 @@ def task_for_head(head: str) -> Task:
     return next(task for task in map(get_task, TASKS) if task.head == head)
 
 
+def data_viewer(name: str | None) -> Task:
+    """The task whose rendering ``nibble data show`` prints: ``name``, or the first built-in task that can show
+    its data (a task with ``show_data``).
+
+    Raises:
+        NibbleError: ``name`` is no task, or one that cannot show its data.
+    """
+    viewers = [task for task in map(get_task, TASKS) if hasattr(task, "show_data")]
+    if name is None:
+        return viewers[0]
+    task = get_task(name)
+    if not hasattr(task, "show_data"):
+        shown = ", ".join(t.name for t in viewers)
+        raise NibbleError(f"nibble data show: task {name!r} cannot show its data; use --task {shown}")
+    return task
+
+
 def option_owners() -> dict[str, list[str]]:
     """Each task-owned TrainConfig field and the built-in tasks that read it."""
     owners: dict[str, list[str]] = {}
@@ -75,4 +92,14 @@ def option_owners() -> dict[str, list[str]]:
     return owners
 
 
-__all__ = ["TASKS", "SavedModel", "Task", "TaskRun", "get_task", "option_owners", "task_for_head", "task_names"]
+__all__ = [
+    "TASKS",
+    "SavedModel",
+    "Task",
+    "TaskRun",
+    "data_viewer",
+    "get_task",
+    "option_owners",
+    "task_for_head",
+    "task_names",
+]

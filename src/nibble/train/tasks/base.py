@@ -104,6 +104,11 @@ class Task(Protocol):
         options: the TrainConfig fields only this task reads (its config section); another task refuses them.
         sequences_per_row: (optional, default 1) the sequences one example of its data computes with gradients,
             for the memory planner (a preference pair: 2).
+
+    Optional methods: ``held_out(config, tokenizer)`` gives the run's validation rows as LM targets and where they
+    came from (a :class:`nibble.data.batching.Dataset` of ``collate_lm`` batches, or None), which ``nibble export``
+    scores the GGUF file on; ``show_data(config, rows, colour)`` prints how training renders the data
+    (``nibble data show``).
     """
 
     name: str

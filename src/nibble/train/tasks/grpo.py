@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from nibble.data.batching import pad_batch
+from nibble.data.instruct import set_chat_template
 from nibble.errors import NibbleError
 from nibble.io.files import open_atomic, write_json
 from nibble.model.sampler import SamplingConfig, sample
@@ -342,7 +343,6 @@ class GRPOTask:
         SamplingConfig(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, min_p=config.min_p)
 
     def setup(self, config: TrainConfig, model_dir: Path, tokenizer: Tokenizer) -> TaskRun:
-        from nibble.train.tasks.instruct import set_chat_template
         from nibble.train.tasks.preference import split_val
 
         set_chat_template(tokenizer, config.chat_template, model_dir)
@@ -385,7 +385,6 @@ class GRPOTask:
         from nibble.model.generate import load_generator
         from nibble.model.loading import resolve_model_dir
         from nibble.train.config import TrainConfig
-        from nibble.train.tasks.instruct import set_chat_template
         from nibble.train.tasks.preference import read_objective
 
         saved, info, source = read_objective(request, SETTINGS_FILE, "grpo")

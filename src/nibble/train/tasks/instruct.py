@@ -8,145 +8,59 @@ reports that loss and its perplexity.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
-from nibble.data.batching import MAX_SEQ_LEN
+from nibble.data.batching import MAX_SEQ_LEN, Dataset
 from nibble.data.chat import RenderOptions
 from nibble.data.instruct import (
-    CHATML,
     InstructData,
-    default_system_prompt,
     fit_length,
     load_instruct,
     parse_columns,
     read_instruct,
-    resolve_chat_template,
+    set_chat_template,
     show_conversations,
-    use_chat_template,
 )
 from nibble.data.records import stratified_split
-from nibble.devices import autocast, describe, resolve_device, to_device
+from nibble.devices import autocast, describe, resolve_device
+from nibble.errors import NibbleError
 from nibble.io.tokenizer import Tokenizer
 from nibble.model.config import ModelConfig
 from nibble.model.loading import resolve_model_dir
-from nibble.nn.cross_entropy import chunk_elements, linear_cross_entropy
+from nibble.nn.cross_entropy import chunk_elements
 from nibble.train.config import TrainConfig
-from nibble.train.distributed import all_sum, current, eval_batches
-from nibble.train.metrics import headline
-from nibble.train.tasks.base import Batch, LossResult, SavedModel, TaskRun
+from nibble.train.tasks.base import SavedModel, TaskRun
+from nibble.train.tasks.lm import evaluate_lm, lm_batch_loss, lm_forward, lm_report, target_count
 
 
-class LMOutputs(NamedTuple):
-    """What :func:`lm_forward` hands :func:`lm_loss`: the hidden states that predict a target, the LM head and the
-    target tokens."""
-
-    hidden: torch.Tensor  # [N, H], in the compute dtype
-    weight: torch.Tensor  # [V, H]
-    targets: torch.Tensor  # [N]
+def _read(config: TrainConfig, tokenizer: Tokenizer, path: str) -> InstructData:
+    """The conversations of ``path`` rendered as ``config`` renders them (columns, thinking, trained turns)."""
+    return read_instruct(path, tokenizer, config.columns, RenderOptions(config.thinking, config.train_turns))
 
 
-def lm_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> LMOutputs:
-    """The final hidden states at the N positions whose next token is a target (the batch's ``target_index``, found
-    when it was collated: see :func:`nibble.data.instruct.collate_lm`), the LM head's weight and those targets;
-    :func:`lm_loss` turns them into the loss without building [N, V] logits."""
-    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], token_index=batch["token_index"])
-    width = hidden.shape[2]
-    selected = hidden[:, :-1].reshape(-1, width).index_select(0, batch["target_index"])  # [N, H]
-    if torch.is_autocast_enabled(selected.device.type):  # the head's matmul runs in the autocast dtype
-        selected = selected.to(torch.get_autocast_dtype(selected.device.type))
-    return LMOutputs(selected, model.lm_head.weight, batch["targets"])
+def _val_data(config: TrainConfig, tokenizer: Tokenizer) -> InstructData:
+    """The rows of ``config.val_data``, fitted to ``max_seq_len``."""
+    return fit_length(_read(config, tokenizer, config.val_data), config.max_seq_len, False, config.val_data)
 
 
-def lm_loss(outputs: LMOutputs, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy (fp32 softmax) of the LM head at :func:`lm_forward`'s positions against their target tokens,
-    computed in chunks of rows (:func:`nibble.nn.cross_entropy.linear_cross_entropy`).
-
-    A batch without targets gives a zero loss that still backpropagates (to nothing).
-    """
-    return linear_cross_entropy(outputs.hidden, outputs.weight, outputs.targets, reduction)
-
-
-def target_count(batch: dict[str, torch.Tensor]) -> int:
-    """The target tokens of a batch: what :func:`lm_loss` averages over (from its shape: nothing is read)."""
-    return batch["targets"].shape[0]
-
-
-def evaluate_lm(model: nn.Module, data: InstructData, batch_size: int, pad_id: int) -> dict[str, Any]:
-    """Mean response-token loss, its perplexity, and the counts it covers (the loss sums on the model's device
-    and is read once). Under torchrun each rank scores its share of the examples and the sums are reduced."""
-    device = next(model.parameters()).device
-    total, count = torch.zeros((), device=device), 0
-    with torch.no_grad():
-        for chunk, batch in eval_batches(data, batch_size, pad_id):
-            targets = target_count(batch)  # counted on the host, before the batch moves
-            batch = to_device(batch, device)
-            loss = lm_loss(lm_forward(model, batch), reduction="sum")
-            if chunk:  # (not a stand-in batch: this rank's rows ran out)
-                total += loss
-                count += targets
-    if current().active:
-        total, count = all_sum(total), int(all_sum(torch.tensor(count, device=device)))
-    loss = float(total) / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count, "examples": len(data)}
-
-
-def set_chat_template(tokenizer: Tokenizer, override: str | None, model_dir: Path) -> str | None:
-    """Give ``tokenizer`` the template ``override`` names (a file or a built-in name), or ChatML when it has
-    none, and say so; also say when the template adds a default system message to conversations without one.
-    Returns the template to save with the adapter (None: the tokenizer's own, which its files carry).
-    """
-    saved = None
-    if override is not None:
-        saved = tokenizer.chat_template = resolve_chat_template(override)
-        print(f"chat template: {override} (instead of the model's)", flush=True)
-    elif use_chat_template(tokenizer):
-        saved = CHATML
-        print(f"{model_dir}: the tokenizer has no chat template; rendering conversations as ChatML", flush=True)
-    system = default_system_prompt(tokenizer)
-    if system is not None:
-        shown = system if len(system) <= 80 else system[:77] + "..."
-        print(
-            f"chat template: conversations without a system message get the template's default one ({shown!r}); "
-            "give rows a system message or pass --chat-template to change it",
-            flush=True,
-        )
-    return saved
-
-
-def show_data(
-    model: str | Path,
-    data: str | Path,
-    rows: int,
-    columns: str | None = None,
-    chat_template: str | None = None,
-    options: RenderOptions | None = None,
-    colour: bool = False,
-) -> None:
-    """Print how training would render the first ``rows`` conversations of ``data`` with ``model``'s tokenizer
-    (or ``chat_template``): see :func:`nibble.data.instruct.show_conversations`."""
-    from nibble.io.tokenizer import load_tokenizer
-
-    model_dir = resolve_model_dir(model)
-    tokenizer = load_tokenizer(model_dir)
-    set_chat_template(tokenizer, chat_template, model_dir)
-    for line in show_conversations(data, tokenizer, rows, columns, options or RenderOptions(), colour):
-        print(line, flush=True)
-
-
-def lm_report(metrics: dict[str, Any]) -> str:
-    """One line: the response loss, its perplexity, and what it covers."""
-    return f"{headline(metrics)}  ({metrics['tokens']} response tokens in {metrics['examples']} sequences)"
-
-
-def lm_batch_loss(outputs: LMOutputs, batch: Batch) -> LossResult:
-    """The training loss of a batch (:func:`lm_loss`; no other metrics)."""
-    return lm_loss(outputs), {}
+def _split(config: TrainConfig, tokenizer: Tokenizer) -> tuple[InstructData, InstructData | None]:
+    """The training rows of ``config`` and its validation rows (``val_data``, or a seeded random fraction of the
+    conversations: the rows one became stay together), the latter fitted to ``max_seq_len``."""
+    rows = _read(config, tokenizer, config.data)
+    if config.val_data:
+        return rows, _val_data(config, tokenizer)
+    if config.val_split <= 0:
+        return rows, None
+    lines, conversation_of = np.unique(rows.lines, return_inverse=True)
+    train_conv, val_conv = stratified_split(np.zeros(len(lines), dtype=np.int64), config.val_split, config.seed)
+    train_idx = np.flatnonzero(np.isin(conversation_of, train_conv))
+    val_idx = np.flatnonzero(np.isin(conversation_of, val_conv))
+    val = fit_length(rows.subset(val_idx), config.max_seq_len, False, config.data) if len(val_idx) else None
+    return rows.subset(train_idx), val
 
 
 class InstructTask:
@@ -162,20 +76,7 @@ class InstructTask:
     def setup(self, config: TrainConfig, model_dir: Path, tokenizer: Tokenizer) -> TaskRun:
         template = set_chat_template(tokenizer, config.chat_template, model_dir)
         pad_id = tokenizer.pad_id
-        rendering = RenderOptions(config.thinking, config.train_turns)
-        rows = read_instruct(config.data, tokenizer, config.columns, rendering)
-        val: InstructData | None = None
-        if config.val_data:
-            val_rows = read_instruct(config.val_data, tokenizer, config.columns, rendering)
-            val = fit_length(val_rows, config.max_seq_len, False, config.val_data)
-        elif config.val_split > 0:
-            # a seeded random fraction of the conversations (the rows one became stay together)
-            lines, conversation_of = np.unique(rows.lines, return_inverse=True)
-            train_conv, val_conv = stratified_split(np.zeros(len(lines), dtype=np.int64), config.val_split, config.seed)
-            train_idx = np.flatnonzero(np.isin(conversation_of, train_conv))
-            val_idx = np.flatnonzero(np.isin(conversation_of, val_conv))
-            rows, val = rows.subset(train_idx), (rows.subset(val_idx) if len(val_idx) else None)
-            val = fit_length(val, config.max_seq_len, False, config.data) if val else None
+        rows, val = _split(config, tokenizer)
         data = fit_length(rows, config.max_seq_len, config.packing, config.data)
 
         def run_eval(m: nn.Module, batch_size: int) -> dict[str, Any]:
@@ -243,3 +144,38 @@ class InstructTask:
             metrics = evaluate_lm(model, data, request.batch_size, tokenizer.pad_id)
         print(lm_report(metrics))
         return metrics
+
+    def held_out(self, config: TrainConfig, tokenizer: Tokenizer) -> tuple[Dataset, str] | None:
+        """The validation rows of the run ``config`` describes (for the GGUF export's read-back) and where they
+        came from; None when it held none out.
+
+        Raises:
+            NibbleError: the data file the run's config records is gone.
+        """
+        key = "val_data" if config.val_data else "data" if config.data and config.val_split > 0 else None
+        if key is None:
+            return None
+        path = Path(getattr(config, key))
+        if not path.exists():
+            raise NibbleError(
+                f"{path}: the run's {key} (recorded in its config.yaml) is gone; restore it, or pass --eval-data FILE"
+            )
+        if key == "val_data":
+            val = _val_data(config, tokenizer)
+        else:
+            val = _split(config, tokenizer)[1]
+        source = "the run's val_data" if key == "val_data" else f"the run's {config.val_split:g} validation split"
+        return (val, f"{path} ({source})") if val else None
+
+    def show_data(self, config: TrainConfig, rows: int, colour: bool) -> None:
+        """``nibble data show``: print how training renders the first ``rows`` conversations of ``config.data``
+        with the model's tokenizer (or ``config.chat_template``): see
+        :func:`nibble.data.instruct.show_conversations`."""
+        from nibble.io.tokenizer import load_tokenizer
+
+        model_dir = resolve_model_dir(config.model)
+        tokenizer = load_tokenizer(model_dir)
+        set_chat_template(tokenizer, config.chat_template, model_dir)
+        rendering = RenderOptions(config.thinking, config.train_turns)
+        for line in show_conversations(config.data, tokenizer, rows, config.columns, rendering, colour):
+            print(line, flush=True)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from nibble.data.batching import MAX_SEQ_LEN
+from nibble.data.instruct import set_chat_template
 from nibble.data.preference import Truncation, UnpairedData, load_unpaired, sub_batch
 from nibble.devices import autocast, to_device
 from nibble.errors import NibbleError
@@ -170,8 +171,6 @@ class KTOTask:
         check_reference(config, True)
 
     def setup(self, config: TrainConfig, model_dir: Path, tokenizer: Tokenizer) -> TaskRun:
-        from nibble.train.tasks.instruct import set_chat_template
-
         template = set_chat_template(tokenizer, config.chat_template, model_dir)
         objective, truncation = objective_of(config), truncation_of(config)
 

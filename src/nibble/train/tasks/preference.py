@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nibble.data.batching import MAX_SEQ_LEN
+from nibble.data.instruct import set_chat_template
 from nibble.data.preference import PairData, Truncation, load_pairs
 from nibble.devices import autocast, describe, resolve_device, to_device
 from nibble.errors import NibbleError
@@ -379,8 +380,6 @@ class PreferenceTask:
             raise NibbleError(f"'precompute_reference': loss {config.loss} has no reference; drop it")
 
     def setup(self, config: TrainConfig, model_dir: Path, tokenizer: Tokenizer) -> TaskRun:
-        from nibble.train.tasks.instruct import set_chat_template
-
         template = set_chat_template(tokenizer, config.chat_template, model_dir)
         objective = Objective.from_config(config)
         truncation = truncation_of(config)
@@ -458,7 +457,6 @@ def open_scored(request: SavedModel, info, load, columns):
     model, loaded first and alone to compute them (see :func:`precompute_reference`), then dropped; an adapter's
     reference is its base with the adapter off."""
     from nibble.model.generate import load_generator
-    from nibble.train.tasks.instruct import set_chat_template
 
     device = resolve_device(request.device)
     data = None

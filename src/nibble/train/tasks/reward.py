@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nibble.data.batching import MAX_SEQ_LEN
+from nibble.data.instruct import set_chat_template
 from nibble.data.preference import PairData, Truncation, load_pairs
 from nibble.devices import autocast, to_device
 from nibble.errors import NibbleError
@@ -81,8 +82,6 @@ class RewardTask:
             raise NibbleError(f"'max_prompt_len' must be >= 1, got {config.max_prompt_len}")
 
     def setup(self, config: TrainConfig, model_dir: Path, tokenizer: Tokenizer) -> TaskRun:
-        from nibble.train.tasks.instruct import set_chat_template
-
         template = set_chat_template(tokenizer, config.chat_template, model_dir)
         truncation = truncation_of(config)
 
@@ -118,7 +117,6 @@ class RewardTask:
         from nibble.io.files import read_json_object
         from nibble.model.loading import resolve_model_dir
         from nibble.train.tasks.classify import open_classifier
-        from nibble.train.tasks.instruct import set_chat_template
 
         model, tokenizer, _, info = open_classifier(request)
         if model.num_labels != 1:
