@@ -429,7 +429,7 @@ def measure(kind: str, args: argparse.Namespace, dtype: str, data, work: Path, s
         for stack in stacks if repeat % 2 == 0 else stacks[::-1]:
             out = work / f"{kind}-{dtype}-{stack}-{repeat}"
             make = {"classify": classify_commands, "instruct": instruct_commands}.get(kind, preference_commands)
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            env = thread_env(args.threads)
             if stack == "nibble-baseline":
                 env["PYTHONPATH"] = str(args.baseline_src)
             if stack == "nibble-compile":  # an empty kernel cache: the compile time of a first run
@@ -524,11 +524,23 @@ def scaling(args: argparse.Namespace, dtype: str, work: Path) -> list[str]:
 
 
 def cpu_name() -> str:
+    """The CPU's model name and the flags that decide bf16 speed (AVX2, AVX-512, AVX512-BF16, AMX)."""
+    from nibble.devices import cpu_flags
+
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            text = f.read()
+    except OSError:
         return platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "bf16") if f in cpu_flags(text)]
+    return f"{name or platform.machine()} (flags: {' '.join(flags) or 'none of avx2/avx512/bf16'})"
+
+
+def thread_env(threads: int | None) -> dict[str, str]:
+    """The environment of a timed run: ``OMP_NUM_THREADS=threads``, or the machine's default when None."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    return env if threads is None else {**env, "OMP_NUM_THREADS": str(threads)}
 
 
 def main() -> None:
@@ -557,9 +569,8 @@ def main() -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="OMP_NUM_THREADS of every run (default 1: on a machine shared with other work, 2 threads on 2 cores "
-        "made a 10-step nibble run 5x slower, 360 s against 72 s, for both stacks alike)",
+        help="OMP_NUM_THREADS of every run (default: the machine's, all cores, as a user runs it; on a machine shared "
+        "with other work 1 is steadier: 2 threads on 2 busy cores made a 10-step run 5x slower, for both stacks)",
     )
     parser.add_argument("--nproc", type=int, help="measure 1 process against N torchrun ranks instead (see above)")
     parser.add_argument("--device", default="cpu", help="--nproc runs: cpu, or cuda (one GPU per rank)")
@@ -622,7 +633,11 @@ def main() -> None:
 
     import torch
 
-    threads = "threads as in the table" if args.nproc else f"{args.threads} thread(s) per run"
+    threads = (
+        "threads as in the table"
+        if args.nproc
+        else f"{args.threads or f'the default {torch.get_num_threads()}'} thread(s) per run"
+    )
     print(f"\n# bench_train, {datetime.date.today()}: {cpu_name()}, {os.cpu_count()} CPUs, {threads}, "
           f"torch {torch.__version__}; load average {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
     print(f"# model {args.model.name}; classification: {args.steps} steps x batch {args.batch_size}, max-seq-len "
