@@ -259,3 +259,12 @@ def test_another_write_error_is_not_hidden(tmp_path, cache_root, tokenizer, monk
     with pytest.raises(NibbleError, match="Bad file descriptor"):
         load_classification(write_rows(tmp_path / "d.jsonl", 5), tokenizer, max_seq_len=8)
     assert entries(cache_root) == []
+
+
+def test_a_long_file_name_is_cut_to_fit_the_cache_entrys_name(tmp_path, cache_root, tokenizer, capsys):
+    data = write_rows(tmp_path / ("数" * 80 + ".jsonl"), 10)  # 246 bytes: room for no digest beside it
+    load_classification(data, tokenizer, max_seq_len=8)
+    [built] = entries(cache_root)
+    assert len(built.encode()) <= 200 and built.startswith("数" * 33 + "-")
+    load_classification(data, tokenizer, max_seq_len=8)
+    assert f"tokens: reusing {cache_root / built}" in capsys.readouterr().out

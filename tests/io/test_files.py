@@ -112,3 +112,42 @@ def test_what_a_killed_writer_left_is_removed_by_the_next_write_beside_it(tmp_pa
     with atomic_file(tmp_path / "other.bin") as tmp:
         tmp.write_bytes(b"x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live", "other.bin", "report.json"]
+
+
+def test_every_file_and_directory_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """What the rename publishes is on the disk first: each file's data and the staged directory itself."""
+    import os
+
+    import nibble.io.files as files
+
+    events = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def publish(real):
+        def move(src, dst):
+            events.append(("rename", str(src)))
+            real(src, dst)
+
+        return move
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", publish(real_replace))
+    monkeypatch.setattr(files.os, "rename", publish(real_rename))
+    write_text_atomic(tmp_path / "a.txt", "text")
+    with staged_dir(tmp_path / "out") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "w.bin").write_bytes(b"\0" * 10)
+        (tmp / "x.json").write_text("{}")
+    renames = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
+    assert len(renames) == 2, events
+    synced = [(i, path) for i, (kind, path) in enumerate(events) if kind == "fsync"]
+    file_tmp = events[renames[0]][1]
+    assert any(path == os.path.realpath(file_tmp) and i < renames[0] for i, path in synced), events
+    staging = os.path.realpath(events[renames[1]][1])
+    for inside in (staging, f"{staging}/sub/w.bin", f"{staging}/x.json"):
+        assert any(path == inside and renames[0] < i < renames[1] for i, path in synced), (inside, events)
+    assert (tmp_path / "out" / "sub" / "w.bin").read_bytes() == b"\0" * 10

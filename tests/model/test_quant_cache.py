@@ -4,6 +4,7 @@ weights), a changed or damaged source entry is quantized again, and eval/predict
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -200,3 +201,60 @@ def test_a_gguf_read_natively_writes_no_entry(tmp_path, monkeypatch, capsys):
         load_model(path, quantize="gguf")
     assert not (tmp_path / "cache" / "quantized").exists()
     assert "note:" not in capsys.readouterr().err
+
+
+def test_a_cache_that_cannot_be_written_is_skipped_with_one_line(tmp_path, monkeypatch, capsys):
+    """NIBBLE_CACHE under a regular file: the 4-bit base is quantized and used, the entry is left out, said once."""
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv("NIBBLE_CACHE", str(tmp_path / "file" / "cache"))
+    path, _ = helpers.make_hf_checkpoint(tmp_path / "m", "qwen3")
+    model = load_model(path, quantize="nf4")
+    assert quantized(model)
+    err = capsys.readouterr().err
+    assert err.count("note: cannot keep the 4-bit weights in the cache: ") == 1 and str(tmp_path / "file") in err
+
+
+def test_names_longer_than_a_file_name_may_be_are_cut_for_the_cache(tmp_path, monkeypatch):
+    """A model directory and a .gguf file whose names fill most of a file name's 255 bytes (80 three-byte
+    characters; a 245-character stem): their cache entries' names are cut to fit, and are found again."""
+    from gguf_files import tiny_model, write_gguf
+
+    monkeypatch.setenv("NIBBLE_CACHE", str(tmp_path / "cache"))
+    path, _ = helpers.make_hf_checkpoint(tmp_path / ("模" * 80), "qwen3")
+    first = quantized(load_model(path, quantize="nf4"))
+    gguf = write_gguf(tmp_path / ("g" * 245 + ".gguf"), tiny_model("llama"))
+    load_model(gguf, quantize="nf4")
+    names = [p.name for p in (tmp_path / "cache").rglob("*")]
+    assert len(names) > 3 and all(len(n.encode()) <= 200 for n in names), max(names, key=len)
+    no_quantizing(monkeypatch)
+    assert_identical(quantized(load_model(path, quantize="nf4")), first)
+    load_model(gguf, quantize="nf4")
+
+
+def swap_keeping_size_and_mtime(path, replacement):
+    """``path`` replaced by ``replacement`` (another file of the same size) with ``path``'s mtime: another inode."""
+    stat = path.stat()
+    assert replacement.stat().st_size == stat.st_size
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(replacement, path)
+
+
+def test_a_same_size_same_mtime_swap_of_a_model_or_gguf_is_noticed(tmp_path, monkeypatch):
+    """The 4-bit cache (a model directory's weights) and the GGUF conversion (a .gguf file) both notice a file
+    replaced by another of the same size and mtime: the new weights are what loads."""
+    from gguf_files import tiny_model, write_gguf
+
+    monkeypatch.setenv("NIBBLE_CACHE", str(tmp_path / "cache"))
+    path, _ = helpers.make_hf_checkpoint(tmp_path / "m", "qwen3", tokenizer=False)
+    first = quantized(load_model(path, quantize="nf4"))
+    other, _ = helpers.make_hf_checkpoint(tmp_path / "other", "qwen3", seed=1, tokenizer=False)
+    swap_keeping_size_and_mtime(path / "model.safetensors", other / "model.safetensors")
+    with pytest.raises(AssertionError):
+        assert_identical(quantized(load_model(path, quantize="nf4")), first)
+
+    gguf = write_gguf(tmp_path / "g.gguf", tiny_model("llama"))
+    before = load_model(gguf).state_dict()
+    second = write_gguf(tmp_path / "g2.gguf", tiny_model("llama", seed=1))
+    swap_keeping_size_and_mtime(gguf, second)
+    after = load_model(gguf).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)

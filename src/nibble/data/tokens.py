@@ -38,10 +38,9 @@ from nibble.data.ragged import Ragged
 from nibble.data.records import check_data_path
 from nibble.errors import NibbleError
 from nibble.io.fetch import cache_dir
-from nibble.io.files import WriteError, file_identity, read_json_object, staged_dir
+from nibble.io.files import WriteError, file_identity, name_part, read_json_object, staged_dir
 
 CACHE_FORMAT = 3  # 3: each file's CRC-32 in meta.json
-_NAME_CHARS = 100  # of the data file's name in the cache entry's (a name may have 255 bytes)
 TOKENIZER_IDENTITY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _FLUSH_VALUES = 1 << 16  # buffered values per column before a write: bounded memory, few system calls
 _STALE_STAGING_S = 24 * 3600  # a build staged longer ago than this was killed
@@ -266,7 +265,7 @@ def cached_tokens(
     key = {"format": CACHE_FORMAT, "source": identity, "tokenizer": tokenizer_identity(tokenizer_dir), **settings}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
     root = token_cache_root()
-    directory = root / f"{source.name[:_NAME_CHARS]}-{digest}"
+    directory = root / f"{name_part(source.name)}-{digest}"
     if (directory / "meta.json").is_file():
         try:
             problem = TokenCache(directory).damage(columns, bounds or {})

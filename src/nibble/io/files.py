@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -49,6 +50,15 @@ def file_identity(path: str | Path) -> list[Any]:
     path = Path(path).resolve()
     stat = path.stat()
     return [str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
+
+
+NAME_BYTES = 100  # of a user's file name in a cache entry's name (a name holds 255 bytes; temporaries add ~30)
+
+
+def name_part(name: str) -> str:
+    """``name`` cut to at most :data:`NAME_BYTES` bytes of UTF-8, never inside a character: the readable part of a
+    cache entry's name (a digest beside it keeps entries apart)."""
+    return name.encode("utf-8", "surrogateescape")[:NAME_BYTES].decode("utf-8", "ignore")
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -206,7 +216,8 @@ def atomic_file(path: str | Path, needed: int | None = None) -> Iterator[Path]:
     except OSError as exc:
         raise write_error(path.parent, exc, needed) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (no temporary, or no directory for one: the error above says why)
+            tmp.unlink()
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from torch import nn
 from nibble.devices import dtype_name, resolve_device
 from nibble.errors import NibbleError
 from nibble.io import bnb
-from nibble.io.files import file_identity, format_size, tree_bytes
+from nibble.io.files import file_identity, format_size, name_part, tree_bytes
 from nibble.io.peft import MULTIMODAL_DECODER
 from nibble.io.safetensors import Checkpoint, read_checkpoint
 from nibble.model import moe
@@ -70,7 +70,7 @@ def resolve_model_dir(path: str | Path) -> Path:
         raise NibbleError(f"{path}: not a directory (expected a model directory with config.json, or a .gguf file)")
 
     key = hashlib.sha256(json.dumps(file_identity(path)).encode()).hexdigest()[:16]
-    target = cache_dir() / "converted" / f"{path.stem}-{key}"
+    target = cache_dir() / "converted" / f"{name_part(path.stem)}-{key}"
     if not (target / SOURCE_NAME).is_file():  # a conversion by a nibble that did not record its source is redone
         dtype = open_gguf(path).own_dtype
         # overwrite: a concurrent conversion of the same file may have finished first; both are identical

@@ -25,7 +25,7 @@ import torch
 
 from nibble.errors import NibbleError
 from nibble.io.fetch import cache_dir
-from nibble.io.files import file_identity
+from nibble.io.files import WriteError, file_identity, name_part
 from nibble.io.safetensors import Checkpoint, SafetensorsFile, save_file_atomic
 from nibble.quant import INT4Weight, NF4Weight, QuantizedWeight, QuantSpec
 
@@ -46,7 +46,8 @@ class QuantCache:
         self.spec = spec
         key = json.dumps([str(model_dir.resolve()), spec.to_json(), _VERSION])
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        self.path = cache_dir() / "quantized" / f"{model_dir.resolve().name[:100]}-{spec.name}-{digest}.safetensors"
+        name = f"{name_part(model_dir.resolve().name)}-{spec.name}-{digest}.safetensors"
+        self.path = cache_dir() / "quantized" / name
         self.stamp = json.dumps({"version": _VERSION, "spec": spec.to_json(), "sources": _sources(ckpt)})
 
     def load(self, dtype: torch.dtype) -> dict[str, QuantizedWeight]:
@@ -92,8 +93,8 @@ class QuantCache:
             keys.append(key)
         try:
             save_file_atomic(tensors, self.path, metadata={_META_KEY: self.stamp, _KEYS: json.dumps(keys)})
-        except OSError as exc:
-            print(f"note: cannot keep the 4-bit weights in {self.path.parent} ({exc.strerror})", file=sys.stderr)
+        except WriteError as exc:  # (a cache: the run goes on without it)
+            print(f"note: cannot keep the 4-bit weights in the cache: {exc}", file=sys.stderr, flush=True)
 
 
 def _weight(tensors: dict[str, torch.Tensor], key: str, spec: QuantSpec, dtype: torch.dtype) -> QuantizedWeight:
