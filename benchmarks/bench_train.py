@@ -89,12 +89,12 @@ def _hf_model(args: argparse.Namespace, task: str):
 
     dtype = getattr(torch, args.dtype)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    # the layers left unquantized (embeddings, norms, head) in the run's dtype, as the QLoRA recipe loads them
+    common = dict(quantization_config=quant, device_map="cpu", dtype=dtype)
     if task == "classify":
-        model = AutoModelForSequenceClassification.from_pretrained(
-            args.model, num_labels=args.num_labels, quantization_config=quant, device_map="cpu"
-        )
+        model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=args.num_labels, **common)
     else:
-        model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=quant, device_map="cpu")
+        model = AutoModelForCausalLM.from_pretrained(args.model, **common)
     lora = LoraConfig(
         r=args.rank,
         lora_alpha=args.alpha,

@@ -13,6 +13,7 @@ import torch
 
 from nibble import devices
 from nibble.devices import (
+    ONEDNN_CACHE_ENV,
     auto_dtype,
     cpu_flags,
     cpu_has_native_bf16,
@@ -181,3 +182,14 @@ def test_the_device_line_says_when_the_machine_is_busier_than_its_cores(monkeypa
     assert busy.startswith("device cpu (") and busy.endswith(", dtype float32") and "\n" not in busy
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert "load" not in describe(torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize(("given", "seen"), [(None, "128"), ("7", "7")])
+def test_onednns_kernel_cache_is_capped_unless_the_environment_says_otherwise(given, seen):
+    """Set when nibble is imported, before oneDNN makes its first primitive (it reads the setting then)."""
+    env = {k: v for k, v in os.environ.items() if k != ONEDNN_CACHE_ENV}
+    if given is not None:
+        env[ONEDNN_CACHE_ENV] = given
+    code = f"import os, nibble.devices; print(os.environ[{ONEDNN_CACHE_ENV!r}])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == seen, out.stderr[-2000:]
