@@ -66,7 +66,8 @@ class TextWindows:
 
 def _run_validation(adapter: Path, tokenizer: Tokenizer) -> tuple[Dataset, str] | None:
     """The validation rows of the run ``adapter`` came from (its ``config.yaml``), as its task holds them out;
-    None when no run's config.yaml lies beside the adapter, or its task has no LM text to hold out (or held none).
+    None when no run's config.yaml lies beside the adapter, or its task does not import here, has no LM text to
+    hold out or held none.
 
     Raises:
         NibbleError: the run's config.yaml is unreadable, or the data file it records is gone.
@@ -75,7 +76,11 @@ def _run_validation(adapter: Path, tokenizer: Tokenizer) -> tuple[Dataset, str] 
     if not config_file.is_file():
         return None
     config = TrainConfig(**read_yaml(config_file))
-    held_out = getattr(get_task(config.task), "held_out", None)
+    try:
+        task = get_task(config.task)
+    except NibbleError:  # a task of the user's own that is not importable here: the next source of text
+        return None
+    held_out = getattr(task, "held_out", None)
     return held_out(config, tokenizer) if held_out is not None else None
 
 
