@@ -83,8 +83,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "smollm2":
             from nibble.io.fetch import fetch_smollm2
+            from nibble.model.loading import resolve_model_dir
 
-            path = Path(fetch_smollm2())
+            path = resolve_model_dir(fetch_smollm2())  # the .gguf converted (transformers reads the directory)
         else:
             path = Path(args.model) if args.model else random_checkpoint(Path(tmp) / "model", args.hidden, args.layers)
         ours, theirs = adapters(path, args.device)
