@@ -260,8 +260,11 @@ def hf_preference(args: argparse.Namespace) -> dict:
 # The driver: data, commands, alternating timed runs, tables.
 
 
-def run_timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
-    """Run ``argv``; returns ``(wall seconds, peak RSS MiB of that process, stdout)``."""
+def run_timed(
+    argv: list[str], env: dict[str, str] | None = None, keep_stderr: bool = False
+) -> tuple[float, float, str]:
+    """Run ``argv``; returns ``(wall seconds, peak RSS MiB of that process, stdout)`` (its stderr after the stdout
+    with ``keep_stderr``)."""
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
@@ -272,7 +275,7 @@ def run_timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float
         stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(argv)}\n{stderr[-4000:]}")
-    return wall, usage.ru_maxrss / 1024, stdout
+    return wall, usage.ru_maxrss / 1024, stdout + stderr if keep_stderr else stdout
 
 
 def nibble_rates(out: Path) -> float:
