@@ -146,3 +146,41 @@ def test_a_block_count_claim_is_refused_on_every_load_path(tmp_path, monkeypatch
     peak = peak_bytes(load)
     assert f"'{arch}.block_count' says {blocks} blocks" in holder["message"] and "\n" not in holder["message"]
     assert peak < 20 * path.stat().st_size + (8 << 20), peak
+
+
+# Builds a small file's tokenizer first (imports, the tokenizers library's own memory), then limits RLIMIT_DATA to
+# what the process holds plus 20 times the file and 64 MiB, and builds each hostile file's tokenizer under it.
+UNDER_LIMIT = """
+import resource, sys
+from nibble.errors import NibbleError
+from nibble.io.gguf import GGUFFile
+
+small, *hostile = sys.argv[1:]
+GGUFFile(small).tokenizer()
+held = int([line for line in open("/proc/self/status") if line.startswith("VmData")][0].split()[1]) * 1024
+for path in hostile:
+    import os
+    limit = held + 20 * os.path.getsize(path) + (64 << 20)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.RLIM_INFINITY))
+    try:
+        GGUFFile(path).tokenizer()
+        print("BUILT", path, flush=True)
+    except NibbleError as exc:
+        print("REFUSED", path, str(exc).count(chr(10)), flush=True)
+"""
+
+
+def test_hostile_gguf_vocabularies_stay_within_a_memory_limit(tmp_path):
+    """The 70,000-character token and the vocabulary implying a square of merges, each under RLIMIT_DATA at what
+    the process held plus 20x the file and 64 MiB (the whole process: the tokenizers library's memory counts)."""
+    import os
+    import subprocess
+    import sys
+
+    small = sentencepiece_file(tmp_path / "small.gguf", ["bbbb"])
+    long = sentencepiece_file(tmp_path / "long.gguf", ["c" * 70_000, "b" * 35_000, "b" * 70_000])
+    chain = sentencepiece_file(tmp_path / "chain.gguf", ["c" * n for n in range(2, 2001)])
+    command = [sys.executable, "-c", UNDER_LIMIT, str(small), str(long), str(chain)]
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"BUILT {long}" in result.stdout and f"REFUSED {chain} 0" in result.stdout, result.stdout
