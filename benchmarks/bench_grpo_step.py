@@ -18,11 +18,10 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import cpu_name, run_timed  # noqa: E402
+from bench_train import cpu_name, run_timed, step_clock  # noqa: E402
 from check_grpo import make_prompts  # noqa: E402
 
 LAST_NUMBER = r"[-+]?\d+"
@@ -35,7 +34,7 @@ def trl_child(args: argparse.Namespace) -> None:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import GRPOConfig, GRPOTrainer
 
     torch.manual_seed(0)
@@ -52,14 +51,6 @@ def trl_child(args: argparse.Namespace) -> None:
         return [float(bool(f) and f[-1] == a) for f, a in zip(found, answer, strict=True)]
 
     times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.start)
-
     config = GRPOConfig(
         output_dir=str(Path(args.output) / "trl"), per_device_train_batch_size=args.batch_size,
         num_generations=args.generations, max_completion_length=args.max_completion_len, max_steps=args.steps,
@@ -74,7 +65,7 @@ def trl_child(args: argparse.Namespace) -> None:
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         peft_config=lora,
-        callbacks=[Clock()],
+        callbacks=[step_clock(times)],
     )
     trainer.train()
     trainer.model.save_pretrained(Path(args.output) / "adapter")

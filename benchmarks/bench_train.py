@@ -213,20 +213,9 @@ def hf_instruct(args: argparse.Namespace) -> dict:
     return {"tokens_per_s": statistics.median(_window_rates(tokens, seconds))}
 
 
-def hf_preference(args: argparse.Namespace) -> dict:
-    """DPO with TRL's DPOTrainer (PEFT LoRA on the bitsandbytes NF4 model, the adapter off as reference) on the
-    same rows; returns pairs/s (median over the steps after the first) and the held-out preference accuracy."""
-    import torch
-    from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    torch.manual_seed(42)
-    rows = [json.loads(line) for line in Path(args.train).read_text().splitlines()]
-    held = [json.loads(line) for line in Path(args.val_data).read_text().splitlines()]
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = _hf_model(args, "causal_lm")
-    times: list[float] = []
+def step_clock(times: list[float]):
+    """A transformers ``TrainerCallback`` that appends the seconds of each training step to ``times``."""
+    from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -235,6 +224,23 @@ def hf_preference(args: argparse.Namespace) -> dict:
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.start)
 
+    return Clock()
+
+
+def hf_preference(args: argparse.Namespace) -> dict:
+    """DPO with TRL's DPOTrainer (PEFT LoRA on the bitsandbytes NF4 model, the adapter off as reference) on the
+    same rows; returns pairs/s (median over the steps after the first) and the held-out preference accuracy."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(42)
+    rows = [json.loads(line) for line in Path(args.train).read_text().splitlines()]
+    held = [json.loads(line) for line in Path(args.val_data).read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = _hf_model(args, "causal_lm")
+    times: list[float] = []
     config = DPOConfig(
         output_dir=str(Path(args.output) / "trl"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
         learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=math.ceil(0.03 * args.steps),
@@ -248,7 +254,7 @@ def hf_preference(args: argparse.Namespace) -> dict:
         train_dataset=Dataset.from_list(rows),
         eval_dataset=Dataset.from_list(held),
         processing_class=tokenizer,
-        callbacks=[Clock()],
+        callbacks=[step_clock(times)],
     )
     trainer.train()
     accuracy = trainer.evaluate()["eval_rewards/accuracies"]
