@@ -73,14 +73,14 @@ def data_viewer(name: str | None) -> Task:
     Raises:
         NibbleError: ``name`` is no task, or one that cannot show its data.
     """
-    viewers = [task for task in map(get_task, TASKS) if hasattr(task, "show_data")]
-    if name is None:
+    task = get_task(name) if name is not None else None
+    if task is not None and hasattr(task, "show_data"):
+        return task
+    viewers = [t for t in map(get_task, TASKS) if hasattr(t, "show_data")]
+    if task is None:
         return viewers[0]
-    task = get_task(name)
-    if not hasattr(task, "show_data"):
-        shown = ", ".join(t.name for t in viewers)
-        raise NibbleError(f"nibble data show: task {name!r} cannot show its data; use --task {shown}")
-    return task
+    shown = ", ".join(t.name for t in viewers)
+    raise NibbleError(f"nibble data show: task {name!r} cannot show its data; use --task {shown}")
 
 
 def option_owners() -> dict[str, list[str]]:
